@@ -1,0 +1,1 @@
+"""fedlocale client: the Flower ClientApp that trains and evaluates on one region's own data."""

@@ -1,0 +1,62 @@
+"""The Flower ClientApp: parse the message, call a plain function from ``client.task``, reply."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.task import evaluate_round, region_index, resolve_region, train_round
+from common import keys
+from common.config import ClientTask, Region
+
+
+def _task(msg: Message) -> ClientTask:
+    return ClientTask.from_json(str(msg.content[keys.CONFIG][keys.TASK]))
+
+
+def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
+    """Build the ClientApp; the in-process simulator passes the run's regions, deployment passes nothing."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        region = resolve_region(context.node_config, context.run_config, sim_regions)
+        task = _task(msg)
+        index = region_index(region, task)
+        state = msg.content[keys.ARRAYS].to_torch_state_dict()
+        new_state, result = train_round(region, task, state)
+        metrics = MetricRecord(
+            {
+                keys.NUM_EXAMPLES: result.num_examples,
+                keys.TRAIN_LOSS: result.loss,
+                keys.REGION_INDEX: index,
+            }
+        )
+        content = RecordDict({keys.ARRAYS: ArrayRecord(new_state), keys.METRICS: metrics})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        region = resolve_region(context.node_config, context.run_config, sim_regions)
+        task = _task(msg)
+        index = region_index(region, task)
+        state = msg.content[keys.ARRAYS].to_torch_state_dict()
+        result = evaluate_round(region, task, state, str(msg.content[keys.CONFIG][keys.SPLIT]))
+        metrics = MetricRecord(
+            {
+                keys.NUM_EXAMPLES: result.num_examples,
+                keys.LOSS: result.loss,
+                keys.ACCURACY: result.accuracy,
+                keys.MACRO_F1: result.macro_f1,
+                keys.REGION_INDEX: index,
+            }
+        )
+        return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
+
+    return app
+
+
+# Entry point for stock Flower tooling (`flwr run`, `flower-supernode`): the region comes from the node config.
+app = make_app()

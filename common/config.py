@@ -1,0 +1,500 @@
+"""The run configuration: one YAML file parsed once, at the edge, into frozen typed objects.
+
+Every problem in a file is reported together, each with its path (``regions[2].data``) and, when the value
+came from a YAML file, the line it sits on. Settings objects also validate themselves in ``__post_init__``, so
+an object built in code is checked the same way as one read from YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from common import keys
+
+T = TypeVar("T")
+
+AGGREGATIONS = ("weighted", "uniform")
+STOP_METRICS = ("macro_f1", "accuracy", "loss")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DATA_SUFFIXES = (".jsonl", ".csv")
+
+
+class ConfigError(ValueError):
+    """A configuration holds one or more problems; ``problems`` lists them all, each naming its field."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = problems
+        self.source = source
+        where = f" in {source}" if source else ""
+        body = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s){where}:\n{body}")
+
+
+def _check(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise ConfigError([f"{name}: {msg}" for name, msg in problems])
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which pretrained encoder to adapt and how to tokenise for it."""
+
+    base: str = "minilm"  # "minilm" (the offline package), a Hugging Face id, or a local folder
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.base.strip():
+            problems.append(("base", "must not be empty"))
+        if not 8 <= self.max_length <= 4096:
+            problems.append(("max_length", f"must be in [8, 4096], got {self.max_length}"))
+        _check(problems)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters; ``target_modules`` None picks the default for the model's architecture."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.r < 1:
+            problems.append(("r", f"must be >= 1, got {self.r}"))
+        if self.alpha < 1:
+            problems.append(("alpha", f"must be >= 1, got {self.alpha}"))
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
+        if self.target_modules is not None and not self.target_modules:
+            problems.append(("target_modules", "must name at least one module, or be null for the default"))
+        _check(problems)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training on one region, for one round (or for a whole baseline run, times ``rounds``)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    epochs: float = 1.0  # local passes over the region's train split per round; fractions allowed
+    max_steps: int | None = None  # caps the optimizer steps per round when set
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 0
+    kl_to_global: float = 0.0  # weight of KL(global || local) on the predictions, keeps regions consistent
+    threads: int | None = None  # torch threads; None leaves torch's default
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 < self.lr < 1.0:
+            problems.append(("lr", f"must be in (0, 1), got {self.lr}"))
+        if self.weight_decay < 0:
+            problems.append(("weight_decay", f"must be >= 0, got {self.weight_decay}"))
+        if self.epochs <= 0:
+            problems.append(("epochs", f"must be > 0, got {self.epochs}"))
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(("max_steps", f"must be >= 1 or null, got {self.max_steps}"))
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            problems.append(("grad_clip", f"must be > 0 or null, got {self.grad_clip}"))
+        if self.warmup_steps < 0:
+            problems.append(("warmup_steps", f"must be >= 0, got {self.warmup_steps}"))
+        if self.kl_to_global < 0:
+            problems.append(("kl_to_global", f"must be >= 0, got {self.kl_to_global}"))
+        if self.threads is not None and self.threads < 1:
+            problems.append(("threads", f"must be >= 1 or null, got {self.threads}"))
+        _check(problems)
+
+
+@dataclass(frozen=True)
+class AggregationSettings:
+    """How the server combines the regions' adapters each round."""
+
+    method: Literal["weighted", "uniform"] = "weighted"
+    server_lr: float = 1.0  # step along the averaged update; 1.0 is plain FedAvg
+    fraction_train: float = 1.0
+    min_clients: int = 2
+    round_timeout: float = 3600.0  # seconds to wait for the replies of one round
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.round_timeout <= 0:
+            problems.append(("round_timeout", f"must be > 0, got {self.round_timeout}"))
+        if self.method not in AGGREGATIONS:
+            problems.append(("method", f"must be one of {', '.join(AGGREGATIONS)}, got {self.method!r}"))
+        if not 0.0 < self.server_lr <= 10.0:
+            problems.append(("server_lr", f"must be in (0, 10], got {self.server_lr}"))
+        if not 0.0 < self.fraction_train <= 1.0:
+            problems.append(("fraction_train", f"must be in (0, 1], got {self.fraction_train}"))
+        if self.min_clients < 1:
+            problems.append(("min_clients", f"must be >= 1, got {self.min_clients}"))
+        _check(problems)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when the example-weighted validation metric has not improved for ``patience`` rounds."""
+
+    patience: int | None = None  # None: run every round
+    metric: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.patience is not None and self.patience < 1:
+            problems.append(("patience", f"must be >= 1 or null, got {self.patience}"))
+        if self.metric not in STOP_METRICS:
+            problems.append(("metric", f"must be one of {', '.join(STOP_METRICS)}, got {self.metric!r}"))
+        if self.min_delta < 0:
+            problems.append(("min_delta", f"must be >= 0, got {self.min_delta}"))
+        _check(problems)
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    """Resources of the in-process Flower simulation."""
+
+    cpus_per_client: int = 2
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_client < 1:
+            _check([("cpus_per_client", f"must be >= 1, got {self.cpus_per_client}")])
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region (country, language, market): a name and the folder of its data."""
+
+    name: str
+    data: Path
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not _NAME_RE.match(self.name):
+            problems.append(("name", f"must be letters, digits, '.', '_' or '-', got {self.name!r}"))
+        if not self.data.is_dir():
+            problems.append(("data", f"no such folder: {self.data}"))
+        else:
+            for split in (keys.TRAIN, keys.TEST):
+                if find_split(self.data, split) is None:
+                    problems.append(("data", f"no {split}.jsonl or {split}.csv in {self.data}"))
+        _check(problems)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated run needs, validated as a whole."""
+
+    regions: tuple[Region, ...] = ()
+    labels: tuple[str, ...] = ("neg", "pos")
+    name: str = "run"
+    seed: int = 0
+    rounds: int = 3
+    model: ModelSettings = field(default_factory=ModelSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    aggregation: AggregationSettings = field(default_factory=AggregationSettings)
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    baselines: tuple[Literal["centralized", "local_only"], ...] = ()
+    simulation: SimulationSettings = field(default_factory=SimulationSettings)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rounds < 1:
+            problems.append(("rounds", f"must be >= 1, got {self.rounds}"))
+        if len(self.labels) < 2:
+            problems.append(("labels", f"need at least 2 labels, got {list(self.labels)}"))
+        if len(set(self.labels)) != len(self.labels):
+            problems.append(("labels", f"must be distinct, got {list(self.labels)}"))
+        if not self.regions:
+            problems.append(("regions", "need at least one region"))
+        names = [r.name for r in self.regions]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(("regions", f"region name {dup!r} appears more than once"))
+        for b in self.baselines:
+            if b not in keys.BASELINES:
+                problems.append(("baselines", f"unknown baseline {b!r}; known: {', '.join(keys.BASELINES)}"))
+        if self.aggregation.min_clients > len(self.regions) and self.regions:
+            problems.append(
+                ("aggregation.min_clients", f"is {self.aggregation.min_clients} but there are only "
+                 f"{len(self.regions)} regions")
+            )
+        _check(problems)
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        """The regions' names, in the order that simulation partition ids follow."""
+        return tuple(r.name for r in self.regions)
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What the server tells a client for one round; sent as JSON in the message's ConfigRecord."""
+
+    seed: int
+    server_round: int
+    labels: tuple[str, ...]
+    region_names: tuple[str, ...]
+    model: ModelSettings
+    lora: LoraSettings
+    train: TrainSettings
+
+    def to_json(self) -> str:
+        """Serialise for a ConfigRecord."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ClientTask:
+        """Parse and validate a task received from the server."""
+        return build(cls, json.loads(text), source="task from server")
+
+
+def find_split(folder: Path, split: str) -> Path | None:
+    """The file holding ``split`` in a region folder (``train.jsonl`` or ``train.csv``), if any."""
+    for suffix in DATA_SUFFIXES:
+        path = folder / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building typed objects from plain data, collecting every problem
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    """Convert ``value`` to ``tp`` or add a problem and return None."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _convert(inner[0], value, path, problems)
+    if origin is Literal:
+        if value not in get_args(tp):
+            problems.append(f"{path}: must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            problems.append(f"{path}: must be a list, got {type(value).__name__} {value!r}")
+            return None
+        item_tp = get_args(tp)[0]
+        return tuple(_convert(item_tp, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build_into(typing.cast(type, tp), value, path, problems)
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            problems.append(f"{path}: must be a path, got {type(value).__name__} {value!r}")
+        return Path(value) if isinstance(value, str | Path) else None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads "5e-4" as a string; accept it as the number a user meant
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        problems.append(f"{path}: must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    return value
+
+
+def _build_into(cls: type[T], raw: Any, path: str, problems: list[str]) -> T | None:
+    if not isinstance(raw, dict):
+        problems.append(f"{path or 'config'}: must be a mapping, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    prefix = f"{path}." if path else ""
+    before = len(problems)
+    for key in raw:
+        if key not in fields:
+            problems.append(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))})")
+    values: dict[str, Any] = {}
+    failed: set[str] = set()
+    for name, f in fields.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if name not in raw:
+            if required:
+                problems.append(f"{prefix}{name}: required")
+                failed.add(name)
+            continue
+        count = len(problems)
+        values[name] = _convert(hints[name], raw[name], f"{prefix}{name}", problems)
+        if len(problems) > count:
+            failed.add(name)
+            del values[name]  # its default stands in, so the checks of this level still run and report
+    if any(fields[n].default is dataclasses.MISSING and fields[n].default_factory is dataclasses.MISSING
+           for n in failed):
+        return None
+    try:
+        obj = cls(**values)
+    except ConfigError as err:
+        problems.extend(f"{prefix}{p}" for p in err.problems if p.split(":", 1)[0].split(".")[0] not in failed)
+        return None
+    return obj if len(problems) == before else None
+
+
+def build(cls: type[T], raw: Any, source: str | None = None) -> T:
+    """Build a settings object from plain data, raising one ConfigError that lists every problem."""
+    problems: list[str] = []
+    obj = _build_into(cls, raw, "", problems)
+    if obj is None:
+        raise ConfigError(problems or ["config: invalid"], source)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------------
+# YAML files, overrides and region folders
+
+
+def _line_map(node: yaml.Node, path: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
+    """Map every dotted path in a YAML document to its 1-based line."""
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            sub = f"{path}.{key_node.value}" if path else str(key_node.value)
+            out[sub] = key_node.start_mark.line + 1
+            _line_map(value_node, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = f"{path}[{i}]"
+            out[sub] = item.start_mark.line + 1
+            _line_map(item, sub, out)
+    return out
+
+
+def _with_line(problem: str, lines: dict[str, int], source: str) -> str:
+    path = problem.split(":", 1)[0]
+    while path:
+        if path in lines:
+            return f"{source}:{lines[path]}: {problem}"
+        path = re.sub(r"(\.[^.\[]+|\[\d+\])$", "", path) if re.search(r"[.\[]", path) else ""
+    return f"{source}: {problem}"
+
+
+def _line_of(problem: str) -> int:
+    match = re.match(r"^[^:]*:(\d+): ", problem)
+    return int(match.group(1)) if match else 1 << 30
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value read as YAML) to a raw config mapping, in place."""
+    if "=" not in assignment:
+        raise ConfigError([f"--set {assignment}: expected KEY=VALUE"])
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError([f"--set {dotted}: {'.'.join(parts[: i + 1])} is not a mapping"])
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(node, list) and parts[-1].isdigit() and int(parts[-1]) < len(node):
+        node[int(parts[-1])] = value
+    elif isinstance(node, dict):
+        node[parts[-1]] = value
+    else:
+        raise ConfigError([f"--set {dotted}: cannot set a key inside a {type(node).__name__}"])
+
+
+def discover_regions(folder: Path) -> list[dict[str, str]]:
+    """Every subfolder of ``folder`` that holds region data, named after the subfolder, sorted."""
+    if not folder.is_dir():
+        raise ConfigError([f"regions: no such folder: {folder}"])
+    found = [
+        {"name": sub.name, "data": str(sub.resolve())}
+        for sub in sorted(folder.iterdir())
+        if sub.is_dir() and find_split(sub, keys.TRAIN) is not None
+    ]
+    if not found:
+        raise ConfigError([f"regions: no subfolder of {folder} holds a train.jsonl or train.csv"])
+    return found
+
+
+def load_config(
+    path: Path, overrides: typing.Sequence[str] = (), regions_dir: Path | None = None
+) -> RunConfig:
+    """Read, override and validate a run config file; relative data paths are taken from the file's folder.
+
+    ``regions_dir`` replaces the region list with every region subfolder of that folder.
+    """
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"cannot read: {err.strerror}"], source) from err
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError([f"{where}: not valid YAML: {getattr(err, 'problem', err)}"], source) from err
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: must be a mapping at the top level"], source)
+    lines = _line_map(node) if node is not None else {}
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    base = path.parent
+    if regions_dir is not None:
+        raw["regions"] = discover_regions(regions_dir)
+    elif "regions_dir" in raw:
+        raw["regions"] = discover_regions(base / str(raw.pop("regions_dir")))
+    if isinstance(raw.get("regions"), list):
+        for region in raw["regions"]:
+            if isinstance(region, dict) and isinstance(region.get("data"), str):
+                region["data"] = str(base / region["data"])
+    problems: list[str] = []
+    cfg = _build_into(RunConfig, raw, "", problems)
+    if cfg is None:
+        located = [_with_line(p, lines, source) for p in problems] or ["invalid"]
+        raise ConfigError(sorted(located, key=_line_of), source)
+    return cfg
+
+
+def client_task(cfg: RunConfig, server_round: int) -> ClientTask:
+    """The task the server sends to every client in ``server_round``."""
+    return ClientTask(
+        seed=cfg.seed,
+        server_round=server_round,
+        labels=cfg.labels,
+        region_names=cfg.region_names,
+        model=cfg.model,
+        lora=cfg.lora,
+        train=cfg.train,
+    )

@@ -1,0 +1,156 @@
+"""Region data: ``train`` / ``val`` / ``test`` files of labelled text, read strictly.
+
+Every bad row is reported as ``file:line: reason``, all of them together; rows are normalised, exact
+duplicates dropped, and evaluation rows that also occur in train (leakage) removed. What was dropped is
+counted and logged, never silent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import keys
+from common.config import find_split
+
+_SPACE_RE = re.compile(r"\s+")
+
+
+class DataError(ValueError):
+    """One or more rows of region data are unusable; ``problems`` lists each as ``file:line: reason``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = problems[:50]
+        more = f"\n  … and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        super().__init__(f"{len(problems)} bad row(s):\n" + "\n".join(f"  {p}" for p in shown) + more)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled text; ``label`` is the index into the run's label list."""
+
+    text: str
+    label: int
+
+
+@dataclass
+class RegionData:
+    """The splits of one region after cleaning, and what cleaning removed."""
+
+    name: str
+    train: list[Example]
+    test: list[Example]
+    val: list[Example] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    def split(self, name: str) -> list[Example]:
+        """The examples of a split by name."""
+        return {keys.TRAIN: self.train, keys.VAL: self.val, keys.TEST: self.test}[name]
+
+
+def normalise(text: str) -> str:
+    """NFC Unicode and single spaces, so that equal texts compare equal."""
+    return _SPACE_RE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
+    """Yield (line, row) or (line, reason) for each data row of a .jsonl or .csv file."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield line_no, f"bad JSON: {err.msg}"
+                    continue
+                yield line_no, row if isinstance(row, dict) else "expected a JSON object"
+        return
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"text", "label"} - set(reader.fieldnames or [])
+        if missing:
+            yield 1, f"header lacks column(s) {', '.join(sorted(missing))}"
+            return
+        for row in reader:
+            # line_num is the line the row ends on; quoted newlines make rows span lines
+            yield reader.line_num, dict(row)
+
+
+def read_split(path: Path, labels: tuple[str, ...]) -> tuple[list[Example], list[str]]:
+    """Read one split file; returns the good examples and a ``file:line: reason`` for each bad row."""
+    index = {name: i for i, name in enumerate(labels)}
+    examples: list[Example] = []
+    problems: list[str] = []
+    try:
+        rows = list(_rows(path))
+    except UnicodeDecodeError as err:
+        return [], [f"{path}: not UTF-8 ({err.reason} at byte {err.start})"]
+    for line_no, row in rows:
+        where = f"{path}:{line_no}"
+        if isinstance(row, str):
+            problems.append(f"{where}: {row}")
+            continue
+        text, label = row.get("text"), row.get("label")
+        if text is None or label is None:
+            missing = [k for k in ("text", "label") if row.get(k) is None]
+            problems.append(f"{where}: missing field {', '.join(missing)}")
+        elif not isinstance(text, str) or not normalise(text):
+            problems.append(f"{where}: empty text")
+        elif str(label) not in index:
+            problems.append(f"{where}: unknown label {label!r} (labels: {', '.join(labels)})")
+        else:
+            examples.append(Example(normalise(text), index[str(label)]))
+    return examples, problems
+
+
+def _dedupe(examples: list[Example], seen: set[str]) -> tuple[list[Example], int]:
+    kept = []
+    for ex in examples:
+        if ex.text not in seen:
+            seen.add(ex.text)
+            kept.append(ex)
+    return kept, len(examples) - len(kept)
+
+
+def load_region(
+    name: str, folder: Path, labels: tuple[str, ...], log: Callable[[str], None] | None = None
+) -> RegionData:
+    """Load and clean a region folder; raise DataError listing every bad row of every split."""
+    splits: dict[str, list[Example]] = {}
+    problems: list[str] = []
+    for split in keys.SPLITS:
+        path = find_split(folder, split)
+        if path is None:
+            if split != keys.VAL:
+                problems.append(f"{folder}: no {split}.jsonl or {split}.csv")
+            continue
+        splits[split], bad = read_split(path, labels)
+        problems.extend(bad)
+    if problems:
+        raise DataError(problems)
+    dropped: dict[str, int] = {}
+    train, dropped["duplicates_train"] = _dedupe(splits[keys.TRAIN], set())
+    train_texts = {ex.text for ex in train}
+    region = RegionData(name=name, train=train, test=[])
+    for split in (keys.VAL, keys.TEST):
+        # Evaluation rows also seen in train would flatter the model: drop them before deduping.
+        rows = splits.get(split, [])
+        clean = [ex for ex in rows if ex.text not in train_texts]
+        dropped[f"leaked_{split}"] = len(rows) - len(clean)
+        clean, dropped[f"duplicates_{split}"] = _dedupe(clean, set())
+        setattr(region, split, clean)
+    region.dropped = {k: v for k, v in dropped.items() if v}
+    if log is not None:
+        note = ", ".join(f"{k} {v}" for k, v in region.dropped.items()) or "nothing"
+        log(f"{name}: {len(region.train)} train, {len(region.val)} val, {len(region.test)} test; dropped {note}")
+    if not region.train:
+        raise DataError([f"{folder}: no usable training rows"])
+    return region

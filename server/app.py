@@ -1,0 +1,35 @@
+"""The Flower ServerApp: read the run config, call ``server.federation.federate``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common import keys
+from common.config import RunConfig, load_config
+from server.federation import federate
+
+
+def make_app(
+    cfg: RunConfig | None = None,
+    out_dir: Path | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
+    """Build the ServerApp; the in-process simulator passes a parsed config, stock Flower passes nothing."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg or load_config(Path(str(context.run_config[keys.RUN_CONFIG_PATH])))
+        out = out_dir or Path(str(context.run_config.get(keys.RUN_OUT_DIR, "runs/flwr")))
+        federate(grid, run_cfg, out, on_round)
+
+    return app
+
+
+# Entry point for stock Flower tooling (`flwr run`): the config file is named in the run config.
+app = make_app()

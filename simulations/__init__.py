@@ -1,0 +1,1 @@
+"""fedlocale simulations: demo data, in-process simulation with baselines, reports and benchmarks."""

@@ -1,0 +1,66 @@
+"""Baselines computed beside a simulation: centralized (the joint objective) and each region alone.
+
+Both use the same model, optimizer and number of passes over each example as the federated run
+(``rounds × train.epochs``), and the same plain ``train_local`` / ``evaluate`` functions as the clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+
+from common.config import RunConfig, TrainSettings
+from common.data import RegionData
+from common.model import build_model
+from common.train import EvalResult, derive_seed, evaluate, train_local
+
+Scores = dict[str, dict[str, float]]
+
+
+def matched_settings(cfg: RunConfig) -> TrainSettings:
+    """Training settings giving a baseline as many passes over each example as the federated run."""
+    t = cfg.train
+    return dataclasses.replace(
+        t, epochs=t.epochs * cfg.rounds, max_steps=t.max_steps * cfg.rounds if t.max_steps else None
+    )
+
+
+def _scores(result: EvalResult) -> dict[str, float]:
+    return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}
+
+
+def _train_and_test(
+    cfg: RunConfig, train: list, tests: Mapping[str, RegionData], seed_tag: str
+) -> Scores:
+    loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
+    train_local(
+        loaded.model, loaded.tokenizer, train, matched_settings(cfg),
+        max_length=cfg.model.max_length, seed=derive_seed(cfg.seed, seed_tag),
+    )
+    return {
+        name: _scores(
+            evaluate(loaded.model, loaded.tokenizer, region.test, len(cfg.labels),
+                     max_length=cfg.model.max_length, batch_size=cfg.train.eval_batch_size)
+        )
+        for name, region in tests.items()
+    }
+
+
+def run_centralized(cfg: RunConfig, data: Mapping[str, RegionData]) -> tuple[Scores, float]:
+    """One model trained on the union of every region's train split; test scores per region and seconds."""
+    started = time.perf_counter()
+    union = [ex for region in data.values() for ex in region.train]
+    return _train_and_test(cfg, union, data, "centralized"), time.perf_counter() - started
+
+
+def run_local_only(
+    cfg: RunConfig, data: Mapping[str, RegionData], log: Callable[[str], None] = print
+) -> tuple[Scores, float]:
+    """Each region trains alone on its own data and is tested on its own test split."""
+    started = time.perf_counter()
+    scores: Scores = {}
+    for name, region in data.items():
+        log(f"local-only: training {name} ({len(region.train)} examples)")
+        scores.update(_train_and_test(cfg, region.train, {name: region}, f"local/{name}"))
+    return scores, time.perf_counter() - started

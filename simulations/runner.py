@@ -1,0 +1,198 @@
+"""``fedlocale simulate``: the Flower simulation in process, one SuperNode per region, plus the baselines.
+
+Writes into the run folder: summary.json, metrics.jsonl, federation.json, report.md with plots, adapter/ and
+checkpoints/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common import keys
+from common.config import RunConfig
+from common.data import RegionData, load_region
+from common.metrics import weighted_mean
+from simulations.baselines import run_centralized, run_local_only
+from simulations.env import apply_env
+
+log = logging.getLogger("fedlocale")
+
+SUMMARY_FILE = "summary.json"
+RESOLVED_CONFIG_FILE = "config.yaml"
+
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data (absolute data paths), for provenance."""
+    return _jsonable(dataclasses.asdict(cfg))  # type: ignore[no-any-return]
+
+
+def load_all(cfg: RunConfig, say: Callable[[str], None]) -> dict[str, RegionData]:
+    """Load every region up front so bad data fails before any process starts."""
+    return {r.name: load_region(r.name, r.data, cfg.labels, log=say) for r in cfg.regions}
+
+
+def run_flower(
+    cfg: RunConfig, out_dir: Path, on_round: Callable[[dict[str, Any]], None], verbose: bool = False
+) -> float:
+    """Run the Flower simulation (Ray backend) for ``cfg``; return its wall time. Stops Ray on any exit."""
+    apply_env()
+    import ray
+    from flwr.simulation import run_simulation
+
+    from client.app import make_app as make_client_app
+    from server.app import make_app as make_server_app
+
+    flwr_logger = logging.getLogger("flwr")
+    if not verbose:
+        # Flower logs every sampling step at INFO and also propagates to the root logger (printing twice);
+        # our own round lines say the same once. Errors still show.
+        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.propagate = False
+    backend = {
+        "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "log_to_driver": True,
+            "logging_level": "INFO" if verbose else "ERROR",
+        },
+    }
+    started = time.perf_counter()
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, out_dir, on_round),
+            client_app=make_client_app(cfg.regions),
+            num_supernodes=len(cfg.regions),
+            backend_config=backend,  # type: ignore[arg-type]
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    return time.perf_counter() - started
+
+
+def _overall(per_region: dict[str, dict[str, float]], sizes: dict[str, float]) -> dict[str, float]:
+    return {
+        metric: weighted_mean({r: v[metric] for r, v in per_region.items()}, sizes)
+        for metric in ("accuracy", "macro_f1")
+    }
+
+
+def build_summary(
+    cfg: RunConfig,
+    data: dict[str, RegionData],
+    federation: dict[str, Any],
+    baselines: dict[str, tuple[dict[str, dict[str, float]], float]],
+    federated_s: float,
+    config_path: str,
+) -> dict[str, Any]:
+    """The summary.json contract: per region and overall scores of every mode, communication and timing."""
+    modes = {keys.FEDERATED: federation["test"], **{name: scores for name, (scores, _) in baselines.items()}}
+    sizes = {name: float(len(region.test)) for name, region in data.items()}
+    regions = {
+        name: {
+            "num_train": len(region.train),
+            "num_val": len(region.val),
+            "num_test": len(region.test),
+            "dropped": region.dropped,
+            **{mode: _pick(scores.get(name)) for mode, scores in modes.items() if name in scores},
+        }
+        for name, region in data.items()
+    }
+    per_round = [
+        {k: r[k] for k in ("round", "bytes_up", "bytes_down", "participants", "missing", "rejected")}
+        for r in federation["rounds"]
+    ]
+    return {
+        "run": {
+            "name": cfg.name,
+            "seed": cfg.seed,
+            "config": config_path,
+            "model": cfg.model.base,
+            "aggregation": cfg.aggregation.method,
+            "server_lr": cfg.aggregation.server_lr,
+            "rounds_planned": cfg.rounds,
+            "rounds_done": len(federation["rounds"]),
+            "best_round": federation["best_round"],
+            "stopped_early": federation["stopped_early"],
+        },
+        "regions": regions,
+        "overall": {mode: _overall({r: v for r, v in scores.items() if r in sizes}, sizes) for mode, scores in modes.items()},
+        "communication": {
+            "adapter_bytes": federation["adapter_bytes"],
+            "full_model_bytes": federation["full_model_bytes"],
+            "bytes_up_total": sum(r["bytes_up"] for r in per_round),
+            "bytes_down_total": sum(r["bytes_down"] for r in per_round),
+            "per_round": per_round,
+        },
+        "timing": {
+            "federated_s": federated_s,
+            "federation_loop_s": federation["seconds"],
+            **{f"{name}_s": seconds for name, (_, seconds) in baselines.items()},
+        },
+    }
+
+
+def _pick(scores: dict[str, float] | None) -> dict[str, float]:
+    return {k: scores[k] for k in ("accuracy", "macro_f1") if k in scores} if scores else {}
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """The lines of metrics.jsonl."""
+    path = out_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def simulate(
+    cfg: RunConfig,
+    out_dir: Path,
+    *,
+    config_path: str = "",
+    say: Callable[[str], None] = print,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run the federated simulation and the configured baselines; write every output file; return the summary."""
+    from server.federation import FEDERATION_FILE
+    from simulations.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESOLVED_CONFIG_FILE).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    data = load_all(cfg, say)
+    fed_file = out_dir / FEDERATION_FILE
+    fed_file.unlink(missing_ok=True)
+    say(f"federated: {len(cfg.regions)} regions × {cfg.rounds} rounds")
+    federated_s = run_flower(cfg, out_dir, on_round or (lambda record: None), verbose)
+    if not fed_file.exists():
+        raise RuntimeError(f"the federated run ended without writing {fed_file}; see the log above for its error")
+    federation = json.loads(fed_file.read_text())
+    baselines: dict[str, tuple[dict[str, dict[str, float]], float]] = {}
+    if keys.CENTRALIZED in cfg.baselines:
+        say(f"centralized: training on the union of {sum(len(d.train) for d in data.values())} examples")
+        baselines[keys.CENTRALIZED] = run_centralized(cfg, data)
+    if keys.LOCAL_ONLY in cfg.baselines:
+        baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say)
+    summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(out_dir, summary, read_metrics(out_dir))
+    return summary

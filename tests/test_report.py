@@ -1,0 +1,153 @@
+"""Tests for simulations.report.write_report."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulations.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("val_by_round.png", "modes_by_region.png", "bytes_by_round.png", "train_loss_by_round.png")
+REGIONS = {"Germany": (4000, 500), "France": (3000, 400), "Brazil": (1500, 200)}
+ADAPTER_BYTES = 3_145_728
+FULL_MODEL_BYTES = 537_919_488
+
+
+def scores(accuracy: float, macro_f1: float) -> dict[str, float]:
+    """Return one mode's score block."""
+    return {"accuracy": accuracy, "macro_f1": macro_f1}
+
+
+def make_summary() -> dict[str, Any]:
+    """Return a summary.json for 3 regions x 3 rounds where Brazil misses round 2."""
+    per_round = []
+    for rnd in (1, 2, 3):
+        participants = ["Germany", "France"] if rnd == 2 else list(REGIONS)
+        n = len(participants)
+        per_round.append({"round": rnd, "bytes_up": n * ADAPTER_BYTES, "bytes_down": n * ADAPTER_BYTES,
+                          "participants": participants})
+    return {
+        "run": {"name": "eu-br-smoke", "seed": 7, "config": "configs/smoke.yaml", "rounds_planned": 5,
+                "rounds_done": 3, "best_round": 3, "stopped_early": True,
+                "model": "distilbert-base-multilingual-cased", "aggregation": "fedavg"},
+        "regions": {
+            "Germany": {"num_train": 4000, "num_test": 500, "federated": scores(0.81, 0.78),
+                        "local_only": scores(0.79, 0.75), "centralized": scores(0.83, 0.80)},
+            "France": {"num_train": 3000, "num_test": 400, "federated": scores(0.77, 0.74),
+                       "local_only": scores(0.78, 0.79), "centralized": scores(0.80, 0.77)},
+            "Brazil": {"num_train": 1500, "num_test": 200, "federated": scores(0.70, 0.66),
+                       "local_only": scores(0.61, 0.55), "centralized": scores(0.72, 0.68)},
+        },
+        "overall": {"federated": scores(0.7752, 0.7412), "local_only": scores(0.7557, 0.7157),
+                    "centralized": scores(0.8057, 0.7743)},
+        "communication": {"adapter_bytes": ADAPTER_BYTES, "full_model_bytes": FULL_MODEL_BYTES,
+                          "bytes_up_total": sum(e["bytes_up"] for e in per_round),
+                          "bytes_down_total": sum(e["bytes_down"] for e in per_round),
+                          "per_round": per_round},
+        "timing": {"federated_s": 734.2, "centralized_s": 411.9, "local_only_s": 38.5},
+    }
+
+
+def make_metrics() -> list[dict[str, Any]]:
+    """Return metrics.jsonl lines: train loss and val scores per round, then the final test lines."""
+    lines: list[dict[str, Any]] = []
+    for offset, (region, (num_train, num_test)) in enumerate(REGIONS.items()):
+        for rnd in (1, 2, 3):
+            if region == "Brazil" and rnd == 2:
+                continue  # it did not take part, so there is no training line
+            lines.append({"round": rnd, "region": region, "split": "train", "loss": 1.2 / rnd + 0.05 * offset,
+                          "num_examples": num_train})
+            lines.append({"round": rnd, "region": region, "split": "val", "accuracy": 0.55 + 0.08 * rnd,
+                          "macro_f1": 0.5 + 0.09 * rnd - 0.04 * offset, "loss": 1.0 / rnd,
+                          "num_examples": num_test})
+        lines.append({"round": 3, "region": region, "split": "test", "accuracy": 0.8, "macro_f1": 0.75,
+                      "loss": 0.5, "num_examples": num_test})
+    return lines
+
+
+def check_png(path: Path) -> None:
+    """Fail unless path is a real, non-trivial PNG that matplotlib can read back."""
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 10_000
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3
+    height, width, channels = image.shape
+    assert height > 300
+    assert width > 500
+    assert channels in (3, 4)
+
+
+def test_full_report(tmp_path: Path) -> None:
+    report = write_report(tmp_path / "run", make_summary(), make_metrics())
+
+    assert report == tmp_path / "run" / "report.md"
+    text = report.read_text(encoding="utf-8")
+    for region in REGIONS:
+        assert region in text
+    # overall row exactly as the table prints it; centralized is the best mode so it is bold
+    assert "| **overall** | 8,500 | 1,100 | 0.775 | 0.741 | 0.756 | 0.716 | **0.806** | **0.774** |" in text
+    assert "Federated: 0.741 macro-F1 overall, local-only 0.716, centralized 0.774." in text
+    assert "3 of 5 planned rounds" in text
+    assert "round 3" in text
+    assert "stopped early" in text
+    # France is best local-only by macro-F1, so both its local-only cells are bold
+    assert "| France | 3,000 | 400 | 0.770 | 0.740 | **0.780** | **0.790** | 0.800 | 0.770 |" in text
+    assert "**Brazil** missed 1 of 3 rounds (round 2)" in text
+    assert "0.58%" in text  # adapter / full model
+    assert "12 min 14 s" in text
+    assert "Skipped" not in text
+    for name in PLOTS:
+        assert f"]({name})" in text
+        check_png(tmp_path / "run" / name)
+
+
+def test_report_without_baselines_or_per_round(tmp_path: Path) -> None:
+    summary = make_summary()
+    for block in [*summary["regions"].values(), summary["overall"]]:
+        del block["local_only"], block["centralized"]
+    del summary["communication"]["per_round"]
+    metrics = [line for line in make_metrics() if line["split"] != "train"]
+    # a PNG from an earlier run must not survive next to a report that says it was skipped
+    (tmp_path / "bytes_by_round.png").write_bytes(b"stale")
+
+    text = write_report(tmp_path, summary, metrics).read_text(encoding="utf-8")
+
+    assert "Skipped plot `bytes_by_round.png`" in text
+    assert "Skipped plot `train_loss_by_round.png`" in text
+    assert not (tmp_path / "bytes_by_round.png").exists()
+    assert not (tmp_path / "train_loss_by_round.png").exists()
+    check_png(tmp_path / "val_by_round.png")
+    check_png(tmp_path / "modes_by_region.png")
+    assert "Federated: 0.741 macro-F1 overall." in text
+    assert "| **overall** | 8,500 | 1,100 | 0.775 | 0.741 |" in text
+    assert "Local-only" not in text.split("## Results per region")[1].split("\n\n")[1]
+    assert "was not recorded" in text
+    for region in REGIONS:
+        assert region in text
+
+
+def test_overall_is_recomputed_only_when_every_region_has_the_mode(tmp_path: Path) -> None:
+    summary = make_summary()
+    del summary["overall"]
+    del summary["regions"]["Brazil"]["local_only"]
+
+    text = write_report(tmp_path, summary, make_metrics()).read_text(encoding="utf-8")
+
+    # federated: (0.78*500 + 0.74*400 + 0.66*200) / 1100 = 0.7436; local-only is n/a overall
+    assert "| **overall** | 8,500 | 1,100 | 0.775 | 0.744 | n/a | n/a |" in text
+
+
+@pytest.mark.parametrize("summary", [{}, {"run": {"name": "empty"}, "regions": {}}])
+def test_empty_inputs_still_write_a_report(tmp_path: Path, summary: dict[str, Any]) -> None:
+    text = write_report(tmp_path, copy.deepcopy(summary), []).read_text(encoding="utf-8")
+
+    assert text.count("Skipped plot") == 4
+    assert "No overall test scores were recorded." in text
+    assert not list(tmp_path.glob("*.png"))

@@ -1,0 +1,94 @@
+"""End to end: the real Flower simulation (Ray) with a tiny BERT built in code, through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+from common.config import load_config
+from common.data import load_region
+from common.model import build_model
+from common.train import evaluate
+from fedlocale.cli import main
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"lr": 3e-2, "epochs": 5, "batch_size": 8, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_bert: Path, two_regions: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sim")
+    cfg = tiny_config(root / "run.yaml", tiny_bert, two_regions, train=TRAIN, baselines=["centralized", "local_only"])
+    assert main(["simulate", str(cfg), "--out", str(root / "out")]) == 0
+    return cfg, root / "out"
+
+
+def test_summary_contract(run: tuple[Path, Path]) -> None:
+    _, out = run
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["regions"]) == {"north", "south"}
+    for name, region in summary["regions"].items():
+        assert region["num_train"] == {"north": 96, "south": 48}[name]
+        assert region["num_test"] == 48
+        for mode in ("federated", "local_only", "centralized"):
+            assert 0.0 <= region[mode]["accuracy"] <= 1.0
+            assert 0.0 <= region[mode]["macro_f1"] <= 1.0
+    for mode in ("federated", "local_only", "centralized"):
+        assert set(summary["overall"][mode]) == {"accuracy", "macro_f1"}
+    comm = summary["communication"]
+    assert 0 < comm["adapter_bytes"] < comm["full_model_bytes"]
+    # two regions up and down each round, plus the evaluation rounds down
+    assert comm["bytes_up_total"] >= 2 * 2 * comm["adapter_bytes"]
+    assert all(r["participants"] == ["north", "south"] for r in comm["per_round"])
+    assert all(summary["timing"][k] > 0 for k in ("federated_s", "centralized_s", "local_only_s"))
+    assert summary["run"]["rounds_done"] == 2
+
+
+def test_metrics_lines_cover_every_round_region_and_split(run: tuple[Path, Path]) -> None:
+    _, out = run
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    seen = {(x["round"], x["region"], x["split"]) for x in lines}
+    for rnd in (1, 2):
+        for region in ("north", "south"):
+            assert (rnd, region, "train") in seen
+            assert (rnd, region, "val") in seen
+    assert {(x["region"]) for x in lines if x["split"] == "test"} == {"north", "south"}
+
+
+def test_report_and_adapter_written(run: tuple[Path, Path]) -> None:
+    _, out = run
+    report = (out / "report.md").read_text()
+    assert "north" in report and "south" in report
+    assert (out / "val_by_round.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "round-002" / "adapter_model.safetensors").exists()
+
+
+def test_federated_model_beats_untrained(run: tuple[Path, Path], tiny_bert: Path) -> None:
+    cfg_path, out = run
+    cfg = load_config(cfg_path)
+    untrained = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    trained = PeftModel.from_pretrained(base, str(out / "adapter"))
+    for region in cfg.regions:
+        test = load_region(region.name, region.data, cfg.labels).test
+        before = evaluate(untrained.model, untrained.tokenizer, test, 2, max_length=32)
+        after = evaluate(trained, untrained.tokenizer, test, 2, max_length=32)
+        summary = json.loads((out / "summary.json").read_text())
+        # the saved adapter is the one the summary scored
+        assert after.macro_f1 == pytest.approx(summary["regions"][region.name]["federated"]["macro_f1"], abs=1e-6)
+        assert after.accuracy > before.accuracy
+
+
+def test_bad_config_exits_2_before_training(tmp_path: Path, tiny_bert: Path, two_regions: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(tmp_path / "bad.yaml", tiny_bert, two_regions, rounds=0)
+    assert main(["simulate", str(cfg), "--set", "train.lr=-1", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "rounds: must be >= 1" in err and "train.lr: must be in (0, 1)" in err
+    assert not (tmp_path / "out").exists()
