@@ -13,7 +13,7 @@ from common.config import ClientTask, Region
 
 
 def _task(msg: Message) -> ClientTask:
-    return ClientTask.from_json(str(msg.content[keys.CONFIG][keys.TASK]))
+    return ClientTask.from_json(str(msg.content.config_records[keys.CONFIG][keys.TASK]))
 
 
 def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
@@ -25,7 +25,7 @@ def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
         region = resolve_region(context.node_config, context.run_config, sim_regions)
         task = _task(msg)
         index = region_index(region, task)
-        state = msg.content[keys.ARRAYS].to_torch_state_dict()
+        state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
         new_state, result = train_round(region, task, state)
         metrics = MetricRecord(
             {
@@ -42,8 +42,8 @@ def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
         region = resolve_region(context.node_config, context.run_config, sim_regions)
         task = _task(msg)
         index = region_index(region, task)
-        state = msg.content[keys.ARRAYS].to_torch_state_dict()
-        result = evaluate_round(region, task, state, str(msg.content[keys.CONFIG][keys.SPLIT]))
+        state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
+        result = evaluate_round(region, task, state, str(msg.content.config_records[keys.CONFIG][keys.SPLIT]))
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,

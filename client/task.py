@@ -36,7 +36,9 @@ def resolve_region(
             )
         return Region(name=name, data=Path(data))
     if keys.NODE_PARTITION_ID not in node_config:
-        raise NodeConfigError(f"node config names no region ({keys.NODE_REGION}, {keys.NODE_DATA_DIR}): {dict(node_config)}")
+        raise NodeConfigError(
+            f"node config names no region ({keys.NODE_REGION}, {keys.NODE_DATA_DIR}): {dict(node_config)}"
+        )
     if sim_regions is None:
         path = run_config.get(keys.RUN_CONFIG_PATH)
         if not isinstance(path, str):
@@ -75,9 +77,7 @@ def train_round(
     return adapter_state(loaded.model), result
 
 
-def evaluate_round(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], split: str
-) -> EvalResult:
+def evaluate_round(region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], split: str) -> EvalResult:
     """Evaluate the global adapter on one split of the region's data (empty if the region has no such split)."""
     data, loaded = prepare(region, task, state)
     return evaluate(

@@ -184,16 +184,18 @@ class Region:
     data: Path
 
     def __post_init__(self) -> None:
-        problems = []
         if not _NAME_RE.match(self.name):
-            problems.append(("name", f"must be letters, digits, '.', '_' or '-', got {self.name!r}"))
+            _check([("name", f"must be letters, digits, '.', '_' or '-', got {self.name!r}")])
+
+    def folder_problems(self) -> list[str]:
+        """What is wrong with the region's data folder (checked by RunConfig, so that every region is checked)."""
         if not self.data.is_dir():
-            problems.append(("data", f"no such folder: {self.data}"))
-        else:
-            for split in (keys.TRAIN, keys.TEST):
-                if find_split(self.data, split) is None:
-                    problems.append(("data", f"no {split}.jsonl or {split}.csv in {self.data}"))
-        _check(problems)
+            return [f"no such folder: {self.data}"]
+        return [
+            f"no {split}.jsonl or {split}.csv in {self.data}"
+            for split in (keys.TRAIN, keys.TEST)
+            if find_split(self.data, split) is None
+        ]
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,8 @@ class RunConfig:
             problems.append(("labels", f"must be distinct, got {list(self.labels)}"))
         if not self.regions:
             problems.append(("regions", "need at least one region"))
+        for i, region in enumerate(self.regions):
+            problems.extend((f"regions[{i}].data", p) for p in region.folder_problems())
         names = [r.name for r in self.regions]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(("regions", f"region name {dup!r} appears more than once"))
@@ -231,8 +235,10 @@ class RunConfig:
                 problems.append(("baselines", f"unknown baseline {b!r}; known: {', '.join(keys.BASELINES)}"))
         if self.aggregation.min_clients > len(self.regions) and self.regions:
             problems.append(
-                ("aggregation.min_clients", f"is {self.aggregation.min_clients} but there are only "
-                 f"{len(self.regions)} regions")
+                (
+                    "aggregation.min_clients",
+                    f"is {self.aggregation.min_clients} but there are only {len(self.regions)} regions",
+                )
             )
         _check(problems)
 
@@ -261,7 +267,11 @@ class ClientTask:
     @classmethod
     def from_json(cls, text: str) -> ClientTask:
         """Parse and validate a task received from the server."""
-        return build(cls, json.loads(text), source="task from server")
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError([f"task: not valid JSON ({err.msg} at position {err.pos})"], "task from server") from err
+        return build(cls, raw, source="task from server")
 
 
 def find_split(folder: Path, split: str) -> Path | None:
@@ -354,8 +364,9 @@ def _build_into(cls: type[T], raw: Any, path: str, problems: list[str]) -> T | N
         if len(problems) > count:
             failed.add(name)
             del values[name]  # its default stands in, so the checks of this level still run and report
-    if any(fields[n].default is dataclasses.MISSING and fields[n].default_factory is dataclasses.MISSING
-           for n in failed):
+    if any(
+        fields[n].default is dataclasses.MISSING and fields[n].default_factory is dataclasses.MISSING for n in failed
+    ):
         return None
     try:
         obj = cls(**values)
@@ -445,9 +456,7 @@ def discover_regions(folder: Path) -> list[dict[str, str]]:
     return found
 
 
-def load_config(
-    path: Path, overrides: typing.Sequence[str] = (), regions_dir: Path | None = None
-) -> RunConfig:
+def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: Path | None = None) -> RunConfig:
     """Read, override and validate a run config file; relative data paths are taken from the file's folder.
 
     ``regions_dir`` replaces the region list with every region subfolder of that folder.
@@ -471,17 +480,23 @@ def load_config(
     for assignment in overrides:
         apply_override(raw, assignment)
     base = path.parent
-    if regions_dir is not None:
-        raw["regions"] = discover_regions(regions_dir)
-    elif "regions_dir" in raw:
-        raw["regions"] = discover_regions(base / str(raw.pop("regions_dir")))
+    early: list[str] = []
+    listed_dir = raw.pop("regions_dir", None)
+    folder = regions_dir if regions_dir is not None else (base / str(listed_dir) if listed_dir is not None else None)
+    if folder is not None:
+        try:
+            raw["regions"] = discover_regions(folder)
+        except ConfigError as err:
+            # name the file's key, so the problem gets its line
+            label = "--regions" if regions_dir is not None else "regions_dir"
+            early.extend(p.replace("regions:", f"{label}:", 1) for p in err.problems)
     if isinstance(raw.get("regions"), list):
         for region in raw["regions"]:
             if isinstance(region, dict) and isinstance(region.get("data"), str):
                 region["data"] = str(base / region["data"])
-    problems: list[str] = []
+    problems: list[str] = list(early)
     cfg = _build_into(RunConfig, raw, "", problems)
-    if cfg is None:
+    if cfg is None or early:
         located = [_with_line(p, lines, source) for p in problems] or ["invalid"]
         raise ConfigError(sorted(located, key=_line_of), source)
     return cfg

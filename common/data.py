@@ -62,7 +62,7 @@ def normalise(text: str) -> str:
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
     """Yield (line, row) or (line, reason) for each data row of a .jsonl or .csv file."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8-sig") as fh:
             for line_no, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
@@ -73,15 +73,26 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
                     continue
                 yield line_no, row if isinstance(row, dict) else "expected a JSON object"
         return
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"text", "label"} - set(reader.fieldnames or [])
+    # utf-8-sig: spreadsheet programs write a byte-order mark that would otherwise stick to the first column name
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        missing = {"text", "label"} - set(header)
         if missing:
             yield 1, f"header lacks column(s) {', '.join(sorted(missing))}"
             return
-        for row in reader:
-            # line_num is the line the row ends on; quoted newlines make rows span lines
-            yield reader.line_num, dict(row)
+        while True:
+            # a quoted newline makes a row span lines: the row starts on the line after the previous one ended
+            start = reader.line_num + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                yield start, f"bad CSV: {err}"
+                return
+            if cells:  # blank lines are no rows
+                yield start, dict(zip(header, cells, strict=False))
 
 
 def read_split(path: Path, labels: tuple[str, ...]) -> tuple[list[Example], list[str]]:
@@ -102,7 +113,9 @@ def read_split(path: Path, labels: tuple[str, ...]) -> tuple[list[Example], list
         if text is None or label is None:
             missing = [k for k in ("text", "label") if row.get(k) is None]
             problems.append(f"{where}: missing field {', '.join(missing)}")
-        elif not isinstance(text, str) or not normalise(text):
+        elif not isinstance(text, str):
+            problems.append(f"{where}: text must be a string, got {type(text).__name__}")
+        elif not normalise(text):
             problems.append(f"{where}: empty text")
         elif str(label) not in index:
             problems.append(f"{where}: unknown label {label!r} (labels: {', '.join(labels)})")

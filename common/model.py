@@ -68,9 +68,7 @@ def lora_config(model_type: str, lora: LoraSettings) -> LoraConfig:
     )
 
 
-def build_model(
-    settings: ModelSettings, lora: LoraSettings, labels: tuple[str, ...], seed: int
-) -> LoadedModel:
+def build_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, ...], seed: int) -> LoadedModel:
     """Load the base encoder, add LoRA and a fresh head; the head's initial values depend only on ``seed``."""
     path = resolve_base(settings.base)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -111,8 +109,13 @@ def state_nbytes(state: dict[str, Any]) -> int:
 
 def full_model_nbytes(model: PeftModel) -> int:
     """Bytes of every parameter and buffer of the base model: what exchanging the whole model would cost."""
-    base = model.get_base_model()
-    return sum(int(t.numel() * t.element_size()) for t in base.state_dict().values())
+    state = model.get_base_model().state_dict()
+    # peft adds LoRA tensors and a trainable copy of the head; the plain model has neither
+    return sum(
+        int(t.numel() * t.element_size())
+        for name, t in state.items()
+        if "lora_" not in name and "modules_to_save" not in name
+    )
 
 
 def save_adapter(loaded: LoadedModel, out_dir: Path) -> Path:

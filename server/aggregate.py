@@ -17,6 +17,8 @@ def aggregation_weights(num_examples: Sequence[int], method: str) -> list[float]
         return [1.0 / len(num_examples)] * len(num_examples)
     if method != "weighted":
         raise ValueError(f"unknown aggregation method {method!r}")
+    if any(n < 0 for n in num_examples):
+        raise ValueError(f"example counts must be >= 0, got {list(num_examples)}")
     total = float(sum(num_examples))
     if total <= 0:
         raise ValueError(f"example counts must sum to > 0, got {list(num_examples)}")

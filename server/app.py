@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 from common import keys
 from common.config import RunConfig, load_config
 from server.federation import federate
+
+ERROR_FILE = "server-error.txt"
 
 
 def make_app(
@@ -26,7 +29,13 @@ def make_app(
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or load_config(Path(str(context.run_config[keys.RUN_CONFIG_PATH])))
         out = out_dir or Path(str(context.run_config.get(keys.RUN_OUT_DIR, "runs/flwr")))
-        federate(grid, run_cfg, out, on_round)
+        try:
+            federate(grid, run_cfg, out, on_round)
+        except Exception:
+            # Flower logs a ServerApp's exception but does not hand it to whoever started the run
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ERROR_FILE).write_text(traceback.format_exc())
+            raise
 
     return app
 

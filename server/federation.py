@@ -134,7 +134,9 @@ def _train_round(
     grid: Grid, strategy: RegionFedAvg, cfg: RunConfig, server_round: int, arrays: ArrayRecord
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     timeout = cfg.aggregation.round_timeout
-    replies = _send(grid, strategy.configure_train(server_round, arrays, _task_config(cfg, server_round), grid), timeout)
+    replies = _send(
+        grid, strategy.configure_train(server_round, arrays, _task_config(cfg, server_round), grid), timeout
+    )
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     train = strategy.last_train
     if len(train.replies) < cfg.aggregation.min_clients:
@@ -150,7 +152,9 @@ def _train_round(
         "rejected": train.rejected,
         "bytes_up": sum(r.bytes_up for r in train.replies),
         "bytes_down": train.bytes_down,
-        "train": {r.region: {"loss": r.metrics[keys.TRAIN_LOSS], "num_examples": r.num_examples} for r in train.replies},
+        "train": {
+            r.region: {"loss": r.metrics[keys.TRAIN_LOSS], "num_examples": r.num_examples} for r in train.replies
+        },
     }
     return new_arrays or arrays, record
 
@@ -203,8 +207,12 @@ def run_rounds(
         if should_stop:
             stopped_early = server_round < cfg.rounds
             if stopped_early:
-                log.info("early stop after round %d: no better %s since round %d", server_round, stop.metric,
-                         stopper.best_round)
+                log.info(
+                    "early stop after round %d: no better %s since round %d",
+                    server_round,
+                    stop.metric,
+                    stopper.best_round,
+                )
             break
     test, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST)
     writer.write(stopper.best_round, keys.TEST, test)
@@ -227,7 +235,9 @@ def _save_checkpoint(loaded: LoadedModel, arrays: ArrayRecord, folder: Path) -> 
     loaded.model.save_pretrained(str(folder))
 
 
-def federate(grid: Grid, cfg: RunConfig, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None) -> FederationResult:
+def federate(
+    grid: Grid, cfg: RunConfig, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> FederationResult:
     """Build the initial global model for ``cfg``, run every round, and write ``federation.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)

@@ -30,18 +30,26 @@ def _scores(result: EvalResult) -> dict[str, float]:
     return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}
 
 
-def _train_and_test(
-    cfg: RunConfig, train: list, tests: Mapping[str, RegionData], seed_tag: str
-) -> Scores:
+def _train_and_test(cfg: RunConfig, train: list, tests: Mapping[str, RegionData], seed_tag: str) -> Scores:
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
     train_local(
-        loaded.model, loaded.tokenizer, train, matched_settings(cfg),
-        max_length=cfg.model.max_length, seed=derive_seed(cfg.seed, seed_tag),
+        loaded.model,
+        loaded.tokenizer,
+        train,
+        matched_settings(cfg),
+        max_length=cfg.model.max_length,
+        seed=derive_seed(cfg.seed, seed_tag),
     )
     return {
         name: _scores(
-            evaluate(loaded.model, loaded.tokenizer, region.test, len(cfg.labels),
-                     max_length=cfg.model.max_length, batch_size=cfg.train.eval_batch_size)
+            evaluate(
+                loaded.model,
+                loaded.tokenizer,
+                region.test,
+                len(cfg.labels),
+                max_length=cfg.model.max_length,
+                batch_size=cfg.train.eval_batch_size,
+            )
         )
         for name, region in tests.items()
     }

@@ -73,7 +73,8 @@ def measure(summary: dict[str, Any], epochs: float, rounds_planned: int, peak_rs
         "adapter_over_full_model": comm["adapter_bytes"] / comm["full_model_bytes"],
         "max_bytes_up_per_client_round_over_adapter": max(
             r["bytes_up"] / len(r["participants"]) for r in comm["per_round"]
-        ) / comm["adapter_bytes"],
+        )
+        / comm["adapter_bytes"],
         "federated_s": timing["federated_s"],
         "peak_rss_mb": peak_rss / 2**20,
     }

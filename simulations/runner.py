@@ -30,7 +30,6 @@ SUMMARY_FILE = "summary.json"
 RESOLVED_CONFIG_FILE = "config.yaml"
 
 
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
@@ -137,7 +136,9 @@ def build_summary(
             "stopped_early": federation["stopped_early"],
         },
         "regions": regions,
-        "overall": {mode: _overall({r: v for r, v in scores.items() if r in sizes}, sizes) for mode, scores in modes.items()},
+        "overall": {
+            mode: _overall({r: v for r, v in scores.items() if r in sizes}, sizes) for mode, scores in modes.items()
+        },
         "communication": {
             "adapter_bytes": federation["adapter_bytes"],
             "full_model_bytes": federation["full_model_bytes"],
@@ -173,6 +174,7 @@ def simulate(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the federated simulation and the configured baselines; write every output file; return the summary."""
+    from server.app import ERROR_FILE
     from server.federation import FEDERATION_FILE
     from simulations.report import write_report
 
@@ -181,8 +183,13 @@ def simulate(
     data = load_all(cfg, say)
     fed_file = out_dir / FEDERATION_FILE
     fed_file.unlink(missing_ok=True)
+    (out_dir / ERROR_FILE).unlink(missing_ok=True)
     say(f"federated: {len(cfg.regions)} regions × {cfg.rounds} rounds")
     federated_s = run_flower(cfg, out_dir, on_round or (lambda record: None), verbose)
+    error_file = out_dir / ERROR_FILE
+    if error_file.exists():
+        last = error_file.read_text().strip().splitlines()[-1]
+        raise RuntimeError(f"the federated run failed: {last} (traceback in {error_file})")
     if not fed_file.exists():
         raise RuntimeError(f"the federated run ended without writing {fed_file}; see the log above for its error")
     federation = json.loads(fed_file.read_text())

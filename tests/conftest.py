@@ -42,12 +42,22 @@ def make_tiny_model(folder: Path, kind: str = "bert") -> Path:
             if kind == "roberta"
             else (XLMRobertaForSequenceClassification, XLMRobertaConfig)
         )
-        model = cls_(cfg_(num_hidden_layers=2, max_position_embeddings=80, pad_token_id=0, bos_token_id=2,
-                          eos_token_id=3, **small))
+        model = cls_(
+            cfg_(
+                num_hidden_layers=2, max_position_embeddings=80, pad_token_id=0, bos_token_id=2, eos_token_id=3, **small
+            )
+        )
     elif kind == "distilbert":
         model = DistilBertForSequenceClassification(
-            DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                             max_position_embeddings=64, pad_token_id=0)
+            DistilBertConfig(
+                vocab_size=len(vocab),
+                dim=32,
+                n_layers=2,
+                n_heads=2,
+                hidden_dim=64,
+                max_position_embeddings=64,
+                pad_token_id=0,
+            )
         )
     else:
         raise ValueError(kind)
@@ -61,7 +71,7 @@ def synthetic_rows(n: int, rng: random.Random, pos_fraction: float = 0.5) -> lis
     rows = []
     for i in range(n):
         label = "pos" if rng.random() < pos_fraction else "neg"
-        words = rng.sample(FILLER, 4) + [rng.choice(POS_WORDS if label == "pos" else NEG_WORDS)]
+        words = [*rng.sample(FILLER, 4), rng.choice(POS_WORDS if label == "pos" else NEG_WORDS)]
         rng.shuffle(words)
         rows.append({"text": " ".join(words) + f" {FILLER[i % len(FILLER)]}" * (i % 3), "label": label})
     return rows
@@ -101,9 +111,7 @@ def tiny_config(path: Path, model_dir: Path, regions_dir: Path, **extra: object)
         "seed": 0,
         "rounds": 2,
         "labels": ["neg", "pos"],
-        "regions": [
-            {"name": sub.name, "data": str(sub)} for sub in sorted(regions_dir.iterdir()) if sub.is_dir()
-        ],
+        "regions": [{"name": sub.name, "data": str(sub)} for sub in sorted(regions_dir.iterdir()) if sub.is_dir()],
         "model": {"base": str(model_dir), "max_length": 32},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"lr": 5e-3, "epochs": 2, "batch_size": 8, "threads": 1},

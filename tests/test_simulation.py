@@ -85,8 +85,9 @@ def test_federated_model_beats_untrained(run: tuple[Path, Path], tiny_bert: Path
         assert after.accuracy > before.accuracy
 
 
-def test_bad_config_exits_2_before_training(tmp_path: Path, tiny_bert: Path, two_regions: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_config_exits_2_before_training(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tiny_config(tmp_path / "bad.yaml", tiny_bert, two_regions, rounds=0)
     assert main(["simulate", str(cfg), "--set", "train.lr=-1", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
