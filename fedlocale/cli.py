@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 def _progress(total: int) -> Any:
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr)
+    bar = tqdm(total=total, desc="rounds", unit="round", file=sys.stderr, disable=None)
 
     def on_round(record: dict[str, Any]) -> None:
         for region, train in record["train"].items():

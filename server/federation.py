@@ -184,6 +184,7 @@ def run_rounds(
         server_lr=cfg.aggregation.server_lr,
         fraction_train=cfg.aggregation.fraction_train,
         min_clients=cfg.aggregation.min_clients,
+        seed=cfg.seed,
     )
     stop = cfg.early_stopping
     stopper = EarlyStopper(stop.patience, higher_is_better=stop.metric != "loss", min_delta=stop.min_delta)

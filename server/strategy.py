@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common import keys
 from common.metrics import weighted_mean
+from common.train import derive_seed
 from server.aggregate import aggregation_weights, server_step, update_problem, weighted_average
 
 log = logging.getLogger("fedlocale.server")
@@ -66,6 +69,7 @@ class RegionFedAvg(FedAvg):
         server_lr: float = 1.0,
         fraction_train: float = 1.0,
         min_clients: int = 2,
+        seed: int = 0,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -77,6 +81,7 @@ class RegionFedAvg(FedAvg):
         self.region_names = tuple(region_names)
         self.method = method
         self.server_lr = server_lr
+        self.seed = seed
         self.last_train = RoundLog()
         self.last_evaluate = RoundLog()
         self._sent: ArrayRecord | None = None
@@ -84,9 +89,16 @@ class RegionFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes and send them the global adapter; remember it for the server step."""
+        """Sample nodes (seeded per round) and send them the global adapter; remember it for the server step."""
         self._sent = arrays
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # waits until min_available_nodes are connected; Flower's own sampling would use the unseeded `random`
+        _, connected = sample_nodes(grid, self.min_available_nodes, self.min_train_nodes)
+        size = min(len(connected), max(int(len(connected) * self.fraction_train), self.min_train_nodes))
+        rng = random.Random(derive_seed(self.seed, "sample", server_round))
+        chosen = sorted(rng.sample(sorted(connected), size))
+        config[keys.SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
         self.last_train = RoundLog(bytes_down=record_bytes(arrays) * len(messages))
         return messages
 

@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable, Mapping
 
 from common.config import RunConfig, TrainSettings
-from common.data import RegionData
+from common.data import Example, RegionData
 from common.model import build_model
-from common.train import EvalResult, derive_seed, evaluate, train_local
+from common.train import EvalResult, derive_seed, evaluate, plan_steps, train_local
 
 Scores = dict[str, dict[str, float]]
 
@@ -30,16 +30,27 @@ def _scores(result: EvalResult) -> dict[str, float]:
     return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}
 
 
-def _train_and_test(cfg: RunConfig, train: list, tests: Mapping[str, RegionData], seed_tag: str) -> Scores:
+def _train_and_test(cfg: RunConfig, train: list[Example], tests: Mapping[str, RegionData], seed_tag: str) -> Scores:
+    from tqdm import tqdm
+
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
-    train_local(
-        loaded.model,
-        loaded.tokenizer,
-        train,
-        matched_settings(cfg),
-        max_length=cfg.model.max_length,
-        seed=derive_seed(cfg.seed, seed_tag),
-    )
+    settings = matched_settings(cfg)
+    # disable=None: a bar on a terminal, nothing in CI logs
+    with tqdm(total=plan_steps(len(train), settings), desc=seed_tag, unit="step", disable=None, leave=False) as bar:
+
+        def progress(step: int, steps: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+        train_local(
+            loaded.model,
+            loaded.tokenizer,
+            train,
+            settings,
+            max_length=cfg.model.max_length,
+            seed=derive_seed(cfg.seed, seed_tag),
+            progress=progress,
+        )
     return {
         name: _scores(
             evaluate(

@@ -297,3 +297,17 @@ def test_aggregate_evaluate_weights_by_examples_and_skips_empty_regions() -> Non
     assert out[keys.ACCURACY] == pytest.approx(0.8)
     assert out[keys.MACRO_F1] == pytest.approx(0.7)
     assert [r.region for r in strategy.last_evaluate.replies] == ["north", "south", "east"]
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_partial_sampling_is_seeded_per_round() -> None:
+    sent = as_record(random_update(np.random.default_rng(0)))
+    grid = NodesOnlyGrid(range(10, 20))
+
+    def sample(seed: int, rnd: int) -> list[int]:
+        strategy = RegionFedAvg([f"r{i}" for i in range(10)], fraction_train=0.5, min_clients=2, seed=seed)
+        return sorted(m.metadata.dst_node_id for m in strategy.configure_train(rnd, sent, ConfigRecord(), grid))
+
+    assert len(sample(0, 1)) == 5
+    assert sample(0, 1) == sample(0, 1)
+    assert len({tuple(sample(0, r)) for r in range(1, 6)}) > 1  # different rounds draw different regions
