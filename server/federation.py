@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,6 @@ class FederationResult:
     adapter_bytes: int
     full_model_bytes: int
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view."""
@@ -91,7 +90,6 @@ class FederationResult:
             "adapter_bytes": self.adapter_bytes,
             "full_model_bytes": self.full_model_bytes,
             "seconds": self.seconds,
-            **self.extra,
         }
 
 

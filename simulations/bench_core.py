@@ -113,6 +113,17 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"{key:<46}{result[key]:>14.4f}")
 
 
+def say(message: str) -> None:
+    """Progress to stderr, so the table on stdout stays clean."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def report_round(record: dict[str, Any]) -> None:
+    """One progress line per finished round."""
+    overall = record.get("val_overall", {}).get("macro_f1", float("nan"))
+    say(f"round {record['round']}: {len(record['participants'])} regions, val macro-F1 {overall:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark."""
     apply_env()
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
     with PeakRss() as rss:
-        summary = simulate(cfg, args.out, config_path=str(args.config), say=lambda m: print(m, file=sys.stderr))
+        summary = simulate(cfg, args.out, config_path=str(args.config), say=say, on_round=report_round)
     result = measure(summary, cfg.train.epochs, cfg.rounds, rss.peak)
     result["total_s"] = time.perf_counter() - started
     result["config"] = str(args.config)
