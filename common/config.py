@@ -426,20 +426,27 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     dotted, text = assignment.split("=", 1)
     parts = dotted.strip().split(".")
     node: Any = raw
-    for i, part in enumerate(parts[:-1]):
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            if last:
+                node[int(part)] = _yaml_value(text)
             node = node[int(part)]
         elif isinstance(node, dict):
+            if last:
+                node[part] = _yaml_value(text)
             node = node.setdefault(part, {})
         else:
-            raise ConfigError([f"--set {dotted}: {'.'.join(parts[: i + 1])} is not a mapping"])
-    value = yaml.safe_load(text) if text.strip() else None
-    if isinstance(node, list) and parts[-1].isdigit() and int(parts[-1]) < len(node):
-        node[int(parts[-1])] = value
-    elif isinstance(node, dict):
-        node[parts[-1]] = value
-    else:
-        raise ConfigError([f"--set {dotted}: cannot set a key inside a {type(node).__name__}"])
+            parent = ".".join(parts[:i])
+            what = "a list (index it with a number in range)" if isinstance(node, list) else f"{node!r}"
+            raise ConfigError([f"--set {dotted}: {parent} is {what}, not a mapping"])
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError([f"--set: value {text!r} is not valid YAML ({getattr(err, 'problem', err)})"]) from err
 
 
 def discover_regions(folder: Path) -> list[dict[str, str]]:

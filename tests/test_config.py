@@ -226,8 +226,10 @@ def test_override_with_an_unknown_or_bad_key_is_reported_like_a_file_problem(
     ("assignment", "prefix"),
     [
         ("train.lr", "--set train.lr: expected KEY=VALUE"),
-        ("rounds.x=1", "--set rounds.x: cannot set a key inside a"),  # rounds is an int
-        ("regions.x=1", "--set regions.x: cannot set a key inside a list"),
+        ("rounds.x=1", "--set rounds.x: rounds is 2, not a mapping"),  # rounds is an int
+        ("regions.x=1", "--set regions.x: regions is a list"),
+        ("rounds.x.y=1", "--set rounds.x.y: rounds is 2, not a mapping"),
+        ("train.lr=[1", "--set: value '[1' is not valid YAML"),
         ("regions.5.name=x", "--set regions.5.name: "),  # index out of range
     ],
 )
