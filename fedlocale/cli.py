@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,7 +190,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("fedlocale: interrupted; every process this run started has been stopped", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Ray is already shut down (runner's finally); Flower's ServerApp thread is not a daemon and would keep
+        # waiting for replies that can no longer come, up to the round timeout, so leave without joining it.
+        os._exit(130)
 
 
 if __name__ == "__main__":

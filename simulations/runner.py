@@ -85,9 +85,23 @@ def run_flower(
             backend_config=backend,  # type: ignore[arg-type]
         )
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
+        stop_ray(ray)
     return time.perf_counter() - started
+
+
+def stop_ray(ray: Any) -> None:
+    """Shut Ray down and kill any of its processes that outlive that (after Ctrl-C some daemons do)."""
+    import psutil  # comes with ray
+
+    started_here = psutil.Process().children(recursive=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    _, alive = psutil.wait_procs(started_here, timeout=5)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
 
 
 def _overall(per_region: dict[str, dict[str, float]], sizes: dict[str, float]) -> dict[str, float]:

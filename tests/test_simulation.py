@@ -93,3 +93,36 @@ def test_bad_config_exits_2_before_training(
     err = capsys.readouterr().err
     assert "rounds: must be >= 1" in err and "train.lr: must be in (0, 1)" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_stops_every_process_the_run_started(tiny_bert: Path, two_regions: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    cfg = tiny_config(tmp_path / "long.yaml", tiny_bert, two_regions, train=TRAIN, rounds=20)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedlocale", "simulate", str(cfg), "--out", str(tmp_path / "out")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics = tmp_path / "out" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
+            time.sleep(1)  # wait until round 1 is done, so Ray and its actors are surely running
+        started = psutil.Process(proc.pid).children(recursive=True)
+        assert started, "the run started no processes"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == []
