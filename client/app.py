@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -12,8 +13,14 @@ from common import keys
 from common.config import ClientTask, Region
 
 
-def _task(msg: Message) -> ClientTask:
-    return ClientTask.from_json(str(msg.content.config_records[keys.CONFIG][keys.TASK]))
+def _parse(
+    msg: Message, context: Context, sim_regions: Sequence[Region] | None
+) -> tuple[Region, ClientTask, int, dict[str, torch.Tensor]]:
+    """The region this node serves, the server's task, the region's index in the run, the global adapter."""
+    region = resolve_region(context.node_config, context.run_config, sim_regions)
+    task = ClientTask.from_json(str(msg.content.config_records[keys.CONFIG][keys.TASK]))
+    state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
+    return region, task, region_index(region, task), state
 
 
 def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
@@ -22,10 +29,7 @@ def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        region = resolve_region(context.node_config, context.run_config, sim_regions)
-        task = _task(msg)
-        index = region_index(region, task)
-        state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
+        region, task, index, state = _parse(msg, context, sim_regions)
         new_state, result = train_round(region, task, state)
         metrics = MetricRecord(
             {
@@ -39,10 +43,7 @@ def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        region = resolve_region(context.node_config, context.run_config, sim_regions)
-        task = _task(msg)
-        index = region_index(region, task)
-        state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
+        region, task, index, state = _parse(msg, context, sim_regions)
         result = evaluate_round(region, task, state, str(msg.content.config_records[keys.CONFIG][keys.SPLIT]))
         metrics = MetricRecord(
             {

@@ -75,11 +75,11 @@ def test_federated_model_beats_untrained(run: tuple[Path, Path], tiny_bert: Path
     untrained = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
     trained = PeftModel.from_pretrained(base, str(out / "adapter"))
+    summary = json.loads((out / "summary.json").read_text())
     for region in cfg.regions:
         test = load_region(region.name, region.data, cfg.labels).test
         before = evaluate(untrained.model, untrained.tokenizer, test, 2, max_length=32)
         after = evaluate(trained, untrained.tokenizer, test, 2, max_length=32)
-        summary = json.loads((out / "summary.json").read_text())
         # the saved adapter is the one the summary scored
         assert after.macro_f1 == pytest.approx(summary["regions"][region.name]["federated"]["macro_f1"], abs=1e-6)
         assert after.accuracy > before.accuracy
