@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,21 +183,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("fedlocale").setLevel(logging.INFO)
     handler = cmd_data_demo if args.command == "data" else COMMANDS[args.command]
+    with _watch_interrupts() as interrupted:
+        return _run(handler, args, interrupted)
+
+
+def _run(handler: Any, args: argparse.Namespace, interrupted: threading.Event) -> int:
     try:
         return handler(args)
     except (ConfigError, DataError) as err:
         print(f"fedlocale: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except RuntimeError as err:
-        print(f"fedlocale: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("fedlocale: interrupted; every process this run started has been stopped", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Ray is already shut down (runner's finally); Flower's ServerApp thread is not a daemon and would keep
-        # waiting for replies that can no longer come, up to the round timeout, so leave without joining it.
-        os._exit(130)
+    except BaseException as err:
+        # After Ctrl-C, Flower's runtime may surface a different error (Ray actors dying as Ray shuts down)
+        # in place of the KeyboardInterrupt; the user pressed Ctrl-C, so that is what we report.
+        if interrupted.is_set() or isinstance(err, KeyboardInterrupt):
+            _exit_interrupted()
+        if isinstance(err, RuntimeError):
+            print(f"fedlocale: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+@contextlib.contextmanager
+def _watch_interrupts() -> Iterator[threading.Event]:
+    """Record Ctrl-C (then raise KeyboardInterrupt as Python would) so it is known whatever error follows it."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signal handlers can only be set from the main thread
+        return
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _exit_interrupted() -> None:
+    print("fedlocale: interrupted; every process this run started has been stopped", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Ray is already shut down (runner's finally); Flower's ServerApp thread is not a daemon and would keep
+    # waiting for replies that can no longer come, up to the round timeout, so leave without joining it.
+    os._exit(130)
 
 
 if __name__ == "__main__":
