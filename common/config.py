@@ -130,11 +130,14 @@ class AggregationSettings:
     fraction_train: float = 1.0
     min_clients: int = 2
     round_timeout: float = 3600.0  # seconds to wait for the replies of one round
+    node_timeout: float = 300.0  # seconds to wait for min_clients nodes to be connected before a round
 
     def __post_init__(self) -> None:
         problems = []
         if self.round_timeout <= 0:
             problems.append(("round_timeout", f"must be > 0, got {self.round_timeout}"))
+        if self.node_timeout <= 0:
+            problems.append(("node_timeout", f"must be > 0, got {self.node_timeout}"))
         if self.method not in AGGREGATIONS:
             problems.append(("method", f"must be one of {', '.join(AGGREGATIONS)}, got {self.method!r}"))
         if not 0.0 < self.server_lr <= 10.0:
@@ -469,21 +472,7 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
     ``regions_dir`` replaces the region list with every region subfolder of that folder.
     """
     source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([f"cannot read: {err.strerror}"], source) from err
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError([f"{where}: not valid YAML: {getattr(err, 'problem', err)}"], source) from err
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: must be a mapping at the top level"], source)
-    lines = _line_map(node) if node is not None else {}
+    raw, lines = read_yaml(path)
     for assignment in overrides:
         apply_override(raw, assignment)
     base = path.parent
@@ -504,9 +493,46 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
     problems: list[str] = list(early)
     cfg = _build_into(RunConfig, raw, "", problems)
     if cfg is None or early:
-        located = [_with_line(p, lines, source) for p in problems] or ["invalid"]
-        raise ConfigError(sorted(located, key=_line_of), source)
+        raise located_error(problems, lines, source)
     return cfg
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """A YAML file's top-level mapping and the line of every dotted path in it; ConfigError names the line."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"cannot read: {err.strerror}"], source) from err
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise ConfigError([f"{where}: not valid YAML: {getattr(err, 'problem', err)}"], source) from err
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: must be a mapping at the top level"], source)
+    return raw, (_line_map(node) if node is not None else {})
+
+
+def located_error(problems: list[str], lines: dict[str, int], source: str) -> ConfigError:
+    """One ConfigError with each problem prefixed by ``file:line`` and sorted by line."""
+    located = [_with_line(p, lines, source) for p in problems] or [f"{source}: invalid"]
+    return ConfigError(sorted(located, key=_line_of), source)
+
+
+def load_yaml(path: Path, cls: type[T], raw_hook: typing.Callable[[dict[str, Any]], None] | None = None) -> T:
+    """Read a YAML file into ``cls``, every problem located; ``raw_hook`` may adjust the raw mapping first."""
+    raw, lines = read_yaml(path)
+    if raw_hook is not None:
+        raw_hook(raw)
+    problems: list[str] = []
+    obj = _build_into(cls, raw, "", problems)
+    if obj is None:
+        raise located_error(problems, lines, str(path))
+    return obj
 
 
 def client_task(cfg: RunConfig, server_round: int) -> ClientTask:

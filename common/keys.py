@@ -27,10 +27,13 @@ REGION_INDEX: Final = "region-index"  # position of the region in the run's regi
 NODE_REGION: Final = "region"
 NODE_DATA_DIR: Final = "data-dir"
 NODE_PARTITION_ID: Final = "partition-id"
+NODE_CACHE_DIR: Final = "cache-dir"  # absolute folder on the node's own disk for tokenised data; unset: no cache
+NODE_THREADS: Final = "threads"  # torch threads on this node; wins over the run config's train.threads
 
 # Run config keys (``[tool.flwr.app.config]``)
 RUN_CONFIG_PATH: Final = "config"
 RUN_OUT_DIR: Final = "out-dir"
+RUN_RESUME: Final = "resume"  # true: continue from the out dir's state.json and last checkpoint
 
 # Data splits
 TRAIN: Final = "train"

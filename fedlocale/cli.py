@@ -16,6 +16,7 @@ from typing import Any
 
 from common.config import ConfigError, load_config
 from common.data import DataError
+from fedlocale import deploy_cmd
 from simulations.env import apply_env
 
 EXIT_BAD_INPUT = 2
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(sim)
     sim.add_argument("--out", type=Path, default=None, metavar="DIR", help="run folder (default: runs/NAME)")
+    sim.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last finished round (state.json + checkpoints)",
+    )
 
     check = sub.add_parser(
         "check",
@@ -81,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Read RUN_DIR/summary.json and metrics.jsonl; write report.md and PNGs.",
     )
     report.add_argument("run_dir", type=Path)
+    deploy_cmd.add_parsers(sub)
     return parser
 
 
@@ -105,15 +112,27 @@ def _progress(total: int) -> Any:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedlocale simulate``."""
+    from server.federation import ResumeError, read_state
     from simulations.runner import simulate
 
     cfg = load_config(args.config, args.overrides, args.regions)
     out = args.out or Path("runs") / cfg.name
     bar, on_round = _progress(cfg.rounds)
+    if args.resume:
+        state = read_state(out)
+        bar.update(state.completed_round if state else 0)
     try:
         summary = simulate(
-            cfg, out, config_path=str(args.config), say=bar.write, on_round=on_round, verbose=args.verbose
+            cfg,
+            out,
+            config_path=str(args.config),
+            say=bar.write,
+            on_round=on_round,
+            verbose=args.verbose,
+            resume=args.resume,
         )
+    except ResumeError as err:
+        raise ConfigError([str(err)], str(args.config)) from err
     finally:
         bar.close()
     _print_summary(summary)
@@ -170,7 +189,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "check": cmd_check, "report": cmd_report}
+COMMANDS = {
+    "simulate": cmd_simulate,
+    "check": cmd_check,
+    "report": cmd_report,
+    "deploy": deploy_cmd.cmd_deploy,
+    "node": deploy_cmd.cmd_node,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

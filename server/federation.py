@@ -1,21 +1,29 @@
 """The federated run on the server: rounds of train + validate, early stopping, checkpoints, final test.
 
 Written as a plain loop over the strategy's verbs (``configure_train``, ``aggregate_train``, …) rather than
-``Strategy.start`` because it also stops early, keeps the best round, and records every region every round.
+``Strategy.start`` because it also stops early, keeps the best round, records every region every round, and can
+resume: after each round the round's global adapter goes to ``checkpoints/round-NNN`` and then everything else
+the loop knows goes to ``state.json``, so a restarted ServerApp continues where the last one stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
 
 from common import keys
 from common.config import RunConfig, client_task
@@ -28,19 +36,40 @@ from common.model import (
     save_adapter,
     state_nbytes,
 )
-from server.strategy import RegionFedAvg, RoundLog
+from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog
 
 log = logging.getLogger("fedlocale.server")
 
 FEDERATION_FILE = "federation.json"
 METRICS_FILE = "metrics.jsonl"
+STATE_FILE = "state.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
+STATE_VERSION = 1
 _METRIC_KEYS = {keys.ACCURACY: "accuracy", keys.MACRO_F1: "macro_f1", keys.LOSS: "loss"}
+
+# Settings that may change between a stop and a resume: none of them changes what a finished round computed, so
+# the resumed run still equals an uninterrupted one (more rounds, a longer timeout, fewer required regions).
+# Everything else in the config (seed, data labels, model, LoRA, training, aggregation maths, early stopping) is
+# fingerprinted. Region data folders are left out too: the server never reads them in deployment, and a moved
+# folder is the same region.
+RESUMABLE_CHANGES = (
+    "name",
+    "rounds",
+    "baselines",
+    "simulation",
+    "aggregation.round_timeout",
+    "aggregation.node_timeout",
+    "aggregation.min_clients",
+)
 
 
 class FederationError(RuntimeError):
-    """The federation cannot go on (too few regions replied)."""
+    """The federation cannot go on (too few regions replied, nodes never connected, a run cannot resume)."""
+
+
+class ResumeError(FederationError):
+    """The run folder's saved state cannot be continued with this config."""
 
 
 @dataclass
@@ -65,6 +94,10 @@ class EarlyStopper:
                 self.best_round, self.best_value = server_round, value
         elif self.best_value is None:
             self.best_round = server_round  # nothing to compare: the newest model is the best we know
+        return self.exhausted(server_round)
+
+    def exhausted(self, server_round: int) -> bool:
+        """True when ``patience`` rounds up to ``server_round`` brought nothing better."""
         return self.patience is not None and server_round - self.best_round >= self.patience
 
 
@@ -93,6 +126,109 @@ class FederationResult:
         }
 
 
+@dataclass
+class RunState:
+    """What ``state.json`` holds after each round: enough to continue with the next one.
+
+    The global adapters themselves stay in ``checkpoints/round-NNN`` (the last round's and the best round's are
+    read back on resume).
+    """
+
+    completed_round: int
+    rounds: list[dict[str, Any]]
+    best_round: int
+    best_value: float | None
+    seconds: float
+    fingerprint: str
+    settings: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able view, with a format version."""
+        return {"version": STATE_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: Any, source: Path) -> RunState:
+        """Parse a state file's content; anything inconsistent is a ResumeError naming the file."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION or set(names) - set(raw):
+            raise ResumeError(f"cannot resume: {source} is not a version-{STATE_VERSION} state file of this program")
+        state = cls(**{name: raw[name] for name in names})
+        numbered = [r.get("round") if isinstance(r, dict) else None for r in state.rounds]
+        if state.completed_round < 1 or numbered != list(range(1, state.completed_round + 1)):
+            raise ResumeError(
+                f"cannot resume: {source} says {state.completed_round} round(s) finished but records rounds {numbered}"
+            )
+        return state
+
+
+def config_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that decide what every round computes, as flat ``dotted.key → value`` plain data."""
+    raw = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    flat = _flatten(raw)
+    flat["regions"] = list(cfg.region_names)  # the order matters: it is how replies name their region
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(f"{p}.") for p in RESUMABLE_CHANGES)}
+
+
+def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short hash of ``config_settings``; equal settings give equal fingerprints in every process."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_state(out_dir: Path) -> RunState | None:
+    """The state a run left in ``out_dir`` after its last finished round, or None when there is none."""
+    path = out_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ResumeError(f"cannot resume: {path} cannot be read ({err})") from err
+    return RunState.from_json(raw, path)
+
+
+def write_state(out_dir: Path, state: RunState) -> None:
+    """Replace ``state.json`` atomically: a crash leaves the old file or the new one, never half of one."""
+    path = out_dir / STATE_FILE
+    tmp = path.with_name(f"{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(json.dumps(state.to_json(), indent=1) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def check_resumable(state: RunState, cfg: RunConfig, out_dir: Path) -> None:
+    """Refuse to continue ``state`` under a config that would not have produced its rounds."""
+    settings = config_settings(cfg)
+    now = fingerprint(settings)
+    if now != state.fingerprint:
+        changed = [
+            f"{k}: {state.settings.get(k, '(absent)')!r} when started, {settings.get(k, '(absent)')!r} now"
+            for k in sorted(set(settings) | set(state.settings))
+            if settings.get(k) != state.settings.get(k)
+        ]
+        raise ResumeError(
+            f"cannot resume {out_dir}: the config differs from the one the run started with (fingerprint "
+            f"{state.fingerprint} then, {now} now): {'; '.join(changed) or 'unknown change'}. Only "
+            f"{', '.join(RESUMABLE_CHANGES)} may change; restore the config, or start afresh without resume."
+        )
+    if state.completed_round > cfg.rounds:
+        raise ResumeError(
+            f"cannot resume {out_dir}: {state.completed_round} rounds already finished but rounds is {cfg.rounds}; "
+            f"set rounds to {state.completed_round} or more"
+        )
+
+
 def _region_metrics(round_log: RoundLog) -> dict[str, dict[str, float]]:
     return {
         r.region: {
@@ -116,6 +252,11 @@ class MetricsWriter:
             for region, values in per_region.items():
                 fh.write(json.dumps({"round": server_round, "region": region, "split": split, **values}) + "\n")
 
+    def write_round(self, record: dict[str, Any]) -> None:
+        """Write a round record's train and validation lines (a region without validation data has none)."""
+        self.write(record["round"], keys.TRAIN, record["train"])
+        self.write(record["round"], keys.VAL, {k: v for k, v in record["val"].items() if v["num_examples"]})
+
 
 def _send(grid: Grid, messages: Any, timeout: float) -> list[Any]:
     return list(grid.send_and_receive(messages=list(messages), timeout=timeout))
@@ -128,6 +269,10 @@ def _task_config(cfg: RunConfig, server_round: int, split: str | None = None) ->
     return record
 
 
+def _describe_rejected(rejected: list[dict[str, str | None]]) -> str:
+    return "; ".join(f"{r['region'] or 'node ' + str(r['node'])}: {r['reason']}" for r in rejected) or "none"
+
+
 def _train_round(
     grid: Grid, strategy: RegionFedAvg, cfg: RunConfig, server_round: int, arrays: ArrayRecord
 ) -> tuple[ArrayRecord, dict[str, Any]]:
@@ -137,16 +282,17 @@ def _train_round(
     )
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     train = strategy.last_train
+    participants = [r.region for r in train.replies]
+    missing = [n for n in cfg.region_names if n not in participants]
     if len(train.replies) < cfg.aggregation.min_clients:
         raise FederationError(
-            f"round {server_round}: {len(train.replies)} region(s) replied, at least "
-            f"{cfg.aggregation.min_clients} needed; rejected: {train.rejected or 'none'}"
+            f"{len(train.replies)} region(s) replied, at least {cfg.aggregation.min_clients} needed; "
+            f"missing: {', '.join(missing) or 'none'}; rejected: {_describe_rejected(train.rejected)}"
         )
-    participants = [r.region for r in train.replies]
     record = {
         "round": server_round,
         "participants": participants,
-        "missing": [n for n in cfg.region_names if n not in participants],
+        "missing": missing,
         "rejected": train.rejected,
         "bytes_up": sum(r.bytes_up for r in train.replies),
         "bytes_down": train.bytes_down,
@@ -167,65 +313,126 @@ def _evaluate(
     return per_region, named
 
 
+def _run_round(
+    grid: Grid, strategy: RegionFedAvg, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+) -> tuple[ArrayRecord, dict[str, Any]]:
+    started = time.perf_counter()
+    arrays, record = _train_round(grid, strategy, cfg, server_round, arrays)
+    record["val"], record["val_overall"] = _evaluate(grid, strategy, cfg, server_round, arrays, keys.VAL)
+    record["bytes_down"] += strategy.last_evaluate.bytes_down
+    record["seconds"] = time.perf_counter() - started  # wall time of train + validation, for the benchmarks
+    return arrays, record
+
+
+def checkpoint_dir(out_dir: Path, server_round: int) -> Path:
+    """Where the global adapter after ``server_round`` is saved (peft ``save_pretrained`` format)."""
+    return out_dir / CHECKPOINTS_DIR / f"round-{server_round:03d}"
+
+
+@contextlib.contextmanager
+def _naming_checkpoint(what: str, out_dir: Path, completed: int) -> Iterator[None]:
+    """Re-raise a failure of the federation as a FederationError that says where the run can resume from."""
+    try:
+        yield
+    except (FederationError, NodeWaitTimeout) as err:
+        where = (
+            f"the last checkpoint is {checkpoint_dir(out_dir, completed)} (restart with resume=true to go on from it)"
+            if completed
+            else "no round had finished, so there is no checkpoint yet"
+        )
+        raise FederationError(f"{what}: {err}; {where}") from err
+
+
+def _make_strategy(cfg: RunConfig) -> RegionFedAvg:
+    agg = cfg.aggregation
+    return RegionFedAvg(
+        cfg.region_names,
+        method=agg.method,
+        server_lr=agg.server_lr,
+        fraction_train=agg.fraction_train,
+        min_clients=agg.min_clients,
+        seed=cfg.seed,
+        node_timeout=agg.node_timeout,
+    )
+
+
 def run_rounds(
     grid: Grid,
     cfg: RunConfig,
     loaded: LoadedModel,
     out_dir: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    resume_from: RunState | None = None,
 ) -> FederationResult:
-    """Run the federation for ``cfg`` from the adapter in ``loaded``; write metrics, checkpoints, the adapter."""
+    """Run the federation for ``cfg`` from the adapter in ``loaded``; write metrics, checkpoints, the adapter.
+
+    With ``resume_from`` (checked by ``check_resumable``) the rounds it records are kept, their metrics lines are
+    written again, and the loop goes on after its last round from that round's checkpoint. ``on_round`` is called
+    for the rounds run here only.
+    """
     started = time.perf_counter()
-    strategy = RegionFedAvg(
-        cfg.region_names,
-        method=cfg.aggregation.method,
-        server_lr=cfg.aggregation.server_lr,
-        fraction_train=cfg.aggregation.fraction_train,
-        min_clients=cfg.aggregation.min_clients,
-        seed=cfg.seed,
-    )
+    strategy = _make_strategy(cfg)
     stop = cfg.early_stopping
     stopper = EarlyStopper(stop.patience, higher_is_better=stop.metric != "loss", min_delta=stop.min_delta)
     writer = MetricsWriter(out_dir / METRICS_FILE)
+    settings = config_settings(cfg)
     arrays = best = ArrayRecord(adapter_state(loaded.model))
     rounds: list[dict[str, Any]] = []
-    stopped_early = False
-    for server_round in range(1, cfg.rounds + 1):
-        arrays, record = _train_round(grid, strategy, cfg, server_round, arrays)
-        record["val"], record["val_overall"] = _evaluate(grid, strategy, cfg, server_round, arrays, keys.VAL)
-        record["bytes_down"] += strategy.last_evaluate.bytes_down
-        writer.write(server_round, keys.TRAIN, record["train"])
-        writer.write(server_round, keys.VAL, {k: v for k, v in record["val"].items() if v["num_examples"]})
-        _save_checkpoint(loaded, arrays, out_dir / CHECKPOINTS_DIR / f"round-{server_round:03d}")
-        rounds.append(record)
-        if on_round is not None:
-            on_round(record)
+    seconds_before = 0.0
+    if resume_from is not None:
+        rounds = list(resume_from.rounds)
+        stopper.best_round, stopper.best_value = resume_from.best_round, resume_from.best_value
+        seconds_before = resume_from.seconds
+        for record in rounds:
+            writer.write_round(record)
+        best = _load_checkpoint(loaded, out_dir, resume_from.best_round)
+        arrays = _load_checkpoint(loaded, out_dir, resume_from.completed_round)
+    server_round = len(rounds)
+    should_stop = bool(rounds) and stopper.exhausted(server_round)
+    if rounds and (should_stop or server_round == cfg.rounds):
+        log.info("the run had finished after round %d; only its final test evaluation runs again", server_round)
+    while not should_stop and server_round < cfg.rounds:
+        server_round += 1
+        with _naming_checkpoint(f"round {server_round}", out_dir, server_round - 1):
+            arrays, record = _run_round(grid, strategy, cfg, server_round, arrays)
+        writer.write_round(record)
         should_stop = stopper.update(server_round, record["val_overall"].get(stop.metric))
         if stopper.best_round == server_round:
             best = arrays
-        if should_stop:
-            stopped_early = server_round < cfg.rounds
-            if stopped_early:
-                log.info(
-                    "early stop after round %d: no better %s since round %d",
-                    server_round,
-                    stop.metric,
-                    stopper.best_round,
-                )
-            break
-    test, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST)
+        # the checkpoint first: a crash before the state is written redoes this round, never skips it
+        _save_checkpoint(loaded, arrays, checkpoint_dir(out_dir, server_round))
+        rounds.append(record)
+        state = RunState(
+            completed_round=server_round,
+            rounds=rounds,
+            best_round=stopper.best_round,
+            best_value=stopper.best_value,
+            seconds=seconds_before + time.perf_counter() - started,
+            fingerprint=fingerprint(settings),
+            settings=settings,
+        )
+        write_state(out_dir, state)
+        if on_round is not None:
+            on_round(record)
+    stopped_early = should_stop and server_round < cfg.rounds
+    if stopped_early:
+        log.info(
+            "early stop after round %d: no better %s since round %d", server_round, stop.metric, stopper.best_round
+        )
+    with _naming_checkpoint(f"test evaluation of round {stopper.best_round}", out_dir, server_round):
+        test, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST)
     writer.write(stopper.best_round, keys.TEST, test)
     load_adapter_state(loaded.model, best.to_torch_state_dict())
     save_adapter(loaded, out_dir / ADAPTER_DIR)
-    state = adapter_state(loaded.model)
+    state_dict = adapter_state(loaded.model)
     return FederationResult(
         rounds=rounds,
         best_round=stopper.best_round,
         stopped_early=stopped_early,
         test=test,
-        adapter_bytes=state_nbytes(state),
+        adapter_bytes=state_nbytes(state_dict),
         full_model_bytes=full_model_nbytes(loaded.model),
-        seconds=time.perf_counter() - started,
+        seconds=seconds_before + time.perf_counter() - started,
     )
 
 
@@ -234,12 +441,47 @@ def _save_checkpoint(loaded: LoadedModel, arrays: ArrayRecord, folder: Path) -> 
     loaded.model.save_pretrained(str(folder))
 
 
+def _load_checkpoint(loaded: LoadedModel, out_dir: Path, server_round: int) -> ArrayRecord:
+    path = checkpoint_dir(out_dir, server_round) / SAFETENSORS_WEIGHTS_NAME
+    if not path.is_file():
+        raise ResumeError(
+            f"cannot resume {out_dir}: {STATE_FILE} says round {server_round} finished but {path} is missing"
+        )
+    load_adapter_state(loaded.model, load_file(str(path)))
+    # read back through the model so that names and order are exactly those of a run that never stopped
+    return ArrayRecord(adapter_state(loaded.model))
+
+
+def _resume_state(cfg: RunConfig, out_dir: Path) -> RunState | None:
+    state = read_state(out_dir)
+    if state is None:
+        log.info("resume: no %s in %s, so the run starts at round 1", STATE_FILE, out_dir)
+        return None
+    check_resumable(state, cfg, out_dir)
+    log.info("resume: %s finished %d of %d rounds; going on from there", out_dir, state.completed_round, cfg.rounds)
+    return state
+
+
 def federate(
-    grid: Grid, cfg: RunConfig, out_dir: Path, on_round: Callable[[dict[str, Any]], None] | None = None
+    grid: Grid,
+    cfg: RunConfig,
+    out_dir: Path,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> FederationResult:
-    """Build the initial global model for ``cfg``, run every round, and write ``federation.json``."""
+    """Build the initial global model for ``cfg``, run every round, and write ``federation.json``.
+
+    With ``resume`` and a ``state.json`` in ``out_dir``, the run goes on after the last round it records (the
+    config must match, see ``check_resumable``); a run that had finished only repeats its final test evaluation,
+    which also rewrites ``adapter/`` and ``federation.json``. With ``resume`` and no state the run starts afresh;
+    without ``resume`` it always does, dropping any earlier state.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    state = _resume_state(cfg, out_dir) if resume else None
+    if state is None:
+        # an older run's state must never be continued from this run's checkpoints
+        (out_dir / STATE_FILE).unlink(missing_ok=True)
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
-    result = run_rounds(grid, cfg, loaded, out_dir, on_round)
+    result = run_rounds(grid, cfg, loaded, out_dir, on_round, state)
     (out_dir / FEDERATION_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result

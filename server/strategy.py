@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from common import keys
 from common.metrics import weighted_mean
@@ -19,6 +19,19 @@ from common.train import derive_seed
 from server.aggregate import aggregation_weights, server_step, update_problem, weighted_average
 
 log = logging.getLogger("fedlocale.server")
+
+_POLL_SECONDS = 1.0
+
+
+class NodeWaitTimeout(RuntimeError):
+    """Fewer nodes than the minimum were connected for the whole ``node_timeout``."""
+
+    def __init__(self, connected: int, needed: int, waited: float) -> None:
+        self.connected, self.needed, self.waited = connected, needed, waited
+        super().__init__(
+            f"{connected} node(s) connected, at least {needed} needed; gave up after waiting {round(waited, 1):g} s "
+            "(aggregation.node_timeout)"
+        )
 
 
 @dataclass
@@ -37,7 +50,7 @@ class RoundLog:
     """What happened in one message exchange (train or evaluate) of a round."""
 
     replies: list[RegionReply] = field(default_factory=list)
-    rejected: list[dict[str, str]] = field(default_factory=list)  # {"node": …, "reason": …}
+    rejected: list[dict[str, str | None]] = field(default_factory=list)  # {"node": …, "region": …, "reason": …}
     bytes_down: int = 0
 
 
@@ -59,7 +72,8 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 class RegionFedAvg(FedAvg):
     """FedAvg whose replies are checked, tagged with their region, and combined by ``server.aggregate``.
 
-    A malformed or failed reply is rejected and recorded, never averaged in.
+    A malformed, failed or missing reply is rejected and recorded, never averaged in. Sampling waits at most
+    ``node_timeout`` seconds for ``min_clients`` nodes (``clock`` and ``sleep`` are injectable for tests).
     """
 
     def __init__(
@@ -70,6 +84,9 @@ class RegionFedAvg(FedAvg):
         fraction_train: float = 1.0,
         min_clients: int = 2,
         seed: int = 0,
+        node_timeout: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -82,47 +99,89 @@ class RegionFedAvg(FedAvg):
         self.method = method
         self.server_lr = server_lr
         self.seed = seed
+        self.node_timeout = node_timeout
+        self.clock = clock
+        self.sleep = sleep
         self.last_train = RoundLog()
         self.last_evaluate = RoundLog()
+        # a node's region is known only from its accepted replies; a failed node is named by what it was before
+        self.node_regions: dict[int, str] = {}
         self._sent: ArrayRecord | None = None
+        self._train_messages: list[Message] = []
+        self._evaluate_messages: list[Message] = []
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """The connected node ids, sorted, once at least ``min_available_nodes`` are; else NodeWaitTimeout."""
+        started = self.clock()
+        reported = -1
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            waited = self.clock() - started
+            if waited >= self.node_timeout:
+                raise NodeWaitTimeout(len(nodes), self.min_available_nodes, waited)
+            if len(nodes) != reported:
+                # a line when the count changes, not Flower's line every second
+                log.info(
+                    "waiting for nodes: %d connected, %d needed (at most %.0f s)",
+                    len(nodes),
+                    self.min_available_nodes,
+                    self.node_timeout,
+                )
+                reported = len(nodes)
+            self.sleep(min(_POLL_SECONDS, self.node_timeout - waited))
+        return nodes
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes (seeded per round) and send them the global adapter; remember it for the server step."""
         self._sent = arrays
-        # waits until min_available_nodes are connected; Flower's own sampling would use the unseeded `random`
-        _, connected = sample_nodes(grid, self.min_available_nodes, self.min_train_nodes)
+        # Flower's own sampling would wait forever and draw from the unseeded `random`
+        connected = self.wait_for_nodes(grid)
         size = min(len(connected), max(int(len(connected) * self.fraction_train), self.min_train_nodes))
         rng = random.Random(derive_seed(self.seed, "sample", server_round))
-        chosen = sorted(rng.sample(sorted(connected), size))
+        chosen = sorted(rng.sample(connected, size))
         config[keys.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
-        self.last_train = RoundLog(bytes_down=record_bytes(arrays) * len(messages))
-        return messages
+        self._train_messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
+        self.last_train = RoundLog(bytes_down=record_bytes(arrays) * len(self._train_messages))
+        return self._train_messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Sample nodes for evaluation of the global adapter."""
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.last_evaluate = RoundLog(bytes_down=record_bytes(arrays) * len(messages))
-        return messages
+        """Send the global adapter to every connected node (after waiting for the minimum) for evaluation."""
+        nodes = self.wait_for_nodes(grid)
+        config[keys.SERVER_ROUND] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        self._evaluate_messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
+        self.last_evaluate = RoundLog(bytes_down=record_bytes(arrays) * len(self._evaluate_messages))
+        return self._evaluate_messages
 
-    def _accept(self, replies: Iterable[Message], round_log: RoundLog, reference: ArrayRecord | None) -> None:
+    def _accept(
+        self, replies: Iterable[Message], sent: Sequence[Message], round_log: RoundLog, reference: ArrayRecord | None
+    ) -> None:
+        # The grid gives each sent message its id. The SuperLink's reply for a node that went away comes from the
+        # SuperLink itself, so the node is found through the message the reply answers.
+        waiting = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
         for msg in replies:
-            node = str(msg.metadata.src_node_id)
+            node_id = waiting.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
-                round_log.rejected.append({"node": node, "reason": f"node failed: {msg.error.reason}"})
+                self._reject(round_log, node_id, None, f"node failed: {msg.error.reason}")
                 continue
             problem, reply = self._parse(msg, reference)
             if problem:
-                log.warning("rejected update from node %s: %s", node, problem)
-                round_log.rejected.append({"node": node, "reason": problem})
+                self._reject(round_log, node_id, reply.region if reply else None, problem)
             elif reply is not None:
+                self.node_regions[reply.node_id] = reply.region
                 round_log.replies.append(reply)
+        for node_id in waiting.values():
+            self._reject(round_log, node_id, None, "no reply within aggregation.round_timeout")
         round_log.replies.sort(key=lambda r: self.region_names.index(r.region))
+
+    def _reject(self, round_log: RoundLog, node_id: int, region: str | None, reason: str) -> None:
+        region = region or self.node_regions.get(node_id)
+        log.warning("rejected reply of node %s (region %s): %s", node_id, region or "unknown", reason)
+        round_log.rejected.append({"node": str(node_id), "region": region, "reason": reason})
 
     def _parse(self, msg: Message, reference: ArrayRecord | None) -> tuple[str | None, RegionReply | None]:
         content = msg.content
@@ -154,7 +213,7 @@ class RegionFedAvg(FedAvg):
         if self._sent is None:
             raise RuntimeError("aggregate_train called before configure_train")
         replies = list(replies)
-        self._accept(replies, self.last_train, self._sent)
+        self._accept(replies, self._train_messages, self.last_train, self._sent)
         accepted = self.last_train.replies
         if not accepted:
             return None, None
@@ -172,7 +231,7 @@ class RegionFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted means of the regions' evaluation metrics (regions without the split carry no weight)."""
-        self._accept(replies, self.last_evaluate, None)
+        self._accept(replies, self._evaluate_messages, self.last_evaluate, None)
         scored = [r for r in self.last_evaluate.replies if r.num_examples > 0]
         if not scored:
             return None

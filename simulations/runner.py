@@ -51,9 +51,16 @@ def load_all(cfg: RunConfig, say: Callable[[str], None]) -> dict[str, RegionData
 
 
 def run_flower(
-    cfg: RunConfig, out_dir: Path, on_round: Callable[[dict[str, Any]], None], verbose: bool = False
+    cfg: RunConfig,
+    out_dir: Path,
+    on_round: Callable[[dict[str, Any]], None],
+    verbose: bool = False,
+    resume: bool = False,
 ) -> float:
-    """Run the Flower simulation (Ray backend) for ``cfg``; return its wall time. Stops Ray on any exit."""
+    """Run the Flower simulation (Ray backend) for ``cfg``; return its wall time. Stops Ray on any exit.
+
+    ``resume`` continues the run recorded in ``out_dir`` (see ``server.federation.federate``).
+    """
     apply_env()
     import ray
     from flwr.simulation import run_simulation
@@ -79,7 +86,7 @@ def run_flower(
     started = time.perf_counter()
     try:
         run_simulation(
-            server_app=make_server_app(cfg, out_dir, on_round),
+            server_app=make_server_app(cfg, out_dir, on_round, resume=resume),
             client_app=make_client_app(cfg.regions),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
@@ -113,24 +120,35 @@ def _overall(per_region: dict[str, dict[str, float]], sizes: dict[str, float]) -
 
 def build_summary(
     cfg: RunConfig,
-    data: dict[str, RegionData],
+    data: dict[str, RegionData] | None,
     federation: dict[str, Any],
     baselines: dict[str, tuple[dict[str, dict[str, float]], float]],
     federated_s: float,
     config_path: str,
 ) -> dict[str, Any]:
-    """The summary.json contract: per region and overall scores of every mode, communication and timing."""
+    """The summary.json contract: per region and overall scores of every mode, communication and timing.
+
+    ``data`` is None for a deployment, whose server never sees the regions' data: region sizes then come from
+    the test replies (``num-examples``), and train/val sizes stay unknown.
+    """
     modes = {keys.FEDERATED: federation["test"], **{name: scores for name, (scores, _) in baselines.items()}}
-    sizes = {name: float(len(region.test)) for name, region in data.items()}
-    regions = {
-        name: {
-            "num_train": len(region.train),
-            "num_val": len(region.val),
-            "num_test": len(region.test),
-            "dropped": region.dropped,
-            **{mode: _pick(scores.get(name)) for mode, scores in modes.items() if name in scores},
+    counts: dict[str, dict[str, Any]]
+    if data is None:
+        counts = {name: {"num_test": int(s["num_examples"])} for name, s in federation["test"].items()}
+    else:
+        counts = {
+            name: {
+                "num_train": len(region.train),
+                "num_val": len(region.val),
+                "num_test": len(region.test),
+                "dropped": region.dropped,
+            }
+            for name, region in data.items()
         }
-        for name, region in data.items()
+    sizes = {name: float(c["num_test"]) for name, c in counts.items()}
+    regions = {
+        name: {**c, **{mode: _pick(scores.get(name)) for mode, scores in modes.items() if name in scores}}
+        for name, c in counts.items()
     }
     per_round = [
         {k: r[k] for k in ("round", "bytes_up", "bytes_down", "participants", "missing", "rejected")}
@@ -186,20 +204,29 @@ def simulate(
     say: Callable[[str], None] = print,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     verbose: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run the federated simulation and the configured baselines; write every output file; return the summary."""
+    """Run the federated simulation and the configured baselines; write every output file; return the summary.
+
+    ``resume`` continues the federated run that ``out_dir`` holds after its last finished round (its config must
+    match; a finished run only repeats the final test evaluation); the baselines run again in full.
+    """
     from server.app import ERROR_FILE
-    from server.federation import FEDERATION_FILE
+    from server.federation import FEDERATION_FILE, check_resumable, read_state
     from simulations.report import write_report
 
+    state = read_state(out_dir) if resume else None
+    if state is not None:
+        check_resumable(state, cfg, out_dir)  # the server checks again; refusing here spares starting Ray
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESOLVED_CONFIG_FILE).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     data = load_all(cfg, say)
     fed_file = out_dir / FEDERATION_FILE
     fed_file.unlink(missing_ok=True)
     (out_dir / ERROR_FILE).unlink(missing_ok=True)
-    say(f"federated: {len(cfg.regions)} regions × {cfg.rounds} rounds")
-    federated_s = run_flower(cfg, out_dir, on_round or (lambda record: None), verbose)
+    after = f", resuming after round {state.completed_round}" if state else (", nothing to resume" if resume else "")
+    say(f"federated: {len(cfg.regions)} regions × {cfg.rounds} rounds{after}")
+    federated_s = run_flower(cfg, out_dir, on_round or (lambda record: None), verbose, resume)
     error_file = out_dir / ERROR_FILE
     if error_file.exists():
         last = error_file.read_text().strip().splitlines()[-1]

@@ -456,3 +456,14 @@ def test_cli_check_good_config_exits_0(tmp_path: Path, regions_root: Path, capsy
     path = write(tmp_path / "ok.yaml", good_yaml(regions_root))
     assert main(["check", str(path)]) == 0
     assert f"{path}: OK (2 regions, 2 rounds" in capsys.readouterr().out
+
+
+def test_node_timeout_defaults_and_must_be_positive(tmp_path: Path, regions_root: Path) -> None:
+    assert AggregationSettings().node_timeout == 300.0
+    with pytest.raises(ConfigError) as info:
+        AggregationSettings(node_timeout=0)
+    assert info.value.problems == ["node_timeout: must be > 0, got 0"]
+    path = write(tmp_path / "t.yaml", good_yaml(regions_root) + "aggregation:\n  node_timeout: -5\n")
+    assert problems_of(path) == [f"{path}:11: aggregation.node_timeout: must be > 0, got -5.0"]
+    ok = write(tmp_path / "ok.yaml", good_yaml(regions_root) + "aggregation:\n  node_timeout: 1e2\n")
+    assert load_config(ok).aggregation.node_timeout == 100.0

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("package", ["server", "client", "common", "simulations", "fedlocale"])
+@pytest.mark.parametrize("package", ["server", "client", "common", "simulations", "deploy", "fedlocale"])
 def test_package_resolves_to_this_repo(package: str) -> None:
     module = importlib.import_module(package)
     assert module.__file__ is not None
@@ -31,7 +31,12 @@ def _imported_roots(package: str) -> set[str]:
 
 @pytest.mark.parametrize(
     ("package", "forbidden"),
-    [("common", {"server", "client", "simulations", "fedlocale"}), ("server", {"client"}), ("client", {"server"})],
+    [
+        ("common", {"server", "client", "simulations", "deploy", "fedlocale"}),
+        ("server", {"client"}),
+        ("client", {"server"}),
+        ("deploy", {"server", "client", "fedlocale"}),
+    ],
 )
 def test_import_boundaries(package: str, forbidden: set[str]) -> None:
     assert _imported_roots(package) & forbidden == set()

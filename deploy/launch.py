@@ -1,0 +1,221 @@
+"""Run a deployment's real Flower processes on this machine: start them, watch them, stop every one by PID.
+
+Used by ``fedlocale deploy up`` and by the end-to-end tests. Each process gets its own session (process
+group), so stopping it also stops the ``flwr-serverapp`` / ``flwr-clientapp`` processes it spawned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from deploy.plan import (
+    Layout,
+    Node,
+    connection_toml,
+    environment,
+    register_argv,
+    run_argv,
+    superlink_argv,
+    supernode_argv,
+)
+
+_NODE_UP = "SuperNode ID:"  # Flower logs this once the SuperLink has accepted the node
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+class LaunchError(RuntimeError):
+    """A deployment process did not start or failed; the message names its log file."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a ``flwr run`` ended."""
+
+    returncode: int
+    run_id: int | None
+    log: Path
+    seconds: float
+
+
+class Cluster:
+    """The Flower processes of one deployment on this machine; a context manager that stops them all."""
+
+    def __init__(self, lay: Layout, bin_dir: Path | None = None) -> None:
+        self.lay = lay
+        self.bin_dir = bin_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = {**os.environ, **environment(lay)}
+        if bin_dir is not None:
+            self.env["PATH"] = f"{bin_dir}{os.pathsep}{self.env.get('PATH', '')}"
+        lay.logs.mkdir(parents=True, exist_ok=True)
+        lay.flwr_home.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.stop_all()
+
+    def log_path(self, name: str) -> Path:
+        """The log file of the process called ``name``."""
+        return self.lay.logs / f"{name}.log"
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own session, output to ``logs/NAME.log``."""
+        if name in self.procs and self.procs[name].poll() is None:
+            raise LaunchError(f"{name} is already running (pid {self.procs[name].pid})")
+        log = self.log_path(name).open("ab")
+        try:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.lay.logs
+            )
+        finally:
+            log.close()  # the child holds its own copy
+        self.procs[name] = proc
+        self._write_pids()
+        return proc
+
+    def start_superlink(self, timeout: float = 60.0) -> None:
+        """Start the SuperLink, wait until its port accepts connections, write the ``flwr`` connection entry."""
+        proc = self.start("superlink", superlink_argv(self.lay))
+        link = self.lay.deploy.superlink
+        _wait(
+            lambda: _port_open(link.bind if link.bind != "0.0.0.0" else "127.0.0.1", link.port),
+            proc,
+            timeout,
+            f"SuperLink did not open port {link.port}; see {self.log_path('superlink')}",
+        )
+        (self.lay.flwr_home / "config.toml").write_text(connection_toml(self.lay))
+
+    def register(self, node: Node) -> int:
+        """Register the node's public key with the SuperLink; return the node id Flower gave it."""
+        done = self._flwr([*register_argv(self.lay, node), "--format", "json"])
+        try:
+            return int(json.loads(done.stdout[done.stdout.index("{") :])["node-id"])
+        except (ValueError, KeyError) as err:
+            raise LaunchError(f"registering {node.region} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}") from err
+
+    def start_node(self, node: Node, ca_cert: Path | None = None, name: str | None = None) -> str:
+        """Start the SuperNode of ``node`` (trusting ``ca_cert`` instead of the deployment CA if given).
+
+        Returns the process name (default ``node-REGION``) for ``wait_node`` and ``stop``.
+        """
+        name = name or f"node-{node.region}"
+        self.start(name, supernode_argv(self.lay, node, ca_cert))
+        return name
+
+    def wait_node(self, name: str, timeout: float = 120.0) -> None:
+        """Wait until the SuperLink accepted the node; LaunchError with Flower's own words if it exits first."""
+        _wait(
+            lambda: _NODE_UP in self.read_log(name),
+            self.procs[name],
+            timeout,
+            f"SuperNode {name} did not connect; see {self.log_path(name)}",
+            lambda: _flower_error(self.read_log(name)),
+        )
+
+    def run(
+        self,
+        out: Path | None = None,
+        resume: bool = False,
+        timeout: float = 3600.0,
+        name: str = "flwr-run",
+        watch: Callable[[], None] | None = None,
+    ) -> RunOutcome:
+        """``flwr run`` to completion (it streams the ServerApp's log into ``logs/NAME.log``).
+
+        ``watch`` is called about once a second while the run goes on (progress display, fault injection).
+        """
+        started = time.monotonic()
+        proc = self.start(name, run_argv(self.lay, out, resume))
+        deadline = started + timeout
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.stop(name)
+                raise LaunchError(f"flwr run did not finish within {timeout:.0f} s; see {self.log_path(name)}")
+            if watch is not None:
+                watch()
+            time.sleep(1.0)
+        match = _RUN_ID.search(self.read_log(name))
+        return RunOutcome(
+            returncode=proc.returncode,
+            run_id=int(match.group(1)) if match else None,
+            log=self.log_path(name),
+            seconds=time.monotonic() - started,
+        )
+
+    def read_log(self, name: str) -> str:
+        """The text a process has logged so far."""
+        path = self.log_path(name)
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+        """Stop a process and everything in its session: ``sig`` first, SIGKILL after ``grace`` seconds."""
+        proc = self.procs.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        _signal_group(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)  # SIGKILL cannot be refused; this only reaps
+        _signal_group(proc.pid, signal.SIGKILL)  # children that outlived their parent in the same session
+
+    def stop_all(self) -> None:
+        """Stop every process this cluster started, newest first (nodes before the SuperLink)."""
+        for name in reversed(list(self.procs)):
+            self.stop(name)
+
+    def _flwr(self, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def _write_pids(self) -> None:
+        pids = {name: p.pid for name, p in self.procs.items() if p.poll() is None}
+        (self.lay.logs / "pids.json").write_text(json.dumps(pids, indent=2) + "\n")
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _flower_error(log: str) -> str:
+    """Flower's own explanation from a log ("[code: 2004] Failed to activate SuperNode", TLS failures)."""
+    lines = [ln.strip() for ln in log.splitlines()]
+    keep = [ln for ln in lines if "code:" in ln or "CERTIFICATE" in ln.upper() or "Exit Code" in ln]
+    return "; ".join(dict.fromkeys(keep)) or (lines[-1] if lines else "no output")
+
+
+def _wait(
+    ready: Callable[[], bool],
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    message: str,
+    why: Callable[[], str] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            reason = why() if why is not None else ""
+            raise LaunchError(f"{message} (exit code {proc.returncode}){': ' + reason if reason else ''}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"{message} (still not ready after {timeout:.0f} s)")
+        time.sleep(0.25)

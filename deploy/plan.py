@@ -1,0 +1,198 @@
+"""The exact commands of a deployment, as argv lists: SuperLink, node registration, SuperNodes, ``flwr run``.
+
+Everything here is a pure function of the deployment config, so ``fedlocale deploy plan`` prints what
+``fedlocale deploy up`` runs, and an operator on another host can copy the lines for that host.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from common import keys
+from common.config import RunConfig
+from common.pki import CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
+from deploy.config import DEFAULT_NODE_PORT, DeployConfig
+from simulations.env import FLOWER_ENV
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml with [tool.flwr.app])
+
+
+@dataclass(frozen=True)
+class Node:
+    """One country node with every path and port resolved."""
+
+    region: str
+    data: Path
+    port: int
+    keys: NodeKeys
+    threads: int | None
+    cache_dir: Path | None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A deployment resolved to files, ports and nodes."""
+
+    deploy: DeployConfig
+    ca: CaFiles
+    server: ServerFiles
+    flwr_home: Path
+    logs: Path
+    out: Path
+    nodes: tuple[Node, ...]
+
+    @property
+    def connection(self) -> str:
+        """The SuperLink connection name used by ``flwr`` commands."""
+        return self.deploy.connection
+
+
+def layout(deploy: DeployConfig, run: RunConfig) -> Layout:
+    """Resolve the deployment: default nodes (one per region), ports, key folders, output folders."""
+    work = deploy.workdir.resolve()
+    settings = deploy.nodes or ()
+    by_region = {n.region: n for n in settings}
+    data = {r.name: r.data for r in run.regions}
+    order = [n.region for n in settings] if settings else list(run.region_names)
+    nodes = []
+    for i, region in enumerate(order):
+        s = by_region.get(region)
+        nodes.append(
+            Node(
+                region=region,
+                data=(s.data if s and s.data else data[region]).resolve(),
+                port=s.port if s and s.port else DEFAULT_NODE_PORT + i,
+                keys=NodeKeys.in_folder((s.keys if s and s.keys else work / "nodes" / region).resolve()),
+                threads=s.threads if s else None,
+                cache_dir=s.cache_dir.resolve() if s and s.cache_dir else None,
+            )
+        )
+    return Layout(
+        deploy=deploy,
+        ca=CaFiles.in_folder(work / "pki"),
+        server=ServerFiles.in_folder(work / "pki"),
+        flwr_home=work / "flwr-home",
+        logs=work / "logs",
+        out=work / "out",
+        nodes=tuple(nodes),
+    )
+
+
+def create_credentials(
+    lay: Layout, *, now: datetime, force: bool = False, pki: bool = True, regions: Sequence[str] | None = None
+) -> list[Path]:
+    """Create the CA and SuperLink certificate (``pki``) and the key pairs of ``regions`` (default: every node).
+
+    Returns the files written. Refuses (``common.pki.PkiError``) to overwrite anything unless ``force``.
+    """
+    written: list[Path] = []
+    if pki:
+        ca = create_ca(lay.ca.cert.parent, now=now, force=force)
+        server = create_server_cert(ca, lay.server.cert.parent, lay.deploy.superlink.names, now=now, force=force)
+        written += [ca.cert, ca.key, server.cert, server.key]
+    chosen = lay.nodes if regions is None else [n for n in lay.nodes if n.region in regions]
+    for node in chosen:
+        pair = create_node_keys(node.keys.private.parent, force=force)
+        written += [pair.private, pair.public]
+    return written
+
+
+def environment(lay: Layout) -> dict[str, str]:
+    """Variables every Flower process of this deployment needs (no CUDA installs, no telemetry, own FLWR_HOME)."""
+    return {**FLOWER_ENV, "FLWR_HOME": str(lay.flwr_home)}
+
+
+def connection_toml(lay: Layout) -> str:
+    """The ``FLWR_HOME/config.toml`` entry that lets ``flwr`` reach the SuperLink over TLS."""
+    return (
+        f'[superlink]\ndefault = "{lay.connection}"\n\n'
+        f"[superlink.{lay.connection}]\n"
+        f'address = "{lay.deploy.superlink.endpoint}"\n'
+        f'root-certificates = "{lay.ca.cert.resolve()}"\n'
+    )
+
+
+def superlink_argv(lay: Layout) -> list[str]:
+    """``flower-superlink`` with TLS and node authentication."""
+    link = lay.deploy.superlink
+    return [
+        "flower-superlink",
+        "--ssl-ca-certfile", str(lay.ca.cert.resolve()),
+        "--ssl-certfile", str(lay.server.cert.resolve()),
+        "--ssl-keyfile", str(lay.server.key.resolve()),
+        "--enable-supernode-auth",
+        "--host", link.bind,
+        "--port", str(link.port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+
+
+def register_argv(lay: Layout, node: Node) -> list[str]:
+    """``flwr supernode register``: only nodes whose public key the SuperLink knows may join."""
+    return ["flwr", "supernode", "register", str(node.keys.public), lay.connection, "--name", node.region]
+
+
+def node_config(node: Node) -> str:
+    """The ``--node-config`` string: which region this node serves and where its data lives."""
+    # double quotes inside, so the shell-quoted command stays readable: --node-config 'region="x" …'
+    parts = [f'{keys.NODE_REGION}="{node.region}"', f'{keys.NODE_DATA_DIR}="{node.data}"']
+    if node.threads is not None:
+        parts.append(f"{keys.NODE_THREADS}={node.threads}")
+    if node.cache_dir is not None:
+        parts.append(f'{keys.NODE_CACHE_DIR}="{node.cache_dir}"')
+    return " ".join(parts)
+
+
+def supernode_argv(lay: Layout, node: Node, ca_cert: Path | None = None) -> list[str]:
+    """``flower-supernode`` for one region: TLS (trusting ``ca_cert``, default the deployment's CA) and its key."""
+    return [
+        "flower-supernode",
+        "--superlink", lay.deploy.superlink.endpoint,
+        "--root-certificates", str((ca_cert or lay.ca.cert).resolve()),
+        "--auth-supernode-private-key", str(node.keys.private),
+        "--port", str(node.port),
+        "--node-config", node_config(node),
+    ]  # fmt: skip
+
+
+def run_argv(lay: Layout, out: Path | None = None, resume: bool = False) -> list[str]:
+    """``flwr run`` of this project's app on the deployment, with the run config and output folder."""
+    settings = f'{keys.RUN_CONFIG_PATH}="{lay.deploy.run.resolve()}" {keys.RUN_OUT_DIR}="{(out or lay.out).resolve()}"'
+    if resume:
+        settings += f" {keys.RUN_RESUME}=true"
+    return ["flwr", "run", str(APP_DIR), lay.connection, "--stream", "-c", settings]
+
+
+def render(lay: Layout, deploy_file: Path) -> str:
+    """The whole deployment as shell commands, grouped by the host each runs on."""
+    env = environment(lay)
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    join = shlex.join
+    lines = [
+        "# 0. once: credentials. All on one machine:",
+        f"fedlocale deploy init {shlex.quote(str(deploy_file))}",
+        "#    or across hosts: --pki-only on the operator's machine (keeps pki/ca.key), --node REGION on each",
+        "#    country host (its private key never leaves it); copy pki/ca.crt to every host, node.key.pub back",
+        "",
+        "# every command below runs with:",
+        f"export {exports}",
+        "",
+        f"# 1. server host: the SuperLink (TLS + node authentication) on {lay.deploy.superlink.bind}:"
+        f"{lay.deploy.superlink.port}",
+        join(superlink_argv(lay)),
+        "",
+        f"# 2. operator machine: connection entry in {lay.flwr_home}/config.toml, then register every node",
+        *(f"#    {line}" if line else "#" for line in connection_toml(lay).splitlines()),
+        *(join(register_argv(lay, node)) for node in lay.nodes),
+        "",
+        "# 3. each country host: its SuperNode (needs only ca.crt, its own key pair and its data)",
+    ]
+    for node in lay.nodes:
+        lines += [f"#    {node.region}", join(supernode_argv(lay, node))]
+    lines += ["", "# 4. operator machine: start the run (add resume=true to -c to continue a stopped one)"]
+    lines.append(join(run_argv(lay)))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,214 @@
+"""``fedlocale deploy …`` and ``fedlocale node``: certificates, the exact commands, and a one-machine launcher."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from common.pki import PkiError
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``deploy`` and ``node`` subcommands to the CLI's subparsers."""
+    deploy = sub.add_parser("deploy", help="run across countries: certificates, commands, a local launcher")
+    actions = deploy.add_subparsers(dest="deploy_command", required=True, metavar="ACTION")
+    init = actions.add_parser(
+        "init",
+        help="create the CA, the SuperLink certificate and every node's key pair",
+        description="Create pki/ca.crt+ca.key, pki/server.pem+server.key (SANs: superlink.address and "
+        "superlink.hosts) and, per region, node.key+node.key.pub (ECDSA P-256, OpenSSH). Private keys are "
+        "written 0600; nothing is overwritten without --force.",
+    )
+    init.add_argument("deploy_file", type=Path, help="deployment YAML (see configs/deploy/)")
+    init.add_argument("--force", action="store_true", help="replace existing certificates and keys")
+    only = init.add_mutually_exclusive_group()
+    only.add_argument("--pki-only", action="store_true", help="only the CA and SuperLink certificate (server host)")
+    only.add_argument(
+        "--node", action="append", metavar="REGION", help="only this region's key pair (its own host); repeatable"
+    )
+    plan = actions.add_parser(
+        "plan",
+        help="print the exact SuperLink / register / SuperNode / flwr run commands",
+        description="Print every command of the deployment, grouped by the host it runs on.",
+    )
+    plan.add_argument("deploy_file", type=Path)
+    up = actions.add_parser(
+        "up",
+        help="run the whole deployment on this machine (real SuperLink and SuperNodes) and stop it",
+        description="Create missing credentials, start the SuperLink (TLS, node auth), register and start one "
+        "SuperNode per region, `flwr run` to completion, print the results, stop every process by PID.",
+    )
+    up.add_argument("deploy_file", type=Path)
+    up.add_argument("--out", type=Path, default=None, metavar="DIR", help="run folder (default: WORKDIR/out)")
+    up.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    up.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
+    link = actions.add_parser("superlink", help="run this deployment's SuperLink in the foreground (server host)")
+    link.add_argument("deploy_file", type=Path)
+
+    node = sub.add_parser(
+        "node",
+        help="run one region's SuperNode in the foreground (country host)",
+        description="exec flower-supernode for REGION with TLS, its own key and its own data folder.",
+    )
+    node.add_argument("deploy_file", type=Path)
+    node.add_argument("--region", required=True)
+
+
+def _load(path: Path) -> Any:
+    from deploy.config import load_deploy
+    from deploy.plan import layout
+
+    return layout(*load_deploy(path))
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """``fedlocale deploy ACTION``."""
+    lay = _load(args.deploy_file)
+    action = args.deploy_command
+    if action == "init":
+        return _init(lay, args.force, pki=not args.node, regions=[] if args.pki_only else args.node)
+    if action == "plan":
+        from deploy.plan import render
+
+        print(render(lay, args.deploy_file), end="")
+        return 0
+    if action == "superlink":
+        from deploy.plan import superlink_argv
+
+        return _exec(lay, superlink_argv(lay))
+    return _up(lay, args)
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """``fedlocale node``: exec the region's SuperNode."""
+    from deploy.plan import supernode_argv
+
+    lay = _load(args.deploy_file)
+    nodes = {n.region: n for n in lay.nodes}
+    if args.region not in nodes:
+        known = ", ".join(nodes)
+        print(f"fedlocale: {args.deploy_file}: no node for region {args.region!r} ({known})", file=sys.stderr)
+        return 2
+    return _exec(lay, supernode_argv(lay, nodes[args.region]))
+
+
+def _init(lay: Any, force: bool, pki: bool = True, regions: list[str] | None = None) -> int:
+    from deploy.plan import create_credentials
+
+    unknown = sorted(set(regions or ()) - {n.region for n in lay.nodes})
+    if unknown:
+        print(f"fedlocale: no node for region(s) {', '.join(unknown)} in this deployment", file=sys.stderr)
+        return 2
+    try:
+        written = create_credentials(lay, now=datetime.now(UTC), force=force, pki=pki, regions=regions)
+    except PkiError as err:
+        print(f"fedlocale: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _exec(lay: Any, argv: list[str]) -> int:
+    from deploy.plan import environment
+
+    env = {**os.environ, **environment(lay)}
+    found = shutil.which(argv[0], path=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    if found is None:
+        print(f"fedlocale: {argv[0]} not found (is Flower installed in this environment?)", file=sys.stderr)
+        return 1
+    os.execve(found, [found, *argv[1:]], env)
+    return 1  # not reached
+
+
+def _up(lay: Any, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from deploy.launch import Cluster, LaunchError
+
+    if not lay.ca.cert.exists() and _init(lay, force=False):
+        return 2
+    out = (args.out or lay.out).resolve()
+    run_cfg_rounds = _rounds(lay)
+    bar = tqdm(total=run_cfg_rounds, desc="rounds", unit="round", file=sys.stderr, disable=None)
+
+    def watch() -> None:
+        done = _rounds_done(out)
+        if done > bar.n:
+            bar.update(done - bar.n)
+
+    with Cluster(lay, bin_dir=Path(sys.executable).parent) as cluster:
+        bar.write(f"logs in {lay.logs}")
+        cluster.start_superlink()
+        names = {}
+        for node in lay.nodes:
+            cluster.register(node)
+            names[node.region] = cluster.start_node(node)
+        for region, name in names.items():
+            cluster.wait_node(name)
+            bar.write(f"node {region} connected")
+        try:
+            outcome = cluster.run(out, resume=args.resume, timeout=args.timeout, watch=watch)
+        except LaunchError as err:
+            raise RuntimeError(str(err)) from err
+        finally:
+            bar.close()
+    return _finish(out, lay.deploy.run, outcome)
+
+
+def _finish(out: Path, run_config: Path, outcome: Any) -> int:
+    from server.app import ERROR_FILE
+    from server.federation import FEDERATION_FILE
+
+    if (out / ERROR_FILE).exists():
+        last = (out / ERROR_FILE).read_text().strip().splitlines()[-1]
+        raise RuntimeError(f"the ServerApp failed: {last} (full trace: {out / ERROR_FILE})")
+    if outcome.returncode != 0 or not (out / FEDERATION_FILE).exists():
+        raise RuntimeError(f"flwr run exited with code {outcome.returncode}; see {outcome.log}")
+    result = json.loads((out / FEDERATION_FILE).read_text())
+    _write_summary(out, run_config, result, outcome.seconds)
+    print(f"\n{'region':<20}{'macro-F1':>10}{'accuracy':>10}   (test, best round {result['best_round']})")
+    for region, scores in result["test"].items():
+        print(f"{region:<20}{scores['macro_f1']:>10.3f}{scores['accuracy']:>10.3f}")
+    print(f"\nrun {outcome.run_id} finished in {outcome.seconds:.0f} s; wrote {out}/summary.json, report.md, adapter/")
+    return 0
+
+
+def _write_summary(out: Path, run_config: Path, federation: dict[str, Any], seconds: float) -> None:
+    """summary.json and report.md of a deployment, from what the server saw (it never sees region data)."""
+    from common.config import load_config
+    from simulations.report import write_report
+    from simulations.runner import SUMMARY_FILE, build_summary, read_metrics
+
+    summary = build_summary(load_config(run_config), None, federation, {}, seconds, str(run_config))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(out, summary, read_metrics(out))
+
+
+def _rounds(lay: Any) -> int:
+    from common.config import load_config
+
+    return int(load_config(lay.deploy.run).rounds)
+
+
+def _rounds_done(out: Path) -> int:
+    from server.federation import METRICS_FILE
+
+    path = out / METRICS_FILE
+    if not path.exists():
+        return 0
+    rounds = set()
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written right now
+        if row.get("split") == "val":
+            rounds.add(row["round"])
+    return len(rounds)

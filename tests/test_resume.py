@@ -1,0 +1,407 @@
+"""Resume: a stopped and restarted server goes on after its last checkpoint and ends where a run that never
+stopped ends, to the last bit; a different config is refused; failures name the checkpoint they leave.
+
+Most tests run the real ClientApp in this process through a small Grid (seconds); one runs the real Flower
+simulation with Ray and is marked slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.torch import load_file
+
+from client.app import make_app as make_client_app
+from common import keys
+from common.config import Region, RunConfig, load_config
+from server.federation import (
+    RESUMABLE_CHANGES,
+    STATE_FILE,
+    FederationError,
+    FederationResult,
+    ResumeError,
+    RunState,
+    config_settings,
+    federate,
+    fingerprint,
+    read_state,
+    write_state,
+)
+from tests.conftest import tiny_config
+
+TRAIN = {"lr": 3e-2, "epochs": 1, "batch_size": 8, "max_steps": 4, "threads": 1}
+NODE_BASE = 100  # node id of partition 0 in the local grid
+
+
+@pytest.fixture(scope="module", autouse=True)
+def server_task_identity() -> Iterator[None]:
+    """Flower's runtime tells the ServerApp process who it is before the strategy builds any message."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TaskIdentity, "_run_id", 1)
+        mp.setattr(TaskIdentity, "_node_id", 0)
+        mp.setattr(TaskIdentity, "_task_id", 1)
+        yield
+
+
+class LocalGrid:
+    """A Grid that runs the real ClientApp in this process: one node per region, node id 100 + partition id.
+
+    ``failing`` nodes answer with an error, as a ClientApp that raised would. Every message sent is logged as
+    (type, round, split).
+    """
+
+    def __init__(self, regions: tuple[Region, ...]) -> None:
+        self.app = make_client_app(regions)
+        self.node_ids = [NODE_BASE + i for i in range(len(regions))]
+        self.failing: set[int] = set()
+        self.sent: list[tuple[str, int, str | None]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids do when they push
+            config = msg.content.config_records[keys.CONFIG]
+            split = config.get(keys.SPLIT)
+            self.sent.append((msg.metadata.message_type, int(config[keys.SERVER_ROUND]), split))  # type: ignore[arg-type]
+            node = msg.metadata.dst_node_id
+            if node in self.failing:
+                replies.append(Message(Error(code=0, reason="out of memory"), reply_to=msg))
+                continue
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config={keys.NODE_PARTITION_ID: node - NODE_BASE},
+                state=RecordDict(),
+                run_config={},
+            )
+            replies.append(self.app(msg, context))
+        return replies
+
+    def trained_rounds(self) -> list[int]:
+        return sorted({rnd for kind, rnd, _ in self.sent if kind == MessageType.TRAIN})
+
+
+class Crash(Exception):
+    """Stands in for the server process dying."""
+
+
+def config(tmp_path: Path, tiny_bert: Path, two_regions: Path, rounds: int, **extra: Any) -> RunConfig:
+    path = tiny_config(
+        tmp_path / f"run-{uuid.uuid4().hex[:6]}.yaml", tiny_bert, two_regions, rounds=rounds, train=TRAIN
+    )
+    cfg = load_config(path)
+    return dataclasses.replace(cfg, **extra) if extra else cfg
+
+
+def run(cfg: RunConfig, out: Path, resume: bool = False, **kwargs: Any) -> tuple[FederationResult, LocalGrid]:
+    grid = LocalGrid(cfg.regions)
+    return federate(grid, cfg, out, resume=resume, **kwargs), grid  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bert: Path, two_regions: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, Path]:
+    """Three rounds that were never stopped."""
+    root = tmp_path_factory.mktemp("resume-ref")
+    cfg = config(root, tiny_bert, two_regions, rounds=3)
+    run(cfg, root / "out")
+    return cfg, root / "out"
+
+
+def metrics_lines(out: Path) -> list[str]:
+    return (out / "metrics.jsonl").read_text().splitlines()
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def federation(out: Path) -> dict[str, Any]:
+    """federation.json without wall times, which differ between any two runs."""
+    data = {k: v for k, v in json.loads((out / "federation.json").read_text()).items() if k != "seconds"}
+    data["rounds"] = [{k: v for k, v in r.items() if k != "seconds"} for r in data["rounds"]]
+    return data
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    """``out`` holds exactly what the uninterrupted run in ``ref`` holds: lines, records, adapter bits."""
+    lines = metrics_lines(out)
+    keys_of = Counter((x["round"], x["region"], x["split"]) for x in map(json.loads, lines))
+    assert max(keys_of.values()) == 1, "a metrics line is duplicated"
+    assert lines == metrics_lines(ref)
+    assert federation(out) == federation(ref)
+    assert [r["round"] for r in federation(out)["rounds"]] == [1, 2, 3]
+    got, want = adapter(out), adapter(ref)
+    assert got.keys() == want.keys()
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resume in process
+
+
+def test_crash_between_checkpoint_and_state_redoes_that_round_only(
+    reference: tuple[RunConfig, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, ref = reference
+    out = tmp_path / "out"
+    real_write = write_state
+
+    def dying_write(out_dir: Path, state: RunState) -> None:
+        if state.completed_round == 2:
+            raise Crash("killed after the round-2 checkpoint, before its state")
+        real_write(out_dir, state)
+
+    monkeypatch.setattr("server.federation.write_state", dying_write)
+    with pytest.raises(Crash):
+        run(cfg, out)
+    monkeypatch.undo()
+    state = read_state(out)
+    assert state is not None and state.completed_round == 1
+    assert (out / "checkpoints" / "round-002" / "adapter_model.safetensors").exists()
+    assert any(json.loads(x)["round"] == 2 for x in metrics_lines(out))  # lines the crashed round left behind
+    assert not (out / "federation.json").exists()
+
+    _, grid = run(cfg, out, resume=True)
+    assert grid.trained_rounds() == [2, 3]
+    assert_same_run(out, ref)
+
+
+def test_more_rounds_on_a_finished_run_go_on_from_its_last_round(
+    reference: tuple[RunConfig, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg3, ref = reference
+    out = tmp_path / "out"
+    cfg2 = dataclasses.replace(cfg3, rounds=2)
+    with caplog.at_level("INFO", logger="fedlocale.server"):
+        run(cfg2, out, resume=True)  # nothing to resume: a fresh start, said so
+    assert f"no {STATE_FILE} in {out}, so the run starts at round 1" in caplog.text
+    assert [r["round"] for r in federation(out)["rounds"]] == [1, 2]
+
+    seen: list[int] = []
+    _, grid = run(cfg3, out, resume=True, on_round=lambda record: seen.append(record["round"]))
+    assert grid.trained_rounds() == [3]
+    assert seen == [3]  # on_round is called for the rounds run in this process only
+    assert_same_run(out, ref)
+
+
+def test_resuming_a_finished_run_repeats_only_the_test_evaluation(
+    reference: tuple[RunConfig, Path], tmp_path: Path
+) -> None:
+    cfg, ref = reference
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    (out / "federation.json").unlink()  # as if the crash came during the final test evaluation
+    _, grid = run(cfg, out, resume=True)
+    assert {(kind, split) for kind, _, split in grid.sent} == {(MessageType.EVALUATE, keys.TEST)}
+    assert_same_run(out, ref)
+
+
+def test_a_fresh_start_drops_an_older_runs_state(reference: tuple[RunConfig, Path], tmp_path: Path) -> None:
+    cfg, ref = reference
+    out = tmp_path / "copy"
+    shutil.copytree(ref, out)
+    grid = LocalGrid(cfg.regions)
+    grid.failing.add(NODE_BASE)
+    with pytest.raises(FederationError):
+        federate(grid, cfg, out)  # type: ignore[arg-type]
+    # its rounds would otherwise be resumed on top of this run's checkpoints
+    assert read_state(out) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What may change between a stop and a resume
+
+
+def saved_state(cfg: RunConfig, out: Path, completed: int = 1) -> None:
+    settings = config_settings(cfg)
+    rounds = [{"round": r} for r in range(1, completed + 1)]
+    write_state(out, RunState(completed, rounds, 1, 0.5, 1.0, fingerprint(settings), settings))
+
+
+def test_a_different_config_is_refused_naming_both(tmp_path: Path, tiny_bert: Path, two_regions: Path) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    saved_state(cfg, tmp_path)
+    changed = dataclasses.replace(cfg, seed=7, train=dataclasses.replace(cfg.train, lr=0.01))
+    with pytest.raises(ResumeError) as info:
+        federate(object(), changed, tmp_path, resume=True)  # type: ignore[arg-type]
+    message = str(info.value)
+    before, after = fingerprint(config_settings(cfg)), fingerprint(config_settings(changed))
+    assert f"cannot resume {tmp_path}: the config differs from the one the run started with" in message
+    assert f"(fingerprint {before} then, {after} now)" in message
+    assert "seed: 0 when started, 7 now; train.lr: 0.03 when started, 0.01 now." in message
+    assert "restore the config, or start afresh without resume" in message
+    assert read_state(tmp_path) is not None  # the refused state is left alone
+
+
+def test_simulate_refuses_a_different_config_before_starting_anything(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    from simulations.runner import RESOLVED_CONFIG_FILE, simulate
+
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    saved_state(cfg, tmp_path)
+    changed = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, r=8))
+    with pytest.raises(ResumeError, match=r"lora\.r: 4 when started, 8 now"):
+        simulate(changed, tmp_path, resume=True)
+    assert not (tmp_path / RESOLVED_CONFIG_FILE).exists()
+
+
+def test_operational_settings_may_change(tmp_path: Path, tiny_bert: Path, two_regions: Path) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    moved = tmp_path / "moved-north"
+    shutil.copytree(cfg.regions[0].data, moved)
+    operated = dataclasses.replace(
+        cfg,
+        name="renamed",
+        rounds=9,
+        baselines=("centralized",),
+        regions=(dataclasses.replace(cfg.regions[0], data=moved), cfg.regions[1]),
+        aggregation=dataclasses.replace(cfg.aggregation, round_timeout=5.0, node_timeout=9.0, min_clients=1),
+        simulation=dataclasses.replace(cfg.simulation, cpus_per_client=3),
+    )
+    assert fingerprint(config_settings(operated)) == fingerprint(config_settings(cfg))
+    assert {"aggregation.round_timeout", "aggregation.min_clients", "rounds"} <= set(RESUMABLE_CHANGES)
+    # but not the regions themselves, nor their order
+    swapped = dataclasses.replace(cfg, regions=cfg.regions[::-1])
+    assert fingerprint(config_settings(swapped)) != fingerprint(config_settings(cfg))
+
+
+def test_fewer_rounds_than_already_done_is_refused(tmp_path: Path, tiny_bert: Path, two_regions: Path) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    saved_state(cfg, tmp_path, completed=3)
+    with pytest.raises(ResumeError, match="3 rounds already finished but rounds is 2; set rounds to 3 or more"):
+        federate(object(), dataclasses.replace(cfg, rounds=2), tmp_path, resume=True)  # type: ignore[arg-type]
+
+
+def test_a_broken_state_file_is_refused(tmp_path: Path, tiny_bert: Path, two_regions: Path) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    (tmp_path / STATE_FILE).write_text("{not json")
+    with pytest.raises(ResumeError, match=f"cannot resume: {tmp_path / STATE_FILE} cannot be read"):
+        federate(object(), cfg, tmp_path, resume=True)  # type: ignore[arg-type]
+
+
+def test_resume_run_config_key_is_declared_and_read_as_a_flag() -> None:
+    import tomllib
+
+    from server.app import run_config_flag
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"][keys.RUN_RESUME] is False  # Flower refuses undeclared -c keys
+    assert run_config_flag(True, "resume") and run_config_flag(" TRUE", "resume")
+    assert not run_config_flag(False, "resume") and not run_config_flag("false", "resume")
+    with pytest.raises(ValueError, match="run config resume: must be true or false, got 'yes'"):
+        run_config_flag("yes", "resume")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failures name the checkpoint they leave
+
+
+def test_nodes_that_never_come_back_end_the_run_naming_the_checkpoint(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    cfg = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, node_timeout=0.05))
+    grid = LocalGrid(cfg.regions)
+
+    def lose_south(record: dict[str, Any]) -> None:
+        grid.node_ids.remove(NODE_BASE + 1)
+
+    with pytest.raises(FederationError) as info:
+        federate(grid, cfg, tmp_path / "out", on_round=lose_south)  # type: ignore[arg-type]
+    assert str(info.value).startswith("round 2: 1 node(s) connected, at least 2 needed; gave up after waiting ")
+    assert str(info.value).endswith(
+        f" s (aggregation.node_timeout); the last checkpoint is {tmp_path / 'out' / 'checkpoints' / 'round-001'} "
+        "(restart with resume=true to go on from it)"
+    )
+
+
+def test_too_few_replies_end_the_run_naming_missing_regions_and_the_checkpoint(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    grid = LocalGrid(cfg.regions)
+
+    def break_south(record: dict[str, Any]) -> None:
+        grid.failing.add(NODE_BASE + 1)
+
+    with pytest.raises(FederationError) as info:
+        federate(grid, cfg, tmp_path / "out", on_round=break_south)  # type: ignore[arg-type]
+    checkpoint = tmp_path / "out" / "checkpoints" / "round-001"
+    assert str(info.value) == (
+        "round 2: 1 region(s) replied, at least 2 needed; missing: south; rejected: south: node failed: out of "
+        f"memory; the last checkpoint is {checkpoint} (restart with resume=true to go on from it)"
+    )
+
+
+def test_no_checkpoint_yet_is_said_so(tmp_path: Path, tiny_bert: Path, two_regions: Path) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    grid = LocalGrid(cfg.regions)
+    grid.failing.add(NODE_BASE)
+    with pytest.raises(FederationError, match=r"; no round had finished, so there is no checkpoint yet$"):
+        federate(grid, cfg, tmp_path / "out")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real Flower simulation: the server stopped after round 2, then started again
+
+
+class StopServer(Exception):
+    """Raised by on_round to stop the ServerApp the way a crash would."""
+
+
+@pytest.mark.slow
+def test_simulation_stopped_after_round_two_and_resumed_equals_an_uninterrupted_one(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    from server.app import ERROR_FILE
+    from simulations.runner import SUMMARY_FILE, simulate
+
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=3, train=TRAIN))
+
+    def quiet(text: str) -> None:
+        return None
+
+    simulate(cfg, tmp_path / "whole", say=quiet)
+
+    def stop_at_two(record: dict[str, Any]) -> None:
+        if record["round"] == 2:
+            raise StopServer("stopped after round 2")
+
+    out = tmp_path / "stopped"
+    with pytest.raises(StopServer):
+        simulate(cfg, out, on_round=stop_at_two, say=quiet)
+    # the server thread ended and Ray is down: nothing of the stopped run goes on
+    assert not [t for t in threading.enumerate() if "server_th" in t.name]
+    assert not ray.is_initialized()
+    state = read_state(out)
+    assert state is not None and state.completed_round == 2
+    assert not (out / "federation.json").exists()
+    assert "StopServer" in (out / ERROR_FILE).read_text()
+
+    seen: list[int] = []
+    summary = simulate(cfg, out, on_round=lambda record: seen.append(record["round"]), resume=True, say=quiet)
+    assert seen == [3]
+    assert not (out / ERROR_FILE).exists()
+    assert_same_run(out, tmp_path / "whole")
+    assert [r["round"] for r in summary["communication"]["per_round"]] == [1, 2, 3]
+    whole = json.loads((tmp_path / "whole" / SUMMARY_FILE).read_text())
+    assert summary["communication"]["per_round"] == whole["communication"]["per_round"]
+    assert summary["overall"] == whole["overall"]
