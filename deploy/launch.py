@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from deploy.plan import (
     supernode_argv,
 )
 
+_LINK_UP = "Uvicorn running on"  # the SuperLink's HTTP(S) server accepts connections
 _NODE_UP = "SuperNode ID:"  # Flower logs this once the SuperLink has accepted the node
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
@@ -51,9 +51,13 @@ class RunOutcome:
 class Cluster:
     """The Flower processes of one deployment on this machine; a context manager that stops them all."""
 
-    def __init__(self, lay: Layout, bin_dir: Path | None = None) -> None:
+    def __init__(
+        self, lay: Layout, bin_dir: Path | None = None, prefix: Callable[[str], list[str]] | None = None
+    ) -> None:
+        """``prefix(name)`` is put before a process's command, e.g. ``ip netns exec HOST`` to place it on a host."""
         self.lay = lay
         self.bin_dir = bin_dir
+        self.prefix = prefix or (lambda name: [])
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {**os.environ, **environment(lay)}
         if bin_dir is not None:
@@ -78,7 +82,12 @@ class Cluster:
         log = self.log_path(name).open("ab")
         try:
             proc = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, cwd=self.lay.logs
+                [*self.prefix(name), *argv],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+                cwd=self.lay.logs,
             )
         finally:
             log.close()  # the child holds its own copy
@@ -89,12 +98,12 @@ class Cluster:
     def start_superlink(self, timeout: float = 60.0) -> None:
         """Start the SuperLink, wait until its port accepts connections, write the ``flwr`` connection entry."""
         proc = self.start("superlink", superlink_argv(self.lay))
-        link = self.lay.deploy.superlink
         _wait(
-            lambda: _port_open(link.bind if link.bind != "0.0.0.0" else "127.0.0.1", link.port),
+            lambda: _LINK_UP in self.read_log("superlink"),
             proc,
             timeout,
-            f"SuperLink did not open port {link.port}; see {self.log_path('superlink')}",
+            f"SuperLink did not start; see {self.log_path('superlink')}",
+            lambda: _flower_error(self.read_log("superlink")),
         )
         (self.lay.flwr_home / "config.toml").write_text(connection_toml(self.lay))
 
@@ -179,7 +188,9 @@ class Cluster:
             self.stop(name)
 
     def _flwr(self, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            [*self.prefix("flwr"), *argv], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
 
     def _write_pids(self) -> None:
         pids = {name: p.pid for name, p in self.procs.items() if p.poll() is None}
@@ -189,12 +200,6 @@ class Cluster:
 def _signal_group(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
 
 
 def _flower_error(log: str) -> str:
