@@ -3,19 +3,68 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from common import keys
 from common.config import ClientTask, Region, load_config
-from common.data import RegionData, load_region
+from common.data import Example, RegionData, load_region
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
-from common.train import EvalResult, TrainResult, derive_seed, evaluate, train_local
+from common.tokens import Encoded, encode_cached
+from common.train import EvalResult, TrainResult, derive_seed, evaluate_encoded, train_encoded
 
 
 class NodeConfigError(ValueError):
-    """The node cannot tell which region it serves."""
+    """The node config is unusable: no region, or a bad setting (the message names the key and the value)."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """What the node's operator set for this machine in ``--node-config``, besides the region."""
+
+    cache_dir: Path | None = None  # tokenised-data cache on the node's own disk; None: no cache
+    threads: int | None = None  # torch threads; None: the run config's train.threads, else torch's default
+
+
+def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
+    """Parse and check the node's ``cache-dir`` and ``threads``; both are optional."""
+    return NodeSettings(
+        cache_dir=_cache_dir(node_config.get(keys.NODE_CACHE_DIR)),
+        threads=_threads(node_config.get(keys.NODE_THREADS)),
+    )
+
+
+def _threads(value: object) -> int | None:
+    if value is None:
+        return None
+    # --node-config "threads=2" arrives as an int; accept the quoted form too, nothing fractional or boolean
+    number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise NodeConfigError(f"node config {keys.NODE_THREADS}={value!r}: must be a whole number >= 1")
+    return number
+
+
+def _cache_dir(value: object) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser() if isinstance(value, str) and value.strip() else None
+    # relative paths would depend on the working folder Flower starts each ClientApp process in
+    if path is None or not path.is_absolute():
+        raise NodeConfigError(
+            f"node config {keys.NODE_CACHE_DIR}={value!r}: must be an absolute folder on this node's own disk"
+        )
+    return path
+
+
+def use_threads(node: NodeSettings, task: ClientTask) -> int | None:
+    """Set torch's thread count before any work: the node's own setting wins (its operator knows the machine),
+    then the run config's ``train.threads``; None leaves torch's default."""
+    threads = node.threads if node.threads is not None else task.train.threads
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_region(
@@ -65,26 +114,41 @@ def prepare(region: Region, task: ClientTask, state: Mapping[str, torch.Tensor])
     return data, loaded
 
 
+def encode_split(loaded: LoadedModel, examples: Sequence[Example], task: ClientTask, node: NodeSettings) -> Encoded:
+    """Token ids of one split, through the node's cache when it has one."""
+    return encode_cached(loaded.tokenizer, examples, task.model.max_length, task.labels, node.cache_dir)
+
+
 def train_round(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor]
+    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings | None = None
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train the global adapter on the region's train split; return the new adapter state."""
+    node = node or NodeSettings()
+    settings = replace(task.train, threads=use_threads(node, task))
     data, loaded = prepare(region, task, state)
+    encoded = encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
-    result = train_local(
-        loaded.model, loaded.tokenizer, data.train, task.train, max_length=task.model.max_length, seed=seed
-    )
+    result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=_pad_id(loaded), seed=seed)
     return adapter_state(loaded.model), result
 
 
-def evaluate_round(region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], split: str) -> EvalResult:
+def evaluate_round(
+    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], split: str, node: NodeSettings | None = None
+) -> EvalResult:
     """Evaluate the global adapter on one split of the region's data (empty if the region has no such split)."""
+    node = node or NodeSettings()
+    use_threads(node, task)
     data, loaded = prepare(region, task, state)
-    return evaluate(
+    encoded = encode_split(loaded, data.split(split), task, node)
+    return evaluate_encoded(
         loaded.model,
-        loaded.tokenizer,
-        data.split(split),
+        encoded.ids,
+        encoded.labels,
         len(task.labels),
-        max_length=task.model.max_length,
+        pad_id=_pad_id(loaded),
         batch_size=task.train.eval_batch_size,
     )
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    return loaded.tokenizer.pad_token_id or 0

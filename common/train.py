@@ -92,14 +92,28 @@ def train_local(
     With ``settings.kl_to_global > 0`` the loss adds KL(start || current) on the predictions, where *start* is
     the model as it was when the call began (the global model in a federated round).
     """
+    ids = encode(tokenizer, [ex.text for ex in examples], max_length)
+    labels = [ex.label for ex in examples]
+    return train_encoded(model, ids, labels, settings, pad_id=tokenizer.pad_token_id or 0, seed=seed, progress=progress)
+
+
+def train_encoded(
+    model: nn.Module,
+    ids: Sequence[list[int]],
+    labels: Sequence[int],
+    settings: TrainSettings,
+    *,
+    pad_id: int,
+    seed: int,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """``train_local`` on examples already tokenised (``encode``): token ids and label indices per example."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(seed)  # dropout draws from the global generator
     generator = torch.Generator().manual_seed(seed)
-    ids = encode(tokenizer, [ex.text for ex in examples], max_length)
-    labels = torch.tensor([ex.label for ex in examples])
-    pad_id = tokenizer.pad_token_id or 0
-    steps = plan_steps(len(examples), settings)
+    label_tensor = torch.tensor(list(labels))
+    steps = plan_steps(len(ids), settings)
     reference = _frozen_copy(model) if settings.kl_to_global > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -107,10 +121,10 @@ def train_local(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model.train()
     total = 0.0
-    for step, batch_idx in enumerate(_order(len(examples), steps, settings.batch_size, generator), start=1):
+    for step, batch_idx in enumerate(_order(len(ids), steps, settings.batch_size, generator), start=1):
         batch = _batch([ids[i] for i in batch_idx], pad_id)
         logits = model(**batch).logits
-        loss = F.cross_entropy(logits, labels[batch_idx])
+        loss = F.cross_entropy(logits, label_tensor[batch_idx])
         if reference is not None:
             with torch.no_grad():
                 ref_logp = F.log_softmax(reference(**batch).logits, dim=-1)
@@ -126,7 +140,7 @@ def train_local(
         if progress is not None:
             progress(step, steps, total / step)
     model.eval()
-    return TrainResult(loss=total / steps, steps=steps, num_examples=len(examples))
+    return TrainResult(loss=total / steps, steps=steps, num_examples=len(ids))
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -137,17 +151,21 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
-@torch.no_grad()
 def predict_proba(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, max_length: int, batch_size: int
 ) -> np.ndarray:
     """Class probabilities for each text, shape (len(texts), num_labels)."""
-    model.eval()
     ids = encode(tokenizer, texts, max_length)
+    return predict_proba_encoded(model, ids, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size)
+
+
+@torch.no_grad()
+def predict_proba_encoded(model: nn.Module, ids: Sequence[list[int]], *, pad_id: int, batch_size: int) -> np.ndarray:
+    """``predict_proba`` on texts already tokenised (``encode``)."""
+    model.eval()
     # Sorting by length keeps padding (wasted compute) small; the original order is restored at the end.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[np.ndarray] = []
-    pad_id = tokenizer.pad_token_id or 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         logits = model(**_batch([ids[i] for i in chunk], pad_id)).logits
@@ -168,15 +186,30 @@ def evaluate(
     batch_size: int = 64,
 ) -> EvalResult:
     """Loss, accuracy and macro-F1 of ``model`` on ``examples``."""
-    if not examples:
+    ids = encode(tokenizer, [ex.text for ex in examples], max_length) if examples else []
+    labels = [ex.label for ex in examples]
+    return evaluate_encoded(model, ids, labels, num_labels, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size)
+
+
+def evaluate_encoded(
+    model: nn.Module,
+    ids: Sequence[list[int]],
+    labels: Sequence[int],
+    num_labels: int,
+    *,
+    pad_id: int,
+    batch_size: int = 64,
+) -> EvalResult:
+    """``evaluate`` on examples already tokenised (``encode``): token ids and label indices per example."""
+    if not ids:
         return EvalResult(loss=0.0, accuracy=0.0, macro_f1=0.0, num_examples=0)
-    probs = predict_proba(model, tokenizer, [ex.text for ex in examples], max_length=max_length, batch_size=batch_size)
-    truth = np.array([ex.label for ex in examples])
+    probs = predict_proba_encoded(model, ids, pad_id=pad_id, batch_size=batch_size)
+    truth = np.array(list(labels))
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None))))
     pred = probs.argmax(axis=1)
     return EvalResult(
         loss=loss,
         accuracy=accuracy(truth, pred),
         macro_f1=macro_f1(truth, pred, num_labels),
-        num_examples=len(examples),
+        num_examples=len(ids),
     )
