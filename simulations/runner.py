@@ -129,12 +129,16 @@ def build_summary(
     """The summary.json contract: per region and overall scores of every mode, communication and timing.
 
     ``data`` is None for a deployment, whose server never sees the regions' data: region sizes then come from
-    the test replies (``num-examples``), and train/val sizes stay unknown.
+    the replies' ``num-examples`` (train and test), and validation sizes stay unknown.
     """
     modes = {keys.FEDERATED: federation["test"], **{name: scores for name, (scores, _) in baselines.items()}}
     counts: dict[str, dict[str, Any]]
     if data is None:
-        counts = {name: {"num_test": int(s["num_examples"])} for name, s in federation["test"].items()}
+        trained = {r: v["num_examples"] for rnd in federation["rounds"] for r, v in rnd["train"].items()}
+        counts = {
+            name: {"num_test": int(s["num_examples"]), **({"num_train": trained[name]} if name in trained else {})}
+            for name, s in federation["test"].items()
+        }
     else:
         counts = {
             name: {
