@@ -109,9 +109,14 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
                     node[key] = str(base / node[key])
 
 
+def read_deploy(path: Path) -> DeployConfig:
+    """Read and validate a deployment file alone (its run config is not opened)."""
+    return load_yaml(path, DeployConfig, lambda raw: _resolve_paths(raw, path.parent))
+
+
 def load_deploy(path: Path) -> tuple[DeployConfig, RunConfig]:
     """Read a deployment file and the run config it names; check every node against the run's regions."""
-    deploy = load_yaml(path, DeployConfig, lambda raw: _resolve_paths(raw, path.parent))
+    deploy = read_deploy(path)
     run = load_config(deploy.run)
     known = run.region_names
     problems = [

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from common.pki import create_ca, create_node_keys
-from deploy.config import load_deploy
+from deploy.config import load_deploy, read_deploy
 from deploy.launch import Cluster, LaunchError
 from deploy.plan import Layout, create_credentials, layout, render
 from fedlocale.cli import main
@@ -153,3 +153,10 @@ def test_init_refuses_to_overwrite_keys(tmp_path: Path, three_regions: Path, tin
     assert key.read_bytes() == before
     assert main(["deploy", "init", str(deploy_file), "--force"]) == 0
     assert key.read_bytes() != before
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "deploy").glob("*.yaml")))
+def test_shipped_deployment_files_are_valid(path: Path) -> None:
+    deploy = read_deploy(path)
+    assert deploy.run.name == "demo.yaml" and deploy.run.exists()
+    assert {n.region for n in deploy.nodes} == {"en-movies", "en-critics", "cn-hotel", "cn-electronics", "cn-books"}
