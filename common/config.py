@@ -168,6 +168,34 @@ class EarlyStopping:
         _check(problems)
 
 
+PERSONALIZE_MODES = ("none", "head", "continue")
+
+
+@dataclass(frozen=True)
+class PersonalizeSettings:
+    """After the federated rounds, each region adapts the global model on its own node (nothing is sent)."""
+
+    mode: Literal["none", "head", "continue"] = "none"  # head: the head only; continue: adapter + head
+    epochs: float = 1.0  # passes over the region's train split
+    lr: float = 2e-3
+    kl_to_global: float = 0.0  # continue: weight of KL(global || personalized) that keeps it near the global model
+    bootstrap: int = 1000  # resamples of the paired bootstrap in the A/B evaluation
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.mode not in PERSONALIZE_MODES:
+            problems.append(("mode", f"must be one of {', '.join(PERSONALIZE_MODES)}, got {self.mode!r}"))
+        if not 0.0 < self.epochs <= 10.0:
+            problems.append(("epochs", f"must be in (0, 10], got {self.epochs}"))
+        if not 0.0 < self.lr < 1.0:
+            problems.append(("lr", f"must be in (0, 1), got {self.lr}"))
+        if self.kl_to_global < 0:
+            problems.append(("kl_to_global", f"must be >= 0, got {self.kl_to_global}"))
+        if self.bootstrap < 100:
+            problems.append(("bootstrap", f"must be >= 100, got {self.bootstrap}"))
+        _check(problems)
+
+
 @dataclass(frozen=True)
 class SimulationSettings:
     """Resources of the in-process Flower simulation."""
@@ -217,6 +245,7 @@ class RunConfig:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     baselines: tuple[Literal["centralized", "local_only"], ...] = ()
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
+    personalize: PersonalizeSettings = field(default_factory=PersonalizeSettings)
 
     def __post_init__(self) -> None:
         problems = []

@@ -45,4 +45,5 @@ SPLITS: Final = (TRAIN, VAL, TEST)
 FEDERATED: Final = "federated"
 LOCAL_ONLY: Final = "local_only"
 CENTRALIZED: Final = "centralized"
+PERSONALIZED: Final = "personalized"  # the model each region serves after personalization (chosen on val)
 BASELINES: Final = (CENTRALIZED, LOCAL_ONLY)

@@ -58,6 +58,7 @@ RESUMABLE_CHANGES = (
     "rounds",
     "baselines",
     "simulation",
+    "personalize",  # runs after the federation, on the nodes; the rounds do not depend on it
     "aggregation.round_timeout",
     "aggregation.node_timeout",
     "aggregation.min_clients",

@@ -10,10 +10,12 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 
+import numpy as np
+
 from common.config import RunConfig, TrainSettings
 from common.data import Example, RegionData
 from common.model import build_model
-from common.train import EvalResult, derive_seed, evaluate, plan_steps, train_local
+from common.train import EvalResult, derive_seed, evaluate, plan_steps, predict_proba, train_local
 
 Scores = dict[str, dict[str, float]]
 
@@ -30,7 +32,14 @@ def _scores(result: EvalResult) -> dict[str, float]:
     return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}
 
 
-def _train_and_test(cfg: RunConfig, train: list[Example], tests: Mapping[str, RegionData], seed_tag: str) -> Scores:
+def _train_and_test(
+    cfg: RunConfig,
+    train: list[Example],
+    tests: Mapping[str, RegionData],
+    seed_tag: str,
+    predictions: dict[str, np.ndarray] | None = None,
+) -> Scores:
+    """Train one model on ``train``; test it on each region; put its test predictions in ``predictions``."""
     from tqdm import tqdm
 
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
@@ -51,6 +60,16 @@ def _train_and_test(cfg: RunConfig, train: list[Example], tests: Mapping[str, Re
             seed=derive_seed(cfg.seed, seed_tag),
             progress=progress,
         )
+    if predictions is not None:
+        for name, region in tests.items():
+            probs = predict_proba(
+                loaded.model,
+                loaded.tokenizer,
+                [ex.text for ex in region.test],
+                max_length=cfg.model.max_length,
+                batch_size=cfg.train.eval_batch_size,
+            )
+            predictions[name] = probs.argmax(axis=1)
     return {
         name: _scores(
             evaluate(
@@ -74,12 +93,18 @@ def run_centralized(cfg: RunConfig, data: Mapping[str, RegionData]) -> tuple[Sco
 
 
 def run_local_only(
-    cfg: RunConfig, data: Mapping[str, RegionData], log: Callable[[str], None] = print
+    cfg: RunConfig,
+    data: Mapping[str, RegionData],
+    log: Callable[[str], None] = print,
+    predictions: dict[str, np.ndarray] | None = None,
 ) -> tuple[Scores, float]:
-    """Each region trains alone on its own data and is tested on its own test split."""
+    """Each region trains alone on its own data and is tested on its own test split.
+
+    ``predictions``, if given, receives each region's test predictions (for the paired A/B comparison).
+    """
     started = time.perf_counter()
     scores: Scores = {}
     for name, region in data.items():
         log(f"local-only: training {name} ({len(region.train)} examples)")
-        scores.update(_train_and_test(cfg, region.train, {name: region}, f"local/{name}"))
+        scores.update(_train_and_test(cfg, region.train, {name: region}, f"local/{name}", predictions))
     return scores, time.perf_counter() - started

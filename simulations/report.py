@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.keys import CENTRALIZED, FEDERATED, LOCAL_ONLY, TRAIN, VAL
+from common.keys import CENTRALIZED, FEDERATED, LOCAL_ONLY, PERSONALIZED, TRAIN, VAL
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -21,9 +21,20 @@ if TYPE_CHECKING:
 
 __all__ = ["write_report"]
 
-MODES: tuple[str, ...] = (FEDERATED, LOCAL_ONLY, CENTRALIZED)
-MODE_LABELS: dict[str, str] = {FEDERATED: "Federated", LOCAL_ONLY: "Local-only", CENTRALIZED: "Centralized"}
-MODE_COLORS: dict[str, str] = {FEDERATED: "#1f77b4", LOCAL_ONLY: "#ff7f0e", CENTRALIZED: "#2ca02c"}
+MODES: tuple[str, ...] = (FEDERATED, PERSONALIZED, LOCAL_ONLY, CENTRALIZED)
+MODE_LABELS: dict[str, str] = {
+    FEDERATED: "Federated",
+    PERSONALIZED: "Personalized",
+    LOCAL_ONLY: "Local-only",
+    CENTRALIZED: "Centralized",
+}
+MODE_COLORS: dict[str, str] = {
+    FEDERATED: "#1f77b4",
+    PERSONALIZED: "#9467bd",
+    LOCAL_ONLY: "#ff7f0e",
+    CENTRALIZED: "#2ca02c",
+}
+AB_PLOT = "ab_by_region.png"
 METRIC_LABELS: dict[str, str] = {"macro_f1": "macro-F1", "accuracy": "accuracy", "loss": "loss"}
 SCORE_METRICS: tuple[str, ...] = ("macro_f1", "accuracy")
 
@@ -37,8 +48,7 @@ DPI = 110
 MB = 1_000_000  # decimal megabytes, the unit network bills and download dialogs use
 LOG_SCALE_RATIO = 50.0
 # Ten colours times seven markers keep up to 70 regions apart on the line plots.
-PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 GLOSSARY = """**How to read this report.**
@@ -72,6 +82,7 @@ def write_report(out_dir: Path, summary: dict[str, Any], metrics: list[dict[str,
         _render_glossary(),
         _render_results_table(summary, overall),
         _render_plots(out_dir, summary, metrics, overall),
+        _render_ab(out_dir, summary),
         _render_communication(summary),
         _render_timing(summary),
         _render_participation(summary),
@@ -166,8 +177,7 @@ def _weighted_mean_by_round(series: Series) -> dict[int, float]:
         points = [by_round[rnd] for by_round in series.values() if rnd in by_round]
         total = sum(w for _, w in points)
         # without example counts every region counts the same rather than dropping the round
-        means[rnd] = (sum(v * w for v, w in points) / total if total > 0
-                      else sum(v for v, _ in points) / len(points))
+        means[rnd] = sum(v * w for v, w in points) / total if total > 0 else sum(v for v, _ in points) / len(points)
     return means
 
 
@@ -238,8 +248,12 @@ def _render_header(summary: Mapping[str, Any], overall: Mapping[str, Mapping[str
     run = _section(summary, "run")
     name = run.get("name") or "unnamed run"
     regions = _section(summary, "regions")
-    sentences = [(f"This run trained one shared text classifier across {len(regions)} regions "
-                  "(countries) without moving their data out of the country.")]
+    sentences = [
+        (
+            f"This run trained one shared text classifier across {len(regions)} regions "
+            "(countries) without moving their data out of the country."
+        )
+    ]
     sentences += _describe_rounds(run)
     sentences += _describe_setup(run)
     return f"# Federated run report: {name}\n\n" + " ".join(sentences) + "\n\n" + _describe_overall(overall)
@@ -254,18 +268,25 @@ def _describe_rounds(run: Mapping[str, Any]) -> list[str]:
         sentences.append(f"It ran **{int(done)}{of_planned} rounds**.")
     stopped = run.get("stopped_early")
     if isinstance(stopped, bool):
-        sentences.append("Training stopped early, before all planned rounds were used." if stopped
-                         else "Training did not stop early.")
+        sentences.append(
+            "Training stopped early, before all planned rounds were used."
+            if stopped
+            else "Training did not stop early."
+        )
     if best is not None:
-        sentences.append(f"The best global model came from **round {int(best)}**; "
-                         "the federated test scores below use that model.")
+        sentences.append(
+            f"The best global model came from **round {int(best)}**; the federated test scores below use that model."
+        )
     return sentences
 
 
 def _describe_setup(run: Mapping[str, Any]) -> list[str]:
     """Return one sentence naming the model, aggregation and seed, when known."""
-    parts = [f"{label}: `{run[key]}`" for label, key in (("Model", "model"), ("aggregation", "aggregation"))
-             if run.get(key) not in (None, "")]
+    parts = [
+        f"{label}: `{run[key]}`"
+        for label, key in (("Model", "model"), ("aggregation", "aggregation"))
+        if run.get(key) not in (None, "")
+    ]
     if run.get("seed") is not None:
         parts.append(f"seed {run['seed']}")
     return [", ".join(parts) + "."] if parts else []
@@ -305,8 +326,10 @@ def _render_results_table(summary: Mapping[str, Any], overall: Mapping[str, Mapp
     lines.append(_table_row("**overall**", _overall_counts(rows), overall, modes))
     note = "The overall row weights each region by its number of test examples."
     if len(modes) > 1:
-        note = ("Bold marks the best mode in each row by macro-F1 (by accuracy when macro-F1 is missing); "
-                "n/a means that mode was not run. " + note)
+        note = (
+            "Bold marks the best mode in each row by macro-F1 (by accuracy when macro-F1 is missing); "
+            "n/a means that mode was not run. " + note
+        )
     return "## Results per region\n\n" + "\n".join(lines) + "\n\n" + note
 
 
@@ -319,8 +342,12 @@ def _overall_counts(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[floa
     return totals[0], totals[1]
 
 
-def _table_row(label: str, counts: tuple[float | None, float | None],
-               scores: Mapping[str, Mapping[str, float]], modes: Sequence[str]) -> str:
+def _table_row(
+    label: str,
+    counts: tuple[float | None, float | None],
+    scores: Mapping[str, Mapping[str, float]],
+    modes: Sequence[str],
+) -> str:
     """Return one Markdown table row, bolding the cells of the best mode."""
     best = _best_modes(scores)
     cells = [label, _fmt_count(counts[0]), _fmt_count(counts[1])]
@@ -342,22 +369,42 @@ def _best_modes(scores: Mapping[str, Mapping[str, float]]) -> set[str]:
     return set()
 
 
-def _render_plots(out_dir: Path, summary: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]],
-                  overall: Mapping[str, Mapping[str, float]]) -> str:
+def _render_plots(
+    out_dir: Path,
+    summary: Mapping[str, Any],
+    metrics: Sequence[Mapping[str, Any]],
+    overall: Mapping[str, Mapping[str, float]],
+) -> str:
     """Draw every plot that has data and return the Plots section linking them."""
     plots: list[tuple[str, str, Callable[[Path], bool], str, str]] = [
-        (VAL_PLOT, "Validation score by round", lambda p: _plot_val(p, summary, metrics),
-         "How well the shared model did on each region's validation data after each round.",
-         "there are no validation lines in metrics.jsonl"),
-        (MODES_PLOT, "Federated vs. baselines per region", lambda p: _plot_modes(p, summary, overall),
-         "Final test score of each training mode, per region and overall.",
-         "no region has a test score"),
-        (BYTES_PLOT, "Data sent per round", lambda p: _plot_bytes(p, summary),
-         "Traffic between the regions and the server, compared with sending the full model.",
-         "per-round communication was not recorded"),
-        (LOSS_PLOT, "Training loss by round", lambda p: _plot_train_loss(p, summary, metrics),
-         "Local training loss of each region per round (lower is better).",
-         "there are no training-loss lines in metrics.jsonl"),
+        (
+            VAL_PLOT,
+            "Validation score by round",
+            lambda p: _plot_val(p, summary, metrics),
+            "How well the shared model did on each region's validation data after each round.",
+            "there are no validation lines in metrics.jsonl",
+        ),
+        (
+            MODES_PLOT,
+            "Federated vs. baselines per region",
+            lambda p: _plot_modes(p, summary, overall),
+            "Final test score of each training mode, per region and overall.",
+            "no region has a test score",
+        ),
+        (
+            BYTES_PLOT,
+            "Data sent per round",
+            lambda p: _plot_bytes(p, summary),
+            "Traffic between the regions and the server, compared with sending the full model.",
+            "per-round communication was not recorded",
+        ),
+        (
+            LOSS_PLOT,
+            "Training loss by round",
+            lambda p: _plot_train_loss(p, summary, metrics),
+            "Local training loss of each region per round (lower is better).",
+            "there are no training-loss lines in metrics.jsonl",
+        ),
     ]
     parts = ["## Plots"]
     for filename, title, draw, caption, reason in plots:
@@ -382,18 +429,22 @@ def _render_communication(summary: Mapping[str, Any]) -> str:
     if full is not None:
         lines.append(f"- Full model size: {_fmt_bytes(full)}")
     if adapter is not None and full:
-        lines.append(f"- The adapter is **{100 * adapter / full:.2f}%** of the full model "
-                     f"({full / adapter:,.0f}x smaller)." if adapter else "- The adapter is empty.")
-    for key, label in (("bytes_up", "Total uploaded (regions to server)"),
-                       ("bytes_down", "Total downloaded (server to regions)")):
+        lines.append(
+            f"- The adapter is **{100 * adapter / full:.2f}%** of the full model ({full / adapter:,.0f}x smaller)."
+            if adapter
+            else "- The adapter is empty."
+        )
+    for key, label in (
+        ("bytes_up", "Total uploaded (regions to server)"),
+        ("bytes_down", "Total downloaded (server to regions)"),
+    ):
         total = _traffic_total(comm, entries, key)
         if total is not None:
             lines.append(f"- {label}: {_fmt_mb(total)}")
     if full is not None and entries:
         fallback = len(_section(summary, "regions"))
         full_total = sum(full * _participant_count(e, fallback) for e in entries)
-        lines.append(f"- Sending the full model instead would have taken {_fmt_mb(full_total)} "
-                     "in each direction.")
+        lines.append(f"- Sending the full model instead would have taken {_fmt_mb(full_total)} in each direction.")
     body = "\n".join(lines) if lines else "No communication figures were recorded."
     return "## Communication\n\n" + body
 
@@ -436,9 +487,12 @@ def _participation_lines(summary: Mapping[str, Any]) -> list[str]:
         for name, rounds in missed.items():
             if name not in entry["participants"]:
                 rounds.append(int(_number(entry, "round") or 0))
-    lines = [f"- **{name}** missed {len(rounds)} of {len(recorded)} rounds "
-             f"(round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))})"
-             for name, rounds in missed.items() if rounds]
+    lines = [
+        f"- **{name}** missed {len(rounds)} of {len(recorded)} rounds "
+        f"(round{'s' if len(rounds) > 1 else ''} {', '.join(map(str, rounds))})"
+        for name, rounds in missed.items()
+        if rounds
+    ]
     return lines or ["Every region took part in every round."]
 
 
@@ -503,8 +557,15 @@ def _plot_lines(ax: Axes, series: Series, names: Sequence[str]) -> list[int]:
     """Draw one line per region and return every round that appears."""
     for i, name in enumerate(names):
         rounds = sorted(series[name])
-        ax.plot(rounds, [series[name][r][0] for r in rounds], label=name, color=PALETTE[i % len(PALETTE)],
-                marker=MARKERS[i % len(MARKERS)], linewidth=1.6, markersize=5)
+        ax.plot(
+            rounds,
+            [series[name][r][0] for r in rounds],
+            label=name,
+            color=PALETTE[i % len(PALETTE)],
+            marker=MARKERS[i % len(MARKERS)],
+            linewidth=1.6,
+            markersize=5,
+        )
     return sorted({r for points in series.values() for r in points})
 
 
@@ -518,8 +579,14 @@ def _plot_val(path: Path, summary: Mapping[str, Any], metrics: Sequence[Mapping[
     rounds = _plot_lines(ax, series, _region_order(summary, series))
     if len(series) > 1:
         mean = _weighted_mean_by_round(series)
-        ax.plot(list(mean), list(mean.values()), color="black", linestyle="--", linewidth=2.2,
-                label="Mean (weighted by examples)")
+        ax.plot(
+            list(mean),
+            list(mean.values()),
+            color="black",
+            linestyle="--",
+            linewidth=2.2,
+            label="Mean (weighted by examples)",
+        )
     best = _number(_section(summary, "run"), "best_round")
     if best is not None:
         ax.axvline(best, color="grey", linestyle=":", linewidth=1.5, label=f"Best round ({int(best)})")
@@ -547,8 +614,7 @@ def _plot_train_loss(path: Path, summary: Mapping[str, Any], metrics: Sequence[M
 
 def _plot_modes(path: Path, summary: Mapping[str, Any], overall: Mapping[str, Mapping[str, float]]) -> bool:
     """Draw grouped bars of each mode's test score per region and overall; False when there is none."""
-    groups = [(str(n), _mode_scores(b if isinstance(b, dict) else {}))
-              for n, b in _section(summary, "regions").items()]
+    groups = [(str(n), _mode_scores(b if isinstance(b, dict) else {})) for n, b in _section(summary, "regions").items()]
     groups.append(("overall", {mode: dict(scores) for mode, scores in overall.items()}))
     metric = next((m for m in SCORE_METRICS if any(m in s for _, g in groups for s in g.values())), None)
     modes = [m for m in MODES if any(metric in g.get(m, {}) for _, g in groups)]
@@ -564,30 +630,46 @@ def _plot_modes(path: Path, summary: Mapping[str, Any], overall: Mapping[str, Ma
     # a divider makes clear that "overall" is a summary, not one more region
     ax.axvline(len(groups) - 1.5, color="grey", linewidth=1, linestyle=":")
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([name for name, _ in groups], rotation=30 if len(groups) > 6 else 0,
-                       ha="right" if len(groups) > 6 else "center")
+    ax.set_xticklabels(
+        [name for name, _ in groups], rotation=30 if len(groups) > 6 else 0, ha="right" if len(groups) > 6 else "center"
+    )
     ax.set_ylim(0, 1.12)
     label = METRIC_LABELS[metric]
     _style(ax, f"Test {label} by training mode", "Region", f"Test {label}")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15 if len(groups) <= 6 else -0.3),
-              ncol=len(modes), fontsize=9, frameon=False)
+    ax.legend(
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.15 if len(groups) <= 6 else -0.3),
+        ncol=len(modes),
+        fontsize=9,
+        frameon=False,
+    )
     _save_figure(fig, path)
     return True
 
 
 def _plot_bytes(path: Path, summary: Mapping[str, Any]) -> bool:
     """Draw bytes up/down per round against the full-model equivalent; False when not recorded."""
-    entries = [e for e in _per_round_entries(summary)
-               if _number(e, "bytes_up") is not None or _number(e, "bytes_down") is not None]
+    entries = [
+        e
+        for e in _per_round_entries(summary)
+        if _number(e, "bytes_up") is not None or _number(e, "bytes_down") is not None
+    ]
     if not entries:
         return False
     comm = _section(summary, "communication")
     rounds = [int(_number(e, "round") or 0) for e in entries]
     fig, ax = _new_figure()
-    for offset, key, label, color in ((-0.2, "bytes_up", "Sent by regions (up)", "#1f77b4"),
-                                      (0.2, "bytes_down", "Sent by server (down)", "#ff7f0e")):
-        ax.bar([r + offset for r in rounds], [(_number(e, key) or 0.0) / MB for e in entries], 0.38,
-               label=label, color=color)
+    for offset, key, label, color in (
+        (-0.2, "bytes_up", "Sent by regions (up)", "#1f77b4"),
+        (0.2, "bytes_down", "Sent by server (down)", "#ff7f0e"),
+    ):
+        ax.bar(
+            [r + offset for r in rounds],
+            [(_number(e, key) or 0.0) / MB for e in entries],
+            0.38,
+            label=label,
+            color=color,
+        )
     ratio = _draw_full_model_line(ax, comm, entries, rounds, len(_section(summary, "regions")))
     # on a linear axis a 100x smaller adapter bar would be a flat line under the full-model line
     log_scale = ratio is not None and ratio > LOG_SCALE_RATIO
@@ -600,8 +682,9 @@ def _plot_bytes(path: Path, summary: Mapping[str, Any]) -> bool:
     return True
 
 
-def _draw_full_model_line(ax: Axes, comm: Mapping[str, Any], entries: Sequence[Mapping[str, Any]],
-                          rounds: Sequence[int], fallback: int) -> float | None:
+def _draw_full_model_line(
+    ax: Axes, comm: Mapping[str, Any], entries: Sequence[Mapping[str, Any]], rounds: Sequence[int], fallback: int
+) -> float | None:
     """Draw what full models would cost per round; return full/sent ratio, or None if unknown."""
     full = _number(comm, "full_model_bytes")
     if full is None:
@@ -609,8 +692,15 @@ def _draw_full_model_line(ax: Axes, comm: Mapping[str, Any], entries: Sequence[M
     values = [full * _participant_count(e, fallback) / MB for e in entries]
     # steps between rounds so a change in participants shows up as a change in the line
     edges = [rounds[0] - 0.5] + [(a + b) / 2 for a, b in itertools.pairwise(rounds)] + [rounds[-1] + 0.5]
-    ax.stairs(values, edges, baseline=None, color="#d62728", linestyle="--", linewidth=2,
-              label="Full model instead\n(size x participants)")
+    ax.stairs(
+        values,
+        edges,
+        baseline=None,
+        color="#d62728",
+        linestyle="--",
+        linewidth=2,
+        label="Full model instead\n(size x participants)",
+    )
     adapter = _number(comm, "adapter_bytes")
     if adapter:
         return full / adapter
@@ -632,3 +722,73 @@ def _bytes_title(comm: Mapping[str, Any]) -> str:
     if adapter is None or not full:
         return "Data sent per round"
     return f"Data sent per round (adapter = {100 * adapter / full:.2g}% of the full model)"
+
+
+# ---------------------------------------------------------------- personalization A/B
+
+
+def _ab_rows(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    for name, region in sorted(_section(summary, "regions").items()):
+        entry = region.get(PERSONALIZED) if isinstance(region, dict) else None
+        if isinstance(entry, dict) and isinstance(entry.get("ab"), dict):
+            rows.append((name, entry))
+    return rows
+
+
+def _render_ab(out_dir: Path, summary: Mapping[str, Any]) -> str:
+    """The A/B section: per region, the served model against the global and local-only ones, with 95 % CIs."""
+    rows = _ab_rows(summary)
+    path = out_dir / AB_PLOT
+    if not rows:
+        path.unlink(missing_ok=True)
+        return "## Personalization (A/B)\n\nNo personalization in this run (`personalize.mode: none`)."
+    lines = [
+        "## Personalization (A/B)",
+        "",
+        "After the federated rounds each region adapted the global model on its own node (nothing was sent) and "
+        "kept whichever of the global and the personalized model scored better on its validation data. The table "
+        "compares the model each region serves with the others on the region's test data: the difference in "
+        "macro-F1 and its 95 % paired-bootstrap interval. An interval that stays above 0 means the served model is "
+        "better beyond chance.",
+        "",
+        "| Region | Serves | vs federated | vs local-only |",
+        "|---|---|---:|---:|",
+    ]
+    for name, entry in rows:
+        cells = []
+        for key in (f"vs_{FEDERATED}", f"vs_{LOCAL_ONLY}"):
+            d = entry["ab"].get(key)
+            cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if isinstance(d, dict) else "n/a")
+        lines.append(f"| {name} | {entry.get('chosen', '?')} | {cells[0]} | {cells[1]} |")
+    _plot_ab(path, rows)
+    lines += ["", f"![Difference in macro-F1 with 95 % interval]({AB_PLOT})"]
+    return "\n".join(lines)
+
+
+def _plot_ab(path: Path, rows: list[tuple[str, dict[str, Any]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.5))
+    series = ((FEDERATED, "vs federated"), (LOCAL_ONLY, "vs local-only"))
+    for offset, (mode, label) in enumerate(series):
+        key, color = f"vs_{mode}", MODE_COLORS[mode]
+        ys, xs, err = [], [], []
+        for i, (_, entry) in enumerate(rows):
+            d = entry["ab"].get(key)
+            if isinstance(d, dict):
+                ys.append(i + 0.15 * (1 - 2 * offset))
+                xs.append(d["diff"])
+                err.append((d["diff"] - d["low"], d["high"] - d["diff"]))
+        if xs:
+            ax.errorbar(xs, ys, xerr=list(zip(*err, strict=True)), fmt="o", color=color, label=label, capsize=3)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_xlabel("macro-F1 of the served model minus the other (95 % paired bootstrap)")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

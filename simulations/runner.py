@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from common import keys
@@ -23,6 +24,7 @@ from common.data import RegionData, load_region
 from common.metrics import weighted_mean
 from simulations.baselines import run_centralized, run_local_only
 from simulations.env import apply_env
+from simulations.personalize import personalize_run
 
 log = logging.getLogger("fedlocale")
 
@@ -190,6 +192,15 @@ def build_summary(
     }
 
 
+def add_personalized(summary: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+    """Put each region's personalization result and the overall personalized scores into ``summary``."""
+    for name, entry in entries.items():
+        summary["regions"][name][keys.PERSONALIZED] = entry
+    sizes = {name: float(summary["regions"][name]["num_test"]) for name in entries}
+    summary["overall"][keys.PERSONALIZED] = _overall(entries, sizes)
+    summary.setdefault("timing", {})["personalize_s"] = sum(e["seconds"] for e in entries.values())
+
+
 def _pick(scores: dict[str, float] | None) -> dict[str, float]:
     return {k: scores[k] for k in ("accuracy", "macro_f1") if k in scores} if scores else {}
 
@@ -242,9 +253,12 @@ def simulate(
     if keys.CENTRALIZED in cfg.baselines:
         say(f"centralized: training on the union of {sum(len(d.train) for d in data.values())} examples")
         baselines[keys.CENTRALIZED] = run_centralized(cfg, data)
+    local_preds: dict[str, np.ndarray] = {}
     if keys.LOCAL_ONLY in cfg.baselines:
-        baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say)
+        baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds)
     summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)
+    if cfg.personalize.mode != "none":
+        add_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out_dir, summary, read_metrics(out_dir))
     return summary

@@ -1,0 +1,123 @@
+"""Personalization of a finished run, region by region, as each region's node would do it (nothing is sent),
+and the A/B evaluation on each region's test split: global vs personalized vs local-only, paired bootstrap.
+
+Writes RUN_DIR/personalized/REGION/ (peft folder like adapter/) and returns the ``personalized`` entries of
+summary.json.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file
+
+from common import keys
+from common.config import RunConfig
+from common.data import RegionData
+from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
+from common.personalize import PERSONALIZED, paired_bootstrap, personalize
+from common.train import derive_seed, evaluate, predict_proba
+
+PERSONALIZED_DIR = "personalized"
+
+
+def load_global(cfg: RunConfig, adapter_dir: Path) -> LoadedModel:
+    """The run's global model: the base with the saved global adapter (+ head)."""
+    loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
+    load_adapter_state(loaded.model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    return loaded
+
+
+def _predict(loaded: LoadedModel, region: RegionData, cfg: RunConfig) -> np.ndarray:
+    texts = [ex.text for ex in region.test]
+    probs = predict_proba(
+        loaded.model, loaded.tokenizer, texts, max_length=cfg.model.max_length, batch_size=cfg.train.eval_batch_size
+    )
+    return probs.argmax(axis=1)
+
+
+def _scores(loaded: LoadedModel, region: RegionData, cfg: RunConfig) -> dict[str, float]:
+    r = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        region.test,
+        len(cfg.labels),
+        max_length=cfg.model.max_length,
+        batch_size=cfg.train.eval_batch_size,
+    )
+    return {"accuracy": r.accuracy, "macro_f1": r.macro_f1}
+
+
+def personalize_region(
+    cfg: RunConfig,
+    name: str,
+    region: RegionData,
+    global_model: LoadedModel,
+    out_dir: Path,
+    local_only: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Personalize one region, save its model, and compare it with the global and local-only models on test."""
+    settings = cfg.personalize
+    started = time.perf_counter()
+    result = personalize(
+        global_model,
+        region,
+        settings,
+        cfg.train,
+        max_length=cfg.model.max_length,
+        seed=derive_seed(cfg.seed, "personalize", name),
+    )
+    seconds = time.perf_counter() - started
+    save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
+    served = result.loaded if result.chosen == PERSONALIZED else global_model
+    truth = np.array([ex.label for ex in region.test])
+    pred_served, pred_global = _predict(served, region, cfg), _predict(global_model, region, cfg)
+    n = len(cfg.labels)
+
+    def ab(baseline: np.ndarray, tag: str) -> dict[str, float]:
+        seed = derive_seed(cfg.seed, "bootstrap", name, tag)
+        return paired_bootstrap(truth, baseline, pred_served, n, resamples=settings.bootstrap, seed=seed).to_json()
+
+    comparisons = {f"vs_{keys.FEDERATED}": ab(pred_global, keys.FEDERATED)}
+    if local_only is not None:
+        comparisons[f"vs_{keys.LOCAL_ONLY}"] = ab(local_only, keys.LOCAL_ONLY)
+    return {
+        **_scores(served, region, cfg),
+        "chosen": result.chosen,
+        "mode": settings.mode,
+        "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
+        "personalized_test": _scores(result.loaded, region, cfg),
+        "ab": comparisons,
+        "steps": result.train.steps,
+        "epochs": settings.epochs,
+        "seconds": seconds,
+        "bytes_sent": 0,  # personalization happens on the node; nothing leaves it
+    }
+
+
+def personalize_run(
+    cfg: RunConfig,
+    out_dir: Path,
+    data: Mapping[str, RegionData],
+    local_only: Mapping[str, np.ndarray] | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """Personalize every region of a finished run in ``out_dir``; return the ``personalized`` entry per region."""
+    from common.model import adapter_state
+
+    global_model = load_global(cfg, out_dir / "adapter")
+    reference = adapter_state(global_model.model)
+    entries = {}
+    for name, region in data.items():
+        say(f"personalize: {name} ({cfg.personalize.mode}, {cfg.personalize.epochs:g} epoch(s) on {len(region.train)})")
+        entries[name] = personalize_region(
+            cfg, name, region, global_model, out_dir, None if local_only is None else local_only.get(name)
+        )
+        # every region starts from the same global model: personalization must work on a copy
+        if any(not (reference[k] == v).all() for k, v in adapter_state(global_model.model).items()):
+            raise RuntimeError(f"personalizing {name} changed the global model")
+    return entries
