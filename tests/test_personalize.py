@@ -1,0 +1,71 @@
+"""Personalization on the node and the paired bootstrap of the A/B evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import ConfigError, LoraSettings, ModelSettings, PersonalizeSettings, TrainSettings
+from common.data import load_region
+from common.metrics import macro_f1
+from common.model import adapter_state, build_model
+from common.personalize import GLOBAL, PERSONALIZED, paired_bootstrap, personalize
+from tests.conftest import write_region
+
+LABELS = ("neg", "pos")
+
+
+def test_bootstrap_of_identical_predictions_is_exactly_zero() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 50)
+    pred = rng.integers(0, 2, 50)
+    d = paired_bootstrap(truth, pred, pred.copy(), 2, resamples=200, seed=1)
+    assert (d.diff, d.low, d.high) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_difference_and_interval() -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 3, 300)
+    good = np.where(rng.random(300) < 0.9, truth, (truth + 1) % 3)
+    bad = np.where(rng.random(300) < 0.5, truth, (truth + 1) % 3)
+    d = paired_bootstrap(truth, bad, good, 3, resamples=500, seed=2)
+    assert d.diff == pytest.approx(macro_f1(truth, good, 3) - macro_f1(truth, bad, 3))
+    assert 0 < d.low < d.diff < d.high  # a large real gain: the interval excludes 0 and holds the estimate
+    again = paired_bootstrap(truth, bad, good, 3, resamples=500, seed=2)
+    assert again == d  # seeded
+    flipped = paired_bootstrap(truth, good, bad, 3, resamples=500, seed=2)
+    assert flipped.diff == pytest.approx(-d.diff) and flipped.high == pytest.approx(-d.low)
+
+
+def test_bootstrap_rejects_mismatched_arrays() -> None:
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        paired_bootstrap(np.zeros(3), np.zeros(3), np.zeros(2), 2, resamples=100, seed=0)
+
+
+def test_settings_are_validated_together() -> None:
+    with pytest.raises(ConfigError) as err:
+        PersonalizeSettings(mode="all", epochs=0, bootstrap=10)  # type: ignore[arg-type]
+    text = str(err.value)
+    assert "mode: must be one of none, head, continue, got 'all'" in text
+    assert "epochs: must be in (0, 10], got 0" in text and "bootstrap: must be >= 100, got 10" in text
+
+
+@pytest.mark.parametrize("mode", ["head", "continue"])
+def test_personalize_trains_a_copy_and_chooses_on_validation(tmp_path: Path, tiny_bert: Path, mode: str) -> None:
+    region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=3), LABELS)
+    assert region.val  # the choice below is made on it
+    loaded = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(r=4, alpha=8), LABELS, 0)
+    before = adapter_state(loaded.model)
+    settings = PersonalizeSettings(mode=mode, epochs=2, lr=5e-2)  # type: ignore[arg-type]
+    result = personalize(loaded, region, settings, TrainSettings(batch_size=8, threads=1), max_length=32, seed=0)
+
+    after_global = adapter_state(loaded.model)
+    assert all(np.array_equal(before[k], after_global[k]) for k in before), "the global model must stay untouched"
+    personal = adapter_state(result.loaded.model)
+    changed = {k for k in before if not np.array_equal(before[k], personal[k])}
+    assert changed and all(("modules_to_save" in k or "classifier" in k) for k in changed) == (mode == "head")
+    assert result.train.steps == 10  # 2 epochs of 40 examples in batches of 8
+    better = result.val_personalized.macro_f1 > result.val_global.macro_f1
+    assert result.chosen == (PERSONALIZED if better else GLOBAL)
