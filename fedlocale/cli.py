@@ -87,6 +87,23 @@ def _parser() -> argparse.ArgumentParser:
         description="Read RUN_DIR/summary.json and metrics.jsonl; write report.md and PNGs.",
     )
     report.add_argument("run_dir", type=Path)
+
+    pers = sub.add_parser(
+        "personalize",
+        help="personalize every region of a finished simulation run on its own data (nothing is sent)",
+        description="Load RUN_DIR's config and global adapter; per region, fine-tune it as `personalize:` says "
+        "(head | continue), keep the better of global and personalized on validation, A/B it on test with a "
+        "paired bootstrap; write RUN_DIR/personalized/REGION/ and update summary.json and report.md.",
+    )
+    pers.add_argument("run_dir", type=Path)
+    pers.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set personalize.mode=head (repeatable)",
+    )
     deploy_cmd.add_parsers(sub)
     serve_cmd.add_parsers(sub)
     return parser
@@ -190,8 +207,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_personalize(args: argparse.Namespace) -> int:
+    """``fedlocale personalize``: personalization after the fact, on a finished simulation run."""
+    from simulations.personalize import personalize_run
+    from simulations.report import write_report
+    from simulations.runner import RESOLVED_CONFIG_FILE, SUMMARY_FILE, add_personalized, load_all, read_metrics
+
+    summary_path = args.run_dir / SUMMARY_FILE
+    if not summary_path.exists():
+        print(f"fedlocale: {summary_path}: no such file (is {args.run_dir} a finished run?)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    cfg = load_config(args.run_dir / RESOLVED_CONFIG_FILE, args.overrides)
+    if cfg.personalize.mode == "none":
+        raise ConfigError(["personalize.mode: is 'none'; pass --set personalize.mode=head (or continue)"])
+    summary = json.loads(summary_path.read_text())
+    # local-only predictions are not kept by a run, so the A/B here is against the federated model only
+    add_personalized(summary, personalize_run(cfg, args.run_dir, load_all(cfg, print), None, print))
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(args.run_dir, summary, read_metrics(args.run_dir))
+    _print_summary(summary)
+    return 0
+
+
 COMMANDS = {
     "simulate": cmd_simulate,
+    "personalize": cmd_personalize,
     "check": cmd_check,
     "report": cmd_report,
     "deploy": deploy_cmd.cmd_deploy,

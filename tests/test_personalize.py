@@ -69,3 +69,35 @@ def test_personalize_trains_a_copy_and_chooses_on_validation(tmp_path: Path, tin
     assert result.train.steps == 10  # 2 epochs of 40 examples in batches of 8
     better = result.val_personalized.macro_f1 > result.val_global.macro_f1
     assert result.chosen == (PERSONALIZED if better else GLOBAL)
+
+
+def test_personalize_command_updates_a_finished_run(tmp_path: Path, tiny_bert: Path) -> None:
+    import json
+
+    import yaml
+
+    from common.config import load_config
+    from common.model import save_adapter
+    from fedlocale.cli import main
+    from simulations.runner import config_dict
+    from tests.conftest import tiny_config
+
+    regions = tmp_path / "regions"
+    for i, name in enumerate(["north", "south"]):
+        write_region(regions / name, 30, 16, seed=40 + i)
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, regions))
+    run = tmp_path / "run"
+    save_adapter(build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed), run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg)))
+    summary = {"regions": {n: {"num_test": 16} for n in cfg.region_names}, "overall": {}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text("")
+
+    assert main(["personalize", str(run)]) == 2  # personalize.mode is none in the run's config
+    assert main(["personalize", str(run), "--set", "personalize.mode=head", "--set", "personalize.bootstrap=100"]) == 0
+    written = json.loads((run / "summary.json").read_text())
+    for name in cfg.region_names:
+        entry = written["regions"][name]["personalized"]
+        assert entry["mode"] == "head" and entry["bytes_sent"] == 0 and "vs_federated" in entry["ab"]
+        assert (run / "personalized" / name / "adapter_model.safetensors").exists()
+    assert "personalized" in written["overall"] and "Personalization (A/B)" in (run / "report.md").read_text()
