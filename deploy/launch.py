@@ -134,6 +134,17 @@ class Cluster:
             lambda: _flower_error(self.read_log(name)),
         )
 
+    def start_all(self, timeout: float = 120.0) -> list[str]:
+        """SuperLink, then register and start every node, then wait until all are connected; the nodes' names."""
+        self.start_superlink()
+        names = []
+        for node in self.lay.nodes:
+            self.register(node)
+            names.append(self.start_node(node))
+        for name in names:
+            self.wait_node(name, timeout)
+        return names
+
     def run(
         self,
         out: Path | None = None,

@@ -57,13 +57,7 @@ def run_deployment(cfg_file: Path, cfg: Any, work: Path) -> float:
     lay = layout(deploy, cfg)
     create_credentials(lay, now=datetime.now(UTC), force=True)
     with Cluster(lay, bin_dir=Path(sys.executable).parent) as cluster:
-        cluster.start_superlink()
-        names = []
-        for node in lay.nodes:
-            cluster.register(node)
-            names.append(cluster.start_node(node))
-        for name in names:
-            cluster.wait_node(name)
+        cluster.start_all()
         outcome = cluster.run(timeout=7200)
     if outcome.returncode != 0:
         raise RuntimeError(f"flwr run failed; see {outcome.log}")

@@ -72,13 +72,7 @@ def test_deployment_with_tls_and_node_auth_matches_the_simulation(
     other_ca = create_ca(tmp_path / "other-ca", now=datetime.now(UTC))
 
     with Cluster(lay, bin_dir=BIN) as cluster:
-        cluster.start_superlink()
-        names = []
-        for node in lay.nodes:
-            cluster.register(node)
-            names.append(cluster.start_node(node))
-        for name in names:
-            cluster.wait_node(name)
+        cluster.start_all()
         # a key the SuperLink never registered is refused by Flower itself
         cluster.start_node(intruder, name="intruder")
         with pytest.raises(LaunchError, match=r"code: 2004\] Failed to activate SuperNode"):

@@ -64,12 +64,7 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
                 killed.append(region)
 
     with Cluster(lay, bin_dir=BIN) as cluster:
-        cluster.start_superlink()
-        for node in lay.nodes:
-            cluster.register(node)
-            cluster.start_node(node)
-        for node in lay.nodes:
-            cluster.wait_node(f"node-{node.region}")
+        cluster.start_all()
         first = cluster.run(timeout=900, watch=kill_mid_round)
 
         assert killed == ["south", "north"], cluster.read_log("flwr-run")[-3000:]

@@ -110,13 +110,7 @@ def test_only_tls_to_the_superlink_crosses_between_hosts(
     try:
         host_of = lambda name: ["ip", "netns", "exec", node_ns if name.startswith("node-") else link_ns]  # noqa: E731
         with Cluster(lay, bin_dir=BIN, prefix=host_of) as cluster:
-            cluster.start_superlink()
-            names = []
-            for node in lay.nodes:
-                cluster.register(node)
-                names.append(cluster.start_node(node))
-            for name in names:
-                cluster.wait_node(name)
+            cluster.start_all()
             outcome = cluster.run(timeout=900)
             assert outcome.returncode == 0, cluster.read_log("flwr-run")[-3000:]
         _send_plain(link_ns, node_ns, "PLAINTEXT-CONTROL")
