@@ -20,6 +20,9 @@ import yaml
 
 from common import keys
 
+if typing.TYPE_CHECKING:
+    from common.augment import AugmentSettings
+
 T = TypeVar("T")
 
 AGGREGATIONS = ("weighted", "uniform")
@@ -213,6 +216,8 @@ class Region:
 
     name: str
     data: Path
+    # the simulated node's own train-split augmentation (common.augment); a deployed node's config sets its own
+    augment: AugmentSettings | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -234,7 +239,7 @@ class RunConfig:
     """Everything one federated run needs, validated as a whole."""
 
     regions: tuple[Region, ...] = ()
-    labels: tuple[str, ...] = ("neg", "pos")
+    labels: tuple[str, ...] = ()  # required: the class names, in class-index order
     name: str = "run"
     seed: int = 0
     rounds: int = 3
@@ -251,7 +256,9 @@ class RunConfig:
         problems = []
         if self.rounds < 1:
             problems.append(("rounds", f"must be >= 1, got {self.rounds}"))
-        if len(self.labels) < 2:
+        if not self.labels:
+            problems.append(("labels", "required: the class names, in class-index order (e.g. [neg, pos])"))
+        elif len(self.labels) < 2:
             problems.append(("labels", f"need at least 2 labels, got {list(self.labels)}"))
         if len(set(self.labels)) != len(self.labels):
             problems.append(("labels", f"must be distinct, got {list(self.labels)}"))
@@ -371,11 +378,18 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
+def _deferred_types() -> dict[str, Any]:
+    """Settings classes of modules that import this one: looked up when a config is built, not at import time."""
+    from common.augment import AugmentSettings
+
+    return {"AugmentSettings": AugmentSettings}
+
+
 def _build_into(cls: type[T], raw: Any, path: str, problems: list[str]) -> T | None:
     if not isinstance(raw, dict):
         problems.append(f"{path or 'config'}: must be a mapping, got {type(raw).__name__}")
         return None
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, localns=_deferred_types())
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     prefix = f"{path}." if path else ""
     before = len(problems)
@@ -519,11 +533,21 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
         for region in raw["regions"]:
             if isinstance(region, dict) and isinstance(region.get("data"), str):
                 region["data"] = str(base / region["data"])
+    _resolve_augment_paths(raw.get("regions"), base)
     problems: list[str] = list(early)
     cfg = _build_into(RunConfig, raw, "", problems)
     if cfg is None or early:
         raise located_error(problems, lines, source)
     return cfg
+
+
+def _resolve_augment_paths(regions: Any, base: Path) -> None:
+    """Relative files of the regions' ``augment`` settings (synonyms, translator) are taken from ``base``."""
+    for region in regions if isinstance(regions, list) else ():
+        augment = region.get("augment") if isinstance(region, dict) else None
+        for key in ("synonyms", "translator"):
+            if isinstance(augment, dict) and isinstance(augment.get(key), str):
+                augment[key] = str(base / augment[key])
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:

@@ -22,13 +22,15 @@ from typing import Any, NamedTuple
 import torch
 import yaml
 from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from common import keys
 from common.config import find_split
-from common.model import LABELS_FILE, MINILM, resolve_base
+from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, resolve_base
 
 EXPORT_FILE = "fedlocale.json"
 CARD_FILE = "README.md"
@@ -627,7 +629,9 @@ def _card_usage(info: dict[str, Any]) -> list[str]:
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",
             'labels = json.load(open("THIS_FOLDER/labels.json"))["labels"]',
-            f"base = AutoModelForSequenceClassification.from_pretrained({path}, num_labels=len(labels))",
+            "# ignore_mismatched_sizes: the base may have a head of another size; the adapter's head replaces it",
+            f"base = AutoModelForSequenceClassification.from_pretrained({path}, num_labels=len(labels), "
+            "ignore_mismatched_sizes=True)",
             'model = PeftModel.from_pretrained(base, "THIS_FOLDER").eval()',
             'tokenizer = AutoTokenizer.from_pretrained("THIS_FOLDER")',
         ]
@@ -698,17 +702,40 @@ def _load_unmerged(model_dir: Path) -> tuple[nn.Module, tuple[str, ...]]:
     config = json.loads((model_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     hint = _section(_read_meta(model_dir), "base_model").get("name") or _parent_run_base(model_dir)
     base_path = base_reference(str(config.get("base_model_name_or_path") or ""), hint)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        base_path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-    )
+    # Whatever head the base checkpoint has (none, another size, the same size) is replaced by the adapter's.
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, **classifier_kwargs(labels))
+    saved = _adapter_weights(model_dir)
+    head = [name for name in head_modules(str(base.config.model_type)) if hasattr(base, name)]
+    for name in head:
+        if not any(key.startswith(f"base_model.model.{name}.") for key in saved):
+            raise ExportError(
+                f"{model_dir}: the adapter holds no trained weights for the head module {name!r}; "
+                "the base model's own (or a random) head would classify instead"
+            )
     with warnings.catch_warnings():
         # peft calls a transformers API that transformers 5 renamed; the warning is theirs, not the user's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = PeftModel.from_pretrained(base, str(model_dir))
+    # and the head that classifies is the adapter's, tensor for tensor
+    state = get_peft_model_state_dict(model)
+    mine = [k for k in state if k.split(".")[2:3] and k.split(".")[2] in head]
+    differ = [k for k in mine if k not in saved or not torch.equal(state[k].cpu(), saved[k].to(state[k].dtype))]
+    if differ:
+        raise ExportError(f"{model_dir}: the head weights {differ[:3]} did not load from the adapter")
     return model, labels
+
+
+def _adapter_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder's weights file, by the names peft saved them under."""
+    weights = [model_dir / name for name in ADAPTER_WEIGHTS if (model_dir / name).is_file()]
+    if not weights:
+        raise ExportError(f"{model_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    if weights[0].suffix == ".safetensors":
+        return load_file(str(weights[0]))
+    loaded = torch.load(str(weights[0]), map_location="cpu", weights_only=True)
+    if not isinstance(loaded, dict):
+        raise ExportError(f"{weights[0]}: not a state dict")
+    return loaded
 
 
 def _parent_run_base(model_dir: Path) -> str | None:

@@ -68,18 +68,64 @@ def lora_config(model_type: str, lora: LoraSettings) -> LoraConfig:
     )
 
 
+def head_modules(model_type: str) -> tuple[str, ...]:
+    """The classification head modules of an architecture: trained and exchanged with the adapter."""
+    return ARCHITECTURES.get(model_type, ((), ("classifier",)))[1]
+
+
+def classifier_kwargs(labels: tuple[str, ...]) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a sequence classifier over ``labels``, whatever head the checkpoint has.
+
+    ``ignore_mismatched_sizes`` lets a checkpoint with a head of another size (a 2-label sentiment fine-tune
+    under a 5-label task) load; its head is then replaced, by ``fresh_head`` or by a trained adapter's head.
+    """
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "problem_type": "single_label_classification",
+        "ignore_mismatched_sizes": True,
+    }
+
+
+@torch.no_grad()
+def fresh_head(model: torch.nn.Module, seed: int) -> list[str]:
+    """Re-initialise the classification head (every linear layer of it) from ``seed`` alone; return its modules.
+
+    A checkpoint may bring a head of its own (same size: it would be kept; another size: transformers draws a
+    new one from the global RNG, whose state depends on what else was initialised). Either way the head is
+    replaced, so the initial head depends only on ``seed`` and the architecture, as BERT-like models initialise
+    theirs: weights N(0, initializer_range), biases 0.
+    """
+    config = getattr(model, "config", None)
+    std = float(getattr(config, "initializer_range", 0.02))
+    generator = torch.Generator().manual_seed(seed)
+    expected = head_modules(str(getattr(config, "model_type", "")))
+    names = [name for name in expected if hasattr(model, name)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has none of the head modules {', '.join(expected)}")
+    for name in names:
+        for layer in getattr(model, name).modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+    return names
+
+
 def build_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, ...], seed: int) -> LoadedModel:
-    """Load the base encoder, add LoRA and a fresh head; the head's initial values depend only on ``seed``."""
+    """Load the base encoder, add LoRA and a fresh head; the head's initial values depend only on ``seed``.
+
+    Any head the checkpoint has (of any size) is replaced by a fresh one drawn from ``seed``.
+    """
     path = resolve_base(settings.base)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    # The head is random: seeding here makes the server's initial head identical on every machine.
+    torch.manual_seed(seed)  # anything else the checkpoint lacks is initialised reproducibly too
+    base = AutoModelForSequenceClassification.from_pretrained(path, **classifier_kwargs(labels))
+    # The head is random: seeding it makes the server's initial head identical on every machine.
+    fresh_head(base, seed)
+    # LoRA's A matrices are random too; re-seed so they do not depend on what loading the checkpoint drew.
     torch.manual_seed(seed)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-    )
     with warnings.catch_warnings():
         # peft calls a transformers API that transformers 5 renamed; the warning is theirs, not the user's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

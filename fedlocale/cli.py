@@ -80,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("dir", type=Path, help="output folder, e.g. data/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--cache-dir", type=Path, default=None, help="where the source archives are kept")
+    intent = data_sub.add_parser(
+        "intent",
+        help="build the multilingual intent regions (8 topics, 5 languages) from a corpus shipped in a PyPI package",
+        description="Download (pip) and hash-check the chatterbot-corpus archive, then write one region per "
+        "language (en, it, ja, ko, zh) labelled with 8 dialog topics into --out (configs/intent.yaml reads "
+        "data/intent).",
+    )
+    intent.add_argument("--out", type=Path, default=Path("data/intent"), metavar="DIR", help="default data/intent")
+    intent.add_argument("--seed", type=int, default=0)
+    intent.add_argument("--cache-dir", type=Path, default=None, help="where the source archive is kept")
 
     report = sub.add_parser(
         "report",
@@ -193,6 +203,18 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_intent(args: argparse.Namespace) -> int:
+    """``fedlocale data intent``."""
+    from simulations.intent_data import build_intent
+
+    folders = build_intent(args.out, seed=args.seed, cache_dir=args.cache_dir)
+    print(f"{len(folders)} regions in {args.out}")
+    return 0
+
+
+DATA_COMMANDS = {"demo": cmd_data_demo, "intent": cmd_data_intent}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``fedlocale report``."""
     from simulations.report import write_report
@@ -250,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
     )
     logging.getLogger("fedlocale").setLevel(logging.INFO)
-    handler = cmd_data_demo if args.command == "data" else COMMANDS[args.command]
+    handler = DATA_COMMANDS[args.data_command] if args.command == "data" else COMMANDS[args.command]
     with _watch_interrupts() as interrupted:
         return _run(handler, args, interrupted)
 

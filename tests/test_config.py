@@ -60,6 +60,7 @@ def good_yaml(root: Path) -> str:
         f"  - name: b\n    data: {root / 'b'}\n"
         "train:\n"
         "  lr: 5.0e-3\n"
+        "labels: [neg, pos]\n"
     )
 
 
@@ -81,7 +82,8 @@ def test_every_problem_reported_together_with_file_line_and_path(tmp_path: Path,
         "  lr: 5\n"  # 10  bad value
         "  speed: 3\n"  # 11  unknown nested key
         "aggregation:\n"  # 12
-        "  method: median\n",  # 13  bad literal
+        "  method: median\n"  # 13  bad literal
+        "labels: [neg, pos]\n",  # 14
     )
     problems = problems_of(path)
     p = str(path)
@@ -108,7 +110,8 @@ def test_duplicate_region_name_and_min_clients_reported_together(tmp_path: Path,
         f"  - name: a\n    data: {regions_root / 'b'}\n"  # 5, 6
         "aggregation:\n"  # 7
         "  min_clients: 3\n"  # 8
-        "seed: x\n",  # 9
+        "seed: x\n"  # 9
+        "labels: [neg, pos]\n",  # 10
     )
     p = str(path)
     assert problems_of(path) == [
@@ -125,7 +128,8 @@ def test_missing_folder_does_not_hide_duplicate_name_or_min_clients(tmp_path: Pa
         f"  - name: a\n    data: {regions_root / 'a'}\n"  # 2, 3
         "  - name: a\n    data: nowhere\n"  # 4, 5
         "aggregation:\n"  # 6
-        "  min_clients: 3\n",  # 7
+        "  min_clients: 3\n"  # 7
+        "labels: [neg, pos]\n",  # 8
     )
     problems = problems_of(path)
     assert any(":5: regions[1].data: no such folder" in p for p in problems)
@@ -137,12 +141,17 @@ def test_region_folder_without_test_split(tmp_path: Path) -> None:
     folder = tmp_path / "only-train"
     folder.mkdir()
     (folder / "train.jsonl").write_text('{"text": "x", "label": "pos"}\n')
-    path = write(tmp_path / "c.yaml", "regions:\n  - name: r\n    data: only-train\naggregation:\n  min_clients: 1\n")
+    path = write(
+        tmp_path / "c.yaml",
+        "regions:\n  - name: r\n    data: only-train\naggregation:\n  min_clients: 1\nlabels: [neg, pos]\n",
+    )
     assert problems_of(path) == [f"{path}:3: regions[0].data: no test.jsonl or test.csv in {folder}"]
 
 
 def test_region_names_and_non_mapping_top_level(tmp_path: Path, regions_root: Path) -> None:
-    path = write(tmp_path / "n.yaml", f"regions:\n  - name: 'bad name'\n    data: {regions_root / 'a'}\n")
+    path = write(
+        tmp_path / "n.yaml", f"regions:\n  - name: 'bad name'\n    data: {regions_root / 'a'}\nlabels: [neg, pos]\n"
+    )
     problems = problems_of(path)
     assert len(problems) == 1 and problems[0].startswith(f"{path}:2: regions[0].name: must be letters")
     listed = write(tmp_path / "list.yaml", "- a\n- b\n")
@@ -164,7 +173,8 @@ def test_problems_are_in_line_order(tmp_path: Path, regions_root: Path) -> None:
         "lora:\n  r: 0\n  dropout: 1.5\n"  # 3, 4, 5
         f"regions:\n  - name: a\n    data: {regions_root / 'a'}\n"  # 6, 7, 8
         "rounds: 0\n"  # 9
-        "aggregation:\n  min_clients: 1\n",  # 10, 11
+        "aggregation:\n  min_clients: 1\n"  # 10, 11
+        "labels: [neg, pos]\n",  # 12
     )
     lines = [int(p.split(":")[1]) for p in problems_of(path)]
     assert lines == [2, 4, 5, 9]
@@ -268,7 +278,7 @@ def test_regions_dir_key_discovers_region_subfolders_relative_to_the_file(tmp_pa
     for i, name in enumerate(("south", "north")):
         write_region(data / name, 8, 8, seed=20 + i)
     (data / "empty").mkdir()
-    path = write(conf_dir / "r.yaml", "name: disc\nregions_dir: ../data\n")
+    path = write(conf_dir / "r.yaml", "name: disc\nregions_dir: ../data\nlabels: [neg, pos]\n")
     cfg = load_config(path)
     assert cfg.region_names == ("north", "south")  # sorted; `empty` holds no train file
     assert [r.data for r in cfg.regions] == [(data / "north").resolve(), (data / "south").resolve()]
@@ -286,7 +296,7 @@ def test_regions_dir_argument_with_a_file_that_has_regions_dir(tmp_path: Path, r
     other = tmp_path / "other"
     write_region(other / "x", 8, 8, seed=1)
     write_region(other / "y", 8, 8, seed=2)
-    path = write(tmp_path / "r.yaml", f"name: demo\nregions_dir: {regions_root}\n")
+    path = write(tmp_path / "r.yaml", f"name: demo\nregions_dir: {regions_root}\nlabels: [neg, pos]\n")
     assert load_config(path, regions_dir=other).region_names == ("x", "y")
 
 
@@ -409,8 +419,22 @@ def test_run_config_built_in_code_checks_duplicates_and_min_clients(regions_root
         "baselines",
         "aggregation.min_clients",
     ]
-    ok = RunConfig(regions=(a,), aggregation=AggregationSettings(min_clients=1))
+    ok = RunConfig(regions=(a,), labels=("x", "y"), aggregation=AggregationSettings(min_clients=1))
     assert ok.region_names == ("a",)
+
+
+def test_labels_are_required_and_reported_with_the_other_problems(tmp_path: Path, regions_root: Path) -> None:
+    text = good_yaml(regions_root).replace("labels: [neg, pos]\n", "").replace("rounds: 2", "rounds: 0")
+    path = write(tmp_path / "nolabels.yaml", text)
+    # no line to point at: the key is missing; every other problem is still reported
+    assert problems_of(path) == [
+        f"{path}:2: rounds: must be >= 1, got 0",
+        f"{path}: labels: required: the class names, in class-index order (e.g. [neg, pos])",
+    ]
+    assert load_config(path, ["labels=[bad, good]", "rounds=1"]).labels == ("bad", "good")
+    with pytest.raises(ConfigError) as info:
+        RunConfig(regions=(Region(name="a", data=regions_root / "a"),), aggregation=AggregationSettings(min_clients=1))
+    assert info.value.problems == ["labels: required: the class names, in class-index order (e.g. [neg, pos])"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -425,7 +449,8 @@ def test_cli_check_bad_config_exits_2_listing_every_problem(
         "rounds: 0\n"
         f"regions:\n  - name: a\n    data: {regions_root / 'a'}\n"
         "  - name: b\n    data: gone\n"
-        "train:\n  lr: 2\n",
+        "train:\n  lr: 2\n"
+        "labels: [neg, pos]\n",
     )
     code = main(["check", str(path)])
     err = capsys.readouterr().err
@@ -464,6 +489,6 @@ def test_node_timeout_defaults_and_must_be_positive(tmp_path: Path, regions_root
         AggregationSettings(node_timeout=0)
     assert info.value.problems == ["node_timeout: must be > 0, got 0"]
     path = write(tmp_path / "t.yaml", good_yaml(regions_root) + "aggregation:\n  node_timeout: -5\n")
-    assert problems_of(path) == [f"{path}:11: aggregation.node_timeout: must be > 0, got -5.0"]
+    assert problems_of(path) == [f"{path}:12: aggregation.node_timeout: must be > 0, got -5.0"]
     ok = write(tmp_path / "ok.yaml", good_yaml(regions_root) + "aggregation:\n  node_timeout: 1e2\n")
     assert load_config(ok).aggregation.node_timeout == 100.0
