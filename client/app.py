@@ -5,13 +5,16 @@ from __future__ import annotations
 import atexit
 import gc
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.task import NodeSettings, evaluate_round, node_settings, region_index, resolve_region, train_round
+from client.guard import GuardContext, egress_guard
+from client.task import evaluate_round, node_settings, region_index, resolve_region, simulated_node, train_round
 from common import keys
+from common.audit import AUDIT_DIR, NODES_DIR
 from common.config import ClientTask, Region
 
 # Deployment starts a fresh process per message. The ~430k objects the imports above create live until it ends,
@@ -23,26 +26,38 @@ gc.freeze()
 atexit.register(gc.freeze)
 
 
-def _parse(
-    msg: Message, context: Context, sim_regions: Sequence[Region] | None
-) -> tuple[Region, NodeSettings, ClientTask, int, dict[str, torch.Tensor]]:
-    """The region this node serves, the node's own settings, the server's task, the region's index in the run,
-    the global adapter."""
+def _locate(context: Context, sim_regions: Sequence[Region] | None, audit_root: Path | None) -> GuardContext:
+    """The region this node serves and the node's own settings (policy, ledger folder, cache, threads)."""
     region = resolve_region(context.node_config, context.run_config, sim_regions)
-    node = node_settings(context.node_config)
+    if keys.NODE_REGION in context.node_config:
+        return GuardContext(region, node_settings(context.node_config))
+    # a simulated node: its policy is the run config's region entry, its ledger sits in the run's folder
+    out_dir = context.run_config.get(keys.RUN_OUT_DIR)
+    root = audit_root or (Path(str(out_dir)) / AUDIT_DIR / NODES_DIR if out_dir is not None else None)
+    return GuardContext(region, simulated_node(region, context.node_config, root))
+
+
+def _parse(msg: Message, where: GuardContext) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
+    """The server's task, the region's index in the run, the global adapter."""
     task = ClientTask.from_json(str(msg.content.config_records[keys.CONFIG][keys.TASK]))
     state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
-    return region, node, task, region_index(region, task), state
+    return task, region_index(where.region, task), state
 
 
-def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
-    """Build the ClientApp; the in-process simulator passes the run's regions, deployment passes nothing."""
-    app = ClientApp()
+def make_app(sim_regions: Sequence[Region] | None = None, audit_root: Path | None = None) -> ClientApp:
+    """Build the ClientApp; the in-process simulator passes the run's regions (and where the simulated nodes
+    keep their ledgers), deployment passes nothing. Every reply passes the egress guard."""
+
+    def locate(msg: Message, context: Context) -> GuardContext:
+        return _locate(context, sim_regions, audit_root)
+
+    app = ClientApp(mods=[egress_guard(locate)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        region, node, task, index, state = _parse(msg, context, sim_regions)
-        new_state, result = train_round(region, task, state, node)
+        where = locate(msg, context)
+        task, index, state = _parse(msg, where)
+        new_state, result = train_round(where.region, task, state, where.node)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,
@@ -55,9 +70,10 @@ def make_app(sim_regions: Sequence[Region] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        region, node, task, index, state = _parse(msg, context, sim_regions)
+        where = locate(msg, context)
+        task, index, state = _parse(msg, where)
         split = str(msg.content.config_records[keys.CONFIG][keys.SPLIT])
-        result = evaluate_round(region, task, state, split, node)
+        result = evaluate_round(where.region, task, state, split, where.node)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -9,11 +10,15 @@ from pathlib import Path
 import torch
 
 from common import keys
-from common.config import ClientTask, Region, load_config
-from common.data import Example, RegionData, load_region
+from common.augment import AugmentSettings, augment_train
+from common.config import ClientTask, Region, load_config, load_yaml
+from common.data import Example, RegionData, load_region, redact_region
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
+from common.policy import RegionPolicy, load_policy
 from common.tokens import Encoded, encode_cached
 from common.train import EvalResult, TrainResult, derive_seed, evaluate_encoded, train_encoded
+
+log = logging.getLogger("fedlocale.node")
 
 
 class NodeConfigError(ValueError):
@@ -26,14 +31,46 @@ class NodeSettings:
 
     cache_dir: Path | None = None  # tokenised-data cache on the node's own disk; None: no cache
     threads: int | None = None  # torch threads; None: the run config's train.threads, else torch's default
+    policy: RegionPolicy | None = None  # the region's residency policy; None: no policy (nothing redacted)
+    audit_dir: Path | None = None  # the node's ledger and its signing key; None: no ledger
+    augment: AugmentSettings | None = None  # training-data augmentation on this node; None: none
 
 
 def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
-    """Parse and check the node's ``cache-dir`` and ``threads``; both are optional."""
+    """Parse and check the node's ``cache-dir``, ``threads``, ``policy`` and ``audit-dir``; all are optional.
+
+    A policy file that does not load stops the node (``ConfigError`` naming file and line): running without the
+    rules the operator meant to apply would be worse than not running.
+    """
+    policy = _absolute(node_config.get(keys.NODE_POLICY), keys.NODE_POLICY, "a policy file")
+    augment = _absolute(node_config.get(keys.NODE_AUGMENT), keys.NODE_AUGMENT, "an augmentation settings file")
     return NodeSettings(
-        cache_dir=_cache_dir(node_config.get(keys.NODE_CACHE_DIR)),
+        cache_dir=_absolute(node_config.get(keys.NODE_CACHE_DIR), keys.NODE_CACHE_DIR, "a folder"),
         threads=_threads(node_config.get(keys.NODE_THREADS)),
+        policy=load_policy(policy) if policy else None,
+        audit_dir=_absolute(node_config.get(keys.NODE_AUDIT_DIR), keys.NODE_AUDIT_DIR, "a folder"),
+        augment=load_yaml(augment, AugmentSettings) if augment else None,
     )
+
+
+def simulated_node(region: Region, node_config: Mapping[str, object], audit_root: Path | None) -> NodeSettings:
+    """A simulated node's settings: its operator's choices come from the run config's region entry."""
+    base = node_settings(node_config)
+    return replace(
+        base,
+        policy=load_policy(region.policy) if region.policy else None,
+        audit_dir=audit_root / region.name if audit_root else None,
+        augment=region.augment,
+    )
+
+
+def region_data(region: Region, labels: tuple[str, ...], node: NodeSettings) -> tuple[RegionData, dict[str, int]]:
+    """The region's data as training sees it: loaded, cleaned, and with the policy's PII replaced by type
+    tokens (before anything is tokenised or cached); also the count of each PII type replaced."""
+    data = load_region(region.name, region.data, labels)
+    if node.policy is None:
+        return data, {}
+    return redact_region(data, node.policy.pii.rules())
 
 
 def _threads(value: object) -> int | None:
@@ -46,15 +83,13 @@ def _threads(value: object) -> int | None:
     return number
 
 
-def _cache_dir(value: object) -> Path | None:
+def _absolute(value: object, key: str, what: str) -> Path | None:
     if value is None:
         return None
     path = Path(value).expanduser() if isinstance(value, str) and value.strip() else None
     # relative paths would depend on the working folder Flower starts each ClientApp process in
     if path is None or not path.is_absolute():
-        raise NodeConfigError(
-            f"node config {keys.NODE_CACHE_DIR}={value!r}: must be an absolute folder on this node's own disk"
-        )
+        raise NodeConfigError(f"node config {key}={value!r}: must be the absolute path of {what} on this node")
     return path
 
 
@@ -106,9 +141,11 @@ def region_index(region: Region, task: ClientTask) -> int:
     return task.region_names.index(region.name)
 
 
-def prepare(region: Region, task: ClientTask, state: Mapping[str, torch.Tensor]) -> tuple[RegionData, LoadedModel]:
-    """Load the region's data and a model carrying the received global adapter."""
-    data = load_region(region.name, region.data, task.labels)
+def prepare(
+    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings | None = None
+) -> tuple[RegionData, LoadedModel]:
+    """Load the region's data (through the node's pipeline) and a model carrying the received global adapter."""
+    data, _ = region_data(region, task.labels, node or NodeSettings())
     loaded = build_model(task.model, task.lora, task.labels, seed=task.seed)
     load_adapter_state(loaded.model, dict(state))
     return data, loaded
@@ -125,11 +162,22 @@ def train_round(
     """Train the global adapter on the region's train split; return the new adapter state."""
     node = node or NodeSettings()
     settings = replace(task.train, threads=use_threads(node, task))
-    data, loaded = prepare(region, task, state)
-    encoded = encode_split(loaded, data.train, task, node)
+    data, loaded = prepare(region, task, state, node)
+    train = augment(data, task, node)
+    encoded = encode_split(loaded, train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
     result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=_pad_id(loaded), seed=seed)
-    return adapter_state(loaded.model), result
+    # augmented copies are not new examples: the FedAvg weight stays the region's real training-set size
+    return adapter_state(loaded.model), replace(result, num_examples=len(data.train))
+
+
+def augment(data: RegionData, task: ClientTask, node: NodeSettings) -> list[Example]:
+    """The node's augmented training split (its own setting; the server neither sees nor sets it)."""
+    if node.augment is None:
+        return data.train
+    augmented, counts = augment_train(data, node.augment, derive_seed(task.seed, "augment", data.name))
+    log.info("%s: augmentation %s", data.name, counts)
+    return augmented.train
 
 
 def evaluate_round(
@@ -138,7 +186,7 @@ def evaluate_round(
     """Evaluate the global adapter on one split of the region's data (empty if the region has no such split)."""
     node = node or NodeSettings()
     use_threads(node, task)
-    data, loaded = prepare(region, task, state)
+    data, loaded = prepare(region, task, state, node)
     encoded = encode_split(loaded, data.split(split), task, node)
     return evaluate_encoded(
         loaded.model,

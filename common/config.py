@@ -171,18 +171,21 @@ class EarlyStopping:
         _check(problems)
 
 
-PERSONALIZE_MODES = ("none", "head", "continue")
+PERSONALIZE_MODES = ("none", "head", "continue", "local")
 
 
 @dataclass(frozen=True)
 class PersonalizeSettings:
     """After the federated rounds, each region adapts the global model on its own node (nothing is sent)."""
 
-    mode: Literal["none", "head", "continue"] = "none"  # head: the head only; continue: adapter + head
+    # head: the head only; continue: adapter + head; local: a new rank-local_r LoRA + head on top of the frozen
+    # global adapter (saved as one adapter of rank r + local_r)
+    mode: Literal["none", "head", "continue", "local"] = "none"
     epochs: float = 1.0  # passes over the region's train split
     lr: float = 2e-3
-    kl_to_global: float = 0.0  # continue: weight of KL(global || personalized) that keeps it near the global model
+    kl_to_global: float = 0.0  # continue, local: weight of KL(global || personalized), keeps it near the global model
     bootstrap: int = 1000  # resamples of the paired bootstrap in the A/B evaluation
+    local_r: int = 4  # local: rank of the region's own LoRA (its scale alpha/r is the global adapter's)
 
     def __post_init__(self) -> None:
         problems = []
@@ -196,6 +199,8 @@ class PersonalizeSettings:
             problems.append(("kl_to_global", f"must be >= 0, got {self.kl_to_global}"))
         if self.bootstrap < 100:
             problems.append(("bootstrap", f"must be >= 100, got {self.bootstrap}"))
+        if not 1 <= self.local_r <= 64:
+            problems.append(("local_r", f"must be in [1, 64], got {self.local_r}"))
         _check(problems)
 
 
@@ -216,6 +221,8 @@ class Region:
 
     name: str
     data: Path
+    # the simulated node's residency policy file (common.policy); in a deployment the node's own config names it
+    policy: Path | None = None
     # the simulated node's own train-split augmentation (common.augment); a deployed node's config sets its own
     augment: AugmentSettings | None = None
 
@@ -225,6 +232,8 @@ class Region:
 
     def folder_problems(self) -> list[str]:
         """What is wrong with the region's data folder (checked by RunConfig, so that every region is checked)."""
+        if self.policy is not None and not self.policy.is_file():
+            return [f"no such policy file: {self.policy}"]
         if not self.data.is_dir():
             return [f"no such folder: {self.data}"]
         return [
@@ -232,6 +241,15 @@ class Region:
             for split in (keys.TRAIN, keys.TEST)
             if find_split(self.data, split) is None
         ]
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What the server keeps for auditors besides its signed ledger."""
+
+    # every accepted update and each round's incoming global adapter, so that `fedlocale audit verify` can
+    # recompute the aggregation; costs one adapter per region and round on the server's disk
+    keep_updates: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,6 +269,7 @@ class RunConfig:
     baselines: tuple[Literal["centralized", "local_only"], ...] = ()
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
     personalize: PersonalizeSettings = field(default_factory=PersonalizeSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     def __post_init__(self) -> None:
         problems = []
@@ -265,7 +284,10 @@ class RunConfig:
         if not self.regions:
             problems.append(("regions", "need at least one region"))
         for i, region in enumerate(self.regions):
-            problems.extend((f"regions[{i}].data", p) for p in region.folder_problems())
+            problems.extend(
+                (f"regions[{i}].{'policy' if p.startswith('no such policy') else 'data'}", p)
+                for p in region.folder_problems()
+            )
         names = [r.name for r in self.regions]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(("regions", f"region name {dup!r} appears more than once"))
@@ -419,6 +441,10 @@ def _build_into(cls: type[T], raw: Any, path: str, problems: list[str]) -> T | N
     except ConfigError as err:
         problems.extend(f"{prefix}{p}" for p in err.problems if p.split(":", 1)[0].split(".")[0] not in failed)
         return None
+    except ValueError as err:
+        # settings objects from other modules (common.pii) validate with plain ValueErrors
+        problems.append(f"{path or 'config'}: {err}")
+        return None
     return obj if len(problems) == before else None
 
 
@@ -529,10 +555,20 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
             # name the file's key, so the problem gets its line
             label = "--regions" if regions_dir is not None else "regions_dir"
             early.extend(p.replace("regions:", f"{label}:", 1) for p in err.problems)
+    # `policies: DIR` gives every simulated node without its own `policy` the file DIR/<region>.yaml
+    policies = raw.pop("policies", None)
+    if policies is not None and not isinstance(policies, str):
+        early.append(f"policies: must be a folder, got {type(policies).__name__} {policies!r}")
+        policies = None
     if isinstance(raw.get("regions"), list):
         for region in raw["regions"]:
-            if isinstance(region, dict) and isinstance(region.get("data"), str):
-                region["data"] = str(base / region["data"])
+            if not isinstance(region, dict):
+                continue
+            if policies is not None and "policy" not in region and isinstance(region.get("name"), str):
+                region["policy"] = str(Path(policies) / f"{region['name']}.yaml")
+            for key in ("data", "policy"):
+                if isinstance(region.get(key), str):
+                    region[key] = str(base / region[key])
     _resolve_augment_paths(raw.get("regions"), base)
     problems: list[str] = list(early)
     cfg = _build_into(RunConfig, raw, "", problems)

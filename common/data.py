@@ -11,12 +11,14 @@ import csv
 import json
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import keys
 from common.config import find_split
+from common.pii import PiiRules, redact_texts
 
 _SPACE_RE = re.compile(r"\s+")
 
@@ -167,3 +169,16 @@ def load_region(
     if not region.train:
         raise DataError([f"{folder}: no usable training rows"])
     return region
+
+
+def redact_region(data: RegionData, rules: PiiRules) -> tuple[RegionData, dict[str, int]]:
+    """Every split with personal data replaced by type tokens, and how many of each type were replaced."""
+    counts: Counter[str] = Counter()
+    splits = {}
+    for split in keys.SPLITS:
+        examples = data.split(split)
+        texts, found = redact_texts((ex.text for ex in examples), rules)
+        counts.update(found)
+        splits[split] = [Example(text, ex.label) for text, ex in zip(texts, examples, strict=True)]
+    redacted = RegionData(data.name, splits[keys.TRAIN], splits[keys.TEST], splits[keys.VAL], dict(data.dropped))
+    return redacted, dict(sorted(counts.items()))

@@ -29,6 +29,9 @@ NODE_DATA_DIR: Final = "data-dir"
 NODE_PARTITION_ID: Final = "partition-id"
 NODE_CACHE_DIR: Final = "cache-dir"  # absolute folder on the node's own disk for tokenised data; unset: no cache
 NODE_THREADS: Final = "threads"  # torch threads on this node; wins over the run config's train.threads
+NODE_POLICY: Final = "policy"  # absolute path of the region's policy file on the node (common.policy)
+NODE_AUDIT_DIR: Final = "audit-dir"  # absolute folder of the node's signed egress ledger and its key
+NODE_AUGMENT: Final = "augment"  # absolute path of a YAML file of common.augment.AugmentSettings on the node
 
 # Run config keys (``[tool.flwr.app.config]``)
 RUN_CONFIG_PATH: Final = "config"

@@ -16,7 +16,7 @@ from typing import Any
 
 from common.config import ConfigError, load_config
 from common.data import DataError
-from fedlocale import deploy_cmd, serve_cmd
+from fedlocale import audit_cmd, deploy_cmd, serve_cmd
 from simulations.env import apply_env
 
 EXIT_BAD_INPUT = 2
@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     deploy_cmd.add_parsers(sub)
     serve_cmd.add_parsers(sub)
+    audit_cmd.add_parsers(sub)
     return parser
 
 
@@ -180,8 +181,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """``fedlocale check``: the config and all data, without training."""
     from common.data import load_region
+    from simulations.runner import load_policies
 
     cfg = load_config(args.config, args.overrides, args.regions)
+    policies = load_policies(cfg)  # every policy problem of every region at once (ConfigError)
     problems: list[str] = []
     for region in cfg.regions:
         try:
@@ -190,7 +193,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             problems.extend(err.problems)
     if problems:
         raise DataError(problems)
-    print(f"{args.config}: OK ({len(cfg.regions)} regions, {cfg.rounds} rounds, model {cfg.model.base})")
+    with_policy = f", {len(policies)} with a residency policy" if policies else ""
+    print(f"{args.config}: OK ({len(cfg.regions)} regions{with_policy}, {cfg.rounds} rounds, model {cfg.model.base})")
     return 0
 
 
@@ -260,6 +264,7 @@ COMMANDS = {
     "node": deploy_cmd.cmd_node,
     "export": serve_cmd.cmd_export,
     "predict": serve_cmd.cmd_predict,
+    "audit": audit_cmd.cmd_audit,
 }
 
 

@@ -26,6 +26,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from common import keys
+from common.audit import AUDIT_DIR, SERVER, SERVER_DIR, Ledger
 from common.config import RunConfig, client_task
 from common.model import (
     LoadedModel,
@@ -36,7 +37,8 @@ from common.model import (
     save_adapter,
     state_nbytes,
 )
-from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog
+from server.audit import UPDATES_DIR, LedgerStrategy
+from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog, RoundStrategy
 
 log = logging.getLogger("fedlocale.server")
 
@@ -62,6 +64,7 @@ RESUMABLE_CHANGES = (
     "aggregation.round_timeout",
     "aggregation.node_timeout",
     "aggregation.min_clients",
+    "audit",  # what the server keeps for auditors, not what it computes
 )
 
 
@@ -275,7 +278,7 @@ def _describe_rejected(rejected: list[dict[str, str | None]]) -> str:
 
 
 def _train_round(
-    grid: Grid, strategy: RegionFedAvg, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     timeout = cfg.aggregation.round_timeout
     replies = _send(
@@ -305,7 +308,7 @@ def _train_round(
 
 
 def _evaluate(
-    grid: Grid, strategy: RegionFedAvg, cfg: RunConfig, server_round: int, arrays: ArrayRecord, split: str
+    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, split: str
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     messages = strategy.configure_evaluate(server_round, arrays, _task_config(cfg, server_round, split), grid)
     overall = strategy.aggregate_evaluate(server_round, _send(grid, messages, cfg.aggregation.round_timeout))
@@ -315,7 +318,7 @@ def _evaluate(
 
 
 def _run_round(
-    grid: Grid, strategy: RegionFedAvg, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     started = time.perf_counter()
     arrays, record = _train_round(grid, strategy, cfg, server_round, arrays)
@@ -344,9 +347,9 @@ def _naming_checkpoint(what: str, out_dir: Path, completed: int) -> Iterator[Non
         raise FederationError(f"{what}: {err}; {where}") from err
 
 
-def _make_strategy(cfg: RunConfig) -> RegionFedAvg:
+def _make_strategy(cfg: RunConfig, out_dir: Path) -> RoundStrategy:
     agg = cfg.aggregation
-    return RegionFedAvg(
+    strategy = RegionFedAvg(
         cfg.region_names,
         method=agg.method,
         server_lr=agg.server_lr,
@@ -355,6 +358,9 @@ def _make_strategy(cfg: RunConfig) -> RegionFedAvg:
         seed=cfg.seed,
         node_timeout=agg.node_timeout,
     )
+    audit = out_dir / AUDIT_DIR
+    keep = audit / UPDATES_DIR if cfg.audit.keep_updates else None
+    return LedgerStrategy(strategy, Ledger.in_folder(audit / SERVER_DIR, SERVER), keep_dir=keep)
 
 
 def run_rounds(
@@ -372,7 +378,7 @@ def run_rounds(
     for the rounds run here only.
     """
     started = time.perf_counter()
-    strategy = _make_strategy(cfg)
+    strategy = _make_strategy(cfg, out_dir)
     stop = cfg.early_stopping
     stopper = EarlyStopper(stop.patience, higher_is_better=stop.metric != "loss", min_delta=stop.min_delta)
     writer = MetricsWriter(out_dir / METRICS_FILE)

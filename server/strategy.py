@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -15,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import keys
 from common.metrics import weighted_mean
+from common.policy import refused_region
 from common.train import derive_seed
 from server.aggregate import aggregation_weights, server_step, update_problem, weighted_average
 
@@ -52,6 +54,7 @@ class RoundLog:
     replies: list[RegionReply] = field(default_factory=list)
     rejected: list[dict[str, str | None]] = field(default_factory=list)  # {"node": …, "region": …, "reason": …}
     bytes_down: int = 0
+    weights: list[float] = field(default_factory=list)  # the aggregation weight of each accepted reply, in order
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -67,6 +70,30 @@ def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     """A name → ndarray mapping as an ArrayRecord (names kept, order kept)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class RoundStrategy(Protocol):
+    """The verbs the federation loop calls, and the records it reads after each exchange."""
+
+    @property
+    def last_train(self) -> RoundLog: ...
+
+    @property
+    def last_evaluate(self) -> RoundLog: ...
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]: ...
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]: ...
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None: ...
 
 
 class RegionFedAvg(FedAvg):
@@ -166,7 +193,8 @@ class RegionFedAvg(FedAvg):
         for msg in replies:
             node_id = waiting.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
-                self._reject(round_log, node_id, None, f"node failed: {msg.error.reason}")
+                reason = msg.error.reason or ""
+                self._reject(round_log, node_id, refused_region(reason), f"node failed: {reason}")
                 continue
             problem, reply = self._parse(msg, reference)
             if problem:
@@ -220,6 +248,7 @@ class RegionFedAvg(FedAvg):
         by_node = {m.metadata.src_node_id: m for m in replies}
         updates = [to_numpy(by_node[r.node_id].content.array_records[keys.ARRAYS]) for r in accepted]
         weights = aggregation_weights([r.num_examples for r in accepted], self.method)
+        self.last_train.weights = weights
         average = weighted_average(updates, weights)
         new = server_step(to_numpy(self._sent), average, self.server_lr)
         losses = {r.region: r.metrics[keys.TRAIN_LOSS] for r in accepted}

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,21 @@ import numpy as np
 import yaml
 
 from common import keys
-from common.config import RunConfig
-from common.data import RegionData, load_region
+from common.audit import (
+    AUDIT_DIR,
+    KEYS_FILE,
+    LEDGER_FILE,
+    NODES_DIR,
+    PUBLIC_KEY_FILE,
+    SERVER,
+    SERVER_DIR,
+    load_verify_key,
+    verify_all,
+)
+from common.config import ConfigError, RunConfig
+from common.data import RegionData, load_region, redact_region
 from common.metrics import weighted_mean
+from common.policy import RegionPolicy, load_policy
 from simulations.baselines import run_centralized, run_local_only
 from simulations.env import apply_env
 from simulations.personalize import personalize_run
@@ -47,9 +59,37 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
     return _jsonable(dataclasses.asdict(cfg))  # type: ignore[no-any-return]
 
 
+def load_policies(cfg: RunConfig) -> dict[str, RegionPolicy]:
+    """Every simulated node's policy, read up front: all problems of all files in one ConfigError."""
+    policies: dict[str, RegionPolicy] = {}
+    problems: list[str] = []
+    for region in cfg.regions:
+        if region.policy is None:
+            continue
+        try:
+            policies[region.name] = load_policy(region.policy)
+        except ConfigError as err:
+            problems.extend(err.problems)
+            continue
+        if policies[region.name].region != region.name:
+            problems.append(f"{region.policy}: region: is {policies[region.name].region!r}, used for {region.name!r}")
+    if problems:
+        raise ConfigError(problems, "region policies")
+    return policies
+
+
 def load_all(cfg: RunConfig, say: Callable[[str], None]) -> dict[str, RegionData]:
-    """Load every region up front so bad data fails before any process starts."""
-    return {r.name: load_region(r.name, r.data, cfg.labels, log=say) for r in cfg.regions}
+    """Load every region up front so bad data or a bad policy fails before any process starts; with a policy,
+    the data the baselines use is redacted as the region's node redacts it."""
+    policies = load_policies(cfg)
+    data = {}
+    for region in cfg.regions:
+        data[region.name] = load_region(region.name, region.data, cfg.labels, log=say)
+        if region.name in policies:
+            data[region.name], counts = redact_region(data[region.name], policies[region.name].pii.rules())
+            found = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+            say(f"{region.name}: policy {region.policy}; personal data replaced: {found}")
+    return data
 
 
 def run_flower(
@@ -89,7 +129,7 @@ def run_flower(
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir, on_round, resume=resume),
-            client_app=make_client_app(cfg.regions),
+            client_app=make_client_app(cfg.regions, audit_root=out_dir / AUDIT_DIR / NODES_DIR),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
         )
@@ -259,6 +299,47 @@ def simulate(
     summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)
     if cfg.personalize.mode != "none":
         add_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
+    summary["audit"] = audit_run(out_dir, cfg.region_names, say)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out_dir, summary, read_metrics(out_dir))
     return summary
+
+
+def audit_run(
+    out_dir: Path, regions: Sequence[str], say: Callable[[str], None], node_dirs: Mapping[str, Path] | None = None
+) -> dict[str, Any]:
+    """Verify the run's ledgers against the keys its nodes and server made, and write the auditor's report.
+
+    ``node_dirs`` names each region's audit folder when it is not the simulation's ``AUDIT_DIR/nodes/REGION``
+    (a deployment on one machine). This checks the run as it left the machine; an auditor repeats it with keys
+    obtained from each operator (``fedlocale audit verify``), which is what makes the check mean something.
+    """
+    from server.audit import UPDATES_DIR, recompute
+    from simulations.audit_report import write_audit_report
+
+    audit = out_dir / AUDIT_DIR
+    nodes = node_dirs or {name: audit / NODES_DIR / name for name in regions}
+    signers = {SERVER: audit / SERVER_DIR} | {name: nodes[name] for name in regions if name in nodes}
+    present = {name: folder for name, folder in signers.items() if (folder / PUBLIC_KEY_FILE).is_file()}
+    keys_file = audit / KEYS_FILE
+    keys_file.write_text(
+        yaml.safe_dump({n: os.path.relpath(f / PUBLIC_KEY_FILE, audit) for n, f in present.items()}, sort_keys=False)
+    )
+    trusted = {name: load_verify_key(folder / PUBLIC_KEY_FILE) for name, folder in present.items()}
+    updates = audit / UPDATES_DIR
+    result = verify_all(
+        [f / LEDGER_FILE for f in present.values()],
+        trusted,
+        (lambda server: recompute(server, updates)) if updates.is_dir() else None,
+    )
+    report = write_audit_report(list(result.checks), audit, list(result.findings))
+    verdict = "verified" if result.ok else f"NOT verified ({len(result.findings)} problem(s))"
+    say(f"audit: {len(result.checks)} ledgers {verdict}; report {report}")
+    return {
+        "verified": result.ok,
+        "findings": list(result.findings),
+        "ledgers": {c.signer: len(c.entries) for c in result.checks if c.signer},
+        "missing_ledgers": sorted(set(signers) - set(present)),  # e.g. a node that never received a message
+        "rounds_recomputed": result.rounds_recomputed,
+        "report": str(report.relative_to(out_dir)),
+    }

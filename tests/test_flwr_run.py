@@ -11,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.audit import find_ledgers, load_verify_key, verify_all
 from fedlocale.cli import main
 from tests.conftest import tiny_config
 
@@ -63,6 +64,12 @@ def test_flwr_run_matches_the_cli_simulation(tiny_bert: Path, two_regions: Path,
             proc.kill()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     stock = json.loads((out / "federation.json").read_text())
+    # under stock tooling too, each simulated node keeps its signed ledger in the run's folder
+    audit = out / "audit"
+    trusted = {p.parent.name: load_verify_key(p) for p in audit.rglob("ledger.pub")}
+    assert set(trusted) == {"server", "north", "south"}
+    result = verify_all(find_ledgers([audit]), trusted)
+    assert result.ok, result.findings
 
     assert main(["simulate", str(cfg), "--out", str(tmp_path / "cli-out")]) == 0
     ours = json.loads((tmp_path / "cli-out" / "federation.json").read_text())

@@ -327,7 +327,7 @@ def test_bad_threads_name_key_and_value(value: object, shown: str) -> None:
 
 @pytest.mark.parametrize(("value", "shown"), [("cache", "'cache'"), ("", "''"), (7, "7")])
 def test_bad_cache_dir_names_key_and_value(value: object, shown: str) -> None:
-    with pytest.raises(NodeConfigError, match=f"node config cache-dir={shown}: must be an absolute folder"):
+    with pytest.raises(NodeConfigError, match=f"node config cache-dir={shown}: must be the absolute path of a folder"):
         node_settings({keys.NODE_CACHE_DIR: value})
 
 

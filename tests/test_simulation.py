@@ -48,6 +48,11 @@ def test_summary_contract(run: tuple[Path, Path]) -> None:
     assert all(r["participants"] == ["north", "south"] for r in comm["per_round"])
     assert all(summary["timing"][k] > 0 for k in ("federated_s", "centralized_s", "local_only_s"))
     assert summary["run"]["rounds_done"] == 2
+    # the simulated nodes and the server each kept a signed ledger; together they verify
+    audit = summary["audit"]
+    assert audit["verified"] is True and audit["findings"] == [] and audit["missing_ledgers"] == []
+    assert set(audit["ledgers"]) == {"server", "north", "south"}
+    assert (out / audit["report"]).is_file()
 
 
 def test_metrics_lines_cover_every_round_region_and_split(run: tuple[Path, Path]) -> None:

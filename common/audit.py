@@ -1,0 +1,418 @@
+"""Signed, hash-chained ledgers of what crossed a boundary, and their offline verification.
+
+Every node and the server keep one ledger: a JSON-lines file whose entries each carry the previous entry's hash
+and an Ed25519 signature over their own hash. Time is passed in (``now``), so tests fix it. ``verify_ledger``
+checks one ledger against a public key the auditor trusts; ``cross_check`` checks that every update the server
+aggregated was sent by exactly one node with the same payload hash.
+
+Entry layout (one JSON object per line)::
+
+    {"seq": 0, "time": "2026-11-29T21:00:00+00:00", "signer": "cn-books", "prev": "000…0",
+     "body": {"kind": "egress", …}, "hash": "<sha256 hex>", "sig": "<base64 Ed25519 signature of the hash bytes>"}
+
+``hash`` is the SHA-256 of the canonical JSON of ``seq``, ``time``, ``signer``, ``prev`` and ``body``.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+GENESIS = "0" * 64
+# a run folder's audit layout: audit/server/ and audit/nodes/<region>/ each hold ledger.jsonl, ledger.key, ledger.pub
+AUDIT_DIR = "audit"
+NODES_DIR = "nodes"
+SERVER_DIR = "server"
+KEYS_FILE = "keys.yaml"  # signer name → public key file, written beside a simulated run's ledgers
+LEDGER_FILE = "ledger.jsonl"
+KEY_FILE = "ledger.key"
+PUBLIC_KEY_FILE = "ledger.pub"
+SERVER = "server"  # the server's signer name; nodes sign with their region's name
+
+# body kinds
+EGRESS = "egress"  # node: a reply that left (status sent) or was stopped by the guard (status refused)
+DISPATCH = "dispatch"  # server: the global adapter sent out for a round
+INBOUND = "inbound"  # server: one reply received
+AGGREGATE = "aggregate"  # server: who was averaged, with which weights, into which global adapter
+SENT = "sent"
+REFUSED = "refused"
+FAILED = "failed"
+
+
+class LedgerError(Exception):
+    """A ledger cannot be read or written (the message names the file and line)."""
+
+
+class AuditKeyError(Exception):
+    """A signing or verification key cannot be made or read."""
+
+
+# ------------------------------------------------------------------------------------------------- hashing
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte form of a JSON value that hashes and signatures use (sorted keys, no spaces, UTF-8)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def payload_hash(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, int | float] | None = None) -> str:
+    """SHA-256 of a message payload: every tensor (name, dtype, shape, C-order bytes, by name) and the metrics.
+
+    The node hashes what it sends and the server what it receives; the bytes are those of the tensors, not of
+    a transport encoding, so both sides (and an auditor holding a kept update) compute the same value.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        header = canonical_json([name, arr.dtype.str, list(arr.shape)])
+        digest.update(len(header).to_bytes(8, "big") + header)
+        data = arr.tobytes()
+        digest.update(len(data).to_bytes(8, "big") + data)
+    # NaN has no canonical JSON; a reply carrying one is refused, but its hash must still be computable
+    digest.update(json.dumps(dict(metrics or {}), sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+def content_payload(content: Any) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+    """The tensors and metrics of a Flower RecordDict (all its Array and Metric records), for ``payload_hash``."""
+    arrays = {name: array.numpy() for record in content.array_records.values() for name, array in record.items()}
+    metrics = {name: value for record in content.metric_records.values() for name, value in record.items()}
+    return arrays, metrics
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    """The hash an entry must carry: over its sequence number, time, signer, previous hash and body."""
+    core = {k: entry.get(k) for k in ("seq", "time", "signer", "prev", "body")}
+    return hashlib.sha256(canonical_json(core)).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- keys
+
+
+def create_signing_key(folder: Path) -> Ed25519PrivateKey:
+    """Make ``folder/ledger.key`` (PKCS#8 PEM, mode 0600, never overwritten) and ``folder/ledger.pub``."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    try:
+        fd = os.open(folder / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError as err:
+        raise AuditKeyError(f"{folder / KEY_FILE}: exists; a ledger key is never replaced") from err
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (folder / PUBLIC_KEY_FILE).write_bytes(public)
+    return key
+
+
+def signing_key(folder: Path) -> Ed25519PrivateKey:
+    """The folder's ledger key, made on first use: a node's key is created on the node and never leaves it."""
+    if not (folder / KEY_FILE).exists():
+        try:
+            return create_signing_key(folder)
+        except AuditKeyError:
+            pass  # another process of the same node made it first
+    return load_signing_key(folder / KEY_FILE)
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM file."""
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as err:
+        raise AuditKeyError(f"{path}: not a readable PEM private key ({err})") from err
+    if not isinstance(key, Ed25519PrivateKey):
+        raise AuditKeyError(f"{path}: not an Ed25519 key")
+    return key
+
+
+def load_verify_key(path: Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file."""
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise AuditKeyError(f"{path}: not a readable PEM public key ({err})") from err
+    if not isinstance(key, Ed25519PublicKey):
+        raise AuditKeyError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """A short, stable name for a public key (SHA-256 of its raw bytes, first 16 hex digits)."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# -------------------------------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[Any]:
+    # Deployment starts a process per message, so two of one node's messages may append at once; the lock keeps
+    # the chain a chain.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _last_entry(handle: Any, path: Path) -> dict[str, Any] | None:
+    handle.seek(0)
+    last = None
+    for number, line in enumerate(handle, start=1):
+        if line.strip():
+            last = (number, line)
+    if last is None:
+        return None
+    try:
+        entry = json.loads(last[1])
+    except json.JSONDecodeError as err:
+        raise LedgerError(f"{path}:{last[0]}: not JSON ({err.msg}); refusing to extend a damaged ledger") from err
+    if not isinstance(entry, dict):
+        raise LedgerError(f"{path}:{last[0]}: not a ledger entry; refusing to extend a damaged ledger")
+    return entry
+
+
+@dataclass
+class Ledger:
+    """An append-only ledger file signed by one party (``signer``: a region name or ``server``)."""
+
+    path: Path
+    key: Ed25519PrivateKey = field(repr=False)
+    signer: str
+
+    @classmethod
+    def in_folder(cls, folder: Path, signer: str) -> Ledger:
+        """The ledger in ``folder`` (``ledger.jsonl``), signed with the folder's key, made on first use."""
+        return cls(folder / LEDGER_FILE, signing_key(folder), signer)
+
+    def append(self, body: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+        """Add one signed entry after the last one; ``now`` must be timezone-aware."""
+        if now.tzinfo is None:
+            raise ValueError("ledger time must be timezone-aware")
+        with _locked(self.path) as handle:
+            last = _last_entry(handle, self.path)
+            entry: dict[str, Any] = {
+                "seq": 0 if last is None else int(last["seq"]) + 1,
+                "time": now.isoformat(),
+                "signer": self.signer,
+                "prev": GENESIS if last is None else str(last["hash"]),
+                "body": dict(body),
+            }
+            entry["hash"] = entry_hash(entry)
+            entry["sig"] = base64.b64encode(self.key.sign(bytes.fromhex(entry["hash"]))).decode()
+            handle.seek(0, os.SEEK_END)
+            handle.write(json.dumps(entry, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return entry
+
+
+# ------------------------------------------------------------------------------------------------ verifying
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    """The outcome of checking one ledger: its entries (when readable) and the first problem, if any."""
+
+    path: Path
+    signer: str | None
+    entries: tuple[dict[str, Any], ...]
+    problem: str | None  # "path:line: reason" of the first broken entry, None when the ledger holds
+
+    @property
+    def ok(self) -> bool:
+        """Whether every entry is intact, in order, and signed by the expected key."""
+        return self.problem is None
+
+
+def read_entries(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The entries of a ledger file and the first line that is not an entry (``path:line: reason``)."""
+    entries: list[dict[str, Any]] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        return entries, f"{path}: cannot read ({err})"
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            return entries, f"{path}:{number}: not JSON ({err.msg})"
+        if not isinstance(entry, dict) or not {"seq", "time", "signer", "prev", "body", "hash", "sig"} <= set(entry):
+            return entries, f"{path}:{number}: not a ledger entry"
+        entry["_line"] = number
+        entries.append(entry)
+    return entries, None
+
+
+def verify_ledger(path: Path, keys: Mapping[str, Ed25519PublicKey]) -> LedgerCheck:
+    """Check a ledger's chain and signatures against ``keys`` (signer name → trusted public key)."""
+    entries, problem = read_entries(path)
+    signer = str(entries[0]["signer"]) if entries else None
+    if problem is None and not entries:
+        problem = f"{path}: empty ledger"
+    if problem is None and signer not in keys:
+        problem = f"{path}:{entries[0]['_line']}: no trusted public key for signer {signer!r}"
+    prev = GENESIS
+    for expected_seq, entry in enumerate(entries):
+        if problem is not None:
+            break
+        where = f"{path}:{entry['_line']}"
+        problem = _entry_problem(entry, expected_seq, prev, signer, keys)
+        problem = f"{where}: {problem}" if problem else None
+        prev = str(entry["hash"])
+    return LedgerCheck(path, signer, tuple(entries), problem)
+
+
+def _entry_problem(
+    entry: Mapping[str, Any], seq: int, prev: str, signer: str | None, keys: Mapping[str, Ed25519PublicKey]
+) -> str | None:
+    if entry["signer"] != signer:
+        return f"signer {entry['signer']!r} in a ledger of {signer!r}"
+    if entry["seq"] != seq:
+        return f"sequence number {entry['seq']}, expected {seq} (an entry is missing or out of order)"
+    if entry["prev"] != prev:
+        return "does not follow the previous entry (previous hash differs: an entry was removed, moved or changed)"
+    if entry_hash(entry) != entry["hash"]:
+        return "content does not match its hash (the entry was changed)"
+    try:
+        keys[str(signer)].verify(base64.b64decode(str(entry["sig"]), validate=True), bytes.fromhex(entry["hash"]))
+    except (InvalidSignature, ValueError):
+        return f"signature does not verify with the key given for {signer!r}"
+    return None
+
+
+def cross_check(server: LedgerCheck, nodes: Sequence[LedgerCheck]) -> list[str]:
+    """Problems where the server's aggregations and the nodes' egress records disagree.
+
+    Every participant of every ``aggregate`` entry must appear as exactly one ``sent`` train egress entry, of
+    the same round and run, in exactly one node ledger — the ledger of the region it is attributed to — with
+    the same payload hash.
+    """
+    sent: dict[str, list[tuple[LedgerCheck, dict[str, Any]]]] = {}
+    for node in nodes:
+        for entry in node.entries:
+            body = entry["body"]
+            if body.get("kind") == EGRESS and body.get("status") == SENT:
+                sent.setdefault(str(body.get("sha256")), []).append((node, entry))
+    problems = []
+    for entry in server.entries:
+        body = entry["body"]
+        if body.get("kind") != AGGREGATE:
+            continue
+        for part in body.get("participants", []):
+            problem = _participant_problem(part, body, sent.get(str(part.get("sha256")), []))
+            if problem:
+                problems.append(f"{server.path}:{entry['_line']}: round {body.get('round')}: {problem}")
+    return problems
+
+
+def _participant_problem(
+    part: Mapping[str, Any], aggregate: Mapping[str, Any], matches: Sequence[tuple[LedgerCheck, dict[str, Any]]]
+) -> str | None:
+    region = part.get("region")
+    if not matches:
+        return f"update {str(part.get('sha256'))[:16]}… of {region} is in no node's ledger"
+    if len(matches) > 1:
+        where = ", ".join(f"{n.path}:{e['_line']}" for n, e in matches)
+        return f"update {str(part.get('sha256'))[:16]}… of {region} appears {len(matches)} times ({where})"
+    node, entry = matches[0]
+    body = entry["body"]
+    if node.signer != region:
+        return f"update attributed to {region} was sent by {node.signer} ({node.path}:{entry['_line']})"
+    if body.get("round") != aggregate.get("round") or body.get("run") != aggregate.get("run"):
+        return (
+            f"update of {region} was sent in run {body.get('run')} round {body.get('round')} "
+            f"({node.path}:{entry['_line']})"
+        )
+    if body.get("message") != "train":
+        return f"update of {region} was a {body.get('message')} reply ({node.path}:{entry['_line']})"
+    return None
+
+
+def signers(checks: Iterable[LedgerCheck]) -> list[str]:
+    """The signer names of the ledgers, in order (None for unreadable ones left out)."""
+    return [c.signer for c in checks if c.signer is not None]
+
+
+# ----------------------------------------------------------------------------------------------- everything
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of checking a set of ledgers together."""
+
+    checks: tuple[LedgerCheck, ...]
+    findings: tuple[str, ...]  # every problem, first broken entry of each ledger first
+    rounds_recomputed: int | None  # None: no kept updates were given
+
+    @property
+    def ok(self) -> bool:
+        """Whether everything held."""
+        return not self.findings
+
+
+def find_ledgers(paths: Iterable[Path]) -> list[Path]:
+    """Ledger files named directly, or every ``ledger.jsonl`` under a named folder (sorted)."""
+    found: list[Path] = []
+    for path in paths:
+        found.extend(sorted(path.rglob(LEDGER_FILE)) if path.is_dir() else [path])
+    return found
+
+
+def read_keys_file(path: Path) -> dict[str, Path]:
+    """A YAML mapping of signer name → public key file (relative paths from the keys file's folder)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise AuditKeyError(f"{path}: cannot read a keys file ({err})") from err
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
+        raise AuditKeyError(f"{path}: must map signer names to public key files, e.g. 'server: server.pub'")
+    return {name: path.parent / value for name, value in raw.items()}
+
+
+def verify_all(
+    ledgers: Sequence[Path],
+    trusted: Mapping[str, Ed25519PublicKey],
+    recompute: Callable[[LedgerCheck], tuple[int, list[str]]] | None = None,
+) -> Verification:
+    """Check every ledger, then — when one is the server's — that its aggregations match the nodes' records,
+    and with ``recompute`` that the kept updates aggregate to the recorded global adapters."""
+    checks = tuple(verify_ledger(path, trusted) for path in ledgers)
+    findings = [c.problem for c in checks if c.problem is not None]
+    servers = [c for c in checks if c.signer == SERVER]
+    names = [c.signer for c in checks if c.signer is not None]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        findings.append(
+            f"{names.count(dup)} ledgers are signed by {dup!r}: "
+            + ", ".join(str(c.path) for c in checks if c.signer == dup)
+        )
+    rounds = None
+    if len(servers) == 1 and servers[0].ok:
+        server = servers[0]
+        findings.extend(cross_check(server, [c for c in checks if c.signer != SERVER and c.ok]))
+        if recompute is not None:
+            rounds, problems = recompute(server)
+            findings.extend(problems)
+    return Verification(checks, tuple(findings), rounds)

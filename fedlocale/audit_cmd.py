@@ -1,0 +1,159 @@
+"""``fedlocale audit verify`` and ``fedlocale audit report``: check signed ledgers offline, and explain them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common.audit import (
+    SERVER,
+    AuditKeyError,
+    Verification,
+    find_ledgers,
+    key_id,
+    load_verify_key,
+    read_keys_file,
+    verify_all,
+)
+
+EXIT_BROKEN = 1
+EXIT_BAD_INPUT = 2
+UPDATES_NEXT_TO_SERVER = "updates"  # a run folder's layout: audit/server/ledger.jsonl beside audit/updates/
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the ``audit`` command and its ``verify`` and ``report`` actions to the CLI's subparsers."""
+    audit = sub.add_parser("audit", help="verify signed egress ledgers offline; write an auditor's report")
+    actions = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    verify = actions.add_parser(
+        "verify",
+        help="check chains, signatures, and that the server used only what the nodes recorded sending",
+        description="Checks every LEDGER (a ledger.jsonl, or a folder searched for them): each entry follows the "
+        "previous one and is signed by the key trusted for its signer; every update the server aggregated appears "
+        "in exactly one node's ledger with the same hash; with kept updates (audit.keep_updates), each round's "
+        "global adapter is recomputed and compared. Exit 0 only if all holds, 1 naming the first broken entry of "
+        "each ledger otherwise, 2 on unusable input. Trust comes only from the keys you give: use copies of the "
+        "nodes' and the server's ledger.pub obtained from their operators, not ones found next to the ledgers.",
+    )
+    report = actions.add_parser(
+        "report",
+        help="verify, then write a Markdown report per region with plots of what left and when",
+        description="Runs the same checks as `audit verify`, then writes OUT/audit-report.md and one plot per "
+        "region. Exit codes as for verify; the report is written either way and says what failed.",
+    )
+    policy = actions.add_parser(
+        "policy",
+        help="check policy files and print the hash each ledger entry records for them",
+        description="Validates each policy FILE (every problem with file:line) and prints its region and the "
+        "SHA-256 of its content, the value node ledgers carry in their 'policy' field. Exit 2 on a bad file.",
+    )
+    policy.add_argument("files", type=Path, nargs="+", metavar="FILE", help="region policy YAML files")
+    for action in (verify, report):
+        action.add_argument("ledgers", type=Path, nargs="+", metavar="LEDGER", help="ledger files or folders")
+        action.add_argument(
+            "--key",
+            dest="keys",
+            action="append",
+            default=[],
+            metavar="NAME=FILE",
+            help="trust FILE (PEM Ed25519 public key) for signer NAME (a region or 'server'); repeatable",
+        )
+        action.add_argument(
+            "--keys", dest="keys_file", type=Path, metavar="FILE", help="YAML file: signer name → public key file"
+        )
+        action.add_argument(
+            "--updates",
+            type=Path,
+            metavar="DIR",
+            help="kept updates to recompute each round from (default: 'updates' beside the server ledger's folder)",
+        )
+    report.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the report")
+
+
+def trusted_keys(pairs: Sequence[str], keys_file: Path | None) -> dict[str, Any]:
+    """Signer name → public key, from ``--keys`` then ``--key`` (which wins)."""
+    files = read_keys_file(keys_file) if keys_file else {}
+    for pair in pairs:
+        name, sep, file = pair.partition("=")
+        if not sep or not name or not file:
+            raise AuditKeyError(f"--key {pair!r}: expected NAME=FILE")
+        files[name] = Path(file)
+    if not files:
+        raise AuditKeyError("no trusted keys: give --key NAME=FILE or --keys FILE")
+    return {name: load_verify_key(path) for name, path in files.items()}
+
+
+def _updates_dir(args: argparse.Namespace, ledgers: Sequence[Path]) -> Path | None:
+    if args.updates is not None:
+        return args.updates  # type: ignore[no-any-return]
+    for path in ledgers:
+        candidate = path.parent.parent / UPDATES_NEXT_TO_SERVER
+        if path.parent.name == SERVER and candidate.is_dir():
+            return candidate
+    return None
+
+
+def run_checks(args: argparse.Namespace) -> Verification:
+    """Verify the ledgers named on the command line (raises AuditKeyError on unusable keys)."""
+    from server.audit import recompute
+
+    trusted = trusted_keys(args.keys, args.keys_file)
+    ledgers = find_ledgers(args.ledgers)
+    if not ledgers:
+        raise AuditKeyError(f"no ledger.jsonl in {', '.join(map(str, args.ledgers))}")
+    updates = _updates_dir(args, ledgers)
+    print(f"trusted keys: {', '.join(f'{n} ({key_id(k)})' for n, k in sorted(trusted.items()))}")
+    return verify_all(ledgers, trusted, (lambda server: recompute(server, updates)) if updates else None)
+
+
+def _print(result: Verification) -> None:
+    for check in result.checks:
+        mark = "ok    " if check.ok else "BROKEN"
+        print(f"{mark} {check.signer or '?':<16} {len(check.entries):>5} entries  {check.path}")
+    if result.rounds_recomputed is not None:
+        print(f"recomputed the global adapter of {result.rounds_recomputed} round(s) from the kept updates")
+    if result.ok:
+        print("verified: every chain and signature holds and the server aggregated only what the nodes recorded")
+        return
+    print(f"NOT verified: {len(result.findings)} problem(s)", file=sys.stderr)
+    for finding in result.findings:
+        print(f"  {finding}", file=sys.stderr)
+
+
+def cmd_policy(files: Sequence[Path]) -> int:
+    """Print each policy's region and content hash; a bad file raises ConfigError (exit 2, every problem)."""
+    from common.config import ConfigError
+    from common.policy import load_policy
+
+    problems: list[str] = []
+    for path in files:
+        try:
+            policy = load_policy(path)
+        except ConfigError as err:
+            problems.extend(err.problems)
+            continue
+        print(f"{policy.digest()}  {policy.region:<16} {path}")
+    if problems:
+        raise ConfigError(problems)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Verify (and with ``report``, describe) ledgers; exit 0 only when everything holds."""
+    if args.audit_command == "policy":
+        return cmd_policy(args.files)
+    try:
+        result = run_checks(args)
+    except AuditKeyError as err:
+        print(f"fedlocale: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    _print(result)
+    if args.audit_command == "report":
+        from simulations.audit_report import write_audit_report
+
+        path = write_audit_report(list(result.checks), args.out, list(result.findings))
+        print(f"report: {path}")
+    return 0 if result.ok else EXIT_BROKEN

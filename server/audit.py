@@ -1,0 +1,229 @@
+"""The server's side of the audit: a strategy wrapper that signs what came in and what was made of it, and the
+offline recomputation of each round's global adapter from kept updates.
+
+``LedgerStrategy(strategy, ledger)`` wraps the strategy the way Flower's DP wrappers do: the same verbs, the
+inner strategy does the work, the wrapper records. For every round the ledger gets the global adapter sent out
+(``dispatch``), every reply (``inbound``: sender, payload hash, status) and the aggregation (``aggregate``:
+participants with their payload hashes and weights, the method, the server step and the hash of the result).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from common import keys
+from common.audit import AGGREGATE, DISPATCH, INBOUND, Ledger, LedgerCheck, content_payload, payload_hash
+from server.aggregate import aggregation_weights, server_step, weighted_average
+from server.strategy import RegionFedAvg, RoundLog, to_numpy
+
+UPDATES_DIR = "updates"
+GLOBAL_IN = "global-in.npz"
+METRICS_KEY = "__metrics__"  # the kept update's metrics, as JSON, beside its tensors
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def round_dir(keep_dir: Path, server_round: int) -> Path:
+    """Where the updates of one round are kept."""
+    return keep_dir / f"round-{server_round:03d}"
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray], metrics: dict[str, int | float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    named: dict[str, Any] = {**arrays, METRICS_KEY: np.array(json.dumps(metrics, sort_keys=True))}
+    np.savez(path, **named)
+
+
+def load_kept(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+    """A kept update (or incoming global adapter): its tensors and metrics."""
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files if k != METRICS_KEY}
+        metrics = json.loads(str(npz[METRICS_KEY])) if METRICS_KEY in npz.files else {}
+    return arrays, metrics
+
+
+class LedgerStrategy:
+    """A strategy that records, in a signed ledger, every update it receives and every aggregation it makes."""
+
+    def __init__(
+        self,
+        strategy: RegionFedAvg,
+        ledger: Ledger,
+        keep_dir: Path | None = None,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.strategy = strategy
+        self.ledger = ledger
+        self.keep_dir = keep_dir
+        self.clock = clock
+        self._run: int | None = None
+        self._sent_hash: str | None = None
+        self._split = ""
+
+    @property
+    def last_train(self) -> RoundLog:
+        """The inner strategy's record of the last train exchange."""
+        return self.strategy.last_train
+
+    @property
+    def last_evaluate(self) -> RoundLog:
+        """The inner strategy's record of the last evaluate exchange."""
+        return self.strategy.last_evaluate
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send as the inner strategy does; record the global adapter that went out."""
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._run = messages[0].metadata.run_id if messages else self._run
+        sent = to_numpy(arrays)
+        self._sent_hash = payload_hash(sent)
+        self.ledger.append(
+            {
+                "kind": DISPATCH,
+                "run": self._run,
+                "round": server_round,
+                "message": "train",
+                "global_sha256": self._sent_hash,
+                "nodes": sorted(m.metadata.dst_node_id for m in messages),
+            },
+            self.clock(),
+        )
+        if self.keep_dir is not None:
+            _save(round_dir(self.keep_dir, server_round) / GLOBAL_IN, sent, {})
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate as the inner strategy does; record each reply, the participants and the result."""
+        replies = list(replies)
+        hashes = self._record_inbound(server_round, "train", replies)
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        log = self.strategy.last_train
+        by_node = {m.metadata.src_node_id: m for m in replies}
+        participants = [
+            {
+                "region": r.region,
+                "node": r.node_id,
+                "sha256": hashes[r.node_id],
+                "num_examples": r.num_examples,
+                "weight": w,
+            }
+            for r, w in zip(log.replies, log.weights, strict=True)
+        ]
+        self.ledger.append(
+            {
+                "kind": AGGREGATE,
+                "run": self._run,
+                "round": server_round,
+                "method": self.strategy.method,
+                "server_lr": self.strategy.server_lr,
+                "base_sha256": self._sent_hash,
+                "participants": participants,
+                "rejected": log.rejected,
+                "global_sha256": payload_hash(to_numpy(arrays)) if arrays is not None else None,
+            },
+            self.clock(),
+        )
+        if self.keep_dir is not None:
+            for reply in log.replies:
+                update, values = content_payload(by_node[reply.node_id].content)
+                _save(round_dir(self.keep_dir, server_round) / f"{reply.region}.npz", update, values)
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send as the inner strategy does."""
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        self._run = messages[0].metadata.run_id if messages else self._run
+        self._split = str(config.get(keys.SPLIT, ""))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate as the inner strategy does; record each reply."""
+        replies = list(replies)
+        self._record_inbound(server_round, "evaluate", replies, self._split)
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def _record_inbound(
+        self, server_round: int, message: str, replies: list[Message], split: str = keys.TRAIN
+    ) -> dict[int, str]:
+        hashes: dict[int, str] = {}
+        now = self.clock()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            body: dict[str, Any] = {
+                "kind": INBOUND,
+                "run": self._run,
+                "round": server_round,
+                "message": message,
+                "split": split,
+            }
+            if msg.has_error():
+                body.update(node=node, status="error", reason=msg.error.reason)
+            else:
+                arrays, metrics = content_payload(msg.content)
+                hashes[node] = payload_hash(arrays, metrics)
+                index = metrics.get(keys.REGION_INDEX)
+                body.update(node=node, region_index=index, sha256=hashes[node], status="received")
+            self.ledger.append(body, now)
+        return hashes
+
+
+# -------------------------------------------------------------------------------------------- recomputation
+
+
+def recompute(server: LedgerCheck, keep_dir: Path) -> tuple[int, list[str]]:
+    """Recompute every round's global adapter from the kept updates and compare with the ledger's hashes.
+
+    Returns the number of rounds recomputed and the problems found (each naming the ledger line).
+    """
+    problems: list[str] = []
+    rounds = 0
+    for entry in server.entries:
+        body = entry["body"]
+        if body.get("kind") != AGGREGATE or body.get("global_sha256") is None:
+            continue
+        where = f"{server.path}:{entry['_line']}: round {body['round']}"
+        problem = _recompute_round(body, round_dir(keep_dir, int(body["round"])))
+        if problem:
+            problems.append(f"{where}: {problem}")
+        rounds += 1
+    return rounds, problems
+
+
+def _recompute_round(body: dict[str, Any], folder: Path) -> str | None:
+    if not (folder / GLOBAL_IN).is_file():
+        return f"no kept updates in {folder}"
+    base, _ = load_kept(folder / GLOBAL_IN)
+    if payload_hash(base) != body["base_sha256"]:
+        return f"{folder / GLOBAL_IN} is not the global adapter the round started from"
+    updates, counts = [], []
+    for part in body["participants"]:
+        path = folder / f"{part['region']}.npz"
+        if not path.is_file():
+            return f"the update of {part['region']} was not kept ({path})"
+        arrays, metrics = load_kept(path)
+        if payload_hash(arrays, metrics) != part["sha256"]:
+            return f"{path} does not hash to the update the ledger records for {part['region']}"
+        updates.append(arrays)
+        counts.append(int(metrics[keys.NUM_EXAMPLES]))
+    weights = aggregation_weights(counts, str(body["method"]))
+    if weights != [p["weight"] for p in body["participants"]]:
+        return f"the recorded weights {[p['weight'] for p in body['participants']]} are not {weights}"
+    result = server_step(base, weighted_average(updates, weights), float(body["server_lr"]))
+    if payload_hash(result) != body["global_sha256"]:
+        return "the kept updates do not aggregate to the global adapter the ledger records"
+    return None
