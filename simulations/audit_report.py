@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.audit import AGGREGATE, DISPATCH, EGRESS, FAILED, INBOUND, REFUSED, SENT, SERVER, LedgerCheck
+from simulations.report import new_figure, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 __all__ = ["write_audit_report"]
 
 REPORT_NAME = "audit-report.md"
 PLOT_NAME = "audit-bytes-{}.png"
 HASH_CHARS = 12
-DPI = 110
 LOG_SCALE_RATIO = 20.0  # train replies are ~40x evaluate replies; on a linear axis the evaluate line sits on zero
 MESSAGE_ORDER = ("train", "evaluate")
 MESSAGE_COLORS = {"train": "#1f77b4", "evaluate": "#ff7f0e"}
@@ -397,14 +396,14 @@ def _plot_bytes(region: str, entries: Sequence[Entry], path: Path) -> bool:
     points = _points(entries)
     if not points:
         return False
-    fig, ax = _new_figure()
+    fig, ax = new_figure(7.0, 4.0)
     for message in sorted({p.message for p in points}, key=_message_rank):
         _draw_message(ax, message, [p for p in points if p.message == message])
     for i, rnd in enumerate(sorted({p.round for p in points if p.status == REFUSED})):
         label = "round with a refused reply" if i == 0 else None
         ax.axvspan(rnd - 0.3, rnd + 0.3, color=REFUSED_COLOR, alpha=0.1, lw=0, label=label)
     _style_axes(ax, region, points)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -459,28 +458,6 @@ def _style_axes(ax: Axes, region: str, points: Sequence[_Point]) -> None:
     ax.set_xlabel("round", fontsize=11)
     ax.set_ylabel("bytes (payload)", fontsize=11)
     ax.legend(fontsize=9)
-
-
-def _new_figure() -> tuple[Figure, Axes]:
-    """A fresh figure drawn with the headless Agg backend."""
-    import matplotlib
-
-    # auditors run this on servers without a display; choosing here keeps importing this module side-effect free
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.0, 4.0))
-    ax.grid(True, alpha=0.3)
-    ax.set_axisbelow(True)
-    return fig, ax
-
-
-def _save_figure(fig: Figure, path: Path) -> None:
-    """Save as PNG and free the figure, so reports of many regions do not pile up open figures."""
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------- server

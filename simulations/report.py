@@ -499,7 +499,7 @@ def _participation_lines(summary: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------- plots
 
 
-def _new_figure(width: float = 8.0, height: float = 4.5) -> tuple[Figure, Axes]:
+def new_figure(width: float = 8.0, height: float = 4.5) -> tuple[Figure, Axes]:
     """Return a fresh figure and axes drawn with the headless Agg backend."""
     import matplotlib
 
@@ -513,7 +513,7 @@ def _new_figure(width: float = 8.0, height: float = 4.5) -> tuple[Figure, Axes]:
     return fig, ax
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """Save the figure as PNG and free it, so a long sweep does not pile up open figures."""
     import matplotlib.pyplot as plt
 
@@ -575,7 +575,7 @@ def _plot_val(path: Path, summary: Mapping[str, Any], metrics: Sequence[Mapping[
     if metric is None:
         return False
     series = _collect_series(metrics, VAL, metric)
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     rounds = _plot_lines(ax, series, _region_order(summary, series))
     if len(series) > 1:
         mean = _weighted_mean_by_round(series)
@@ -594,7 +594,7 @@ def _plot_val(path: Path, summary: Mapping[str, Any], metrics: Sequence[Mapping[
     _style(ax, f"Validation {label} of the global model", "Round", f"Validation {label}")
     _set_round_ticks(ax, rounds)
     _legend_outside(ax)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -603,12 +603,12 @@ def _plot_train_loss(path: Path, summary: Mapping[str, Any], metrics: Sequence[M
     series = _collect_series(metrics, TRAIN, "loss")
     if not series:
         return False
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     rounds = _plot_lines(ax, series, _region_order(summary, series))
     _style(ax, "Local training loss per region", "Round", "Training loss")
     _set_round_ticks(ax, rounds)
     _legend_outside(ax)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -620,7 +620,7 @@ def _plot_modes(path: Path, summary: Mapping[str, Any], overall: Mapping[str, Ma
     modes = [m for m in MODES if any(metric in g.get(m, {}) for _, g in groups)]
     if metric is None or not modes:
         return False
-    fig, ax = _new_figure(width=max(8.0, 1.1 * len(groups) * max(len(modes), 2) / 2 + 3))
+    fig, ax = new_figure(width=max(8.0, 1.1 * len(groups) * max(len(modes), 2) / 2 + 3))
     width = 0.8 / max(len(modes), 2)  # a lone mode gets half-width bars, not one solid block
     for i, mode in enumerate(modes):
         values = [g.get(mode, {}).get(metric) for _, g in groups]
@@ -643,7 +643,7 @@ def _plot_modes(path: Path, summary: Mapping[str, Any], overall: Mapping[str, Ma
         fontsize=9,
         frameon=False,
     )
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -658,7 +658,7 @@ def _plot_bytes(path: Path, summary: Mapping[str, Any]) -> bool:
         return False
     comm = _section(summary, "communication")
     rounds = [int(_number(e, "round") or 0) for e in entries]
-    fig, ax = _new_figure()
+    fig, ax = new_figure()
     for offset, key, label, color in (
         (-0.2, "bytes_up", "Sent by regions (up)", "#1f77b4"),
         (0.2, "bytes_down", "Sent by server (down)", "#ff7f0e"),
@@ -678,7 +678,7 @@ def _plot_bytes(path: Path, summary: Mapping[str, Any]) -> bool:
     _style(ax, _bytes_title(comm), "Round", "MB per round" + (" (log scale)" if log_scale else ""))
     _set_round_ticks(ax, rounds)
     _legend_outside(ax)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     return True
 
 

@@ -590,3 +590,22 @@ def test_audit_report_from_the_cli(audited: tuple[RunConfig, Path], tmp_path: Pa
     report = (tmp_path / "r" / "audit-report.md").read_text()
     assert "VERIFIED" in report and "north" in report and "south" in report
     assert (tmp_path / "r" / "audit-bytes-north.png").stat().st_size > 1000
+
+
+def test_a_tensor_the_policy_does_not_allow_stops_the_real_reply(
+    tiny_bert: Path, regions_with_pii: Path, tmp_path: Path
+) -> None:
+    # south's policy lets only the LoRA factors leave; the run also trains and sends the classifier head
+    lora_only = {"egress": {"tensors": ["*.lora_A.weight", "*.lora_B.weight"]}}
+    cfg, out = audited_run(tmp_path, tiny_bert, regions_with_pii, {"north": {}, "south": lora_only}, keep=False)
+    record = json.loads((out / "state.json").read_text())["rounds"][0]
+    assert record["participants"] == ["north"]
+    reason = record["rejected"][0]["reason"]
+    assert "refused by the policy of region south: tensor 'base_model.model.classifier" in reason
+    assert "is not allowed to leave" in reason
+    _, nodes = checks(out, cfg.region_names)
+    south = [e["body"] for e in nodes[1].entries]
+    train = [b for b in south if b["message"] == "train"]
+    assert train and all(b["status"] == "refused" for b in train)
+    # evaluation replies carry no tensors, so they may still leave under this policy
+    assert all(b["status"] == "sent" for b in south if b["message"] == "evaluate")
