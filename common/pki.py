@@ -8,6 +8,8 @@ How the files map onto Flower's flags:
   ``--ssl-keyfile``).
 - ``create_node_keys``: ``node.key.pub`` is registered with ``flwr supernode register``; ``node.key`` stays on
   the SuperNode (``--auth-supernode-private-key``).
+- ``pinned_fingerprint`` / ``peer_fingerprint``: the SuperLink certificate as a region's policy pins it
+  (``server_fingerprint: "sha256:…"``), from its file and as the running SuperLink presents it over TLS.
 
 Every key is ECDSA P-256. Private keys are written unencrypted (the Flower processes read them without a
 passphrase), so they are created owner-only from the first byte, and nothing is ever overwritten silently.
@@ -15,10 +17,13 @@ passphrase), so they are created owner-only from the first byte, and nothing is 
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
 import secrets
+import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +43,8 @@ FOLDER_MODE = 0o700
 BACKDATE = timedelta(minutes=5)
 # Clients match the subjectAltName entries; the common name is only a label for people reading the file.
 SERVER_COMMON_NAME = "fedlocale SuperLink"
+# How a policy names a certificate (common.policy.RegionPolicy.server_fingerprint): this prefix, then hex.
+PIN_PREFIX = "sha256:"
 
 # Curves ``flwr supernode register`` accepts, minus the two too weak to choose today.
 _NODE_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
@@ -197,6 +204,43 @@ def load_node_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublic
 def certificate_fingerprint(path: str | os.PathLike[str]) -> str:
     """The SHA-256 of the PEM certificate at ``path`` over its DER encoding, as lowercase hex (64 characters)."""
     return _read_cert(Path(path)).fingerprint(hashes.SHA256()).hex()
+
+
+def pinned_fingerprint(path: str | os.PathLike[str]) -> str:
+    """The certificate at ``path`` in the form a policy pins it: ``sha256:`` and 64 lowercase hex digits."""
+    return PIN_PREFIX + certificate_fingerprint(path)
+
+
+def peer_fingerprint(host: str, port: int, ca_cert: str | os.PathLike[str], timeout: float = 10.0) -> str:
+    """Connect to ``host:port`` over TLS, trusting only ``ca_cert``, and return the certificate it presents
+    as ``sha256:<hex of the SHA-256 of its DER>`` (the form of a policy's ``server_fingerprint``).
+
+    The chain and the host name are verified as the SuperNode verifies them; ``PkiError`` says why when the
+    server cannot be reached, does not speak TLS, or presents a certificate ``ca_cert`` does not vouch for.
+    """
+    where = f"{host}:{port}"
+    ca_path = Path(ca_cert)
+    if not ca_path.is_file():
+        raise PkiError(f"{ca_path} does not exist")
+    try:
+        context = ssl.create_default_context(cafile=str(ca_path))
+    except (ssl.SSLError, ValueError) as err:
+        raise PkiError(f"{ca_path} is not a PEM certificate: {err}") from err
+    context.set_alpn_protocols(["h2", "http/1.1"])  # what gRPC and the SuperLink's HTTP API offer
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as err:  # refused, unreachable, unknown host, timed out
+        raise PkiError(f"{where}: cannot connect: {err.strerror or err}") from err
+    try:
+        with raw, context.wrap_socket(raw, server_hostname=host) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLCertVerificationError as err:
+        raise PkiError(f"{where}: certificate not trusted with {ca_path}: {err.verify_message} ({err})") from err
+    except OSError as err:  # ssl.SSLError, or the server closed or stayed silent
+        raise PkiError(f"{where}: TLS handshake failed: {err.strerror or err}") from err
+    if not der:
+        raise PkiError(f"{where}: presented no certificate")
+    return PIN_PREFIX + hashlib.sha256(der).hexdigest()
 
 
 # --- certificates -----------------------------------------------------------------------------------------

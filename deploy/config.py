@@ -55,7 +55,7 @@ class SuperLinkSettings:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """One country node: the region it serves and where its data, keys and cache live on its own host."""
+    """One country node: the region it serves and where its data, keys, cache, policy and ledger live on its host."""
 
     region: str
     data: Path | None = None  # default: the run config's folder for this region
@@ -63,6 +63,8 @@ class NodeSettings:
     keys: Path | None = None  # folder holding node.key / node.key.pub; default WORKDIR/nodes/REGION
     threads: int | None = None  # torch threads of this node's ClientApp
     cache_dir: Path | None = None  # tokenised-data cache on the node's disk; default none
+    policy: Path | None = None  # the region's residency policy file; default: the run config region's `policy`
+    audit_dir: Path | None = None  # the node's signed egress ledger and its key; default WORKDIR/nodes/REGION/audit
 
     def __post_init__(self) -> None:
         problems = []
@@ -95,7 +97,7 @@ class DeployConfig:
         _check(problems)
 
 
-_PATH_FIELDS = {"data", "keys", "cache_dir"}
+_PATH_FIELDS = {"data", "keys", "cache_dir", "policy", "audit_dir"}
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

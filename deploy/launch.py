@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from common.pki import PkiError, peer_fingerprint
+from common.policy import PolicyError, check_server, load_policy
 from deploy.plan import (
     Layout,
     Node,
@@ -36,6 +38,39 @@ _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 class LaunchError(RuntimeError):
     """A deployment process did not start or failed; the message names its log file."""
+
+
+class ServerIdentityError(LaunchError):
+    """A node's policy pins a SuperLink certificate and the SuperLink presents another (or cannot be checked)."""
+
+
+def check_server_identity(lay: Layout, node: Node, ca_cert: Path | None = None, timeout: float = 10.0) -> str | None:
+    """Before ``node``'s SuperNode starts: the certificate the SuperLink presents must be the one its policy pins.
+
+    Connects over TLS trusting ``ca_cert`` (default the deployment CA, as the SuperNode does) and compares
+    ``sha256:<hex>`` of the certificate with the policy's ``server_fingerprint``. Returns the fingerprint seen,
+    or None when the node has no policy or its policy pins none (nothing to check). Raises
+    ``ServerIdentityError`` naming both fingerprints on a mismatch, or why the certificate could not be read;
+    a policy file that does not load raises ``ConfigError`` with its file and line.
+    """
+    if node.policy is None:
+        return None
+    policy = load_policy(node.policy)
+    if policy.server_fingerprint is None:
+        return None
+    link = lay.deploy.superlink
+    try:
+        seen = peer_fingerprint(link.address, link.port, ca_cert or lay.ca.cert, timeout)
+    except PkiError as err:
+        raise ServerIdentityError(
+            f"node {node.region} not started: cannot check the SuperLink's certificate against "
+            f"server_fingerprint of {node.policy}: {err}"
+        ) from err
+    try:
+        check_server(policy, seen)
+    except PolicyError as err:
+        raise ServerIdentityError(f"node {node.region} not started: {err} (pinned in {node.policy})") from err
+    return seen
 
 
 @dataclass(frozen=True)
@@ -118,9 +153,12 @@ class Cluster:
     def start_node(self, node: Node, ca_cert: Path | None = None, name: str | None = None) -> str:
         """Start the SuperNode of ``node`` (trusting ``ca_cert`` instead of the deployment CA if given).
 
-        Returns the process name (default ``node-REGION``) for ``wait_node`` and ``stop``.
+        If the node's policy pins the SuperLink's certificate, the SuperLink is checked first and a different
+        one refuses the start (``ServerIdentityError``, nothing started). Returns the process name (default
+        ``node-REGION``) for ``wait_node`` and ``stop``.
         """
         name = name or f"node-{node.region}"
+        check_server_identity(self.lay, node, ca_cert)
         self.start(name, supernode_argv(self.lay, node, ca_cert))
         return name
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common import keys
 from common.config import RunConfig
-from common.pki import CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
+from common.pki import FOLDER_MODE, CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
 from deploy.config import DEFAULT_NODE_PORT, DeployConfig
 from simulations.env import FLOWER_ENV
 
@@ -31,6 +31,8 @@ class Node:
     keys: NodeKeys
     threads: int | None
     cache_dir: Path | None
+    policy: Path | None  # the region's residency policy on the node's host; None: no policy
+    audit_dir: Path  # the node's signed egress ledger and its Ed25519 key (made by the node on first use)
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,12 @@ def layout(deploy: DeployConfig, run: RunConfig) -> Layout:
     settings = deploy.nodes or ()
     by_region = {n.region: n for n in settings}
     data = {r.name: r.data for r in run.regions}
+    policies = {r.name: r.policy for r in run.regions}
     order = [n.region for n in settings] if settings else list(run.region_names)
     nodes = []
     for i, region in enumerate(order):
         s = by_region.get(region)
+        policy = s.policy if s and s.policy else policies[region]
         nodes.append(
             Node(
                 region=region,
@@ -69,6 +73,8 @@ def layout(deploy: DeployConfig, run: RunConfig) -> Layout:
                 keys=NodeKeys.in_folder((s.keys if s and s.keys else work / "nodes" / region).resolve()),
                 threads=s.threads if s else None,
                 cache_dir=s.cache_dir.resolve() if s and s.cache_dir else None,
+                policy=policy.resolve() if policy else None,
+                audit_dir=(s.audit_dir if s and s.audit_dir else work / "nodes" / region / "audit").resolve(),
             )
         )
     return Layout(
@@ -99,6 +105,19 @@ def create_credentials(
         pair = create_node_keys(node.keys.private.parent, force=force)
         written += [pair.private, pair.public]
     return written
+
+
+def create_audit_dirs(lay: Layout, regions: Sequence[str] | None = None) -> list[Path]:
+    """Make the audit folders (0700) of ``regions`` (default: every node) that do not exist yet; return them.
+
+    Only the folder: the node makes its ledger key there on first use, so the key never exists anywhere else.
+    """
+    made = []
+    for node in lay.nodes if regions is None else [n for n in lay.nodes if n.region in regions]:
+        if not node.audit_dir.is_dir():
+            node.audit_dir.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+            made.append(node.audit_dir)
+    return made
 
 
 def environment(lay: Layout) -> dict[str, str]:
@@ -137,13 +156,16 @@ def register_argv(lay: Layout, node: Node) -> list[str]:
 
 
 def node_config(node: Node) -> str:
-    """The ``--node-config`` string: which region this node serves and where its data lives."""
+    """The ``--node-config`` string: which region this node serves, where its data, policy and ledger live."""
     # double quotes inside, so the shell-quoted command stays readable: --node-config 'region="x" …'
     parts = [f'{keys.NODE_REGION}="{node.region}"', f'{keys.NODE_DATA_DIR}="{node.data}"']
     if node.threads is not None:
         parts.append(f"{keys.NODE_THREADS}={node.threads}")
     if node.cache_dir is not None:
         parts.append(f'{keys.NODE_CACHE_DIR}="{node.cache_dir}"')
+    if node.policy is not None:
+        parts.append(f'{keys.NODE_POLICY}="{node.policy}"')
+    parts.append(f'{keys.NODE_AUDIT_DIR}="{node.audit_dir}"')
     return " ".join(parts)
 
 
@@ -167,8 +189,16 @@ def run_argv(lay: Layout, out: Path | None = None, resume: bool = False) -> list
     return ["flwr", "run", str(APP_DIR), lay.connection, "--stream", "-c", settings]
 
 
-def render(lay: Layout, deploy_file: Path) -> str:
-    """The whole deployment as shell commands, grouped by the host each runs on."""
+def render(lay: Layout, deploy_file: Path, fingerprint: str | None = None) -> str:
+    """The whole deployment as shell commands, grouped by the host each runs on.
+
+    ``fingerprint`` is the SuperLink certificate's (``sha256:…``, once it exists), for the regions' policies.
+    """
+    pin = (
+        f"#    SuperLink certificate, for server_fingerprint in each region's policy: {fingerprint}"
+        if fingerprint
+        else "#    then pin the SuperLink in each region's policy: server_fingerprint (plan prints it once it exists)"
+    )
     env = environment(lay)
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     join = shlex.join
@@ -177,6 +207,7 @@ def render(lay: Layout, deploy_file: Path) -> str:
         f"fedlocale deploy init {shlex.quote(str(deploy_file))}",
         "#    or across hosts: --pki-only on the operator's machine (keeps pki/ca.key), --node REGION on each",
         "#    country host (its private key never leaves it); copy pki/ca.crt to every host, node.key.pub back",
+        pin,
         "",
         "# every command below runs with:",
         f"export {exports}",
@@ -189,7 +220,9 @@ def render(lay: Layout, deploy_file: Path) -> str:
         *(f"#    {line}" if line else "#" for line in connection_toml(lay).splitlines()),
         *(join(register_argv(lay, node)) for node in lay.nodes),
         "",
-        "# 3. each country host: its SuperNode (needs only ca.crt, its own key pair and its data)",
+        "# 3. each country host: its SuperNode (needs only ca.crt, its own key pair, its data and its policy).",
+        f"#    `fedlocale node {shlex.quote(str(deploy_file))} --region REGION` runs the same line after checking the",
+        "#    SuperLink's certificate against the policy's server_fingerprint; the ledger goes to audit-dir",
     ]
     for node in lay.nodes:
         lines += [f"#    {node.region}", join(supernode_argv(lay, node))]

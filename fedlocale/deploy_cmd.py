@@ -22,8 +22,10 @@ def add_parsers(sub: Any) -> None:
         "init",
         help="create the CA, the SuperLink certificate and every node's key pair",
         description="Create pki/ca.crt+ca.key, pki/server.pem+server.key (SANs: superlink.address and "
-        "superlink.hosts) and, per region, node.key+node.key.pub (ECDSA P-256, OpenSSH). Private keys are "
-        "written 0600; nothing is overwritten without --force.",
+        "superlink.hosts) and, per region, node.key+node.key.pub (ECDSA P-256, OpenSSH) and its audit folder "
+        "(0700; the node makes its ledger key there itself). Private keys are written 0600; nothing is overwritten "
+        "without --force. Prints the SuperLink certificate's fingerprint (sha256:…) for the policies' "
+        "server_fingerprint.",
     )
     init.add_argument("deploy_file", type=Path, help="deployment YAML (see configs/deploy/)")
     init.add_argument("--force", action="store_true", help="replace existing certificates and keys")
@@ -54,7 +56,9 @@ def add_parsers(sub: Any) -> None:
     node = sub.add_parser(
         "node",
         help="run one region's SuperNode in the foreground (country host)",
-        description="exec flower-supernode for REGION with TLS, its own key and its own data folder.",
+        description="exec flower-supernode for REGION with TLS, its own key, data folder, policy and audit folder; "
+        "first, if the region's policy pins server_fingerprint, check the certificate the SuperLink presents and "
+        "exit 2 without starting when it is another one.",
     )
     node.add_argument("deploy_file", type=Path)
     node.add_argument("--region", required=True)
@@ -76,7 +80,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if action == "plan":
         from deploy.plan import render
 
-        print(render(lay, args.deploy_file), end="")
+        print(render(lay, args.deploy_file, _server_fingerprint(lay)), end="")
         return 0
     if action == "superlink":
         from deploy.plan import superlink_argv
@@ -86,7 +90,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    """``fedlocale node``: exec the region's SuperNode."""
+    """``fedlocale node``: check the SuperLink against the region's policy, then exec the region's SuperNode."""
+    from deploy.launch import ServerIdentityError, check_server_identity
     from deploy.plan import supernode_argv
 
     lay = _load(args.deploy_file)
@@ -95,11 +100,26 @@ def cmd_node(args: argparse.Namespace) -> int:
         known = ", ".join(nodes)
         print(f"fedlocale: {args.deploy_file}: no node for region {args.region!r} ({known})", file=sys.stderr)
         return 2
-    return _exec(lay, supernode_argv(lay, nodes[args.region]))
+    node = nodes[args.region]
+    try:
+        seen = check_server_identity(lay, node)
+    except ServerIdentityError as err:
+        print(f"fedlocale: {err}", file=sys.stderr)
+        return 2
+    if seen is not None:
+        print(f"SuperLink certificate {seen} is the one the policy of {node.region} pins", file=sys.stderr)
+    return _exec(lay, supernode_argv(lay, node))
+
+
+def _server_fingerprint(lay: Any) -> str | None:
+    """The SuperLink certificate as policies pin it (``sha256:…``), if it exists on this machine."""
+    from common.pki import pinned_fingerprint
+
+    return pinned_fingerprint(lay.server.cert) if lay.server.cert.is_file() else None
 
 
 def _init(lay: Any, force: bool, pki: bool = True, regions: list[str] | None = None) -> int:
-    from deploy.plan import create_credentials
+    from deploy.plan import create_audit_dirs, create_credentials
 
     unknown = sorted(set(regions or ()) - {n.region for n in lay.nodes})
     if unknown:
@@ -112,6 +132,12 @@ def _init(lay: Any, force: bool, pki: bool = True, regions: list[str] | None = N
         return 2
     for path in written:
         print(f"wrote {path}")
+    for folder in create_audit_dirs(lay, regions):
+        print(f"made {folder}/ (0700; the node makes its ledger key there on first use)")
+    fingerprint = _server_fingerprint(lay)
+    if pki and fingerprint:
+        print(f"SuperLink certificate: {fingerprint}")
+        print("  pin it in each region's policy (on the node's host): server_fingerprint: " + f'"{fingerprint}"')
     return 0
 
 
@@ -130,7 +156,7 @@ def _exec(lay: Any, argv: list[str]) -> int:
 def _up(lay: Any, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from deploy.launch import Cluster, LaunchError
+    from deploy.launch import Cluster, LaunchError, ServerIdentityError
 
     if not lay.ca.cert.exists() and _init(lay, force=False):
         return 2
@@ -149,7 +175,12 @@ def _up(lay: Any, args: argparse.Namespace) -> int:
         names = {}
         for node in lay.nodes:
             cluster.register(node)
-            names[node.region] = cluster.start_node(node)
+            try:
+                names[node.region] = cluster.start_node(node)
+            except ServerIdentityError as err:
+                bar.close()
+                print(f"fedlocale: {err}", file=sys.stderr)
+                return 2
         for region, name in names.items():
             cluster.wait_node(name)
             bar.write(f"node {region} connected")
@@ -159,12 +190,13 @@ def _up(lay: Any, args: argparse.Namespace) -> int:
             raise RuntimeError(str(err)) from err
         finally:
             bar.close()
-    return _finish(out, lay.deploy.run, outcome)
+    return _finish(out, lay.deploy.run, outcome, {node.region: node.audit_dir for node in lay.nodes})
 
 
-def _finish(out: Path, run_config: Path, outcome: Any) -> int:
+def _finish(out: Path, run_config: Path, outcome: Any, node_dirs: dict[str, Path]) -> int:
     from server.app import ERROR_FILE
     from server.federation import FEDERATION_FILE
+    from simulations.runner import audit_run
 
     if (out / ERROR_FILE).exists():
         last = (out / ERROR_FILE).read_text().strip().splitlines()[-1]
@@ -172,21 +204,34 @@ def _finish(out: Path, run_config: Path, outcome: Any) -> int:
     if outcome.returncode != 0 or not (out / FEDERATION_FILE).exists():
         raise RuntimeError(f"flwr run exited with code {outcome.returncode}; see {outcome.log}")
     result = json.loads((out / FEDERATION_FILE).read_text())
-    _write_summary(out, run_config, result, outcome.seconds)
+    said: list[str] = []
+    # every ledger of this machine: the server's in out/audit/server, each node's in its own audit-dir
+    audit = audit_run(out, list(node_dirs), said.append, node_dirs=node_dirs)
+    _write_summary(out, run_config, result, outcome.seconds, audit)
     print(f"\n{'region':<20}{'macro-F1':>10}{'accuracy':>10}   (test, best round {result['best_round']})")
     for region, scores in result["test"].items():
         print(f"{region:<20}{scores['macro_f1']:>10.3f}{scores['accuracy']:>10.3f}")
     print(f"\nrun {outcome.run_id} finished in {outcome.seconds:.0f} s; wrote {out}/summary.json, report.md, adapter/")
+    for line in said:
+        print(line)
+    for finding in audit["findings"]:
+        print(f"  {finding}", file=sys.stderr)
+    if audit["missing_ledgers"]:
+        print(f"  no ledger from: {', '.join(audit['missing_ledgers'])}", file=sys.stderr)
     return 0
 
 
-def _write_summary(out: Path, run_config: Path, federation: dict[str, Any], seconds: float) -> None:
+def _write_summary(
+    out: Path, run_config: Path, federation: dict[str, Any], seconds: float, audit: dict[str, Any] | None = None
+) -> None:
     """summary.json and report.md of a deployment, from what the server saw (it never sees region data)."""
     from common.config import load_config
     from simulations.report import write_report
     from simulations.runner import SUMMARY_FILE, build_summary, read_metrics
 
     summary = build_summary(load_config(run_config), None, federation, {}, seconds, str(run_config))
+    if audit is not None:
+        summary["audit"] = audit
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     write_report(out, summary, read_metrics(out))
 

@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.pki import create_ca, create_node_keys
+from common.audit import EGRESS, LEDGER_FILE, PUBLIC_KEY_FILE, SENT, read_entries
+from common.pki import create_ca, create_node_keys, create_server_cert, pinned_fingerprint
 from deploy.config import load_deploy, read_deploy
-from deploy.launch import Cluster, LaunchError
-from deploy.plan import Layout, create_credentials, layout, render
+from deploy.launch import Cluster, LaunchError, ServerIdentityError, check_server_identity
+from deploy.plan import Layout, create_credentials, layout, node_config, render
+from fedlocale import deploy_cmd
 from fedlocale.cli import main
 from tests.conftest import make_tiny_model, tiny_config, write_region
+from tests.test_pki import tls_server
 
 BIN = Path(sys.executable).parent
 TRAIN = {"lr": 3e-2, "epochs": 2, "batch_size": 8, "threads": 1}
@@ -43,15 +46,24 @@ def three_regions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _deployment(tmp_path: Path, model: Path, regions: Path, **run_extra: object) -> tuple[Path, Layout]:
+def _deployment(
+    tmp_path: Path,
+    model: Path,
+    regions: Path,
+    link: int | None = None,
+    node_extra: dict[str, dict[str, str]] | None = None,
+    **run_extra: object,
+) -> tuple[Path, Layout]:
+    """deploy.yaml (SuperLink on ``link``, default a free port) with ``node_extra`` added to the nodes' entries."""
     run = tiny_config(tmp_path / "run.yaml", model, regions, train=TRAIN, baselines=[], **run_extra)
-    link, *nodes = _free_ports(4)
+    free, *nodes = _free_ports(4)
     spec = {
         "run": "run.yaml",
         "workdir": "work",
-        "superlink": {"address": "127.0.0.1", "port": link, "hosts": ["localhost"]},
+        "superlink": {"address": "127.0.0.1", "port": link or free, "hosts": ["localhost"]},
         "nodes": [
-            {"region": r, "port": p, "threads": 1} for r, p in zip(["east", "north", "south"], nodes, strict=True)
+            {"region": r, "port": p, "threads": 1, **(node_extra or {}).get(r, {})}
+            for r, p in zip(["east", "north", "south"], nodes, strict=True)
         ],
     }
     path = tmp_path / "deploy.yaml"
@@ -60,24 +72,52 @@ def _deployment(tmp_path: Path, model: Path, regions: Path, **run_extra: object)
     return path, layout(*load_deploy(path))
 
 
+def _policy(path: Path, region: str, fingerprint: str | None = None) -> Path:
+    """A residency policy that lets the tiny model's adapter and metrics leave; pins ``fingerprint`` if given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"region": region, "min_train_examples": 1, "server_fingerprint": fingerprint}))
+    return path
+
+
 @pytest.mark.slow
 def test_deployment_with_tls_and_node_auth_matches_the_simulation(
     tmp_path: Path, three_regions: Path, tiny_bert: Path
 ) -> None:
-    deploy_file, lay = _deployment(tmp_path, tiny_bert, three_regions)
+    # every node has a residency policy (from the run config) that pins the SuperLink's certificate
+    regions = ["east", "north", "south"]
+    policies = tmp_path / "policies"
+    for region in regions:
+        _policy(policies / f"{region}.yaml", region)
+    deploy_file, lay = _deployment(
+        tmp_path, tiny_bert, three_regions, policies=str(policies), audit={"keep_updates": True}
+    )
     create_credentials(lay, now=datetime.now(UTC))
-    spare = _free_ports(2)
+    pin = pinned_fingerprint(lay.server.cert)
+    for region in regions:
+        _policy(policies / f"{region}.yaml", region, pin)
+    spare = _free_ports(3)
     intruder = replace(lay.nodes[0], port=spare[0], keys=create_node_keys(tmp_path / "intruder"))
-    untrusting = replace(lay.nodes[1], port=spare[1])
+    untrusting = replace(lay.nodes[1], port=spare[1], policy=None)
     other_ca = create_ca(tmp_path / "other-ca", now=datetime.now(UTC))
+    wrong_pin = "sha256:" + "0" * 64
+    misled = replace(lay.nodes[2], port=spare[2], policy=_policy(tmp_path / "misled.yaml", "south", wrong_pin))
 
     with Cluster(lay, bin_dir=BIN) as cluster:
-        cluster.start_all()
+        cluster.start_all()  # each start checked the SuperLink against the pin first
+        assert check_server_identity(lay, lay.nodes[0]) == pin
+        # a policy pinning another certificate: refused before any SuperNode process exists
+        with pytest.raises(
+            ServerIdentityError, match=f"presents certificate {pin}, the policy allows only {wrong_pin}"
+        ):
+            cluster.start_node(misled, name="misled")
+        assert "misled" not in cluster.procs and not cluster.log_path("misled").exists()
         # a key the SuperLink never registered is refused by Flower itself
         cluster.start_node(intruder, name="intruder")
         with pytest.raises(LaunchError, match=r"code: 2004\] Failed to activate SuperNode"):
             cluster.wait_node("intruder")
-        # a node that does not trust the SuperLink's CA cannot even connect
+        # a node that does not trust the SuperLink's CA cannot even connect (with a policy: not even start)
+        with pytest.raises(ServerIdentityError, match="not trusted"):
+            cluster.start_node(replace(untrusting, policy=lay.nodes[1].policy), ca_cert=other_ca.cert)
         cluster.start_node(untrusting, ca_cert=other_ca.cert, name="untrusting")
         with pytest.raises(LaunchError, match="CERTIFICATE_VERIFY_FAILED"):
             cluster.wait_node("untrusting")
@@ -97,6 +137,28 @@ def test_deployment_with_tls_and_node_auth_matches_the_simulation(
             assert round(deployed["test"][region][metric], 3) == round(scores[metric], 3)
     assert _max_diff(lay.out / "adapter", tmp_path / "sim" / "adapter") <= 1e-5
     assert "fedlocale deploy init" in render(lay, deploy_file)
+    _check_audit(lay, outcome)
+
+
+def _check_audit(lay: Layout, outcome: object) -> None:
+    """What `deploy up` does after the run, then an auditor's check with every party's public key."""
+    assert deploy_cmd._finish(lay.out, lay.deploy.run, outcome, {n.region: n.audit_dir for n in lay.nodes}) == 0
+    audit = json.loads((lay.out / "summary.json").read_text())["audit"]
+    assert audit["verified"] and not audit["findings"] and not audit["missing_ledgers"], audit
+    assert set(audit["ledgers"]) == {"server", "east", "north", "south"}
+    assert audit["rounds_recomputed"] == 2
+
+    server = lay.out / "audit" / "server"
+    ledgers = [server / LEDGER_FILE, *(n.audit_dir / LEDGER_FILE for n in lay.nodes)]
+    keys = [f"server={server / PUBLIC_KEY_FILE}", *(f"{n.region}={n.audit_dir / PUBLIC_KEY_FILE}" for n in lay.nodes)]
+    assert main(["audit", "verify", *map(str, ledgers), *(a for k in keys for a in ("--key", k))]) == 0
+    for node in lay.nodes:
+        assert (node.audit_dir / "ledger.key").stat().st_mode & 0o777 == 0o600
+        entries, problem = read_entries(node.audit_dir / LEDGER_FILE)
+        assert problem is None
+        sent = {(e["body"]["message"], e["body"]["round"]) for e in entries if e["body"]["kind"] == EGRESS}
+        assert {e["body"]["status"] for e in entries} == {SENT}
+        assert {("train", 1), ("train", 2)} <= sent and {m for m, _ in sent} == {"train", "evaluate"}, sent
 
 
 def _max_diff(a: Path, b: Path) -> float:
@@ -113,8 +175,82 @@ def test_plan_names_every_node_and_only_its_own_files(tmp_path: Path, three_regi
     for node in lay.nodes:
         line = next(ln for ln in text.splitlines() if f'region="{node.region}"' in ln)
         assert str(node.keys.private) in line and str(node.data) in line and "--root-certificates" in line
+        assert f'audit-dir="{node.audit_dir}"' in line and "policy=" not in line  # the run has no policies
         assert "ca.key" not in line and "server.key" not in line
     assert "--enable-supernode-auth" in text and "--ssl-keyfile" in text
+    assert "server_fingerprint (plan prints it once it exists)" in text
+    assert "policy: sha256:ab" in render(lay, deploy_file, "sha256:" + "ab" * 32)
+
+
+def test_node_policy_and_audit_dir_default_from_the_run_and_resolve_from_the_deploy_file(
+    tmp_path: Path, three_regions: Path, tiny_bert: Path
+) -> None:
+    from flwr.common.config import parse_config_args
+
+    from client.task import node_settings
+
+    for region in ("east", "north", "south"):
+        _policy(tmp_path / "policies" / f"{region}.yaml", region)
+    own = _policy(tmp_path / "own" / "north.yaml", "north", "sha256:" + "cd" * 32)
+    _, lay = _deployment(
+        tmp_path,
+        tiny_bert,
+        three_regions,
+        node_extra={"north": {"policy": "own/north.yaml", "audit_dir": "ledgers/north"}},
+        policies="policies",
+    )
+    east, north, _ = lay.nodes
+    base = tmp_path.resolve()
+    assert (east.policy, east.audit_dir) == (
+        base / "policies" / "east.yaml",
+        base / "work" / "nodes" / "east" / "audit",
+    )
+    assert (north.policy, north.audit_dir) == (own.resolve(), base / "ledgers" / "north")
+    assert node_config(north) == (
+        f'region="north" data-dir="{north.data}" threads=1 policy="{north.policy}" audit-dir="{north.audit_dir}"'
+    )
+    # what the ClientApp makes of it
+    settings = node_settings(parse_config_args([node_config(north)]))
+    assert settings.audit_dir == north.audit_dir and settings.policy is not None
+    assert settings.policy.server_fingerprint == "sha256:" + "cd" * 32
+    without = replace(north, policy=None)
+    assert "policy=" not in node_config(without) and node_config(without).endswith(f'audit-dir="{north.audit_dir}"')
+
+
+def test_a_node_refuses_a_superlink_its_policy_does_not_pin(
+    tmp_path: Path, three_regions: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    # the real SuperLink certificate and an impostor's: both issued by the deployment CA for the same names,
+    # so TLS alone accepts either; only the pin in the node's policy tells them apart
+    now = datetime.now(UTC)
+    ca = create_ca(tmp_path / "work" / "pki", now=now)
+    real = create_server_cert(ca, tmp_path / "work" / "pki", ["127.0.0.1", "localhost"], now=now)
+    impostor = create_server_cert(ca, tmp_path / "impostor", ["127.0.0.1", "localhost"], now=now)
+    pin, other = pinned_fingerprint(real.cert), pinned_fingerprint(impostor.cert)
+    _policy(tmp_path / "east.yaml", "east", pin)
+    execs: list[list[str]] = []
+    monkeypatch.setattr(deploy_cmd, "_exec", lambda lay, argv: execs.append(argv) or 0)
+    pinned = {"east": {"policy": "east.yaml"}}
+
+    with tls_server(impostor) as port:
+        deploy_file, lay = _deployment(tmp_path, tiny_bert, three_regions, link=port, node_extra=pinned)
+        with Cluster(lay, bin_dir=BIN) as cluster:
+            with pytest.raises(ServerIdentityError) as err:
+                cluster.start_node(lay.nodes[0])
+            assert not cluster.procs and not cluster.log_path("node-east").exists()
+        assert f"the server presents certificate {other}, the policy allows only {pin}" in str(err.value)
+        assert main(["node", str(deploy_file), "--region", "east"]) == 2
+        assert f"presents certificate {other}, the policy allows only {pin}" in capsys.readouterr().err
+        assert execs == []
+        # a node whose policy pins nothing is not checked (TLS with the CA is then all it has)
+        assert main(["node", str(deploy_file), "--region", "north"]) == 0 and execs[0][0] == "flower-supernode"
+
+    with tls_server(real) as port:
+        deploy_file, lay = _deployment(tmp_path, tiny_bert, three_regions, link=port, node_extra=pinned)
+        assert check_server_identity(lay, lay.nodes[0]) == pin
+        assert main(["node", str(deploy_file), "--region", "east"]) == 0
+        assert f"SuperLink certificate {pin} is the one the policy of east pins" in capsys.readouterr().err
+        assert execs[-1][0] == "flower-supernode" and f'policy="{lay.nodes[0].policy}"' in execs[-1][-1]
 
 
 def test_bad_deployment_file_reports_every_problem_with_its_line(tmp_path: Path, three_regions: Path) -> None:
@@ -139,6 +275,15 @@ def test_bad_deployment_file_reports_every_problem_with_its_line(tmp_path: Path,
 def test_init_refuses_to_overwrite_keys(tmp_path: Path, three_regions: Path, tiny_bert: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     deploy_file, lay = _deployment(tmp_path, tiny_bert, three_regions)
     assert main(["deploy", "init", str(deploy_file)]) == 0
+    said = capsys.readouterr().out
+    assert f"SuperLink certificate: {pinned_fingerprint(lay.server.cert)}" in said
+    for node in lay.nodes:  # the audit folder is made, its key is not: the node makes that on first use
+        assert node.audit_dir.is_dir() and node.audit_dir.stat().st_mode & 0o777 == 0o700
+        assert list(node.audit_dir.iterdir()) == [] and f"made {node.audit_dir}/" in said
+    assert main(["deploy", "plan", str(deploy_file)]) == 0
+    assert (
+        f"server_fingerprint in each region's policy: {pinned_fingerprint(lay.server.cert)}" in capsys.readouterr().out
+    )
     key = lay.nodes[0].keys.private
     assert key.stat().st_mode & 0o777 == 0o600
     before = key.read_bytes()

@@ -12,6 +12,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from common.pki import (
     create_node_keys,
     create_server_cert,
     load_node_public_key,
+    peer_fingerprint,
+    pinned_fingerprint,
 )
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -462,3 +465,86 @@ def test_fingerprint_is_sha256_of_the_der(ca: CaFiles, server: ServerFiles) -> N
 def test_fingerprint_of_a_non_certificate_names_the_file(server: ServerFiles) -> None:
     with pytest.raises(PkiError, match=rf"^{_esc(server.key)} is not a PEM certificate"):
         certificate_fingerprint(server.key)
+
+
+# --- the SuperLink as it presents itself ----------------------------------------------------------------------
+
+
+@contextmanager
+def tls_server(server: ServerFiles, host: str = "127.0.0.1") -> Iterator[int]:
+    """A real TLS server presenting ``server``'s certificate on ``host``, answering handshakes until the block
+    ends; yields its port. Connections the client rejects are simply dropped, as a SuperLink would."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server.cert, server.key)
+    stop = threading.Event()
+    with socket.create_server((host, 0)) as listener:
+        listener.settimeout(0.2)
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                conn.settimeout(10)
+                try:
+                    with context.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)  # until the client closes
+                except OSError:
+                    conn.close()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            stop.set()
+            thread.join(10)
+
+
+@pytest.mark.parametrize("hostname", ["localhost", "127.0.0.1"])
+def test_peer_fingerprint_is_the_certificate_the_server_presents(
+    live: tuple[CaFiles, ServerFiles], hostname: str
+) -> None:
+    ca, server = live
+    with tls_server(server) as port:
+        seen = peer_fingerprint(hostname, port, ca.cert, timeout=10)
+    der = _cert(server.cert).public_bytes(serialization.Encoding.DER)
+    assert seen == "sha256:" + hashlib.sha256(der).hexdigest() == pinned_fingerprint(server.cert)
+
+
+def test_peer_fingerprint_tells_apart_two_certificates_of_the_same_ca(
+    live: tuple[CaFiles, ServerFiles], tmp_path: Path
+) -> None:
+    # the CA vouches for both; only the pin tells the real SuperLink from another holder of a CA-signed cert
+    ca, server = live
+    impostor = create_server_cert(ca, tmp_path / "impostor", HOSTS, now=datetime.now(UTC))
+    with tls_server(impostor) as port:
+        seen = peer_fingerprint("localhost", port, ca.cert)
+    assert seen == pinned_fingerprint(impostor.cert) != pinned_fingerprint(server.cert)
+
+
+def test_peer_fingerprint_verifies_the_chain_and_the_name(live: tuple[CaFiles, ServerFiles], tmp_path: Path) -> None:
+    ca, server = live
+    other = create_ca(tmp_path / "other", now=datetime.now(UTC))
+    not_trusted = rf"^localhost:\d+: certificate not trusted with {_esc(other.cert)}: unable to get local issuer"
+    with tls_server(server) as port, pytest.raises(PkiError, match=not_trusted):
+        peer_fingerprint("localhost", port, other.cert)
+    # the right CA, but the certificate is not issued for the name dialled
+    with tls_server(server, host="127.0.0.2") as port, pytest.raises(PkiError, match=r"^127.0.0.2:\d+: .*mismatch"):
+        peer_fingerprint("127.0.0.2", port, ca.cert)
+
+
+def test_peer_fingerprint_names_what_cannot_be_reached(live: tuple[CaFiles, ServerFiles], tmp_path: Path) -> None:
+    ca, _ = live
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    with pytest.raises(PkiError, match=rf"^127.0.0.1:{port}: cannot connect"):
+        peer_fingerprint("127.0.0.1", port, ca.cert, timeout=5)
+    with pytest.raises(PkiError, match=rf"^{_esc(tmp_path / 'missing.crt')} does not exist$"):
+        peer_fingerprint("127.0.0.1", port, tmp_path / "missing.crt")
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never speaks TLS
+    with silent, pytest.raises(PkiError, match=rf"^127.0.0.1:{silent.getsockname()[1]}: TLS handshake failed: .*timed"):
+        peer_fingerprint("127.0.0.1", silent.getsockname()[1], ca.cert, timeout=1)
