@@ -65,6 +65,7 @@ class NodeSettings:
     cache_dir: Path | None = None  # tokenised-data cache on the node's disk; default none
     policy: Path | None = None  # the region's residency policy file; default: the run config region's `policy`
     audit_dir: Path | None = None  # the node's signed egress ledger and its key; default WORKDIR/nodes/REGION/audit
+    augment: Path | None = None  # YAML of the node's train-split augmentation (common.augment); default: none
 
     def __post_init__(self) -> None:
         problems = []
@@ -97,7 +98,7 @@ class DeployConfig:
         _check(problems)
 
 
-_PATH_FIELDS = {"data", "keys", "cache_dir", "policy", "audit_dir"}
+_PATH_FIELDS = {"data", "keys", "cache_dir", "policy", "audit_dir", "augment"}
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

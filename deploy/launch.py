@@ -56,6 +56,11 @@ def check_server_identity(lay: Layout, node: Node, ca_cert: Path | None = None, 
     if node.policy is None:
         return None
     policy = load_policy(node.policy)
+    if policy.region != node.region:
+        # the guard would refuse every reply; better not to start a node that cannot take part
+        raise ServerIdentityError(
+            f"node {node.region} not started: its policy {node.policy} is for region {policy.region!r}"
+        )
     if policy.server_fingerprint is None:
         return None
     link = lay.deploy.superlink

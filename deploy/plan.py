@@ -33,6 +33,7 @@ class Node:
     cache_dir: Path | None
     policy: Path | None  # the region's residency policy on the node's host; None: no policy
     audit_dir: Path  # the node's signed egress ledger and its Ed25519 key (made by the node on first use)
+    augment: Path | None = None  # YAML of the node's own train-split augmentation; None: none
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def layout(deploy: DeployConfig, run: RunConfig) -> Layout:
                 cache_dir=s.cache_dir.resolve() if s and s.cache_dir else None,
                 policy=policy.resolve() if policy else None,
                 audit_dir=(s.audit_dir if s and s.audit_dir else work / "nodes" / region / "audit").resolve(),
+                augment=s.augment.resolve() if s and s.augment else None,
             )
         )
     return Layout(
@@ -166,6 +168,8 @@ def node_config(node: Node) -> str:
     if node.policy is not None:
         parts.append(f'{keys.NODE_POLICY}="{node.policy}"')
     parts.append(f'{keys.NODE_AUDIT_DIR}="{node.audit_dir}"')
+    if node.augment is not None:
+        parts.append(f'{keys.NODE_AUGMENT}="{node.augment}"')
     return " ".join(parts)
 
 

@@ -215,6 +215,16 @@ def test_node_policy_and_audit_dir_default_from_the_run_and_resolve_from_the_dep
     assert settings.policy.server_fingerprint == "sha256:" + "cd" * 32
     without = replace(north, policy=None)
     assert "policy=" not in node_config(without) and node_config(without).endswith(f'audit-dir="{north.audit_dir}"')
+    # the node's own augmentation settings travel the same way; the server never sees them
+    (tmp_path / "augment.yaml").write_text("copies: 1\nops: [delete]\n")
+    augmented = replace(north, augment=tmp_path / "augment.yaml")
+    assert node_config(augmented).endswith(f'augment="{tmp_path / "augment.yaml"}"')
+    node = node_settings(parse_config_args([node_config(augmented)]))
+    assert node.augment is not None and (node.augment.copies, node.augment.ops) == (1, ("delete",))
+    # a policy written for another region stops the node before it starts (its guard would refuse everything)
+    wrong = replace(north, policy=tmp_path / "policies" / "east.yaml")
+    with pytest.raises(ServerIdentityError, match="is for region 'east'"):
+        check_server_identity(lay, wrong)
 
 
 def test_a_node_refuses_a_superlink_its_policy_does_not_pin(
