@@ -30,7 +30,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 
 from common import keys
 from common.config import find_split
-from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, resolve_base
+from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, quiet_loading, resolve_base
 
 EXPORT_FILE = "fedlocale.json"
 CARD_FILE = "README.md"
@@ -703,7 +703,8 @@ def _load_unmerged(model_dir: Path) -> tuple[nn.Module, tuple[str, ...]]:
     hint = _section(_read_meta(model_dir), "base_model").get("name") or _parent_run_base(model_dir)
     base_path = base_reference(str(config.get("base_model_name_or_path") or ""), hint)
     # Whatever head the base checkpoint has (none, another size, the same size) is replaced by the adapter's.
-    base = AutoModelForSequenceClassification.from_pretrained(base_path, **classifier_kwargs(labels))
+    with quiet_loading():  # the adapter brings the head; the base's "newly initialised" report is noise
+        base = AutoModelForSequenceClassification.from_pretrained(base_path, **classifier_kwargs(labels))
     saved = _adapter_weights(model_dir)
     head = [name for name in head_modules(str(base.config.model_type)) if hasattr(base, name)]
     for name in head:

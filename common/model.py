@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from common.config import LoraSettings, ModelSettings
 
@@ -113,6 +116,26 @@ def fresh_head(model: torch.nn.Module, seed: int) -> list[str]:
     return names
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence transformers' per-load report and progress bar while a base checkpoint loads.
+
+    Every load of a base encoder reports the classifier as newly initialised (we replace it on purpose, see
+    ``fresh_head``) and draws a progress bar: in a simulation that is a table per region and message. Errors
+    still show.
+    """
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def build_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, ...], seed: int) -> LoadedModel:
     """Load the base encoder, add LoRA and a fresh head; the head's initial values depend only on ``seed``.
 
@@ -121,7 +144,8 @@ def build_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, 
     path = resolve_base(settings.base)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)  # anything else the checkpoint lacks is initialised reproducibly too
-    base = AutoModelForSequenceClassification.from_pretrained(path, **classifier_kwargs(labels))
+    with quiet_loading():
+        base = AutoModelForSequenceClassification.from_pretrained(path, **classifier_kwargs(labels))
     # The head is random: seeding it makes the server's initial head identical on every machine.
     fresh_head(base, seed)
     # LoRA's A matrices are random too; re-seed so they do not depend on what loading the checkpoint drew.
