@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from common.config import PersonalizeSettings, TrainSettings
-from common.data import RegionData
+from common.data import Example, RegionData
 from common.metrics import macro_f1
-from common.model import LoadedModel
+from common.model import LoadedModel, adapter_state, load_adapter_state
 from common.train import EvalResult, TrainResult, evaluate, train_local
 
 GLOBAL = "global"
@@ -46,8 +49,82 @@ def local_settings(train: TrainSettings, settings: PersonalizeSettings) -> Train
         epochs=settings.epochs,
         max_steps=None,
         warmup_steps=0,
-        kl_to_global=settings.kl_to_global if settings.mode == "continue" else 0.0,
+        kl_to_global=settings.kl_to_global if settings.mode in ("continue", "local") else 0.0,
     )
+
+
+def _global_lora(model: PeftModel) -> LoraConfig:
+    config = model.peft_config["default"]
+    if not isinstance(config, LoraConfig) or config.use_rslora or config.rank_pattern or config.alpha_pattern:
+        raise ValueError("personalize.mode local needs a plain LoRA adapter (one rank and alpha, no rsLoRA)")
+    return config
+
+
+def _lora_like(config: LoraConfig, r: int, *, head: bool) -> LoraConfig:
+    """A LoRA config with the targets, dropout and scale alpha/r of ``config`` but rank ``r``."""
+    alpha = config.lora_alpha * r / config.r
+    return LoraConfig(
+        task_type=config.task_type,
+        r=r,
+        lora_alpha=int(alpha) if alpha.is_integer() else alpha,  # type: ignore[arg-type]  # peft takes any number
+        lora_dropout=config.lora_dropout,
+        target_modules=copy.copy(config.target_modules),
+        modules_to_save=list(dict.fromkeys(config.modules_to_save or [])) if head else None,
+    )
+
+
+def _wrap(model: torch.nn.Module, config: LoraConfig) -> PeftModel:
+    with warnings.catch_warnings():
+        # peft calls a transformers API that transformers 5 renamed; the warning is theirs, not the user's
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)  # type: ignore[arg-type]
+
+
+def local_lora(global_model: LoadedModel, r: int, seed: int) -> PeftModel:
+    """The model ``local`` mode trains: the global adapter merged into a copy of the base (so it cannot change)
+    with a fresh rank-``r`` LoRA (B = 0, so it starts as the global model) and the global head, trainable."""
+    config = _global_lora(global_model.model)
+    frozen = copy.deepcopy(global_model.model).merge_and_unload()
+    torch.manual_seed(seed)  # the new A matrices are random
+    return _wrap(frozen, _lora_like(config, r, head=True))
+
+
+def stack_local(global_model: LoadedModel, local: PeftModel) -> PeftModel:
+    """One adapter of rank r_global + r_local that computes what ``local`` computes: A = [A_g; A_l],
+    B = [B_g, B_l] with the same scale alpha/r, and the local model's head. Saved and exported like any adapter."""
+    config = _global_lora(global_model.model)
+    local_r = _global_lora(local).r
+    stacked = _wrap(copy.deepcopy(global_model.model).unload(), _lora_like(config, config.r + local_r, head=True))
+    g, loc = adapter_state(global_model.model), adapter_state(local)
+    state = {}
+    for key, value in g.items():
+        if ".lora_A." in key:
+            state[key] = torch.cat([value, loc[key]], dim=0)
+        elif ".lora_B." in key:
+            state[key] = torch.cat([value, loc[key]], dim=1)
+        else:  # the head
+            state[key] = loc[key]
+    load_adapter_state(stacked, state)
+    stacked.eval()
+    return stacked
+
+
+def balanced(examples: list[Example], seed: int) -> list[Example]:
+    """As many examples as ``examples``, an equal share of each class present: per class a random subset if
+    it has more than its share, else all of it and random repeats."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[int, list[Example]] = {}
+    for ex in examples:
+        by_label.setdefault(ex.label, []).append(ex)
+    labels = sorted(by_label)
+    out: list[Example] = []
+    for i, label in enumerate(labels):
+        group = by_label[label]
+        share = len(examples) // len(labels) + (1 if i < len(examples) % len(labels) else 0)
+        picked = rng.permutation(len(group))[:share].tolist()
+        picked += rng.integers(0, len(group), size=share - len(picked)).tolist()
+        out.extend(group[j] for j in picked)
+    return out
 
 
 def personalize(
@@ -59,19 +136,29 @@ def personalize(
     max_length: int,
     seed: int,
 ) -> Personalized:
-    """Fine-tune a copy of ``global_model`` on the region's train split (``head``: the head only; ``continue``:
-    adapter + head, optionally pulled toward the global predictions by KL) and choose on validation.
+    """Fine-tune a copy of ``global_model`` on the region's train split and choose on validation.
+
+    ``head``: the head only. ``continue``: adapter + head, optionally pulled toward the global predictions by
+    KL. ``local``: the global adapter stays frozen; a new rank-``local_r`` LoRA on top of it and the head train
+    (see ``local_lora``), and the result is one stacked adapter (``stack_local``).
 
     Without a validation split the personalized model is chosen (there is nothing to choose by).
     """
-    if settings.mode not in ("head", "continue"):
-        raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head or continue)")
-    local = LoadedModel(copy.deepcopy(global_model.model), global_model.tokenizer, global_model.labels)
+    if settings.mode not in ("head", "continue", "local"):
+        raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue or local)")
+    if settings.mode == "local":
+        trained = local_lora(global_model, settings.local_r, seed)
+    else:
+        trained = copy.deepcopy(global_model.model)
+    local = LoadedModel(trained, global_model.tokenizer, global_model.labels)
     if settings.mode == "head":
         _freeze_all_but_head(local)
+    examples = balanced(data.train, seed) if settings.balance else data.train
     result = train_local(
-        local.model, local.tokenizer, data.train, local_settings(train, settings), max_length=max_length, seed=seed
+        local.model, local.tokenizer, examples, local_settings(train, settings), max_length=max_length, seed=seed
     )
+    if settings.mode == "local":
+        local = LoadedModel(stack_local(global_model, local.model), global_model.tokenizer, global_model.labels)
     n = len(global_model.labels)
     batch = train.eval_batch_size
     val_g = evaluate(global_model.model, global_model.tokenizer, data.val, n, max_length=max_length, batch_size=batch)

@@ -89,6 +89,8 @@ def personalize_region(
         **_scores(served, region, cfg),
         "chosen": result.chosen,
         "mode": settings.mode,
+        **({"local_r": settings.local_r} if settings.mode == "local" else {}),
+        "balance": settings.balance,
         "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
         "personalized_test": _scores(result.loaded, region, cfg),
         "ab": comparisons,

@@ -6,12 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import ConfigError, LoraSettings, ModelSettings, PersonalizeSettings, TrainSettings
-from common.data import load_region
+from common.data import Example, load_region
 from common.metrics import macro_f1
-from common.model import adapter_state, build_model
-from common.personalize import GLOBAL, PERSONALIZED, paired_bootstrap, personalize
+from common.model import LoadedModel, adapter_state, build_model, save_adapter
+from common.personalize import (
+    GLOBAL,
+    PERSONALIZED,
+    balanced,
+    local_lora,
+    paired_bootstrap,
+    personalize,
+    stack_local,
+)
 from tests.conftest import write_region
 
 LABELS = ("neg", "pos")
@@ -46,13 +55,14 @@ def test_bootstrap_rejects_mismatched_arrays() -> None:
 
 def test_settings_are_validated_together() -> None:
     with pytest.raises(ConfigError) as err:
-        PersonalizeSettings(mode="all", epochs=0, bootstrap=10)  # type: ignore[arg-type]
+        PersonalizeSettings(mode="all", epochs=0, bootstrap=10, local_r=0)  # type: ignore[arg-type]
     text = str(err.value)
-    assert "mode: must be one of none, head, continue, got 'all'" in text
+    assert "mode: must be one of none, head, continue, local, got 'all'" in text
+    assert "local_r: must be in [1, 64], got 0" in text
     assert "epochs: must be in (0, 10], got 0" in text and "bootstrap: must be >= 100, got 10" in text
 
 
-@pytest.mark.parametrize("mode", ["head", "continue"])
+@pytest.mark.parametrize("mode", ["head", "continue", "local"])
 def test_personalize_trains_a_copy_and_chooses_on_validation(tmp_path: Path, tiny_bert: Path, mode: str) -> None:
     region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=3), LABELS)
     assert region.val  # the choice below is made on it
@@ -69,6 +79,83 @@ def test_personalize_trains_a_copy_and_chooses_on_validation(tmp_path: Path, tin
     assert result.train.steps == 10  # 2 epochs of 40 examples in batches of 8
     better = result.val_personalized.macro_f1 > result.val_global.macro_f1
     assert result.chosen == (PERSONALIZED if better else GLOBAL)
+
+
+R, LOCAL_R = 4, 2
+TEXTS = ["good movie", "the hotel room was very bad", "love it", "awful and sad phone"]
+
+
+def _trained_global(tiny_bert: Path) -> LoadedModel:
+    """A global model whose adapter and head are not at their initial values (a fresh B is 0)."""
+    loaded = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(r=R, alpha=8), LABELS, 0)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in loaded.model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    loaded.model.eval()
+    return loaded
+
+
+def _logits(model: torch.nn.Module, loaded: LoadedModel) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**loaded.tokenizer(TEXTS, padding=True, return_tensors="pt")).logits  # type: ignore[no-any-return]
+
+
+def test_local_lora_starts_as_the_global_model_and_stacks_into_one_adapter(tiny_bert: Path) -> None:
+    g = _trained_global(tiny_bert)
+    expected = _logits(g.model, g)
+    local = local_lora(g, LOCAL_R, seed=0)
+    trainable = {n for n, p in local.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert torch.allclose(_logits(local, g), expected, atol=1e-5)  # the new B is 0: nothing changes yet
+    stacked = stack_local(g, local)
+    assert torch.allclose(_logits(stacked, g), expected, atol=1e-5)
+    config = stacked.peft_config["default"]
+    assert (config.r, config.lora_alpha) == (R + LOCAL_R, 12)  # scale alpha/r = 8/4 = 12/6: the global part's
+    state, before = adapter_state(stacked), adapter_state(g.model)
+    for key, value in before.items():
+        if ".lora_A." in key:
+            assert state[key].shape[0] == R + LOCAL_R and torch.equal(state[key][:R], value)
+        elif ".lora_B." in key:
+            assert torch.equal(state[key][:, :R], value) and not state[key][:, R:].any()
+
+
+def test_local_personalization_keeps_the_global_adapter_and_exports(tmp_path: Path, tiny_bert: Path) -> None:
+    from common.export import load_exported
+
+    region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=3), LABELS)
+    g = _trained_global(tiny_bert)
+    before, expected = adapter_state(g.model), _logits(g.model, g)
+    settings = PersonalizeSettings(mode="local", epochs=2, lr=5e-2, local_r=LOCAL_R)
+    result = personalize(g, region, settings, TrainSettings(batch_size=8, threads=1), max_length=32, seed=0)
+
+    assert torch.equal(_logits(g.model, g), expected), "the global model must stay untouched"
+    personal = adapter_state(result.loaded.model)
+    for key, value in before.items():  # the global rank-R part is bit for bit the global adapter
+        if ".lora_A." in key:
+            assert torch.equal(personal[key][:R], value)
+        elif ".lora_B." in key:
+            assert torch.equal(personal[key][:, :R], value) and personal[key][:, R:].abs().sum() > 0
+    outputs = _logits(result.loaded.model, g)
+    assert not torch.allclose(outputs, expected, atol=1e-4)  # training changed what the model says
+
+    out = save_adapter(result.loaded, tmp_path / "personalized" / "r")
+    exported = load_exported(out)  # as `fedlocale export` / `serve` load it: one peft adapter + head
+    assert exported.model.peft_config["default"].r == R + LOCAL_R
+    assert torch.allclose(_logits(exported.model, g), outputs, atol=1e-5)
+
+
+def test_stacked_adapter_computes_what_the_local_model_learnt(tmp_path: Path, tiny_bert: Path) -> None:
+    from common.train import train_local
+
+    region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=5), LABELS)
+    g = _trained_global(tiny_bert)
+    local = local_lora(g, LOCAL_R, seed=1)
+    settings = TrainSettings(lr=5e-2, batch_size=8, threads=1)
+    train_local(local, g.tokenizer, region.train, settings, max_length=32, seed=0)
+    assert torch.allclose(_logits(stack_local(g, local), g), _logits(local, g), atol=1e-5)
 
 
 def test_personalize_command_updates_a_finished_run(tmp_path: Path, tiny_bert: Path) -> None:
@@ -101,3 +188,12 @@ def test_personalize_command_updates_a_finished_run(tmp_path: Path, tiny_bert: P
         assert entry["mode"] == "head" and entry["bytes_sent"] == 0 and "vs_federated" in entry["ab"]
         assert (run / "personalized" / name / "adapter_model.safetensors").exists()
     assert "personalized" in written["overall"] and "Personalization (A/B)" in (run / "report.md").read_text()
+
+
+def test_balanced_training_set_has_equal_classes_and_the_same_size() -> None:
+    examples = [Example(f"n{i}", 0) for i in range(162)] + [Example(f"p{i}", 1) for i in range(88)]
+    out = balanced(examples, seed=0)
+    assert len(out) == 250 and sum(ex.label for ex in out) == 125
+    assert {ex.text for ex in out if ex.label == 1} == {ex.text for ex in examples if ex.label == 1}  # all kept
+    assert len({ex.text for ex in out if ex.label == 0}) == 125  # a subset, no repeats
+    assert balanced(examples, seed=0) == out
