@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         "personalize",
         help="personalize every region of a finished simulation run on its own data (nothing is sent)",
         description="Load RUN_DIR's config and global adapter; per region, fine-tune it as `personalize:` says "
-        "(head | continue), keep the better of global and personalized on validation, A/B it on test with a "
+        "(head | continue | local), keep the better of global and personalized on validation, A/B it on test with a "
         "paired bootstrap; write RUN_DIR/personalized/REGION/ and update summary.json and report.md.",
     )
     pers.add_argument("run_dir", type=Path)
