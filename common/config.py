@@ -171,7 +171,7 @@ class EarlyStopping:
         _check(problems)
 
 
-PERSONALIZE_MODES = ("none", "head", "continue", "local")
+PERSONALIZE_MODES = ("none", "head", "continue", "local", "probe")
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,9 @@ class PersonalizeSettings:
     """After the federated rounds, each region adapts the global model on its own node (nothing is sent)."""
 
     # head: the head only; continue: adapter + head; local: a new rank-local_r LoRA + head on top of the frozen
-    # global adapter (saved as one adapter of rank r + local_r)
-    mode: Literal["none", "head", "continue", "local"] = "none"
+    # global adapter (saved as one adapter of rank r + local_r); probe: the head's output layer refit as a linear
+    # probe on the frozen model's features (one forward pass, convex, deterministic; lr and epochs unused)
+    mode: Literal["none", "head", "continue", "local", "probe"] = "none"
     epochs: float = 1.0  # passes over the region's train split
     lr: float = 2e-3
     kl_to_global: float = 0.0  # continue, local: weight of KL(global || personalized), keeps it near the global model

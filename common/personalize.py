@@ -19,7 +19,8 @@ from common.config import PersonalizeSettings, TrainSettings
 from common.data import Example, RegionData
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, load_adapter_state
-from common.train import EvalResult, TrainResult, evaluate, train_local
+from common.probe import fit_probe, head_features, install, output_layer
+from common.train import EvalResult, TrainResult, encode, evaluate, train_local
 
 GLOBAL = "global"
 PERSONALIZED = "personalized"
@@ -127,6 +128,18 @@ def balanced(examples: list[Example], seed: int) -> list[Example]:
     return out
 
 
+def probe_head(loaded: LoadedModel, examples: list[Example], *, max_length: int, batch_size: int) -> TrainResult:
+    """Refit ``loaded``'s output layer in place as a linear probe on what the frozen model feeds it
+    (``common.probe``): one forward pass over ``examples``, no backward pass."""
+    layer = output_layer(loaded.model, len(loaded.labels))
+    ids = encode(loaded.tokenizer, [ex.text for ex in examples], max_length)
+    pad_id = loaded.tokenizer.pad_token_id or 0
+    features = head_features(loaded.model, layer, ids, pad_id=pad_id, batch_size=batch_size)
+    probe = fit_probe(features, torch.tensor([ex.label for ex in examples]), len(loaded.labels))
+    install(layer, probe)
+    return TrainResult(loss=probe.train_loss, steps=0, num_examples=len(examples))
+
+
 def personalize(
     global_model: LoadedModel,
     data: RegionData,
@@ -140,12 +153,14 @@ def personalize(
 
     ``head``: the head only. ``continue``: adapter + head, optionally pulled toward the global predictions by
     KL. ``local``: the global adapter stays frozen; a new rank-``local_r`` LoRA on top of it and the head train
-    (see ``local_lora``), and the result is one stacked adapter (``stack_local``).
+    (see ``local_lora``), and the result is one stacked adapter (``stack_local``). ``probe``: the adapter stays
+    as it is and the head's output layer is refit as a linear probe (``probe_head``; one forward pass, no
+    epochs of SGD, deterministic).
 
     Without a validation split the personalized model is chosen (there is nothing to choose by).
     """
-    if settings.mode not in ("head", "continue", "local"):
-        raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue or local)")
+    if settings.mode not in ("head", "continue", "local", "probe"):
+        raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue, local or probe)")
     if settings.mode == "local":
         trained = local_lora(global_model, settings.local_r, seed)
     else:
@@ -154,9 +169,12 @@ def personalize(
     if settings.mode == "head":
         _freeze_all_but_head(local)
     examples = balanced(data.train, seed) if settings.balance else data.train
-    result = train_local(
-        local.model, local.tokenizer, examples, local_settings(train, settings), max_length=max_length, seed=seed
-    )
+    if settings.mode == "probe":
+        result = probe_head(local, examples, max_length=max_length, batch_size=train.eval_batch_size)
+    else:
+        result = train_local(
+            local.model, local.tokenizer, examples, local_settings(train, settings), max_length=max_length, seed=seed
+        )
     if settings.mode == "local":
         local = LoadedModel(stack_local(global_model, local.model), global_model.tokenizer, global_model.labels)
     n = len(global_model.labels)

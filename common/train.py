@@ -52,7 +52,8 @@ def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length:
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]  # type: ignore[no-any-return]
 
 
-def _batch(ids: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+def pad_batch(ids: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs for a batch of token-id lists: padded to the longest with ``pad_id``, with the attention mask."""
     width = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -122,7 +123,7 @@ def train_encoded(
     model.train()
     total = 0.0
     for step, batch_idx in enumerate(_order(len(ids), steps, settings.batch_size, generator), start=1):
-        batch = _batch([ids[i] for i in batch_idx], pad_id)
+        batch = pad_batch([ids[i] for i in batch_idx], pad_id)
         logits = model(**batch).logits
         loss = F.cross_entropy(logits, label_tensor[batch_idx])
         if reference is not None:
@@ -168,7 +169,7 @@ def predict_proba_encoded(model: nn.Module, ids: Sequence[list[int]], *, pad_id:
     out: list[np.ndarray] = []
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        logits = model(**_batch([ids[i] for i in chunk], pad_id)).logits
+        logits = model(**pad_batch([ids[i] for i in chunk], pad_id)).logits
         out.append(torch.softmax(logits.float(), dim=-1).numpy())
     probs = np.concatenate(out) if out else np.zeros((0, 0))
     restored = np.empty_like(probs)

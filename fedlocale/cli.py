@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
         "personalize",
         help="personalize every region of a finished simulation run on its own data (nothing is sent)",
         description="Load RUN_DIR's config and global adapter; per region, fine-tune it as `personalize:` says "
-        "(head | continue | local), keep the better of global and personalized on validation, A/B it on test with a "
-        "paired bootstrap; write RUN_DIR/personalized/REGION/ and update summary.json and report.md.",
+        "(head | continue | local | probe), keep the better of global and personalized on validation, A/B it on "
+        "test with a paired bootstrap; write RUN_DIR/personalized/REGION/ and update summary.json and report.md.",
     )
     pers.add_argument("run_dir", type=Path)
     pers.add_argument(
@@ -245,7 +245,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     cfg = load_config(args.run_dir / RESOLVED_CONFIG_FILE, args.overrides)
     if cfg.personalize.mode == "none":
-        raise ConfigError(["personalize.mode: is 'none'; pass --set personalize.mode=head (or continue)"])
+        raise ConfigError(["personalize.mode: is 'none'; pass --set personalize.mode=probe (or head, continue, local)"])
     summary = json.loads(summary_path.read_text())
     # local-only predictions are not kept by a run, so the A/B here is against the federated model only
     add_personalized(summary, personalize_run(cfg, args.run_dir, load_all(cfg, print), None, print))

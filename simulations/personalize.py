@@ -95,7 +95,8 @@ def personalize_region(
         "personalized_test": _scores(result.loaded, region, cfg),
         "ab": comparisons,
         "steps": result.train.steps,
-        "epochs": settings.epochs,
+        # a probe trains no epochs: one forward pass over the train split, then a convex fit of the output layer
+        "epochs": 0.0 if settings.mode == "probe" else settings.epochs,
         "seconds": seconds,
         "bytes_sent": 0,  # personalization happens on the node; nothing leaves it
     }
@@ -115,7 +116,9 @@ def personalize_run(
     reference = adapter_state(global_model.model)
     entries = {}
     for name, region in data.items():
-        say(f"personalize: {name} ({cfg.personalize.mode}, {cfg.personalize.epochs:g} epoch(s) on {len(region.train)})")
+        mode = cfg.personalize.mode
+        cost = "one forward pass" if mode == "probe" else f"{cfg.personalize.epochs:g} epoch(s)"
+        say(f"personalize: {name} ({mode}, {cost} on {len(region.train)})")
         entries[name] = personalize_region(
             cfg, name, region, global_model, out_dir, None if local_only is None else local_only.get(name)
         )

@@ -260,11 +260,14 @@ def simulate(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     verbose: bool = False,
     resume: bool = False,
+    local_predictions: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Run the federated simulation and the configured baselines; write every output file; return the summary.
 
-    ``resume`` continues the federated run that ``out_dir`` holds after its last finished round (its config must
-    match; a finished run only repeats the final test evaluation); the baselines run again in full.
+    ``local_predictions``, if given, receives the local-only baseline's test predictions per region (for A/B
+    comparisons made after the run). ``resume`` continues the federated run that ``out_dir`` holds after its last
+    finished round (its config must match; a finished run only repeats the final test evaluation); the baselines
+    run again in full.
     """
     from server.app import ERROR_FILE
     from server.federation import FEDERATION_FILE, check_resumable, read_state
@@ -293,7 +296,7 @@ def simulate(
     if keys.CENTRALIZED in cfg.baselines:
         say(f"centralized: training on the union of {sum(len(d.train) for d in data.values())} examples")
         baselines[keys.CENTRALIZED] = run_centralized(cfg, data)
-    local_preds: dict[str, np.ndarray] = {}
+    local_preds: dict[str, np.ndarray] = {} if local_predictions is None else local_predictions
     if keys.LOCAL_ONLY in cfg.baselines:
         baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds)
     summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)

@@ -1,0 +1,47 @@
+"""The personalization benchmark's bookkeeping: targets per seed and on the mean over seeds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from simulations.bench_personalize import check_targets, mean_summary
+
+
+def _summary(f1: dict[str, dict[str, float]], chosen: str = "personalized", epochs: float = 1.0) -> dict[str, Any]:
+    regions = {
+        name: {
+            **{mode: {"macro_f1": value} for mode, value in modes.items()},
+        }
+        for name, modes in f1.items()
+    }
+    for row in regions.values():
+        row["personalized"].update(chosen=chosen, epochs=epochs, bytes_sent=0, ab={})
+    modes = next(iter(f1.values())).keys()
+    overall = {m: {"macro_f1": sum(r[m] for r in f1.values()) / len(f1)} for m in modes}
+    return {"regions": regions, "overall": overall}
+
+
+def test_targets_hold_on_the_mean_even_when_one_seed_misses() -> None:
+    a = _summary({"x": {"federated": 0.5, "personalized": 0.60, "local_only": 0.62, "centralized": 0.5}})
+    b = _summary({"x": {"federated": 0.5, "personalized": 0.70, "local_only": 0.60, "centralized": 0.7}}, "global", 0.0)
+    assert check_targets(a)["personalized_ge_local_only_every_region"] is False
+    averaged = mean_summary([a, b])
+    targets = check_targets(averaged)
+    assert targets["macro_f1"]["x"]["personalized"] == pytest.approx(0.65)
+    assert targets["macro_f1"]["x"]["local_only"] == pytest.approx(0.61)
+    assert targets["personalized_ge_local_only_every_region"] is True
+    assert targets["personalized_overall_ge_centralized"] is True  # 0.65 >= 0.60
+    assert targets["max_personalize_epochs"] == 1.0  # the worst seed's cost
+    assert averaged["regions"]["x"]["personalized"]["chosen"] == "1/2 P"
+
+
+def test_a_region_below_local_only_on_the_mean_fails_the_target() -> None:
+    rows = {
+        "x": {"federated": 0.5, "personalized": 0.7, "local_only": 0.6, "centralized": 0.5},
+        "y": {"federated": 0.5, "personalized": 0.55, "local_only": 0.6, "centralized": 0.5},
+    }
+    targets = check_targets(mean_summary([_summary(rows), _summary(rows)]))
+    assert targets["personalized_ge_local_only_every_region"] is False
+    assert targets["personalized_ge_federated_every_region"] is True
