@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +14,15 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.guard import GuardContext, egress_guard
-from client.task import evaluate_round, node_settings, region_index, resolve_region, simulated_node, train_round
+from client.task import (
+    evaluate_round,
+    node_settings,
+    personalize_node,
+    region_index,
+    resolve_region,
+    simulated_node,
+    train_round,
+)
 from common import keys
 from common.audit import AUDIT_DIR, NODES_DIR
 from common.config import ClientTask, Region
@@ -24,6 +34,7 @@ from common.config import ClientTask, Region
 # (simulation, tests) both happen once and only import-time objects are frozen.
 gc.freeze()
 atexit.register(gc.freeze)
+log = logging.getLogger("fedlocale.node")
 
 
 def _locate(context: Context, sim_regions: Sequence[Region] | None, audit_root: Path | None) -> GuardContext:
@@ -83,9 +94,26 @@ def make_app(sim_regions: Sequence[Region] | None = None, audit_root: Path | Non
                 keys.REGION_INDEX: index,
             }
         )
+        if split == keys.TEST and where.node.personalize is not None:
+            _personalize(where, task, state)
         return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
     return app
+
+
+def _personalize(where: GuardContext, task: ClientTask, state: dict[str, torch.Tensor]) -> None:
+    """The node's own personalization of the final global model (its operator's setting; nothing is sent).
+
+    The federation does not depend on it, so a failure is logged and written next to where the model would be,
+    and the test reply still goes out.
+    """
+    try:
+        personalize_node(where.region, task, state, where.node, now=time.time())
+    except Exception as err:  # any failure here is the node's own business, reported locally
+        log.exception("%s: personalization failed", where.region.name)
+        folder = (where.node.personal_dir or Path(".")) / where.region.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "personalize-error.txt").write_text(f"{type(err).__name__}: {err}\n")
 
 
 # Entry point for stock Flower tooling (`flwr run`, `flower-supernode`): the region comes from the node config.

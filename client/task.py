@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from common import keys
 from common.augment import AugmentSettings, augment_train
-from common.config import ClientTask, Region, load_config, load_yaml
+from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
 from common.data import Example, RegionData, load_region, redact_region
-from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
+from common.metrics import macro_f1
+from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
+from common.personalize import PERSONALIZED, paired_bootstrap, personalize
 from common.policy import RegionPolicy, load_policy
 from common.tokens import Encoded, encode_cached
-from common.train import EvalResult, TrainResult, derive_seed, evaluate_encoded, train_encoded
+from common.train import EvalResult, TrainResult, derive_seed, evaluate_encoded, predict_proba_encoded, train_encoded
 
 log = logging.getLogger("fedlocale.node")
 
@@ -34,10 +40,14 @@ class NodeSettings:
     policy: RegionPolicy | None = None  # the region's residency policy; None: no policy (nothing redacted)
     audit_dir: Path | None = None  # the node's ledger and its signing key; None: no ledger
     augment: AugmentSettings | None = None  # training-data augmentation on this node; None: none
+    # personalization of the final global model on this node, kept in personal_dir; None: none
+    personalize: PersonalizeSettings | None = None
+    personal_dir: Path | None = None
 
 
 def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
-    """Parse and check the node's ``cache-dir``, ``threads``, ``policy`` and ``audit-dir``; all are optional.
+    """Parse and check the node's ``cache-dir``, ``threads``, ``policy``, ``audit-dir``, ``augment``,
+    ``personalize`` and ``personal-dir``; all are optional (``personalize`` needs ``personal-dir``).
 
     A policy file that does not load stops the node (``ConfigError`` naming file and line): running without the
     rules the operator meant to apply would be worse than not running.
@@ -50,7 +60,27 @@ def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
         policy=load_policy(policy) if policy else None,
         audit_dir=_absolute(node_config.get(keys.NODE_AUDIT_DIR), keys.NODE_AUDIT_DIR, "a folder"),
         augment=load_yaml(augment, AugmentSettings) if augment else None,
+        **_personalization(node_config),
     )
+
+
+def _personalization(node_config: Mapping[str, object]) -> dict[str, Any]:
+    path = _absolute(node_config.get(keys.NODE_PERSONALIZE), keys.NODE_PERSONALIZE, "a personalization settings file")
+    folder = _absolute(node_config.get(keys.NODE_PERSONAL_DIR), keys.NODE_PERSONAL_DIR, "a folder")
+    if path is None and folder is None:
+        return {}
+    if path is None or folder is None:
+        given = keys.NODE_PERSONAL_DIR if path is None else keys.NODE_PERSONALIZE
+        raise NodeConfigError(
+            f"node config {keys.NODE_PERSONALIZE} and {keys.NODE_PERSONAL_DIR} go together: the settings and "
+            f"where the personalized model stays (got only {given})"
+        )
+    settings = load_yaml(path, PersonalizeSettings)
+    if settings.mode == "none":
+        raise NodeConfigError(
+            f"{path}: mode: is 'none'; set head, continue, local or probe (or drop {keys.NODE_PERSONALIZE})"
+        )
+    return {"personalize": settings, "personal_dir": folder}
 
 
 def simulated_node(region: Region, node_config: Mapping[str, object], audit_root: Path | None) -> NodeSettings:
@@ -200,3 +230,67 @@ def evaluate_round(
 
 def _pad_id(loaded: LoadedModel) -> int:
     return loaded.tokenizer.pad_token_id or 0
+
+
+def personalize_node(
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    node: NodeSettings,
+    now: float,
+) -> dict[str, Any]:
+    """Personalize the run's final model (the global adapter of its best round, which the test evaluation
+    carries) on this node's data, as ``node.personalize`` says, and keep the result here: ``personal_dir/REGION/``
+    gets ``global/`` and ``personalized/`` (peft folders like a run's ``adapter/``) and ``personalized.json``
+    (the choice on validation, the A/B on test). Nothing is sent.
+
+    ``now`` (seconds since the epoch) stamps the report.
+    """
+    if node.personalize is None or node.personal_dir is None:
+        raise NodeConfigError(f"this node has no {keys.NODE_PERSONALIZE} / {keys.NODE_PERSONAL_DIR} settings")
+    use_threads(node, task)
+    data, loaded = prepare(region, task, state, node)
+    settings = node.personalize
+    started = time.perf_counter()
+    seed = derive_seed(task.seed, "personalize", region.name)
+    result = personalize(loaded, data, settings, task.train, max_length=task.model.max_length, seed=seed)
+    seconds = time.perf_counter() - started
+    folder = node.personal_dir / region.name
+    save_adapter(loaded, folder / "global")
+    save_adapter(result.loaded, folder / PERSONALIZED)
+    served = result.loaded if result.chosen == PERSONALIZED else loaded
+    test = encode_split(loaded, data.test, task, node)
+    truth = np.array(test.labels)
+    n = len(task.labels)
+
+    def predict(model: LoadedModel) -> np.ndarray:
+        probs = predict_proba_encoded(
+            model.model, test.ids, pad_id=_pad_id(model), batch_size=task.train.eval_batch_size
+        )
+        return probs.argmax(axis=1)
+
+    report: dict[str, Any] = {
+        "region": region.name,
+        "time": now,
+        "round": task.server_round,
+        "mode": settings.mode,
+        "chosen": result.chosen,
+        "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
+        "seconds": seconds,
+        "bytes_sent": 0,
+    }
+    if len(truth):
+        pred_global, pred_served = predict(loaded), predict(served)
+        ab = paired_bootstrap(
+            truth,
+            pred_global,
+            pred_served,
+            n,
+            resamples=settings.bootstrap,
+            seed=derive_seed(task.seed, "ab", region.name),
+        )
+        report["test_macro_f1"] = {"global": macro_f1(truth, pred_global, n), "served": macro_f1(truth, pred_served, n)}
+        report["ab"] = {"vs_federated": ab.to_json()}
+    (folder / keys.PERSONALIZED_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    log.info("%s: personalized (%s), serves %s", region.name, settings.mode, result.chosen)
+    return report

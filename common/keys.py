@@ -32,6 +32,10 @@ NODE_THREADS: Final = "threads"  # torch threads on this node; wins over the run
 NODE_POLICY: Final = "policy"  # absolute path of the region's policy file on the node (common.policy)
 NODE_AUDIT_DIR: Final = "audit-dir"  # absolute folder of the node's signed egress ledger and its key
 NODE_AUGMENT: Final = "augment"  # absolute path of a YAML file of common.augment.AugmentSettings on the node
+# absolute path of a YAML file of common.config.PersonalizeSettings: the node personalizes the final global model
+NODE_PERSONALIZE: Final = "personalize"
+NODE_PERSONAL_DIR: Final = "personal-dir"  # absolute folder where the node keeps its personalized model and report
+PERSONALIZED_REPORT: Final = "personalized.json"  # the node's own A/B report, inside personal-dir/REGION/
 
 # Run config keys (``[tool.flwr.app.config]``)
 RUN_CONFIG_PATH: Final = "config"

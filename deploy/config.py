@@ -66,6 +66,9 @@ class NodeSettings:
     policy: Path | None = None  # the region's residency policy file; default: the run config region's `policy`
     audit_dir: Path | None = None  # the node's signed egress ledger and its key; default WORKDIR/nodes/REGION/audit
     augment: Path | None = None  # YAML of the node's train-split augmentation (common.augment); default: none
+    # YAML of personalize settings (mode, epochs, ...): the node personalizes the final global model for itself
+    personalize: Path | None = None
+    personal_dir: Path | None = None  # where that model and its report stay; default WORKDIR/nodes/REGION/personalized
 
     def __post_init__(self) -> None:
         problems = []
@@ -75,6 +78,8 @@ class NodeSettings:
             problems.append(("port", f"must be in [1, 65535], got {self.port}"))
         if self.threads is not None and self.threads < 1:
             problems.append(("threads", f"must be >= 1, got {self.threads}"))
+        if self.personal_dir is not None and self.personalize is None:
+            problems.append(("personal_dir", "is set but personalize is not (the node would never write there)"))
         _check(problems)
 
 
@@ -98,7 +103,7 @@ class DeployConfig:
         _check(problems)
 
 
-_PATH_FIELDS = {"data", "keys", "cache_dir", "policy", "audit_dir", "augment"}
+_PATH_FIELDS = {"data", "keys", "cache_dir", "policy", "audit_dir", "augment", "personalize", "personal_dir"}
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from common import keys
 from common.config import RunConfig
 from common.pki import FOLDER_MODE, CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
-from deploy.config import DEFAULT_NODE_PORT, DeployConfig
+from deploy.config import DEFAULT_NODE_PORT, DeployConfig, NodeSettings
 from simulations.env import FLOWER_ENV
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml with [tool.flwr.app])
@@ -34,6 +34,8 @@ class Node:
     policy: Path | None  # the region's residency policy on the node's host; None: no policy
     audit_dir: Path  # the node's signed egress ledger and its Ed25519 key (made by the node on first use)
     augment: Path | None = None  # YAML of the node's own train-split augmentation; None: none
+    personalize: Path | None = None  # YAML of the node's own personalization settings; None: none
+    personal_dir: Path | None = None  # where the node keeps its personalized model (set with personalize)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ def layout(deploy: DeployConfig, run: RunConfig) -> Layout:
                 policy=policy.resolve() if policy else None,
                 audit_dir=(s.audit_dir if s and s.audit_dir else work / "nodes" / region / "audit").resolve(),
                 augment=s.augment.resolve() if s and s.augment else None,
+                personalize=s.personalize.resolve() if s and s.personalize else None,
+                personal_dir=_personal_dir(s, work / "nodes" / region / "personalized"),
             )
         )
     return Layout(
@@ -157,6 +161,12 @@ def register_argv(lay: Layout, node: Node) -> list[str]:
     return ["flwr", "supernode", "register", str(node.keys.public), lay.connection, "--name", node.region]
 
 
+def _personal_dir(settings: NodeSettings | None, default: Path) -> Path | None:
+    if settings is None or settings.personalize is None:
+        return None
+    return (settings.personal_dir or default).resolve()
+
+
 def node_config(node: Node) -> str:
     """The ``--node-config`` string: which region this node serves, where its data, policy and ledger live."""
     # double quotes inside, so the shell-quoted command stays readable: --node-config 'region="x" …'
@@ -170,6 +180,8 @@ def node_config(node: Node) -> str:
     parts.append(f'{keys.NODE_AUDIT_DIR}="{node.audit_dir}"')
     if node.augment is not None:
         parts.append(f'{keys.NODE_AUGMENT}="{node.augment}"')
+    if node.personalize is not None and node.personal_dir is not None:
+        parts.append(f'{keys.NODE_PERSONALIZE}="{node.personalize}" {keys.NODE_PERSONAL_DIR}="{node.personal_dir}"')
     return " ".join(parts)
 
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from common.audit import EGRESS, LEDGER_FILE, PUBLIC_KEY_FILE, SENT, read_entries
+from common.keys import PERSONALIZED_REPORT
 from common.pki import create_ca, create_node_keys, create_server_cert, pinned_fingerprint
 from deploy.config import load_deploy, read_deploy
 from deploy.launch import Cluster, LaunchError, ServerIdentityError, check_server_identity
@@ -88,8 +89,15 @@ def test_deployment_with_tls_and_node_auth_matches_the_simulation(
     policies = tmp_path / "policies"
     for region in regions:
         _policy(policies / f"{region}.yaml", region)
+    # east's operator also personalizes the final model on the node (its own settings file)
+    (tmp_path / "personalize.yaml").write_text("mode: probe\n")
     deploy_file, lay = _deployment(
-        tmp_path, tiny_bert, three_regions, policies=str(policies), audit={"keep_updates": True}
+        tmp_path,
+        tiny_bert,
+        three_regions,
+        node_extra={"east": {"personalize": "personalize.yaml"}},
+        policies=str(policies),
+        audit={"keep_updates": True},
     )
     create_credentials(lay, now=datetime.now(UTC))
     pin = pinned_fingerprint(lay.server.cert)
@@ -138,6 +146,22 @@ def test_deployment_with_tls_and_node_auth_matches_the_simulation(
     assert _max_diff(lay.out / "adapter", tmp_path / "sim" / "adapter") <= 1e-5
     assert "fedlocale deploy init" in render(lay, deploy_file)
     _check_audit(lay, outcome)
+    _check_personalized(lay)
+
+
+def _check_personalized(lay: Layout) -> None:
+    """East personalized the final global model on its node and kept it there; the others did nothing."""
+    east, *others = lay.nodes
+    assert east.personal_dir == lay.deploy.workdir.resolve() / "nodes" / "east" / "personalized"
+    report = json.loads((east.personal_dir / "east" / PERSONALIZED_REPORT).read_text())
+    deployed = json.loads((lay.out / "federation.json").read_text())
+    # the model personalized is the one the run tests and keeps: its best round on validation
+    assert (report["mode"], report["round"], report["bytes_sent"]) == ("probe", deployed["best_round"], 0)
+    # the test reply is the global model's, unchanged by the personalization that followed it
+    assert report["test_macro_f1"]["global"] == pytest.approx(deployed["test"]["east"]["macro_f1"])
+    assert (east.personal_dir / "east" / "personalized" / "adapter_model.safetensors").is_file()
+    assert _max_diff(east.personal_dir / "east" / "global", lay.out / "adapter") <= 1e-6
+    assert all(node.personal_dir is None for node in others)
 
 
 def _check_audit(lay: Layout, outcome: object) -> None:
@@ -221,6 +245,15 @@ def test_node_policy_and_audit_dir_default_from_the_run_and_resolve_from_the_dep
     assert node_config(augmented).endswith(f'augment="{tmp_path / "augment.yaml"}"')
     node = node_settings(parse_config_args([node_config(augmented)]))
     assert node.augment is not None and (node.augment.copies, node.augment.ops) == (1, ("delete",))
+    # and so do its personalization settings and the folder its personalized model stays in
+    (tmp_path / "personalize.yaml").write_text("mode: local\nlocal_r: 2\n")
+    personal = replace(north, personalize=tmp_path / "personalize.yaml", personal_dir=tmp_path / "mine")
+    assert node_config(personal).endswith(
+        f'personalize="{tmp_path / "personalize.yaml"}" personal-dir="{tmp_path / "mine"}"'
+    )
+    node = node_settings(parse_config_args([node_config(personal)]))
+    assert node.personalize is not None and (node.personalize.mode, node.personalize.local_r) == ("local", 2)
+    assert node.personal_dir == tmp_path / "mine"
     # a policy written for another region stops the node before it starts (its guard would refuse everything)
     wrong = replace(north, policy=tmp_path / "policies" / "east.yaml")
     with pytest.raises(ServerIdentityError, match="is for region 'east'"):
@@ -309,3 +342,11 @@ def test_shipped_deployment_files_are_valid(path: Path) -> None:
     deploy = read_deploy(path)
     assert deploy.run.name == "demo.yaml" and deploy.run.exists()
     assert {n.region for n in deploy.nodes} == {"en-movies", "en-critics", "cn-hotel", "cn-electronics", "cn-books"}
+
+
+def test_a_personal_dir_without_personalize_settings_is_refused() -> None:
+    from common.config import ConfigError
+    from deploy.config import NodeSettings
+
+    with pytest.raises(ConfigError, match="personal_dir: is set but personalize is not"):
+        NodeSettings(region="east", personal_dir=Path("/srv/personal"))

@@ -1,0 +1,112 @@
+"""Personalization on a deployed node: the operator's own setting, run on the final global model when the test
+evaluation arrives; the model and its report stay on the node and the reply is unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from client.task import NodeConfigError, NodeSettings, evaluate_round, node_settings, personalize_node
+from common import keys
+from common.config import (
+    ClientTask,
+    ConfigError,
+    LoraSettings,
+    ModelSettings,
+    PersonalizeSettings,
+    Region,
+    TrainSettings,
+)
+from common.export import load_exported
+from common.model import adapter_state, build_model
+from tests.conftest import write_region
+
+LABELS = ("neg", "pos")
+
+
+@pytest.fixture(scope="module")
+def task(tiny_bert: Path) -> ClientTask:
+    return ClientTask(
+        seed=0,
+        server_round=3,
+        labels=LABELS,
+        region_names=("north",),
+        model=ModelSettings(base=str(tiny_bert), max_length=32),
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        train=TrainSettings(lr=5e-3, epochs=1, batch_size=8, threads=1),
+    )
+
+
+def _settings_file(path: Path, **values: object) -> Path:
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_node_config_reads_the_personalization_settings_and_folder(tmp_path: Path) -> None:
+    settings = _settings_file(tmp_path / "p.yaml", mode="probe")
+    node = node_settings({keys.NODE_PERSONALIZE: str(settings), keys.NODE_PERSONAL_DIR: str(tmp_path / "own")})
+    assert node.personalize == PersonalizeSettings(mode="probe") and node.personal_dir == tmp_path / "own"
+    assert node_settings({}).personalize is None
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ({keys.NODE_PERSONALIZE: "p.yaml"}, "personalize='p.yaml': must be the absolute path"),
+        ({keys.NODE_PERSONAL_DIR: "/x"}, "go together: the settings and where the personalized model stays"),
+        ({keys.NODE_PERSONALIZE: "{p}"}, "go together"),
+    ],
+)
+def test_node_config_refuses_half_a_personalization(tmp_path: Path, given: dict[str, str], message: str) -> None:
+    settings = _settings_file(tmp_path / "p.yaml", mode="probe")
+    config = {k: v.format(p=settings) for k, v in given.items()}
+    with pytest.raises(NodeConfigError, match=message):
+        node_settings(config)
+
+
+def test_node_config_names_the_bad_personalization_file(tmp_path: Path) -> None:
+    folder = str(tmp_path / "own")
+    none = _settings_file(tmp_path / "none.yaml", mode="none")
+    with pytest.raises(NodeConfigError, match=f"{none}: mode: is 'none'"):
+        node_settings({keys.NODE_PERSONALIZE: str(none), keys.NODE_PERSONAL_DIR: folder})
+    bad = _settings_file(tmp_path / "bad.yaml", mode="probe", epochs=0, lr=2)
+    with pytest.raises(ConfigError) as err:
+        node_settings({keys.NODE_PERSONALIZE: str(bad), keys.NODE_PERSONAL_DIR: folder})
+    assert "epochs: must be in (0, 10], got 0" in str(err.value) and "lr: must be in (0, 1), got 2" in str(err.value)
+    assert str(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["probe", "local"])
+def test_node_keeps_its_personalized_model_and_report(tmp_path: Path, task: ClientTask, mode: str) -> None:
+    region = Region(name="north", data=write_region(tmp_path / "north", 40, 16, seed=3))
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=task.seed).model)
+    node = NodeSettings(threads=1, personalize=PersonalizeSettings(mode=mode, lr=5e-2), personal_dir=tmp_path / "own")  # type: ignore[arg-type]
+    report = personalize_node(region, task, state, node, now=1_700_000_000.0)
+
+    folder = tmp_path / "own" / "north"
+    assert json.loads((folder / keys.PERSONALIZED_REPORT).read_text()) == report
+    assert report["time"] == 1_700_000_000.0 and report["round"] == 3 and report["bytes_sent"] == 0
+    val = report["val_macro_f1"]
+    assert report["chosen"] == ("personalized" if val["personalized"] > val["global"] else "global")
+    # the global test score is the one the node's test reply carries
+    reply = evaluate_round(region, task, state, keys.TEST, node)
+    assert report["test_macro_f1"]["global"] == pytest.approx(reply.macro_f1)
+    ab = report["ab"]["vs_federated"]
+    assert ab["diff"] == pytest.approx(report["test_macro_f1"]["served"] - report["test_macro_f1"]["global"])
+    assert ab["low"] <= ab["diff"] <= ab["high"]
+    # both models are ordinary adapter folders (what `fedlocale export` / `predict` load)
+    exported = load_exported(folder / "personalized")
+    received = load_exported(folder / "global")
+    got = adapter_state(received.model)
+    assert all(np.allclose(got[k], v.numpy()) for k, v in state.items())
+    assert exported.labels == LABELS
+
+
+def test_a_node_without_personalization_settings_refuses_to_personalize(tmp_path: Path, task: ClientTask) -> None:
+    region = Region(name="north", data=write_region(tmp_path / "north", 40, 16, seed=3))
+    with pytest.raises(NodeConfigError, match="no personalize / personal-dir settings"):
+        personalize_node(region, task, {}, NodeSettings(), now=0.0)
