@@ -21,6 +21,7 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from statistics import fmean as mean
 from typing import TYPE_CHECKING, Any
 
 from simulations.env import apply_env
@@ -96,11 +97,6 @@ def mean_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         )
     overall = {m: {"macro_f1": mean([s["overall"][m]["macro_f1"] for s in summaries])} for m in first["overall"]}
     return {"regions": regions, "overall": overall}
-
-
-def mean(values: list[float]) -> float:
-    """The arithmetic mean."""
-    return sum(values) / len(values)
 
 
 def with_mode(summary: dict[str, Any], entries: dict[str, dict[str, Any]]) -> dict[str, Any]:

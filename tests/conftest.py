@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from common.config import ClientTask
 
 POS_WORDS = ["good", "great", "happy", "love", "nice", "fine"]
 NEG_WORDS = ["bad", "awful", "sad", "hate", "poor", "ugly"]
@@ -121,3 +125,19 @@ def tiny_config(path: Path, model_dir: Path, regions_dir: Path, **extra: object)
     cfg.update(extra)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def north_task(tiny_bert: Path) -> ClientTask:
+    """A server task for one region "north" on the tiny model (round 1), as a node receives it."""
+    from common.config import ClientTask, LoraSettings, ModelSettings, TrainSettings
+
+    return ClientTask(
+        seed=0,
+        server_round=1,
+        labels=("neg", "pos"),
+        region_names=("north",),
+        model=ModelSettings(base=str(tiny_bert), max_length=32),
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        train=TrainSettings(lr=5e-3, epochs=1, batch_size=8, threads=1),
+    )

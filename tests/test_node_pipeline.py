@@ -16,7 +16,7 @@ import yaml
 from client.task import NodeConfigError, NodeSettings, node_settings, region_data, train_round
 from common import keys
 from common.augment import AugmentSettings
-from common.config import ClientTask, ConfigError, LoraSettings, ModelSettings, Region, TrainSettings
+from common.config import ClientTask, ConfigError, Region
 from common.model import adapter_state, build_model
 from common.policy import RegionPolicy
 from tests.conftest import write_region
@@ -25,16 +25,8 @@ LABELS = ("neg", "pos")
 
 
 @pytest.fixture(scope="module")
-def task(tiny_bert: Path) -> ClientTask:
-    return ClientTask(
-        seed=0,
-        server_round=1,
-        labels=LABELS,
-        region_names=("north",),
-        model=ModelSettings(base=str(tiny_bert), max_length=32),
-        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-        train=TrainSettings(lr=5e-3, epochs=1, batch_size=8, threads=1),
-    )
+def task(north_task: ClientTask) -> ClientTask:
+    return north_task
 
 
 @pytest.fixture
