@@ -15,12 +15,14 @@ from flwr.clientapp import ClientApp
 
 from client.guard import GuardContext, egress_guard
 from client.task import (
+    Personal,
     evaluate_round,
     node_settings,
     personalize_node,
     region_index,
     resolve_region,
     simulated_node,
+    train_dual,
     train_round,
 )
 from common import keys
@@ -37,7 +39,9 @@ atexit.register(gc.freeze)
 log = logging.getLogger("fedlocale.node")
 
 
-def _locate(context: Context, sim_regions: Sequence[Region] | None, audit_root: Path | None) -> GuardContext:
+def _locate(
+    context: Context, sim_regions: Sequence[Region] | None, audit_root: Path | None, personal: Personal | None
+) -> GuardContext:
     """The region this node serves and the node's own settings (policy, ledger folder, cache, threads)."""
     region = resolve_region(context.node_config, context.run_config, sim_regions)
     if keys.NODE_REGION in context.node_config:
@@ -45,7 +49,7 @@ def _locate(context: Context, sim_regions: Sequence[Region] | None, audit_root: 
     # a simulated node: its policy is the run config's region entry, its ledger sits in the run's folder
     out_dir = context.run_config.get(keys.RUN_OUT_DIR)
     root = audit_root or (Path(str(out_dir)) / AUDIT_DIR / NODES_DIR if out_dir is not None else None)
-    return GuardContext(region, simulated_node(region, context.node_config, root))
+    return GuardContext(region, simulated_node(region, context.node_config, root, personal))
 
 
 def _parse(msg: Message, where: GuardContext) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
@@ -55,12 +59,15 @@ def _parse(msg: Message, where: GuardContext) -> tuple[ClientTask, int, dict[str
     return task, region_index(where.region, task), state
 
 
-def make_app(sim_regions: Sequence[Region] | None = None, audit_root: Path | None = None) -> ClientApp:
+def make_app(
+    sim_regions: Sequence[Region] | None = None, audit_root: Path | None = None, personal: Personal | None = None
+) -> ClientApp:
     """Build the ClientApp; the in-process simulator passes the run's regions (and where the simulated nodes
-    keep their ledgers), deployment passes nothing. Every reply passes the egress guard."""
+    keep their ledgers and, with personalize mode dual, their personal LoRA), deployment passes nothing.
+    Every reply passes the egress guard."""
 
     def locate(msg: Message, context: Context) -> GuardContext:
-        return _locate(context, sim_regions, audit_root)
+        return _locate(context, sim_regions, audit_root, personal)
 
     app = ClientApp(mods=[egress_guard(locate)])
 
@@ -68,7 +75,8 @@ def make_app(sim_regions: Sequence[Region] | None = None, audit_root: Path | Non
     def train(msg: Message, context: Context) -> Message:
         where = locate(msg, context)
         task, index, state = _parse(msg, where)
-        new_state, result = train_round(where.region, task, state, where.node)
+        trainer = train_dual if where.node.personal_rank is not None else train_round
+        new_state, result = trainer(where.region, task, state, where.node)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,

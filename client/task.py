@@ -19,6 +19,16 @@ from common.config import ClientTask, PersonalizeSettings, Region, load_config, 
 from common.data import Example, RegionData, load_region, redact_region
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
+from common.personal import (
+    PERSONAL_FILE,
+    init_personal,
+    join,
+    load_personal,
+    personal_tag,
+    save_personal,
+    split,
+    widen,
+)
 from common.personalize import PERSONALIZED, paired_bootstrap, personalize
 from common.policy import RegionPolicy, load_policy
 from common.tokens import Encoded, encode_cached
@@ -43,6 +53,9 @@ class NodeSettings:
     # personalization of the final global model on this node, kept in personal_dir; None: none
     personalize: PersonalizeSettings | None = None
     personal_dir: Path | None = None
+    # personalize mode dual: rank of the region's own LoRA, trained alongside the global adapter in every round
+    # and kept in personal_dir (common.personal); None: the node trains the global adapter only
+    personal_rank: int | None = None
 
 
 def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
@@ -78,20 +91,34 @@ def _personalization(node_config: Mapping[str, object]) -> dict[str, Any]:
     settings = load_yaml(path, PersonalizeSettings)
     if settings.mode == "none":
         raise NodeConfigError(
-            f"{path}: mode: is 'none'; set head, continue, local or probe (or drop {keys.NODE_PERSONALIZE})"
+            f"{path}: mode: is 'none'; set head, continue, local, probe or dual (or drop {keys.NODE_PERSONALIZE})"
         )
-    return {"personalize": settings, "personal_dir": folder}
+    rank = settings.local_r if settings.mode == "dual" else None
+    return {"personalize": settings, "personal_dir": folder, "personal_rank": rank}
 
 
-def simulated_node(region: Region, node_config: Mapping[str, object], audit_root: Path | None) -> NodeSettings:
-    """A simulated node's settings: its operator's choices come from the run config's region entry."""
+def simulated_node(
+    region: Region, node_config: Mapping[str, object], audit_root: Path | None, personal: Personal | None = None
+) -> NodeSettings:
+    """A simulated node's settings: its operator's choices come from the run config's region entry;
+    ``personal`` is where its personal LoRA stays when the run personalizes with mode dual."""
     base = node_settings(node_config)
     return replace(
         base,
         policy=load_policy(region.policy) if region.policy else None,
         audit_dir=audit_root / region.name if audit_root else None,
         augment=region.augment,
+        personal_dir=personal.root if personal else base.personal_dir,
+        personal_rank=personal.rank if personal else base.personal_rank,
     )
+
+
+@dataclass(frozen=True)
+class Personal:
+    """Where simulated nodes keep their personal LoRA (``root/REGION/``) and its rank (personalize mode dual)."""
+
+    root: Path
+    rank: int
 
 
 def region_data(region: Region, labels: tuple[str, ...], node: NodeSettings) -> tuple[RegionData, dict[str, int]]:
@@ -201,6 +228,35 @@ def train_round(
     return adapter_state(loaded.model), replace(result, num_examples=len(data.train))
 
 
+def personal_path(region: Region, node: NodeSettings) -> Path:
+    """Where this node keeps the region's personal LoRA: ``personal_dir/REGION/personal-lora.safetensors``."""
+    if node.personal_dir is None:
+        raise NodeConfigError(f"this node has no {keys.NODE_PERSONAL_DIR} for its personal LoRA")
+    return node.personal_dir / region.name / PERSONAL_FILE
+
+
+def train_dual(
+    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """``train_round`` with the region's personal LoRA alongside the global adapter (personalize mode dual):
+    one adapter of rank r + p is trained (``common.personal``), the personal slices stay in ``personal_path``
+    and the reply carries the global adapter only, with its usual keys and shapes.
+
+    Round 1 starts the slices afresh (seeded); later rounds continue the saved ones, also after a restart.
+    """
+    if node.personal_rank is None:
+        raise NodeConfigError("train_dual needs the node's personal_rank (personalize mode dual)")
+    path, tag = personal_path(region, node), personal_tag(region.name, task.seed, task.lora.r, node.personal_rank)
+    personal = load_personal(path, tag) if task.server_round > 1 else None
+    if personal is None:
+        personal = init_personal(state, node.personal_rank, derive_seed(task.seed, "personal", region.name))
+    wide = replace(task, lora=widen(task.lora, node.personal_rank))
+    new_state, result = train_round(region, wide, join(state, personal), node)
+    sent, personal = split(new_state, task.lora.r)
+    save_personal(path, personal, tag)
+    return sent, result
+
+
 def augment(data: RegionData, task: ClientTask, node: NodeSettings) -> list[Example]:
     """The node's augmented training split (its own setting; the server neither sees nor sets it)."""
     if node.augment is None:
@@ -253,7 +309,15 @@ def personalize_node(
     settings = node.personalize
     started = time.perf_counter()
     seed = derive_seed(task.seed, "personalize", region.name)
-    result = personalize(loaded, data, settings, task.train, max_length=task.model.max_length, seed=seed)
+    personal = None
+    if node.personal_rank is not None:
+        path = personal_path(region, node)
+        personal = load_personal(path, personal_tag(region.name, task.seed, task.lora.r, node.personal_rank))
+        if personal is None:
+            raise NodeConfigError(f"{path}: no personal LoRA of this run to personalize with")
+    result = personalize(
+        loaded, data, settings, task.train, max_length=task.model.max_length, seed=seed, personal=personal
+    )
     seconds = time.perf_counter() - started
     folder = node.personal_dir / region.name
     save_adapter(loaded, folder / "global")

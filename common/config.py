@@ -171,7 +171,7 @@ class EarlyStopping:
         _check(problems)
 
 
-PERSONALIZE_MODES = ("none", "head", "continue", "local", "probe")
+PERSONALIZE_MODES = ("none", "head", "continue", "local", "probe", "dual")
 
 
 @dataclass(frozen=True)
@@ -180,13 +180,15 @@ class PersonalizeSettings:
 
     # head: the head only; continue: adapter + head; local: a new rank-local_r LoRA + head on top of the frozen
     # global adapter (saved as one adapter of rank r + local_r); probe: the head's output layer refit as a linear
-    # probe on the frozen model's features (one forward pass, convex, deterministic; lr and epochs unused)
-    mode: Literal["none", "head", "continue", "local", "probe"] = "none"
+    # probe on the frozen model's features (one forward pass, convex, deterministic; lr and epochs unused);
+    # dual: a rank-local_r LoRA of the region's own trained alongside the global adapter in every round (kept on
+    # the node, never sent; common.personal), then stacked onto the final global adapter and the head probed
+    mode: Literal["none", "head", "continue", "local", "probe", "dual"] = "none"
     epochs: float = 1.0  # passes over the region's train split
     lr: float = 2e-3
     kl_to_global: float = 0.0  # continue, local: weight of KL(global || personalized), keeps it near the global model
     bootstrap: int = 1000  # resamples of the paired bootstrap in the A/B evaluation
-    local_r: int = 4  # local: rank of the region's own LoRA (its scale alpha/r is the global adapter's)
+    local_r: int = 4  # local, dual: rank of the region's own LoRA (its scale alpha/r is the global adapter's)
     # train on an equal number of examples per class (the majority subsampled, the minority repeated; as many
     # examples as the train split has), so that a region's label skew does not become its prior
     balance: bool = False
@@ -298,6 +300,14 @@ class RunConfig:
         for b in self.baselines:
             if b not in keys.BASELINES:
                 problems.append(("baselines", f"unknown baseline {b!r}; known: {', '.join(keys.BASELINES)}"))
+        if self.personalize.mode == "dual" and self.lora.alpha * (self.lora.r + self.personalize.local_r) % self.lora.r:
+            problems.append(
+                (
+                    "personalize.local_r",
+                    f"dual keeps the scale alpha/r, so lora.alpha * (lora.r + local_r) must be a multiple of "
+                    f"lora.r; got alpha={self.lora.alpha}, r={self.lora.r}, local_r={self.personalize.local_r}",
+                )
+            )
         if self.aggregation.min_clients > len(self.regions) and self.regions:
             problems.append(
                 (

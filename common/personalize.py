@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from common.config import PersonalizeSettings, TrainSettings
 from common.data import Example, RegionData
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, load_adapter_state
+from common.personal import is_lora_a, is_lora_b, join
 from common.probe import fit_probe, head_features, install, output_layer
 from common.train import EvalResult, TrainResult, encode, evaluate, train_local
 
@@ -90,24 +92,26 @@ def local_lora(global_model: LoadedModel, r: int, seed: int) -> PeftModel:
     return _wrap(frozen, _lora_like(config, r, head=True))
 
 
-def stack_local(global_model: LoadedModel, local: PeftModel) -> PeftModel:
-    """One adapter of rank r_global + r_local that computes what ``local`` computes: A = [A_g; A_l],
-    B = [B_g, B_l] with the same scale alpha/r, and the local model's head. Saved and exported like any adapter."""
+def stack(global_model: LoadedModel, personal: Mapping[str, torch.Tensor], head: PeftModel | None = None) -> PeftModel:
+    """One adapter of rank r_global + r_personal that computes the global adapter plus the personal slices
+    (``common.personal.join``: A = [A_g; A_p], B = [B_g, B_p], the same scale alpha/r), with the head of
+    ``head`` (default: the global model's). Saved and exported like any adapter."""
     config = _global_lora(global_model.model)
-    local_r = _global_lora(local).r
-    stacked = _wrap(copy.deepcopy(global_model.model).unload(), _lora_like(config, config.r + local_r, head=True))
-    g, loc = adapter_state(global_model.model), adapter_state(local)
-    state = {}
-    for key, value in g.items():
-        if ".lora_A." in key:
-            state[key] = torch.cat([value, loc[key]], dim=0)
-        elif ".lora_B." in key:
-            state[key] = torch.cat([value, loc[key]], dim=1)
-        else:  # the head
-            state[key] = loc[key]
+    extra = next(v.shape[0] for k, v in personal.items() if is_lora_a(k))
+    stacked = _wrap(copy.deepcopy(global_model.model).unload(), _lora_like(config, config.r + extra, head=True))
+    state = join(adapter_state(global_model.model), personal)
+    if head is not None:
+        state.update({k: v for k, v in adapter_state(head).items() if not (is_lora_a(k) or is_lora_b(k))})
     load_adapter_state(stacked, state)
     stacked.eval()
     return stacked
+
+
+def stack_local(global_model: LoadedModel, local: PeftModel) -> PeftModel:
+    """``local`` mode's result as one adapter (``stack``): the local LoRA's matrices as the personal slices,
+    the local model's head."""
+    personal = {k: v for k, v in adapter_state(local).items() if is_lora_a(k) or is_lora_b(k)}
+    return stack(global_model, personal, head=local)
 
 
 def balanced(examples: list[Example], seed: int) -> list[Example]:
@@ -148,6 +152,7 @@ def personalize(
     *,
     max_length: int,
     seed: int,
+    personal: Mapping[str, torch.Tensor] | None = None,
 ) -> Personalized:
     """Fine-tune a copy of ``global_model`` on the region's train split and choose on validation.
 
@@ -155,21 +160,27 @@ def personalize(
     KL. ``local``: the global adapter stays frozen; a new rank-``local_r`` LoRA on top of it and the head train
     (see ``local_lora``), and the result is one stacked adapter (``stack_local``). ``probe``: the adapter stays
     as it is and the head's output layer is refit as a linear probe (``probe_head``; one forward pass, no
-    epochs of SGD, deterministic).
+    epochs of SGD, deterministic). ``dual``: ``personal``, the region's LoRA slices trained alongside the
+    global adapter in the rounds (``common.personal``), is stacked onto the global adapter (``stack``) and the
+    head is refit as in ``probe``.
 
     Without a validation split the personalized model is chosen (there is nothing to choose by).
     """
-    if settings.mode not in ("head", "continue", "local", "probe"):
-        raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue, local or probe)")
+    if settings.mode not in ("head", "continue", "local", "probe", "dual"):
+        raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue, local, probe or dual)")
+    if settings.mode == "dual" and personal is None:
+        raise ValueError("personalize.mode dual needs the region's personal LoRA from the rounds; there is none")
     if settings.mode == "local":
         trained = local_lora(global_model, settings.local_r, seed)
+    elif settings.mode == "dual" and personal is not None:
+        trained = stack(global_model, personal)
     else:
         trained = copy.deepcopy(global_model.model)
     local = LoadedModel(trained, global_model.tokenizer, global_model.labels)
     if settings.mode == "head":
         _freeze_all_but_head(local)
     examples = balanced(data.train, seed) if settings.balance else data.train
-    if settings.mode == "probe":
+    if settings.mode in ("probe", "dual"):
         result = probe_head(local, examples, max_length=max_length, batch_size=train.eval_batch_size)
     else:
         result = train_local(

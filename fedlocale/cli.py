@@ -245,7 +245,12 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     cfg = load_config(args.run_dir / RESOLVED_CONFIG_FILE, args.overrides)
     if cfg.personalize.mode == "none":
-        raise ConfigError(["personalize.mode: is 'none'; pass --set personalize.mode=probe (or head, continue, local)"])
+        raise ConfigError(
+            [
+                "personalize.mode: is 'none'; pass --set personalize.mode=probe (or head, continue, local; "
+                "dual trains during the rounds, so it is set before `fedlocale simulate`)"
+            ]
+        )
     summary = json.loads(summary_path.read_text())
     # local-only predictions are not kept by a run, so the A/B here is against the federated model only
     add_personalized(summary, personalize_run(cfg, args.run_dir, load_all(cfg, print), None, print))

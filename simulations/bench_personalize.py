@@ -2,7 +2,7 @@
 model each region serves after personalization, local-only and centralized, with the A/B intervals, checked
 against the localization targets — on several seeds, because one draw of these small regions decides nothing.
 
-    python -m simulations.bench_personalize [CONFIG] [--seeds 0 1 2] [--modes probe local] [--set KEY=VALUE ...]
+    python -m simulations.bench_personalize [CONFIG] [--seeds 0 1 2] [--modes dual probe] [--set KEY=VALUE ...]
                                             [--out DIR] [--json FILE]
 
 Per seed: one simulation (federated rounds, baselines, personalization with the first mode), then every other
@@ -24,6 +24,7 @@ from pathlib import Path
 from statistics import fmean as mean
 from typing import TYPE_CHECKING, Any
 
+from common.personal import RUN_PERSONAL_DIR
 from simulations.env import apply_env
 
 if TYPE_CHECKING:
@@ -120,9 +121,10 @@ def personalize_again(
 
     target = run_dir / "modes" / cfg.personalize.mode
     target.mkdir(parents=True, exist_ok=True)
-    link = target / "adapter"
-    if not link.exists():
-        link.symlink_to((run_dir / "adapter").resolve())
+    for name in ("adapter", RUN_PERSONAL_DIR):  # the global adapter; the personal LoRAs of a dual run
+        link = target / name
+        if not link.exists() and (run_dir / name).exists():
+            link.symlink_to((run_dir / name).resolve())
     return personalize_run(cfg, target, data, local_only, say)
 
 
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path, nargs="?", default=Path("configs/demo.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--modes", nargs="+", default=["probe", "local"], help="personalize.mode values to compare")
+    parser.add_argument("--modes", nargs="+", default=["dual", "probe"], help="personalize.mode values to compare")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_personalize"))
     parser.add_argument("--json", type=Path, default=Path("simulations/results/bench_personalize-demo.json"))

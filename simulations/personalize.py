@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 
 from common import keys
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.data import RegionData
 from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
+from common.personal import PERSONAL_FILE, RUN_PERSONAL_DIR, load_personal, personal_tag
 from common.personalize import PERSONALIZED, paired_bootstrap, personalize
 from common.train import derive_seed, evaluate, predict_proba
 
@@ -70,6 +72,7 @@ def personalize_region(
         cfg.train,
         max_length=cfg.model.max_length,
         seed=derive_seed(cfg.seed, "personalize", name),
+        personal=run_personal(cfg, out_dir, name) if settings.mode == "dual" else None,
     )
     seconds = time.perf_counter() - started
     save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
@@ -89,17 +92,33 @@ def personalize_region(
         **_scores(served, region, cfg),
         "chosen": result.chosen,
         "mode": settings.mode,
-        **({"local_r": settings.local_r} if settings.mode == "local" else {}),
+        **({"local_r": settings.local_r} if settings.mode in ("local", "dual") else {}),
         "balance": settings.balance,
         "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
         "personalized_test": _scores(result.loaded, region, cfg),
         "ab": comparisons,
         "steps": result.train.steps,
-        # a probe trains no epochs: one forward pass over the train split, then a convex fit of the output layer
-        "epochs": 0.0 if settings.mode == "probe" else settings.epochs,
+        # a probe trains no epochs: one forward pass over the train split, then a convex fit of the output layer;
+        # dual adds that to a personal LoRA trained in the rounds' own passes (no pass of its own)
+        "epochs": 0.0 if settings.mode in ("probe", "dual") else settings.epochs,
         "seconds": seconds,
         "bytes_sent": 0,  # personalization happens on the node; nothing leaves it
     }
+
+
+def run_personal(cfg: RunConfig, out_dir: Path, name: str) -> dict[str, torch.Tensor]:
+    """The personal LoRA that region ``name``'s simulated node kept in ``out_dir`` (personalize mode dual)."""
+    path = out_dir / RUN_PERSONAL_DIR / name / PERSONAL_FILE
+    personal = load_personal(path, personal_tag(name, cfg.seed, cfg.lora.r, cfg.personalize.local_r))
+    if personal is None:
+        raise ConfigError(
+            [
+                f"personalize.mode: dual, but {path} holds no personal LoRA of this run for {name} (rank "
+                f"{cfg.personalize.local_r}); dual trains it during the rounds, so set it before `fedlocale "
+                f"simulate` (or personalize this run with probe, head, continue or local)"
+            ]
+        )
+    return personal
 
 
 def personalize_run(
@@ -117,7 +136,9 @@ def personalize_run(
     entries = {}
     for name, region in data.items():
         mode = cfg.personalize.mode
-        cost = "one forward pass" if mode == "probe" else f"{cfg.personalize.epochs:g} epoch(s)"
+        cost = {"probe": "one forward pass", "dual": "the rounds' LoRA + one forward pass"}.get(
+            mode, f"{cfg.personalize.epochs:g} epoch(s)"
+        )
         say(f"personalize: {name} ({mode}, {cost} on {len(region.train)})")
         entries[name] = personalize_region(
             cfg, name, region, global_model, out_dir, None if local_only is None else local_only.get(name)

@@ -33,6 +33,7 @@ from common.audit import (
 from common.config import ConfigError, RunConfig
 from common.data import RegionData, load_region, redact_region
 from common.metrics import weighted_mean
+from common.personal import RUN_PERSONAL_DIR
 from common.policy import RegionPolicy, load_policy
 from simulations.baselines import run_centralized, run_local_only
 from simulations.env import apply_env
@@ -108,6 +109,7 @@ def run_flower(
     from flwr.simulation import run_simulation
 
     from client.app import make_app as make_client_app
+    from client.task import Personal
     from server.app import make_app as make_server_app
 
     flwr_logger = logging.getLogger("flwr")
@@ -125,11 +127,14 @@ def run_flower(
             "logging_level": "INFO" if verbose else "ERROR",
         },
     }
+    personal = None
+    if cfg.personalize.mode == "dual":
+        personal = Personal(out_dir / RUN_PERSONAL_DIR, cfg.personalize.local_r)
     started = time.perf_counter()
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir, on_round, resume=resume),
-            client_app=make_client_app(cfg.regions, audit_root=out_dir / AUDIT_DIR / NODES_DIR),
+            client_app=make_client_app(cfg.regions, audit_root=out_dir / AUDIT_DIR / NODES_DIR, personal=personal),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
         )

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from common.keys import PERSONALIZED_REPORT
+from common.personal import PERSONAL_FILE
 from deploy.launch import Cluster
 from deploy.plan import create_credentials
 from tests.test_deploy import _deployment, three_regions  # noqa: F401  (fixture)
@@ -48,7 +50,19 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
     tiny_bert: Path,
 ) -> None:
     aggregation = {"min_clients": 2, "node_timeout": 20, "round_timeout": 120}
-    _, lay = _deployment(tmp_path, tiny_bert, three_regions, rounds=3, aggregation=aggregation)
+    # north's operator trains a personal LoRA alongside (personalize mode dual): it must survive the kill
+    (tmp_path / "personalize.yaml").write_text("mode: dual\nlocal_r: 2\n")
+    _, lay = _deployment(
+        tmp_path,
+        tiny_bert,
+        three_regions,
+        rounds=3,
+        aggregation=aggregation,
+        node_extra={"north": {"personalize": "personalize.yaml"}},
+    )
+    north = next(n for n in lay.nodes if n.region == "north")
+    assert north.personal_dir is not None
+    personal = north.personal_dir / "north" / PERSONAL_FILE
     create_credentials(lay, now=datetime.now(UTC))
     out = lay.out
     killed: list[str] = []
@@ -75,6 +89,7 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
         round2 = state["rounds"][1]
         assert round2["missing"] == ["south"] and round2["participants"] == ["east", "north"]
         assert any(r.get("region") == "south" for r in round2["rejected"]), round2["rejected"]
+        kept = personal.read_bytes()  # north's own LoRA after round 2, its last finished round
 
         # the operator brings the nodes back and restarts the server from its checkpoint
         for region in ("south", "north"):
@@ -92,3 +107,11 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
     assert max(Counter((x["round"], x["region"], x["split"]) for x in lines).values()) == 1
     assert {x["region"] for x in lines if x["round"] == 2 and x["split"] == "train"} == {"east", "north"}
     assert not (out / "server-error.txt").exists()
+
+    # north trained its personal LoRA again in the resumed round 3 and personalized the final model with it;
+    # its train replies had the global adapter's shapes (the server took them into every round it joined)
+    assert personal.read_bytes() != kept
+    report = json.loads((north.personal_dir / "north" / PERSONALIZED_REPORT).read_text())
+    assert (report["mode"], report["round"], report["bytes_sent"]) == ("dual", result["best_round"], 0)
+    adapter = json.loads((north.personal_dir / "north" / "personalized" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 + 2

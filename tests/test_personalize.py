@@ -57,7 +57,7 @@ def test_settings_are_validated_together() -> None:
     with pytest.raises(ConfigError) as err:
         PersonalizeSettings(mode="all", epochs=0, bootstrap=10, local_r=0)  # type: ignore[arg-type]
     text = str(err.value)
-    assert "mode: must be one of none, head, continue, local, probe, got 'all'" in text
+    assert "mode: must be one of none, head, continue, local, probe, dual, got 'all'" in text
     assert "local_r: must be in [1, 64], got 0" in text
     assert "epochs: must be in (0, 10], got 0" in text and "bootstrap: must be >= 100, got 10" in text
 
