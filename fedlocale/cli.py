@@ -102,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
         "personalize",
         help="personalize every region of a finished simulation run on its own data (nothing is sent)",
         description="Load RUN_DIR's config and global adapter; per region, fine-tune it as `personalize:` says "
-        "(head | continue | local | probe), keep the better of global and personalized on validation, A/B it on "
-        "test with a paired bootstrap; write RUN_DIR/personalized/REGION/ and update summary.json and report.md.",
+        "(head | continue | local | probe | dual, the last only for a run whose nodes trained their personal LoRA), "
+        "keep the better of global and personalized on validation, A/B it on test with a paired bootstrap; write "
+        "RUN_DIR/personalized/REGION/ and update summary.json and report.md.",
     )
     pers.add_argument("run_dir", type=Path)
     pers.add_argument(
