@@ -20,10 +20,13 @@ from common.data import Example, RegionData, load_region, redact_region
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.personal import (
-    PERSONAL_FILE,
+    PersonalStateError,
+    Slices,
+    clear_personal,
     init_personal,
     join,
-    load_personal,
+    latest_personal,
+    personal_folder,
     personal_tag,
     save_personal,
     split,
@@ -115,7 +118,8 @@ def simulated_node(
 
 @dataclass(frozen=True)
 class Personal:
-    """Where simulated nodes keep their personal LoRA (``root/REGION/``) and its rank (personalize mode dual)."""
+    """Where simulated nodes keep their personal LoRA (``root`` stands in for their personal-dir) and its rank
+    (personalize mode dual)."""
 
     root: Path
     rank: int
@@ -228,32 +232,53 @@ def train_round(
     return adapter_state(loaded.model), replace(result, num_examples=len(data.train))
 
 
-def personal_path(region: Region, node: NodeSettings) -> Path:
-    """Where this node keeps the region's personal LoRA: ``personal_dir/REGION/personal-lora.safetensors``."""
-    if node.personal_dir is None:
-        raise NodeConfigError(f"this node has no {keys.NODE_PERSONAL_DIR} for its personal LoRA")
-    return node.personal_dir / region.name / PERSONAL_FILE
+def personal_state(region: Region, task: ClientTask, node: NodeSettings) -> tuple[Path, str, int]:
+    """Where this node keeps the region's personal LoRA, the tag of this run's slices, and their rank."""
+    if node.personal_dir is None or node.personal_rank is None:
+        raise NodeConfigError(f"this node has no {keys.NODE_PERSONAL_DIR} or rank for a personal LoRA (mode dual)")
+    tag = personal_tag(region.name, task.seed, task.model.base, task.lora.r, node.personal_rank)
+    return personal_folder(node.personal_dir, region.name), tag, node.personal_rank
+
+
+def _continued(folder: Path, task: ClientTask, tag: str, state: Mapping[str, torch.Tensor]) -> Slices | None:
+    """The slices this round continues: the newest kept before it; none in round 1 (which clears the folder,
+    so that no earlier run's slices are ever picked up) or when the kept ones cannot be used (logged)."""
+    if task.server_round == 1:
+        clear_personal(folder)
+        return None
+    try:
+        return latest_personal(folder, before=task.server_round, tag=tag, global_state=state)
+    except PersonalStateError as err:
+        log.warning("%s; the personal LoRA starts afresh in round %d", err, task.server_round)
+        return None
 
 
 def train_dual(
     region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """``train_round`` with the region's personal LoRA alongside the global adapter (personalize mode dual):
-    one adapter of rank r + p is trained (``common.personal``), the personal slices stay in ``personal_path``
-    and the reply carries the global adapter only, with its usual keys and shapes.
+    one adapter of rank r + p is trained (``common.personal``), the personal slices are kept in the node's
+    folder as this round's file, and the reply carries the global adapter only, with its keys and shapes.
 
-    Round 1 starts the slices afresh (seeded); later rounds continue the saved ones, also after a restart.
+    Each round continues the newest slices kept before it (also after a restart, and a round trained again
+    after a failure starts from the round before it); round 1 starts them afresh, seeded.
     """
-    if node.personal_rank is None:
-        raise NodeConfigError("train_dual needs the node's personal_rank (personalize mode dual)")
-    path, tag = personal_path(region, node), personal_tag(region.name, task.seed, task.lora.r, node.personal_rank)
-    personal = load_personal(path, tag) if task.server_round > 1 else None
-    if personal is None:
-        personal = init_personal(state, node.personal_rank, derive_seed(task.seed, "personal", region.name))
-    wide = replace(task, lora=widen(task.lora, node.personal_rank))
-    new_state, result = train_round(region, wide, join(state, personal), node)
+    folder, tag, rank = personal_state(region, task, node)
+    previous = _continued(folder, task, tag, state)
+    if previous is None:
+        start = init_personal(state, rank, derive_seed(task.seed, "personal", region.name))
+    else:
+        start = previous.tensors
+    try:
+        wide = replace(task, lora=widen(task.lora, rank))
+    except ValueError as err:
+        raise NodeConfigError(f"{keys.NODE_PERSONALIZE} settings of this node: {err}") from err
+    new_state, result = train_round(region, wide, join(state, start), node)
     sent, personal = split(new_state, task.lora.r)
-    save_personal(path, personal, tag)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if {k: tuple(v.shape) for k, v in sent.items()} != shapes:  # the reply must be exactly a global adapter
+        raise RuntimeError(f"{region.name}: the global part of the trained adapter does not match the received one")
+    save_personal(folder, Slices(personal, task.server_round), tag, from_round=previous.round if previous else 0)
     return sent, result
 
 
@@ -311,10 +336,12 @@ def personalize_node(
     seed = derive_seed(task.seed, "personalize", region.name)
     personal = None
     if node.personal_rank is not None:
-        path = personal_path(region, node)
-        personal = load_personal(path, personal_tag(region.name, task.seed, task.lora.r, node.personal_rank))
-        if personal is None:
-            raise NodeConfigError(f"{path}: no personal LoRA of this run to personalize with")
+        # the test evaluation carries the best round's adapter: its partner is the slices of that round
+        folder, tag, _ = personal_state(region, task, node)
+        kept = latest_personal(folder, before=task.server_round + 1, tag=tag, global_state=state)
+        if kept is None:
+            raise NodeConfigError(f"{folder}: no personal LoRA of this run to personalize with")
+        personal = kept.tensors
     result = personalize(
         loaded, data, settings, task.train, max_length=task.model.max_length, seed=seed, personal=personal
     )

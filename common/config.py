@@ -172,6 +172,13 @@ class EarlyStopping:
 
 
 PERSONALIZE_MODES = ("none", "head", "continue", "local", "probe", "dual")
+PROBED_MODES = ("probe", "dual")  # the head's output layer is refit as a linear probe; no epoch of SGD
+STACKED_MODES = ("local", "dual")  # the result is one adapter of rank lora.r + local_r
+
+
+def keeps_scale(lora: LoraSettings, extra: int) -> bool:
+    """Whether a LoRA of rank r + ``extra`` can have the scale alpha/r of ``lora`` with an integer alpha."""
+    return lora.alpha * (lora.r + extra) % lora.r == 0
 
 
 @dataclass(frozen=True)
@@ -300,7 +307,7 @@ class RunConfig:
         for b in self.baselines:
             if b not in keys.BASELINES:
                 problems.append(("baselines", f"unknown baseline {b!r}; known: {', '.join(keys.BASELINES)}"))
-        if self.personalize.mode == "dual" and self.lora.alpha * (self.lora.r + self.personalize.local_r) % self.lora.r:
+        if self.personalize.mode == "dual" and not keeps_scale(self.lora, self.personalize.local_r):
             problems.append(
                 (
                     "personalize.local_r",

@@ -6,27 +6,49 @@ its own: A = [A_g; A_p], B = [B_g, B_p] with the global scale alpha/r, so the mo
 x·(B_g·A_g + B_p·A_p)·alpha/r. Training that adapter is one ordinary ``train_round`` on a wider LoRA; before
 replying, the node cuts the personal slices off and keeps them, so the reply has exactly the global adapter's
 keys and shapes. Both parts see the same passes over the data: the personal part costs no extra epoch.
+
+The node keeps one file per round it trained (``round-NNN.safetensors``, tagged with what it belongs to), so a
+round that is trained again after a failure starts from the round before it, and the model personalized at the
+end pairs the run's best-round global adapter with the personal slices of that same round.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from common.config import LoraSettings
+from common.config import LoraSettings, keeps_scale
 
-PERSONAL_FILE = "personal-lora.safetensors"  # in the node's personal folder, per region: never sent
-RUN_PERSONAL_DIR = "personal-lora"  # in a simulation's run folder: what the simulated nodes keep, per region
+PERSONAL_DIR = "personal-lora"  # the node's kept slices: personal-dir/REGION/personal-lora/round-NNN.safetensors
+SIMULATED_PERSONAL_DIR = "personal"  # a simulation's stand-in for its nodes' personal-dir, inside RUN_DIR
+TAG = "tag"  # file metadata: what the slices belong to (``personal_tag``)
+ROUND = "round"  # file metadata: the round that trained them
+FROM_ROUND = "from_round"  # file metadata: the round whose slices that training continued (0: fresh)
+_ROUND_FILE = re.compile(r"round-(\d{3,})\.safetensors")
 
 
-def personal_tag(region: str, seed: int, r: int, rank: int) -> str:
-    """What a personal LoRA belongs to; slices saved under another tag are not reused."""
-    return f"{region} seed={seed} r={r} p={rank}"
+class PersonalStateError(ValueError):
+    """A kept personal LoRA cannot be used (unreadable, or not shaped like the global adapter); names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slices:
+    """Personal LoRA slices as kept on the node: the tensors and the round that trained them."""
+
+    tensors: dict[str, torch.Tensor]
+    round: int
+
+
+def personal_tag(region: str, seed: int, base: str, r: int, rank: int) -> str:
+    """What a personal LoRA belongs to; slices saved under another tag are never used."""
+    return f"{region} seed={seed} base={base} r={r} p={rank}"
 
 
 def is_lora_a(key: str) -> bool:
@@ -41,18 +63,20 @@ def is_lora_b(key: str) -> bool:
 
 def widen(lora: LoraSettings, extra: int) -> LoraSettings:
     """The LoRA settings of the stacked adapter: rank r + ``extra`` with the same scale alpha/r."""
-    alpha = lora.alpha * (lora.r + extra)
-    if alpha % lora.r:
+    if not keeps_scale(lora, extra):
         raise ValueError(
-            f"lora.alpha * (lora.r + personalize.local_r) must be a multiple of lora.r to keep the scale "
-            f"alpha/r, got alpha={lora.alpha}, r={lora.r}, local_r={extra}"
+            f"personalize.local_r={extra}: lora.alpha * (lora.r + local_r) must be a multiple of lora.r to keep "
+            f"the scale alpha/r, got alpha={lora.alpha}, r={lora.r}"
         )
-    return dataclasses.replace(lora, r=lora.r + extra, alpha=alpha // lora.r)
+    return dataclasses.replace(lora, r=lora.r + extra, alpha=lora.alpha * (lora.r + extra) // lora.r)
 
 
 def init_personal(global_state: Mapping[str, torch.Tensor], rank: int, seed: int) -> dict[str, torch.Tensor]:
     """Fresh personal slices for the LoRA matrices of ``global_state``: A drawn as peft draws it (Kaiming
     uniform, a = √5), B = 0, so the stacked model starts as exactly the global model."""
+    unsupported = [k for k in global_state if "lora_" in k and not (is_lora_a(k) or is_lora_b(k))]
+    if unsupported:
+        raise ValueError(f"personalize.mode dual stacks LoRA on linear layers only; this adapter has {unsupported[0]}")
     generator = torch.Generator().manual_seed(seed)
     personal = {}
     for key in sorted(global_state):
@@ -69,10 +93,9 @@ def init_personal(global_state: Mapping[str, torch.Tensor], rank: int, seed: int
 def join(global_state: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The stacked adapter's state: each LoRA matrix of ``global_state`` with its personal slice appended
     (A along the rank rows, B along the rank columns); every other tensor (the head) as it is."""
-    lora_keys = {k for k in global_state if is_lora_a(k) or is_lora_b(k)}
-    if set(personal) != lora_keys:
-        missing, extra = sorted(lora_keys - set(personal))[:3], sorted(set(personal) - lora_keys)[:3]
-        raise ValueError(f"personal LoRA does not match the global adapter: missing {missing}, unexpected {extra}")
+    problem = mismatch(global_state, personal)
+    if problem:
+        raise ValueError(f"personal LoRA does not match the global adapter: {problem}")
     out = {}
     for key, value in global_state.items():
         if is_lora_a(key):
@@ -82,6 +105,23 @@ def join(global_state: Mapping[str, torch.Tensor], personal: Mapping[str, torch.
         else:
             out[key] = value
     return out
+
+
+def mismatch(global_state: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``personal`` cannot be stacked onto ``global_state`` (keys, or the non-rank dimension), or None."""
+    lora_keys = {k for k in global_state if is_lora_a(k) or is_lora_b(k)}
+    if set(personal) != lora_keys:
+        missing, extra = sorted(lora_keys - set(personal))[:3], sorted(set(personal) - lora_keys)[:3]
+        return f"missing {missing}, unexpected {extra}"
+    ranks = {personal[k].shape[0] if is_lora_a(k) else personal[k].shape[1] for k in personal}
+    for key, value in personal.items():
+        kept = value.shape[1] if is_lora_a(key) else value.shape[0]
+        wanted = global_state[key].shape[1] if is_lora_a(key) else global_state[key].shape[0]
+        if value.dim() != 2 or kept != wanted:
+            return f"{key} has shape {tuple(value.shape)}, the global adapter's is {tuple(global_state[key].shape)}"
+    if len(ranks) != 1:
+        return f"the slices have different ranks {sorted(ranks)}"
+    return None
 
 
 def split(state: Mapping[str, torch.Tensor], rank: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -97,22 +137,60 @@ def split(state: Mapping[str, torch.Tensor], rank: int) -> tuple[dict[str, torch
     return global_state, personal
 
 
-def save_personal(path: Path, personal: Mapping[str, torch.Tensor], tag: str) -> None:
-    """Write the personal slices to ``path`` (safetensors) with ``tag`` (which run and settings they belong to).
-    Written to a temporary file first, so a node killed mid-write keeps the previous round's slices."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def personal_folder(personal_dir: Path, region: str) -> Path:
+    """Where a node with ``personal_dir`` keeps region ``region``'s personal LoRA, one file per round."""
+    return personal_dir / region / PERSONAL_DIR
+
+
+def round_file(folder: Path, server_round: int) -> Path:
+    """Where the slices trained in ``server_round`` are kept."""
+    return folder / f"round-{server_round:03d}.safetensors"
+
+
+def save_personal(folder: Path, slices: Slices, tag: str, from_round: int) -> Path:
+    """Write ``slices`` to their round's file in ``folder``, with ``tag`` and the round they continued from.
+    Written to a temporary file first, so a node killed mid-write leaves no half file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = round_file(folder, slices.round)
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in personal.items()}, str(tmp), metadata={"tag": tag})
+    metadata = {TAG: tag, ROUND: str(slices.round), FROM_ROUND: str(from_round)}
+    save_file({k: v.contiguous() for k, v in slices.tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
+    return path
 
 
-def load_personal(path: Path, tag: str) -> dict[str, torch.Tensor] | None:
-    """The personal slices saved at ``path`` for ``tag``; None if there are none, or they belong to another
-    run or other settings (then training starts them afresh)."""
-    if not path.is_file():
-        return None
-    from safetensors import safe_open
+def read_metadata(path: Path) -> dict[str, str]:
+    """A kept file's metadata (``TAG``, ``ROUND``, ``FROM_ROUND``)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise PersonalStateError(f"{path}: not a readable personal LoRA file ({err})") from err
 
-    with safe_open(str(path), framework="pt") as handle:
-        saved = (handle.metadata() or {}).get("tag")
-    return load_file(str(path)) if saved == tag else None
+
+def latest_personal(folder: Path, before: int, tag: str, global_state: Mapping[str, torch.Tensor]) -> Slices | None:
+    """The newest slices in ``folder`` trained before round ``before`` under ``tag``, checked against the
+    global adapter they will be stacked onto; None if there are none. A file that cannot be used raises
+    ``PersonalStateError`` naming it."""
+    rounds = sorted(
+        (int(m.group(1)) for p in folder.glob("round-*.safetensors") if (m := _ROUND_FILE.fullmatch(p.name))),
+        reverse=True,
+    )
+    for server_round in (r for r in rounds if r < before):
+        path = round_file(folder, server_round)
+        if read_metadata(path).get(TAG) != tag:
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            # copies: a tensor backed by the mapped file would change if the file were rewritten in place
+            tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}  # noqa: SIM118  (not a dict)
+        problem = mismatch(global_state, tensors)
+        if problem:
+            raise PersonalStateError(f"{path}: does not fit the global adapter: {problem}")
+        return Slices(tensors, server_round)
+    return None
+
+
+def clear_personal(folder: Path) -> None:
+    """Remove every kept round from ``folder``: a run's round 1 starts the personal LoRA afresh."""
+    for path in folder.glob("round-*.safetensors"):
+        path.unlink()

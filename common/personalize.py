@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from common.config import PersonalizeSettings, TrainSettings
+from common.config import PROBED_MODES, PersonalizeSettings, TrainSettings
 from common.data import Example, RegionData
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, load_adapter_state
-from common.personal import is_lora_a, is_lora_b, join
+from common.personal import is_lora_a, is_lora_b, join, mismatch
 from common.probe import fit_probe, head_features, install, output_layer
 from common.train import EvalResult, TrainResult, encode, evaluate, train_local
 
@@ -59,7 +59,7 @@ def local_settings(train: TrainSettings, settings: PersonalizeSettings) -> Train
 def _global_lora(model: PeftModel) -> LoraConfig:
     config = model.peft_config["default"]
     if not isinstance(config, LoraConfig) or config.use_rslora or config.rank_pattern or config.alpha_pattern:
-        raise ValueError("personalize.mode local needs a plain LoRA adapter (one rank and alpha, no rsLoRA)")
+        raise ValueError("personalize.mode local and dual need a plain LoRA adapter (one rank and alpha, no rsLoRA)")
     return config
 
 
@@ -97,6 +97,9 @@ def stack(global_model: LoadedModel, personal: Mapping[str, torch.Tensor], head:
     (``common.personal.join``: A = [A_g; A_p], B = [B_g, B_p], the same scale alpha/r), with the head of
     ``head`` (default: the global model's). Saved and exported like any adapter."""
     config = _global_lora(global_model.model)
+    problem = mismatch(adapter_state(global_model.model), personal)
+    if problem:
+        raise ValueError(f"personal LoRA does not match the global adapter: {problem}")
     extra = next(v.shape[0] for k, v in personal.items() if is_lora_a(k))
     stacked = _wrap(copy.deepcopy(global_model.model).unload(), _lora_like(config, config.r + extra, head=True))
     state = join(adapter_state(global_model.model), personal)
@@ -180,7 +183,7 @@ def personalize(
     if settings.mode == "head":
         _freeze_all_but_head(local)
     examples = balanced(data.train, seed) if settings.balance else data.train
-    if settings.mode in ("probe", "dual"):
+    if settings.mode in PROBED_MODES:
         result = probe_head(local, examples, max_length=max_length, batch_size=train.eval_batch_size)
     else:
         result = train_local(

@@ -60,7 +60,7 @@ RESUMABLE_CHANGES = (
     "rounds",
     "baselines",
     "simulation",
-    "personalize",  # runs after the federation, on the nodes; the rounds do not depend on it
+    "personalize",  # runs after the federation, on the nodes (dual's rank is kept apart, see config_settings)
     "aggregation.round_timeout",
     "aggregation.node_timeout",
     "aggregation.min_clients",
@@ -170,7 +170,10 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     raw = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     flat = _flatten(raw)
     flat["regions"] = list(cfg.region_names)  # the order matters: it is how replies name their region
-    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(f"{p}.") for p in RESUMABLE_CHANGES)}
+    kept = {k: v for k, v in flat.items() if not any(k == p or k.startswith(f"{p}.") for p in RESUMABLE_CHANGES)}
+    # personalization runs after the rounds, except dual: its nodes train a personal LoRA in them
+    kept["personal_lora_rank"] = cfg.personalize.local_r if cfg.personalize.mode == "dual" else None
+    return kept
 
 
 def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:

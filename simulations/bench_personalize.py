@@ -24,7 +24,6 @@ from pathlib import Path
 from statistics import fmean as mean
 from typing import TYPE_CHECKING, Any
 
-from common.personal import RUN_PERSONAL_DIR
 from simulations.env import apply_env
 
 if TYPE_CHECKING:
@@ -117,11 +116,14 @@ def personalize_again(
 ) -> dict[str, Any]:
     """Personalize ``run_dir``'s global adapter as ``cfg.personalize`` says, writing into RUN_DIR/modes/MODE/ so
     that the run's own personalized adapters stay as the simulation wrote them."""
+    from common.personal import SIMULATED_PERSONAL_DIR
+    from server.federation import FEDERATION_FILE
     from simulations.personalize import personalize_run
 
     target = run_dir / "modes" / cfg.personalize.mode
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter", RUN_PERSONAL_DIR):  # the global adapter; the personal LoRAs of a dual run
+    # the global adapter, the round it is from, and the personal LoRAs of a dual run
+    for name in ("adapter", FEDERATION_FILE, SIMULATED_PERSONAL_DIR):
         link = target / name
         if not link.exists() and (run_dir / name).exists():
             link.symlink_to((run_dir / name).resolve())
@@ -144,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_personalize"))
     parser.add_argument("--json", type=Path, default=Path("simulations/results/bench_personalize-demo.json"))
     args = parser.parse_args(argv)
+    if "dual" in args.modes[1:]:
+        # dual trains during the rounds: only the first mode's simulation can have it
+        parser.error(f"--modes: dual must come first (it trains in the rounds), got {' '.join(args.modes)}")
 
     from common.config import load_config
     from simulations.runner import load_all, simulate

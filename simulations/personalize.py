@@ -7,6 +7,7 @@ summary.json.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,10 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 from common import keys
-from common.config import ConfigError, RunConfig
+from common.config import PROBED_MODES, STACKED_MODES, ConfigError, RunConfig
 from common.data import RegionData
 from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
-from common.personal import PERSONAL_FILE, RUN_PERSONAL_DIR, load_personal, personal_tag
+from common.personal import (
+    SIMULATED_PERSONAL_DIR,
+    PersonalStateError,
+    latest_personal,
+    personal_folder,
+    personal_tag,
+)
 from common.personalize import PERSONALIZED, paired_bootstrap, personalize
 from common.train import derive_seed, evaluate, predict_proba
 
@@ -72,7 +79,7 @@ def personalize_region(
         cfg.train,
         max_length=cfg.model.max_length,
         seed=derive_seed(cfg.seed, "personalize", name),
-        personal=run_personal(cfg, out_dir, name) if settings.mode == "dual" else None,
+        personal=run_personal(cfg, out_dir, name, global_model) if settings.mode == "dual" else None,
     )
     seconds = time.perf_counter() - started
     save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
@@ -92,7 +99,7 @@ def personalize_region(
         **_scores(served, region, cfg),
         "chosen": result.chosen,
         "mode": settings.mode,
-        **({"local_r": settings.local_r} if settings.mode in ("local", "dual") else {}),
+        **({"local_r": settings.local_r} if settings.mode in STACKED_MODES else {}),
         "balance": settings.balance,
         "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
         "personalized_test": _scores(result.loaded, region, cfg),
@@ -100,25 +107,34 @@ def personalize_region(
         "steps": result.train.steps,
         # a probe trains no epochs: one forward pass over the train split, then a convex fit of the output layer;
         # dual adds that to a personal LoRA trained in the rounds' own passes (no pass of its own)
-        "epochs": 0.0 if settings.mode in ("probe", "dual") else settings.epochs,
+        "epochs": 0.0 if settings.mode in PROBED_MODES else settings.epochs,
         "seconds": seconds,
         "bytes_sent": 0,  # personalization happens on the node; nothing leaves it
     }
 
 
-def run_personal(cfg: RunConfig, out_dir: Path, name: str) -> dict[str, torch.Tensor]:
-    """The personal LoRA that region ``name``'s simulated node kept in ``out_dir`` (personalize mode dual)."""
-    path = out_dir / RUN_PERSONAL_DIR / name / PERSONAL_FILE
-    personal = load_personal(path, personal_tag(name, cfg.seed, cfg.lora.r, cfg.personalize.local_r))
-    if personal is None:
+def run_personal(cfg: RunConfig, out_dir: Path, name: str, global_model: LoadedModel) -> dict[str, torch.Tensor]:
+    """The personal LoRA that region ``name``'s simulated node kept in ``out_dir`` (personalize mode dual),
+    from the round of the run's global adapter (its best round, ``federation.json``)."""
+    from common.model import adapter_state
+    from server.federation import FEDERATION_FILE
+
+    best_round = int(json.loads((out_dir / FEDERATION_FILE).read_text())["best_round"])
+    folder = personal_folder(out_dir / SIMULATED_PERSONAL_DIR, name)
+    tag = personal_tag(name, cfg.seed, cfg.model.base, cfg.lora.r, cfg.personalize.local_r)
+    try:
+        kept = latest_personal(folder, before=best_round + 1, tag=tag, global_state=adapter_state(global_model.model))
+    except PersonalStateError as err:
+        raise ConfigError([f"personalize.mode: dual, but {err}"]) from err
+    if kept is None:
         raise ConfigError(
             [
-                f"personalize.mode: dual, but {path} holds no personal LoRA of this run for {name} (rank "
-                f"{cfg.personalize.local_r}); dual trains it during the rounds, so set it before `fedlocale "
-                f"simulate` (or personalize this run with probe, head, continue or local)"
+                f"personalize.mode: dual, but {folder} holds no personal LoRA of this run for {name} (rank "
+                f"{cfg.personalize.local_r}, up to round {best_round}); dual trains it during the rounds, so set it "
+                f"before `fedlocale simulate` (or personalize this run with probe, head, continue or local)"
             ]
         )
-    return personal
+    return kept.tensors
 
 
 def personalize_run(

@@ -33,7 +33,7 @@ from common.audit import (
 from common.config import ConfigError, RunConfig
 from common.data import RegionData, load_region, redact_region
 from common.metrics import weighted_mean
-from common.personal import RUN_PERSONAL_DIR
+from common.personal import SIMULATED_PERSONAL_DIR
 from common.policy import RegionPolicy, load_policy
 from simulations.baselines import run_centralized, run_local_only
 from simulations.env import apply_env
@@ -129,7 +129,7 @@ def run_flower(
     }
     personal = None
     if cfg.personalize.mode == "dual":
-        personal = Personal(out_dir / RUN_PERSONAL_DIR, cfg.personalize.local_r)
+        personal = Personal(out_dir / SIMULATED_PERSONAL_DIR, cfg.personalize.local_r)
     started = time.perf_counter()
     try:
         run_simulation(

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from common.keys import PERSONALIZED_REPORT
-from common.personal import PERSONAL_FILE
+from common.personal import FROM_ROUND, personal_folder, read_metadata, round_file
 from deploy.launch import Cluster
 from deploy.plan import create_credentials
 from tests.test_deploy import _deployment, three_regions  # noqa: F401  (fixture)
@@ -62,7 +62,7 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
     )
     north = next(n for n in lay.nodes if n.region == "north")
     assert north.personal_dir is not None
-    personal = north.personal_dir / "north" / PERSONAL_FILE
+    personal = personal_folder(north.personal_dir, "north")
     create_credentials(lay, now=datetime.now(UTC))
     out = lay.out
     killed: list[str] = []
@@ -89,7 +89,8 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
         round2 = state["rounds"][1]
         assert round2["missing"] == ["south"] and round2["participants"] == ["east", "north"]
         assert any(r.get("region") == "south" for r in round2["rejected"]), round2["rejected"]
-        kept = personal.read_bytes()  # north's own LoRA after round 2, its last finished round
+        # north kept its own LoRA of rounds 1 and 2 (it died in round 3)
+        assert {"round-001.safetensors", "round-002.safetensors"} <= {p.name for p in personal.iterdir()}
 
         # the operator brings the nodes back and restarts the server from its checkpoint
         for region in ("south", "north"):
@@ -108,9 +109,9 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
     assert {x["region"] for x in lines if x["round"] == 2 and x["split"] == "train"} == {"east", "north"}
     assert not (out / "server-error.txt").exists()
 
-    # north trained its personal LoRA again in the resumed round 3 and personalized the final model with it;
-    # its train replies had the global adapter's shapes (the server took them into every round it joined)
-    assert personal.read_bytes() != kept
+    # restarted, north trained round 3 in the resumed run from its round-2 slices (not afresh) and personalized
+    # the final model with them; its train replies were plain global adapters (the server took them in)
+    assert read_metadata(round_file(personal, 3))[FROM_ROUND] == "2"
     report = json.loads((north.personal_dir / "north" / PERSONALIZED_REPORT).read_text())
     assert (report["mode"], report["round"], report["bytes_sent"]) == ("dual", result["best_round"], 0)
     adapter = json.loads((north.personal_dir / "north" / "personalized" / "adapter_config.json").read_text())

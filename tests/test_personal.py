@@ -10,15 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.task import NodeSettings, personal_path, train_dual, train_round
+from client.task import NodeSettings, train_dual, train_round
 from common.config import ClientTask, ConfigError, LoraSettings, PersonalizeSettings, Region, RunConfig, TrainSettings
 from common.data import load_region
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
 from common.personal import (
+    FROM_ROUND,
+    PersonalStateError,
+    Slices,
+    clear_personal,
     init_personal,
     join,
-    load_personal,
+    latest_personal,
+    personal_folder,
     personal_tag,
+    read_metadata,
+    round_file,
     save_personal,
     split,
     widen,
@@ -64,7 +71,7 @@ def test_join_and_split_are_inverse_and_keep_the_head(global_model: LoadedModel)
             assert wide[key].shape == (value.shape[0], value.shape[1] + RANK)
         else:
             assert wide[key] is value
-    back, again = split(wide, rank=4)
+    back, again = split(wide, rank=global_model.model.peft_config["default"].r)
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
     assert again.keys() == personal.keys() and all(torch.equal(again[k], personal[k]) for k in personal)
     with pytest.raises(ValueError, match="personal LoRA does not match the global adapter: missing"):
@@ -89,7 +96,7 @@ def test_fresh_personal_slices_are_seeded_and_change_nothing(global_model: Loade
 def test_widen_keeps_the_scale_and_the_config_refuses_one_it_cannot_keep(tmp_path: Path) -> None:
     wide = widen(LoraSettings(r=8, alpha=16), 4)
     assert (wide.r, wide.alpha) == (12, 24)
-    with pytest.raises(ValueError, match="alpha=5, r=4, local_r=2"):
+    with pytest.raises(ValueError, match=r"personalize\.local_r=2: .* got alpha=5, r=4"):
         widen(LoraSettings(r=4, alpha=5), 2)
     region = write_region(tmp_path / "r", 8, 4, seed=1)
     with pytest.raises(ConfigError, match=r"personalize\.local_r"):
@@ -101,38 +108,81 @@ def test_widen_keeps_the_scale_and_the_config_refuses_one_it_cannot_keep(tmp_pat
         )
 
 
-def test_saved_slices_are_reused_only_under_their_tag(tmp_path: Path, global_model: LoadedModel) -> None:
-    personal = init_personal(adapter_state(global_model.model), RANK, seed=0)
-    path = tmp_path / "n" / "personal-lora.safetensors"
-    assert load_personal(path, "t") is None
-    save_personal(path, personal, "t")
-    loaded = load_personal(path, "t")
-    assert loaded is not None and all(torch.equal(loaded[k], v) for k, v in personal.items())
-    assert load_personal(path, "another run") is None
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+def test_kept_rounds_are_found_by_round_and_tag_and_checked(tmp_path: Path, global_model: LoadedModel) -> None:
+    state = adapter_state(global_model.model)
+    folder = tmp_path / "north" / "personal-lora"
+    assert latest_personal(folder, before=5, tag="t", global_state=state) is None
+    for server_round, seed in ((1, 1), (2, 2)):
+        save_personal(folder, Slices(init_personal(state, RANK, seed), server_round), "t", from_round=server_round - 1)
+    save_personal(folder, Slices(init_personal(state, RANK, 3), 3), "another run", from_round=0)
+    assert sorted(p.name for p in folder.iterdir()) == [f"round-00{i}.safetensors" for i in (1, 2, 3)]  # no tmp
+
+    newest = latest_personal(folder, before=5, tag="t", global_state=state)  # round 3 is another run's
+    assert newest is not None and newest.round == 2
+    assert all(torch.equal(newest.tensors[k], v) for k, v in init_personal(state, RANK, 2).items())
+    earlier = latest_personal(folder, before=2, tag="t", global_state=state)  # round 2 trained again: from 1
+    assert earlier is not None and earlier.round == 1 and read_metadata(round_file(folder, 2))[FROM_ROUND] == "1"
+
+    wrong = init_personal(state, RANK, 0)
+    wrong[next(iter(wrong))] = torch.zeros(RANK, 3)  # an A slice whose input size is not the layer's
+    save_personal(folder, Slices(wrong, 4), "t", from_round=3)
+    with pytest.raises(PersonalStateError, match=r"round-004\.safetensors: does not fit the global adapter"):
+        latest_personal(folder, before=5, tag="t", global_state=state)
+    round_file(folder, 4).write_bytes(b"not a safetensors file")
+    with pytest.raises(PersonalStateError, match=r"round-004\.safetensors: not a readable personal LoRA file"):
+        latest_personal(folder, before=5, tag="t", global_state=state)
+    clear_personal(folder)
+    assert not list(folder.iterdir())
 
 
-def test_train_dual_sends_the_global_adapter_and_keeps_its_own(tmp_path: Path, north_task: ClientTask) -> None:
+def _kept(folder: Path, server_round: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v.clone() for k, v in load_file(str(round_file(folder, server_round))).items()}  # not the mapped file
+
+
+def test_train_dual_sends_the_global_adapter_and_keeps_its_own(
+    tmp_path: Path, north_task: ClientTask, caplog: pytest.LogCaptureFixture
+) -> None:
     region = Region(name="north", data=write_region(tmp_path / "north", 32, 8, seed=3))
     state = adapter_state(build_model(north_task.model, north_task.lora, north_task.labels, seed=0).model)
     node = NodeSettings(threads=1, personal_dir=tmp_path / "own", personal_rank=RANK)
-    path = personal_path(region, node)
-    tag = personal_tag("north", north_task.seed, north_task.lora.r, RANK)
+    folder = personal_folder(tmp_path / "own", "north")
+    tag = personal_tag("north", north_task.seed, north_task.model.base, north_task.lora.r, RANK)
+    round2 = replace(north_task, server_round=2)
 
     sent, result = train_dual(region, north_task, state, node)
     assert result.num_examples == 32
     assert {k: v.shape for k, v in sent.items()} == {k: v.shape for k, v in state.items()}
     assert any(not torch.equal(sent[k], state[k]) for k in state)  # the global part trained
-    first = load_personal(path, tag)
-    assert first is not None and any(v.any() for k, v in first.items() if ".lora_B." in k)  # so did its own
+    first = _kept(folder, 1)
+    assert read_metadata(round_file(folder, 1)) == {"tag": tag, "round": "1", FROM_ROUND: "0"}
+    assert any(v.any() for k, v in first.items() if ".lora_B." in k)  # so did its own (B starts at 0)
 
-    # round 2 continues the kept slices; round 1 of a new run starts them afresh
-    train_dual(region, replace(north_task, server_round=2), sent, node)
-    second = load_personal(path, tag)
-    assert second is not None and any(not torch.equal(second[k], first[k]) for k in first)
+    # round 2 continues round 1's slices, and that changes what it sends: a node without them sends otherwise
+    continued, _ = train_dual(region, round2, sent, node)
+    assert read_metadata(round_file(folder, 2))[FROM_ROUND] == "1"
+    fresh_node = replace(node, personal_dir=tmp_path / "fresh")
+    fresh, _ = train_dual(region, round2, sent, fresh_node)
+    assert read_metadata(round_file(personal_folder(tmp_path / "fresh", "north"), 2))[FROM_ROUND] == "0"
+    assert any(not torch.allclose(continued[k], fresh[k]) for k in sent)
+
+    # round 2 trained again (after a failure) starts from round 1 again, so it ends exactly as the first time
+    kept2 = _kept(folder, 2)
+    train_dual(region, round2, sent, node)
+    assert all(torch.equal(_kept(folder, 2)[k], v) for k, v in kept2.items())
+
+    # a kept file that cannot be used is logged with its path and the slices start afresh
+    round_file(folder, 1).write_bytes(b"broken")
+    with caplog.at_level("WARNING", logger="fedlocale.node"):
+        train_dual(region, round2, sent, node)
+    assert str(round_file(folder, 1)) in caplog.text and "starts afresh in round 2" in caplog.text
+    assert read_metadata(round_file(folder, 2))[FROM_ROUND] == "0"
+
+    # round 1 of a (new) run clears the folder and starts from the same seeded slices
     train_dual(region, north_task, state, node)
-    again = load_personal(path, tag)
-    assert again is not None and all(torch.equal(again[k], first[k]) for k in first)  # seeded: the same round 1
+    assert sorted(p.name for p in folder.iterdir()) == ["round-001.safetensors"]
+    assert all(torch.equal(_kept(folder, 1)[k], v) for k, v in first.items())
 
     # the personal part changes what the global part learns: the sent update is not plain training's
     plain, _ = train_round(region, north_task, state, NodeSettings(threads=1))
@@ -155,7 +205,7 @@ def test_dual_personalization_stacks_the_slices_and_probes_the_head(
     before = _logits(global_model)
     result = personalize(global_model, data, settings, train, max_length=32, seed=0, personal=personal)
     assert torch.equal(_logits(global_model), before), "the global model must stay untouched"
-    assert result.train.steps == 0 and result.loaded.model.peft_config["default"].r == 4 + RANK
+    assert result.train.steps == 0 and result.loaded.model.peft_config["default"].r == north_task.lora.r + RANK
     got, stacked = adapter_state(result.loaded.model), adapter_state(stack(global_model, personal))
     for key, value in stacked.items():
         if ".lora_" in key:  # the adapter is the stacked one, bit for bit; only the head was refit
@@ -173,23 +223,32 @@ def test_simulation_trains_personal_lora_on_the_nodes_and_serves_it(
 ) -> None:
     import json
 
+    import numpy as np
+    from safetensors.torch import load_file
+
     from fedlocale.cli import main
     from tests.conftest import tiny_config
 
     personal = {"mode": "dual", "local_r": RANK, "bootstrap": 100}
-    cfg = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, personalize=personal)
+    cfg = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, personalize=personal, audit={"keep_updates": True})
     out = tmp_path / "out"
     assert main(["simulate", str(cfg), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["audit"]["verified"] is True  # every update sent had the global adapter's shapes
+    assert summary["audit"]["verified"] is True
+    global_shapes = {k: v.shape for k, v in load_file(str(out / "adapter" / "adapter_model.safetensors")).items()}
+    best = json.loads((out / "federation.json").read_text())["best_round"]
     for name in ("north", "south"):
         entry = summary["regions"][name]["personalized"]
         assert (entry["mode"], entry["local_r"], entry["epochs"], entry["bytes_sent"]) == ("dual", RANK, 0.0, 0)
-        assert (out / "personal-lora" / name / "personal-lora.safetensors").is_file()
+        folder = personal_folder(out / "personal", name)
+        assert sorted(p.name for p in folder.iterdir()) == ["round-001.safetensors", "round-002.safetensors"]
+        for server_round in (1, 2):  # what each node sent and the server kept is a plain global adapter
+            with np.load(out / "audit" / "updates" / f"round-00{server_round}" / f"{name}.npz") as update:
+                assert {k: update[k].shape for k in update.files if k in global_shapes} == global_shapes
         adapter = json.loads((out / "personalized" / name / "adapter_config.json").read_text())
-        assert adapter["r"] == 4 + RANK
+        assert adapter["r"] == 4 + RANK and best in (1, 2)
     # a run whose nodes kept no personal LoRA cannot be personalized with dual afterwards
-    (out / "personal-lora").rename(tmp_path / "moved")
+    (out / "personal").rename(tmp_path / "moved")
     capsys.readouterr()
     assert main(["personalize", str(out), "--set", "personalize.mode=dual"]) == 2
     assert "dual trains it during the rounds" in capsys.readouterr().err

@@ -281,6 +281,24 @@ def test_operational_settings_may_change(tmp_path: Path, tiny_bert: Path, two_re
     assert fingerprint(config_settings(swapped)) != fingerprint(config_settings(cfg))
 
 
+def test_personalization_may_change_except_the_personal_lora_the_rounds_train(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+
+    def with_personalize(**values: object) -> RunConfig:
+        return dataclasses.replace(cfg, personalize=dataclasses.replace(cfg.personalize, **values))  # type: ignore[arg-type]
+
+    probe, dual = with_personalize(mode="probe"), with_personalize(mode="dual", local_r=2)
+    assert fingerprint(config_settings(probe)) == fingerprint(config_settings(cfg))  # runs after the rounds
+    assert fingerprint(config_settings(with_personalize(mode="probe", local_r=2))) == fingerprint(config_settings(cfg))
+    assert fingerprint(config_settings(dual)) != fingerprint(config_settings(cfg))  # trains in the rounds
+    assert fingerprint(config_settings(with_personalize(mode="dual", local_r=4))) != fingerprint(config_settings(dual))
+    saved_state(dual, tmp_path)
+    with pytest.raises(ResumeError, match="personal_lora_rank: 2 when started, None now"):
+        federate(object(), probe, tmp_path, resume=True)  # type: ignore[arg-type]
+
+
 def test_fewer_rounds_than_already_done_is_refused(tmp_path: Path, tiny_bert: Path, two_regions: Path) -> None:
     cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
     saved_state(cfg, tmp_path, completed=3)
