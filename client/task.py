@@ -240,17 +240,20 @@ def personal_state(region: Region, task: ClientTask, node: NodeSettings) -> tupl
     return personal_folder(node.personal_dir, region.name), tag, node.personal_rank
 
 
-def _continued(folder: Path, task: ClientTask, tag: str, state: Mapping[str, torch.Tensor]) -> Slices | None:
+def _continued(folder: Path, task: ClientTask, tag: str, rank: int, state: Mapping[str, torch.Tensor]) -> Slices | None:
     """The slices this round continues: the newest kept before it; none in round 1 (which clears the folder,
     so that no earlier run's slices are ever picked up) or when the kept ones cannot be used (logged)."""
     if task.server_round == 1:
         clear_personal(folder)
         return None
     try:
-        return latest_personal(folder, before=task.server_round, tag=tag, global_state=state)
+        kept = latest_personal(folder, before=task.server_round, tag=tag, global_state=state, rank=rank)
     except PersonalStateError as err:
         log.warning("%s; the personal LoRA starts afresh in round %d", err, task.server_round)
         return None
+    if kept is None:
+        log.info("%s: no personal LoRA of this run kept before round %d; it starts afresh", folder, task.server_round)
+    return kept
 
 
 def train_dual(
@@ -264,7 +267,7 @@ def train_dual(
     after a failure starts from the round before it); round 1 starts them afresh, seeded.
     """
     folder, tag, rank = personal_state(region, task, node)
-    previous = _continued(folder, task, tag, state)
+    previous = _continued(folder, task, tag, rank, state)
     if previous is None:
         start = init_personal(state, rank, derive_seed(task.seed, "personal", region.name))
     else:
@@ -334,14 +337,14 @@ def personalize_node(
     settings = node.personalize
     started = time.perf_counter()
     seed = derive_seed(task.seed, "personalize", region.name)
-    personal = None
+    personal, personal_round = None, None
     if node.personal_rank is not None:
         # the test evaluation carries the best round's adapter: its partner is the slices of that round
-        folder, tag, _ = personal_state(region, task, node)
-        kept = latest_personal(folder, before=task.server_round + 1, tag=tag, global_state=state)
+        folder, tag, rank = personal_state(region, task, node)
+        kept = latest_personal(folder, before=task.server_round + 1, tag=tag, global_state=state, rank=rank)
         if kept is None:
             raise NodeConfigError(f"{folder}: no personal LoRA of this run to personalize with")
-        personal = kept.tensors
+        personal, personal_round = kept.tensors, kept.round
     result = personalize(
         loaded, data, settings, task.train, max_length=task.model.max_length, seed=seed, personal=personal
     )
@@ -366,6 +369,7 @@ def personalize_node(
         "round": task.server_round,
         "mode": settings.mode,
         "chosen": result.chosen,
+        **({"personal_round": personal_round} if personal_round is not None else {}),
         "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
         "seconds": seconds,
         "bytes_sent": 0,

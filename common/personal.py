@@ -107,20 +107,22 @@ def join(global_state: Mapping[str, torch.Tensor], personal: Mapping[str, torch.
     return out
 
 
-def mismatch(global_state: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor]) -> str | None:
-    """Why ``personal`` cannot be stacked onto ``global_state`` (keys, or the non-rank dimension), or None."""
+def mismatch(
+    global_state: Mapping[str, torch.Tensor], personal: Mapping[str, torch.Tensor], rank: int | None = None
+) -> str | None:
+    """Why ``personal`` cannot be stacked onto ``global_state`` (keys, shapes, or a rank other than ``rank``
+    when given), or None."""
     lora_keys = {k for k in global_state if is_lora_a(k) or is_lora_b(k)}
     if set(personal) != lora_keys:
         missing, extra = sorted(lora_keys - set(personal))[:3], sorted(set(personal) - lora_keys)[:3]
         return f"missing {missing}, unexpected {extra}"
-    ranks = {personal[k].shape[0] if is_lora_a(k) else personal[k].shape[1] for k in personal}
     for key, value in personal.items():
-        kept = value.shape[1] if is_lora_a(key) else value.shape[0]
-        wanted = global_state[key].shape[1] if is_lora_a(key) else global_state[key].shape[0]
-        if value.dim() != 2 or kept != wanted:
-            return f"{key} has shape {tuple(value.shape)}, the global adapter's is {tuple(global_state[key].shape)}"
-    if len(ranks) != 1:
-        return f"the slices have different ranks {sorted(ranks)}"
+        shape, theirs = tuple(value.shape), tuple(global_state[key].shape)
+        if value.dim() != 2 or (shape[1] != theirs[1] if is_lora_a(key) else shape[0] != theirs[0]):
+            return f"{key} has shape {shape}, the global adapter's is {theirs}"
+    ranks = sorted({v.shape[0] if is_lora_a(k) else v.shape[1] for k, v in personal.items()})
+    if len(ranks) != 1 or (rank is not None and ranks != [rank]):
+        return f"the slices have rank {ranks}" + (f", expected {rank}" if rank is not None else "")
     return None
 
 
@@ -168,22 +170,23 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise PersonalStateError(f"{path}: not a readable personal LoRA file ({err})") from err
 
 
-def latest_personal(folder: Path, before: int, tag: str, global_state: Mapping[str, torch.Tensor]) -> Slices | None:
+def latest_personal(
+    folder: Path, before: int, tag: str, global_state: Mapping[str, torch.Tensor], rank: int | None = None
+) -> Slices | None:
     """The newest slices in ``folder`` trained before round ``before`` under ``tag``, checked against the
-    global adapter they will be stacked onto; None if there are none. A file that cannot be used raises
-    ``PersonalStateError`` naming it."""
-    rounds = sorted(
-        (int(m.group(1)) for p in folder.glob("round-*.safetensors") if (m := _ROUND_FILE.fullmatch(p.name))),
+    global adapter they will be stacked onto (and ``rank``, when given); None if there are none. A file that
+    cannot be used raises ``PersonalStateError`` naming it."""
+    kept = sorted(
+        ((int(m.group(1)), p) for p in folder.glob("round-*.safetensors") if (m := _ROUND_FILE.fullmatch(p.name))),
         reverse=True,
     )
-    for server_round in (r for r in rounds if r < before):
-        path = round_file(folder, server_round)
+    for server_round, path in (item for item in kept if item[0] < before):
         if read_metadata(path).get(TAG) != tag:
             continue
         with safe_open(str(path), framework="pt") as handle:
             # copies: a tensor backed by the mapped file would change if the file were rewritten in place
             tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}  # noqa: SIM118  (not a dict)
-        problem = mismatch(global_state, tensors)
+        problem = mismatch(global_state, tensors, rank)
         if problem:
             raise PersonalStateError(f"{path}: does not fit the global adapter: {problem}")
         return Slices(tensors, server_round)
@@ -191,6 +194,6 @@ def latest_personal(folder: Path, before: int, tag: str, global_state: Mapping[s
 
 
 def clear_personal(folder: Path) -> None:
-    """Remove every kept round from ``folder``: a run's round 1 starts the personal LoRA afresh."""
-    for path in folder.glob("round-*.safetensors"):
+    """Remove every kept round (and any half-written one) from ``folder``: a run's round 1 starts afresh."""
+    for path in [*folder.glob("round-*.safetensors"), *folder.glob("round-*.tmp")]:
         path.unlink()

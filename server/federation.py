@@ -171,8 +171,10 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     flat = _flatten(raw)
     flat["regions"] = list(cfg.region_names)  # the order matters: it is how replies name their region
     kept = {k: v for k, v in flat.items() if not any(k == p or k.startswith(f"{p}.") for p in RESUMABLE_CHANGES)}
-    # personalization runs after the rounds, except dual: its nodes train a personal LoRA in them
-    kept["personal_lora_rank"] = cfg.personalize.local_r if cfg.personalize.mode == "dual" else None
+    # personalization runs after the rounds, except dual: its nodes train a personal LoRA in them (added only
+    # then, so that the fingerprints of other runs stay what they were)
+    if cfg.personalize.mode == "dual":
+        kept["personal_lora_rank"] = cfg.personalize.local_r
     return kept
 
 

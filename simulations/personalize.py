@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 
 from common import keys
@@ -24,6 +23,7 @@ from common.model import LoadedModel, build_model, load_adapter_state, save_adap
 from common.personal import (
     SIMULATED_PERSONAL_DIR,
     PersonalStateError,
+    Slices,
     latest_personal,
     personal_folder,
     personal_tag,
@@ -72,6 +72,7 @@ def personalize_region(
     """Personalize one region, save its model, and compare it with the global and local-only models on test."""
     settings = cfg.personalize
     started = time.perf_counter()
+    kept = run_personal(cfg, out_dir, name, global_model) if settings.mode == "dual" else None
     result = personalize(
         global_model,
         region,
@@ -79,7 +80,7 @@ def personalize_region(
         cfg.train,
         max_length=cfg.model.max_length,
         seed=derive_seed(cfg.seed, "personalize", name),
-        personal=run_personal(cfg, out_dir, name, global_model) if settings.mode == "dual" else None,
+        personal=kept.tensors if kept else None,
     )
     seconds = time.perf_counter() - started
     save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
@@ -100,6 +101,7 @@ def personalize_region(
         "chosen": result.chosen,
         "mode": settings.mode,
         **({"local_r": settings.local_r} if settings.mode in STACKED_MODES else {}),
+        **({"personal_round": kept.round} if kept else {}),  # the round whose personal slices were stacked
         "balance": settings.balance,
         "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
         "personalized_test": _scores(result.loaded, region, cfg),
@@ -113,17 +115,23 @@ def personalize_region(
     }
 
 
-def run_personal(cfg: RunConfig, out_dir: Path, name: str, global_model: LoadedModel) -> dict[str, torch.Tensor]:
-    """The personal LoRA that region ``name``'s simulated node kept in ``out_dir`` (personalize mode dual),
-    from the round of the run's global adapter (its best round, ``federation.json``)."""
+def run_personal(cfg: RunConfig, out_dir: Path, name: str, global_model: LoadedModel) -> Slices:
+    """The personal LoRA that region ``name``'s simulated node kept in ``out_dir`` (personalize mode dual):
+    the newest kept up to the round of the run's global adapter (its best round, ``federation.json``)."""
     from common.model import adapter_state
     from server.federation import FEDERATION_FILE
 
-    best_round = int(json.loads((out_dir / FEDERATION_FILE).read_text())["best_round"])
+    record = out_dir / FEDERATION_FILE
+    if not record.is_file():
+        raise ConfigError([f"personalize.mode: dual needs {record} (which round the global adapter is from)"])
+    best_round = int(json.loads(record.read_text())["best_round"])
     folder = personal_folder(out_dir / SIMULATED_PERSONAL_DIR, name)
-    tag = personal_tag(name, cfg.seed, cfg.model.base, cfg.lora.r, cfg.personalize.local_r)
+    rank = cfg.personalize.local_r
+    tag = personal_tag(name, cfg.seed, cfg.model.base, cfg.lora.r, rank)
     try:
-        kept = latest_personal(folder, before=best_round + 1, tag=tag, global_state=adapter_state(global_model.model))
+        kept = latest_personal(
+            folder, before=best_round + 1, tag=tag, global_state=adapter_state(global_model.model), rank=rank
+        )
     except PersonalStateError as err:
         raise ConfigError([f"personalize.mode: dual, but {err}"]) from err
     if kept is None:
@@ -134,7 +142,7 @@ def run_personal(cfg: RunConfig, out_dir: Path, name: str, global_model: LoadedM
                 f"before `fedlocale simulate` (or personalize this run with probe, head, continue or local)"
             ]
         )
-    return kept.tensors
+    return kept
 
 
 def personalize_run(

@@ -47,7 +47,9 @@ RESOLVED_CONFIG_FILE = "config.yaml"
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
-        return str(value)
+        # absolute: the saved config is read back from the run folder (`fedlocale personalize RUN_DIR`), where
+        # a path relative to where the run was started would name nothing
+        return str(value.absolute())
     if isinstance(value, tuple | list):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
@@ -56,7 +58,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config as plain data (absolute data paths), for provenance."""
+    """The resolved config as plain data (absolute paths), for provenance and to be loaded again."""
     return _jsonable(dataclasses.asdict(cfg))  # type: ignore[no-any-return]
 
 

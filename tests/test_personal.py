@@ -131,8 +131,38 @@ def test_kept_rounds_are_found_by_round_and_tag_and_checked(tmp_path: Path, glob
     round_file(folder, 4).write_bytes(b"not a safetensors file")
     with pytest.raises(PersonalStateError, match=r"round-004\.safetensors: not a readable personal LoRA file"):
         latest_personal(folder, before=5, tag="t", global_state=state)
+    other_rank = init_personal(state, RANK + 1, 0)
+    save_personal(folder, Slices(other_rank, 4), "t", from_round=3)
+    with pytest.raises(PersonalStateError, match=r"the slices have rank \[3\], expected 2"):
+        latest_personal(folder, before=5, tag="t", global_state=state, rank=RANK)
+    flat = {k: v.flatten() for k, v in init_personal(state, RANK, 0).items()}  # readable, but not matrices
+    save_personal(folder, Slices(flat, 4), "t", from_round=3)
+    with pytest.raises(PersonalStateError, match="has shape"):
+        latest_personal(folder, before=5, tag="t", global_state=state)
+    (folder / "round-005.tmp").write_bytes(b"half written")
     clear_personal(folder)
     assert not list(folder.iterdir())
+
+
+def test_the_node_personalizes_with_the_slices_of_the_round_it_is_given(
+    tmp_path: Path, global_model: LoadedModel, north_task: ClientTask
+) -> None:
+    from client.task import personalize_node
+
+    region = Region(name="north", data=write_region(tmp_path / "north", 30, 10, seed=4))
+    state = adapter_state(global_model.model)
+    settings = PersonalizeSettings(mode="dual", local_r=RANK, bootstrap=100)
+    node = NodeSettings(threads=1, personalize=settings, personal_dir=tmp_path / "own", personal_rank=RANK)
+    folder = personal_folder(tmp_path / "own", "north")
+    tag = personal_tag("north", north_task.seed, north_task.model.base, north_task.lora.r, RANK)
+    for server_round in (1, 2, 3):
+        save_personal(folder, Slices(init_personal(state, RANK, server_round), server_round), tag, server_round - 1)
+    # the test evaluation carries the best round's adapter (here round 2): its partner is round 2's slices,
+    # not the newest; a best round the node missed falls back to the newest before it
+    report = personalize_node(region, replace(north_task, server_round=2), state, node, now=0.0)
+    assert (report["mode"], report["personal_round"]) == ("dual", 2)
+    round_file(folder, 2).unlink()
+    assert personalize_node(region, replace(north_task, server_round=2), state, node, now=0.0)["personal_round"] == 1
 
 
 def _kept(folder: Path, server_round: int) -> dict[str, torch.Tensor]:
@@ -227,6 +257,7 @@ def test_simulation_trains_personal_lora_on_the_nodes_and_serves_it(
     from safetensors.torch import load_file
 
     from fedlocale.cli import main
+    from server.audit import METRICS_KEY
     from tests.conftest import tiny_config
 
     personal = {"mode": "dual", "local_r": RANK, "bootstrap": 100}
@@ -244,9 +275,9 @@ def test_simulation_trains_personal_lora_on_the_nodes_and_serves_it(
         assert sorted(p.name for p in folder.iterdir()) == ["round-001.safetensors", "round-002.safetensors"]
         for server_round in (1, 2):  # what each node sent and the server kept is a plain global adapter
             with np.load(out / "audit" / "updates" / f"round-00{server_round}" / f"{name}.npz") as update:
-                assert {k: update[k].shape for k in update.files if k in global_shapes} == global_shapes
+                assert {k: update[k].shape for k in update.files if k != METRICS_KEY} == global_shapes
         adapter = json.loads((out / "personalized" / name / "adapter_config.json").read_text())
-        assert adapter["r"] == 4 + RANK and best in (1, 2)
+        assert adapter["r"] == 4 + RANK and entry["personal_round"] == best  # the best round's own slices
     # a run whose nodes kept no personal LoRA cannot be personalized with dual afterwards
     (out / "personal").rename(tmp_path / "moved")
     capsys.readouterr()

@@ -197,3 +197,27 @@ def test_balanced_training_set_has_equal_classes_and_the_same_size() -> None:
     assert {ex.text for ex in out if ex.label == 1} == {ex.text for ex in examples if ex.label == 1}  # all kept
     assert len({ex.text for ex in out if ex.label == 0}) == 125  # a subset, no repeats
     assert balanced(examples, seed=0) == out
+
+
+def test_a_run_config_saved_with_relative_paths_loads_from_the_run_folder(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import yaml
+
+    from common.config import load_config
+    from simulations.runner import config_dict
+    from tests.conftest import tiny_config
+
+    write_region(tmp_path / "regions" / "north", 8, 4, seed=1)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "north.yaml").write_text("region: north\n")
+    monkeypatch.chdir(tmp_path)  # the run is started from here, with paths relative to it
+    tiny_config(tmp_path / "run.yaml", tiny_bert, Path("regions"), policies="policies", aggregation={"min_clients": 1})
+    cfg = load_config(Path("run.yaml"))
+    assert cfg.regions[0].policy is not None and not cfg.regions[0].policy.is_absolute()
+    saved = tmp_path / "out" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(yaml.safe_dump(config_dict(cfg)))
+    again = load_config(saved)  # as `fedlocale personalize out` reads it
+    assert again.regions[0].policy == (tmp_path / "policies" / "north.yaml")
+    assert again.regions[0].data == (tmp_path / "regions" / "north")
