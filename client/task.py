@@ -236,7 +236,7 @@ def personal_state(region: Region, task: ClientTask, node: NodeSettings) -> tupl
     """Where this node keeps the region's personal LoRA, the tag of this run's slices, and their rank."""
     if node.personal_dir is None or node.personal_rank is None:
         raise NodeConfigError(f"this node has no {keys.NODE_PERSONAL_DIR} or rank for a personal LoRA (mode dual)")
-    tag = personal_tag(region.name, task.seed, task.model.base, task.lora.r, node.personal_rank)
+    tag = personal_tag(region.name, task.run_key, task.model.base, task.lora.r, node.personal_rank)
     return personal_folder(node.personal_dir, region.name), tag, node.personal_rank
 
 

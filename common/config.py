@@ -341,6 +341,9 @@ class ClientTask:
     model: ModelSettings
     lora: LoraSettings
     train: TrainSettings
+    # which federation the task belongs to, the same across resumes: a node ties what it keeps between rounds
+    # (personalize mode dual) to it, so that an earlier run's state is never continued
+    run_key: str = ""
 
     def to_json(self) -> str:
         """Serialise for a ConfigRecord."""
@@ -645,8 +648,8 @@ def load_yaml(path: Path, cls: type[T], raw_hook: typing.Callable[[dict[str, Any
     return obj
 
 
-def client_task(cfg: RunConfig, server_round: int) -> ClientTask:
-    """The task the server sends to every client in ``server_round``."""
+def client_task(cfg: RunConfig, server_round: int, run_key: str = "") -> ClientTask:
+    """The task the server sends to every client in ``server_round`` of the run ``run_key``."""
     return ClientTask(
         seed=cfg.seed,
         server_round=server_round,
@@ -655,4 +658,5 @@ def client_task(cfg: RunConfig, server_round: int) -> ClientTask:
         model=cfg.model,
         lora=cfg.lora,
         train=cfg.train,
+        run_key=run_key,
     )

@@ -46,9 +46,10 @@ class Slices:
     round: int
 
 
-def personal_tag(region: str, seed: int, base: str, r: int, rank: int) -> str:
-    """What a personal LoRA belongs to; slices saved under another tag are never used."""
-    return f"{region} seed={seed} base={base} r={r} p={rank}"
+def personal_tag(region: str, run_key: str, base: str, r: int, rank: int) -> str:
+    """What a personal LoRA belongs to (region, run, base model, ranks); slices saved under another tag are
+    never used."""
+    return f"{region} run={run_key} base={base} r={r} p={rank}"
 
 
 def is_lora_a(key: str) -> bool:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -145,6 +146,9 @@ class RunState:
     seconds: float
     fingerprint: str
     settings: dict[str, Any]
+    # which federation this is, kept across resumes; sent in every task so that a node can tell what it kept
+    # between rounds of this run from an earlier run's (states written before it existed have none)
+    run_key: str = ""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view, with a format version."""
@@ -153,10 +157,11 @@ class RunState:
     @classmethod
     def from_json(cls, raw: Any, source: Path) -> RunState:
         """Parse a state file's content; anything inconsistent is a ResumeError naming the file."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION or set(names) - set(raw):
+        fields = dataclasses.fields(cls)
+        required = [f.name for f in fields if f.default is dataclasses.MISSING]
+        if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION or set(required) - set(raw):
             raise ResumeError(f"cannot resume: {source} is not a version-{STATE_VERSION} state file of this program")
-        state = cls(**{name: raw[name] for name in names})
+        state = cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
         numbered = [r.get("round") if isinstance(r, dict) else None for r in state.rounds]
         if state.completed_round < 1 or numbered != list(range(1, state.completed_round + 1)):
             raise ResumeError(
@@ -271,8 +276,8 @@ def _send(grid: Grid, messages: Any, timeout: float) -> list[Any]:
     return list(grid.send_and_receive(messages=list(messages), timeout=timeout))
 
 
-def _task_config(cfg: RunConfig, server_round: int, split: str | None = None) -> ConfigRecord:
-    record = ConfigRecord({keys.TASK: client_task(cfg, server_round).to_json()})
+def _task_config(cfg: RunConfig, server_round: int, run_key: str, split: str | None = None) -> ConfigRecord:
+    record = ConfigRecord({keys.TASK: client_task(cfg, server_round, run_key).to_json()})
     if split is not None:
         record[keys.SPLIT] = split
     return record
@@ -283,11 +288,11 @@ def _describe_rejected(rejected: list[dict[str, str | None]]) -> str:
 
 
 def _train_round(
-    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, run_key: str
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     timeout = cfg.aggregation.round_timeout
     replies = _send(
-        grid, strategy.configure_train(server_round, arrays, _task_config(cfg, server_round), grid), timeout
+        grid, strategy.configure_train(server_round, arrays, _task_config(cfg, server_round, run_key), grid), timeout
     )
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     train = strategy.last_train
@@ -313,9 +318,15 @@ def _train_round(
 
 
 def _evaluate(
-    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, split: str
+    grid: Grid,
+    strategy: RoundStrategy,
+    cfg: RunConfig,
+    server_round: int,
+    arrays: ArrayRecord,
+    split: str,
+    run_key: str,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    messages = strategy.configure_evaluate(server_round, arrays, _task_config(cfg, server_round, split), grid)
+    messages = strategy.configure_evaluate(server_round, arrays, _task_config(cfg, server_round, run_key, split), grid)
     overall = strategy.aggregate_evaluate(server_round, _send(grid, messages, cfg.aggregation.round_timeout))
     per_region = _region_metrics(strategy.last_evaluate)
     named = {name: float(overall[k]) for k, name in _METRIC_KEYS.items()} if overall else {}  # type: ignore[arg-type]
@@ -323,11 +334,11 @@ def _evaluate(
 
 
 def _run_round(
-    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord
+    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, run_key: str
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     started = time.perf_counter()
-    arrays, record = _train_round(grid, strategy, cfg, server_round, arrays)
-    record["val"], record["val_overall"] = _evaluate(grid, strategy, cfg, server_round, arrays, keys.VAL)
+    arrays, record = _train_round(grid, strategy, cfg, server_round, arrays, run_key)
+    record["val"], record["val_overall"] = _evaluate(grid, strategy, cfg, server_round, arrays, keys.VAL, run_key)
     record["bytes_down"] += strategy.last_evaluate.bytes_down
     record["seconds"] = time.perf_counter() - started  # wall time of train + validation, for the benchmarks
     return arrays, record
@@ -375,8 +386,10 @@ def run_rounds(
     out_dir: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     resume_from: RunState | None = None,
+    run_key: str = "",
 ) -> FederationResult:
     """Run the federation for ``cfg`` from the adapter in ``loaded``; write metrics, checkpoints, the adapter.
+    Every task sent carries ``run_key`` (see ``RunState``).
 
     With ``resume_from`` (checked by ``check_resumable``) the rounds it records are kept, their metrics lines are
     written again, and the loop goes on after its last round from that round's checkpoint. ``on_round`` is called
@@ -406,7 +419,7 @@ def run_rounds(
     while not should_stop and server_round < cfg.rounds:
         server_round += 1
         with _naming_checkpoint(f"round {server_round}", out_dir, server_round - 1):
-            arrays, record = _run_round(grid, strategy, cfg, server_round, arrays)
+            arrays, record = _run_round(grid, strategy, cfg, server_round, arrays, run_key)
         writer.write_round(record)
         should_stop = stopper.update(server_round, record["val_overall"].get(stop.metric))
         if stopper.best_round == server_round:
@@ -422,6 +435,7 @@ def run_rounds(
             seconds=seconds_before + time.perf_counter() - started,
             fingerprint=fingerprint(settings),
             settings=settings,
+            run_key=run_key,
         )
         write_state(out_dir, state)
         if on_round is not None:
@@ -432,7 +446,7 @@ def run_rounds(
             "early stop after round %d: no better %s since round %d", server_round, stop.metric, stopper.best_round
         )
     with _naming_checkpoint(f"test evaluation of round {stopper.best_round}", out_dir, server_round):
-        test, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST)
+        test, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST, run_key)
     writer.write(stopper.best_round, keys.TEST, test)
     load_adapter_state(loaded.model, best.to_torch_state_dict())
     save_adapter(loaded, out_dir / ADAPTER_DIR)
@@ -480,8 +494,11 @@ def federate(
     out_dir: Path,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = False,
+    new_key: Callable[[], str] = lambda: secrets.token_hex(8),
 ) -> FederationResult:
     """Build the initial global model for ``cfg``, run every round, and write ``federation.json``.
+
+    A run started afresh gets a run key from ``new_key``; a resumed one keeps the key its state recorded.
 
     With ``resume`` and a ``state.json`` in ``out_dir``, the run goes on after the last round it records (the
     config must match, see ``check_resumable``); a run that had finished only repeats its final test evaluation,
@@ -494,6 +511,7 @@ def federate(
         # an older run's state must never be continued from this run's checkpoints
         (out_dir / STATE_FILE).unlink(missing_ok=True)
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
-    result = run_rounds(grid, cfg, loaded, out_dir, on_round, state)
+    run_key = state.run_key if state is not None and state.run_key else new_key()
+    result = run_rounds(grid, cfg, loaded, out_dir, on_round, state, run_key)
     (out_dir / FEDERATION_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return result

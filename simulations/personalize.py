@@ -119,15 +119,20 @@ def run_personal(cfg: RunConfig, out_dir: Path, name: str, global_model: LoadedM
     """The personal LoRA that region ``name``'s simulated node kept in ``out_dir`` (personalize mode dual):
     the newest kept up to the round of the run's global adapter (its best round, ``federation.json``)."""
     from common.model import adapter_state
-    from server.federation import FEDERATION_FILE
+    from server.federation import FEDERATION_FILE, ResumeError, read_state
 
-    record = out_dir / FEDERATION_FILE
-    if not record.is_file():
-        raise ConfigError([f"personalize.mode: dual needs {record} (which round the global adapter is from)"])
+    try:
+        record, state = out_dir / FEDERATION_FILE, read_state(out_dir)
+    except ResumeError as err:
+        raise ConfigError([f"personalize.mode: dual: {err}"]) from err
+    if not record.is_file() or state is None:
+        raise ConfigError(
+            [f"personalize.mode: dual needs {record} and the run's state (which round and run the adapter is from)"]
+        )
     best_round = int(json.loads(record.read_text())["best_round"])
     folder = personal_folder(out_dir / SIMULATED_PERSONAL_DIR, name)
     rank = cfg.personalize.local_r
-    tag = personal_tag(name, cfg.seed, cfg.model.base, cfg.lora.r, rank)
+    tag = personal_tag(name, state.run_key, cfg.model.base, cfg.lora.r, rank)
     try:
         kept = latest_personal(
             folder, before=best_round + 1, tag=tag, global_state=adapter_state(global_model.model), rank=rank

@@ -154,7 +154,7 @@ def test_the_node_personalizes_with_the_slices_of_the_round_it_is_given(
     settings = PersonalizeSettings(mode="dual", local_r=RANK, bootstrap=100)
     node = NodeSettings(threads=1, personalize=settings, personal_dir=tmp_path / "own", personal_rank=RANK)
     folder = personal_folder(tmp_path / "own", "north")
-    tag = personal_tag("north", north_task.seed, north_task.model.base, north_task.lora.r, RANK)
+    tag = personal_tag("north", north_task.run_key, north_task.model.base, north_task.lora.r, RANK)
     for server_round in (1, 2, 3):
         save_personal(folder, Slices(init_personal(state, RANK, server_round), server_round), tag, server_round - 1)
     # the test evaluation carries the best round's adapter (here round 2): its partner is round 2's slices,
@@ -178,7 +178,7 @@ def test_train_dual_sends_the_global_adapter_and_keeps_its_own(
     state = adapter_state(build_model(north_task.model, north_task.lora, north_task.labels, seed=0).model)
     node = NodeSettings(threads=1, personal_dir=tmp_path / "own", personal_rank=RANK)
     folder = personal_folder(tmp_path / "own", "north")
-    tag = personal_tag("north", north_task.seed, north_task.model.base, north_task.lora.r, RANK)
+    tag = personal_tag("north", north_task.run_key, north_task.model.base, north_task.lora.r, RANK)
     round2 = replace(north_task, server_round=2)
 
     sent, result = train_dual(region, north_task, state, node)
@@ -207,6 +207,10 @@ def test_train_dual_sends_the_global_adapter_and_keeps_its_own(
     with caplog.at_level("WARNING", logger="fedlocale.node"):
         train_dual(region, round2, sent, node)
     assert str(round_file(folder, 1)) in caplog.text and "starts afresh in round 2" in caplog.text
+    assert read_metadata(round_file(folder, 2))[FROM_ROUND] == "0"
+
+    # another run's slices are never continued, even by a node that missed that run's round 1
+    train_dual(region, replace(round2, run_key="another run"), sent, node)
     assert read_metadata(round_file(folder, 2))[FROM_ROUND] == "0"
 
     # round 1 of a (new) run clears the folder and starts from the same seeded slices

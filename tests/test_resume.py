@@ -306,6 +306,13 @@ def test_fewer_rounds_than_already_done_is_refused(tmp_path: Path, tiny_bert: Pa
         federate(object(), dataclasses.replace(cfg, rounds=2), tmp_path, resume=True)  # type: ignore[arg-type]
 
 
+def test_a_state_file_written_before_run_keys_existed_still_resumes(tmp_path: Path) -> None:
+    raw = {"version": 1, "completed_round": 1, "rounds": [{"round": 1}], "best_round": 1, "best_value": 0.5}
+    raw.update({"seconds": 1.0, "fingerprint": "f", "settings": {}})
+    assert RunState.from_json(raw, tmp_path / "state.json").run_key == ""
+    assert RunState.from_json({**raw, "run_key": "k"}, tmp_path / "state.json").run_key == "k"
+
+
 def test_a_broken_state_file_is_refused(tmp_path: Path, tiny_bert: Path, two_regions: Path) -> None:
     cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
     (tmp_path / STATE_FILE).write_text("{not json")
@@ -419,6 +426,10 @@ def test_simulation_stopped_after_round_two_and_resumed_equals_an_uninterrupted_
     assert seen == [3]
     assert not (out / ERROR_FILE).exists()
     assert_same_run(out, tmp_path / "whole")
+    # the resumed run is the same run: it kept its key (the nodes tie what they keep between rounds to it)
+    resumed, whole_state = read_state(out), read_state(tmp_path / "whole")
+    assert resumed is not None and whole_state is not None
+    assert resumed.run_key == state.run_key and len(state.run_key) == 16 and whole_state.run_key != state.run_key
     assert [r["round"] for r in summary["communication"]["per_round"]] == [1, 2, 3]
     whole = json.loads((tmp_path / "whole" / SUMMARY_FILE).read_text())
     assert summary["communication"]["per_round"] == whole["communication"]["per_round"]
