@@ -162,13 +162,22 @@ def save_personal(folder: Path, slices: Slices, tag: str, from_round: int) -> Pa
     return path
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """A kept file's metadata (``TAG``, ``ROUND``, ``FROM_ROUND``)."""
+def _read(path: Path, tag: str | None) -> tuple[dict[str, str], dict[str, torch.Tensor] | None]:
+    """A kept file's metadata, and its tensors when its tag is ``tag``; one opening of the file."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            metadata = dict(handle.metadata() or {})
+            if tag is None or metadata.get(TAG) != tag:
+                return metadata, None
+            # copies: a tensor backed by the mapped file would change if the file were rewritten in place
+            return metadata, {k: handle.get_tensor(k).clone() for k in handle.keys()}  # noqa: SIM118  (not a dict)
     except (SafetensorError, OSError) as err:
         raise PersonalStateError(f"{path}: not a readable personal LoRA file ({err})") from err
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A kept file's metadata (``TAG``, ``ROUND``, ``FROM_ROUND``)."""
+    return _read(path, None)[0]
 
 
 def latest_personal(
@@ -182,11 +191,9 @@ def latest_personal(
         reverse=True,
     )
     for server_round, path in (item for item in kept if item[0] < before):
-        if read_metadata(path).get(TAG) != tag:
+        _, tensors = _read(path, tag)
+        if tensors is None:
             continue
-        with safe_open(str(path), framework="pt") as handle:
-            # copies: a tensor backed by the mapped file would change if the file were rewritten in place
-            tensors = {k: handle.get_tensor(k).clone() for k in handle.keys()}  # noqa: SIM118  (not a dict)
         problem = mismatch(global_state, tensors, rank)
         if problem:
             raise PersonalStateError(f"{path}: does not fit the global adapter: {problem}")

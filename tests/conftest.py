@@ -11,6 +11,7 @@ import pytest
 
 if TYPE_CHECKING:
     from common.config import ClientTask
+    from common.model import LoadedModel
 
 POS_WORDS = ["good", "great", "happy", "love", "nice", "fine"]
 NEG_WORDS = ["bad", "awful", "sad", "hate", "poor", "ugly"]
@@ -141,3 +142,16 @@ def north_task(tiny_bert: Path) -> ClientTask:
         lora=LoraSettings(r=4, alpha=8, dropout=0.0),
         train=TrainSettings(lr=5e-3, epochs=1, batch_size=8, threads=1),
     )
+
+
+def perturb(loaded: LoadedModel, seed: int) -> LoadedModel:
+    """``loaded`` with every trainable tensor moved off its initial value (a fresh LoRA B is 0), in eval mode."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in loaded.model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    loaded.model.eval()
+    return loaded

@@ -31,7 +31,7 @@ from common.personal import (
     widen,
 )
 from common.personalize import personalize, stack
-from tests.conftest import write_region
+from tests.conftest import perturb, write_region
 
 RANK = 2
 TEXTS = ["good movie", "the hotel room was very bad", "love it", "awful and sad phone"]
@@ -44,20 +44,9 @@ def _logits(loaded: LoadedModel, model: torch.nn.Module | None = None) -> torch.
         return model(**loaded.tokenizer(TEXTS, padding=True, return_tensors="pt")).logits  # type: ignore[no-any-return]
 
 
-def _perturbed(loaded: LoadedModel, seed: int) -> LoadedModel:
-    """``loaded`` with every trainable tensor moved off its initial value (a fresh B is 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in loaded.model.parameters():
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    loaded.model.eval()
-    return loaded
-
-
 @pytest.fixture()
 def global_model(north_task: ClientTask) -> LoadedModel:
-    return _perturbed(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=7)
+    return perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=7)
 
 
 def test_join_and_split_are_inverse_and_keep_the_head(global_model: LoadedModel) -> None:

@@ -21,7 +21,7 @@ from common.personalize import (
     personalize,
     stack_local,
 )
-from tests.conftest import write_region
+from tests.conftest import perturb, write_region
 
 LABELS = ("neg", "pos")
 
@@ -88,13 +88,7 @@ TEXTS = ["good movie", "the hotel room was very bad", "love it", "awful and sad 
 def _trained_global(tiny_bert: Path) -> LoadedModel:
     """A global model whose adapter and head are not at their initial values (a fresh B is 0)."""
     loaded = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(r=R, alpha=8), LABELS, 0)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for param in loaded.model.parameters():
-            if param.requires_grad:
-                param.add_(0.3 * torch.randn(param.shape, generator=generator))
-    loaded.model.eval()
-    return loaded
+    return perturb(loaded, seed=7)
 
 
 def _logits(model: torch.nn.Module, loaded: LoadedModel) -> torch.Tensor:
