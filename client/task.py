@@ -371,6 +371,9 @@ def personalize_node(
         "chosen": result.chosen,
         **({"personal_round": personal_round} if personal_round is not None else {}),
         "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
+        "choice": settings.choice,
+        # personalized minus global on validation, the evidence the choice read
+        **({"val_ab": result.val_difference.to_json()} if result.val_difference else {}),
         "seconds": seconds,
         "bytes_sent": 0,
     }

@@ -172,6 +172,7 @@ class EarlyStopping:
 
 
 PERSONALIZE_MODES = ("none", "head", "continue", "local", "probe", "dual")
+CHOICE_RULES = ("point", "confident")  # personalize.choice
 PROBED_MODES = ("probe", "dual")  # the head's output layer is refit as a linear probe; no epoch of SGD
 STACKED_MODES = ("local", "dual")  # the result is one adapter of rank lora.r + local_r
 
@@ -199,9 +200,16 @@ class PersonalizeSettings:
     # train on an equal number of examples per class (the majority subsampled, the minority repeated; as many
     # examples as the train split has), so that a region's label skew does not become its prior
     balance: bool = False
+    # which model a region serves, decided on its validation split. point: the personalized one if its macro-F1
+    # is higher (a tie keeps the global one). confident: the personalized one unless the global one is better
+    # with 95 % confidence (paired bootstrap). Personalization starts from the global model, so going back to it
+    # needs evidence; on a hundred validation examples a point comparison is close to a coin flip.
+    choice: Literal["point", "confident"] = "confident"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.choice not in CHOICE_RULES:
+            problems.append(("choice", f"must be one of {', '.join(CHOICE_RULES)}, got {self.choice!r}"))
         if self.mode not in PERSONALIZE_MODES:
             problems.append(("mode", f"must be one of {', '.join(PERSONALIZE_MODES)}, got {self.mode!r}"))
         if not 0.0 < self.epochs <= 10.0:

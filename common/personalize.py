@@ -1,5 +1,6 @@
-"""Personalization on a region's own node: adapt the global adapter to the region, then keep whichever of the
-global and the personalized model is better on the region's validation split. Nothing here sends anything.
+"""Personalization on a region's own node: adapt the global adapter to the region, then choose on the region's
+validation split which of the global and the personalized model it serves (``choose``). Nothing here sends
+anything.
 
 Also the paired bootstrap used to compare two models on the same test examples (A/B evaluation).
 """
@@ -16,13 +17,13 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from common.config import PROBED_MODES, PersonalizeSettings, TrainSettings
+from common.config import CHOICE_RULES, PROBED_MODES, PersonalizeSettings, TrainSettings
 from common.data import Example, RegionData
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, load_adapter_state
 from common.personal import is_lora_a, is_lora_b, join, mismatch
 from common.probe import fit_probe, head_features, install, output_layer
-from common.train import EvalResult, TrainResult, encode, evaluate, train_local
+from common.train import EvalResult, TrainResult, derive_seed, encode, predict_proba, scores, train_local
 
 GLOBAL = "global"
 PERSONALIZED = "personalized"
@@ -36,7 +37,8 @@ class Personalized:
     train: TrainResult
     val_global: EvalResult
     val_personalized: EvalResult
-    chosen: str  # GLOBAL or PERSONALIZED, by validation macro-F1 (ties keep the global model)
+    chosen: str  # GLOBAL or PERSONALIZED, by ``choose`` under personalize.choice
+    val_difference: Difference | None  # personalized minus global on validation; None without a validation split
 
 
 def _freeze_all_but_head(loaded: LoadedModel) -> None:
@@ -167,7 +169,7 @@ def personalize(
     global adapter in the rounds (``common.personal``), is stacked onto the global adapter (``stack``) and the
     head is refit as in ``probe``.
 
-    Without a validation split the personalized model is chosen (there is nothing to choose by).
+    The served model is chosen on the validation split by ``settings.choice`` (``choose``).
     """
     if settings.mode not in ("head", "continue", "local", "probe", "dual"):
         raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue, local, probe or dual)")
@@ -192,11 +194,54 @@ def personalize(
     if settings.mode == "local":
         local = LoadedModel(stack_local(global_model, local.model), global_model.tokenizer, global_model.labels)
     n = len(global_model.labels)
-    batch = train.eval_batch_size
-    val_g = evaluate(global_model.model, global_model.tokenizer, data.val, n, max_length=max_length, batch_size=batch)
-    val_p = evaluate(local.model, local.tokenizer, data.val, n, max_length=max_length, batch_size=batch)
-    better = not data.val or val_p.macro_f1 > val_g.macro_f1
-    return Personalized(local, result, val_g, val_p, PERSONALIZED if better else GLOBAL)
+    truth = np.array([ex.label for ex in data.val], dtype=int)
+    texts = [ex.text for ex in data.val]
+    probs_g, probs_p = (
+        predict_proba(m.model, m.tokenizer, texts, max_length=max_length, batch_size=train.eval_batch_size)
+        if texts
+        else np.zeros((0, n))
+        for m in (global_model, local)
+    )
+    chosen, difference = choose(
+        truth,
+        probs_g.argmax(axis=1),
+        probs_p.argmax(axis=1),
+        n,
+        rule=settings.choice,
+        resamples=settings.bootstrap,
+        seed=derive_seed(seed, "choice"),
+    )
+    return Personalized(local, result, scores(probs_g, truth, n), scores(probs_p, truth, n), chosen, difference)
+
+
+def choose(
+    truth: np.ndarray,
+    pred_global: np.ndarray,
+    pred_personalized: np.ndarray,
+    num_labels: int,
+    *,
+    rule: str,
+    resamples: int,
+    seed: int,
+) -> tuple[str, Difference | None]:
+    """Which model a region serves (GLOBAL or PERSONALIZED), from both models' predictions on its validation
+    split, and the paired-bootstrap difference (personalized minus global) the choice read.
+
+    ``point``: the personalized model if its macro-F1 is higher; a tie keeps the global one. ``confident``: the
+    personalized model unless the whole confidence interval lies below zero, i.e. the global model is better
+    with 95 % confidence. No validation examples: the personalized model (there is nothing to choose by).
+    """
+    if rule not in CHOICE_RULES:
+        raise ValueError(f"personalize.choice must be one of {', '.join(CHOICE_RULES)}, got {rule!r}")
+    if len(truth) == 0:
+        return PERSONALIZED, None
+    difference = paired_bootstrap(truth, pred_global, pred_personalized, num_labels, resamples=resamples, seed=seed)
+    return (GLOBAL if keeps_global(difference, rule) else PERSONALIZED), difference
+
+
+def keeps_global(difference: Difference, rule: str) -> bool:
+    """Whether choice ``rule`` goes back to the global model on validation evidence ``difference``."""
+    return difference.diff <= 0 if rule == "point" else difference.high < 0
 
 
 @dataclass(frozen=True)

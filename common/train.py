@@ -205,12 +205,18 @@ def evaluate_encoded(
     if not ids:
         return EvalResult(loss=0.0, accuracy=0.0, macro_f1=0.0, num_examples=0)
     probs = predict_proba_encoded(model, ids, pad_id=pad_id, batch_size=batch_size)
-    truth = np.array(list(labels))
+    return scores(probs, np.array(list(labels)), num_labels)
+
+
+def scores(probs: np.ndarray, truth: np.ndarray, num_labels: int) -> EvalResult:
+    """Loss, accuracy and macro-F1 of class probabilities ``probs`` (one row per example) against ``truth``."""
+    if len(truth) == 0:
+        return EvalResult(loss=0.0, accuracy=0.0, macro_f1=0.0, num_examples=0)
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None))))
     pred = probs.argmax(axis=1)
     return EvalResult(
         loss=loss,
         accuracy=accuracy(truth, pred),
         macro_f1=macro_f1(truth, pred, num_labels),
-        num_examples=len(ids),
+        num_examples=len(truth),
     )

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from common.config import RunConfig
     from common.data import RegionData
 
-MODES = ("federated", "personalized", "local_only", "centralized")
+FEDERATED = "federated"
+MODES = (FEDERATED, "personalized", "local_only", "centralized")
 # personalize.lr (used by the local mode) chosen on the demo by mean validation macro-F1 (README, Personalization)
 DEFAULTS = (
     "personalize.lr=5e-3",
@@ -78,6 +79,30 @@ def print_table(summary: dict[str, Any], targets: dict[str, Any]) -> None:
     for key, value in targets.items():
         if not isinstance(value, dict):
             print(f"{key:<46}{value}")
+
+
+def compare_choices(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per region, the mean test macro-F1 it would serve under each ``personalize.choice`` rule, read from the
+    validation evidence each seed recorded (``val_ab``), and on how many seeds the rules chose differently."""
+    from common.config import CHOICE_RULES
+    from common.personalize import Difference, keeps_global
+
+    out: dict[str, dict[str, float]] = {}
+    for name in summaries[0]["regions"]:
+        rows = [s["regions"][name] for s in summaries]
+        served: dict[str, list[float]] = {rule: [] for rule in CHOICE_RULES}
+        differ = 0
+        for row in rows:
+            entry = row["personalized"]
+            evidence = Difference(**entry["val_ab"]) if "val_ab" in entry else None
+            kept = {rule: evidence is not None and keeps_global(evidence, rule) for rule in CHOICE_RULES}
+            differ += len(set(kept.values())) > 1
+            for rule in CHOICE_RULES:
+                served[rule].append(
+                    row[FEDERATED]["macro_f1"] if kept[rule] else entry["personalized_test"]["macro_f1"]
+                )
+        out[name] = {**{rule: mean(v) for rule, v in served.items()}, "seeds_differing": differ}
+    return out
 
 
 def mean_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -179,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         targets = check_targets(averaged)
         print(f"\n== mean over seeds {args.seeds}, personalize.mode={mode} ==")
         print_table(averaged, targets)
+        print("\nmean test macro-F1 served under each personalize.choice (from the recorded validation evidence):")
+        for name, row in compare_choices(summaries).items():
+            print(
+                f"{name:<16}"
+                + "".join(f"{k} {v:.3f}  " for k, v in row.items() if k != "seeds_differing")
+                + f"(differ on {row['seeds_differing']:.0f} seeds)"
+            )
         result[mode] = {
             "mean": targets,
             "per_seed": [
@@ -190,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for seed, s in zip(args.seeds, summaries, strict=True)
             ],
+            # what each region would serve under each choice rule (the run used cfg.personalize.choice)
+            "choice_rules": compare_choices(summaries),
             "seeds_meeting": {
                 key: sum(bool(check_targets(s)[key]) for s in summaries)
                 for key in (

@@ -104,6 +104,9 @@ def personalize_region(
         **({"personal_round": kept.round} if kept else {}),  # the round whose personal slices were stacked
         "balance": settings.balance,
         "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
+        "choice": settings.choice,
+        # personalized minus global on validation, the evidence the choice read
+        **({"val_ab": result.val_difference.to_json()} if result.val_difference else {}),
         "personalized_test": _scores(result.loaded, region, cfg),
         "ab": comparisons,
         "steps": result.train.steps,

@@ -747,8 +747,9 @@ def _render_ab(out_dir: Path, summary: Mapping[str, Any]) -> str:
         "## Personalization (A/B)",
         "",
         "Each region adapted the global model on its own node (nothing was sent; with `dual`, a personal LoRA "
-        "trained alongside the global one in the rounds was stacked onto it after them) and kept whichever of "
-        "the global and the personalized model scored better on its validation data. The table "
+        "trained alongside the global one in the rounds was stacked onto it after them) and then chose on its "
+        "validation data which model to serve (`personalize.choice`; by default the personalized one unless the "
+        "global one is better there with 95 % confidence). The table "
         "compares the model each region serves with the others on the region's test data: the difference in "
         "macro-F1 and its 95 % paired-bootstrap interval. An interval that stays above 0 means the served model is "
         "better beyond chance.",

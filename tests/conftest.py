@@ -12,6 +12,7 @@ import pytest
 if TYPE_CHECKING:
     from common.config import ClientTask
     from common.model import LoadedModel
+    from common.personalize import Personalized
 
 POS_WORDS = ["good", "great", "happy", "love", "nice", "fine"]
 NEG_WORDS = ["bad", "awful", "sad", "hate", "poor", "ugly"]
@@ -155,3 +156,13 @@ def perturb(loaded: LoadedModel, seed: int) -> LoadedModel:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     loaded.model.eval()
     return loaded
+
+
+def assert_chosen_by_confidence(result: Personalized) -> None:
+    """The default rule (confident): the global model only if validation shows it better with confidence."""
+    from common.personalize import GLOBAL, PERSONALIZED
+
+    d = result.val_difference
+    assert d is not None and d.low <= d.diff <= d.high
+    assert d.diff == pytest.approx(result.val_personalized.macro_f1 - result.val_global.macro_f1)
+    assert result.chosen == (GLOBAL if d.high < 0 else PERSONALIZED)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from simulations.bench_personalize import check_targets, mean_summary
+from simulations.bench_personalize import check_targets, compare_choices, mean_summary
 
 
 def _summary(f1: dict[str, dict[str, float]], chosen: str = "personalized", epochs: float = 1.0) -> dict[str, Any]:
@@ -45,3 +45,21 @@ def test_a_region_below_local_only_on_the_mean_fails_the_target() -> None:
     targets = check_targets(mean_summary([_summary(rows), _summary(rows)]))
     assert targets["personalized_ge_local_only_every_region"] is False
     assert targets["personalized_ge_federated_every_region"] is True
+
+
+def _with_evidence(summary: dict[str, Any], test_personalized: float, diff: float, high: float) -> dict[str, Any]:
+    entry = summary["regions"]["x"]["personalized"]
+    entry["personalized_test"] = {"macro_f1": test_personalized}
+    entry["val_ab"] = {"diff": diff, "low": diff - 0.1, "high": high, "resamples": 1000, "level": 0.95}
+    return summary
+
+
+def test_choice_rules_are_compared_from_the_recorded_evidence() -> None:
+    row = {"x": {"federated": 0.5, "personalized": 0.7, "local_only": 0.6, "centralized": 0.5}}
+    slightly_worse = _with_evidence(_summary(row), 0.8, diff=-0.01, high=0.05)  # point goes back, confident not
+    clearly_worse = _with_evidence(_summary(row), 0.4, diff=-0.2, high=-0.05)  # both go back to 0.5
+    better = _with_evidence(_summary(row), 0.7, diff=0.05, high=0.15)  # both keep 0.7
+    compared = compare_choices([slightly_worse, clearly_worse, better])["x"]
+    assert compared["point"] == pytest.approx((0.5 + 0.5 + 0.7) / 3)
+    assert compared["confident"] == pytest.approx((0.8 + 0.5 + 0.7) / 3)
+    assert compared["seeds_differing"] == 1

@@ -80,8 +80,9 @@ def test_node_keeps_its_personalized_model_and_report(tmp_path: Path, task: Clie
     folder = tmp_path / "own" / "north"
     assert json.loads((folder / keys.PERSONALIZED_REPORT).read_text()) == report
     assert report["time"] == 1_700_000_000.0 and report["round"] == 3 and report["bytes_sent"] == 0
-    val = report["val_macro_f1"]
-    assert report["chosen"] == ("personalized" if val["personalized"] > val["global"] else "global")
+    val, evidence = report["val_macro_f1"], report["val_ab"]
+    assert evidence["diff"] == pytest.approx(val["personalized"] - val["global"]) and report["choice"] == "confident"
+    assert report["chosen"] == ("global" if evidence["high"] < 0 else "personalized")
     # the global test score is the one the node's test reply carries
     reply = evaluate_round(region, task, state, keys.TEST, node)
     assert report["test_macro_f1"]["global"] == pytest.approx(reply.macro_f1)

@@ -16,12 +16,13 @@ from common.personalize import (
     GLOBAL,
     PERSONALIZED,
     balanced,
+    choose,
     local_lora,
     paired_bootstrap,
     personalize,
     stack_local,
 )
-from tests.conftest import perturb, write_region
+from tests.conftest import assert_chosen_by_confidence, perturb, write_region
 
 LABELS = ("neg", "pos")
 
@@ -55,10 +56,11 @@ def test_bootstrap_rejects_mismatched_arrays() -> None:
 
 def test_settings_are_validated_together() -> None:
     with pytest.raises(ConfigError) as err:
-        PersonalizeSettings(mode="all", epochs=0, bootstrap=10, local_r=0)  # type: ignore[arg-type]
+        PersonalizeSettings(mode="all", epochs=0, bootstrap=10, local_r=0, choice="vote")  # type: ignore[arg-type]
     text = str(err.value)
     assert "mode: must be one of none, head, continue, local, probe, dual, got 'all'" in text
     assert "local_r: must be in [1, 64], got 0" in text
+    assert "choice: must be one of point, confident, got 'vote'" in text
     assert "epochs: must be in (0, 10], got 0" in text and "bootstrap: must be >= 100, got 10" in text
 
 
@@ -77,6 +79,47 @@ def test_personalize_trains_a_copy_and_chooses_on_validation(tmp_path: Path, tin
     changed = {k for k in before if not np.array_equal(before[k], personal[k])}
     assert changed and all(("modules_to_save" in k or "classifier" in k) for k in changed) == (mode == "head")
     assert result.train.steps == 10  # 2 epochs of 40 examples in batches of 8
+    assert_chosen_by_confidence(result)
+
+
+def _correct_on(truth: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Predictions right on ``count`` random examples of ``truth`` (two labels) and wrong on the others."""
+    right = np.random.default_rng(seed).permutation(len(truth)) < count
+    return np.where(right, truth, 1 - truth)
+
+
+def test_choice_rules_differ_only_where_validation_cannot_tell() -> None:
+    truth = np.random.default_rng(0).integers(0, 2, 100)
+    same, bootstrap = _correct_on(truth, 60, seed=1), {"resamples": 500, "seed": 3}
+    right, wrong = np.flatnonzero(same == truth), np.flatnonzero(same != truth)
+    slightly_worse = same.copy()  # 4 new errors and 1 fixed, on 100 examples
+    flipped = np.concatenate([right[:4], wrong[:1]])
+    slightly_worse[flipped] = 1 - same[flipped]
+    clearly_worse = _correct_on(truth, 40, seed=2)
+
+    # a small loss on validation: the point rule goes back to the global model, the confident one does not
+    point, d = choose(truth, same, slightly_worse, 2, rule="point", **bootstrap)
+    assert point == GLOBAL and d is not None and d.diff < 0 < d.high
+    assert choose(truth, same, slightly_worse, 2, rule="confident", **bootstrap)[0] == PERSONALIZED
+    # a large loss: both go back
+    for rule in ("point", "confident"):
+        chosen, d = choose(truth, same, clearly_worse, 2, rule=rule, **bootstrap)
+        assert chosen == GLOBAL and d is not None and d.high < 0
+        assert choose(truth, clearly_worse, same, 2, rule=rule, **bootstrap)[0] == PERSONALIZED
+    assert choose(truth, same, same, 2, rule="point", **bootstrap)[0] == GLOBAL  # a tie keeps the global model
+    assert choose(truth, same, same, 2, rule="confident", **bootstrap)[0] == PERSONALIZED
+    # no validation split: nothing to choose by
+    empty = np.zeros(0, dtype=int)
+    assert choose(empty, empty, empty, 2, rule="confident", **bootstrap) == (PERSONALIZED, None)
+    with pytest.raises(ValueError, match=r"personalize\.choice must be one of point, confident, got 'vote'"):
+        choose(truth, same, same, 2, rule="vote", **bootstrap)
+
+
+def test_point_choice_keeps_the_old_rule(tmp_path: Path, tiny_bert: Path) -> None:
+    region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=3), LABELS)
+    loaded = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(r=4, alpha=8), LABELS, 0)
+    settings = PersonalizeSettings(mode="head", epochs=1, lr=5e-2, choice="point")
+    result = personalize(loaded, region, settings, TrainSettings(batch_size=8, threads=1), max_length=32, seed=0)
     better = result.val_personalized.macro_f1 > result.val_global.macro_f1
     assert result.chosen == (PERSONALIZED if better else GLOBAL)
 

@@ -12,10 +12,10 @@ from common.config import LoraSettings, ModelSettings, PersonalizeSettings, Trai
 from common.data import load_region
 from common.metrics import macro_f1
 from common.model import adapter_state, build_model, save_adapter
-from common.personalize import GLOBAL, PERSONALIZED, personalize
+from common.personalize import personalize
 from common.probe import cross_validate, fit_logistic, fit_probe, head_features, install, output_layer
 from common.train import encode
-from tests.conftest import make_tiny_model, write_region
+from tests.conftest import assert_chosen_by_confidence, make_tiny_model, write_region
 
 LABELS = ("neg", "pos")
 
@@ -103,8 +103,7 @@ def test_probe_personalization_changes_only_the_output_layer_and_exports(tmp_pat
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     assert changed == {k for k in before if "classifier" in k and "lora_" not in k}  # the head, nothing else
     assert result.train.steps == 0 and result.train.num_examples == 40
-    better = result.val_personalized.macro_f1 > result.val_global.macro_f1
-    assert result.chosen == (PERSONALIZED if better else GLOBAL)
+    assert_chosen_by_confidence(result)
 
     out = save_adapter(result.loaded, tmp_path / "personalized" / "r")
     exported = load_exported(out)
