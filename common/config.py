@@ -195,7 +195,7 @@ class PersonalizeSettings:
     epochs: float = 1.0  # passes over the region's train split
     lr: float = 2e-3
     kl_to_global: float = 0.0  # continue, local: weight of KL(global || personalized), keeps it near the global model
-    bootstrap: int = 1000  # resamples of the paired bootstrap in the A/B evaluation
+    bootstrap: int = 1000  # resamples of the paired bootstraps: the choice on validation, the A/B on test
     local_r: int = 4  # local, dual: rank of the region's own LoRA (its scale alpha/r is the global adapter's)
     # train on an equal number of examples per class (the majority subsampled, the minority repeated; as many
     # examples as the train split has), so that a region's label skew does not become its prior

@@ -571,8 +571,8 @@ def _card_metrics(info: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     chosen = _section(info["test_metrics"], PERSONALIZED).get("chosen")
     note = (
-        f" Rows under `personalized / …` are copied as the run's personalization recorded them; it chose "
-        f"`{chosen}` for this region."
+        f" Rows under `personalized / …` are copied as the run's personalization recorded them (`val_…` rows are on "
+        f"the validation split, the evidence of its choice); it chose `{chosen}` for this region."
         if chosen
         else ""
     )

@@ -2,7 +2,8 @@
 validation split which of the global and the personalized model it serves (``choose``). Nothing here sends
 anything.
 
-Also the paired bootstrap used to compare two models on the same test examples (A/B evaluation).
+Also the paired bootstrap that compares two models on the same examples: on validation for the choice, on
+test for the A/B evaluation.
 """
 
 from __future__ import annotations
@@ -231,9 +232,8 @@ def choose(
     personalized model unless the whole confidence interval lies below zero, i.e. the global model is better
     with 95 % confidence. No validation examples: the personalized model (there is nothing to choose by).
     """
-    if rule not in CHOICE_RULES:
-        raise ValueError(f"personalize.choice must be one of {', '.join(CHOICE_RULES)}, got {rule!r}")
     if len(truth) == 0:
+        keeps_global(Difference(0.0, 0.0, 0.0, 0, 0.0), rule)  # an unknown rule is an error even without data
         return PERSONALIZED, None
     difference = paired_bootstrap(truth, pred_global, pred_personalized, num_labels, resamples=resamples, seed=seed)
     return (GLOBAL if keeps_global(difference, rule) else PERSONALIZED), difference
@@ -241,6 +241,8 @@ def choose(
 
 def keeps_global(difference: Difference, rule: str) -> bool:
     """Whether choice ``rule`` goes back to the global model on validation evidence ``difference``."""
+    if rule not in CHOICE_RULES:
+        raise ValueError(f"personalize.choice must be one of {', '.join(CHOICE_RULES)}, got {rule!r}")
     return difference.diff <= 0 if rule == "point" else difference.high < 0
 
 

@@ -94,7 +94,10 @@ def compare_choices(summaries: list[dict[str, Any]]) -> dict[str, dict[str, floa
         differ = 0
         for row in rows:
             entry = row["personalized"]
-            evidence = Difference(**entry["val_ab"]) if "val_ab" in entry else None
+            if "val_ab" not in entry and entry.get("val_macro_f1"):
+                # a summary from before personalize.choice: its choice cannot be replayed
+                raise ValueError(f"region {name}: its personalized entry has val_macro_f1 but no val_ab evidence")
+            evidence = Difference(**entry["val_ab"]) if "val_ab" in entry else None  # None: no validation split
             kept = {rule: evidence is not None and keeps_global(evidence, rule) for rule in CHOICE_RULES}
             differ += len(set(kept.values())) > 1
             for rule in CHOICE_RULES:

@@ -63,3 +63,11 @@ def test_choice_rules_are_compared_from_the_recorded_evidence() -> None:
     assert compared["point"] == pytest.approx((0.5 + 0.5 + 0.7) / 3)
     assert compared["confident"] == pytest.approx((0.8 + 0.5 + 0.7) / 3)
     assert compared["seeds_differing"] == 1
+
+
+def test_a_summary_without_validation_evidence_cannot_be_replayed() -> None:
+    row = {"x": {"federated": 0.5, "personalized": 0.7, "local_only": 0.6, "centralized": 0.5}}
+    old = _summary(row)
+    old["regions"]["x"]["personalized"]["val_macro_f1"] = {"global": 0.6, "personalized": 0.5}
+    with pytest.raises(ValueError, match=r"region x: .* no val_ab evidence"):
+        compare_choices([old])

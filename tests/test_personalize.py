@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,8 +16,10 @@ from common.model import LoadedModel, adapter_state, build_model, save_adapter
 from common.personalize import (
     GLOBAL,
     PERSONALIZED,
+    Difference,
     balanced,
     choose,
+    keeps_global,
     local_lora,
     paired_bootstrap,
     personalize,
@@ -113,15 +116,29 @@ def test_choice_rules_differ_only_where_validation_cannot_tell() -> None:
     assert choose(empty, empty, empty, 2, rule="confident", **bootstrap) == (PERSONALIZED, None)
     with pytest.raises(ValueError, match=r"personalize\.choice must be one of point, confident, got 'vote'"):
         choose(truth, same, same, 2, rule="vote", **bootstrap)
+    with pytest.raises(ValueError, match=r"personalize\.choice must be one of"):
+        choose(empty, empty, empty, 2, rule="vote", **bootstrap)
 
 
-def test_point_choice_keeps_the_old_rule(tmp_path: Path, tiny_bert: Path) -> None:
+@pytest.mark.parametrize("rule", ["point", "confident"])
+def test_personalize_chooses_by_the_configured_rule(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, rule: str
+) -> None:
+    import common.personalize as module
+
+    rules: list[str] = []
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[str, Difference | None]:
+        rules.append(kwargs["rule"])
+        return choose(*args, **kwargs)
+
+    monkeypatch.setattr(module, "choose", spy)
     region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=3), LABELS)
     loaded = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(r=4, alpha=8), LABELS, 0)
-    settings = PersonalizeSettings(mode="head", epochs=1, lr=5e-2, choice="point")
+    settings = PersonalizeSettings(mode="head", epochs=1, lr=5e-2, choice=rule)  # type: ignore[arg-type]
     result = personalize(loaded, region, settings, TrainSettings(batch_size=8, threads=1), max_length=32, seed=0)
-    better = result.val_personalized.macro_f1 > result.val_global.macro_f1
-    assert result.chosen == (PERSONALIZED if better else GLOBAL)
+    assert rules == [rule] and result.val_difference is not None
+    assert result.chosen == (GLOBAL if keeps_global(result.val_difference, rule) else PERSONALIZED)
 
 
 R, LOCAL_R = 4, 2
