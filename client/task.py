@@ -32,7 +32,7 @@ from common.personal import (
     split,
     widen,
 )
-from common.personalize import PERSONALIZED, paired_bootstrap, personalize
+from common.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
 from common.policy import RegionPolicy, load_policy
 from common.tokens import Encoded, encode_cached
 from common.train import EvalResult, TrainResult, derive_seed, evaluate_encoded, predict_proba_encoded, train_encoded
@@ -368,12 +368,8 @@ def personalize_node(
         "time": now,
         "round": task.server_round,
         "mode": settings.mode,
-        "chosen": result.chosen,
         **({"personal_round": personal_round} if personal_round is not None else {}),
-        "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
-        "choice": settings.choice,
-        # personalized minus global on validation, the evidence the choice read
-        **({"val_ab": result.val_difference.to_json()} if result.val_difference else {}),
+        **choice_record(result, settings.choice),
         "seconds": seconds,
         "bytes_sent": 0,
     }

@@ -13,6 +13,7 @@ import dataclasses
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -232,8 +233,8 @@ def choose(
     personalized model unless the whole confidence interval lies below zero, i.e. the global model is better
     with 95 % confidence. No validation examples: the personalized model (there is nothing to choose by).
     """
+    _check_rule(rule)  # an unknown rule is an error even without validation data
     if len(truth) == 0:
-        keeps_global(Difference(0.0, 0.0, 0.0, 0, 0.0), rule)  # an unknown rule is an error even without data
         return PERSONALIZED, None
     difference = paired_bootstrap(truth, pred_global, pred_personalized, num_labels, resamples=resamples, seed=seed)
     return (GLOBAL if keeps_global(difference, rule) else PERSONALIZED), difference
@@ -241,9 +242,24 @@ def choose(
 
 def keeps_global(difference: Difference, rule: str) -> bool:
     """Whether choice ``rule`` goes back to the global model on validation evidence ``difference``."""
+    _check_rule(rule)
+    return difference.diff <= 0 if rule == "point" else difference.high < 0
+
+
+def _check_rule(rule: str) -> None:
     if rule not in CHOICE_RULES:
         raise ValueError(f"personalize.choice must be one of {', '.join(CHOICE_RULES)}, got {rule!r}")
-    return difference.diff <= 0 if rule == "point" else difference.high < 0
+
+
+def choice_record(result: Personalized, rule: str) -> dict[str, Any]:
+    """What a region's personalization report says about its choice: the served model, the rule, both models'
+    validation macro-F1 and the evidence the rule read (``val_ab``, absent without a validation split)."""
+    return {
+        "chosen": result.chosen,
+        "choice": rule,
+        "val_macro_f1": {GLOBAL: result.val_global.macro_f1, PERSONALIZED: result.val_personalized.macro_f1},
+        **({"val_ab": result.val_difference.to_json()} if result.val_difference else {}),
+    }
 
 
 @dataclass(frozen=True)

@@ -202,8 +202,6 @@ def evaluate_encoded(
     batch_size: int = 64,
 ) -> EvalResult:
     """``evaluate`` on examples already tokenised (``encode``): token ids and label indices per example."""
-    if not ids:
-        return EvalResult(loss=0.0, accuracy=0.0, macro_f1=0.0, num_examples=0)
     probs = predict_proba_encoded(model, ids, pad_id=pad_id, batch_size=batch_size)
     return scores(probs, np.array(list(labels)), num_labels)
 

@@ -28,7 +28,7 @@ from common.personal import (
     personal_folder,
     personal_tag,
 )
-from common.personalize import PERSONALIZED, paired_bootstrap, personalize
+from common.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
 from common.train import derive_seed, evaluate, predict_proba
 
 PERSONALIZED_DIR = "personalized"
@@ -98,15 +98,11 @@ def personalize_region(
         comparisons[f"vs_{keys.LOCAL_ONLY}"] = ab(local_only, keys.LOCAL_ONLY)
     return {
         **_scores(served, region, cfg),
-        "chosen": result.chosen,
         "mode": settings.mode,
         **({"local_r": settings.local_r} if settings.mode in STACKED_MODES else {}),
         **({"personal_round": kept.round} if kept else {}),  # the round whose personal slices were stacked
         "balance": settings.balance,
-        "val_macro_f1": {"global": result.val_global.macro_f1, "personalized": result.val_personalized.macro_f1},
-        "choice": settings.choice,
-        # personalized minus global on validation, the evidence the choice read
-        **({"val_ab": result.val_difference.to_json()} if result.val_difference else {}),
+        **choice_record(result, settings.choice),
         "personalized_test": _scores(result.loaded, region, cfg),
         "ab": comparisons,
         "steps": result.train.steps,
