@@ -103,20 +103,31 @@ def make_app(
             }
         )
         if split == keys.TEST and where.node.personalize is not None:
-            _personalize(where, task, state)
+            _personalize(where, task, state, msg)
         return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
     return app
 
 
-def _personalize(where: GuardContext, task: ClientTask, state: dict[str, torch.Tensor]) -> None:
+def _last_round(msg: Message) -> tuple[int, dict[str, torch.Tensor]] | None:
+    """The last round's number and global adapter, which the test evaluation carries beside the best round's
+    when the two differ; None when it does not."""
+    config, arrays = msg.content.config_records[keys.CONFIG], msg.content.array_records
+    if (keys.LAST_ROUND in config) != (keys.LAST_ARRAYS in arrays):
+        raise ValueError(f"the test evaluation has only one of {keys.LAST_ROUND!r} and {keys.LAST_ARRAYS!r}")
+    if keys.LAST_ROUND not in config:
+        return None
+    return int(str(config[keys.LAST_ROUND])), arrays[keys.LAST_ARRAYS].to_torch_state_dict()
+
+
+def _personalize(where: GuardContext, task: ClientTask, state: dict[str, torch.Tensor], msg: Message) -> None:
     """The node's own personalization of the final global model (its operator's setting; nothing is sent).
 
     The federation does not depend on it, so a failure is logged and written next to where the model would be,
     and the test reply still goes out.
     """
     try:
-        personalize_node(where.region, task, state, where.node, now=time.time())
+        personalize_node(where.region, task, state, where.node, now=time.time(), last=_last_round(msg))
     except Exception as err:  # any failure here is the node's own business, reported locally
         log.exception("%s: personalization failed", where.region.name)
         folder = (where.node.personal_dir or Path(".")) / where.region.name

@@ -207,9 +207,14 @@ def prepare(
 ) -> tuple[RegionData, LoadedModel]:
     """Load the region's data (through the node's pipeline) and a model carrying the received global adapter."""
     data, _ = region_data(region, task.labels, node or NodeSettings())
+    return data, global_model(task, state)
+
+
+def global_model(task: ClientTask, state: Mapping[str, torch.Tensor]) -> LoadedModel:
+    """The task's base model carrying the global adapter ``state``."""
     loaded = build_model(task.model, task.lora, task.labels, seed=task.seed)
     load_adapter_state(loaded.model, dict(state))
-    return data, loaded
+    return loaded
 
 
 def encode_split(loaded: LoadedModel, examples: Sequence[Example], task: ClientTask, node: NodeSettings) -> Encoded:
@@ -316,18 +321,45 @@ def _pad_id(loaded: LoadedModel) -> int:
     return loaded.tokenizer.pad_token_id or 0
 
 
+def _start(
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    loaded: LoadedModel,
+    node: NodeSettings,
+    last: tuple[int, Mapping[str, torch.Tensor]] | None,
+) -> tuple[int, LoadedModel, Slices | None]:
+    """The round and global model personalization starts from (``personalize.start``: ``loaded``, the best
+    round's, or the last round's) and, on a node with a personal LoRA, the slices to stack onto it."""
+    start_round, start_state, start = task.server_round, state, loaded
+    if node.personalize is not None and node.personalize.start == "last" and last is not None:
+        start_round, start_state = last
+        start = global_model(task, start_state)
+    if node.personal_rank is None:
+        return start_round, start, None
+    # the slices' partner is the global adapter of their round: the newest kept up to the start's round
+    folder, tag, rank = personal_state(region, task, node)
+    kept = latest_personal(folder, before=start_round + 1, tag=tag, global_state=start_state, rank=rank)
+    if kept is None:
+        raise NodeConfigError(f"{folder}: no personal LoRA of this run to personalize with")
+    return start_round, start, kept
+
+
 def personalize_node(
     region: Region,
     task: ClientTask,
     state: Mapping[str, torch.Tensor],
     node: NodeSettings,
     now: float,
+    last: tuple[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
-    """Personalize the run's final model (the global adapter of its best round, which the test evaluation
-    carries) on this node's data, as ``node.personalize`` says, and keep the result here: ``personal_dir/REGION/``
-    gets ``global/`` and ``personalized/`` (peft folders like a run's ``adapter/``) and ``personalized.json``
-    (the choice on validation, the A/B on test). Nothing is sent.
+    """Personalize the run's final model on this node's data, as ``node.personalize`` says, and keep the result
+    here: ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's
+    ``adapter/``) and ``personalized.json`` (the choice on validation, the A/B on test). Nothing is sent.
 
+    ``state`` is the global adapter of the run's best round, which the test evaluation carries; ``last`` the
+    last round's number and global adapter, which it carries beside it when the two differ. Personalization
+    starts from the one ``personalize.start`` names and is compared with the best round's.
     ``now`` (seconds since the epoch) stamps the report.
     """
     if node.personalize is None or node.personal_dir is None:
@@ -337,16 +369,16 @@ def personalize_node(
     settings = node.personalize
     started = time.perf_counter()
     seed = derive_seed(task.seed, "personalize", region.name)
-    personal, personal_round = None, None
-    if node.personal_rank is not None:
-        # the test evaluation carries the best round's adapter: its partner is the slices of that round
-        folder, tag, rank = personal_state(region, task, node)
-        kept = latest_personal(folder, before=task.server_round + 1, tag=tag, global_state=state, rank=rank)
-        if kept is None:
-            raise NodeConfigError(f"{folder}: no personal LoRA of this run to personalize with")
-        personal, personal_round = kept.tensors, kept.round
+    start_round, start, kept = _start(region, task, state, loaded, node, last)
     result = personalize(
-        loaded, data, settings, task.train, max_length=task.model.max_length, seed=seed, personal=personal
+        loaded,
+        data,
+        settings,
+        task.train,
+        max_length=task.model.max_length,
+        seed=seed,
+        personal=kept.tensors if kept else None,
+        start=start,
     )
     seconds = time.perf_counter() - started
     folder = node.personal_dir / region.name
@@ -367,8 +399,9 @@ def personalize_node(
         "region": region.name,
         "time": now,
         "round": task.server_round,
+        "start_round": start_round,
         "mode": settings.mode,
-        **({"personal_round": personal_round} if personal_round is not None else {}),
+        **({"personal_round": kept.round} if kept else {}),
         **choice_record(result, settings.choice),
         "seconds": seconds,
         "bytes_sent": 0,

@@ -173,6 +173,7 @@ class EarlyStopping:
 
 PERSONALIZE_MODES = ("none", "head", "continue", "local", "probe", "dual")
 CHOICE_RULES = ("point", "confident")  # personalize.choice
+START_ROUNDS = ("best", "last")  # personalize.start
 PROBED_MODES = ("probe", "dual")  # the head's output layer is refit as a linear probe; no epoch of SGD
 STACKED_MODES = ("local", "dual")  # the result is one adapter of rank lora.r + local_r
 
@@ -194,7 +195,8 @@ class PersonalizeSettings:
     mode: Literal["none", "head", "continue", "local", "probe", "dual"] = "none"
     epochs: float = 1.0  # passes over the region's train split
     lr: float = 2e-3
-    kl_to_global: float = 0.0  # continue, local: weight of KL(global || personalized), keeps it near the global model
+    # continue, local: weight of KL(start || personalized), keeps it near the global model it started from (start)
+    kl_to_global: float = 0.0
     bootstrap: int = 1000  # resamples of the paired bootstraps: the choice on validation, the A/B on test
     local_r: int = 4  # local, dual: rank of the region's own LoRA (its scale alpha/r is the global adapter's)
     # train on an equal number of examples per class (the majority subsampled, the minority repeated; as many
@@ -202,14 +204,24 @@ class PersonalizeSettings:
     balance: bool = False
     # which model a region serves, decided on its validation split. point: the personalized one if its macro-F1
     # is higher (a tie keeps the global one). confident: the personalized one unless the global one is better
-    # with 95 % confidence (paired bootstrap). Personalization starts from the global model, so going back to it
-    # needs evidence; on a hundred validation examples a point comparison is close to a coin flip.
+    # with 95 % confidence (paired bootstrap). Personalization starts from a global model (with start: best,
+    # the very one), so going back to it needs evidence; on a hundred validation examples a point comparison is
+    # close to a coin flip.
     choice: Literal["point", "confident"] = "confident"
+    # which round's global adapter personalization starts from (dual: and whose personal slices it stacks).
+    # best: the federation's chosen round, the model a region serves without personalization. last: the last
+    # round's; the global model's validation can peak in an early round while the personal slices, trained in
+    # every round, keep improving (measured with dual only; with another mode, last starts from a round the
+    # run's validation did not pick, and confident then takes evidence to go back to it). Either way the choice
+    # compares with the best round's global model.
+    start: Literal["best", "last"] = "best"
 
     def __post_init__(self) -> None:
         problems = []
         if self.choice not in CHOICE_RULES:
             problems.append(("choice", f"must be one of {', '.join(CHOICE_RULES)}, got {self.choice!r}"))
+        if self.start not in START_ROUNDS:
+            problems.append(("start", f"must be one of {', '.join(START_ROUNDS)}, got {self.start!r}"))
         if self.mode not in PERSONALIZE_MODES:
             problems.append(("mode", f"must be one of {', '.join(PERSONALIZE_MODES)}, got {self.mode!r}"))
         if not 0.0 < self.epochs <= 10.0:

@@ -14,6 +14,10 @@ CONFIG: Final = "config"
 TASK: Final = "task"  # JSON of common.config.ClientTask
 SERVER_ROUND: Final = "server-round"
 SPLIT: Final = "split"
+# the test evaluation's extras when the last round is not the best: the last round's number and global adapter
+# (an ArrayRecord), which a node personalizing with personalize.start last starts from
+LAST_ROUND: Final = "last-round"
+LAST_ARRAYS: Final = "last-arrays"
 
 # MetricRecord keys in replies
 NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weights by this key

@@ -160,8 +160,10 @@ def personalize(
     max_length: int,
     seed: int,
     personal: Mapping[str, torch.Tensor] | None = None,
+    start: LoadedModel | None = None,
 ) -> Personalized:
-    """Fine-tune a copy of ``global_model`` on the region's train split and choose on validation.
+    """Fine-tune a copy of ``start`` (default ``global_model``) on the region's train split and choose on
+    validation between it and ``global_model``.
 
     ``head``: the head only. ``continue``: adapter + head, optionally pulled toward the global predictions by
     KL. ``local``: the global adapter stays frozen; a new rank-``local_r`` LoRA on top of it and the head train
@@ -171,19 +173,22 @@ def personalize(
     global adapter in the rounds (``common.personal``), is stacked onto the global adapter (``stack``) and the
     head is refit as in ``probe``.
 
-    The served model is chosen on the validation split by ``settings.choice`` (``choose``).
+    Personalization starts from ``start`` (default ``global_model``; ``personalize.start``); the served model
+    is chosen on the validation split by ``settings.choice`` (``choose``) between the personalized model and
+    ``global_model``, the one the region serves without personalization.
     """
     if settings.mode not in ("head", "continue", "local", "probe", "dual"):
         raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue, local, probe or dual)")
     if settings.mode == "dual" and personal is None:
         raise ValueError("personalize.mode dual needs the region's personal LoRA from the rounds; there is none")
+    base = start if start is not None else global_model
     if settings.mode == "local":
-        trained = local_lora(global_model, settings.local_r, seed)
+        trained = local_lora(base, settings.local_r, seed)
     elif settings.mode == "dual" and personal is not None:
-        trained = stack(global_model, personal)
+        trained = stack(base, personal)
     else:
-        trained = copy.deepcopy(global_model.model)
-    local = LoadedModel(trained, global_model.tokenizer, global_model.labels)
+        trained = copy.deepcopy(base.model)
+    local = LoadedModel(trained, base.tokenizer, base.labels)
     if settings.mode == "head":
         _freeze_all_but_head(local)
     examples = balanced(data.train, seed) if settings.balance else data.train
@@ -194,7 +199,7 @@ def personalize(
             local.model, local.tokenizer, examples, local_settings(train, settings), max_length=max_length, seed=seed
         )
     if settings.mode == "local":
-        local = LoadedModel(stack_local(global_model, local.model), global_model.tokenizer, global_model.labels)
+        local = LoadedModel(stack_local(base, local.model), base.tokenizer, base.labels)
     n = len(global_model.labels)
     truth = np.array([ex.label for ex in data.val], dtype=int)
     texts = [ex.text for ex in data.val]

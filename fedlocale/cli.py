@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         help="personalize every region of a finished simulation run on its own data (nothing is sent)",
         description="Load RUN_DIR's config and global adapter; per region, fine-tune it as `personalize:` says "
         "(head | continue | local | probe | dual, the last only for a run whose nodes trained their personal LoRA), "
+        "starting from the best round's global adapter or the last round's (personalize.start), "
         "choose on validation which one to serve (personalize.choice), A/B it on test with a paired bootstrap; write "
         "RUN_DIR/personalized/REGION/ and update summary.json and report.md.",
     )

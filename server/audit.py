@@ -10,7 +10,7 @@ participants with their payload hashes and weights, the method, the server step 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -143,10 +143,15 @@ class LedgerStrategy:
         return arrays, metrics
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        extra: Mapping[str, ArrayRecord] | None = None,
     ) -> Iterable[Message]:
         """Send as the inner strategy does."""
-        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid, extra))
         self._run = messages[0].metadata.run_id if messages else self._run
         self._split = str(config.get(keys.SPLIT, ""))
         return messages

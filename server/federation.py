@@ -325,8 +325,15 @@ def _evaluate(
     arrays: ArrayRecord,
     split: str,
     run_key: str,
+    last: tuple[int, ArrayRecord] | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    messages = strategy.configure_evaluate(server_round, arrays, _task_config(cfg, server_round, run_key, split), grid)
+    config = _task_config(cfg, server_round, run_key, split)
+    extra: dict[str, ArrayRecord] = {}
+    if last is not None:
+        # beside the adapter evaluated: the last round's, for nodes that personalize from it (personalize.start)
+        config[keys.LAST_ROUND] = last[0]
+        extra[keys.LAST_ARRAYS] = last[1]
+    messages = strategy.configure_evaluate(server_round, arrays, config, grid, extra)
     overall = strategy.aggregate_evaluate(server_round, _send(grid, messages, cfg.aggregation.round_timeout))
     per_region = _region_metrics(strategy.last_evaluate)
     named = {name: float(overall[k]) for k, name in _METRIC_KEYS.items()} if overall else {}  # type: ignore[arg-type]
@@ -446,7 +453,8 @@ def run_rounds(
             "early stop after round %d: no better %s since round %d", server_round, stop.metric, stopper.best_round
         )
     with _naming_checkpoint(f"test evaluation of round {stopper.best_round}", out_dir, server_round):
-        test, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST, run_key)
+        last = (server_round, arrays) if server_round != stopper.best_round else None
+        test, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST, run_key, last)
     writer.write(stopper.best_round, keys.TEST, test)
     load_adapter_state(loaded.model, best.to_torch_state_dict())
     save_adapter(loaded, out_dir / ADAPTER_DIR)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,7 +90,12 @@ class RoundStrategy(Protocol):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        extra: Mapping[str, ArrayRecord] | None = None,
     ) -> Iterable[Message]: ...
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None: ...
@@ -174,14 +179,22 @@ class RegionFedAvg(FedAvg):
         return self._train_messages
 
     def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        extra: Mapping[str, ArrayRecord] | None = None,
     ) -> Iterable[Message]:
-        """Send the global adapter to every connected node (after waiting for the minimum) for evaluation."""
+        """Send the global adapter (and ``extra`` array records beside it) to every connected node (after waiting
+        for the minimum) for evaluation."""
         nodes = self.wait_for_nodes(grid)
         config[keys.SERVER_ROUND] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        extra = dict(extra or {})
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config, **extra})
         self._evaluate_messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
-        self.last_evaluate = RoundLog(bytes_down=record_bytes(arrays) * len(self._evaluate_messages))
+        sent = record_bytes(arrays) + sum(record_bytes(r) for r in extra.values())
+        self.last_evaluate = RoundLog(bytes_down=sent * len(self._evaluate_messages))
         return self._evaluate_messages
 
     def _accept(

@@ -3,10 +3,19 @@ model each region serves after personalization, local-only and centralized, with
 against the localization targets — on several seeds, because one draw of these small regions decides nothing.
 
     python -m simulations.bench_personalize [CONFIG] [--seeds 0 1 2] [--modes dual probe] [--set KEY=VALUE ...]
-                                            [--out DIR] [--json FILE]
+                                            [--out DIR] [--json FILE] [--reuse]
+    python -m simulations.bench_personalize --combine RESULTS.json ... --json FILE
 
 Per seed: one simulation (federated rounds, baselines, personalization with the first mode), then every other
 mode personalizes the same global adapter. The targets are checked per seed and on the mean over seeds.
+
+``--reuse`` runs no simulation: every mode personalizes the runs an earlier benchmark left in ``--out`` again
+(with the config and ``--set`` given now, e.g. another ``personalize.start``) and is compared with the
+federated, local-only and centralized scores those runs recorded. The A/B against local-only needs the
+local-only predictions, which are not kept, so it is missing from such results.
+
+``--combine`` runs nothing: it prints the mean tables over all seeds of earlier results files and writes them
+as one.
 
 Targets: personalized >= local-only and >= federated macro-F1 in every region; personalized overall >=
 centralized overall; personalization costs <= 1 local epoch per region and sends nothing.
@@ -145,67 +154,28 @@ def personalize_again(
     """Personalize ``run_dir``'s global adapter as ``cfg.personalize`` says, writing into RUN_DIR/modes/MODE/ so
     that the run's own personalized adapters stay as the simulation wrote them."""
     from common.personal import SIMULATED_PERSONAL_DIR
-    from server.federation import FEDERATION_FILE
+    from server.federation import CHECKPOINTS_DIR, FEDERATION_FILE, STATE_FILE
     from simulations.personalize import personalize_run
 
     target = run_dir / "modes" / cfg.personalize.mode
     target.mkdir(parents=True, exist_ok=True)
-    # the global adapter, the round it is from, and the personal LoRAs of a dual run
-    for name in ("adapter", FEDERATION_FILE, SIMULATED_PERSONAL_DIR):
-        link = target / name
-        if not link.exists() and (run_dir / name).exists():
-            link.symlink_to((run_dir / name).resolve())
+    # the global adapter, the rounds' records and checkpoints, and a dual run's state and personal LoRAs
+    for name in ("adapter", FEDERATION_FILE, CHECKPOINTS_DIR, STATE_FILE, SIMULATED_PERSONAL_DIR):
+        link, source = target / name, (run_dir / name).resolve()
+        if link.is_symlink() and link.resolve() != source:
+            link.unlink()  # a link left by an earlier benchmark's run folder of the same name
+        if not link.is_symlink() and source.exists():
+            link.symlink_to(source)
     return personalize_run(cfg, target, data, local_only, say)
 
 
-def say(message: str) -> None:
-    """Progress goes to stderr; the tables to stdout."""
-    print(message, file=sys.stderr)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the simulation on each seed with personalization and baselines; print and write the results."""
-    apply_env()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path, nargs="?", default=Path("configs/demo.yaml"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--modes", nargs="+", default=["dual", "probe"], help="personalize.mode values to compare")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_personalize"))
-    parser.add_argument("--json", type=Path, default=Path("simulations/results/bench_personalize-demo.json"))
-    args = parser.parse_args(argv)
-    if "dual" in args.modes[1:]:
-        # dual trains during the rounds: only the first mode's simulation can have it
-        parser.error(f"--modes: dual must come first (it trains in the rounds), got {' '.join(args.modes)}")
-
-    from common.config import load_config
-    from simulations.runner import load_all, simulate
-
-    per_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
-    for seed in args.seeds:
-        overrides = [*DEFAULTS, f"seed={seed}", f"personalize.mode={args.modes[0]}", *args.overrides]
-        cfg = load_config(args.config, overrides)
-        run_dir = args.out / f"seed-{seed}"
-        local_only: dict[str, Any] = {}
-        summary = simulate(cfg, run_dir, config_path=str(args.config), say=say, local_predictions=local_only)
-        per_mode[args.modes[0]].append(summary)
-        data = load_all(cfg, say)
-        for mode in args.modes[1:]:
-            other = dataclasses.replace(cfg, personalize=dataclasses.replace(cfg.personalize, mode=mode))
-            entries = personalize_again(other, run_dir, data, local_only or None)
-            per_mode[mode].append(with_mode(summary, entries))
-        for mode, summaries in per_mode.items():
-            print(f"\n== seed {seed}, personalize.mode={mode} ==")
-            print_table(summaries[-1], check_targets(summaries[-1]))
-    result: dict[str, Any] = {
-        "config": str(args.config),
-        "seeds": args.seeds,
-        "overrides": [*DEFAULTS, *args.overrides],
-    }
+def summarize(per_mode: Mapping[str, list[dict[str, Any]]], seeds: list[int]) -> dict[str, Any]:
+    """Print each mode's mean table and choice-rule comparison over ``seeds``; return them for the JSON."""
+    result: dict[str, Any] = {}
     for mode, summaries in per_mode.items():
         averaged = mean_summary(summaries)
         targets = check_targets(averaged)
-        print(f"\n== mean over seeds {args.seeds}, personalize.mode={mode} ==")
+        print(f"\n== mean over seeds {seeds}, personalize.mode={mode} ==")
         print_table(averaged, targets)
         print("\nmean test macro-F1 served under each personalize.choice (from the recorded validation evidence):")
         for name, row in compare_choices(summaries).items():
@@ -223,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     "personalized": {n: r["personalized"] for n, r in s["regions"].items()},
                     "timing": s["timing"],
                 }
-                for seed, s in zip(args.seeds, summaries, strict=True)
+                for seed, s in zip(seeds, summaries, strict=True)
             ],
             # what each region would serve under each choice rule (the run used cfg.personalize.choice)
             "choice_rules": compare_choices(summaries),
@@ -236,6 +206,113 @@ def main(argv: list[str] | None = None) -> int:
                 )
             },
         }
+    return result
+
+
+def combined(paths: list[Path]) -> tuple[list[int], dict[str, list[dict[str, Any]]]]:
+    """The seeds and per-seed summaries (the part of them the tables read) of earlier results files, joined: the
+    modes all of them have; a seed in two files is an error."""
+    results = [json.loads(path.read_text()) for path in paths]
+    for path, r in zip(paths[1:], results[1:], strict=True):
+        # files written before "personalize" was recorded say it in their name only
+        for key in ("config", "overrides", "personalize"):
+            if r.get(key) != results[0].get(key) and key in r and key in results[0]:
+                raise SystemExit(f"--combine: {path} differs from {paths[0]} in {key}: {r[key]} vs {results[0][key]}")
+    modes = [m for m in results[0] if isinstance(results[0][m], dict) and "per_seed" in results[0][m]]
+    modes = [m for m in modes if all(m in r for r in results)]
+    seeds = [seed for r in results for seed in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--combine: a seed is in more than one file: {seeds}")
+    per_mode: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for mode in modes:
+        for row in (row for r in results for row in r[mode]["per_seed"]):
+            f1, overall = row["targets"]["macro_f1"], row["targets"]["overall_macro_f1"]
+            regions = {
+                name: {
+                    **{m: {"macro_f1": v} for m, v in scores.items() if m != "personalized"},
+                    "personalized": row["personalized"][name],
+                }
+                for name, scores in f1.items()
+            }
+            overall_modes = {m: {"macro_f1": v} for m, v in overall.items()}
+            per_mode[mode].append({"regions": regions, "overall": overall_modes, "timing": row["timing"]})
+    return seeds, per_mode
+
+
+def saved_summary(run_dir: Path, seed: int) -> dict[str, Any]:
+    """The summary an earlier benchmark's simulation wrote in ``run_dir`` for ``seed``."""
+    from simulations.runner import SUMMARY_FILE
+
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        raise SystemExit(f"--reuse: {path} does not exist (run the benchmark without --reuse first)")
+    summary: dict[str, Any] = json.loads(path.read_text())
+    if summary["run"]["seed"] != seed:
+        raise SystemExit(f"--reuse: {path} is a run of seed {summary['run']['seed']}, not {seed}")
+    return summary
+
+
+def say(message: str) -> None:
+    """Progress goes to stderr; the tables to stdout."""
+    print(message, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the simulation on each seed with personalization and baselines; print and write the results."""
+    apply_env()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path, nargs="?", default=Path("configs/demo.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", default=["dual", "probe"], help="personalize.mode values to compare")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_personalize"))
+    parser.add_argument("--json", type=Path, default=Path("simulations/results/bench_personalize-demo.json"))
+    parser.add_argument("--reuse", action="store_true", help="personalize the runs in --out again; no simulation")
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", help="no runs: the tables over the seeds of earlier results files"
+    )
+    args = parser.parse_args(argv)
+    if args.combine:
+        seeds, joined = combined(args.combine)
+        out = {"combined": [str(p) for p in args.combine], "seeds": seeds, **summarize(joined, seeds)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}")
+        return 0
+    if "dual" in args.modes[1:] and not args.reuse:
+        # dual trains during the rounds: only the first mode's simulation can have it
+        parser.error(f"--modes: dual must come first (it trains in the rounds), got {' '.join(args.modes)}")
+
+    from common.config import load_config
+    from simulations.runner import load_all, simulate
+
+    per_mode: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
+    for seed in args.seeds:
+        overrides = [*DEFAULTS, f"seed={seed}", f"personalize.mode={args.modes[0]}", *args.overrides]
+        cfg = load_config(args.config, overrides)
+        run_dir = args.out / f"seed-{seed}"
+        local_only: dict[str, Any] = {}
+        if args.reuse:
+            summary = saved_summary(run_dir, seed)
+        else:
+            summary = simulate(cfg, run_dir, config_path=str(args.config), say=say, local_predictions=local_only)
+            per_mode[args.modes[0]].append(summary)
+        data = load_all(cfg, say)
+        for mode in args.modes if args.reuse else args.modes[1:]:
+            other = dataclasses.replace(cfg, personalize=dataclasses.replace(cfg.personalize, mode=mode))
+            entries = personalize_again(other, run_dir, data, local_only or None)
+            per_mode[mode].append(with_mode(summary, entries))
+        for mode, summaries in per_mode.items():
+            print(f"\n== seed {seed}, personalize.mode={mode} ==")
+            print_table(summaries[-1], check_targets(summaries[-1]))
+    result: dict[str, Any] = {
+        "config": str(args.config),
+        "seeds": args.seeds,
+        "overrides": [*DEFAULTS, *args.overrides],
+        "reused_runs": args.reuse,
+        "personalize": dataclasses.asdict(cfg.personalize) if args.seeds else {},
+        **summarize(per_mode, args.seeds),
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")

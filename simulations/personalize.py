@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from common import keys
@@ -67,12 +69,14 @@ def personalize_region(
     region: RegionData,
     global_model: LoadedModel,
     out_dir: Path,
+    start: Start,
     local_only: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Personalize one region, save its model, and compare it with the global and local-only models on test."""
+    """Personalize one region from ``start`` (``start_model``), save its model, and compare the model it serves
+    with the global and local-only models on test."""
     settings = cfg.personalize
     started = time.perf_counter()
-    kept = run_personal(cfg, out_dir, name, global_model) if settings.mode == "dual" else None
+    kept = run_personal(cfg, out_dir, name, start) if settings.mode == "dual" else None
     result = personalize(
         global_model,
         region,
@@ -81,6 +85,7 @@ def personalize_region(
         max_length=cfg.model.max_length,
         seed=derive_seed(cfg.seed, "personalize", name),
         personal=kept.tensors if kept else None,
+        start=start.model,
     )
     seconds = time.perf_counter() - started
     save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
@@ -100,6 +105,7 @@ def personalize_region(
         **_scores(served, region, cfg),
         "mode": settings.mode,
         **({"local_r": settings.local_r} if settings.mode in STACKED_MODES else {}),
+        **({"start_round": start.round} if start.round is not None else {}),  # the global adapter's round
         **({"personal_round": kept.round} if kept else {}),  # the round whose personal slices were stacked
         "balance": settings.balance,
         **choice_record(result, settings.choice),
@@ -114,27 +120,54 @@ def personalize_region(
     }
 
 
-def run_personal(cfg: RunConfig, out_dir: Path, name: str, global_model: LoadedModel) -> Slices:
+@dataclass(frozen=True)
+class Start:
+    """The global model personalization starts from and the round it is from."""
+
+    model: LoadedModel
+    round: int | None  # None: a run without federation.json (its adapter/ is all there is)
+
+
+def start_model(cfg: RunConfig, out_dir: Path, global_model: LoadedModel) -> Start:
+    """The global model personalization starts from, as ``personalize.start`` says: ``global_model`` (the run's
+    ``adapter/``, its best round) or the last round's checkpoint."""
+    from server.federation import FEDERATION_FILE, checkpoint_dir
+
+    record = out_dir / FEDERATION_FILE
+    if not record.is_file():
+        if cfg.personalize.start == "last":
+            raise ConfigError([f"personalize.start: last needs {record} (which round was the last)"])
+        if cfg.personalize.mode == "dual":
+            raise ConfigError([f"personalize.mode: dual needs {record} (the round whose personal slices to stack)"])
+        return Start(global_model, None)
+    federation = json.loads(record.read_text())
+    best, last = int(federation["best_round"]), len(federation["rounds"])
+    if cfg.personalize.start == "best" or last == best:
+        return Start(global_model, best)
+    folder = checkpoint_dir(out_dir, last)
+    if not (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
+        raise ConfigError([f"personalize.start: last needs the last round's global adapter, {folder} has none"])
+    return Start(load_global(cfg, folder), last)
+
+
+def run_personal(cfg: RunConfig, out_dir: Path, name: str, start: Start) -> Slices:
     """The personal LoRA that region ``name``'s simulated node kept in ``out_dir`` (personalize mode dual):
-    the newest kept up to the round of the run's global adapter (its best round, ``federation.json``)."""
+    the newest kept up to the round of the global adapter it will be stacked onto (``start``)."""
     from common.model import adapter_state
-    from server.federation import FEDERATION_FILE, ResumeError, read_state
+    from server.federation import ResumeError, read_state
 
     try:
-        record, state = out_dir / FEDERATION_FILE, read_state(out_dir)
+        state = read_state(out_dir)
     except ResumeError as err:
         raise ConfigError([f"personalize.mode: dual: {err}"]) from err
-    if not record.is_file() or state is None:
-        raise ConfigError(
-            [f"personalize.mode: dual needs {record} and the run's state (which round and run the adapter is from)"]
-        )
-    best_round = int(json.loads(record.read_text())["best_round"])
+    if state is None or start.round is None:
+        raise ConfigError([f"personalize.mode: dual needs the run's state in {out_dir} (which run the slices are of)"])
     folder = personal_folder(out_dir / SIMULATED_PERSONAL_DIR, name)
     rank = cfg.personalize.local_r
     tag = personal_tag(name, state.run_key, cfg.model.base, cfg.lora.r, rank)
     try:
         kept = latest_personal(
-            folder, before=best_round + 1, tag=tag, global_state=adapter_state(global_model.model), rank=rank
+            folder, before=start.round + 1, tag=tag, global_state=adapter_state(start.model.model), rank=rank
         )
     except PersonalStateError as err:
         raise ConfigError([f"personalize.mode: dual, but {err}"]) from err
@@ -142,7 +175,7 @@ def run_personal(cfg: RunConfig, out_dir: Path, name: str, global_model: LoadedM
         raise ConfigError(
             [
                 f"personalize.mode: dual, but {folder} holds no personal LoRA of this run for {name} (rank "
-                f"{cfg.personalize.local_r}, up to round {best_round}); dual trains it during the rounds, so set it "
+                f"{cfg.personalize.local_r}, up to round {start.round}); dual trains it during the rounds, so set it "
                 f"before `fedlocale simulate` (or personalize this run with probe, head, continue or local)"
             ]
         )
@@ -160,7 +193,9 @@ def personalize_run(
     from common.model import adapter_state
 
     global_model = load_global(cfg, out_dir / "adapter")
-    reference = adapter_state(global_model.model)
+    start = start_model(cfg, out_dir, global_model)
+    shared = [global_model] if start.model is global_model else [global_model, start.model]
+    references = [(model, adapter_state(model.model)) for model in shared]
     entries = {}
     for name, region in data.items():
         mode = cfg.personalize.mode
@@ -169,9 +204,10 @@ def personalize_run(
         )
         say(f"personalize: {name} ({mode}, {cost} on {len(region.train)})")
         entries[name] = personalize_region(
-            cfg, name, region, global_model, out_dir, None if local_only is None else local_only.get(name)
+            cfg, name, region, global_model, out_dir, start, None if local_only is None else local_only.get(name)
         )
         # every region starts from the same global model: personalization must work on a copy
-        if any(not (reference[k] == v).all() for k, v in adapter_state(global_model.model).items()):
-            raise RuntimeError(f"personalizing {name} changed the global model")
+        for model, reference in references:
+            if any(not (reference[k] == v).all() for k, v in adapter_state(model.model).items()):
+                raise RuntimeError(f"personalizing {name} changed the global model")
     return entries

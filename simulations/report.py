@@ -749,20 +749,22 @@ def _render_ab(out_dir: Path, summary: Mapping[str, Any]) -> str:
         "Each region adapted the global model on its own node (nothing was sent; with `dual`, a personal LoRA "
         "trained alongside the global one in the rounds was stacked onto it after them) and then chose on its "
         "validation data which model to serve (`personalize.choice`; by default the personalized one unless the "
-        "global one is better there with 95 % confidence). The table "
+        "global one is better there with 95 % confidence). *From round* is the round whose global adapter "
+        "personalization started from (`personalize.start`: the best round or the last). The table "
         "compares the model each region serves with the others on the region's test data: the difference in "
         "macro-F1 and its 95 % paired-bootstrap interval. An interval that stays above 0 means the served model is "
         "better beyond chance.",
         "",
-        "| Region | Serves | vs federated | vs local-only |",
-        "|---|---|---:|---:|",
+        "| Region | Serves | From round | vs federated | vs local-only |",
+        "|---|---|---:|---:|---:|",
     ]
     for name, entry in rows:
         cells = []
         for key in (f"vs_{FEDERATED}", f"vs_{LOCAL_ONLY}"):
             d = entry["ab"].get(key)
             cells.append(f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if isinstance(d, dict) else "n/a")
-        lines.append(f"| {name} | {entry.get('chosen', '?')} | {cells[0]} | {cells[1]} |")
+        start = entry.get("start_round", "n/a")
+        lines.append(f"| {name} | {entry.get('chosen', '?')} | {start} | {cells[0]} | {cells[1]} |")
     _plot_ab(path, rows)
     lines += ["", f"![Difference in macro-F1 with 95 % interval]({AB_PLOT})"]
     return "\n".join(lines)

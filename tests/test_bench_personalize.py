@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -71,3 +72,47 @@ def test_a_summary_without_validation_evidence_cannot_be_replayed() -> None:
     old["regions"]["x"]["personalized"]["val_macro_f1"] = {"global": 0.6, "personalized": 0.5}
     with pytest.raises(ValueError, match=r"region x: .* no val_ab evidence"):
         compare_choices([old])
+
+
+def test_results_files_combine_into_the_mean_over_all_their_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from simulations.bench_personalize import combined, summarize
+
+    def run(values: list[float]) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            row = {"x": {"federated": 0.5, "personalized": v, "local_only": 0.6, "centralized": 0.5}}
+            out.append({**_with_evidence(_summary(row), v, diff=0.0, high=0.1), "timing": {"total_s": 1.0}})
+        return out
+
+    first, second = run([0.5, 0.6]), run([0.9])
+    paths = []
+    for i, (seeds, summaries) in enumerate((([0, 1], first), ([7], second))):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps({"seeds": seeds, **summarize({"dual": summaries}, seeds)}))
+    seeds, joined = combined(paths)
+    assert seeds == [0, 1, 7] and len(joined["dual"]) == 3
+    mean = summarize(joined, seeds)["dual"]["mean"]
+    assert mean == summarize({"dual": first + second}, seeds)["dual"]["mean"]
+    assert mean["macro_f1"]["x"]["personalized"] == pytest.approx(2.0 / 3.0)
+    assert mean["personalized_ge_local_only_every_region"] is True  # 0.667 >= 0.6, though two seeds of three miss
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="a seed is in more than one file"):
+        combined([paths[0], paths[0]])
+
+
+def test_reuse_reads_the_saved_run_of_the_seed_asked_for(tmp_path: Path) -> None:
+    import json
+
+    from simulations.bench_personalize import saved_summary
+
+    with pytest.raises(SystemExit, match=r"seed-3/summary\.json does not exist \(run the benchmark without --reuse"):
+        saved_summary(tmp_path / "seed-3", 3)
+    (tmp_path / "seed-3").mkdir()
+    (tmp_path / "seed-3" / "summary.json").write_text(json.dumps({"run": {"seed": 4}, "regions": {}}))
+    with pytest.raises(SystemExit, match="is a run of seed 4, not 3"):
+        saved_summary(tmp_path / "seed-3", 3)
+    assert saved_summary(tmp_path / "seed-3", 4)["run"]["seed"] == 4

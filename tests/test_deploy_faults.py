@@ -51,7 +51,8 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
 ) -> None:
     aggregation = {"min_clients": 2, "node_timeout": 20, "round_timeout": 120}
     # north's operator trains a personal LoRA alongside (personalize mode dual): it must survive the kill
-    (tmp_path / "personalize.yaml").write_text("mode: dual\nlocal_r: 2\n")
+    # from the last round's global adapter (sent beside the best round's when they differ) and its slices
+    (tmp_path / "personalize.yaml").write_text("mode: dual\nlocal_r: 2\nstart: last\n")
     _, lay = _deployment(
         tmp_path,
         tiny_bert,
@@ -59,6 +60,8 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
         rounds=3,
         aggregation=aggregation,
         node_extra={"north": {"personalize": "personalize.yaml"}},
+        # a min_delta above any gain keeps round 1 the best, so the last round's adapter travels beside it
+        early_stopping={"min_delta": 10.0},
     )
     north = next(n for n in lay.nodes if n.region == "north")
     assert north.personal_dir is not None
@@ -114,5 +117,6 @@ def test_killed_nodes_then_a_resumed_server_lose_nothing(
     assert read_metadata(round_file(personal, 3))[FROM_ROUND] == "2"
     report = json.loads((north.personal_dir / "north" / PERSONALIZED_REPORT).read_text())
     assert (report["mode"], report["round"], report["bytes_sent"]) == ("dual", result["best_round"], 0)
+    assert result["best_round"] == 1 and (report["start_round"], report["personal_round"]) == (3, 3)
     adapter = json.loads((north.personal_dir / "north" / "personalized" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 + 2

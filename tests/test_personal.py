@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from client.task import NodeSettings, train_dual, train_round
 from common.config import ClientTask, ConfigError, LoraSettings, PersonalizeSettings, Region, RunConfig, TrainSettings
@@ -149,7 +151,24 @@ def test_the_node_personalizes_with_the_slices_of_the_round_it_is_given(
     # the test evaluation carries the best round's adapter (here round 2): its partner is round 2's slices,
     # not the newest; a best round the node missed falls back to the newest before it
     report = personalize_node(region, replace(north_task, server_round=2), state, node, now=0.0)
-    assert (report["mode"], report["personal_round"]) == ("dual", 2)
+    assert (report["mode"], report["start_round"], report["personal_round"]) == ("dual", 2, 2)
+    # with personalize.start last it starts from the last round's adapter, sent beside the best one, and its slices
+    last_state = adapter_state(perturb(build_model(north_task.model, north_task.lora, north_task.labels, 0), 9).model)
+    from_last = replace(node, personalize=replace(settings, start="last"))
+    task = replace(north_task, server_round=2)
+    last = personalize_node(region, task, state, from_last, now=0.0, last=(3, last_state))
+    assert (last["start_round"], last["personal_round"]) == (3, 3)
+    assert last["val_macro_f1"]["global"] == report["val_macro_f1"]["global"]  # compared with the best round's
+    stacked = load_file(str(tmp_path / "own" / "north" / "personalized" / "adapter_model.safetensors"))
+    a_key = next(k for k in stacked if "lora_A" in k)
+    global_a = next(v for k, v in last_state.items() if k.replace(".default", "") == a_key)
+    assert torch.equal(stacked[a_key][: north_task.lora.r], global_a)  # the saved adapter stacks the last round's
+    # a node that missed the last round stacks its newest slices onto that round's adapter
+    round_file(folder, 3).unlink()
+    missed = personalize_node(region, task, state, from_last, now=0.0, last=(3, last_state))
+    assert (missed["start_round"], missed["personal_round"]) == (3, 2)
+    # start best ignores the last round's adapter
+    assert personalize_node(region, task, state, node, now=0.0, last=(3, last_state))["start_round"] == 2
     round_file(folder, 2).unlink()
     assert personalize_node(region, replace(north_task, server_round=2), state, node, now=0.0)["personal_round"] == 1
 
@@ -240,6 +259,86 @@ def test_dual_personalization_stacks_the_slices_and_probes_the_head(
     assert torch.allclose(_logits(global_model, stack(global_model, personal)), _logits(wide), atol=1e-5)
 
 
+def test_personalization_starts_from_start_and_is_compared_with_the_global_model(
+    tmp_path: Path, global_model: LoadedModel, north_task: ClientTask
+) -> None:
+    from common.train import evaluate
+
+    data = load_region("r", write_region(tmp_path / "r", 40, 20, seed=5), global_model.labels)
+    last = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=11)
+    personal = {
+        k: 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+        for k, v in init_personal(adapter_state(global_model.model), RANK, seed=0).items()
+    }
+    settings = PersonalizeSettings(mode="dual", local_r=RANK, bootstrap=100)
+    train = TrainSettings(batch_size=8, threads=1)
+    result = personalize(global_model, data, settings, train, max_length=32, seed=0, personal=personal, start=last)
+    got = adapter_state(result.loaded.model)
+    from_last, from_best = adapter_state(stack(last, personal)), adapter_state(stack(global_model, personal))
+    lora = [k for k in got if ".lora_" in k]
+    assert all(torch.equal(got[k], from_last[k]) for k in lora)  # the slices sit on the start's adapter
+    assert any(not torch.equal(got[k], from_best[k]) for k in lora)
+
+    def val_loss(loaded: LoadedModel) -> float:
+        return evaluate(loaded.model, loaded.tokenizer, data.val, 2, max_length=32, batch_size=8).loss
+
+    # the choice is between the personalized model and the global model given, not the start
+    assert val_loss(last) != pytest.approx(val_loss(global_model))
+    assert result.val_global.loss == pytest.approx(val_loss(global_model))
+
+
+def test_a_run_is_personalized_from_the_round_personalize_start_names(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path, global_model: LoadedModel, north_task: ClientTask
+) -> None:
+    import json
+
+    from common.config import load_config
+    from common.model import save_adapter
+    from server.federation import FEDERATION_FILE, RunState, checkpoint_dir, write_state
+    from simulations.personalize import personalize_run, run_personal, start_model
+    from simulations.runner import load_all
+    from tests.conftest import tiny_config
+
+    out = tmp_path / "run"
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=3))
+    # a finished run of three rounds whose best round is the first: each round's global adapter and slices
+    rounds = {r: perturb(build_model(cfg.model, cfg.lora, cfg.labels, seed=0), seed=20 + r) for r in (1, 2, 3)}
+    for server_round, loaded in rounds.items():
+        save_adapter(loaded, checkpoint_dir(out, server_round))
+    save_adapter(rounds[1], out / "adapter")
+    (out / FEDERATION_FILE).write_text(json.dumps({"best_round": 1, "rounds": [{}, {}, {}]}))
+    write_state(out, RunState(3, [{"round": r} for r in (1, 2, 3)], 1, 0.5, 1.0, "", {}, run_key="k"))
+    for name in ("north", "south"):
+        folder = personal_folder(out / "personal", name)
+        tag = personal_tag(name, "k", cfg.model.base, cfg.lora.r, RANK)
+        for server_round, loaded in rounds.items():
+            slices = Slices(init_personal(adapter_state(loaded.model), RANK, server_round), server_round)
+            save_personal(folder, slices, tag, from_round=server_round - 1)
+
+    def configured(start: str) -> RunConfig:
+        return replace(cfg, personalize=PersonalizeSettings(mode="dual", local_r=RANK, bootstrap=100, start=start))
+
+    best = start_model(configured("best"), out, rounds[1])
+    assert best.round == 1 and best.model is rounds[1]
+    last = start_model(configured("last"), out, rounds[1])
+    assert last.round == 3
+    assert all(torch.equal(v, adapter_state(rounds[3].model)[k]) for k, v in adapter_state(last.model.model).items())
+    assert run_personal(configured("best"), out, "north", best).round == 1
+    assert run_personal(configured("last"), out, "north", last).round == 3
+
+    entries = personalize_run(configured("last"), out, load_all(cfg, lambda _: None), say=lambda _: None)
+    assert {(e["start_round"], e["personal_round"]) for e in entries.values()} == {(3, 3)}
+    assert entries["north"]["val_macro_f1"]["global"] == pytest.approx(
+        personalize_run(configured("best"), out, load_all(cfg, lambda _: None), say=lambda _: None)["north"][
+            "val_macro_f1"
+        ]["global"]
+    ), "either way the choice compares with the best round's global model"
+
+    (checkpoint_dir(out, 3) / "adapter_model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"start: last needs the last round's global adapter, .*round-003"):
+        start_model(configured("last"), out, rounds[1])
+
+
 @pytest.mark.slow
 def test_simulation_trains_personal_lora_on_the_nodes_and_serves_it(
     tmp_path: Path, tiny_bert: Path, two_regions: Path, capsys: pytest.CaptureFixture[str]
@@ -271,6 +370,13 @@ def test_simulation_trains_personal_lora_on_the_nodes_and_serves_it(
                 assert {k: update[k].shape for k in update.files if k != METRICS_KEY} == global_shapes
         adapter = json.loads((out / "personalized" / name / "adapter_config.json").read_text())
         assert adapter["r"] == 4 + RANK and entry["personal_round"] == best  # the best round's own slices
+    # personalized again from the last round (here the second): its global adapter and its own slices
+    assert main(["personalize", str(out), "--set", "personalize.start=last"]) == 0
+    again = json.loads((out / "summary.json").read_text())["regions"]
+    assert {(again[n]["personalized"]["start_round"], again[n]["personalized"]["personal_round"]) for n in again} == {
+        (2, 2)
+    }
+    assert re.search(r"\| north \| (global|personalized) \| 2 \|", (out / "report.md").read_text())
     # a run whose nodes kept no personal LoRA cannot be personalized with dual afterwards
     (out / "personal").rename(tmp_path / "moved")
     capsys.readouterr()

@@ -59,8 +59,16 @@ def test_bootstrap_rejects_mismatched_arrays() -> None:
 
 def test_settings_are_validated_together() -> None:
     with pytest.raises(ConfigError) as err:
-        PersonalizeSettings(mode="all", epochs=0, bootstrap=10, local_r=0, choice="vote")  # type: ignore[arg-type]
+        PersonalizeSettings(
+            mode="all",  # type: ignore[arg-type]
+            epochs=0,
+            bootstrap=10,
+            local_r=0,
+            choice="vote",  # type: ignore[arg-type]
+            start="first",  # type: ignore[arg-type]
+        )
     text = str(err.value)
+    assert "start: must be one of best, last, got 'first'" in text
     assert "mode: must be one of none, head, continue, local, probe, dual, got 'all'" in text
     assert "local_r: must be in [1, 64], got 0" in text
     assert "choice: must be one of point, confident, got 'vote'" in text

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from client.app import make_app as make_client_app
 from common import keys
-from common.config import Region, RunConfig, load_config
+from common.config import EarlyStopping, Region, RunConfig, load_config
 from server.federation import (
     RESUMABLE_CHANGES,
     STATE_FILE,
@@ -59,14 +59,16 @@ class LocalGrid:
     """A Grid that runs the real ClientApp in this process: one node per region, node id 100 + partition id.
 
     ``failing`` nodes answer with an error, as a ClientApp that raised would. Every message sent is logged as
-    (type, round, split).
+    (type, round, split). ``node_configs`` gives a node a deployed node's config instead of its partition id.
     """
 
-    def __init__(self, regions: tuple[Region, ...]) -> None:
+    def __init__(self, regions: tuple[Region, ...], node_configs: dict[int, dict[str, Any]] | None = None) -> None:
         self.app = make_client_app(regions)
         self.node_ids = [NODE_BASE + i for i in range(len(regions))]
+        self.node_configs = node_configs or {}
         self.failing: set[int] = set()
         self.sent: list[tuple[str, int, str | None]] = []
+        self.array_records: list[tuple[str | None, list[str]]] = []  # (split, the message's array records)
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
@@ -78,6 +80,7 @@ class LocalGrid:
             config = msg.content.config_records[keys.CONFIG]
             split = config.get(keys.SPLIT)
             self.sent.append((msg.metadata.message_type, int(config[keys.SERVER_ROUND]), split))  # type: ignore[arg-type]
+            self.array_records.append((split, sorted(msg.content.array_records)))  # type: ignore[arg-type]
             node = msg.metadata.dst_node_id
             if node in self.failing:
                 replies.append(Message(Error(code=0, reason="out of memory"), reply_to=msg))
@@ -85,7 +88,7 @@ class LocalGrid:
             context = Context(
                 run_id=1,
                 node_id=node,
-                node_config={keys.NODE_PARTITION_ID: node - NODE_BASE},
+                node_config=self.node_configs.get(node, {keys.NODE_PARTITION_ID: node - NODE_BASE}),
                 state=RecordDict(),
                 run_config={},
             )
@@ -434,3 +437,66 @@ def test_simulation_stopped_after_round_two_and_resumed_equals_an_uninterrupted_
     whole = json.loads((tmp_path / "whole" / SUMMARY_FILE).read_text())
     assert summary["communication"]["per_round"] == whole["communication"]["per_round"]
     assert summary["overall"] == whole["overall"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The final test evaluation and personalize.start
+
+
+def test_a_node_personalizes_from_the_last_round_when_it_is_not_the_best(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    settings = tmp_path / "personalize.yaml"
+    settings.write_text("mode: probe\nstart: last\nbootstrap: 100\n")
+    # a min_delta above any gain keeps round 1 the best while the run goes on to round 3
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3, early_stopping=EarlyStopping(min_delta=10.0))
+    north = {
+        keys.NODE_REGION: "north",
+        keys.NODE_DATA_DIR: str(two_regions / "north"),
+        keys.NODE_PERSONALIZE: str(settings),
+        keys.NODE_PERSONAL_DIR: str(tmp_path / "own"),
+    }
+    grid = LocalGrid(cfg.regions, node_configs={NODE_BASE: north})
+    out = tmp_path / "out"
+    result = federate(grid, cfg, out)  # type: ignore[arg-type]
+    assert result.best_round == 1 and len(result.rounds) == 3
+    report = json.loads((tmp_path / "own" / "north" / keys.PERSONALIZED_REPORT).read_text())
+    assert (report["round"], report["start_round"]) == (1, 3)
+    # a probe refits the head only: the personalized adapter's LoRA is the last round's, not the best round's
+    personalized = load_file(str(tmp_path / "own" / "north" / "personalized" / "adapter_model.safetensors"))
+    last, best = (load_file(str(out / "checkpoints" / f"round-00{r}" / "adapter_model.safetensors")) for r in (3, 1))
+    lora = [k for k in personalized if ".lora_" in k]
+    assert lora and all(torch.equal(personalized[k], last[k]) for k in lora)
+    assert any(not torch.equal(personalized[k], best[k]) for k in lora)
+    # the test evaluation itself, and the run's adapter, are the best round's
+    assert all(torch.equal(v, best[k]) for k, v in adapter(out).items())
+    # only the test evaluation carries the last round's adapter; training and validation carry the global one
+    carried = {(split, tuple(names)) for split, names in grid.array_records}
+    assert carried == {(None, (keys.ARRAYS,)), (keys.VAL, (keys.ARRAYS,)), (keys.TEST, (keys.ARRAYS, keys.LAST_ARRAYS))}
+
+
+def test_a_run_whose_last_round_is_the_best_sends_one_adapter_to_test(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=1)
+    _, grid = run(cfg, tmp_path / "out")
+    assert (keys.TEST, [keys.ARRAYS]) in grid.array_records
+    assert all(keys.LAST_ARRAYS not in names for _, names in grid.array_records)
+
+
+def test_a_test_evaluation_with_half_of_the_last_round_is_refused() -> None:
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from client.app import _last_round
+
+    arrays = ArrayRecord({"w": torch.zeros(2)})
+    for content in (
+        RecordDict({keys.ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.LAST_ROUND: 3})}),
+        RecordDict({keys.ARRAYS: arrays, keys.LAST_ARRAYS: arrays, keys.CONFIG: ConfigRecord()}),
+    ):
+        msg = Message(content, dst_node_id=NODE_BASE, message_type=MessageType.EVALUATE)
+        with pytest.raises(ValueError, match="only one of 'last-round' and 'last-arrays'"):
+            _last_round(msg)
+    whole = RecordDict({keys.ARRAYS: arrays, keys.LAST_ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.LAST_ROUND: 3})})
+    got = _last_round(Message(whole, dst_node_id=NODE_BASE, message_type=MessageType.EVALUATE))
+    assert got is not None and got[0] == 3 and torch.equal(got[1]["w"], torch.zeros(2))
