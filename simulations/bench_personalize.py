@@ -213,13 +213,13 @@ def combined(paths: list[Path]) -> tuple[list[int], dict[str, list[dict[str, Any
     """The seeds and per-seed summaries (the part of them the tables read) of earlier results files, joined: the
     modes all of them have; a seed in two files is an error."""
     results = [json.loads(path.read_text()) for path in paths]
+    first = results[0]
     for path, r in zip(paths[1:], results[1:], strict=True):
-        # files written before "personalize" was recorded say it in their name only
-        for key in ("config", "overrides", "personalize"):
-            if r.get(key) != results[0].get(key) and key in r and key in results[0]:
-                raise SystemExit(f"--combine: {path} differs from {paths[0]} in {key}: {r[key]} vs {results[0][key]}")
-    modes = [m for m in results[0] if isinstance(results[0][m], dict) and "per_seed" in results[0][m]]
-    modes = [m for m in modes if all(m in r for r in results)]
+        # files written before "personalize" was recorded say it in their name only: compare what both have
+        for key in (k for k in ("config", "overrides", "personalize") if k in r and k in first):
+            if r[key] != first[key]:
+                raise SystemExit(f"--combine: {path} differs from {paths[0]} in {key}: {r[key]} vs {first[key]}")
+    modes = [m for m, v in first.items() if isinstance(v, dict) and "per_seed" in v and all(m in r for r in results)]
     seeds = [seed for r in results for seed in r["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"--combine: a seed is in more than one file: {seeds}")
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "overrides": [*DEFAULTS, *args.overrides],
         "reused_runs": args.reuse,
-        "personalize": dataclasses.asdict(cfg.personalize) if args.seeds else {},
+        "personalize": dataclasses.asdict(cfg.personalize),  # --seeds takes one or more, so cfg is set
         **summarize(per_mode, args.seeds),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
