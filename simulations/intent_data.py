@@ -34,8 +34,9 @@ from pathlib import Path
 
 import yaml
 
+from common.archives import Archive, fetch_archive, read_member
 from common.data import normalise
-from simulations.demo_data import _Archive, _fetch_archive, _read_member, _write_jsonl, _write_text
+from simulations.demo_data import _write_jsonl, _write_text
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 FRACTIONS = (0.6, 0.2, 0.2)
@@ -49,7 +50,7 @@ LANGUAGES: dict[str, str] = {"en": "english", "it": "italian", "ja": "japanese",
 LABELS: tuple[str, ...] = ("ai", "emotion", "literature", "money", "movies", "psychology", "science", "sports")
 
 CHATTERBOT_SHA256 = "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"
-CHATTERBOT = _Archive(
+CHATTERBOT = Archive(
     package="chatterbot-corpus",
     version="1.3.3",
     license="BSD (declared by the package's metadata; the wheel ships no license text)",
@@ -89,7 +90,7 @@ def build_intent(
         log(f"intent data in {out_dir} already built for seed {seed}; not rebuilding")
         return folders
     cache = Path(cache_dir) if cache_dir is not None else out_dir / ".archives"
-    archive = _fetch_archive(CHATTERBOT, cache, log)
+    archive = fetch_archive(CHATTERBOT, cache, log)
     prompts, dropped = clean_prompts(read_prompts(archive), log)
     splits = {region: split_region(by_label, seed, region) for region, by_label in sorted(prompts.items())}
     _write(out_dir, seed, splits, dropped)
@@ -104,7 +105,7 @@ def read_prompts(archive: Path) -> Prompts:
         for topic in LABELS:
             member = f"chatterbot_corpus/data/{folder}/{topic}.yml"
             try:
-                data = yaml.safe_load(_read_member(archive, member).decode("utf-8"))
+                data = yaml.safe_load(read_member(archive, member).decode("utf-8"))
             except (UnicodeDecodeError, yaml.YAMLError) as err:
                 raise RuntimeError(f"{member} in {archive} is not readable YAML: {err}") from err
             dialogs = data.get("conversations") if isinstance(data, dict) else None
