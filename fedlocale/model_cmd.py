@@ -41,14 +41,17 @@ def add_parsers(sub: Any) -> None:
     build.add_argument("--force", action="store_true", help="rebuild even if a finished build is there")
 
 
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr)  # progress to stderr; stdout gets the folder alone, for scripts
+
+
 def cmd_model(args: argparse.Namespace) -> int:
     """``fedlocale model build``."""
     cache = model_cache()
     out = args.out if args.out is not None else cache / args.name
     archives = args.archives if args.archives is not None else cache / ARCHIVES_DIR
-    say = lambda line: print(line, file=sys.stderr)  # noqa: E731  progress to stderr; the folder to stdout
     try:
-        folder = BUILDERS[args.name](out, archives=archives, force=args.force, log=say)
+        folder = BUILDERS[args.name](out, archives=archives, force=args.force, log=_progress)
     except BuildError as err:
         print(f"fedlocale: {err}", file=sys.stderr)
         return EXIT_FAILED

@@ -308,3 +308,12 @@ def test_cli_model_build_refuses_a_foreign_out_folder(tmp_path: Path, capsys: py
     assert main(["model", "build", "me5-small", "--out", str(mine)]) == 1
     assert f"fedlocale: {mine} exists and is not a fedlocale model build" in capsys.readouterr().err
     assert (mine / "x").read_text() == "keep"
+
+
+def test_an_unwritable_cache_is_a_build_error(tiny, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, data = tiny
+    sources = wheels(tmp_path / "archives", data)
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder should be")
+    with pytest.raises(BuildError, match="cannot write into"):
+        build_me5_small(blocked / "m", archives=tmp_path / "archives", sources=sources, log=lambda _: None)
