@@ -31,7 +31,7 @@ from common.config import ClientTask, Region
 
 # Deployment starts a fresh process per message. The ~430k objects the imports above create live until it ends,
 # yet every full garbage collection rescans them: ~0.5 s of collections per message (mostly during the model
-# build) and 2-4 s while the process exits after sending the reply (simulations/bench_message.py). Freezing moves
+# build) and 2-4 s while the process exits after sending the reply (benchmarks/bench_message.py). Freezing moves
 # them out of the collector's sight, now and again at exit (down to ~0.02 s and ~0.4 s). In a long-lived process
 # (simulation, tests) both happen once and only import-time objects are frozen.
 gc.freeze()

@@ -13,13 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import keys
-from common.augment import AugmentSettings, augment_train
-from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
-from common.data import Example, RegionData, load_region, redact_region
-from common.metrics import macro_f1
-from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
-from common.personal import (
+from client.augment import augment_train
+from client.personal import (
     PersonalStateError,
     Slices,
     clear_personal,
@@ -32,15 +27,23 @@ from common.personal import (
     split,
     widen,
 )
-from common.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
+from client.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
+from client.tokens import Encoded, encode_cached
+from client.train import EvalResult, TrainResult, evaluate_encoded, predict_proba_encoded, train_encoded
+from common import keys
+from common.augment_settings import AugmentSettings
+from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
+from common.data import Example, RegionData, load_region, redact_region
+from common.errors import InputError
+from common.metrics import macro_f1
+from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
-from common.tokens import Encoded, encode_cached
-from common.train import EvalResult, TrainResult, derive_seed, evaluate_encoded, predict_proba_encoded, train_encoded
+from common.seeds import derive_seed
 
 log = logging.getLogger("fedlocale.node")
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(InputError):
     """The node config is unusable: no region, or a bad setting (the message names the key and the value)."""
 
 
@@ -57,7 +60,7 @@ class NodeSettings:
     personalize: PersonalizeSettings | None = None
     personal_dir: Path | None = None
     # personalize mode dual: rank of the region's own LoRA, trained alongside the global adapter in every round
-    # and kept in personal_dir (common.personal); None: the node trains the global adapter only
+    # and kept in personal_dir (client.personal); None: the node trains the global adapter only
     personal_rank: int | None = None
 
 
@@ -265,7 +268,7 @@ def train_dual(
     region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """``train_round`` with the region's personal LoRA alongside the global adapter (personalize mode dual):
-    one adapter of rank r + p is trained (``common.personal``), the personal slices are kept in the node's
+    one adapter of rank r + p is trained (``client.personal``), the personal slices are kept in the node's
     folder as this round's file, and the reply carries the global adapter only, with its keys and shapes.
 
     Each round continues the newest slices kept before it (also after a restart, and a round trained again

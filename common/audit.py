@@ -32,6 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common.errors import FedlocaleError, InputError
+
 GENESIS = "0" * 64
 # a run folder's audit layout: audit/server/ and audit/nodes/<region>/ each hold ledger.jsonl, ledger.key, ledger.pub
 AUDIT_DIR = "audit"
@@ -53,11 +55,11 @@ REFUSED = "refused"
 FAILED = "failed"
 
 
-class LedgerError(Exception):
+class LedgerError(FedlocaleError):
     """A ledger cannot be read or written (the message names the file and line)."""
 
 
-class AuditKeyError(Exception):
+class AuditKeyError(InputError):
     """A signing or verification key cannot be made or read."""
 
 

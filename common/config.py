@@ -19,28 +19,16 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from common import keys
+from common.augment_settings import AugmentSettings
 from common.basemodels import base_problem
-
-if typing.TYPE_CHECKING:
-    from common.augment import AugmentSettings
+from common.data import find_split
+from common.errors import ConfigError
 
 T = TypeVar("T")
 
 AGGREGATIONS = ("weighted", "uniform")
 STOP_METRICS = ("macro_f1", "accuracy", "loss")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-DATA_SUFFIXES = (".jsonl", ".csv")
-
-
-class ConfigError(ValueError):
-    """A configuration holds one or more problems; ``problems`` lists them all, each naming its field."""
-
-    def __init__(self, problems: list[str], source: str | None = None) -> None:
-        self.problems = problems
-        self.source = source
-        where = f" in {source}" if source else ""
-        body = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s){where}:\n{body}")
 
 
 def _check(problems: list[tuple[str, str]]) -> None:
@@ -198,7 +186,7 @@ class PersonalizeSettings:
     # global adapter (saved as one adapter of rank r + local_r); probe: the head's output layer refit as a linear
     # probe on the frozen model's features (one forward pass, convex, deterministic; lr and epochs unused);
     # dual: a rank-local_r LoRA of the region's own trained alongside the global adapter in every round (kept on
-    # the node, never sent; common.personal), then stacked onto the final global adapter and the head probed
+    # the node, never sent; client.personal), then stacked onto the final global adapter and the head probed
     mode: Literal["none", "head", "continue", "local", "probe", "dual"] = "none"
     epochs: float = 1.0  # passes over the region's train split
     lr: float = 2e-3
@@ -263,7 +251,7 @@ class Region:
     data: Path
     # the simulated node's residency policy file (common.policy); in a deployment the node's own config names it
     policy: Path | None = None
-    # the simulated node's own train-split augmentation (common.augment); a deployed node's config sets its own
+    # the simulated node's own train-split augmentation (client.augment); a deployed node's config sets its own
     augment: AugmentSettings | None = None
 
     def __post_init__(self) -> None:
@@ -386,15 +374,6 @@ class ClientTask:
         return build(cls, raw, source="task from server")
 
 
-def find_split(folder: Path, split: str) -> Path | None:
-    """The file holding ``split`` in a region folder (``train.jsonl`` or ``train.csv``), if any."""
-    for suffix in DATA_SUFFIXES:
-        path = folder / f"{split}{suffix}"
-        if path.is_file():
-            return path
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Building typed objects from plain data, collecting every problem
 
@@ -451,18 +430,11 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     return value
 
 
-def _deferred_types() -> dict[str, Any]:
-    """Settings classes of modules that import this one: looked up when a config is built, not at import time."""
-    from common.augment import AugmentSettings
-
-    return {"AugmentSettings": AugmentSettings}
-
-
 def _build_into(cls: type[T], raw: Any, path: str, problems: list[str]) -> T | None:
     if not isinstance(raw, dict):
         problems.append(f"{path or 'config'}: must be a mapping, got {type(raw).__name__}")
         return None
-    hints = typing.get_type_hints(cls, localns=_deferred_types())
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     prefix = f"{path}." if path else ""
     before = len(problems)
@@ -491,10 +463,6 @@ def _build_into(cls: type[T], raw: Any, path: str, problems: list[str]) -> T | N
         obj = cls(**values)
     except ConfigError as err:
         problems.extend(f"{prefix}{p}" for p in err.problems if p.split(":", 1)[0].split(".")[0] not in failed)
-        return None
-    except ValueError as err:
-        # settings objects from other modules (common.pii) validate with plain ValueErrors
-        problems.append(f"{path or 'config'}: {err}")
         return None
     return obj if len(problems) == before else None
 

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import keys
-from common.config import find_split
+from common.errors import InputError
 from common.pii import PiiRules, redact_texts
 
+DATA_SUFFIXES = (".jsonl", ".csv")  # the files a region folder holds its splits in
 _SPACE_RE = re.compile(r"\s+")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """One or more rows of region data are unusable; ``problems`` lists each as ``file:line: reason``."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -31,6 +32,15 @@ class DataError(ValueError):
         shown = problems[:50]
         more = f"\n  … and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
         super().__init__(f"{len(problems)} bad row(s):\n" + "\n".join(f"  {p}" for p in shown) + more)
+
+
+def find_split(folder: Path, split: str) -> Path | None:
+    """The file holding ``split`` in a region folder (``train.jsonl`` or ``train.csv``), if any."""
+    for suffix in DATA_SUFFIXES:
+        path = folder / f"{split}{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ NODE_CACHE_DIR: Final = "cache-dir"  # absolute folder on the node's own disk fo
 NODE_THREADS: Final = "threads"  # torch threads on this node; wins over the run config's train.threads
 NODE_POLICY: Final = "policy"  # absolute path of the region's policy file on the node (common.policy)
 NODE_AUDIT_DIR: Final = "audit-dir"  # absolute folder of the node's signed egress ledger and its key
-NODE_AUGMENT: Final = "augment"  # absolute path of a YAML file of common.augment.AugmentSettings on the node
+NODE_AUGMENT: Final = "augment"  # absolute path of a YAML file of client.augment.AugmentSettings on the node
 # absolute path of a YAML file of common.config.PersonalizeSettings: the node personalizes the final global model
 NODE_PERSONALIZE: Final = "personalize"
 NODE_PERSONAL_DIR: Final = "personal-dir"  # absolute folder where the node keeps its personalized model and report

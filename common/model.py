@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from common.basemodels import BUILDS, built_path
+from common.basemodels import BUILT_BASES, built_path
 from common.config import LoraSettings, ModelSettings
 
 MINILM = "minilm"
@@ -52,7 +52,7 @@ def resolve_base(base: str) -> str:
     ``fedlocale model build me5-small`` (``BuildError`` naming that command when it is missing); anything else is
     a Hugging Face id or a local folder, passed through.
     """
-    if base in BUILDS:
+    if base in BUILT_BASES:
         return str(built_path(base))
     if base != MINILM:
         return base

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from common.errors import ConfigError
+
 PII_TYPES: tuple[str, ...] = ("email", "phone", "iban", "card", "url")
 
 # Detection order: a URL may hold an "@", a card or an IBAN holds digit groups that look like a phone number, so the
@@ -136,7 +138,7 @@ class CustomPattern:
         problems = [f"name: {p}" for p in _name_problems(self.name)]
         problems += [f"pattern: {p}" for p in _pattern_problems(self.pattern)]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems)
 
 
 def _name_problems(name: object) -> list[str]:
@@ -188,7 +190,7 @@ class PiiRules:
             else:
                 first[item.name] = i
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ConfigError(problems)
 
 
 @lru_cache(maxsize=32)

@@ -20,7 +20,8 @@ import numpy as np
 
 from common import keys
 from common.audit import canonical_json
-from common.config import ConfigError, load_yaml
+from common.config import load_yaml
+from common.errors import ConfigError, InputError
 from common.pii import PII_TYPES, CustomPattern, PiiRules
 
 DEFAULT_TENSORS = ("*.lora_A.weight", "*.lora_B.weight", "*classifier*")
@@ -75,10 +76,7 @@ class PiiSettings:
     custom: tuple[CustomPattern, ...] = ()
 
     def __post_init__(self) -> None:
-        try:
-            PiiRules(types=self.types, custom=self.custom)
-        except ValueError as err:
-            _check([("pii", str(err))])
+        PiiRules(types=self.types, custom=self.custom)  # its ConfigError names these same fields
 
     def rules(self) -> PiiRules:
         """The redaction rules."""
@@ -234,7 +232,7 @@ def check_server(policy: RegionPolicy, fingerprint: str) -> None:
         )
 
 
-class PolicyError(Exception):
+class PolicyError(InputError):
     """Something the region's policy forbids."""
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig, load_config, load_yaml
+from common.config import RunConfig, load_config, load_yaml
+from common.errors import ConfigError
 
 DEFAULT_NODE_PORT = 9101  # first SuperNode ClientAppIo port on one host; each node on a host needs its own
 
@@ -65,7 +66,7 @@ class NodeSettings:
     cache_dir: Path | None = None  # tokenised-data cache on the node's disk; default none
     policy: Path | None = None  # the region's residency policy file; default: the run config region's `policy`
     audit_dir: Path | None = None  # the node's signed egress ledger and its key; default WORKDIR/nodes/REGION/audit
-    augment: Path | None = None  # YAML of the node's train-split augmentation (common.augment); default: none
+    augment: Path | None = None  # YAML of the node's train-split augmentation (client.augment); default: none
     # YAML of personalize settings (mode, epochs, ...): the node personalizes the final global model for itself
     personalize: Path | None = None
     personal_dir: Path | None = None  # where that model and its report stay; default WORKDIR/nodes/REGION/personalized

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from common.pki import PkiError, peer_fingerprint
+from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.policy import PolicyError, check_server, load_policy
+from deploy.pki import PkiError, peer_fingerprint
 from deploy.plan import (
     Layout,
     Node,
@@ -36,12 +37,14 @@ _NODE_UP = "SuperNode ID:"  # Flower logs this once the SuperLink has accepted t
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(FedlocaleError):
     """A deployment process did not start or failed; the message names its log file."""
 
 
 class ServerIdentityError(LaunchError):
     """A node's policy pins a SuperLink certificate and the SuperLink presents another (or cannot be checked)."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def check_server_identity(lay: Layout, node: Node, ca_cert: Path | None = None, timeout: float = 10.0) -> str | None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from common import keys
 from common.config import RunConfig
-from common.pki import FOLDER_MODE, CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
 from deploy.config import DEFAULT_NODE_PORT, DeployConfig, NodeSettings
-from simulations.env import FLOWER_ENV
+from deploy.env import FLOWER_ENV
+from deploy.pki import FOLDER_MODE, CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml with [tool.flwr.app])
 
@@ -99,7 +99,7 @@ def create_credentials(
 ) -> list[Path]:
     """Create the CA and SuperLink certificate (``pki``) and the key pairs of ``regions`` (default: every node).
 
-    Returns the files written. Refuses (``common.pki.PkiError``) to overwrite anything unless ``force``.
+    Returns the files written. Refuses (``deploy.pki.PkiError``) to overwrite anything unless ``force``.
     """
     written: list[Path] = []
     if pki:

@@ -20,7 +20,6 @@ from common.audit import (
 )
 
 EXIT_BROKEN = 1
-EXIT_BAD_INPUT = 2
 UPDATES_NEXT_TO_SERVER = "updates"  # a run folder's layout: audit/server/ledger.jsonl beside audit/updates/
 
 
@@ -125,7 +124,7 @@ def _print(result: Verification) -> None:
 
 def cmd_policy(files: Sequence[Path]) -> int:
     """Print each policy's region and content hash; a bad file raises ConfigError (exit 2, every problem)."""
-    from common.config import ConfigError
+    from common.errors import ConfigError
     from common.policy import load_policy
 
     problems: list[str] = []
@@ -145,14 +144,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Verify (and with ``report``, describe) ledgers; exit 0 only when everything holds."""
     if args.audit_command == "policy":
         return cmd_policy(args.files)
-    try:
-        result = run_checks(args)
-    except AuditKeyError as err:
-        print(f"fedlocale: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    result = run_checks(args)
     _print(result)
     if args.audit_command == "report":
-        from simulations.audit_report import write_audit_report
+        from runfolder.audit_report import write_audit_report
 
         path = write_audit_report(list(result.checks), args.out, list(result.findings))
         print(f"report: {path}")

@@ -14,12 +14,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, load_config
+from common.config import load_config
 from common.data import DataError
+from common.errors import EXIT_BAD_INPUT, ConfigError, FedlocaleError
+from deploy.env import apply_env
 from fedlocale import audit_cmd, deploy_cmd, model_cmd, serve_cmd
-from simulations.env import apply_env
-
-EXIT_BAD_INPUT = 2
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +143,7 @@ def _progress(total: int) -> Any:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``fedlocale simulate``."""
-    from server.federation import ResumeError, read_state
+    from server.federation import read_state
     from simulations.runner import simulate
 
     cfg = load_config(args.config, args.overrides, args.regions)
@@ -163,8 +162,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             verbose=args.verbose,
             resume=args.resume,
         )
-    except ResumeError as err:
-        raise ConfigError([str(err)], str(args.config)) from err
     finally:
         bar.close()
     _print_summary(summary)
@@ -224,7 +221,7 @@ DATA_COMMANDS = {"demo": cmd_data_demo, "intent": cmd_data_intent}
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``fedlocale report``."""
-    from simulations.report import write_report
+    from runfolder.report import write_report
     from simulations.runner import SUMMARY_FILE, read_metrics
 
     summary_path = args.run_dir / SUMMARY_FILE
@@ -238,8 +235,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_personalize(args: argparse.Namespace) -> int:
     """``fedlocale personalize``: personalization after the fact, on a finished simulation run."""
+    from runfolder.report import write_report
     from simulations.personalize import personalize_run
-    from simulations.report import write_report
     from simulations.runner import RESOLVED_CONFIG_FILE, SUMMARY_FILE, add_personalized, load_all, read_metrics
 
     summary_path = args.run_dir / SUMMARY_FILE
@@ -278,7 +275,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; bad configs and data exit with code 2 after listing every problem."""
+    """Run the CLI; a ``FedlocaleError`` is printed (never its traceback) and sets the exit code."""
     args = _parser().parse_args(argv)
     apply_env()  # before transformers is imported: it reads some of these at import
     # Libraries log at INFO freely (Ray, alembic via Flower); only our own INFO lines are for the user.
@@ -294,9 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(handler: Any, args: argparse.Namespace, interrupted: threading.Event) -> int:
     try:
         return handler(args)
-    except (ConfigError, DataError) as err:
+    except FedlocaleError as err:
         print(f"fedlocale: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return err.exit_code
     except BaseException as err:
         # After Ctrl-C, Flower's runtime may surface a different error (Ray actors dying as Ray shuts down)
         # in place of the KeyboardInterrupt; the user pressed Ctrl-C, so that is what we report.

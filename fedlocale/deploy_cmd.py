@@ -11,8 +11,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.pki import PkiError
-
 
 def add_parsers(sub: Any) -> None:
     """Add the ``deploy`` and ``node`` subcommands to the CLI's subparsers."""
@@ -91,7 +89,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     """``fedlocale node``: check the SuperLink against the region's policy, then exec the region's SuperNode."""
-    from deploy.launch import ServerIdentityError, check_server_identity
+    from deploy.launch import check_server_identity
     from deploy.plan import supernode_argv
 
     lay = _load(args.deploy_file)
@@ -101,11 +99,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(f"fedlocale: {args.deploy_file}: no node for region {args.region!r} ({known})", file=sys.stderr)
         return 2
     node = nodes[args.region]
-    try:
-        seen = check_server_identity(lay, node)
-    except ServerIdentityError as err:
-        print(f"fedlocale: {err}", file=sys.stderr)
-        return 2
+    seen = check_server_identity(lay, node)  # ServerIdentityError: the CLI prints it, exit 2
     if seen is not None:
         print(f"SuperLink certificate {seen} is the one the policy of {node.region} pins", file=sys.stderr)
     return _exec(lay, supernode_argv(lay, node))
@@ -113,7 +107,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def _server_fingerprint(lay: Any) -> str | None:
     """The SuperLink certificate as policies pin it (``sha256:…``), if it exists on this machine."""
-    from common.pki import pinned_fingerprint
+    from deploy.pki import pinned_fingerprint
 
     return pinned_fingerprint(lay.server.cert) if lay.server.cert.is_file() else None
 
@@ -125,11 +119,7 @@ def _init(lay: Any, force: bool, pki: bool = True, regions: list[str] | None = N
     if unknown:
         print(f"fedlocale: no node for region(s) {', '.join(unknown)} in this deployment", file=sys.stderr)
         return 2
-    try:
-        written = create_credentials(lay, now=datetime.now(UTC), force=force, pki=pki, regions=regions)
-    except PkiError as err:
-        print(f"fedlocale: {err}", file=sys.stderr)
-        return 2
+    written = create_credentials(lay, now=datetime.now(UTC), force=force, pki=pki, regions=regions)
     for path in written:
         print(f"wrote {path}")
     for folder in create_audit_dirs(lay, regions):
@@ -156,7 +146,7 @@ def _exec(lay: Any, argv: list[str]) -> int:
 def _up(lay: Any, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from deploy.launch import Cluster, LaunchError, ServerIdentityError
+    from deploy.launch import Cluster
 
     if not lay.ca.cert.exists() and _init(lay, force=False):
         return 2
@@ -173,36 +163,30 @@ def _up(lay: Any, args: argparse.Namespace) -> int:
         bar.write(f"logs in {lay.logs}")
         cluster.start_superlink()
         names = {}
-        for node in lay.nodes:
-            cluster.register(node)
-            try:
-                names[node.region] = cluster.start_node(node)
-            except ServerIdentityError as err:
-                bar.close()
-                print(f"fedlocale: {err}", file=sys.stderr)
-                return 2
-        for region, name in names.items():
-            cluster.wait_node(name)
-            bar.write(f"node {region} connected")
         try:
+            for node in lay.nodes:
+                cluster.register(node)
+                names[node.region] = cluster.start_node(node)
+            for region, name in names.items():
+                cluster.wait_node(name)
+                bar.write(f"node {region} connected")
             outcome = cluster.run(out, resume=args.resume, timeout=args.timeout, watch=watch)
-        except LaunchError as err:
-            raise RuntimeError(str(err)) from err
         finally:
             bar.close()
     return _finish(out, lay.deploy.run, outcome, {node.region: node.audit_dir for node in lay.nodes})
 
 
 def _finish(out: Path, run_config: Path, outcome: Any, node_dirs: dict[str, Path]) -> int:
+    from deploy.launch import LaunchError
     from server.app import ERROR_FILE
-    from server.federation import FEDERATION_FILE
+    from server.federation import FEDERATION_FILE, FederationError
     from simulations.runner import audit_run
 
     if (out / ERROR_FILE).exists():
         last = (out / ERROR_FILE).read_text().strip().splitlines()[-1]
-        raise RuntimeError(f"the ServerApp failed: {last} (full trace: {out / ERROR_FILE})")
+        raise FederationError(f"the ServerApp failed: {last} (full trace: {out / ERROR_FILE})")
     if outcome.returncode != 0 or not (out / FEDERATION_FILE).exists():
-        raise RuntimeError(f"flwr run exited with code {outcome.returncode}; see {outcome.log}")
+        raise LaunchError(f"flwr run exited with code {outcome.returncode}; see {outcome.log}")
     result = json.loads((out / FEDERATION_FILE).read_text())
     said: list[str] = []
     # every ledger of this machine: the server's in out/audit/server, each node's in its own audit-dir
@@ -226,7 +210,7 @@ def _write_summary(
 ) -> None:
     """summary.json and report.md of a deployment, from what the server saw (it never sees region data)."""
     from common.config import load_config
-    from simulations.report import write_report
+    from runfolder.report import write_report
     from simulations.runner import SUMMARY_FILE, build_summary, read_metrics
 
     summary = build_summary(load_config(run_config), None, federation, {}, seconds, str(run_config))

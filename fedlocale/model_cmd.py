@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from common.basemodels import ARCHIVES_DIR, BUILDS, CACHE_ENV, ME5_SMALL, BuildError, build_me5_small, model_cache
+from assets.me5 import ARCHIVES_DIR, build_me5_small
+from common.basemodels import BUILT_BASES, CACHE_ENV, ME5_SMALL, model_cache
 
-EXIT_FAILED = 1
 BUILDERS = {ME5_SMALL: build_me5_small}
 
 
@@ -27,7 +27,7 @@ def add_parsers(sub: Any) -> None:
         "$XDG_CACHE_HOME/fedlocale/models, else ~/.cache/fedlocale/models), where `model.base: me5-small` finds "
         "it. A finished build is kept (nothing is done); the folder appears only once complete.",
     )
-    build.add_argument("name", choices=sorted(BUILDS), help="the model to build")
+    build.add_argument("name", choices=sorted(BUILT_BASES), help="the model to build")
     build.add_argument(
         "--out", type=Path, default=None, metavar="DIR", help="the folder to build (default: the model cache's NAME/)"
     )
@@ -50,10 +50,6 @@ def cmd_model(args: argparse.Namespace) -> int:
     cache = model_cache()
     out = args.out if args.out is not None else cache / args.name
     archives = args.archives if args.archives is not None else cache / ARCHIVES_DIR
-    try:
-        folder = BUILDERS[args.name](out, archives=archives, force=args.force, log=_progress)
-    except BuildError as err:
-        print(f"fedlocale: {err}", file=sys.stderr)
-        return EXIT_FAILED
+    folder = BUILDERS[args.name](out, archives=archives, force=args.force, log=_progress)
     print(folder)
     return 0

@@ -13,10 +13,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-if TYPE_CHECKING:
-    from common.export import Exported
+from common.errors import EXIT_BAD_INPUT
 
-EXIT_BAD_INPUT = 2
+if TYPE_CHECKING:
+    from runfolder.export import Exported
+
 EXIT_ROWS_SKIPPED = 3
 
 
@@ -74,15 +75,9 @@ def add_parsers(sub: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``fedlocale export``."""
-    from common.export import ExportError, export_run
+    from runfolder.export import export_run
 
-    try:
-        info = export_run(
-            args.run_dir, args.region, args.out, merged=args.merge, adapter=args.adapter, force=args.force
-        )
-    except ExportError as err:
-        print(f"fedlocale: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    info = export_run(args.run_dir, args.region, args.out, merged=args.merge, adapter=args.adapter, force=args.force)
     what = "merged model" if args.merge else "LoRA adapter"
     print(f"wrote {args.out}: {what} of region {args.region}")
     print(f"  adapter: {info['adapter']['kind']} ({info['adapter']['reason']})")
@@ -93,8 +88,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``fedlocale predict``: exit 0 if every row was predicted, 3 if some were skipped, 2 if none was read."""
-    from common.export import ExportError, load_exported, stored_max_length
-    from common.predict import input_name, iter_inputs
+    from runfolder.export import load_exported, stored_max_length
+    from runfolder.predict import input_name, iter_inputs
 
     items = iter_inputs(args.input)
     # Read up to the first good row before loading the model: an unreadable input fails fast.
@@ -105,12 +100,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if len(problems) == len(head):
         print(f"fedlocale: {input_name(args.input)}: no row could be read; nothing predicted", file=sys.stderr)
         return EXIT_BAD_INPUT
-    try:
-        exported = load_exported(args.model_dir, args.max_length)
-        stored = stored_max_length(args.model_dir)
-    except ExportError as err:
-        print(f"fedlocale: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    exported = load_exported(args.model_dir, args.max_length)
+    stored = stored_max_length(args.model_dir)
     if args.max_length and stored and args.max_length != stored:
         print(f"fedlocale: note: --max-length {args.max_length}, the model was trained with {stored}", file=sys.stderr)
     done, skipped = _predict_all(args, exported, itertools.chain(head[-1:], items), skipped=len(problems))
@@ -134,7 +125,7 @@ def _predict_all(args: argparse.Namespace, exported: Exported, items: Iterable[A
     """Predict every good row of ``items`` into --out or stdout, listing bad ones; (predicted, skipped)."""
     from tqdm import tqdm
 
-    from common.predict import Row, predict_rows
+    from runfolder.predict import Row, predict_rows
 
     bar = tqdm(total=_count_lines(args.input), desc="predict", unit="row", file=sys.stderr, disable=None)
     bar.update(skipped)

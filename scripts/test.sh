@@ -7,5 +7,5 @@ bash scripts/setup.sh
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy common server client simulations deploy fedlocale
+.venv/bin/mypy common server client assets runfolder simulations deploy fedlocale benchmarks
 .venv/bin/python -m pytest "$@"

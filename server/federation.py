@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from common import keys
 from common.audit import AUDIT_DIR, SERVER, SERVER_DIR, Ledger
 from common.config import RunConfig, client_task
+from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.model import (
     LoadedModel,
     adapter_state,
@@ -69,12 +70,14 @@ RESUMABLE_CHANGES = (
 )
 
 
-class FederationError(RuntimeError):
+class FederationError(FedlocaleError):
     """The federation cannot go on (too few regions replied, nodes never connected, a run cannot resume)."""
 
 
 class ResumeError(FederationError):
     """The run folder's saved state cannot be continued with this config."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 @dataclass

@@ -15,9 +15,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import keys
+from common.errors import FedlocaleError
 from common.metrics import weighted_mean
 from common.policy import refused_region
-from common.train import derive_seed
+from common.seeds import derive_seed
 from server.aggregate import aggregation_weights, server_step, update_problem, weighted_average
 
 log = logging.getLogger("fedlocale.server")
@@ -25,7 +26,7 @@ log = logging.getLogger("fedlocale.server")
 _POLL_SECONDS = 1.0
 
 
-class NodeWaitTimeout(RuntimeError):
+class NodeWaitTimeout(FedlocaleError):
     """Fewer nodes than the minimum were connected for the whole ``node_timeout``."""
 
     def __init__(self, connected: int, needed: int, waited: float) -> None:

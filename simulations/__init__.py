@@ -1,1 +1,2 @@
-"""fedlocale simulations: demo data, in-process simulation with baselines, reports and benchmarks."""
+"""Everything in one process: the in-process simulation, its baselines, personalization of a finished run, and
+the demo datasets."""

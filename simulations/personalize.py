@@ -18,11 +18,7 @@ import numpy as np
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from common import keys
-from common.config import PROBED_MODES, STACKED_MODES, ConfigError, RunConfig
-from common.data import RegionData
-from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
-from common.personal import (
+from client.personal import (
     SIMULATED_PERSONAL_DIR,
     PersonalStateError,
     Slices,
@@ -30,8 +26,14 @@ from common.personal import (
     personal_folder,
     personal_tag,
 )
-from common.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
-from common.train import derive_seed, evaluate, predict_proba
+from client.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
+from client.train import evaluate, predict_proba
+from common import keys
+from common.config import PROBED_MODES, STACKED_MODES, RunConfig
+from common.data import RegionData
+from common.errors import ConfigError
+from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
+from common.seeds import derive_seed
 
 PERSONALIZED_DIR = "personalized"
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from client.personal import SIMULATED_PERSONAL_DIR
 from common import keys
 from common.audit import (
     AUDIT_DIR,
@@ -30,13 +31,13 @@ from common.audit import (
     load_verify_key,
     verify_all,
 )
-from common.config import ConfigError, RunConfig
+from common.config import RunConfig
 from common.data import RegionData, load_region, redact_region
+from common.errors import ConfigError
 from common.metrics import weighted_mean
-from common.personal import SIMULATED_PERSONAL_DIR
 from common.policy import RegionPolicy, load_policy
+from deploy.env import apply_env
 from simulations.baselines import run_centralized, run_local_only
-from simulations.env import apply_env
 from simulations.personalize import personalize_run
 
 log = logging.getLogger("fedlocale")
@@ -276,9 +277,9 @@ def simulate(
     finished round (its config must match; a finished run only repeats the final test evaluation); the baselines
     run again in full.
     """
+    from runfolder.report import write_report
     from server.app import ERROR_FILE
-    from server.federation import FEDERATION_FILE, check_resumable, read_state
-    from simulations.report import write_report
+    from server.federation import FEDERATION_FILE, FederationError, check_resumable, read_state
 
     state = read_state(out_dir) if resume else None
     if state is not None:
@@ -295,9 +296,9 @@ def simulate(
     error_file = out_dir / ERROR_FILE
     if error_file.exists():
         last = error_file.read_text().strip().splitlines()[-1]
-        raise RuntimeError(f"the federated run failed: {last} (traceback in {error_file})")
+        raise FederationError(f"the federated run failed: {last} (traceback in {error_file})")
     if not fed_file.exists():
-        raise RuntimeError(f"the federated run ended without writing {fed_file}; see the log above for its error")
+        raise FederationError(f"the federated run ended without writing {fed_file}; see the log above for its error")
     federation = json.loads(fed_file.read_text())
     baselines: dict[str, tuple[dict[str, dict[str, float]], float]] = {}
     if keys.CENTRALIZED in cfg.baselines:
@@ -324,8 +325,8 @@ def audit_run(
     (a deployment on one machine). This checks the run as it left the machine; an auditor repeats it with keys
     obtained from each operator (``fedlocale audit verify``), which is what makes the check mean something.
     """
+    from runfolder.audit_report import write_audit_report
     from server.audit import UPDATES_DIR, recompute
-    from simulations.audit_report import write_audit_report
 
     audit = out_dir / AUDIT_DIR
     nodes = node_dirs or {name: audit / NODES_DIR / name for name in regions}

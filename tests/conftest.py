@@ -9,67 +9,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from assets.tiny import FILLER, NEG_WORDS, POS_WORDS, make_tiny_model
+
 if TYPE_CHECKING:
+    from client.personalize import Personalized
     from common.config import ClientTask
     from common.model import LoadedModel
-    from common.personalize import Personalized
-
-POS_WORDS = ["good", "great", "happy", "love", "nice", "fine"]
-NEG_WORDS = ["bad", "awful", "sad", "hate", "poor", "ugly"]
-FILLER = ["the", "a", "movie", "hotel", "room", "book", "phone", "was", "is", "very", "and", "it", "this"]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def make_tiny_model(folder: Path, kind: str = "bert") -> Path:
-    """Save a tiny randomly initialised encoder of ``kind`` with a WordPiece tokenizer into ``folder``."""
-    import torch
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        BertTokenizerFast,
-        DistilBertConfig,
-        DistilBertForSequenceClassification,
-        RobertaConfig,
-        RobertaForSequenceClassification,
-        XLMRobertaConfig,
-        XLMRobertaForSequenceClassification,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = SPECIAL + sorted(set(POS_WORDS + NEG_WORDS + FILLER))
-    tokenizer = BertTokenizerFast(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=len(vocab))
-    if kind == "bert":
-        model = BertForSequenceClassification(BertConfig(num_hidden_layers=2, max_position_embeddings=64, **small))
-    elif kind in ("roberta", "xlm-roberta"):
-        cls_, cfg_ = (
-            (RobertaForSequenceClassification, RobertaConfig)
-            if kind == "roberta"
-            else (XLMRobertaForSequenceClassification, XLMRobertaConfig)
-        )
-        model = cls_(
-            cfg_(
-                num_hidden_layers=2, max_position_embeddings=80, pad_token_id=0, bos_token_id=2, eos_token_id=3, **small
-            )
-        )
-    elif kind == "distilbert":
-        model = DistilBertForSequenceClassification(
-            DistilBertConfig(
-                vocab_size=len(vocab),
-                dim=32,
-                n_layers=2,
-                n_heads=2,
-                hidden_dim=64,
-                max_position_embeddings=64,
-                pad_token_id=0,
-            )
-        )
-    else:
-        raise ValueError(kind)
-    model.save_pretrained(str(folder))
-    tokenizer.save_pretrained(str(folder))
-    return folder
 
 
 def synthetic_rows(n: int, rng: random.Random, pos_fraction: float = 0.5) -> list[dict[str, str]]:
@@ -160,7 +105,7 @@ def perturb(loaded: LoadedModel, seed: int) -> LoadedModel:
 
 def assert_chosen_by_confidence(result: Personalized) -> None:
     """The default rule (confident): the global model only if validation shows it better with confidence."""
-    from common.personalize import GLOBAL, PERSONALIZED
+    from client.personalize import GLOBAL, PERSONALIZED
 
     d = result.val_difference
     assert d is not None and d.low <= d.high

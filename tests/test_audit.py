@@ -33,7 +33,8 @@ from common.audit import (
     payload_hash,
     verify_ledger,
 )
-from common.config import ConfigError, RunConfig, load_config
+from common.config import RunConfig, load_config
+from common.errors import ConfigError
 from common.policy import (
     DpRequirement,
     EgressRules,

@@ -1,4 +1,4 @@
-"""Tests for simulations.audit_report.write_audit_report.
+"""Tests for runfolder.audit_report.write_audit_report.
 
 The ledgers are real: written with ``common.audit.Ledger`` (real Ed25519 keys, fixed times) and read back with
 ``verify_ledger``, so the report is tested on exactly what an auditor would hand it.
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from common.audit import KEY_FILE, Ledger, LedgerCheck, load_verify_key, verify_ledger
-from simulations.audit_report import REPORT_NAME, write_audit_report
+from runfolder.audit_report import REPORT_NAME, write_audit_report
 
 T0 = datetime(2026, 11, 29, 21, 0, tzinfo=UTC)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

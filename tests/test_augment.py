@@ -1,4 +1,4 @@
-"""Tests for common.augment: the train-split augmentation ops, synonym files and settings validation."""
+"""Tests for client.augment: the train-split augmentation ops, synonym files and settings validation."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from common import augment
-from common.augment import AugmentSettings, augment_examples, augment_text, augment_train, tokenize
-from common.config import ConfigError, build, load_config
+from client import augment
+from client.augment import augment_examples, augment_text, augment_train, tokenize
+from common import augment_settings
+from common.augment_settings import AugmentSettings
+from common.config import build, load_config
 from common.data import Example, RegionData
+from common.errors import ConfigError
 from tests.conftest import write_region
 
 EN = "the quick brown fox jumps over the lazy dog near the quiet river bank today"
@@ -235,7 +238,7 @@ def test_cjk_ops_work_per_character() -> None:
 def test_synonyms_from_tsv_replace_words_keeping_punctuation_and_case_fold(tmp_path: Path) -> None:
     path = tmp_path / "syn.tsv"
     path.write_text("# word, then synonyms\nquick\tfast\tspeedy\n\nDog\thound\ndog\tpooch\n", encoding="utf-8")
-    assert augment.load_synonyms(path) == {"quick": ("fast", "speedy"), "Dog": ("hound",), "dog": ("pooch",)}
+    assert augment_settings.load_synonyms(path) == {"quick": ("fast", "speedy"), "Dog": ("hound",), "dog": ("pooch",)}
     settings = AugmentSettings(ops=("synonym",), copies=1, p=0.99, synonyms=path)
     out = augment_text("The quick dog, quick!", settings, random.Random(0))
     assert out.split()[0] == "The"
@@ -255,7 +258,7 @@ def test_synonym_file_bad_lines_are_reported_as_file_line(tmp_path: Path) -> Non
     path = tmp_path / "syn.tsv"
     path.write_text("good\tfine\nno tab here\n\tempty word\nlonely\t\t\n", encoding="utf-8")
     with pytest.raises(ConfigError) as err:
-        augment.load_synonyms(path)
+        augment_settings.load_synonyms(path)
     assert err.value.problems == [
         f"{path}:2: expected word<TAB>synonym, found no tab",
         f"{path}:3: empty word",
@@ -270,17 +273,17 @@ def test_json_synonym_file_problems_name_the_line(tmp_path: Path) -> None:
     path = tmp_path / "syn.json"
     path.write_text('{\n  "good": ["fine"],\n  "bad": "awful",\n  "": ["x"]\n}\n', encoding="utf-8")
     with pytest.raises(ConfigError) as err:
-        augment.load_synonyms(path)
+        augment_settings.load_synonyms(path)
     assert err.value.problems == [
         f"{path}:3: synonyms of 'bad' must be a list of strings",
         f"{path}:4: empty word",
     ]
     path.write_text('{"good": ["fine"],\n "bad": [}', encoding="utf-8")
     with pytest.raises(ConfigError, match=r"syn\.json:2: bad JSON"):
-        augment.load_synonyms(path)
+        augment_settings.load_synonyms(path)
     path.write_text('["good", "fine"]', encoding="utf-8")
     with pytest.raises(ConfigError, match="expected an object"):
-        augment.load_synonyms(path)
+        augment_settings.load_synonyms(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -454,7 +457,7 @@ def test_bad_region_augment_fields_are_reported_as_file_line_path(tmp_path: Path
         load_config(path)
     p = str(path)
     assert err.value.problems == [
-        f"{p}:6: regions[0].augment.ops: unknown op 'shuffle'; known: {', '.join(augment.OPS)}",
+        f"{p}:6: regions[0].augment.ops: unknown op 'shuffle'; known: {', '.join(augment_settings.OPS)}",
         f"{p}:7: regions[0].augment.copies: must be in [0, 20], got 50",
         f"{p}:8: regions[0].augment.p: must be float, got str 'often'",
         f"{p}:9: regions[0].augment.colour: unknown key (known: copies, mask_token, ops, p, pivot_lang, source_lang, "

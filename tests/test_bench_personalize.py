@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from simulations.bench_personalize import check_targets, compare_choices, mean_summary
+from benchmarks.bench_personalize import check_targets, compare_choices, mean_summary
 
 
 def _summary(f1: dict[str, dict[str, float]], chosen: str = "personalized", epochs: float = 1.0) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def test_results_files_combine_into_the_mean_over_all_their_seeds(
 ) -> None:
     import json
 
-    from simulations.bench_personalize import combined, summarize
+    from benchmarks.bench_personalize import combined, summarize
 
     def run(values: list[float]) -> list[dict[str, Any]]:
         out = []
@@ -107,7 +107,7 @@ def test_results_files_combine_into_the_mean_over_all_their_seeds(
 def test_reuse_reads_the_saved_run_of_the_seed_asked_for(tmp_path: Path) -> None:
     import json
 
-    from simulations.bench_personalize import saved_summary
+    from benchmarks.bench_personalize import saved_summary
 
     with pytest.raises(SystemExit, match=r"seed-3/summary\.json does not exist \(run the benchmark without --reuse"):
         saved_summary(tmp_path / "seed-3", 3)

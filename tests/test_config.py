@@ -11,7 +11,6 @@ import pytest
 from common.config import (
     AggregationSettings,
     ClientTask,
-    ConfigError,
     EarlyStopping,
     LoraSettings,
     ModelSettings,
@@ -23,6 +22,7 @@ from common.config import (
     client_task,
     load_config,
 )
+from common.errors import ConfigError
 from fedlocale.cli import EXIT_BAD_INPUT, main
 from tests.conftest import write_region
 

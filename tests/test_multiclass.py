@@ -15,13 +15,14 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from assets.tiny import FILLER, make_tiny_model
+from client.train import evaluate, predict_proba, train_local
 from common.config import LoraSettings, ModelSettings, load_config
 from common.data import load_region
-from common.export import ExportError, load_exported, merge, save_merged
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
-from common.train import evaluate, predict_proba, train_local
-from tests.conftest import FILLER, make_tiny_model, tiny_config
+from runfolder.export import ExportError, load_exported, merge, save_merged
+from tests.conftest import tiny_config
 
 # Four classes, each told by which group its keyword comes from (all in the tiny tokenizer's vocabulary).
 GROUPS = {

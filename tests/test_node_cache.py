@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 from transformers import AutoTokenizer, BertTokenizer, PreTrainedTokenizerBase
 
+from assets.tiny import FILLER, NEG_WORDS, POS_WORDS, SPECIAL
 from client.app import make_app
 from client.task import (
     NodeConfigError,
@@ -25,20 +26,14 @@ from client.task import (
     train_round,
     use_threads,
 )
+from client.tokens import CACHE_SUBDIR, cache_key, encode_cached, encode_examples, entry_path, tokenizer_fingerprint
+from client.train import evaluate, train_local
 from common import keys
 from common.config import ClientTask, LoraSettings, ModelSettings, Region, TrainSettings
 from common.data import Example, load_region
 from common.model import adapter_state, build_model
-from common.tokens import (
-    CACHE_SUBDIR,
-    cache_key,
-    encode_cached,
-    encode_examples,
-    entry_path,
-    tokenizer_fingerprint,
-)
-from common.train import derive_seed, evaluate, train_local
-from tests.conftest import FILLER, NEG_WORDS, POS_WORDS, SPECIAL, write_region
+from common.seeds import derive_seed
+from tests.conftest import write_region
 
 LABELS = ("neg", "pos")
 MAX_LEN = 32
@@ -111,7 +106,7 @@ def test_second_call_is_served_from_the_cache(
     def no_tokenising(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cache hit must not tokenise")
 
-    monkeypatch.setattr("common.tokens.encode", no_tokenising)
+    monkeypatch.setattr("client.tokens.encode", no_tokenising)
     assert encode_cached(tokenizer, examples, MAX_LEN, LABELS, cache) == fresh
 
 
@@ -240,12 +235,12 @@ def test_a_bad_entry_is_logged_ignored_and_rebuilt(
     (entry,) = entries(cache)
     good = entry.read_bytes()
     damage(entry)  # type: ignore[operator]
-    with caplog.at_level(logging.WARNING, logger="common.tokens"):
+    with caplog.at_level(logging.WARNING, logger="client.tokens"):
         assert encode_cached(tokenizer, examples, MAX_LEN, LABELS, cache) == fresh
     assert "ignoring token cache entry" in caplog.text and str(entry) in caplog.text
     assert entry.read_bytes() == good  # rewritten
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="common.tokens"):
+    with caplog.at_level(logging.WARNING, logger="client.tokens"):
         assert encode_cached(tokenizer, examples, MAX_LEN, LABELS, cache) == fresh
     assert caplog.text == ""
 
@@ -256,7 +251,7 @@ def test_an_unwritable_cache_only_logs(
     blocker = tmp_path / "cache"
     blocker.write_text("a file where the cache folder should be")
     examples = examples_of(region)
-    with caplog.at_level(logging.WARNING, logger="common.tokens"):
+    with caplog.at_level(logging.WARNING, logger="client.tokens"):
         assert encode_cached(tokenizer, examples, MAX_LEN, LABELS, blocker) == encode_examples(
             tokenizer, examples, MAX_LEN
         )
@@ -402,5 +397,5 @@ def test_entry_path_stays_in_the_cache_dir(tmp_path: Path) -> None:
 
 
 def test_client_app_freezes_what_its_imports_created() -> None:
-    # a process per message: the collector must not rescan the import-time objects (simulations/bench_message.py)
+    # a process per message: the collector must not rescan the import-time objects (benchmarks/bench_message.py)
     assert gc.get_freeze_count() > 100_000

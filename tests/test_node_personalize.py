@@ -13,14 +13,10 @@ import yaml
 
 from client.task import NodeConfigError, NodeSettings, evaluate_round, node_settings, personalize_node
 from common import keys
-from common.config import (
-    ClientTask,
-    ConfigError,
-    PersonalizeSettings,
-    Region,
-)
-from common.export import load_exported
+from common.config import ClientTask, PersonalizeSettings, Region
+from common.errors import ConfigError
 from common.model import adapter_state, build_model
+from runfolder.export import load_exported
 from tests.conftest import write_region
 
 LABELS = ("neg", "pos")

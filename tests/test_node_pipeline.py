@@ -15,8 +15,9 @@ import yaml
 
 from client.task import NodeConfigError, NodeSettings, node_settings, region_data, train_round
 from common import keys
-from common.augment import AugmentSettings
-from common.config import ClientTask, ConfigError, Region
+from common.augment_settings import AugmentSettings
+from common.config import ClientTask, Region
+from common.errors import ConfigError
 from common.model import adapter_state, build_model
 from common.policy import RegionPolicy
 from tests.conftest import write_region

@@ -1,5 +1,5 @@
 """personalize.mode dual: a personal LoRA trained alongside the global adapter in every round, kept on the node
-(common.personal, client.task.train_dual) and stacked onto the final global adapter (common.personalize)."""
+(client.personal, client.task.train_dual) and stacked onto the final global adapter (client.personalize)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client.task import NodeSettings, train_dual, train_round
-from common.config import ClientTask, ConfigError, LoraSettings, PersonalizeSettings, Region, RunConfig, TrainSettings
-from common.data import load_region
-from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
-from common.personal import (
+from client.personal import (
     FROM_ROUND,
     PersonalStateError,
     Slices,
@@ -32,7 +28,12 @@ from common.personal import (
     split,
     widen,
 )
-from common.personalize import personalize, stack
+from client.personalize import personalize, stack
+from client.task import NodeSettings, train_dual, train_round
+from common.config import ClientTask, LoraSettings, PersonalizeSettings, Region, RunConfig, TrainSettings
+from common.data import load_region
+from common.errors import ConfigError
+from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
 from tests.conftest import perturb, write_region
 
 RANK = 2
@@ -262,7 +263,7 @@ def test_dual_personalization_stacks_the_slices_and_probes_the_head(
 def test_personalization_starts_from_start_and_is_compared_with_the_global_model(
     tmp_path: Path, global_model: LoadedModel, north_task: ClientTask
 ) -> None:
-    from common.train import evaluate
+    from client.train import evaluate
 
     data = load_region("r", write_region(tmp_path / "r", 40, 20, seed=5), global_model.labels)
     last = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=11)

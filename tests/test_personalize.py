@@ -9,11 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ConfigError, LoraSettings, ModelSettings, PersonalizeSettings, TrainSettings
-from common.data import Example, load_region
-from common.metrics import macro_f1
-from common.model import LoadedModel, adapter_state, build_model, save_adapter
-from common.personalize import (
+from client.personalize import (
     GLOBAL,
     PERSONALIZED,
     Difference,
@@ -25,6 +21,11 @@ from common.personalize import (
     personalize,
     stack_local,
 )
+from common.config import LoraSettings, ModelSettings, PersonalizeSettings, TrainSettings
+from common.data import Example, load_region
+from common.errors import ConfigError
+from common.metrics import macro_f1
+from common.model import LoadedModel, adapter_state, build_model, save_adapter
 from tests.conftest import assert_chosen_by_confidence, perturb, write_region
 
 LABELS = ("neg", "pos")
@@ -132,7 +133,7 @@ def test_choice_rules_differ_only_where_validation_cannot_tell() -> None:
 def test_personalize_chooses_by_the_configured_rule(
     tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch, rule: str
 ) -> None:
-    import common.personalize as module
+    import client.personalize as module
 
     rules: list[str] = []
 
@@ -185,7 +186,7 @@ def test_local_lora_starts_as_the_global_model_and_stacks_into_one_adapter(tiny_
 
 
 def test_local_personalization_keeps_the_global_adapter_and_exports(tmp_path: Path, tiny_bert: Path) -> None:
-    from common.export import load_exported
+    from runfolder.export import load_exported
 
     region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=3), LABELS)
     g = _trained_global(tiny_bert)
@@ -210,7 +211,7 @@ def test_local_personalization_keeps_the_global_adapter_and_exports(tmp_path: Pa
 
 
 def test_stacked_adapter_computes_what_the_local_model_learnt(tmp_path: Path, tiny_bert: Path) -> None:
-    from common.train import train_local
+    from client.train import train_local
 
     region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=5), LABELS)
     g = _trained_global(tiny_bert)

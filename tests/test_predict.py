@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.export import export_run
-from common.predict import Row, read_inputs
-from common.train import predict_proba
+from assets.tiny import make_tiny_model
+from client.train import predict_proba
 from fedlocale.cli import main
-from tests.conftest import make_tiny_model
+from runfolder.export import export_run
+from runfolder.predict import Row, read_inputs
 from tests.test_export import LABELS, MAX_LENGTH, FakeRun, make_run
 
 # well over the run's max_length (32) and the tiny model's 64 positions: only truncation makes it fit

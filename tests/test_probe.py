@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from assets.tiny import make_tiny_model
+from client.personalize import personalize
+from client.probe import cross_validate, fit_logistic, fit_probe, head_features, install, output_layer
+from client.train import encode
 from common.config import LoraSettings, ModelSettings, PersonalizeSettings, TrainSettings
 from common.data import load_region
 from common.metrics import macro_f1
 from common.model import adapter_state, build_model, save_adapter
-from common.personalize import personalize
-from common.probe import cross_validate, fit_logistic, fit_probe, head_features, install, output_layer
-from common.train import encode
-from tests.conftest import assert_chosen_by_confidence, make_tiny_model, write_region
+from tests.conftest import assert_chosen_by_confidence, write_region
 
 LABELS = ("neg", "pos")
 
@@ -91,7 +92,7 @@ def test_installed_probe_is_what_the_model_computes(tmp_path: Path, kind: str) -
 
 
 def test_probe_personalization_changes_only_the_output_layer_and_exports(tmp_path: Path, tiny_bert: Path) -> None:
-    from common.export import load_exported
+    from runfolder.export import load_exported
 
     region = load_region("r", write_region(tmp_path / "r", 40, 20, seed=3), LABELS)
     g = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(r=4, alpha=8), LABELS, 0)

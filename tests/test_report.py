@@ -1,4 +1,4 @@
-"""Tests for simulations.report.write_report."""
+"""Tests for runfolder.report.write_report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from simulations.report import write_report
+from runfolder.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("val_by_round.png", "modes_by_region.png", "bytes_by_round.png", "train_loss_by_round.png")

@@ -9,10 +9,10 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
+from client.train import evaluate
 from common.config import load_config
 from common.data import load_region
 from common.model import build_model
-from common.train import evaluate
 from fedlocale.cli import main
 from tests.conftest import tiny_config
 

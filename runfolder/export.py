@@ -29,8 +29,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from common import keys
-from common.basemodels import BUILDS, build_command
-from common.config import find_split
+from common.basemodels import BUILT_BASES, build_command
+from common.data import find_split
+from common.errors import InputError
 from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, quiet_loading, resolve_base
 
 EXPORT_FILE = "fedlocale.json"
@@ -61,7 +62,7 @@ _MODEL_FILES = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """A run, region, model folder or output folder that cannot be used; the message says why and where."""
 
 
@@ -181,7 +182,7 @@ def base_reference(recorded: str, run_base: str | None) -> str:
     recorded at training time may belong to another machine); an existing local folder is made absolute;
     anything else is a Hugging Face id.
     """
-    for name in (MINILM, *BUILDS):
+    for name in (MINILM, *BUILT_BASES):
         if name in (run_base, recorded):
             return resolve_base(name)
     for candidate in (recorded, run_base):
@@ -383,7 +384,7 @@ def export_info(
             "resolve": MINILM_PATH_CALL
             if run_base == MINILM
             else build_command(run_base)
-            if run_base in BUILDS
+            if run_base in BUILT_BASES
             else None,
         },
         "lora": _lora_settings(lora),

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from client.train import encode
 from common.data import Example
-from common.train import encode
+from common.errors import FedlocaleError
 
 CACHE_VERSION = 1  # bump when the entry layout or the encoding call changes
 CACHE_SUBDIR = f"tokens-v{CACHE_VERSION}"
@@ -41,12 +42,12 @@ class Encoded:
     labels: list[int]
 
 
-class CacheEntryError(ValueError):
+class CacheEntryError(FedlocaleError):
     """A cache entry that cannot be trusted; the reason says why."""
 
 
 def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int) -> Encoded:
-    """Tokenise ``examples`` exactly as ``common.train.train_local`` does."""
+    """Tokenise ``examples`` exactly as ``client.train.train_local`` does."""
     ids = encode(tokenizer, [ex.text for ex in examples], max_length)
     return Encoded(ids=ids, labels=[ex.label for ex in examples])
 

@@ -2,11 +2,11 @@
 global adapter alone (``client.task.train_round``) against one with the personal LoRA alongside
 (``client.task.train_dual``), same region, task and seed, in one process.
 
-    python -m simulations.bench_dual [CONFIG] [--regions cn-hotel en-movies] [--repeats 2] [--json FILE]
+    python -m benchmarks.bench_dual [CONFIG] [--regions cn-hotel en-movies] [--repeats 2] [--json FILE]
 
 Runs alternate (plain, dual, then dual, plain on the next repeat) so that a change in the machine's load
 cancels out of the paired ratio. Prints a table and writes JSON (default
-``simulations/results/bench_dual-demo.json``).
+``benchmarks/results/bench_dual-demo.json``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.env import apply_env
+from deploy.env import apply_env
 
-DEFAULT_JSON = Path("simulations/results/bench_dual-demo.json")
+DEFAULT_JSON = Path("benchmarks/results/bench_dual-demo.json")
 
 
 def time_round(region: Any, task: Any, state: Any, node: Any, dual: bool) -> tuple[float, int]:

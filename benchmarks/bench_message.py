@@ -1,6 +1,6 @@
 """Cost of one message on a region node, paid the way a deployment pays it: a fresh process per message.
 
-    python -m simulations.bench_message [--model minilm|tiny] [--region DIR] [--repeats N] [--json PATH]
+    python -m benchmarks.bench_message [--model minilm|tiny] [--region DIR] [--repeats N] [--json PATH]
 
 Flower 1.42's ``flower-supernode`` starts a new ``flwr-clientapp`` process for every train or evaluate message.
 This runs one train and one evaluate message for one region, each in a fresh ``python`` process that imports
@@ -38,7 +38,7 @@ from typing import Any
 _STARTED = time.monotonic()  # the child's first moment after the standard library: end of interpreter start
 LAUNCHED_ENV = "FEDLOCALE_BENCH_LAUNCHED"
 RESULT_PREFIX = "BENCH_RESULT "
-DEFAULT_JSON = Path("simulations/results/bench_message.json")
+DEFAULT_JSON = Path("benchmarks/results/bench_message.json")
 DEFAULT_REGION = Path("data/demo/en-movies")
 
 # What flwr-clientapp imports, in its order: Flower's runtime first, then the app module and what it pulls in.
@@ -276,7 +276,7 @@ def _prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def _tiny_model(work: Path) -> Path:
-    from tests.conftest import make_tiny_model
+    from assets.tiny import make_tiny_model
 
     return make_tiny_model(work / "tiny-bert", "bert")
 
@@ -288,7 +288,7 @@ def launch(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     env = {**os.environ, LAUNCHED_ENV: repr(time.monotonic())}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.bench_message", "--child", str(spec_path)],
+        [sys.executable, "-m", "benchmarks.bench_message", "--child", str(spec_path)],
         env=env,
         capture_output=True,
         text=True,
@@ -414,7 +414,7 @@ def _workdir() -> Iterator[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the table, write the JSON."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_message", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_message", description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=("minilm", "tiny"), default="minilm")
     parser.add_argument("--region", type=Path, default=DEFAULT_REGION, help="a region folder (default: %(default)s)")
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="train/LoRA settings from here")
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         print(RESULT_PREFIX + json.dumps(run_child(args.child)), flush=True)
         return 0
-    from simulations.env import apply_env
+    from deploy.env import apply_env
 
     apply_env()  # the children inherit it, as flwr-clientapp inherits the SuperNode's environment
     load_before = os.getloadavg()

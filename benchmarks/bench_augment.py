@@ -1,6 +1,6 @@
 """Benchmark of train-split augmentation on one demo region (default: cn-books, the smallest).
 
-    python -m simulations.bench_augment [CONFIG] [--region NAME] [--seeds 0 1 2] [--copies 1 2] [--threads N]
+    python -m benchmarks.bench_augment [CONFIG] [--region NAME] [--seeds 0 1 2] [--copies 1 2] [--threads N]
 
 A fresh model (the config's model and LoRA settings, the head seeded per seed) is trained locally with
 ``train_local`` on the region's train split, as the local-only baseline trains it (``rounds x train.epochs``
@@ -14,8 +14,8 @@ passes), then tested. Variants, each over every seed:
   augmentation, which tells augmentation apart from merely training longer.
 
 Augmentation: delete + swap + mask, p = 0.1, mask spans <= 2 of the tokenizer's mask token; Chinese text is
-edited per character (common/augment.py). Reports test macro-F1 mean ± sample std over the seeds, prints a table
-and writes JSON (default simulations/results/bench_augment-demo.json).
+edited per character (client/augment.py). Reports test macro-F1 mean ± sample std over the seeds, prints a table
+and writes JSON (default benchmarks/results/bench_augment-demo.json).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simulations.env import apply_env
+from deploy.env import apply_env
 
 AUGMENT_OPS = ("delete", "swap", "mask")
 AUGMENT_P = 0.1
@@ -63,9 +63,10 @@ def variants(passes: float, base_steps: int, copies: Sequence[int]) -> list[Vari
 
 def run_one(cfg: Any, region: Any, variant: Variant, seed: int, threads: int) -> dict[str, Any]:
     """Train a fresh model on the variant's training set and score it on the region's val and test splits."""
-    from common.augment import AugmentSettings, augment_examples
+    from client.augment import augment_examples
+    from client.train import evaluate, train_local
+    from common.augment_settings import AugmentSettings
     from common.model import build_model
-    from common.train import evaluate, train_local
 
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed)
     mask = loaded.tokenizer.mask_token or "[MASK]"
@@ -129,12 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine may be shared)")
-    parser.add_argument("--json", type=Path, default=Path("simulations/results/bench_augment-demo.json"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_augment-demo.json"))
     args = parser.parse_args(argv)
 
+    from client.train import plan_steps
     from common.config import load_config
     from common.data import load_region
-    from common.train import plan_steps
 
     cfg = load_config(args.config)
     folder = next((r.data for r in cfg.regions if r.name == args.region), None)

@@ -20,8 +20,8 @@ from typing import Any, TextIO
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from client.train import predict_proba
 from common.data import normalise
-from common.train import predict_proba
 
 STDIN = "-"
 RESULT_FIELDS = ("line", "label", "probs")

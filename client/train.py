@@ -6,7 +6,6 @@ Privacy and policy features wrap these functions; they never add flags here.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,12 +38,6 @@ class EvalResult:
     accuracy: float
     macro_f1: float
     num_examples: int
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, identical in every process (Python's hash() is salted per process)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:

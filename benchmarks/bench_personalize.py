@@ -2,9 +2,9 @@
 model each region serves after personalization, local-only and centralized, with the A/B intervals, checked
 against the localization targets — on several seeds, because one draw of these small regions decides nothing.
 
-    python -m simulations.bench_personalize [CONFIG] [--seeds 0 1 2] [--modes dual probe] [--set KEY=VALUE ...]
+    python -m benchmarks.bench_personalize [CONFIG] [--seeds 0 1 2] [--modes dual probe] [--set KEY=VALUE ...]
                                             [--out DIR] [--json FILE] [--reuse]
-    python -m simulations.bench_personalize --combine RESULTS.json ... --json FILE
+    python -m benchmarks.bench_personalize --combine RESULTS.json ... --json FILE
 
 Per seed: one simulation (federated rounds, baselines, personalization with the first mode), then every other
 mode personalizes the same global adapter. The targets are checked per seed and on the mean over seeds.
@@ -33,7 +33,7 @@ from pathlib import Path
 from statistics import fmean as mean
 from typing import TYPE_CHECKING, Any
 
-from simulations.env import apply_env
+from deploy.env import apply_env
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,8 +93,8 @@ def print_table(summary: dict[str, Any], targets: dict[str, Any]) -> None:
 def compare_choices(summaries: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per region, the mean test macro-F1 it would serve under each ``personalize.choice`` rule, read from the
     validation evidence each seed recorded (``val_ab``), and on how many seeds the rules chose differently."""
+    from client.personalize import Difference, keeps_global
     from common.config import CHOICE_RULES
-    from common.personalize import Difference, keeps_global
 
     out: dict[str, dict[str, float]] = {}
     for name in summaries[0]["regions"]:
@@ -153,7 +153,7 @@ def personalize_again(
 ) -> dict[str, Any]:
     """Personalize ``run_dir``'s global adapter as ``cfg.personalize`` says, writing into RUN_DIR/modes/MODE/ so
     that the run's own personalized adapters stay as the simulation wrote them."""
-    from common.personal import SIMULATED_PERSONAL_DIR
+    from client.personal import SIMULATED_PERSONAL_DIR
     from server.federation import CHECKPOINTS_DIR, FEDERATION_FILE, STATE_FILE
     from simulations.personalize import personalize_run
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=["dual", "probe"], help="personalize.mode values to compare")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_personalize"))
-    parser.add_argument("--json", type=Path, default=Path("simulations/results/bench_personalize-demo.json"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_personalize-demo.json"))
     parser.add_argument("--reuse", action="store_true", help="personalize the runs in --out again; no simulation")
     parser.add_argument(
         "--combine", type=Path, nargs="+", help="no runs: the tables over the seeds of earlier results files"

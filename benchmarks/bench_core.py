@@ -1,6 +1,6 @@
 """Benchmark of the core loop on a config (default: the demo): quality, time, bytes and memory in one run.
 
-    python -m simulations.bench_core [CONFIG] [--out DIR] [--set KEY=VALUE ...] [--json FILE]
+    python -m benchmarks.bench_core [CONFIG] [--out DIR] [--set KEY=VALUE ...] [--json FILE]
 
 Prints a table and writes JSON: accuracy and macro-F1 of federated / local-only / centralized per region and
 overall, federated ÷ centralized wall time per training example, adapter ÷ full-model bytes, bytes up per round
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.env import apply_env
+from deploy.env import apply_env
 
 MODES = ("federated", "local_only", "centralized")
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import load_config
     from simulations.runner import simulate
 
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_core", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_core", description=__doc__.split("\n")[0])
     parser.add_argument("config", type=Path, nargs="?", default=Path("configs/demo.yaml"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_core"))
     parser.add_argument("--set", dest="overrides", action="append", default=[])

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from client.personal import is_lora_a, is_lora_b, join, mismatch
+from client.probe import fit_probe, head_features, install, output_layer
+from client.train import EvalResult, TrainResult, encode, predict_proba, scores, train_local
 from common.config import CHOICE_RULES, PROBED_MODES, PersonalizeSettings, TrainSettings
 from common.data import Example, RegionData
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, load_adapter_state
-from common.personal import is_lora_a, is_lora_b, join, mismatch
-from common.probe import fit_probe, head_features, install, output_layer
-from common.train import EvalResult, TrainResult, derive_seed, encode, predict_proba, scores, train_local
+from common.seeds import derive_seed
 
 GLOBAL = "global"
 PERSONALIZED = "personalized"
@@ -98,7 +99,7 @@ def local_lora(global_model: LoadedModel, r: int, seed: int) -> PeftModel:
 
 def stack(global_model: LoadedModel, personal: Mapping[str, torch.Tensor], head: PeftModel | None = None) -> PeftModel:
     """One adapter of rank r_global + r_personal that computes the global adapter plus the personal slices
-    (``common.personal.join``: A = [A_g; A_p], B = [B_g, B_p], the same scale alpha/r), with the head of
+    (``client.personal.join``: A = [A_g; A_p], B = [B_g, B_p], the same scale alpha/r), with the head of
     ``head`` (default: the global model's). Saved and exported like any adapter."""
     config = _global_lora(global_model.model)
     problem = mismatch(adapter_state(global_model.model), personal)
@@ -141,7 +142,7 @@ def balanced(examples: list[Example], seed: int) -> list[Example]:
 
 def probe_head(loaded: LoadedModel, examples: list[Example], *, max_length: int, batch_size: int) -> TrainResult:
     """Refit ``loaded``'s output layer in place as a linear probe on what the frozen model feeds it
-    (``common.probe``): one forward pass over ``examples``, no backward pass."""
+    (``client.probe``): one forward pass over ``examples``, no backward pass."""
     layer = output_layer(loaded.model, len(loaded.labels))
     ids = encode(loaded.tokenizer, [ex.text for ex in examples], max_length)
     pad_id = loaded.tokenizer.pad_token_id or 0
@@ -170,7 +171,7 @@ def personalize(
     (see ``local_lora``), and the result is one stacked adapter (``stack_local``). ``probe``: the adapter stays
     as it is and the head's output layer is refit as a linear probe (``probe_head``; one forward pass, no
     epochs of SGD, deterministic). ``dual``: ``personal``, the region's LoRA slices trained alongside the
-    global adapter in the rounds (``common.personal``), is stacked onto the global adapter (``stack``) and the
+    global adapter in the rounds (``client.personal``), is stacked onto the global adapter (``stack``) and the
     head is refit as in ``probe``.
 
     Personalization starts from ``start`` (default ``global_model``; ``personalize.start``); the served model
