@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.output import write_result
 from deploy.env import apply_env
 
 AUGMENT_OPS = ("delete", "swap", "mask")
@@ -171,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "after": [round(x, 2) for x in os.getloadavg()],
         },
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    return 0
+    return write_result(args.json, result)
 
 
 if __name__ == "__main__":

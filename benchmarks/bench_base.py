@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.output import write_result
 from deploy.env import apply_env
 
 DEFAULT_JSON = Path("benchmarks/results/bench_base-demo.json")
@@ -199,10 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = run_bases(args)
         print_comparison(result["bases"])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    return 0
+    return write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ per client ÷ adapter bytes, and peak RSS of this process tree (Ray actors inclu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.output import write_result
 from deploy.env import apply_env
 
 MODES = ("federated", "local_only", "centralized")
@@ -146,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     result["overrides"] = args.overrides
     print_table(result)
     path = args.json or args.out / "bench_core.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {path}")
-    return 0
+    return write_result(path, result)
 
 
 if __name__ == "__main__":

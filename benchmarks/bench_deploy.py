@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks.output import write_result
 from deploy.env import apply_env
 
 DEFAULT_OVERRIDES = ("rounds=2", "baselines=[]")
@@ -107,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['round']:>5}{r['simulation_s']:>15.1f}{r['deployment_s']:>15.1f}{ratio:>8.2f}")
     print(f"{'all':>5}{sim_s:>15.1f}{dep_s:>15.1f}{dep_s / sim_s:>8.2f}   (whole run incl. start-up and test)")
     print(f"global adapter max |deployment - simulation| = {result['adapter_max_abs_diff']:.2e}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    return 0
+    return write_result(args.json, result)
 
 
 if __name__ == "__main__":

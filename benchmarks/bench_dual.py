@@ -12,7 +12,6 @@ cancels out of the paired ratio. Prints a table and writes JSON (default
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.output import write_result
 from deploy.env import apply_env
 
 DEFAULT_JSON = Path("benchmarks/results/bench_dual-demo.json")
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-    return 0
+    return write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 from statistics import fmean as mean
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.output import write_result
 from deploy.env import apply_env
 
 if TYPE_CHECKING:
@@ -275,10 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.combine:
         seeds, joined = combined(args.combine)
         out = {"combined": [str(p) for p in args.combine], "seeds": seeds, **summarize(joined, seeds)}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
-        return 0
+        return write_result(args.json, out)
     if "dual" in args.modes[1:] and not args.reuse:
         # dual trains during the rounds: only the first mode's simulation can have it
         parser.error(f"--modes: dual must come first (it trains in the rounds), got {' '.join(args.modes)}")
@@ -313,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "personalize": dataclasses.asdict(cfg.personalize),  # --seeds takes one or more, so cfg is set
         **summarize(per_mode, args.seeds),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}")
-    return 0
+    return write_result(args.json, result)
 
 
 if __name__ == "__main__":

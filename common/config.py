@@ -22,18 +22,13 @@ from common import keys
 from common.augment_settings import AugmentSettings
 from common.basemodels import base_problem
 from common.data import find_split
-from common.errors import ConfigError
+from common.errors import ConfigError, check
 
 T = TypeVar("T")
 
 AGGREGATIONS = ("weighted", "uniform")
 STOP_METRICS = ("macro_f1", "accuracy", "loss")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _check(problems: list[tuple[str, str]]) -> None:
-    if problems:
-        raise ConfigError([f"{name}: {msg}" for name, msg in problems])
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,7 @@ class ModelSettings:
             problems.append(("base", missing))
         if not 8 <= self.max_length <= 4096:
             problems.append(("max_length", f"must be in [8, 4096], got {self.max_length}"))
-        _check(problems)
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ class LoraSettings:
             problems.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
         if self.target_modules is not None and not self.target_modules:
             problems.append(("target_modules", "must name at least one module, or be null for the default"))
-        _check(problems)
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -116,7 +111,7 @@ class TrainSettings:
             problems.append(("kl_to_global", f"must be >= 0, got {self.kl_to_global}"))
         if self.threads is not None and self.threads < 1:
             problems.append(("threads", f"must be >= 1 or null, got {self.threads}"))
-        _check(problems)
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -144,7 +139,7 @@ class AggregationSettings:
             problems.append(("fraction_train", f"must be in (0, 1], got {self.fraction_train}"))
         if self.min_clients < 1:
             problems.append(("min_clients", f"must be >= 1, got {self.min_clients}"))
-        _check(problems)
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -163,7 +158,7 @@ class EarlyStopping:
             problems.append(("metric", f"must be one of {', '.join(STOP_METRICS)}, got {self.metric!r}"))
         if self.min_delta < 0:
             problems.append(("min_delta", f"must be >= 0, got {self.min_delta}"))
-        _check(problems)
+        check(problems)
 
 
 PERSONALIZE_MODES = ("none", "head", "continue", "local", "probe", "dual")
@@ -229,7 +224,7 @@ class PersonalizeSettings:
             problems.append(("bootstrap", f"must be >= 100, got {self.bootstrap}"))
         if not 1 <= self.local_r <= 64:
             problems.append(("local_r", f"must be in [1, 64], got {self.local_r}"))
-        _check(problems)
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -240,7 +235,7 @@ class SimulationSettings:
 
     def __post_init__(self) -> None:
         if self.cpus_per_client < 1:
-            _check([("cpus_per_client", f"must be >= 1, got {self.cpus_per_client}")])
+            check([("cpus_per_client", f"must be >= 1, got {self.cpus_per_client}")])
 
 
 @dataclass(frozen=True)
@@ -256,7 +251,7 @@ class Region:
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
-            _check([("name", f"must be letters, digits, '.', '_' or '-', got {self.name!r}")])
+            check([("name", f"must be letters, digits, '.', '_' or '-', got {self.name!r}")])
 
     def folder_problems(self) -> list[str]:
         """What is wrong with the region's data folder (checked by RunConfig, so that every region is checked)."""
@@ -337,7 +332,7 @@ class RunConfig:
                     f"is {self.aggregation.min_clients} but there are only {len(self.regions)} regions",
                 )
             )
-        _check(problems)
+        check(problems)
 
     @property
     def region_names(self) -> tuple[str, ...]:

