@@ -91,9 +91,30 @@ def payload_hash(arrays: Mapping[str, np.ndarray], metrics: Mapping[str, int | f
 
 def content_payload(content: Any) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
     """The tensors and metrics of a Flower RecordDict (all its Array and Metric records), for ``payload_hash``."""
-    arrays = {name: array.numpy() for record in content.array_records.values() for name, array in record.items()}
-    metrics = {name: value for record in content.metric_records.values() for name, value in record.items()}
+    return merged_payload(*content_records(content))
+
+
+def content_records(
+    content: Any,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, int | float]]]:
+    """Every ArrayRecord of a Flower RecordDict with its tensors as numpy, and every MetricRecord, by record key.
+
+    ``Array.numpy`` deserialises the array's bytes afresh at every call: a reader that needs the tensors more than
+    once (the server checks, averages, hashes and keeps each reply) converts them here once and keeps the result.
+    """
+    arrays = {key: {name: array.numpy() for name, array in rec.items()} for key, rec in content.array_records.items()}
+    metrics = {key: dict(rec.items()) for key, rec in content.metric_records.items()}
     return arrays, metrics
+
+
+def merged_payload(
+    arrays: Mapping[str, Mapping[str, np.ndarray]], metrics: Mapping[str, Mapping[str, int | float]]
+) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+    """Records (as ``content_records`` gives them) merged into the one tensor and one metric mapping that
+    ``payload_hash`` takes, in record order (a name in a later record wins, as in the node's own hash)."""
+    merged_arrays = {name: arr for rec in arrays.values() for name, arr in rec.items()}
+    merged_metrics = {name: value for rec in metrics.values() for name, value in rec.items()}
+    return merged_arrays, merged_metrics
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:

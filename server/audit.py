@@ -5,6 +5,8 @@ offline recomputation of each round's global adapter from kept updates.
 inner strategy does the work, the wrapper records. For every round the ledger gets the global adapter sent out
 (``dispatch``), every reply (``inbound``: sender, payload hash, status) and the aggregation (``aggregate``:
 participants with their payload hashes and weights, the method, the server step and the hash of the result).
+The wrapper reads all of it from the ``RoundLog`` the inner strategy returns: the replies' tensors as the strategy
+converted them, once, and the new global adapter as it was computed; the wrapper converts no reply itself.
 """
 
 from __future__ import annotations
@@ -16,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from common import keys
-from common.audit import AGGREGATE, DISPATCH, INBOUND, Ledger, LedgerCheck, content_payload, payload_hash
+from common.audit import AGGREGATE, DISPATCH, INBOUND, Ledger, LedgerCheck, payload_hash
 from server.aggregate import aggregation_weights, server_step, weighted_average
-from server.strategy import RegionFedAvg, RoundLog, to_numpy
+from server.strategy import ReceivedReply, RegionFedAvg, RoundAggregation, RoundLog, to_numpy
 
 UPDATES_DIR = "updates"
 GLOBAL_IN = "global-in.npz"
@@ -52,7 +54,7 @@ def load_kept(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int | float]
     return arrays, metrics
 
 
-class LedgerStrategy:
+class LedgerStrategy(RoundAggregation):
     """A strategy that records, in a signed ledger, every update it receives and every aggregation it makes."""
 
     def __init__(
@@ -69,16 +71,6 @@ class LedgerStrategy:
         self._run: int | None = None
         self._sent_hash: str | None = None
         self._split = ""
-
-    @property
-    def last_train(self) -> RoundLog:
-        """The inner strategy's record of the last train exchange."""
-        return self.strategy.last_train
-
-    @property
-    def last_evaluate(self) -> RoundLog:
-        """The inner strategy's record of the last evaluate exchange."""
-        return self.strategy.last_evaluate
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -103,15 +95,13 @@ class LedgerStrategy:
             _save(round_dir(self.keep_dir, server_round) / GLOBAL_IN, sent, {})
         return messages
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate as the inner strategy does; record each reply, the participants and the result."""
-        replies = list(replies)
-        hashes = self._record_inbound(server_round, "train", replies)
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        log = self.strategy.last_train
-        by_node = {m.metadata.src_node_id: m for m in replies}
+    def aggregate_train_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
+        """Aggregate as the inner strategy does; record each reply, the participants and the result.
+
+        Everything recorded comes from the inner strategy's RoundLog: the replies' tensors as it converted them.
+        """
+        result = self.strategy.aggregate_train_round(server_round, replies)
+        hashes = self._record_inbound(server_round, "train", result.received)
         participants = [
             {
                 "region": r.region,
@@ -120,7 +110,7 @@ class LedgerStrategy:
                 "num_examples": r.num_examples,
                 "weight": w,
             }
-            for r, w in zip(log.replies, log.weights, strict=True)
+            for r, w in zip(result.replies, result.weights, strict=True)
         ]
         self.ledger.append(
             {
@@ -131,16 +121,15 @@ class LedgerStrategy:
                 "server_lr": self.strategy.server_lr,
                 "base_sha256": self._sent_hash,
                 "participants": participants,
-                "rejected": log.rejected,
-                "global_sha256": payload_hash(to_numpy(arrays)) if arrays is not None else None,
+                "rejected": result.rejected,
+                "global_sha256": payload_hash(result.global_arrays) if result.global_arrays is not None else None,
             },
             self.clock(),
         )
         if self.keep_dir is not None:
-            for reply in log.replies:
-                update, values = content_payload(by_node[reply.node_id].content)
-                _save(round_dir(self.keep_dir, server_round) / f"{reply.region}.npz", update, values)
-        return arrays, metrics
+            for reply in result.replies:
+                _save(round_dir(self.keep_dir, server_round) / f"{reply.region}.npz", *reply.received.payload())
+        return result
 
     def configure_evaluate(
         self,
@@ -156,19 +145,20 @@ class LedgerStrategy:
         self._split = str(config.get(keys.SPLIT, ""))
         return messages
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
         """Aggregate as the inner strategy does; record each reply."""
-        replies = list(replies)
-        self._record_inbound(server_round, "evaluate", replies, self._split)
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        result = self.strategy.aggregate_evaluate_round(server_round, replies)
+        self._record_inbound(server_round, "evaluate", result.received, self._split)
+        return result
 
     def _record_inbound(
-        self, server_round: int, message: str, replies: list[Message], split: str = keys.TRAIN
+        self, server_round: int, message: str, received: list[ReceivedReply], split: str = keys.TRAIN
     ) -> dict[int, str]:
+        """One inbound entry per reply, in the order they came; the payload hash of each by sending node."""
         hashes: dict[int, str] = {}
         now = self.clock()
-        for msg in replies:
-            node = msg.metadata.src_node_id
+        for got in received:
+            node = got.sender
             body: dict[str, Any] = {
                 "kind": INBOUND,
                 "run": self._run,
@@ -176,12 +166,12 @@ class LedgerStrategy:
                 "message": message,
                 "split": split,
             }
-            if msg.has_error():
-                body.update(node=node, status="error", reason=msg.error.reason)
+            if got.error is not None:
+                body.update(node=node, status="error", reason=got.error.reason)
             else:
-                arrays, metrics = content_payload(msg.content)
+                arrays, metrics = got.payload()
                 hashes[node] = payload_hash(arrays, metrics)
-                index = metrics.get(keys.REGION_INDEX)
+                index = metrics.get(self.strategy.region_key)
                 body.update(node=node, region_index=index, sha256=hashes[node], status="received")
             self.ledger.append(body, now)
         return hashes

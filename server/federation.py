@@ -1,6 +1,7 @@
 """The federated run on the server: rounds of train + validate, early stopping, checkpoints, final test.
 
-Written as a plain loop over the strategy's verbs (``configure_train``, ``aggregate_train``, …) rather than
+Written as a plain loop over the strategy's verbs (``configure_train``, ``aggregate_train_round``, …: Flower's
+``aggregate_*`` that return the exchange's whole ``RoundLog``, see ``server.strategy.RoundAggregation``) rather than
 ``Strategy.start`` because it also stops early, keeps the best round, records every region every round, and can
 resume: after each round the round's global adapter goes to ``checkpoints/round-NNN`` and then everything else
 the loop knows goes to ``state.json``, so a restarted ServerApp continues where the last one stopped.
@@ -297,8 +298,9 @@ def _train_round(
     replies = _send(
         grid, strategy.configure_train(server_round, arrays, _task_config(cfg, server_round, run_key), grid), timeout
     )
-    new_arrays, _ = strategy.aggregate_train(server_round, replies)
-    train = strategy.last_train
+    # the whole RoundLog, not Flower's aggregate_train pair (its arrays and metrics): the round record is per
+    # region (who took part, who was rejected and why, each region's loss), which no MetricRecord can hold
+    train = strategy.aggregate_train_round(server_round, replies)
     participants = [r.region for r in train.replies]
     missing = [n for n in cfg.region_names if n not in participants]
     if len(train.replies) < cfg.aggregation.min_clients:
@@ -317,7 +319,7 @@ def _train_round(
             r.region: {"loss": r.metrics[keys.TRAIN_LOSS], "num_examples": r.num_examples} for r in train.replies
         },
     }
-    return new_arrays or arrays, record
+    return train.arrays or arrays, record
 
 
 def _evaluate(
@@ -329,7 +331,8 @@ def _evaluate(
     split: str,
     run_key: str,
     last: tuple[int, ArrayRecord] | None = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, float], int]:
+    """Per-region metrics, their example-weighted means, and the bytes sent out for the evaluation."""
     config = _task_config(cfg, server_round, run_key, split)
     extra: dict[str, ArrayRecord] = {}
     if last is not None:
@@ -337,10 +340,10 @@ def _evaluate(
         config[keys.LAST_ROUND] = last[0]
         extra[keys.LAST_ARRAYS] = last[1]
     messages = strategy.configure_evaluate(server_round, arrays, config, grid, extra)
-    overall = strategy.aggregate_evaluate(server_round, _send(grid, messages, cfg.aggregation.round_timeout))
-    per_region = _region_metrics(strategy.last_evaluate)
+    result = strategy.aggregate_evaluate_round(server_round, _send(grid, messages, cfg.aggregation.round_timeout))
+    overall = result.metrics
     named = {name: float(overall[k]) for k, name in _METRIC_KEYS.items()} if overall else {}  # type: ignore[arg-type]
-    return per_region, named
+    return _region_metrics(result), named, result.bytes_down
 
 
 def _run_round(
@@ -348,8 +351,10 @@ def _run_round(
 ) -> tuple[ArrayRecord, dict[str, Any]]:
     started = time.perf_counter()
     arrays, record = _train_round(grid, strategy, cfg, server_round, arrays, run_key)
-    record["val"], record["val_overall"] = _evaluate(grid, strategy, cfg, server_round, arrays, keys.VAL, run_key)
-    record["bytes_down"] += strategy.last_evaluate.bytes_down
+    record["val"], record["val_overall"], bytes_down = _evaluate(
+        grid, strategy, cfg, server_round, arrays, keys.VAL, run_key
+    )
+    record["bytes_down"] += bytes_down
     record["seconds"] = time.perf_counter() - started  # wall time of train + validation, for the benchmarks
     return arrays, record
 
@@ -457,7 +462,7 @@ def run_rounds(
         )
     with _naming_checkpoint(f"test evaluation of round {stopper.best_round}", out_dir, server_round):
         last = (server_round, arrays) if server_round != stopper.best_round else None
-        test, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST, run_key, last)
+        test, _, _ = _evaluate(grid, strategy, cfg, stopper.best_round, best, keys.TEST, run_key, last)
     writer.write(stopper.best_round, keys.TEST, test)
     load_adapter_state(loaded.model, best.to_torch_state_dict())
     save_adapter(loaded, out_dir / ADAPTER_DIR)

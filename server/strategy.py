@@ -5,16 +5,18 @@ from __future__ import annotations
 import logging
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import keys
+from common.audit import content_records, merged_payload
 from common.errors import FedlocaleError
 from common.metrics import weighted_mean
 from common.policy import refused_region
@@ -37,7 +39,37 @@ class NodeWaitTimeout(FedlocaleError):
         )
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class ReceivedReply:
+    """One reply message as the server reads it, once: who it answers, and its failure or its records.
+
+    The tensors are converted to numpy here and nowhere else (``Array.numpy`` deserialises the bytes at every
+    call); the checks, the weighted average, the ledger's hash and the kept update all read these arrays.
+    """
+
+    node_id: int  # the node that was asked, found through the message the reply answers (else the sender)
+    sender: int  # the reply's own src_node_id: the SuperLink's for a node that went away
+    error: Error | None = None
+    arrays: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # every ArrayRecord, by record key
+    metrics: dict[str, dict[str, int | float]] = field(default_factory=dict)  # every MetricRecord, by record key
+    sizes: dict[str, int] = field(default_factory=dict)  # serialized bytes of each ArrayRecord, as it travelled
+
+    def payload(self) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+        """All tensors and metrics, merged as ``common.audit.payload_hash`` and the node's own hash take them."""
+        return merged_payload(self.arrays, self.metrics)
+
+
+def read_reply(msg: Message, node_id: int) -> ReceivedReply:
+    """``msg`` read once (see ``ReceivedReply``); ``node_id`` is the node the answered message went to."""
+    sender = msg.metadata.src_node_id
+    if msg.has_error():
+        return ReceivedReply(node_id, sender, error=msg.error)
+    arrays, metrics = content_records(msg.content)
+    sizes = {key: record_bytes(record) for key, record in msg.content.array_records.items()}
+    return ReceivedReply(node_id, sender, arrays=arrays, metrics=metrics, sizes=sizes)
+
+
+@dataclass(frozen=True, eq=False)
 class RegionReply:
     """One region's accepted reply in a round."""
 
@@ -45,17 +77,28 @@ class RegionReply:
     node_id: int
     num_examples: int
     metrics: dict[str, float]
+    received: ReceivedReply  # the whole reply, for the ledger's hash and the kept update
+    update: dict[str, np.ndarray] = field(default_factory=dict)  # the trained adapter (train replies only)
     bytes_up: int = 0
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class RoundLog:
-    """What happened in one message exchange (train or evaluate) of a round."""
+    """What one message exchange (train or evaluate) of a round produced, as the strategy returns it.
 
-    replies: list[RegionReply] = field(default_factory=list)
-    rejected: list[dict[str, str | None]] = field(default_factory=list)  # {"node": …, "region": …, "reason": …}
-    bytes_down: int = 0
-    weights: list[float] = field(default_factory=list)  # the aggregation weight of each accepted reply, in order
+    ``arrays`` and ``metrics`` are what Flower's ``aggregate_train`` / ``aggregate_evaluate`` return. The rest is
+    per region and per reply (who took part, who was rejected and why, each region's own metrics, the weights),
+    which a MetricRecord, a flat mapping of numbers, cannot hold: the federation and the ledger read it here.
+    """
+
+    received: list[ReceivedReply]  # every reply, in the order the grid gave them
+    replies: list[RegionReply]  # the accepted ones, in region order
+    rejected: list[dict[str, str | None]]  # {"node": …, "region": …, "reason": …}
+    bytes_down: int  # serialized tensors sent out for this exchange, all messages together
+    metrics: MetricRecord | None = None
+    arrays: ArrayRecord | None = None  # train: the new global adapter
+    global_arrays: dict[str, np.ndarray] | None = None  # train: ``arrays`` as computed, before serialization
+    weights: list[float] = field(default_factory=list)  # train: the aggregation weight of each accepted reply
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -74,21 +117,14 @@ def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 class RoundStrategy(Protocol):
-    """The verbs the federation loop calls, and the records it reads after each exchange."""
-
-    @property
-    def last_train(self) -> RoundLog: ...
-
-    @property
-    def last_evaluate(self) -> RoundLog: ...
+    """The verbs the federation loop calls: Flower's ``configure_*``, and the aggregations that return the whole
+    ``RoundLog`` (see ``RoundAggregation``)."""
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]: ...
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]: ...
+    def aggregate_train_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog: ...
 
     def configure_evaluate(
         self,
@@ -99,14 +135,54 @@ class RoundStrategy(Protocol):
         extra: Mapping[str, ArrayRecord] | None = None,
     ) -> Iterable[Message]: ...
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None: ...
+    def aggregate_evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog: ...
 
 
-class RegionFedAvg(FedAvg):
+class RoundAggregation(ABC):
+    """Flower's ``aggregate_train`` / ``aggregate_evaluate``, answered from ``aggregate_*_round``.
+
+    The round methods return everything an exchange produced as one ``RoundLog``, because its per-region part
+    cannot travel in Flower's MetricRecord; Flower's verbs, with their own signatures, return its ``arrays`` and
+    ``metrics``. Nothing is kept between the call and a later read.
+    """
+
+    @abstractmethod
+    def aggregate_train_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
+        """Aggregate a train exchange; everything it produced."""
+
+    @abstractmethod
+    def aggregate_evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
+        """Aggregate an evaluate exchange; everything it produced."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's verb: the new global adapter and the round's train metrics (None, None: nothing accepted)."""
+        result = self.aggregate_train_round(server_round, replies)
+        return result.arrays, result.metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Flower's verb: the round's evaluation metrics (None: no region had examples to score)."""
+        return self.aggregate_evaluate_round(server_round, replies).metrics
+
+
+@dataclass(frozen=True, eq=False)
+class _Sent:
+    """What a ``configure_*`` call sent, for the aggregation of the same exchange (Flower's protocol has the
+    strategy remember it in between, as FedOpt remembers the arrays it sent)."""
+
+    messages: list[Message]
+    bytes_down: int
+    reference: dict[str, np.ndarray] | None = None  # train: the global adapter sent, as numpy
+
+
+class RegionFedAvg(RoundAggregation, FedAvg):
     """FedAvg whose replies are checked, tagged with their region, and combined by ``server.aggregate``.
 
     A malformed, failed or missing reply is rejected and recorded, never averaged in. Sampling waits at most
     ``node_timeout`` seconds for ``min_clients`` nodes (``clock`` and ``sleep`` are injectable for tests).
+    The record keys are Flower's (``arrayrecord_key``, ``configrecord_key``, ``weighted_by_key``) plus the
+    MetricRecord that carries a reply's metrics and the metric that names its region.
     """
 
     def __init__(
@@ -120,6 +196,12 @@ class RegionFedAvg(FedAvg):
         node_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        *,
+        arrayrecord_key: str = keys.ARRAYS,
+        configrecord_key: str = keys.CONFIG,
+        metricrecord_key: str = keys.METRICS,
+        weighted_by_key: str = keys.NUM_EXAMPLES,
+        region_key: str = keys.REGION_INDEX,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -127,7 +209,12 @@ class RegionFedAvg(FedAvg):
             min_train_nodes=min_clients,
             min_evaluate_nodes=min_clients,
             min_available_nodes=min_clients,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
         )
+        self.metricrecord_key = metricrecord_key
+        self.region_key = region_key
         self.region_names = tuple(region_names)
         self.method = method
         self.server_lr = server_lr
@@ -135,13 +222,10 @@ class RegionFedAvg(FedAvg):
         self.node_timeout = node_timeout
         self.clock = clock
         self.sleep = sleep
-        self.last_train = RoundLog()
-        self.last_evaluate = RoundLog()
         # a node's region is known only from its accepted replies; a failed node is named by what it was before
         self.node_regions: dict[int, str] = {}
-        self._sent: ArrayRecord | None = None
-        self._train_messages: list[Message] = []
-        self._evaluate_messages: list[Message] = []
+        self._train: _Sent | None = None
+        self._evaluate = _Sent([], 0)
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """The connected node ids, sorted, once at least ``min_available_nodes`` are; else NodeWaitTimeout."""
@@ -167,7 +251,6 @@ class RegionFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes (seeded per round) and send them the global adapter; remember it for the server step."""
-        self._sent = arrays
         # Flower's own sampling would wait forever and draw from the unseeded `random`
         connected = self.wait_for_nodes(grid)
         size = min(len(connected), max(int(len(connected) * self.fraction_train), self.min_train_nodes))
@@ -175,9 +258,10 @@ class RegionFedAvg(FedAvg):
         chosen = sorted(rng.sample(connected, size))
         config[keys.SERVER_ROUND] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        self._train_messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
-        self.last_train = RoundLog(bytes_down=record_bytes(arrays) * len(self._train_messages))
-        return self._train_messages
+        messages = list(self._construct_messages(record, chosen, MessageType.TRAIN))
+        # converted once here: every reply is checked against it and the server step starts from it
+        self._train = _Sent(messages, record_bytes(arrays) * len(messages), to_numpy(arrays))
+        return messages
 
     def configure_evaluate(
         self,
@@ -193,94 +277,102 @@ class RegionFedAvg(FedAvg):
         config[keys.SERVER_ROUND] = server_round
         extra = dict(extra or {})
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config, **extra})
-        self._evaluate_messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
+        messages = list(self._construct_messages(record, nodes, MessageType.EVALUATE))
         sent = record_bytes(arrays) + sum(record_bytes(r) for r in extra.values())
-        self.last_evaluate = RoundLog(bytes_down=sent * len(self._evaluate_messages))
-        return self._evaluate_messages
+        self._evaluate = _Sent(messages, sent * len(messages))
+        return messages
 
     def _accept(
-        self, replies: Iterable[Message], sent: Sequence[Message], round_log: RoundLog, reference: ArrayRecord | None
-    ) -> None:
+        self, replies: Iterable[Message], sent: _Sent
+    ) -> tuple[list[ReceivedReply], list[RegionReply], list[dict[str, str | None]]]:
+        """Read every reply once; the accepted ones (in region order) and the rejections."""
         # The grid gives each sent message its id. The SuperLink's reply for a node that went away comes from the
         # SuperLink itself, so the node is found through the message the reply answers.
-        waiting = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+        waiting = {m.metadata.message_id: m.metadata.dst_node_id for m in sent.messages if m.metadata.message_id}
+        received: list[ReceivedReply] = []
+        accepted: list[RegionReply] = []
+        rejected: list[dict[str, str | None]] = []
         for msg in replies:
-            node_id = waiting.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            if msg.has_error():
-                reason = msg.error.reason or ""
-                self._reject(round_log, node_id, refused_region(reason), f"node failed: {reason}")
+            got = read_reply(msg, waiting.pop(msg.metadata.reply_to_message_id, msg.metadata.src_node_id))
+            received.append(got)
+            if got.error is not None:
+                reason = got.error.reason or ""
+                rejected.append(self._reject(got.node_id, refused_region(reason), f"node failed: {reason}"))
                 continue
-            problem, reply = self._parse(msg, reference)
+            problem, reply = self._parse(got, sent.reference)
             if problem:
-                self._reject(round_log, node_id, reply.region if reply else None, problem)
+                rejected.append(self._reject(got.node_id, reply.region if reply else None, problem))
             elif reply is not None:
                 self.node_regions[reply.node_id] = reply.region
-                round_log.replies.append(reply)
+                accepted.append(reply)
         for node_id in waiting.values():
-            self._reject(round_log, node_id, None, "no reply within aggregation.round_timeout")
-        round_log.replies.sort(key=lambda r: self.region_names.index(r.region))
+            rejected.append(self._reject(node_id, None, "no reply within aggregation.round_timeout"))
+        accepted.sort(key=lambda r: self.region_names.index(r.region))
+        return received, accepted, rejected
 
-    def _reject(self, round_log: RoundLog, node_id: int, region: str | None, reason: str) -> None:
+    def _reject(self, node_id: int, region: str | None, reason: str) -> dict[str, str | None]:
         region = region or self.node_regions.get(node_id)
         log.warning("rejected reply of node %s (region %s): %s", node_id, region or "unknown", reason)
-        round_log.rejected.append({"node": str(node_id), "region": region, "reason": reason})
+        return {"node": str(node_id), "region": region, "reason": reason}
 
-    def _parse(self, msg: Message, reference: ArrayRecord | None) -> tuple[str | None, RegionReply | None]:
-        content = msg.content
-        if keys.METRICS not in content.metric_records:
-            return f"no {keys.METRICS!r} MetricRecord", None
-        metrics = {k: float(v) for k, v in content.metric_records[keys.METRICS].items()}  # type: ignore[arg-type]
-        index = int(metrics.get(keys.REGION_INDEX, -1))
+    def _parse(
+        self, got: ReceivedReply, reference: dict[str, np.ndarray] | None
+    ) -> tuple[str | None, RegionReply | None]:
+        """Why ``got`` cannot be accepted (with the region it claims, when it names one), or the region's reply."""
+        if self.metricrecord_key not in got.metrics:
+            return f"no {self.metricrecord_key!r} MetricRecord", None
+        metrics = {k: float(v) for k, v in got.metrics[self.metricrecord_key].items()}
+        index = int(metrics.get(self.region_key, -1))
         if not 0 <= index < len(self.region_names):
-            return f"bad {keys.REGION_INDEX} {index}", None
-        num = metrics.get(keys.NUM_EXAMPLES, -1.0)
+            return f"bad {self.region_key} {index}", None
+        num = metrics.get(self.weighted_by_key, -1.0)
         if num < 0 or num != int(num):
-            return f"bad {keys.NUM_EXAMPLES} {num}", None
-        reply = RegionReply(self.region_names[index], msg.metadata.src_node_id, int(num), metrics)
+            return f"bad {self.weighted_by_key} {num}", None
+        region = self.region_names[index]
         if reference is None:
-            return None, reply
-        if keys.ARRAYS not in content.array_records:
-            return f"no {keys.ARRAYS!r} ArrayRecord", None
-        arrays = content.array_records[keys.ARRAYS]
-        problem = update_problem(to_numpy(arrays), to_numpy(reference))
+            return None, RegionReply(region, got.sender, int(num), metrics, got)
+        if self.arrayrecord_key not in got.arrays:
+            return f"no {self.arrayrecord_key!r} ArrayRecord", None
+        update = got.arrays[self.arrayrecord_key]
+        problem = update_problem(update, reference)
         if problem is None and num == 0:
             problem = "trained on 0 examples"
-        reply.bytes_up = record_bytes(arrays)
+        reply = RegionReply(region, got.sender, int(num), metrics, got, update, got.sizes[self.arrayrecord_key])
         return problem, reply
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check replies, average the accepted adapters by example count, and take the server step."""
-        if self._sent is None:
+    def aggregate_train_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
+        """Check replies, average the accepted adapters by example count, and take the server step.
+
+        The MetricRecord holds the example-weighted train loss and the number of examples trained on; it is None,
+        as the new adapter is, when no reply was accepted.
+        """
+        sent = self._train
+        if sent is None or sent.reference is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        replies = list(replies)
-        self._accept(replies, self._train_messages, self.last_train, self._sent)
-        accepted = self.last_train.replies
+        received, accepted, rejected = self._accept(replies, sent)
         if not accepted:
-            return None, None
-        by_node = {m.metadata.src_node_id: m for m in replies}
-        updates = [to_numpy(by_node[r.node_id].content.array_records[keys.ARRAYS]) for r in accepted]
+            return RoundLog(received, accepted, rejected, sent.bytes_down)
         weights = aggregation_weights([r.num_examples for r in accepted], self.method)
-        self.last_train.weights = weights
-        average = weighted_average(updates, weights)
-        new = server_step(to_numpy(self._sent), average, self.server_lr)
+        new = server_step(sent.reference, weighted_average([r.update for r in accepted], weights), self.server_lr)
         losses = {r.region: r.metrics[keys.TRAIN_LOSS] for r in accepted}
         counts = {r.region: float(r.num_examples) for r in accepted}
         metrics = MetricRecord(
-            {keys.TRAIN_LOSS: weighted_mean(losses, counts), keys.NUM_EXAMPLES: int(sum(counts.values()))}
+            {keys.TRAIN_LOSS: weighted_mean(losses, counts), self.weighted_by_key: int(sum(counts.values()))}
         )
-        return to_record(new), metrics
+        return RoundLog(received, accepted, rejected, sent.bytes_down, metrics, to_record(new), new, weights)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Example-weighted means of the regions' evaluation metrics (regions without the split carry no weight)."""
-        self._accept(replies, self._evaluate_messages, self.last_evaluate, None)
-        scored = [r for r in self.last_evaluate.replies if r.num_examples > 0]
+    def aggregate_evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
+        """Example-weighted means of the regions' evaluation metrics (regions without the split carry no weight);
+        the MetricRecord is None when no region had examples to score."""
+        sent = self._evaluate
+        received, accepted, rejected = self._accept(replies, sent)
+        scored = [r for r in accepted if r.num_examples > 0]
         if not scored:
-            return None
+            return RoundLog(received, accepted, rejected, sent.bytes_down)
         counts = {r.region: float(r.num_examples) for r in scored}
         out = {
             name: weighted_mean({r.region: r.metrics[name] for r in scored}, counts)
             for name in (keys.LOSS, keys.ACCURACY, keys.MACRO_F1)
         }
-        return MetricRecord({**out, keys.NUM_EXAMPLES: int(sum(counts.values()))})
+        metrics = MetricRecord({**out, self.weighted_by_key: int(sum(counts.values()))})
+        return RoundLog(received, accepted, rejected, sent.bytes_down, metrics)

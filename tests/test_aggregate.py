@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +14,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
+from common.audit import SERVER, Ledger, payload_hash
 from server.aggregate import aggregation_weights, server_step, update_problem, weighted_average
-from server.strategy import RegionFedAvg, record_bytes
+from server.audit import LedgerStrategy, load_kept
+from server.strategy import RegionFedAvg, RoundStrategy, record_bytes
 
 SHAPES = {"lora_A": (4, 8), "lora_B": (8, 4), "head.weight": (2, 8), "head.bias": (2,), "scalar": ()}
 
@@ -178,7 +184,7 @@ def reply(to: Message, arrays: dict[str, np.ndarray] | None, num: int, loss: flo
     return Message(content, reply_to=to)
 
 
-def send(strategy: RegionFedAvg, sent: dict[str, np.ndarray], node_ids: list[int]) -> dict[int, Message]:
+def send(strategy: RoundStrategy, sent: dict[str, np.ndarray], node_ids: list[int]) -> dict[int, Message]:
     messages = list(strategy.configure_train(1, as_record(sent), ConfigRecord({"lr": 0.1}), NodesOnlyGrid(node_ids)))
     assert sorted(m.metadata.dst_node_id for m in messages) == sorted(node_ids)
     assert all(m.metadata.message_type == MessageType.TRAIN for m in messages)
@@ -195,21 +201,23 @@ def test_aggregate_train_rejects_malformed_and_nan_and_averages_the_rest() -> No
     nan["lora_B"][0, 0] = np.nan
     strategy = RegionFedAvg(REGIONS, method="weighted", server_lr=1.0, min_clients=2)
     by_node = send(strategy, sent, [11, 12, 13, 14])
-    assert strategy.last_train.bytes_down == 4 * record_bytes(as_record(sent))
     replies = [
         reply(by_node[12], good_b, 10, 0.9, region=1),  # south
         reply(by_node[11], good_a, 30, 0.5, region=0),  # north
         reply(by_node[13], extra, 20, 0.1, region=2),
         reply(by_node[14], nan, 20, 0.2, region=3),
     ]
-    record, metrics = strategy.aggregate_train(1, replies)
+    train = strategy.aggregate_train_round(1, replies)
+    record, metrics = train.arrays, train.metrics
 
-    rejected = {r["node"]: r["reason"] for r in strategy.last_train.rejected}
+    assert train.bytes_down == 4 * record_bytes(as_record(sent))
+    assert [got.node_id for got in train.received] == [12, 11, 13, 14]  # every reply, in the order received
+    rejected = {r["node"]: r["reason"] for r in train.rejected}
     assert rejected == {
         "13": "tensor names differ (missing [], unexpected ['base_model.embeddings.weight'])",
         "14": "lora_B: holds NaN or infinity",
     }
-    accepted = strategy.last_train.replies
+    accepted = train.replies
     assert [(r.region, r.node_id, r.num_examples) for r in accepted] == [("north", 11, 30), ("south", 12, 10)]
     assert all(r.bytes_up == record_bytes(as_record(sent)) for r in accepted)
 
@@ -252,8 +260,9 @@ def test_aggregate_train_rejects_failed_and_incomplete_replies() -> None:
         Message(RecordDict({keys.ARRAYS: as_record(sent)}), reply_to=by_node[6]),  # no metrics
     ]
     assert strategy.aggregate_train(1, replies) == (None, None)
-    assert strategy.last_train.replies == []
-    assert {r["node"]: r["reason"] for r in strategy.last_train.rejected} == {
+    train = strategy.aggregate_train_round(1, replies)
+    assert (train.arrays, train.metrics, train.global_arrays, train.replies) == (None, None, None, [])
+    assert {r["node"]: r["reason"] for r in train.rejected} == {
         "1": "node failed: out of memory",
         "2": "no 'arrays' ArrayRecord",
         "3": "bad region-index 9",
@@ -288,15 +297,18 @@ def test_aggregate_evaluate_weights_by_examples_and_skips_empty_regions() -> Non
         }
         return Message(RecordDict({keys.METRICS: MetricRecord(metrics)}), reply_to=by_node[node])
 
-    out = strategy.aggregate_evaluate(
+    evaluation = strategy.aggregate_evaluate_round(
         1, [ev(1, 30, 0.2, 0.9, 0.8, 0), ev(2, 10, 0.6, 0.5, 0.4, 1), ev(3, 0, 9.0, 0.0, 0.0, 2)]
     )
+    out = evaluation.metrics
     assert out is not None
     assert out[keys.NUM_EXAMPLES] == 40
     assert out[keys.LOSS] == pytest.approx(0.3)
     assert out[keys.ACCURACY] == pytest.approx(0.8)
     assert out[keys.MACRO_F1] == pytest.approx(0.7)
-    assert [r.region for r in strategy.last_evaluate.replies] == ["north", "south", "east"]
+    assert [r.region for r in evaluation.replies] == ["north", "south", "east"]
+    # Flower's verb returns the same record
+    assert strategy.aggregate_evaluate(1, [ev(1, 30, 0.2, 0.9, 0.8, 0), ev(2, 10, 0.6, 0.5, 0.4, 1)]) == out
 
 
 @pytest.mark.usefixtures("server_task_identity")
@@ -311,3 +323,111 @@ def test_partial_sampling_is_seeded_per_round() -> None:
     assert len(sample(0, 1)) == 5
     assert sample(0, 1) == sample(0, 1)
     assert len({tuple(sample(0, r)) for r in range(1, 6)}) > 1  # different rounds draw different regions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The server's whole path: LedgerStrategy around RegionFedAvg, and Flower's own round loop
+
+
+T0 = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_the_server_converts_each_reply_to_numpy_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(11)
+    sent, north, south, nan = (random_update(rng) for _ in range(4))
+    nan["lora_A"][1, 1] = np.nan
+    keep = tmp_path / "updates"
+    ledger = Ledger.in_folder(tmp_path / "server", SERVER)
+    strategy = LedgerStrategy(RegionFedAvg(REGIONS[:3], min_clients=2), ledger, keep_dir=keep, clock=lambda: T0)
+    by_node = send(strategy, sent, [1, 2, 3, 4])
+    replies = [
+        reply(by_node[1], north, 30, 0.5, region=0),
+        reply(by_node[2], south, 10, 0.9, region=1),
+        reply(by_node[3], nan, 20, 0.1, region=2),  # rejected, but hashed for the ledger all the same
+        Message(Error(code=0, reason="out of memory"), reply_to=by_node[4]),
+    ]
+    reply_arrays = {
+        id(a) for m in replies if not m.has_error() for r in m.content.array_records.values() for a in r.values()
+    }
+    assert len(reply_arrays) == 3 * len(SHAPES)
+
+    # Array.numpy deserialises the bytes at every call, and ArrayRecord.to_numpy_ndarrays goes through it
+    conversions: Counter[int] = Counter()
+    convert: Callable[[Array], np.ndarray] = Array.numpy
+
+    def counted(array: Array) -> np.ndarray:
+        conversions[id(array)] += 1
+        return convert(array)
+
+    monkeypatch.setattr(Array, "numpy", counted)
+    record, metrics = strategy.aggregate_train(1, replies)
+    monkeypatch.undo()
+
+    # each reply's tensors once, and nothing else: not the global adapter sent, not the new one
+    assert conversions == Counter(dict.fromkeys(reply_arrays, 1))
+    # ... and every consumer had them: the average, the ledger and the kept updates
+    assert record is not None and metrics is not None
+    for name, array in record.items():
+        expected = np.average(np.stack([north[name], south[name]]).astype(np.float64), axis=0, weights=[30, 10])
+        np.testing.assert_allclose(array.numpy(), expected, rtol=1e-6, atol=1e-7)
+    bodies = [json.loads(line)["body"] for line in ledger.path.read_text().splitlines()]
+    assert [b["kind"] for b in bodies] == ["dispatch", "inbound", "inbound", "inbound", "inbound", "aggregate"]
+    assert [b["status"] for b in bodies[1:5]] == ["received", "received", "received", "error"]
+    aggregate = bodies[-1]
+    assert [(p["region"], p["weight"]) for p in aggregate["participants"]] == [("north", 0.75), ("south", 0.25)]
+    assert aggregate["global_sha256"] == payload_hash({k: a.numpy() for k, a in record.items()})
+    for region, update, num in (("north", north, 30), ("south", south, 10)):
+        kept, kept_metrics = load_kept(keep / "round-001" / f"{region}.npz")
+        assert kept_metrics[keys.NUM_EXAMPLES] == num
+        assert set(kept) == set(update)
+        for name in update:
+            np.testing.assert_array_equal(kept[name], update[name])
+    assert sorted(p.name for p in (keep / "round-001").iterdir()) == ["global-in.npz", "north.npz", "south.npz"]
+
+
+class AnsweringGrid:
+    """A grid whose nodes answer at once: a train message with a fixed update, an evaluate message with metrics."""
+
+    def __init__(self, answers: dict[int, tuple[dict[str, np.ndarray], int, int]]) -> None:
+        self.answers = answers  # node id → (update, examples, region index)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.answers)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        out = []
+        for msg in messages:
+            update, num, region = self.answers[msg.metadata.dst_node_id]
+            if msg.metadata.message_type == MessageType.TRAIN:
+                out.append(reply(msg, update, num, loss=0.1 * region + 0.5, region=region))
+            else:
+                values = {keys.NUM_EXAMPLES: num, keys.LOSS: 1.0 + region, keys.ACCURACY: 0.5, keys.MACRO_F1: 0.25}
+                out.append(
+                    Message(
+                        RecordDict({keys.METRICS: MetricRecord({**values, keys.REGION_INDEX: region})}), reply_to=msg
+                    )
+                )
+        return out
+
+
+@pytest.mark.usefixtures("server_task_identity")
+def test_flowers_own_round_loop_gets_each_rounds_outcome_from_the_returned_records() -> None:
+    rng = np.random.default_rng(4)
+    north, south = random_update(rng), random_update(rng)
+    grid = AnsweringGrid({7: (north, 30, 0), 8: (south, 10, 1)})
+    strategy = RegionFedAvg(REGIONS[:2], min_clients=2)
+    result = strategy.start(grid, as_record(random_update(rng)), num_rounds=2)  # type: ignore[arg-type]
+
+    # what aggregate_train returned each round, as Flower's loop kept it: the example-weighted train loss and
+    # the number of examples trained on
+    assert sorted(result.train_metrics_clientapp) == [1, 2]
+    for metrics in result.train_metrics_clientapp.values():
+        assert metrics[keys.NUM_EXAMPLES] == 40
+        assert metrics[keys.TRAIN_LOSS] == pytest.approx((0.5 * 30 + 0.6 * 10) / 40)
+    for metrics in result.evaluate_metrics_clientapp.values():
+        assert metrics[keys.LOSS] == pytest.approx((1.0 * 30 + 2.0 * 10) / 40)
+    assert sorted(result.evaluate_metrics_clientapp) == [1, 2]
+    for name, array in result.arrays.items():
+        expected = np.average(np.stack([north[name], south[name]]).astype(np.float64), axis=0, weights=[30, 10])
+        np.testing.assert_allclose(array.numpy(), expected, rtol=1e-6, atol=1e-7)

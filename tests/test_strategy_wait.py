@@ -15,7 +15,7 @@ from flwr.server.superlink.linkstate.utils import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
-from server.strategy import NodeWaitTimeout, RegionFedAvg
+from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog
 
 REGIONS = ("north", "south", "east")
 SENT = {"lora_A": np.ones((2, 3), np.float32), "head.bias": np.zeros(2, np.float32)}
@@ -106,9 +106,9 @@ def silent(msg: Message) -> None:
     return None
 
 
-def train_round(s: RegionFedAvg, grid: FakeGrid, server_round: int) -> None:
+def train_round(s: RegionFedAvg, grid: FakeGrid, server_round: int) -> RoundLog:
     messages = s.configure_train(server_round, as_record(SENT), ConfigRecord(), grid)  # type: ignore[arg-type]
-    s.aggregate_train(server_round, grid.send_and_receive(messages))
+    return s.aggregate_train_round(server_round, grid.send_and_receive(messages))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,14 +163,13 @@ def test_failed_and_silent_nodes_are_named_by_the_region_they_served_before() ->
     s = strategy(clock)
     everyone = {11: trained(0), 12: trained(1), 13: trained(2)}
     grid = FakeGrid(lambda now: [11, 12, 13], clock, everyone)
-    train_round(s, grid, 1)
-    assert s.last_train.rejected == []
+    assert train_round(s, grid, 1).rejected == []
     assert s.node_regions == {11: "north", 12: "south", 13: "east"}
 
     grid.answer = {11: trained(0), 12: gone, 13: silent}
-    train_round(s, grid, 2)
-    assert [r.region for r in s.last_train.replies] == ["north"]
-    assert s.last_train.rejected == [
+    second = train_round(s, grid, 2)
+    assert [r.region for r in second.replies] == ["north"]
+    assert second.rejected == [
         {"node": "12", "region": "south", "reason": f"node failed: {NODE_UNAVAILABLE_ERROR_REASON}"},
         {"node": "13", "region": "east", "reason": "no reply within aggregation.round_timeout"},
     ]
@@ -180,15 +179,13 @@ def test_a_node_never_seen_before_is_rejected_without_a_region() -> None:
     clock = FakeClock()
     s = strategy(clock)
     grid = FakeGrid(lambda now: [21, 22], clock, {21: trained(0), 22: failed("out of memory")})
-    train_round(s, grid, 1)
-    assert s.last_train.rejected == [{"node": "22", "region": None, "reason": "node failed: out of memory"}]
+    assert train_round(s, grid, 1).rejected == [{"node": "22", "region": None, "reason": "node failed: out of memory"}]
 
 
 def test_a_malformed_reply_is_named_by_the_region_it_claims() -> None:
     clock = FakeClock()
     s = strategy(clock)
     grid = FakeGrid(lambda now: [31, 32], clock, {31: trained(0), 32: trained(1, num=0)})
-    train_round(s, grid, 1)
-    assert s.last_train.rejected == [{"node": "32", "region": "south", "reason": "trained on 0 examples"}]
+    assert train_round(s, grid, 1).rejected == [{"node": "32", "region": "south", "reason": "trained on 0 examples"}]
     # only accepted replies teach the map
     assert s.node_regions == {31: "north"}
