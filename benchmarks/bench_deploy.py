@@ -43,7 +43,7 @@ def run_simulation(cfg: Any, out: Path) -> float:
 
 def run_deployment(cfg_file: Path, cfg: Any, work: Path) -> float:
     """The same run on real Flower processes on 127.0.0.1; returns the wall time of ``flwr run``."""
-    from deploy.config import DeployConfig, NodeSettings
+    from deploy.config import DeployConfig, NodeEntry
     from deploy.launch import Cluster
     from deploy.plan import create_credentials, layout
 
@@ -51,7 +51,7 @@ def run_deployment(cfg_file: Path, cfg: Any, work: Path) -> float:
     deploy = DeployConfig(
         run=cfg_file,
         workdir=work,
-        nodes=tuple(NodeSettings(region=r.name, threads=threads) for r in cfg.regions),
+        nodes=tuple(NodeEntry(region=r.name, threads=threads) for r in cfg.regions),
         connection="bench",
     )
     lay = layout(deploy, cfg)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common import keys
 from common.config import RunConfig
-from deploy.config import DEFAULT_NODE_PORT, DeployConfig, NodeSettings
+from deploy.config import DEFAULT_NODE_PORT, DeployConfig, NodeEntry
 from deploy.env import FLOWER_ENV
 from deploy.pki import FOLDER_MODE, CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
 
@@ -161,7 +161,7 @@ def register_argv(lay: Layout, node: Node) -> list[str]:
     return ["flwr", "supernode", "register", str(node.keys.public), lay.connection, "--name", node.region]
 
 
-def _personal_dir(settings: NodeSettings | None, default: Path) -> Path | None:
+def _personal_dir(settings: NodeEntry | None, default: Path) -> Path | None:
     if settings is None or settings.personalize is None:
         return None
     return (settings.personal_dir or default).resolve()

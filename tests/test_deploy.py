@@ -346,7 +346,7 @@ def test_shipped_deployment_files_are_valid(path: Path) -> None:
 
 def test_a_personal_dir_without_personalize_settings_is_refused() -> None:
     from common.errors import ConfigError
-    from deploy.config import NodeSettings
+    from deploy.config import NodeEntry
 
     with pytest.raises(ConfigError, match="personal_dir: is set but personalize is not"):
-        NodeSettings(region="east", personal_dir=Path("/srv/personal"))
+        NodeEntry(region="east", personal_dir=Path("/srv/personal"))
