@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from common.runfiles import ADAPTER_DIR, FEDERATION_FILE
 from deploy.env import apply_env
 
 DEFAULT_OVERRIDES = ("rounds=2", "baselines=[]")
@@ -27,8 +28,8 @@ DEFAULT_OVERRIDES = ("rounds=2", "baselines=[]")
 def _max_diff(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
-    x = load_file(str(a / "adapter" / "adapter_model.safetensors"))
-    y = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    x = load_file(str(a / ADAPTER_DIR / "adapter_model.safetensors"))
+    y = load_file(str(b / ADAPTER_DIR / "adapter_model.safetensors"))
     return max(float((x[k] - y[k]).abs().max()) for k in x)
 
 
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sim_s = run_simulation(cfg, args.out / "simulation")
     dep_s = run_deployment(cfg_file, cfg, (args.out / "deployment").resolve())
-    sim_rounds = json.loads((args.out / "simulation" / "federation.json").read_text())["rounds"]
-    dep_rounds = json.loads((args.out / "deployment" / "out" / "federation.json").read_text())["rounds"]
+    sim_rounds = json.loads((args.out / "simulation" / FEDERATION_FILE).read_text())["rounds"]
+    dep_rounds = json.loads((args.out / "deployment" / "out" / FEDERATION_FILE).read_text())["rounds"]
     rows = [
         {"round": s["round"], "simulation_s": s["seconds"], "deployment_s": d["seconds"]}
         for s, d in zip(sim_rounds, dep_rounds, strict=True)

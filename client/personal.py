@@ -26,9 +26,8 @@ from safetensors.torch import save_file
 
 from common.config import LoraSettings, keeps_scale
 from common.errors import FedlocaleError
+from common.runfiles import PERSONAL_LORA_DIR, PERSONAL_LORA_SUFFIX, round_name
 
-PERSONAL_DIR = "personal-lora"  # the node's kept slices: personal-dir/REGION/personal-lora/round-NNN.safetensors
-SIMULATED_PERSONAL_DIR = "personal"  # a simulation's stand-in for its nodes' personal-dir, inside RUN_DIR
 TAG = "tag"  # file metadata: what the slices belong to (``personal_tag``)
 ROUND = "round"  # file metadata: the round that trained them
 FROM_ROUND = "from_round"  # file metadata: the round whose slices that training continued (0: fresh)
@@ -143,12 +142,12 @@ def split(state: Mapping[str, torch.Tensor], rank: int) -> tuple[dict[str, torch
 
 def personal_folder(personal_dir: Path, region: str) -> Path:
     """Where a node with ``personal_dir`` keeps region ``region``'s personal LoRA, one file per round."""
-    return personal_dir / region / PERSONAL_DIR
+    return personal_dir / region / PERSONAL_LORA_DIR
 
 
 def round_file(folder: Path, server_round: int) -> Path:
     """Where the slices trained in ``server_round`` are kept."""
-    return folder / f"round-{server_round:03d}.safetensors"
+    return folder / f"{round_name(server_round)}{PERSONAL_LORA_SUFFIX}"
 
 
 def save_personal(folder: Path, slices: Slices, tag: str, from_round: int) -> Path:

@@ -39,7 +39,6 @@ NODE_AUGMENT: Final = "augment"  # absolute path of a YAML file of client.augmen
 # absolute path of a YAML file of common.config.PersonalizeSettings: the node personalizes the final global model
 NODE_PERSONALIZE: Final = "personalize"
 NODE_PERSONAL_DIR: Final = "personal-dir"  # absolute folder where the node keeps its personalized model and report
-PERSONALIZED_REPORT: Final = "personalized.json"  # the node's own A/B report, inside personal-dir/REGION/
 
 # Run config keys (``[tool.flwr.app.config]``)
 RUN_CONFIG_PATH: Final = "config"

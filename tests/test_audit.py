@@ -23,9 +23,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import make_app as make_client_app
 from common import keys
 from common.audit import (
-    AUDIT_DIR,
-    NODES_DIR,
-    SERVER_DIR,
     Ledger,
     create_signing_key,
     cross_check,
@@ -45,6 +42,7 @@ from common.policy import (
     egress_problems,
     load_policy,
 )
+from common.runfiles import AUDIT_DIR, NODES_DIR, SERVER_DIR
 from server.audit import recompute
 from server.federation import federate
 from tests.conftest import tiny_config, write_region

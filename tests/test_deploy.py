@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.audit import EGRESS, LEDGER_FILE, PUBLIC_KEY_FILE, SENT, read_entries
-from common.keys import PERSONALIZED_REPORT
+from common.audit import EGRESS, SENT, read_entries
+from common.runfiles import LEDGER_FILE, PERSONALIZED_REPORT, PUBLIC_KEY_FILE
 from deploy.config import load_deploy, read_deploy
 from deploy.launch import Cluster, LaunchError, ServerIdentityError, check_server_identity
 from deploy.pki import create_ca, create_node_keys, create_server_cert, pinned_fingerprint
