@@ -288,6 +288,23 @@ def test_a_policy_must_let_the_example_count_leave() -> None:
         EgressRules(metrics=(keys.LOSS,))
 
 
+def test_a_policy_naming_a_metric_as_the_run_folder_spells_it_is_refused_with_the_wire_spelling(
+    tmp_path: Path,
+) -> None:
+    """summary.json says macro_f1, a reply carries macro-f1: a policy copied from the summary would stop every
+    evaluation reply, so loading it fails, naming the file, the line and the spelling to use."""
+    path = tmp_path / "old.yaml"
+    path.write_text("region: north\negress:\n  metrics: [num-examples, accuracy, macro_f1, train_loss]\n")
+    with pytest.raises(ConfigError) as err:
+        load_policy(path)
+    assert err.value.problems == [
+        f"{path}:3: egress.metrics[2]: 'macro_f1' is the run folder's spelling; a reply carries it as 'macro-f1'",
+        f"{path}:3: egress.metrics[3]: 'train_loss' is the run folder's spelling; a reply carries it as 'train-loss'",
+    ]
+    path.write_text("region: north\negress:\n  metrics: [num-examples, accuracy, macro-f1, predictions]\n")
+    assert load_policy(path).egress.metrics == (keys.NUM_EXAMPLES, keys.ACCURACY, keys.MACRO_F1, "predictions")
+
+
 def test_the_policy_hash_follows_content_not_layout(tmp_path: Path) -> None:
     a = policy_file(tmp_path / "a.yaml", "north")
     b = tmp_path / "b.yaml"
