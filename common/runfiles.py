@@ -76,9 +76,12 @@ PERSONALIZED_REPORT: Final = "personalized.json"  # the node's own A/B report
 PERSONALIZE_ERROR_FILE: Final = "personalize-error.txt"
 
 
+ROUND_PREFIX: Final = "round-"  # round_name's prefix, for globs over the rounds kept in a folder
+
+
 def round_name(server_round: int) -> str:
     """The name of one round's entry in checkpoints/, updates/ and personal-lora/ (``round-NNN``)."""
-    return f"round-{server_round:03d}"
+    return f"{ROUND_PREFIX}{server_round:03d}"
 
 
 class SummaryError(InputError):

@@ -171,9 +171,16 @@ def _spelled_run_folder_names(path: Path) -> list[str]:
     files, folders = _run_folder_names()
     label = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
     found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # the literal parts of an f-string are judged with the f-string (below), not as strings of their own
+    parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    for node in ast.walk(tree):
+        if id(node) in parts:
+            continue
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in files:
             found.append((node.lineno, repr(node.value)))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("round-"):
+            found.append((node.lineno, repr(node.value)))  # a glob or pattern over round entries
         elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
             right = node.right
             if isinstance(right, ast.Constant) and right.value in folders:
@@ -199,9 +206,11 @@ def test_the_run_folder_name_check_can_fail(tmp_path: Path) -> None:
         'import json\nfrom pathlib import Path\n\nout = Path("x")\n'
         'summary = json.loads((out / "summary.json").read_text())\n'
         'adapter = out / "adapter"\nkind = "adapter"\nround_dir = out / f"round-{3:03d}"\n'
+        'kept = out.glob("round-*.safetensors")\n'
     )
     assert _spelled_run_folder_names(wrong) == [
         "wrong.py:5: 'summary.json'",
         "wrong.py:6: / 'adapter'",
         "wrong.py:8: f'round-…'",
+        "wrong.py:9: 'round-*.safetensors'",
     ]
