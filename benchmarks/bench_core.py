@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with PeakRss() as rss:
         summary = simulate(cfg, args.out, config_path=str(args.config), say=say, on_round=report_round)
-    result = measure(summary, cfg.train.epochs, cfg.rounds, rss.peak)
+    result = measure(summary.to_json(), cfg.train.epochs, cfg.rounds, rss.peak)
     result["total_s"] = time.perf_counter() - started
     result["config"] = str(args.config)
     result["overrides"] = args.overrides

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from benchmarks.output import write_result
+from common.runfiles import ADAPTER_DIR, FEDERATION_FILE
 from deploy.env import apply_env
 
 DEFAULT_OVERRIDES = ("rounds=2", "baselines=[]")
@@ -28,8 +29,8 @@ DEFAULT_OVERRIDES = ("rounds=2", "baselines=[]")
 def _max_diff(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
-    x = load_file(str(a / "adapter" / "adapter_model.safetensors"))
-    y = load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    x = load_file(str(a / ADAPTER_DIR / "adapter_model.safetensors"))
+    y = load_file(str(b / ADAPTER_DIR / "adapter_model.safetensors"))
     return max(float((x[k] - y[k]).abs().max()) for k in x)
 
 
@@ -44,7 +45,7 @@ def run_simulation(cfg: Any, out: Path) -> float:
 
 def run_deployment(cfg_file: Path, cfg: Any, work: Path) -> float:
     """The same run on real Flower processes on 127.0.0.1; returns the wall time of ``flwr run``."""
-    from deploy.config import DeployConfig, NodeSettings
+    from deploy.config import DeployConfig, NodeEntry
     from deploy.launch import Cluster
     from deploy.plan import create_credentials, layout
 
@@ -52,7 +53,7 @@ def run_deployment(cfg_file: Path, cfg: Any, work: Path) -> float:
     deploy = DeployConfig(
         run=cfg_file,
         workdir=work,
-        nodes=tuple(NodeSettings(region=r.name, threads=threads) for r in cfg.regions),
+        nodes=tuple(NodeEntry(region=r.name, threads=threads) for r in cfg.regions),
         connection="bench",
     )
     lay = layout(deploy, cfg)
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sim_s = run_simulation(cfg, args.out / "simulation")
     dep_s = run_deployment(cfg_file, cfg, (args.out / "deployment").resolve())
-    sim_rounds = json.loads((args.out / "simulation" / "federation.json").read_text())["rounds"]
-    dep_rounds = json.loads((args.out / "deployment" / "out" / "federation.json").read_text())["rounds"]
+    sim_rounds = json.loads((args.out / "simulation" / FEDERATION_FILE).read_text())["rounds"]
+    dep_rounds = json.loads((args.out / "deployment" / "out" / FEDERATION_FILE).read_text())["rounds"]
     rows = [
         {"round": s["round"], "simulation_s": s["seconds"], "deployment_s": d["seconds"]}
         for s, d in zip(sim_rounds, dep_rounds, strict=True)

@@ -250,11 +250,13 @@ def run_child(spec_path: Path) -> dict[str, Any]:
 
 def _prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """The task JSON and the global adapter file the children read, and what was measured on."""
+    from common import keys
     from common.config import ClientTask, ModelSettings, load_config
+    from common.data import find_split
     from common.model import adapter_state, build_model
 
     region = args.region.resolve()
-    if not (region / "train.jsonl").exists() and not (region / "train.csv").exists():
+    if find_split(region, keys.TRAIN) is None:
         hint = " (build the demo data: .venv/bin/fedlocale data demo data/demo)" if "demo" in str(region) else ""
         raise SystemExit(f"no region data in {region}{hint}")
     cfg = load_config(args.config, regions_dir=region.parent)

@@ -24,7 +24,6 @@ centralized overall; personalization costs <= 1 local epoch per region and sends
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import sys
@@ -139,11 +138,10 @@ def mean_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def with_mode(summary: dict[str, Any], entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``summary`` with another mode's personalization entries in place of its own."""
-    from simulations.runner import add_personalized
+    from common.runfiles import Summary
+    from runfolder.summary import with_personalized
 
-    out = copy.deepcopy(summary)
-    add_personalized(out, entries)
-    return out
+    return with_personalized(Summary.from_json(summary), entries).to_json()
 
 
 def personalize_again(
@@ -154,14 +152,13 @@ def personalize_again(
 ) -> dict[str, Any]:
     """Personalize ``run_dir``'s global adapter as ``cfg.personalize`` says, writing into RUN_DIR/modes/MODE/ so
     that the run's own personalized adapters stay as the simulation wrote them."""
-    from client.personal import SIMULATED_PERSONAL_DIR
-    from server.federation import CHECKPOINTS_DIR, FEDERATION_FILE, STATE_FILE
+    from common.runfiles import ADAPTER_DIR, CHECKPOINTS_DIR, FEDERATION_FILE, SIMULATED_PERSONAL_DIR, STATE_FILE
     from simulations.personalize import personalize_run
 
     target = run_dir / "modes" / cfg.personalize.mode
     target.mkdir(parents=True, exist_ok=True)
     # the global adapter, the rounds' records and checkpoints, and a dual run's state and personal LoRAs
-    for name in ("adapter", FEDERATION_FILE, CHECKPOINTS_DIR, STATE_FILE, SIMULATED_PERSONAL_DIR):
+    for name in (ADAPTER_DIR, FEDERATION_FILE, CHECKPOINTS_DIR, STATE_FILE, SIMULATED_PERSONAL_DIR):
         link, source = target / name, (run_dir / name).resolve()
         if link.is_symlink() and link.resolve() != source:
             link.unlink()  # a link left by an earlier benchmark's run folder of the same name
@@ -242,12 +239,12 @@ def combined(paths: list[Path]) -> tuple[list[int], dict[str, list[dict[str, Any
 
 def saved_summary(run_dir: Path, seed: int) -> dict[str, Any]:
     """The summary an earlier benchmark's simulation wrote in ``run_dir`` for ``seed``."""
-    from simulations.runner import SUMMARY_FILE
+    from common.runfiles import SUMMARY_FILE, read_summary
 
     path = run_dir / SUMMARY_FILE
     if not path.is_file():
         raise SystemExit(f"--reuse: {path} does not exist (run the benchmark without --reuse first)")
-    summary: dict[str, Any] = json.loads(path.read_text())
+    summary = read_summary(run_dir).to_json()
     if summary["run"]["seed"] != seed:
         raise SystemExit(f"--reuse: {path} is a run of seed {summary['run']['seed']}, not {seed}")
     return summary
@@ -293,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.reuse:
             summary = saved_summary(run_dir, seed)
         else:
-            summary = simulate(cfg, run_dir, config_path=str(args.config), say=say, local_predictions=local_only)
+            summary = simulate(
+                cfg, run_dir, config_path=str(args.config), say=say, local_predictions=local_only
+            ).to_json()
             per_mode[args.modes[0]].append(summary)
         data = load_all(cfg, say)
         for mode in args.modes if args.reuse else args.modes[1:]:

@@ -26,8 +26,8 @@ from client.task import (
     train_round,
 )
 from common import keys
-from common.audit import AUDIT_DIR, NODES_DIR
 from common.config import ClientTask, Region
+from common.runfiles import AUDIT_DIR, NODES_DIR, PERSONALIZE_ERROR_FILE
 
 # Deployment starts a fresh process per message. The ~430k objects the imports above create live until it ends,
 # yet every full garbage collection rescans them: ~0.5 s of collections per message (mostly during the model
@@ -132,7 +132,7 @@ def _personalize(where: GuardContext, task: ClientTask, state: dict[str, torch.T
         log.exception("%s: personalization failed", where.region.name)
         folder = (where.node.personal_dir or Path(".")) / where.region.name
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "personalize-error.txt").write_text(f"{type(err).__name__}: {err}\n")
+        (folder / PERSONALIZE_ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")
 
 
 # Entry point for stock Flower tooling (`flwr run`, `flower-supernode`): the region comes from the node config.

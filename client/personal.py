@@ -26,13 +26,13 @@ from safetensors.torch import save_file
 
 from common.config import LoraSettings, keeps_scale
 from common.errors import FedlocaleError
+from common.runfiles import PERSONAL_LORA_DIR, PERSONAL_LORA_SUFFIX, ROUND_PREFIX, round_name
 
-PERSONAL_DIR = "personal-lora"  # the node's kept slices: personal-dir/REGION/personal-lora/round-NNN.safetensors
-SIMULATED_PERSONAL_DIR = "personal"  # a simulation's stand-in for its nodes' personal-dir, inside RUN_DIR
 TAG = "tag"  # file metadata: what the slices belong to (``personal_tag``)
 ROUND = "round"  # file metadata: the round that trained them
 FROM_ROUND = "from_round"  # file metadata: the round whose slices that training continued (0: fresh)
-_ROUND_FILE = re.compile(r"round-(\d{3,})\.safetensors")
+_ROUND_FILE = re.compile(re.escape(ROUND_PREFIX) + r"(\d{3,})" + re.escape(PERSONAL_LORA_SUFFIX))
+_KEPT = f"{ROUND_PREFIX}*{PERSONAL_LORA_SUFFIX}"  # glob of the kept rounds
 
 
 class PersonalStateError(FedlocaleError):
@@ -143,12 +143,12 @@ def split(state: Mapping[str, torch.Tensor], rank: int) -> tuple[dict[str, torch
 
 def personal_folder(personal_dir: Path, region: str) -> Path:
     """Where a node with ``personal_dir`` keeps region ``region``'s personal LoRA, one file per round."""
-    return personal_dir / region / PERSONAL_DIR
+    return personal_dir / region / PERSONAL_LORA_DIR
 
 
 def round_file(folder: Path, server_round: int) -> Path:
     """Where the slices trained in ``server_round`` are kept."""
-    return folder / f"round-{server_round:03d}.safetensors"
+    return folder / f"{round_name(server_round)}{PERSONAL_LORA_SUFFIX}"
 
 
 def save_personal(folder: Path, slices: Slices, tag: str, from_round: int) -> Path:
@@ -188,7 +188,7 @@ def latest_personal(
     global adapter they will be stacked onto (and ``rank``, when given); None if there are none. A file that
     cannot be used raises ``PersonalStateError`` naming it."""
     kept = sorted(
-        ((int(m.group(1)), p) for p in folder.glob("round-*.safetensors") if (m := _ROUND_FILE.fullmatch(p.name))),
+        ((int(m.group(1)), p) for p in folder.glob(_KEPT) if (m := _ROUND_FILE.fullmatch(p.name))),
         reverse=True,
     )
     for server_round, path in (item for item in kept if item[0] < before):
@@ -204,5 +204,5 @@ def latest_personal(
 
 def clear_personal(folder: Path) -> None:
     """Remove every kept round (and any half-written one) from ``folder``: a run's round 1 starts afresh."""
-    for path in [*folder.glob("round-*.safetensors"), *folder.glob("round-*.tmp")]:
+    for path in [*folder.glob(_KEPT), *folder.glob(f"{ROUND_PREFIX}*.tmp")]:
         path.unlink()

@@ -38,6 +38,7 @@ from common.errors import InputError
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
+from common.runfiles import PERSONALIZED_REPORT
 from common.seeds import derive_seed
 
 log = logging.getLogger("fedlocale.node")
@@ -421,6 +422,6 @@ def personalize_node(
         )
         report["test_macro_f1"] = {"global": macro_f1(truth, pred_global, n), "served": macro_f1(truth, pred_served, n)}
         report["ab"] = {"vs_federated": ab.to_json()}
-    (folder / keys.PERSONALIZED_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    (folder / PERSONALIZED_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     log.info("%s: personalized (%s), serves %s", region.name, settings.mode, result.chosen)
     return report

@@ -33,16 +33,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.errors import FedlocaleError, InputError
+from common.runfiles import KEY_FILE, LEDGER_FILE, PUBLIC_KEY_FILE
 
 GENESIS = "0" * 64
-# a run folder's audit layout: audit/server/ and audit/nodes/<region>/ each hold ledger.jsonl, ledger.key, ledger.pub
-AUDIT_DIR = "audit"
-NODES_DIR = "nodes"
-SERVER_DIR = "server"
-KEYS_FILE = "keys.yaml"  # signer name → public key file, written beside a simulated run's ledgers
-LEDGER_FILE = "ledger.jsonl"
-KEY_FILE = "ledger.key"
-PUBLIC_KEY_FILE = "ledger.pub"
 SERVER = "server"  # the server's signer name; nodes sign with their region's name
 
 # body kinds

@@ -12,9 +12,10 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from common import keys
 from common.errors import InputError
@@ -71,40 +72,95 @@ def normalise(text: str) -> str:
     return _SPACE_RE.sub(" ", unicodedata.normalize("NFC", text)).strip()
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, object] | str]]:
-    """Yield (line, row) or (line, reason) for each data row of a .jsonl or .csv file."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield line_no, f"bad JSON: {err.msg}"
-                    continue
-                yield line_no, row if isinstance(row, dict) else "expected a JSON object"
-        return
+Rows = Iterator[tuple[int, dict[str, object] | str]]  # (line, row) or (line, reason); line 0: the whole file
+TEXT_LABEL = ("text", "label")  # the fields a labelled row needs
+
+
+def iter_rows(path: Path, required: Sequence[str] = TEXT_LABEL) -> Rows:
+    """Stream the rows of a ``.jsonl`` or ``.csv`` file: ``(line, row)`` per row, ``(line, reason)`` per bad one.
+
+    The one definition of a data row, for region data and for ``fedlocale predict`` alike: a JSON object per line
+    (blank lines are no rows), or a CSV row under a header that has every ``required`` column, with as many cells
+    as the header has columns (a quoted newline makes a row span lines; it is named by the line it starts on).
+    A file that stops decoding as UTF-8 ends with one problem at line 0 (the file), the rest of it skipped.
+    """
+    csv_file = path.suffix == ".csv"
     # utf-8-sig: spreadsheet programs write a byte-order mark that would otherwise stick to the first column name
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, [])
-        missing = {"text", "label"} - set(header)
-        if missing:
-            yield 1, f"header lacks column(s) {', '.join(sorted(missing))}"
+    with path.open(encoding="utf-8-sig", newline="" if csv_file else None) as fh:
+        yield from _guard_decoding(_csv_rows(fh, required)) if csv_file else json_lines(fh)
+
+
+def json_lines(lines: Iterable[str], plain_text: bool = False) -> Rows:
+    """The rows of JSON lines (a file, stdin); with ``plain_text`` a line not starting with ``{`` is a row's text
+    itself. Input that stops decoding as UTF-8 ends with one problem at line 0, as in ``iter_rows``."""
+    return _guard_decoding(_json_lines(lines, plain_text))
+
+
+def _json_lines(lines: Iterable[str], plain_text: bool) -> Rows:
+    for line_no, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if plain_text and not stripped.startswith("{"):
+            yield line_no, {"text": stripped}
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield line_no, f"bad JSON: {err.msg}"
+            continue
+        yield line_no, row if isinstance(row, dict) else "expected a JSON object"
+
+
+def _guard_decoding(rows: Rows) -> Rows:
+    """Turn a decoding failure part-way through into a reported problem, keeping the rows before it."""
+    last = 0
+    try:
+        for line_no, row in rows:
+            last = line_no
+            yield line_no, row
+    except UnicodeDecodeError as err:
+        after = f" after line {last}" if last else ""
+        yield 0, f"not UTF-8{after} ({err.reason}); the rest is skipped"
+
+
+def _csv_rows(fh: TextIO, required: Sequence[str]) -> Rows:
+    reader = csv.reader(fh)
+    header = next(reader, [])
+    missing = set(required) - set(header)
+    if missing:
+        yield 1, f"header lacks column(s) {', '.join(sorted(missing))}"
+        return
+    while True:
+        # a quoted newline makes a row span lines: the row starts on the line after the previous one ended
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
             return
-        while True:
-            # a quoted newline makes a row span lines: the row starts on the line after the previous one ended
-            start = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as err:
-                yield start, f"bad CSV: {err}"
-                return
-            if cells:  # blank lines are no rows
-                yield start, dict(zip(header, cells, strict=False))
+        except csv.Error as err:
+            yield start, f"bad CSV: {err}; the rest of the file is skipped"
+            return
+        if not cells:
+            continue  # a blank line is no row
+        if len(cells) != len(header):
+            # an unquoted comma in a text shifts every cell after it: never guess which cell is which
+            yield start, f"{len(cells)} cells for {len(header)} columns"
+            continue
+        yield start, dict(zip(header, cells, strict=True))
+
+
+def row_problem(row: Mapping[str, object], required: Sequence[str] = TEXT_LABEL) -> str | None:
+    """Why ``row`` is no usable row (a required field missing, a text that is not a non-empty string), or None."""
+    missing = [k for k in required if row.get(k) is None]
+    if missing:
+        return f"missing field {', '.join(missing)}"
+    text = row["text"]
+    if not isinstance(text, str):
+        return f"text must be a string, got {type(text).__name__}"
+    if not normalise(text):
+        return "empty text"
+    return None
 
 
 def read_split(path: Path, labels: tuple[str, ...]) -> tuple[list[Example], list[str]]:
@@ -112,27 +168,17 @@ def read_split(path: Path, labels: tuple[str, ...]) -> tuple[list[Example], list
     index = {name: i for i, name in enumerate(labels)}
     examples: list[Example] = []
     problems: list[str] = []
-    try:
-        rows = list(_rows(path))
-    except UnicodeDecodeError as err:
-        return [], [f"{path}: not UTF-8 ({err.reason} at byte {err.start})"]
-    for line_no, row in rows:
-        where = f"{path}:{line_no}"
-        if isinstance(row, str):
-            problems.append(f"{where}: {row}")
+    for line_no, row in iter_rows(path):
+        where = f"{path}:{line_no}" if line_no else str(path)
+        problem = row if isinstance(row, str) else row_problem(row)
+        if isinstance(row, str) or problem is not None:
+            problems.append(f"{where}: {problem}")
             continue
-        text, label = row.get("text"), row.get("label")
-        if text is None or label is None:
-            missing = [k for k in ("text", "label") if row.get(k) is None]
-            problems.append(f"{where}: missing field {', '.join(missing)}")
-        elif not isinstance(text, str):
-            problems.append(f"{where}: text must be a string, got {type(text).__name__}")
-        elif not normalise(text):
-            problems.append(f"{where}: empty text")
-        elif str(label) not in index:
-            problems.append(f"{where}: unknown label {label!r} (labels: {', '.join(labels)})")
+        label = str(row["label"])
+        if label not in index:
+            problems.append(f"{where}: unknown label {row['label']!r} (labels: {', '.join(labels)})")
         else:
-            examples.append(Example(normalise(text), index[str(label)]))
+            examples.append(Example(normalise(str(row["text"])), index[label]))
     return examples, problems
 
 

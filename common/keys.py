@@ -26,6 +26,9 @@ LOSS: Final = "loss"
 ACCURACY: Final = "accuracy"
 MACRO_F1: Final = "macro-f1"
 REGION_INDEX: Final = "region-index"  # position of the region in the run's region list
+# every metric a reply can carry, hyphenated like Flower's own num-examples; the run folder's files (metrics.jsonl,
+# summary.json) use "_" (macro_f1, num_examples; train-loss becomes the train split's loss)
+REPLY_METRICS: Final = (NUM_EXAMPLES, TRAIN_LOSS, LOSS, ACCURACY, MACRO_F1, REGION_INDEX)
 
 # Node config keys (``--node-config`` in deployment, injected by Flower in simulation)
 NODE_REGION: Final = "region"
@@ -39,7 +42,6 @@ NODE_AUGMENT: Final = "augment"  # absolute path of a YAML file of client.augmen
 # absolute path of a YAML file of common.config.PersonalizeSettings: the node personalizes the final global model
 NODE_PERSONALIZE: Final = "personalize"
 NODE_PERSONAL_DIR: Final = "personal-dir"  # absolute folder where the node keeps its personalized model and report
-PERSONALIZED_REPORT: Final = "personalized.json"  # the node's own A/B report, inside personal-dir/REGION/
 
 # Run config keys (``[tool.flwr.app.config]``)
 RUN_CONFIG_PATH: Final = "config"

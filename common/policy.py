@@ -25,14 +25,7 @@ from common.errors import InputError, check
 from common.pii import PII_TYPES, CustomPattern, PiiRules
 
 DEFAULT_TENSORS = ("*.lora_A.weight", "*.lora_B.weight", "*classifier*")
-DEFAULT_METRICS = (
-    keys.NUM_EXAMPLES,
-    keys.TRAIN_LOSS,
-    keys.LOSS,
-    keys.ACCURACY,
-    keys.MACRO_F1,
-    keys.REGION_INDEX,
-)
+DEFAULT_METRICS = keys.REPLY_METRICS  # by default every metric a reply carries may leave
 _FINGERPRINT_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -57,6 +50,14 @@ class EgressRules:
                 np.dtype(name)
             except TypeError:
                 problems.append((f"dtypes[{i}]", f"unknown dtype {name!r}"))
+        for i, name in enumerate(self.metrics):
+            # the run folder (metrics.jsonl, summary.json) spells metrics with "_", replies with "-"; a policy
+            # naming the file spelling would stop every reply carrying the metric, so it is refused up front
+            wire = name.replace("_", "-")
+            if name not in keys.REPLY_METRICS and wire in keys.REPLY_METRICS:
+                problems.append(
+                    (f"metrics[{i}]", f"{name!r} is the run folder's spelling; a reply carries it as {wire!r}")
+                )
         if keys.NUM_EXAMPLES not in self.metrics:
             # the server cannot weigh a reply without it: a policy that forbids it forbids taking part
             problems.append(("metrics", f"must allow {keys.NUM_EXAMPLES!r}, got {list(self.metrics)}"))

@@ -55,7 +55,7 @@ class SuperLinkSettings:
 
 
 @dataclass(frozen=True)
-class NodeSettings:
+class NodeEntry:
     """One country node: the region it serves and where its data, keys, cache, policy and ledger live on its host."""
 
     region: str
@@ -91,7 +91,7 @@ class DeployConfig:
     run: Path  # the run config (YAML) the ServerApp reads
     workdir: Path  # pki/, flwr-home/, logs/, nodes/, out/ on this machine
     superlink: SuperLinkSettings = field(default_factory=SuperLinkSettings)
-    nodes: tuple[NodeSettings, ...] = ()  # empty: one node per region of the run config
+    nodes: tuple[NodeEntry, ...] = ()  # empty: one node per region of the run config
     connection: str = "fedlocale"  # the SuperLink connection's name in FLWR_HOME/config.toml
 
     def __post_init__(self) -> None:

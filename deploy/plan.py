@@ -14,11 +14,14 @@ from pathlib import Path
 
 from common import keys
 from common.config import RunConfig
-from deploy.config import DEFAULT_NODE_PORT, DeployConfig, NodeSettings
+from common.runfiles import AUDIT_DIR, NODES_DIR
+from deploy.config import DEFAULT_NODE_PORT, DeployConfig, NodeEntry
 from deploy.env import FLOWER_ENV
 from deploy.pki import FOLDER_MODE, CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml with [tool.flwr.app])
+# a node's default personal-dir, WORKDIR/nodes/REGION/personalized (a simulation uses RUN_DIR/personal instead)
+NODE_PERSONAL_DIR = "personalized"
 
 
 @dataclass(frozen=True)
@@ -73,14 +76,14 @@ def layout(deploy: DeployConfig, run: RunConfig) -> Layout:
                 region=region,
                 data=(s.data if s and s.data else data[region]).resolve(),
                 port=s.port if s and s.port else DEFAULT_NODE_PORT + i,
-                keys=NodeKeys.in_folder((s.keys if s and s.keys else work / "nodes" / region).resolve()),
+                keys=NodeKeys.in_folder((s.keys if s and s.keys else work / NODES_DIR / region).resolve()),
                 threads=s.threads if s else None,
                 cache_dir=s.cache_dir.resolve() if s and s.cache_dir else None,
                 policy=policy.resolve() if policy else None,
-                audit_dir=(s.audit_dir if s and s.audit_dir else work / "nodes" / region / "audit").resolve(),
+                audit_dir=(s.audit_dir if s and s.audit_dir else work / NODES_DIR / region / AUDIT_DIR).resolve(),
                 augment=s.augment.resolve() if s and s.augment else None,
                 personalize=s.personalize.resolve() if s and s.personalize else None,
-                personal_dir=_personal_dir(s, work / "nodes" / region / "personalized"),
+                personal_dir=_personal_dir(s, work / NODES_DIR / region / NODE_PERSONAL_DIR),
             )
         )
     return Layout(
@@ -161,7 +164,7 @@ def register_argv(lay: Layout, node: Node) -> list[str]:
     return ["flwr", "supernode", "register", str(node.keys.public), lay.connection, "--name", node.region]
 
 
-def _personal_dir(settings: NodeSettings | None, default: Path) -> Path | None:
+def _personal_dir(settings: NodeEntry | None, default: Path) -> Path | None:
     if settings is None or settings.personalize is None:
         return None
     return (settings.personal_dir or default).resolve()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -16,7 +15,8 @@ from typing import Any
 
 from common.config import load_config
 from common.data import DataError
-from common.errors import EXIT_BAD_INPUT, ConfigError, FedlocaleError
+from common.errors import ConfigError, FedlocaleError
+from common.runfiles import CONFIG_FILE, SUMMARY_FILE, Summary, read_summary, write_summary
 from deploy.env import apply_env
 from fedlocale import audit_cmd, deploy_cmd, model_cmd, serve_cmd
 
@@ -165,14 +165,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     _print_summary(summary)
-    print(f"\nwrote {out}/summary.json, metrics.jsonl, report.md, adapter/")
+    print(f"\nwrote {out / SUMMARY_FILE}, metrics.jsonl, report.md, adapter/")
     return 0
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    modes = list(summary["overall"])
+def _print_summary(summary: Summary) -> None:
+    modes = list(summary.overall)
     print("\n" + f"{'region':<20}" + "".join(f"{m:>14}" for m in modes) + "   (macro-F1 on test)")
-    rows = [(name, r) for name, r in summary["regions"].items()] + [("overall", summary["overall"])]
+    rows = [*summary.regions.items(), ("overall", summary.overall)]
     for name, row in rows:
         cells = "".join(f"{row[m]['macro_f1']:>14.3f}" if m in row else f"{'-':>14}" for m in modes)
         print(f"{name:<20}{cells}")
@@ -222,13 +222,9 @@ DATA_COMMANDS = {"demo": cmd_data_demo, "intent": cmd_data_intent}
 def cmd_report(args: argparse.Namespace) -> int:
     """``fedlocale report``."""
     from runfolder.report import write_report
-    from simulations.runner import SUMMARY_FILE, read_metrics
+    from runfolder.summary import read_metrics
 
-    summary_path = args.run_dir / SUMMARY_FILE
-    if not summary_path.exists():
-        print(f"fedlocale: {summary_path}: no such file (is {args.run_dir} a finished run?)", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    path = write_report(args.run_dir, json.loads(summary_path.read_text()), read_metrics(args.run_dir))
+    path = write_report(args.run_dir, read_summary(args.run_dir), read_metrics(args.run_dir))
     print(f"wrote {path}")
     return 0
 
@@ -236,14 +232,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_personalize(args: argparse.Namespace) -> int:
     """``fedlocale personalize``: personalization after the fact, on a finished simulation run."""
     from runfolder.report import write_report
+    from runfolder.summary import read_metrics, with_personalized
     from simulations.personalize import personalize_run
-    from simulations.runner import RESOLVED_CONFIG_FILE, SUMMARY_FILE, add_personalized, load_all, read_metrics
+    from simulations.runner import load_all
 
-    summary_path = args.run_dir / SUMMARY_FILE
-    if not summary_path.exists():
-        print(f"fedlocale: {summary_path}: no such file (is {args.run_dir} a finished run?)", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    cfg = load_config(args.run_dir / RESOLVED_CONFIG_FILE, args.overrides)
+    summary = read_summary(args.run_dir)
+    cfg = load_config(args.run_dir / CONFIG_FILE, args.overrides)
     if cfg.personalize.mode == "none":
         raise ConfigError(
             [
@@ -251,10 +245,9 @@ def cmd_personalize(args: argparse.Namespace) -> int:
                 "dual trains during the rounds, so it is set before `fedlocale simulate`)"
             ]
         )
-    summary = json.loads(summary_path.read_text())
     # local-only predictions are not kept by a run, so the A/B here is against the federated model only
-    add_personalized(summary, personalize_run(cfg, args.run_dir, load_all(cfg, print), None, print))
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary = with_personalized(summary, personalize_run(cfg, args.run_dir, load_all(cfg, print), None, print))
+    write_summary(args.run_dir, summary)
     write_report(args.run_dir, summary, read_metrics(args.run_dir))
     _print_summary(summary)
     return 0

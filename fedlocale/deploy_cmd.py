@@ -177,14 +177,14 @@ def _up(lay: Any, args: argparse.Namespace) -> int:
 
 
 def _finish(out: Path, run_config: Path, outcome: Any, node_dirs: dict[str, Path]) -> int:
+    from common.runfiles import FEDERATION_FILE, SERVER_ERROR_FILE
     from deploy.launch import LaunchError
-    from server.app import ERROR_FILE
-    from server.federation import FEDERATION_FILE, FederationError
+    from server.federation import FederationError
     from simulations.runner import audit_run
 
-    if (out / ERROR_FILE).exists():
-        last = (out / ERROR_FILE).read_text().strip().splitlines()[-1]
-        raise FederationError(f"the ServerApp failed: {last} (full trace: {out / ERROR_FILE})")
+    if (out / SERVER_ERROR_FILE).exists():
+        last = (out / SERVER_ERROR_FILE).read_text().strip().splitlines()[-1]
+        raise FederationError(f"the ServerApp failed: {last} (full trace: {out / SERVER_ERROR_FILE})")
     if outcome.returncode != 0 or not (out / FEDERATION_FILE).exists():
         raise LaunchError(f"flwr run exited with code {outcome.returncode}; see {outcome.log}")
     result = json.loads((out / FEDERATION_FILE).read_text())
@@ -210,13 +210,12 @@ def _write_summary(
 ) -> None:
     """summary.json and report.md of a deployment, from what the server saw (it never sees region data)."""
     from common.config import load_config
+    from common.runfiles import write_summary
     from runfolder.report import write_report
-    from simulations.runner import SUMMARY_FILE, build_summary, read_metrics
+    from runfolder.summary import build_summary, read_metrics
 
-    summary = build_summary(load_config(run_config), None, federation, {}, seconds, str(run_config))
-    if audit is not None:
-        summary["audit"] = audit
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    summary = build_summary(load_config(run_config), None, federation, {}, seconds, str(run_config), audit)
+    write_summary(out, summary)
     write_report(out, summary, read_metrics(out))
 
 
@@ -227,7 +226,7 @@ def _rounds(lay: Any) -> int:
 
 
 def _rounds_done(out: Path) -> int:
-    from server.federation import METRICS_FILE
+    from common.runfiles import METRICS_FILE
 
     path = out / METRICS_FILE
     if not path.exists():

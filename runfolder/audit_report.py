@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.audit import AGGREGATE, DISPATCH, EGRESS, FAILED, INBOUND, REFUSED, SENT, SERVER, LedgerCheck
+from common.runfiles import AUDIT_PLOT, AUDIT_REPORT_FILE
 from runfolder.report import new_figure, save_figure
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["write_audit_report"]
 
-REPORT_NAME = "audit-report.md"
-PLOT_NAME = "audit-bytes-{}.png"
 HASH_CHARS = 12
 LOG_SCALE_RATIO = 20.0  # train replies are ~40x evaluate replies; on a linear axis the evaluate line sits on zero
 MESSAGE_ORDER = ("train", "evaluate")
@@ -87,7 +86,7 @@ def write_audit_report(checks: Sequence[LedgerCheck], out_dir: Path, findings: S
         _server_section(servers, nodes),
         SHOWS_TEXT,
     ]
-    path = out_dir / REPORT_NAME
+    path = out_dir / AUDIT_REPORT_FILE
     path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return path
 
@@ -348,7 +347,7 @@ def _policies(entries: Sequence[Entry]) -> str:
 
 def _plot_block(region: str, entries: Sequence[Entry], out_dir: Path) -> str:
     """The plot of one region with a caption, or a note saying why there is none."""
-    name = PLOT_NAME.format(re.sub(r"[^A-Za-z0-9._-]", "_", region))
+    name = AUDIT_PLOT.format(re.sub(r"[^A-Za-z0-9._-]", "_", region))
     if not _plot_bytes(region, entries, out_dir / name):
         (out_dir / name).unlink(missing_ok=True)  # a stale plot from an earlier report would contradict this one
         return "*No plot: no reply of this region names a round.*"

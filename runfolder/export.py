@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -33,13 +34,12 @@ from common.basemodels import BUILT_BASES, build_command
 from common.data import find_split
 from common.errors import InputError
 from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, quiet_loading, resolve_base
+from common.runfiles import ADAPTER_DIR, CONFIG_FILE, PERSONALIZED_DIR, SUMMARY_FILE, Summary, read_summary
 
 EXPORT_FILE = "fedlocale.json"
 CARD_FILE = "README.md"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-SUMMARY_FILE = "summary.json"
-RUN_CONFIG = "config.yaml"
 GLOBAL, PERSONALIZED = "global", keys.PERSONALIZED
 ADAPTER_KINDS = (GLOBAL, PERSONALIZED)
 DEFAULT_MAX_LENGTH = 128
@@ -80,13 +80,13 @@ class RunInfo:
     """What a finished run folder says about itself: summary.json and the resolved config.yaml."""
 
     dir: Path
-    summary: dict[str, Any]
+    summary: Summary
     config: dict[str, Any]
 
     @property
     def regions(self) -> list[str]:
         """The region names of the run, as summary.json lists them."""
-        return list(self.summary.get("regions", {}))
+        return list(self.summary.regions)
 
 
 @dataclass(frozen=True)
@@ -104,16 +104,7 @@ class AdapterChoice:
 
 def read_run(run_dir: Path) -> RunInfo:
     """Read RUN_DIR/summary.json (required) and RUN_DIR/config.yaml (optional)."""
-    path = run_dir / SUMMARY_FILE
-    if not path.is_file():
-        raise ExportError(f"{path}: no such file (is {run_dir} a finished run?)")
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExportError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(summary, dict) or not isinstance(summary.get("regions"), dict):
-        raise ExportError(f"{path}: no 'regions' object (is {run_dir} a fedlocale run?)")
-    return RunInfo(dir=run_dir, summary=summary, config=_read_yaml(run_dir / RUN_CONFIG))
+    return RunInfo(dir=run_dir, summary=read_summary(run_dir), config=_read_yaml(run_dir / CONFIG_FILE))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -125,7 +116,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _section(mapping: dict[str, Any], key: str) -> dict[str, Any]:
+def _section(mapping: Mapping[str, Any], key: str) -> dict[str, Any]:
     value = mapping.get(key)
     return value if isinstance(value, dict) else {}
 
@@ -134,8 +125,8 @@ def choose_adapter(run: RunInfo, region: str, force: str | None = None) -> Adapt
     """The personalized adapter when the run chose it for ``region`` (or ``force`` asks for it), else the global."""
     if region not in run.regions:
         raise ExportError(f"{run.dir}: no region {region!r} in this run (regions: {', '.join(run.regions)})")
-    personal = run.dir / PERSONALIZED / region
-    chosen = _section(_section(run.summary["regions"], region), PERSONALIZED).get("chosen")
+    personal = run.dir / PERSONALIZED_DIR / region
+    chosen = _section(_section(run.summary.regions, region), PERSONALIZED).get("chosen")
     recorded = f"summary.json regions.{region}.personalized.chosen = {chosen!r}"
     if force == PERSONALIZED:
         if not _is_adapter(personal):
@@ -155,7 +146,7 @@ def choose_adapter(run: RunInfo, region: str, force: str | None = None) -> Adapt
 
 
 def _global(run: RunInfo) -> Path:
-    path = run.dir / "adapter"
+    path = run.dir / ADAPTER_DIR
     if not _is_adapter(path):
         raise ExportError(f"{path}: no global adapter (no {ADAPTER_CONFIG}); did the run finish?")
     return path
@@ -276,7 +267,7 @@ def export_run(
     choice = choose_adapter(run, region, adapter)
     out = out.absolute()  # its parent holds the staging folder, also for "."
     _check_out(out, force)
-    global_dir = run.dir / "adapter"
+    global_dir = run.dir / ADAPTER_DIR
     labels = _read_labels(choice.path) or _read_labels(global_dir) or _config_labels(run)
     tokenizer_dir = choice.path if _has_tokenizer(choice.path) else global_dir
     run_base = _run_base(run)
@@ -284,7 +275,7 @@ def export_run(
     base = base_reference(recorded, run_base)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        stage = Path(tmp) / "adapter"
+        stage = Path(tmp) / "lora"  # staged, then installed as ``out``
         lora = export_adapter(choice.path, stage, labels=labels, tokenizer_dir=tokenizer_dir, base=base)
         lora = {**lora, "modules_to_save": saved_head(lora, stage)}
         info = export_info(run, region, choice, lora=lora, labels=labels, base=base, merged=merged)
@@ -338,11 +329,11 @@ def _config_labels(run: RunInfo) -> tuple[str, ...]:
     labels = run.config.get("labels")
     if isinstance(labels, list) and labels:
         return tuple(str(x) for x in labels)
-    raise ExportError(f"{run.dir}: no {LABELS_FILE} in the adapter folder and no labels in {RUN_CONFIG}")
+    raise ExportError(f"{run.dir}: no {LABELS_FILE} in the adapter folder and no labels in {CONFIG_FILE}")
 
 
 def _run_base(run: RunInfo) -> str | None:
-    base = _section(run.config, "model").get("base") or _section(run.summary, "run").get("model")
+    base = _section(run.config, "model").get("base") or run.summary.run.get("model")
     return str(base) if base else None
 
 
@@ -366,8 +357,8 @@ def export_info(
     merged: bool,
 ) -> dict[str, Any]:
     """The content of fedlocale.json: everything the model card shows, for programs."""
-    run_meta = _section(run.summary, "run")
-    region_summary = _section(run.summary["regions"], region)
+    run_meta = run.summary.run
+    region_summary = _section(run.summary.regions, region)
     max_length = _run_max_length(run.config)
     run_base = _run_base(run)
     return {
@@ -377,7 +368,7 @@ def export_info(
         "adapter": {"kind": choice.kind, "reason": choice.reason, "source": str(choice.path.resolve())},
         "labels": list(labels),
         "max_length": max_length or DEFAULT_MAX_LENGTH,
-        "max_length_source": f"{RUN_CONFIG} model.max_length" if max_length else "default (not in the run config)",
+        "max_length_source": f"{CONFIG_FILE} model.max_length" if max_length else "default (not in the run config)",
         "base_model": {
             "name": run_base or base,
             "path": base,
@@ -394,7 +385,7 @@ def export_info(
             "dir": str(run.dir.resolve()),
             "name": run_meta.get("name"),
             "config": run_meta.get("config"),
-            "resolved_config": _file_record(run.dir / RUN_CONFIG),
+            "resolved_config": _file_record(run.dir / CONFIG_FILE),
             "seed": run_meta.get("seed", run.config.get("seed")),
             "rounds_planned": run_meta.get("rounds_planned", run.config.get("rounds")),
             "rounds_done": run_meta.get("rounds_done"),
@@ -428,7 +419,7 @@ def _data_provenance(run: RunInfo, region: str, region_summary: dict[str, Any]) 
     folder = _region_folder(run.config, region)
     record: dict[str, Any] = {"folder": str(folder) if folder else None, "rows": counts, "files": {}}
     if folder is None:
-        record["note"] = f"the region's data folder is not recorded in {RUN_CONFIG}"
+        record["note"] = f"the region's data folder is not recorded in {CONFIG_FILE}"
     elif not folder.is_dir():
         record["note"] = "the data folder is not readable on this machine: no file hashes"
     else:
@@ -677,7 +668,7 @@ def stored_max_length(model_dir: Path) -> int | None:
         return value if isinstance(value, int) else None
     # RUN_DIR/adapter and RUN_DIR/personalized/REGION: the run's config.yaml is one or two levels up
     for parent in (model_dir.parent, model_dir.parent.parent):
-        if (parent / RUN_CONFIG).is_file() and (found := _run_max_length(_read_yaml(parent / RUN_CONFIG))):
+        if (parent / CONFIG_FILE).is_file() and (found := _run_max_length(_read_yaml(parent / CONFIG_FILE))):
             return found
     return None
 
@@ -758,7 +749,7 @@ def _adapter_weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def _parent_run_base(model_dir: Path) -> str | None:
     for parent in (model_dir.parent, model_dir.parent.parent):
-        base = _section(_read_yaml(parent / RUN_CONFIG), "model").get("base")
+        base = _section(_read_yaml(parent / CONFIG_FILE), "model").get("base")
         if base:
             return str(base)
     return None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.keys import CENTRALIZED, FEDERATED, LOCAL_ONLY, PERSONALIZED, TRAIN, VAL
+from common.runfiles import AB_PLOT, BYTES_PLOT, LOSS_PLOT, MODES_PLOT, REPORT_FILE, VAL_PLOT, Summary
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -34,15 +35,8 @@ MODE_COLORS: dict[str, str] = {
     LOCAL_ONLY: "#ff7f0e",
     CENTRALIZED: "#2ca02c",
 }
-AB_PLOT = "ab_by_region.png"
 METRIC_LABELS: dict[str, str] = {"macro_f1": "macro-F1", "accuracy": "accuracy", "loss": "loss"}
 SCORE_METRICS: tuple[str, ...] = ("macro_f1", "accuracy")
-
-REPORT_NAME = "report.md"
-VAL_PLOT = "val_by_round.png"
-MODES_PLOT = "modes_by_region.png"
-BYTES_PLOT = "bytes_by_round.png"
-LOSS_PLOT = "train_loss_by_round.png"
 
 DPI = 110
 MB = 1_000_000  # decimal megabytes, the unit network bills and download dialogs use
@@ -67,10 +61,10 @@ Series = dict[str, dict[int, tuple[float, float]]]  # region -> round -> (value,
 # ---------------------------------------------------------------- public API
 
 
-def write_report(out_dir: Path, summary: dict[str, Any], metrics: list[dict[str, Any]]) -> Path:
+def write_report(out_dir: Path, summary: Summary, metrics: list[dict[str, Any]]) -> Path:
     """Write out_dir/report.md and its PNG plots; return the report path.
 
-    ``summary`` is the content of summary.json and ``metrics`` the lines of metrics.jsonl. Every key
+    ``summary`` is the run's summary.json and ``metrics`` the lines of metrics.jsonl. Every key
     is treated as optional: missing baselines become "n/a" cells, and a plot whose data is absent is
     skipped with a one-line note in the report (and any stale PNG of that name is removed).
     """
@@ -87,7 +81,7 @@ def write_report(out_dir: Path, summary: dict[str, Any], metrics: list[dict[str,
         _render_timing(summary),
         _render_participation(summary),
     ]
-    path = out_dir / REPORT_NAME
+    path = out_dir / REPORT_FILE
     path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return path
 
@@ -120,14 +114,14 @@ def _mode_scores(block: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     return scores
 
 
-def _collect_overall(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+def _collect_overall(summary: Summary) -> dict[str, dict[str, float]]:
     """Return overall scores per mode, recomputing a missing one from the regions.
 
     The recomputation uses the same test-size weighting as the runner, and only happens when every
     region has that score, so a baseline run on a subset of regions is never passed off as overall.
     """
-    overall = _mode_scores(_section(summary, "overall"))
-    regions = list(_section(summary, "regions").values())
+    overall = _mode_scores(summary.overall)
+    regions = list(summary.regions.values())
     for mode in MODES:
         for metric in SCORE_METRICS:
             if metric in overall.get(mode, {}):
@@ -181,9 +175,9 @@ def _weighted_mean_by_round(series: Series) -> dict[int, float]:
     return means
 
 
-def _per_round_entries(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _per_round_entries(summary: Summary) -> list[dict[str, Any]]:
     """Return the per-round communication entries that carry a round number, sorted by round."""
-    raw = _section(summary, "communication").get("per_round")
+    raw = summary.communication.get("per_round")
     by_round: dict[int, dict[str, Any]] = {}
     for entry in raw if isinstance(raw, list) else []:
         rnd = _number(entry, "round") if isinstance(entry, dict) else None
@@ -243,11 +237,11 @@ def _md_cell(text: str) -> str:
 # ---------------------------------------------------------------- report sections
 
 
-def _render_header(summary: Mapping[str, Any], overall: Mapping[str, Mapping[str, float]]) -> str:
+def _render_header(summary: Summary, overall: Mapping[str, Mapping[str, float]]) -> str:
     """Return the title and the one-paragraph summary of the run."""
-    run = _section(summary, "run")
+    run = summary.run
     name = run.get("name") or "unnamed run"
-    regions = _section(summary, "regions")
+    regions = summary.regions
     sentences = [
         (
             f"This run trained one shared text classifier across {len(regions)} regions "
@@ -310,9 +304,9 @@ def _render_glossary() -> str:
     return GLOSSARY
 
 
-def _render_results_table(summary: Mapping[str, Any], overall: Mapping[str, Mapping[str, float]]) -> str:
+def _render_results_table(summary: Summary, overall: Mapping[str, Mapping[str, float]]) -> str:
     """Return the per-region results table with an overall row and the best mode in bold."""
-    regions = _section(summary, "regions")
+    regions = summary.regions
     rows = [(name, block if isinstance(block, dict) else {}) for name, block in regions.items()]
     modes = [m for m in MODES if m in overall or any(m in _mode_scores(b) for _, b in rows)]
     if not modes:
@@ -371,7 +365,7 @@ def _best_modes(scores: Mapping[str, Mapping[str, float]]) -> set[str]:
 
 def _render_plots(
     out_dir: Path,
-    summary: Mapping[str, Any],
+    summary: Summary,
     metrics: Sequence[Mapping[str, Any]],
     overall: Mapping[str, Mapping[str, float]],
 ) -> str:
@@ -418,9 +412,9 @@ def _render_plots(
     return "\n\n".join(parts)
 
 
-def _render_communication(summary: Mapping[str, Any]) -> str:
+def _render_communication(summary: Summary) -> str:
     """Return the Communication section: sizes, adapter/full ratio and traffic totals."""
-    comm = _section(summary, "communication")
+    comm = summary.communication
     adapter, full = _number(comm, "adapter_bytes"), _number(comm, "full_model_bytes")
     entries = _per_round_entries(summary)
     lines = []
@@ -442,7 +436,7 @@ def _render_communication(summary: Mapping[str, Any]) -> str:
         if total is not None:
             lines.append(f"- {label}: {_fmt_mb(total)}")
     if full is not None and entries:
-        fallback = len(_section(summary, "regions"))
+        fallback = len(summary.regions)
         full_total = sum(full * _participant_count(e, fallback) for e in entries)
         lines.append(f"- Sending the full model instead would have taken {_fmt_mb(full_total)} in each direction.")
     body = "\n".join(lines) if lines else "No communication figures were recorded."
@@ -458,9 +452,9 @@ def _traffic_total(comm: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
     return sum(values) if values else None
 
 
-def _render_timing(summary: Mapping[str, Any]) -> str:
+def _render_timing(summary: Summary) -> str:
     """Return the Timing section as a small table of wall-clock times."""
-    timing = _section(summary, "timing")
+    timing = summary.timing
     rows = [(key, value) for key in timing if (value := _number(timing, key)) is not None]
     if not rows:
         return "## Timing\n\nNo timing was recorded."
@@ -472,17 +466,17 @@ def _render_timing(summary: Mapping[str, Any]) -> str:
     return "## Timing\n\n" + "\n".join(lines)
 
 
-def _render_participation(summary: Mapping[str, Any]) -> str:
+def _render_participation(summary: Summary) -> str:
     """Return the section listing regions that missed rounds."""
     return "## Participation\n\n" + "\n".join(_participation_lines(summary))
 
 
-def _participation_lines(summary: Mapping[str, Any]) -> list[str]:
+def _participation_lines(summary: Summary) -> list[str]:
     """Return one line per region that missed a round, or a single line saying none did."""
     recorded = [e for e in _per_round_entries(summary) if isinstance(e.get("participants"), list)]
     if not recorded:
         return ["Which regions took part in each round was not recorded."]
-    missed: dict[str, list[int]] = {name: [] for name in _section(summary, "regions")}
+    missed: dict[str, list[int]] = {name: [] for name in summary.regions}
     for entry in recorded:
         for name, rounds in missed.items():
             if name not in entry["participants"]:
@@ -547,9 +541,9 @@ def _legend_outside(ax: Axes) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
 
 
-def _region_order(summary: Mapping[str, Any], series: Series) -> list[str]:
+def _region_order(summary: Summary, series: Series) -> list[str]:
     """Return regions in summary order followed by any that only appear in metrics."""
-    names = [n for n in _section(summary, "regions") if n in series]
+    names = [n for n in summary.regions if n in series]
     return names + sorted(n for n in series if n not in names)
 
 
@@ -569,7 +563,7 @@ def _plot_lines(ax: Axes, series: Series, names: Sequence[str]) -> list[int]:
     return sorted({r for points in series.values() for r in points})
 
 
-def _plot_val(path: Path, summary: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]) -> bool:
+def _plot_val(path: Path, summary: Summary, metrics: Sequence[Mapping[str, Any]]) -> bool:
     """Draw validation score of the global model by round; return False when there is no data."""
     metric = _pick_metric(metrics, VAL)
     if metric is None:
@@ -587,7 +581,7 @@ def _plot_val(path: Path, summary: Mapping[str, Any], metrics: Sequence[Mapping[
             linewidth=2.2,
             label="Mean (weighted by examples)",
         )
-    best = _number(_section(summary, "run"), "best_round")
+    best = _number(summary.run, "best_round")
     if best is not None:
         ax.axvline(best, color="grey", linestyle=":", linewidth=1.5, label=f"Best round ({int(best)})")
     label = METRIC_LABELS[metric]
@@ -598,7 +592,7 @@ def _plot_val(path: Path, summary: Mapping[str, Any], metrics: Sequence[Mapping[
     return True
 
 
-def _plot_train_loss(path: Path, summary: Mapping[str, Any], metrics: Sequence[Mapping[str, Any]]) -> bool:
+def _plot_train_loss(path: Path, summary: Summary, metrics: Sequence[Mapping[str, Any]]) -> bool:
     """Draw each region's local training loss by round; return False when there is no data."""
     series = _collect_series(metrics, TRAIN, "loss")
     if not series:
@@ -612,9 +606,9 @@ def _plot_train_loss(path: Path, summary: Mapping[str, Any], metrics: Sequence[M
     return True
 
 
-def _plot_modes(path: Path, summary: Mapping[str, Any], overall: Mapping[str, Mapping[str, float]]) -> bool:
+def _plot_modes(path: Path, summary: Summary, overall: Mapping[str, Mapping[str, float]]) -> bool:
     """Draw grouped bars of each mode's test score per region and overall; False when there is none."""
-    groups = [(str(n), _mode_scores(b if isinstance(b, dict) else {})) for n, b in _section(summary, "regions").items()]
+    groups = [(str(n), _mode_scores(b if isinstance(b, dict) else {})) for n, b in summary.regions.items()]
     groups.append(("overall", {mode: dict(scores) for mode, scores in overall.items()}))
     metric = next((m for m in SCORE_METRICS if any(m in s for _, g in groups for s in g.values())), None)
     modes = [m for m in MODES if any(metric in g.get(m, {}) for _, g in groups)]
@@ -647,7 +641,7 @@ def _plot_modes(path: Path, summary: Mapping[str, Any], overall: Mapping[str, Ma
     return True
 
 
-def _plot_bytes(path: Path, summary: Mapping[str, Any]) -> bool:
+def _plot_bytes(path: Path, summary: Summary) -> bool:
     """Draw bytes up/down per round against the full-model equivalent; False when not recorded."""
     entries = [
         e
@@ -656,7 +650,7 @@ def _plot_bytes(path: Path, summary: Mapping[str, Any]) -> bool:
     ]
     if not entries:
         return False
-    comm = _section(summary, "communication")
+    comm = summary.communication
     rounds = [int(_number(e, "round") or 0) for e in entries]
     fig, ax = new_figure()
     for offset, key, label, color in (
@@ -670,7 +664,7 @@ def _plot_bytes(path: Path, summary: Mapping[str, Any]) -> bool:
             label=label,
             color=color,
         )
-    ratio = _draw_full_model_line(ax, comm, entries, rounds, len(_section(summary, "regions")))
+    ratio = _draw_full_model_line(ax, comm, entries, rounds, len(summary.regions))
     # on a linear axis a 100x smaller adapter bar would be a flat line under the full-model line
     log_scale = ratio is not None and ratio > LOG_SCALE_RATIO
     if log_scale:
@@ -727,16 +721,16 @@ def _bytes_title(comm: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------- personalization A/B
 
 
-def _ab_rows(summary: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _ab_rows(summary: Summary) -> list[tuple[str, dict[str, Any]]]:
     rows = []
-    for name, region in sorted(_section(summary, "regions").items()):
+    for name, region in sorted(summary.regions.items()):
         entry = region.get(PERSONALIZED) if isinstance(region, dict) else None
         if isinstance(entry, dict) and isinstance(entry.get("ab"), dict):
             rows.append((name, entry))
     return rows
 
 
-def _render_ab(out_dir: Path, summary: Mapping[str, Any]) -> str:
+def _render_ab(out_dir: Path, summary: Summary) -> str:
     """The A/B section: per region, the served model against the global and local-only ones, with 95 % CIs."""
     rows = _ab_rows(summary)
     path = out_dir / AB_PLOT

@@ -12,9 +12,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import keys
 from common.config import RunConfig, load_config
+from common.runfiles import SERVER_ERROR_FILE
 from server.federation import federate
-
-ERROR_FILE = "server-error.txt"
 
 
 def run_config_flag(value: object, key: str) -> bool:
@@ -47,13 +46,13 @@ def make_app(
             resume if resume is not None else run_config_flag(context.run_config.get(keys.RUN_RESUME, False), "resume")
         )
         # an error file of the run this one resumes would otherwise outlive the recovery
-        (out / ERROR_FILE).unlink(missing_ok=True)
+        (out / SERVER_ERROR_FILE).unlink(missing_ok=True)
         try:
             federate(grid, run_cfg, out, on_round, resume=resuming)
         except Exception:
             # Flower logs a ServerApp's exception but does not hand it to whoever started the run
             out.mkdir(parents=True, exist_ok=True)
-            (out / ERROR_FILE).write_text(traceback.format_exc())
+            (out / SERVER_ERROR_FILE).write_text(traceback.format_exc())
             raise
 
     return app

@@ -23,11 +23,10 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.audit import AGGREGATE, DISPATCH, INBOUND, Ledger, LedgerCheck, payload_hash
+from common.runfiles import GLOBAL_IN_FILE, UPDATE_SUFFIX, round_name
 from server.aggregate import aggregation_weights, server_step, weighted_average
 from server.strategy import ReceivedReply, RegionFedAvg, RoundAggregation, RoundLog, to_numpy
 
-UPDATES_DIR = "updates"
-GLOBAL_IN = "global-in.npz"
 METRICS_KEY = "__metrics__"  # the kept update's metrics, as JSON, beside its tensors
 
 
@@ -37,7 +36,7 @@ def _utc_now() -> datetime:
 
 def round_dir(keep_dir: Path, server_round: int) -> Path:
     """Where the updates of one round are kept."""
-    return keep_dir / f"round-{server_round:03d}"
+    return keep_dir / round_name(server_round)
 
 
 def _save(path: Path, arrays: dict[str, np.ndarray], metrics: dict[str, int | float]) -> None:
@@ -92,7 +91,7 @@ class LedgerStrategy(RoundAggregation):
             self.clock(),
         )
         if self.keep_dir is not None:
-            _save(round_dir(self.keep_dir, server_round) / GLOBAL_IN, sent, {})
+            _save(round_dir(self.keep_dir, server_round) / GLOBAL_IN_FILE, sent, {})
         return messages
 
     def aggregate_train_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
@@ -128,7 +127,8 @@ class LedgerStrategy(RoundAggregation):
         )
         if self.keep_dir is not None:
             for reply in result.replies:
-                _save(round_dir(self.keep_dir, server_round) / f"{reply.region}.npz", *reply.received.payload())
+                path = round_dir(self.keep_dir, server_round) / f"{reply.region}{UPDATE_SUFFIX}"
+                _save(path, *reply.received.payload())
         return result
 
     def configure_evaluate(
@@ -200,14 +200,14 @@ def recompute(server: LedgerCheck, keep_dir: Path) -> tuple[int, list[str]]:
 
 
 def _recompute_round(body: dict[str, Any], folder: Path) -> str | None:
-    if not (folder / GLOBAL_IN).is_file():
+    if not (folder / GLOBAL_IN_FILE).is_file():
         return f"no kept updates in {folder}"
-    base, _ = load_kept(folder / GLOBAL_IN)
+    base, _ = load_kept(folder / GLOBAL_IN_FILE)
     if payload_hash(base) != body["base_sha256"]:
-        return f"{folder / GLOBAL_IN} is not the global adapter the round started from"
+        return f"{folder / GLOBAL_IN_FILE} is not the global adapter the round started from"
     updates, counts = [], []
     for part in body["participants"]:
-        path = folder / f"{part['region']}.npz"
+        path = folder / f"{part['region']}{UPDATE_SUFFIX}"
         if not path.is_file():
             return f"the update of {part['region']} was not kept ({path})"
         arrays, metrics = load_kept(path)

@@ -28,7 +28,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from common import keys
-from common.audit import AUDIT_DIR, SERVER, SERVER_DIR, Ledger
+from common.audit import SERVER, Ledger
 from common.config import RunConfig, client_task
 from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.model import (
@@ -40,16 +40,22 @@ from common.model import (
     save_adapter,
     state_nbytes,
 )
-from server.audit import UPDATES_DIR, LedgerStrategy
+from common.runfiles import (
+    ADAPTER_DIR,
+    AUDIT_DIR,
+    CHECKPOINTS_DIR,
+    FEDERATION_FILE,
+    METRICS_FILE,
+    SERVER_DIR,
+    STATE_FILE,
+    UPDATES_DIR,
+    round_name,
+)
+from server.audit import LedgerStrategy
 from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog, RoundStrategy
 
 log = logging.getLogger("fedlocale.server")
 
-FEDERATION_FILE = "federation.json"
-METRICS_FILE = "metrics.jsonl"
-STATE_FILE = "state.json"
-ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
 STATE_VERSION = 1
 _METRIC_KEYS = {keys.ACCURACY: "accuracy", keys.MACRO_F1: "macro_f1", keys.LOSS: "loss"}
 
@@ -361,7 +367,7 @@ def _run_round(
 
 def checkpoint_dir(out_dir: Path, server_round: int) -> Path:
     """Where the global adapter after ``server_round`` is saved (peft ``save_pretrained`` format)."""
-    return out_dir / CHECKPOINTS_DIR / f"round-{server_round:03d}"
+    return out_dir / CHECKPOINTS_DIR / round_name(server_round)
 
 
 @contextlib.contextmanager

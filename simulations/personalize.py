@@ -19,7 +19,6 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from client.personal import (
-    SIMULATED_PERSONAL_DIR,
     PersonalStateError,
     Slices,
     latest_personal,
@@ -33,9 +32,8 @@ from common.config import PROBED_MODES, STACKED_MODES, RunConfig
 from common.data import RegionData
 from common.errors import ConfigError
 from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
+from common.runfiles import ADAPTER_DIR, FEDERATION_FILE, PERSONALIZED_DIR, SIMULATED_PERSONAL_DIR
 from common.seeds import derive_seed
-
-PERSONALIZED_DIR = "personalized"
 
 
 def load_global(cfg: RunConfig, adapter_dir: Path) -> LoadedModel:
@@ -133,7 +131,7 @@ class Start:
 def start_model(cfg: RunConfig, out_dir: Path, global_model: LoadedModel) -> Start:
     """The global model personalization starts from, as ``personalize.start`` says: ``global_model`` (the run's
     ``adapter/``, its best round) or the last round's checkpoint."""
-    from server.federation import FEDERATION_FILE, checkpoint_dir
+    from server.federation import checkpoint_dir
 
     record = out_dir / FEDERATION_FILE
     if not record.is_file():
@@ -194,7 +192,7 @@ def personalize_run(
     """Personalize every region of a finished run in ``out_dir``; return the ``personalized`` entry per region."""
     from common.model import adapter_state
 
-    global_model = load_global(cfg, out_dir / "adapter")
+    global_model = load_global(cfg, out_dir / ADAPTER_DIR)
     start = start_model(cfg, out_dir, global_model)
     shared = [global_model] if start.model is global_model else [global_model, start.model]
     references = [(model, adapter_state(model.model)) for model in shared]

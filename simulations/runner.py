@@ -18,32 +18,33 @@ from typing import Any
 import numpy as np
 import yaml
 
-from client.personal import SIMULATED_PERSONAL_DIR
 from common import keys
-from common.audit import (
+from common.audit import SERVER, load_verify_key, verify_all
+from common.config import RunConfig
+from common.data import RegionData, load_region, redact_region
+from common.errors import ConfigError
+from common.policy import RegionPolicy, load_policy
+from common.runfiles import (
     AUDIT_DIR,
+    CONFIG_FILE,
+    FEDERATION_FILE,
     KEYS_FILE,
     LEDGER_FILE,
     NODES_DIR,
     PUBLIC_KEY_FILE,
-    SERVER,
     SERVER_DIR,
-    load_verify_key,
-    verify_all,
+    SERVER_ERROR_FILE,
+    SIMULATED_PERSONAL_DIR,
+    UPDATES_DIR,
+    Summary,
+    write_summary,
 )
-from common.config import RunConfig
-from common.data import RegionData, load_region, redact_region
-from common.errors import ConfigError
-from common.metrics import weighted_mean
-from common.policy import RegionPolicy, load_policy
 from deploy.env import apply_env
+from runfolder.summary import build_summary, read_metrics, with_personalized
 from simulations.baselines import run_centralized, run_local_only
 from simulations.personalize import personalize_run
 
 log = logging.getLogger("fedlocale")
-
-SUMMARY_FILE = "summary.json"
-RESOLVED_CONFIG_FILE = "config.yaml"
 
 
 def _jsonable(value: Any) -> Any:
@@ -161,104 +162,6 @@ def stop_ray(ray: Any) -> None:
             continue
 
 
-def _overall(per_region: dict[str, dict[str, float]], sizes: dict[str, float]) -> dict[str, float]:
-    return {
-        metric: weighted_mean({r: v[metric] for r, v in per_region.items()}, sizes)
-        for metric in ("accuracy", "macro_f1")
-    }
-
-
-def build_summary(
-    cfg: RunConfig,
-    data: dict[str, RegionData] | None,
-    federation: dict[str, Any],
-    baselines: dict[str, tuple[dict[str, dict[str, float]], float]],
-    federated_s: float,
-    config_path: str,
-) -> dict[str, Any]:
-    """The summary.json contract: per region and overall scores of every mode, communication and timing.
-
-    ``data`` is None for a deployment, whose server never sees the regions' data: region sizes then come from
-    the replies' ``num-examples`` (train and test), and validation sizes stay unknown.
-    """
-    modes = {keys.FEDERATED: federation["test"], **{name: scores for name, (scores, _) in baselines.items()}}
-    counts: dict[str, dict[str, Any]]
-    if data is None:
-        trained = {r: v["num_examples"] for rnd in federation["rounds"] for r, v in rnd["train"].items()}
-        counts = {
-            name: {"num_test": int(s["num_examples"]), **({"num_train": trained[name]} if name in trained else {})}
-            for name, s in federation["test"].items()
-        }
-    else:
-        counts = {
-            name: {
-                "num_train": len(region.train),
-                "num_val": len(region.val),
-                "num_test": len(region.test),
-                "dropped": region.dropped,
-            }
-            for name, region in data.items()
-        }
-    sizes = {name: float(c["num_test"]) for name, c in counts.items()}
-    regions = {
-        name: {**c, **{mode: _pick(scores.get(name)) for mode, scores in modes.items() if name in scores}}
-        for name, c in counts.items()
-    }
-    per_round = [
-        {k: r[k] for k in ("round", "bytes_up", "bytes_down", "participants", "missing", "rejected")}
-        for r in federation["rounds"]
-    ]
-    return {
-        "run": {
-            "name": cfg.name,
-            "seed": cfg.seed,
-            "config": config_path,
-            "model": cfg.model.base,
-            "aggregation": cfg.aggregation.method,
-            "server_lr": cfg.aggregation.server_lr,
-            "rounds_planned": cfg.rounds,
-            "rounds_done": len(federation["rounds"]),
-            "best_round": federation["best_round"],
-            "stopped_early": federation["stopped_early"],
-        },
-        "regions": regions,
-        "overall": {
-            mode: _overall({r: v for r, v in scores.items() if r in sizes}, sizes) for mode, scores in modes.items()
-        },
-        "communication": {
-            "adapter_bytes": federation["adapter_bytes"],
-            "full_model_bytes": federation["full_model_bytes"],
-            "bytes_up_total": sum(r["bytes_up"] for r in per_round),
-            "bytes_down_total": sum(r["bytes_down"] for r in per_round),
-            "per_round": per_round,
-        },
-        "timing": {
-            "federated_s": federated_s,
-            "federation_loop_s": federation["seconds"],
-            **{f"{name}_s": seconds for name, (_, seconds) in baselines.items()},
-        },
-    }
-
-
-def add_personalized(summary: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
-    """Put each region's personalization result and the overall personalized scores into ``summary``."""
-    for name, entry in entries.items():
-        summary["regions"][name][keys.PERSONALIZED] = entry
-    sizes = {name: float(summary["regions"][name]["num_test"]) for name in entries}
-    summary["overall"][keys.PERSONALIZED] = _overall(entries, sizes)
-    summary.setdefault("timing", {})["personalize_s"] = sum(e["seconds"] for e in entries.values())
-
-
-def _pick(scores: dict[str, float] | None) -> dict[str, float]:
-    return {k: scores[k] for k in ("accuracy", "macro_f1") if k in scores} if scores else {}
-
-
-def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    """The lines of metrics.jsonl."""
-    path = out_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def simulate(
     cfg: RunConfig,
     out_dir: Path,
@@ -269,7 +172,7 @@ def simulate(
     verbose: bool = False,
     resume: bool = False,
     local_predictions: dict[str, np.ndarray] | None = None,
-) -> dict[str, Any]:
+) -> Summary:
     """Run the federated simulation and the configured baselines; write every output file; return the summary.
 
     ``local_predictions``, if given, receives the local-only baseline's test predictions per region (for A/B
@@ -278,22 +181,21 @@ def simulate(
     run again in full.
     """
     from runfolder.report import write_report
-    from server.app import ERROR_FILE
-    from server.federation import FEDERATION_FILE, FederationError, check_resumable, read_state
+    from server.federation import FederationError, check_resumable, read_state
 
     state = read_state(out_dir) if resume else None
     if state is not None:
         check_resumable(state, cfg, out_dir)  # the server checks again; refusing here spares starting Ray
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESOLVED_CONFIG_FILE).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     data = load_all(cfg, say)
     fed_file = out_dir / FEDERATION_FILE
     fed_file.unlink(missing_ok=True)
-    (out_dir / ERROR_FILE).unlink(missing_ok=True)
+    (out_dir / SERVER_ERROR_FILE).unlink(missing_ok=True)
     after = f", resuming after round {state.completed_round}" if state else (", nothing to resume" if resume else "")
     say(f"federated: {len(cfg.regions)} regions × {cfg.rounds} rounds{after}")
     federated_s = run_flower(cfg, out_dir, on_round or (lambda record: None), verbose, resume)
-    error_file = out_dir / ERROR_FILE
+    error_file = out_dir / SERVER_ERROR_FILE
     if error_file.exists():
         last = error_file.read_text().strip().splitlines()[-1]
         raise FederationError(f"the federated run failed: {last} (traceback in {error_file})")
@@ -309,9 +211,9 @@ def simulate(
         baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds)
     summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)
     if cfg.personalize.mode != "none":
-        add_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
-    summary["audit"] = audit_run(out_dir, cfg.region_names, say)
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        summary = with_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
+    summary = dataclasses.replace(summary, audit=audit_run(out_dir, cfg.region_names, say))
+    write_summary(out_dir, summary)
     write_report(out_dir, summary, read_metrics(out_dir))
     return summary
 
@@ -326,7 +228,7 @@ def audit_run(
     obtained from each operator (``fedlocale audit verify``), which is what makes the check mean something.
     """
     from runfolder.audit_report import write_audit_report
-    from server.audit import UPDATES_DIR, recompute
+    from server.audit import recompute
 
     audit = out_dir / AUDIT_DIR
     nodes = node_dirs or {name: audit / NODES_DIR / name for name in regions}

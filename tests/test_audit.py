@@ -23,9 +23,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.app import make_app as make_client_app
 from common import keys
 from common.audit import (
-    AUDIT_DIR,
-    NODES_DIR,
-    SERVER_DIR,
     Ledger,
     create_signing_key,
     cross_check,
@@ -45,6 +42,7 @@ from common.policy import (
     egress_problems,
     load_policy,
 )
+from common.runfiles import AUDIT_DIR, NODES_DIR, SERVER_DIR
 from server.audit import recompute
 from server.federation import federate
 from tests.conftest import tiny_config, write_region
@@ -288,6 +286,23 @@ def test_each_kind_of_violation_is_named(policy: RegionPolicy, reply: dict[str, 
 def test_a_policy_must_let_the_example_count_leave() -> None:
     with pytest.raises(ConfigError, match="must allow 'num-examples'"):
         EgressRules(metrics=(keys.LOSS,))
+
+
+def test_a_policy_naming_a_metric_as_the_run_folder_spells_it_is_refused_with_the_wire_spelling(
+    tmp_path: Path,
+) -> None:
+    """summary.json says macro_f1, a reply carries macro-f1: a policy copied from the summary would stop every
+    evaluation reply, so loading it fails, naming the file, the line and the spelling to use."""
+    path = tmp_path / "old.yaml"
+    path.write_text("region: north\negress:\n  metrics: [num-examples, accuracy, macro_f1, train_loss]\n")
+    with pytest.raises(ConfigError) as err:
+        load_policy(path)
+    assert err.value.problems == [
+        f"{path}:3: egress.metrics[2]: 'macro_f1' is the run folder's spelling; a reply carries it as 'macro-f1'",
+        f"{path}:3: egress.metrics[3]: 'train_loss' is the run folder's spelling; a reply carries it as 'train-loss'",
+    ]
+    path.write_text("region: north\negress:\n  metrics: [num-examples, accuracy, macro-f1, predictions]\n")
+    assert load_policy(path).egress.metrics == (keys.NUM_EXAMPLES, keys.ACCURACY, keys.MACRO_F1, "predictions")
 
 
 def test_the_policy_hash_follows_content_not_layout(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from common.audit import KEY_FILE, Ledger, LedgerCheck, load_verify_key, verify_ledger
-from runfolder.audit_report import REPORT_NAME, write_audit_report
+from common.audit import Ledger, LedgerCheck, load_verify_key, verify_ledger
+from common.runfiles import AUDIT_REPORT_FILE, KEY_FILE
+from runfolder.audit_report import write_audit_report
 
 T0 = datetime(2026, 11, 29, 21, 0, tzinfo=UTC)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -129,7 +130,7 @@ def report(ledgers: tuple[Path, list[LedgerCheck]], tmp_path_factory: pytest.Tem
     """The report of the verified ledgers with no findings: its folder and its text."""
     out = tmp_path_factory.mktemp("report")
     path = write_audit_report(ledgers[1], out)
-    assert path == out / REPORT_NAME
+    assert path == out / AUDIT_REPORT_FILE
     return out, path.read_text(encoding="utf-8")
 
 

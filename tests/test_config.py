@@ -22,8 +22,8 @@ from common.config import (
     client_task,
     load_config,
 )
-from common.errors import ConfigError
-from fedlocale.cli import EXIT_BAD_INPUT, main
+from common.errors import EXIT_BAD_INPUT, ConfigError
+from fedlocale.cli import main
 from tests.conftest import write_region
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.data import DataError, Example, load_region, normalise, read_split
+from common.data import DataError, Example, iter_rows, load_region, normalise, read_split
 
 LABELS = ("neg", "pos")
 
@@ -88,6 +88,32 @@ def test_csv_with_utf8_bom(tmp_path: Path) -> None:
     examples, problems = read_split(path, LABELS)
     assert problems == []
     assert examples == [Example("good", 1)]
+
+
+def test_a_csv_row_with_more_or_fewer_cells_than_columns_is_a_bad_row(tmp_path: Path) -> None:
+    """The same rule as `fedlocale predict` (common.data.iter_rows): an unquoted comma shifts the cells, so the
+    row is reported, never read with its extra cells dropped."""
+    path = tmp_path / "train.csv"
+    path.write_text("text,label\ngood,pos\ngreat, really,pos\nbad\nfine,neg\n", encoding="utf-8")
+    examples, problems = read_split(path, LABELS)
+    assert examples == [Example("good", 1), Example("fine", 0)]
+    assert problems == [f"{path}:3: 3 cells for 2 columns", f"{path}:4: 1 cells for 2 columns"]
+
+
+def test_rows_are_streamed_with_the_problems_in_place(tmp_path: Path) -> None:
+    """iter_rows is what predict reads through: one item per row in file order, bad rows as (line, reason), and
+    a file that stops decoding ends with one problem naming the last line read (text is decoded in chunks, so
+    the rows of the chunks before the bad byte come out first)."""
+    path = tmp_path / "in.jsonl"
+    good = b'{"text": "a"}\n' * 3000  # several decoding chunks
+    path.write_bytes(b'{"text": "first"}\n\n[1]\n' + good + b'{"text": "caf\xe9"}\n')
+    items = list(iter_rows(path, ("text",)))
+    assert items[:2] == [(1, {"text": "first"}), (3, "expected a JSON object")]
+    assert all(row == {"text": "a"} for _, row in items[2:-1]) and len(items) > 100
+    line, reason = items[-1]
+    assert (
+        line == 0 and reason == f"not UTF-8 after line {items[-2][0]} (invalid continuation byte); the rest is skipped"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

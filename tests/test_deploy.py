@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.audit import EGRESS, LEDGER_FILE, PUBLIC_KEY_FILE, SENT, read_entries
-from common.keys import PERSONALIZED_REPORT
+from common.audit import EGRESS, SENT, read_entries
+from common.runfiles import LEDGER_FILE, PERSONALIZED_REPORT, PUBLIC_KEY_FILE
 from deploy.config import load_deploy, read_deploy
 from deploy.launch import Cluster, LaunchError, ServerIdentityError, check_server_identity
 from deploy.pki import create_ca, create_node_keys, create_server_cert, pinned_fingerprint
@@ -346,7 +346,7 @@ def test_shipped_deployment_files_are_valid(path: Path) -> None:
 
 def test_a_personal_dir_without_personalize_settings_is_refused() -> None:
     from common.errors import ConfigError
-    from deploy.config import NodeSettings
+    from deploy.config import NodeEntry
 
     with pytest.raises(ConfigError, match="personal_dir: is set but personalize is not"):
-        NodeSettings(region="east", personal_dir=Path("/srv/personal"))
+        NodeEntry(region="east", personal_dir=Path("/srv/personal"))

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from client.personal import FROM_ROUND, personal_folder, read_metadata, round_file
-from common.keys import PERSONALIZED_REPORT
+from common.runfiles import PERSONALIZED_REPORT
 from deploy.launch import Cluster
 from deploy.plan import create_credentials
 from tests.test_deploy import _deployment, three_regions  # noqa: F401  (fixture)

@@ -154,3 +154,63 @@ def test_the_rules_catch_a_wrong_import(tmp_path: Path) -> None:
         "wrong.py:3: client (layer 1) imports tests.conftest",
     ]
     assert _upward("benchmarks.wrong", wrong) == ["wrong.py:3: benchmarks (layer 6) imports tests.conftest"]
+
+
+def _run_folder_names() -> tuple[set[str], set[str]]:
+    """The file names (with a dot) and folder names that common/runfiles.py defines, read from its constants."""
+    import common.runfiles as runfiles
+
+    names = {v for k, v in vars(runfiles).items() if k.isupper() and isinstance(v, str) and not k.endswith("_SUFFIX")}
+    files = {n for n in names if "." in n}
+    return files, names - files
+
+
+def _spelled_run_folder_names(path: Path) -> list[str]:
+    """Run-folder names that ``path`` spells itself: a string literal equal to a file name of common/runfiles.py,
+    a folder name joined onto a path (``/ "adapter"``), or a round entry's f-string (``f"round-{…}"``)."""
+    files, folders = _run_folder_names()
+    label = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    found: list[tuple[int, str]] = []
+    tree = ast.parse(path.read_text(), str(path))
+    # the literal parts of an f-string are judged with the f-string (below), not as strings of their own
+    parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    for node in ast.walk(tree):
+        if id(node) in parts:
+            continue
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in files:
+            found.append((node.lineno, repr(node.value)))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("round-"):
+            found.append((node.lineno, repr(node.value)))  # a glob or pattern over round entries
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            right = node.right
+            if isinstance(right, ast.Constant) and right.value in folders:
+                found.append((node.lineno, f"/ {right.value!r}"))
+        elif isinstance(node, ast.JoinedStr):
+            head = node.values[0] if node.values else None
+            if isinstance(head, ast.Constant) and str(head.value).startswith("round-"):
+                found.append((node.lineno, "f'round-…'"))
+    return [f"{label}:{line}: {what}" for line, what in sorted(found)]
+
+
+def test_only_common_runfiles_spells_run_folder_names() -> None:
+    """Every file and folder name of a run folder comes from common/runfiles.py (one place to rename one)."""
+    own = ROOT / "common" / "runfiles.py"
+    assert [hit for path in MODULES.values() if path != own for hit in _spelled_run_folder_names(path)] == []
+
+
+def test_the_run_folder_name_check_can_fail(tmp_path: Path) -> None:
+    """The check above must be able to fail: a file name, a folder joined onto a path and a round entry are found;
+    the same word as a plain value (``kind = "adapter"``) is not."""
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text(
+        'import json\nfrom pathlib import Path\n\nout = Path("x")\n'
+        'summary = json.loads((out / "summary.json").read_text())\n'
+        'adapter = out / "adapter"\nkind = "adapter"\nround_dir = out / f"round-{3:03d}"\n'
+        'kept = out.glob("round-*.safetensors")\n'
+    )
+    assert _spelled_run_folder_names(wrong) == [
+        "wrong.py:5: 'summary.json'",
+        "wrong.py:6: / 'adapter'",
+        "wrong.py:8: f'round-…'",
+        "wrong.py:9: 'round-*.safetensors'",
+    ]

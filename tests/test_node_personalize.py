@@ -16,6 +16,7 @@ from common import keys
 from common.config import ClientTask, PersonalizeSettings, Region
 from common.errors import ConfigError
 from common.model import adapter_state, build_model
+from common.runfiles import PERSONALIZED_REPORT
 from runfolder.export import load_exported
 from tests.conftest import write_region
 
@@ -74,7 +75,7 @@ def test_node_keeps_its_personalized_model_and_report(tmp_path: Path, task: Clie
     report = personalize_node(region, task, state, node, now=1_700_000_000.0)
 
     folder = tmp_path / "own" / "north"
-    assert json.loads((folder / keys.PERSONALIZED_REPORT).read_text()) == report
+    assert json.loads((folder / PERSONALIZED_REPORT).read_text()) == report
     assert report["time"] == 1_700_000_000.0 and report["round"] == 3 and report["bytes_sent"] == 0
     val, evidence = report["val_macro_f1"], report["val_ab"]
     assert evidence["diff"] == pytest.approx(val["personalized"] - val["global"]) and report["choice"] == "confident"

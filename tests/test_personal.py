@@ -295,7 +295,8 @@ def test_a_run_is_personalized_from_the_round_personalize_start_names(
 
     from common.config import load_config
     from common.model import save_adapter
-    from server.federation import FEDERATION_FILE, RunState, checkpoint_dir, write_state
+    from common.runfiles import FEDERATION_FILE
+    from server.federation import RunState, checkpoint_dir, write_state
     from simulations.personalize import personalize_run, run_personal, start_model
     from simulations.runner import load_all
     from tests.conftest import tiny_config

@@ -165,7 +165,7 @@ def test_read_inputs_is_a_pure_reader(tmp_path: Path) -> None:
     [
         ("all-bad.jsonl", "{oops\n[]\n", "no row could be read"),
         ("empty.jsonl", "\n\n", "no row could be read"),
-        ("no-text.csv", "id,body\n1,good\n", "no-text.csv:1: header lacks a text column"),
+        ("no-text.csv", "id,body\n1,good\n", "no-text.csv:1: header lacks column(s) text"),
         ("notes.txt", "good\n", "unsupported input"),
         ("latin1.jsonl", b'{"text": "caf\xe9"}\n', "not UTF-8"),
         ("missing.jsonl", None, "No such file"),

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from common.runfiles import Summary
 from runfolder.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -139,7 +139,7 @@ def check_png(path: Path) -> None:
 
 
 def test_full_report(tmp_path: Path) -> None:
-    report = write_report(tmp_path / "run", make_summary(), make_metrics())
+    report = write_report(tmp_path / "run", Summary.from_json(make_summary()), make_metrics())
 
     assert report == tmp_path / "run" / "report.md"
     text = report.read_text(encoding="utf-8")
@@ -171,7 +171,7 @@ def test_report_without_baselines_or_per_round(tmp_path: Path) -> None:
     # a PNG from an earlier run must not survive next to a report that says it was skipped
     (tmp_path / "bytes_by_round.png").write_bytes(b"stale")
 
-    text = write_report(tmp_path, summary, metrics).read_text(encoding="utf-8")
+    text = write_report(tmp_path, Summary.from_json(summary), metrics).read_text(encoding="utf-8")
 
     assert "Skipped plot `bytes_by_round.png`" in text
     assert "Skipped plot `train_loss_by_round.png`" in text
@@ -192,15 +192,15 @@ def test_overall_is_recomputed_only_when_every_region_has_the_mode(tmp_path: Pat
     del summary["overall"]
     del summary["regions"]["Brazil"]["local_only"]
 
-    text = write_report(tmp_path, summary, make_metrics()).read_text(encoding="utf-8")
+    text = write_report(tmp_path, Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
 
     # federated: (0.78*500 + 0.74*400 + 0.66*200) / 1100 = 0.7436; local-only is n/a overall
     assert "| **overall** | 8,500 | 1,100 | 0.775 | 0.744 | n/a | n/a |" in text
 
 
-@pytest.mark.parametrize("summary", [{}, {"run": {"name": "empty"}, "regions": {}}])
-def test_empty_inputs_still_write_a_report(tmp_path: Path, summary: dict[str, Any]) -> None:
-    text = write_report(tmp_path, copy.deepcopy(summary), []).read_text(encoding="utf-8")
+@pytest.mark.parametrize("summary", [Summary(regions={}), Summary(run={"name": "empty"}, regions={})])
+def test_empty_inputs_still_write_a_report(tmp_path: Path, summary: Summary) -> None:
+    text = write_report(tmp_path, summary, []).read_text(encoding="utf-8")
 
     assert text.count("Skipped plot") == 4
     assert "No overall test scores were recorded." in text

@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 from client.app import make_app as make_client_app
 from common import keys
 from common.config import EarlyStopping, Region, RunConfig, load_config
+from common.runfiles import CONFIG_FILE, PERSONALIZED_REPORT, SERVER_ERROR_FILE, STATE_FILE, SUMMARY_FILE
 from server.federation import (
     RESUMABLE_CHANGES,
-    STATE_FILE,
     FederationError,
     FederationResult,
     ResumeError,
@@ -254,14 +254,14 @@ def test_a_different_config_is_refused_naming_both(tmp_path: Path, tiny_bert: Pa
 def test_simulate_refuses_a_different_config_before_starting_anything(
     tmp_path: Path, tiny_bert: Path, two_regions: Path
 ) -> None:
-    from simulations.runner import RESOLVED_CONFIG_FILE, simulate
+    from simulations.runner import simulate
 
     cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
     saved_state(cfg, tmp_path)
     changed = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, r=8))
     with pytest.raises(ResumeError, match=r"lora\.r: 4 when started, 8 now"):
         simulate(changed, tmp_path, resume=True)
-    assert not (tmp_path / RESOLVED_CONFIG_FILE).exists()
+    assert not (tmp_path / CONFIG_FILE).exists()
 
 
 def test_operational_settings_may_change(tmp_path: Path, tiny_bert: Path, two_regions: Path) -> None:
@@ -399,8 +399,7 @@ def test_simulation_stopped_after_round_two_and_resumed_equals_an_uninterrupted_
 ) -> None:
     import ray
 
-    from server.app import ERROR_FILE
-    from simulations.runner import SUMMARY_FILE, simulate
+    from simulations.runner import simulate
 
     cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=3, train=TRAIN))
 
@@ -422,21 +421,21 @@ def test_simulation_stopped_after_round_two_and_resumed_equals_an_uninterrupted_
     state = read_state(out)
     assert state is not None and state.completed_round == 2
     assert not (out / "federation.json").exists()
-    assert "StopServer" in (out / ERROR_FILE).read_text()
+    assert "StopServer" in (out / SERVER_ERROR_FILE).read_text()
 
     seen: list[int] = []
     summary = simulate(cfg, out, on_round=lambda record: seen.append(record["round"]), resume=True, say=quiet)
     assert seen == [3]
-    assert not (out / ERROR_FILE).exists()
+    assert not (out / SERVER_ERROR_FILE).exists()
     assert_same_run(out, tmp_path / "whole")
     # the resumed run is the same run: it kept its key (the nodes tie what they keep between rounds to it)
     resumed, whole_state = read_state(out), read_state(tmp_path / "whole")
     assert resumed is not None and whole_state is not None
     assert resumed.run_key == state.run_key and len(state.run_key) == 16 and whole_state.run_key != state.run_key
-    assert [r["round"] for r in summary["communication"]["per_round"]] == [1, 2, 3]
+    assert [r["round"] for r in summary.communication["per_round"]] == [1, 2, 3]
     whole = json.loads((tmp_path / "whole" / SUMMARY_FILE).read_text())
-    assert summary["communication"]["per_round"] == whole["communication"]["per_round"]
-    assert summary["overall"] == whole["overall"]
+    assert summary.communication["per_round"] == whole["communication"]["per_round"]
+    assert summary.overall == whole["overall"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -460,7 +459,7 @@ def test_a_node_personalizes_from_the_last_round_when_it_is_not_the_best(
     out = tmp_path / "out"
     result = federate(grid, cfg, out)  # type: ignore[arg-type]
     assert result.best_round == 1 and len(result.rounds) == 3
-    report = json.loads((tmp_path / "own" / "north" / keys.PERSONALIZED_REPORT).read_text())
+    report = json.loads((tmp_path / "own" / "north" / PERSONALIZED_REPORT).read_text())
     assert (report["round"], report["start_round"]) == (1, 3)
     # a probe refits the head only: the personalized adapter's LoRA is the last round's, not the best round's
     personalized = load_file(str(tmp_path / "own" / "north" / "personalized" / "adapter_model.safetensors"))

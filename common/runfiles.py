@@ -1,0 +1,171 @@
+"""The run folder: the name of every file and folder in it, and its ``summary.json`` as a typed object.
+
+A run folder (``runs/NAME`` of ``fedlocale simulate``, ``OUT`` of ``fedlocale deploy``) is written by the server
+(federation record, metrics, state, checkpoints, the global adapter, its ledger), by the simulated nodes (their
+ledgers and personal LoRAs) and by the operator's commands (summary, reports, personalized adapters). Its names
+live here, in ``common``, because the server and the nodes both write into it; nothing else spells them::
+
+    RUN_DIR/
+      summary.json            Summary: per region and overall scores of every mode, communication, timing, audit
+      metrics.jsonl           one line per round x region x split (the server, flushed each round)
+      federation.json         the server's record of the finished federation
+      state.json              the round loop's state after each round (resume)
+      config.yaml             the resolved run config (simulation)
+      server-error.txt        the ServerApp's traceback when it failed
+      adapter/                the final global adapter (peft folder)
+      checkpoints/round-NNN/  each round's global adapter (resume, personalize.start)
+      personalized/REGION/    the adapter each region serves after personalization
+      personal/REGION/        a simulated node's personal-dir: personal-lora/round-NNN.safetensors,
+                              personalized.json, personalize-error.txt
+      report.md + *.png       the human report and its plots
+      audit/                  keys.yaml, audit-report.md + audit-bytes-REGION.png,
+        server/ nodes/REGION/ ledger.jsonl, ledger.key, ledger.pub of each signer
+        updates/round-NNN/    kept updates (REGION.npz) and the incoming global adapter (global-in.npz)
+
+A deployed node keeps its ledger folder and personal-dir on its own disk under the same names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from common.errors import InputError
+
+SUMMARY_FILE: Final = "summary.json"
+METRICS_FILE: Final = "metrics.jsonl"
+FEDERATION_FILE: Final = "federation.json"
+STATE_FILE: Final = "state.json"
+CONFIG_FILE: Final = "config.yaml"  # the resolved config a simulation ran with (absolute paths)
+SERVER_ERROR_FILE: Final = "server-error.txt"
+ADAPTER_DIR: Final = "adapter"
+CHECKPOINTS_DIR: Final = "checkpoints"
+PERSONALIZED_DIR: Final = "personalized"  # RUN_DIR/personalized/REGION: the personalized adapter a region serves
+
+# the human report and its plots
+REPORT_FILE: Final = "report.md"
+VAL_PLOT: Final = "val_by_round.png"
+MODES_PLOT: Final = "modes_by_region.png"
+BYTES_PLOT: Final = "bytes_by_round.png"
+LOSS_PLOT: Final = "train_loss_by_round.png"
+AB_PLOT: Final = "ab_by_region.png"
+
+# audit/: the server's ledger in audit/server/, each simulated node's in audit/nodes/REGION/
+AUDIT_DIR: Final = "audit"
+NODES_DIR: Final = "nodes"
+SERVER_DIR: Final = "server"
+KEYS_FILE: Final = "keys.yaml"  # signer name → public key file, written beside a simulated run's ledgers
+LEDGER_FILE: Final = "ledger.jsonl"
+KEY_FILE: Final = "ledger.key"
+PUBLIC_KEY_FILE: Final = "ledger.pub"
+AUDIT_REPORT_FILE: Final = "audit-report.md"
+AUDIT_PLOT: Final = "audit-bytes-{}.png"  # .format(region)
+UPDATES_DIR: Final = "updates"  # audit/updates/round-NNN/REGION.npz when audit.keep_updates
+GLOBAL_IN_FILE: Final = "global-in.npz"  # the global adapter a round started from, beside its kept updates
+UPDATE_SUFFIX: Final = ".npz"
+
+# a node's personal-dir (in a simulation RUN_DIR/personal): REGION/ holds these
+SIMULATED_PERSONAL_DIR: Final = "personal"  # a simulation's stand-in for its nodes' personal-dir
+PERSONAL_LORA_DIR: Final = "personal-lora"  # the node's kept personal slices, round-NNN.safetensors
+PERSONAL_LORA_SUFFIX: Final = ".safetensors"
+PERSONALIZED_REPORT: Final = "personalized.json"  # the node's own A/B report
+PERSONALIZE_ERROR_FILE: Final = "personalize-error.txt"
+
+
+ROUND_PREFIX: Final = "round-"  # round_name's prefix, for globs over the rounds kept in a folder
+
+
+def round_name(server_round: int) -> str:
+    """The name of one round's entry in checkpoints/, updates/ and personal-lora/ (``round-NNN``)."""
+    return f"{ROUND_PREFIX}{server_round:03d}"
+
+
+class SummaryError(InputError):
+    """A summary.json that is missing, not JSON, or not the shape a run writes; the message names the file."""
+
+
+SECTIONS: Final = ("run", "regions", "overall", "communication", "timing", "audit")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What ``summary.json`` holds; deployment and simulation both fill this one type.
+
+    - ``run``: name, seed, config, model, aggregation, server_lr, rounds_planned, rounds_done, best_round,
+      stopped_early;
+    - ``regions``: per region its counts (num_train, num_val, num_test, dropped; a deployment knows only
+      num_train and num_test) and ``{accuracy, macro_f1}`` per mode (federated, centralized, local_only), plus
+      ``personalized`` (the choice and its A/B) after personalization;
+    - ``overall``: per mode ``{accuracy, macro_f1}``, weighted by test size;
+    - ``communication``: adapter_bytes, full_model_bytes, bytes_up_total, bytes_down_total, per_round;
+    - ``timing``: seconds of the federation, each baseline and personalization;
+    - ``audit``: the ledger check of the run (``None`` when the run was not audited).
+
+    Only ``regions`` is required when reading: every reader treats the other sections as optional.
+    """
+
+    regions: Mapping[str, Any]
+    run: Mapping[str, Any] = field(default_factory=dict)
+    overall: Mapping[str, Any] = field(default_factory=dict)
+    communication: Mapping[str, Any] = field(default_factory=dict)
+    timing: Mapping[str, Any] = field(default_factory=dict)
+    audit: Mapping[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to summary.json (sections in the order they have always had)."""
+        out: dict[str, Any] = {
+            "run": dict(self.run),
+            "regions": dict(self.regions),
+            "overall": dict(self.overall),
+            "communication": dict(self.communication),
+            "timing": dict(self.timing),
+        }
+        if self.audit is not None:
+            out["audit"] = dict(self.audit)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = SUMMARY_FILE) -> Summary:
+        """The summary in ``data`` (parsed JSON); ``source`` names it in a SummaryError when its shape is wrong."""
+        if not isinstance(data, dict):
+            raise SummaryError(f"{source}: not a JSON object")
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise SummaryError(f"{source}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
+        if not isinstance(data.get("regions"), dict):
+            raise SummaryError(f"{source}: no 'regions' object (is it a fedlocale run's summary?)")
+        for name in SECTIONS:
+            if name in data and not isinstance(data[name], dict):
+                raise SummaryError(f"{source}: '{name}' is a {type(data[name]).__name__}, not an object")
+        return cls(**{name: data[name] for name in SECTIONS if name in data})
+
+
+def read_summary(run_dir: Path) -> Summary:
+    """RUN_DIR/summary.json; a SummaryError naming the file when it is missing, not JSON or not a summary."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        raise SummaryError(f"{path}: no such file (is {run_dir} a finished run?)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SummaryError(f"{path}: not valid JSON ({err})") from err
+    return Summary.from_json(data, str(path))
+
+
+def write_summary(run_dir: Path, summary: Summary) -> Path:
+    """Write RUN_DIR/summary.json atomically (a temp sibling renamed over it): a crash leaves the old file or the
+    new one, never half of one, so a reader such as ``fedlocale export`` never sees a torn summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / SUMMARY_FILE
+    # a fixed sibling opened as any file is (not mkstemp): the summary keeps the umask's permissions as before
+    tmp = path.with_name(f"{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(json.dumps(summary.to_json(), indent=2) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path

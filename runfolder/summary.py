@@ -1,0 +1,121 @@
+"""Building a run's ``Summary`` (common.runfiles) from what the server recorded and what the baselines scored.
+
+Deployment (``fedlocale deploy``) and simulation (``fedlocale simulate``) both fill the summary here, so the two
+cannot write different shapes; ``fedlocale personalize`` adds its results with ``with_personalized``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from common import keys
+from common.config import RunConfig
+from common.data import RegionData
+from common.metrics import weighted_mean
+from common.runfiles import METRICS_FILE, Summary
+
+SCORES = ("accuracy", "macro_f1")  # what the summary keeps of each mode's scores
+
+
+def _overall(per_region: dict[str, dict[str, float]], sizes: dict[str, float]) -> dict[str, float]:
+    return {metric: weighted_mean({r: v[metric] for r, v in per_region.items()}, sizes) for metric in SCORES}
+
+
+def _pick(scores: dict[str, float] | None) -> dict[str, float]:
+    return {k: scores[k] for k in SCORES if k in scores} if scores else {}
+
+
+def build_summary(
+    cfg: RunConfig,
+    data: dict[str, RegionData] | None,
+    federation: dict[str, Any],
+    baselines: dict[str, tuple[dict[str, dict[str, float]], float]],
+    federated_s: float,
+    config_path: str,
+    audit: dict[str, Any] | None = None,
+) -> Summary:
+    """The summary of a run: per region and overall scores of every mode, communication and timing.
+
+    ``data`` is None for a deployment, whose server never sees the regions' data: region sizes then come from
+    the replies' ``num-examples`` (train and test), and validation sizes stay unknown.
+    """
+    modes = {keys.FEDERATED: federation["test"], **{name: scores for name, (scores, _) in baselines.items()}}
+    counts: dict[str, dict[str, Any]]
+    if data is None:
+        trained = {r: v["num_examples"] for rnd in federation["rounds"] for r, v in rnd["train"].items()}
+        counts = {
+            name: {"num_test": int(s["num_examples"]), **({"num_train": trained[name]} if name in trained else {})}
+            for name, s in federation["test"].items()
+        }
+    else:
+        counts = {
+            name: {
+                "num_train": len(region.train),
+                "num_val": len(region.val),
+                "num_test": len(region.test),
+                "dropped": region.dropped,
+            }
+            for name, region in data.items()
+        }
+    sizes = {name: float(c["num_test"]) for name, c in counts.items()}
+    regions = {
+        name: {**c, **{mode: _pick(scores.get(name)) for mode, scores in modes.items() if name in scores}}
+        for name, c in counts.items()
+    }
+    per_round = [
+        {k: r[k] for k in ("round", "bytes_up", "bytes_down", "participants", "missing", "rejected")}
+        for r in federation["rounds"]
+    ]
+    return Summary(
+        run={
+            "name": cfg.name,
+            "seed": cfg.seed,
+            "config": config_path,
+            "model": cfg.model.base,
+            "aggregation": cfg.aggregation.method,
+            "server_lr": cfg.aggregation.server_lr,
+            "rounds_planned": cfg.rounds,
+            "rounds_done": len(federation["rounds"]),
+            "best_round": federation["best_round"],
+            "stopped_early": federation["stopped_early"],
+        },
+        regions=regions,
+        overall={
+            mode: _overall({r: v for r, v in scores.items() if r in sizes}, sizes) for mode, scores in modes.items()
+        },
+        communication={
+            "adapter_bytes": federation["adapter_bytes"],
+            "full_model_bytes": federation["full_model_bytes"],
+            "bytes_up_total": sum(r["bytes_up"] for r in per_round),
+            "bytes_down_total": sum(r["bytes_down"] for r in per_round),
+            "per_round": per_round,
+        },
+        timing={
+            "federated_s": federated_s,
+            "federation_loop_s": federation["seconds"],
+            **{f"{name}_s": seconds for name, (_, seconds) in baselines.items()},
+        },
+        audit=audit,
+    )
+
+
+def with_personalized(summary: Summary, entries: dict[str, dict[str, Any]]) -> Summary:
+    """``summary`` with each region's personalization result and the overall personalized scores put in (a new
+    Summary; the one given is left as it was)."""
+    regions = copy.deepcopy(dict(summary.regions))
+    for name, entry in entries.items():
+        regions[name][keys.PERSONALIZED] = entry
+    sizes = {name: float(regions[name]["num_test"]) for name in entries}
+    overall = {**copy.deepcopy(dict(summary.overall)), keys.PERSONALIZED: _overall(entries, sizes)}
+    timing = {**summary.timing, "personalize_s": sum(e["seconds"] for e in entries.values())}
+    return dataclasses.replace(summary, regions=regions, overall=overall, timing=timing)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The lines of RUN_DIR/metrics.jsonl (none when the file is absent)."""
+    path = run_dir / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
