@@ -10,8 +10,9 @@ by the cold run), each with torch threads left at the default and with the node 
 with the ClientApp's ``gc.freeze`` calls disabled, to measure the process as it was before.
 
 Phases (exclusive, seconds): interpreter start, imports of flwr / torch / transformers / peft / ours, data load,
-tokenisation (with the cache's fingerprint and lookup), tokenizer load, model build (from_pretrained + LoRA +
-received adapter), the train or evaluate work, other (message parsing, reply); then ``to_reply`` (launch until
+PII redaction (with a region policy), tokenisation (with the cache's fingerprint and lookup), tokenizer load,
+model build (from_pretrained + LoRA + received adapter), the train or evaluate work, other (message parsing, the
+guard, reply); then ``to_reply`` (launch until
 the reply is ready), the process exit after it, and the total wall time. Ratios are paired within each repeat
 (scenarios run interleaved, every other repeat in reverse), so a change in the machine's load cancels out.
 """
@@ -49,17 +50,20 @@ IMPORTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("peft", ("peft",)),
     ("ours", ("client.app",)),
 )
-# Phase -> functions whose time it takes, as looked up by name in client.task (a redaction step goes in "data").
+# Phase -> functions whose time it takes, as looked up by name in the node's modules (NODE_MODULES).
 PHASES: dict[str, tuple[str, ...]] = {
     "data": ("load_region",),
+    "redact": ("redact_region",),
     "tokenise": ("encode_split",),
     "model": ("build_model", "load_adapter_state"),
     "work": ("train_encoded", "evaluate_encoded"),
 }
+NODE_MODULES = ("client.task", "client.pipeline")
 COLUMNS = (
     "interpreter",
     *(name for name, _ in IMPORTS),
     "data",
+    "redact",
     "tokenise",
     "tokenizer_load",
     "model",
@@ -143,17 +147,29 @@ def _import_phases() -> dict[str, float]:
     return out
 
 
-def _instrument(clock: PhaseClock) -> None:
-    """Charge client.task's steps (and the tokenizer load inside the model build) to their phases."""
+def _instrument(clock: PhaseClock) -> dict[str, list[str]]:
+    """Charge the node's steps (and the tokenizer load inside the model build) to their phases; return where
+    each phase's functions were found.
+
+    A function is wrapped in every node module that looks it up (``client.task`` and, since the data pipeline
+    became its own module, ``client.pipeline``), so that the same bench times a checkout from before that
+    change (``--baseline-tree``); a call goes through one module's name, so nothing is counted twice.
+    """
+    import importlib.util
+
     import transformers
 
-    import client.task
-
+    modules = [importlib.import_module(m) for m in NODE_MODULES if importlib.util.find_spec(m) is not None]
+    found: dict[str, list[str]] = {}
     for phase, names in PHASES.items():
         for name in names:
-            setattr(client.task, name, clock.wrap(phase, getattr(client.task, name)))
+            for module in modules:
+                if callable(getattr(module, name, None)):
+                    setattr(module, name, clock.wrap(phase, getattr(module, name)))
+                    found.setdefault(phase, []).append(f"{module.__name__}.{name}")
     auto = transformers.AutoTokenizer
     auto.from_pretrained = staticmethod(clock.wrap("tokenizer_load", auto.from_pretrained))  # type: ignore[method-assign]
+    return found
 
 
 def _message(spec: dict[str, Any]) -> tuple[Any, Any]:
@@ -216,7 +232,7 @@ def run_child(spec_path: Path) -> dict[str, Any]:
     phases.update(_import_phases())
     msg, context = _message(spec)
     clock, gc_clock = PhaseClock(), GcClock()
-    _instrument(clock)
+    instrumented = _instrument(clock)
     from client.app import make_app
 
     app = make_app()
@@ -225,15 +241,19 @@ def run_child(spec_path: Path) -> dict[str, Any]:
     reply = app(msg, context)
     handler = time.perf_counter() - start
     gc.callbacks.remove(gc_clock)
-    missing = [p for p in PHASES if p not in clock.seconds]
+    # a node without a policy redacts nothing: that phase may not run
+    missing = [p for p in PHASES if p not in clock.seconds and p != "redact"]
     if missing:
-        raise RuntimeError(f"phase(s) {missing} never ran: client.task no longer calls {[PHASES[p] for p in missing]}")
+        raise RuntimeError(f"phase(s) {missing} never ran: the node no longer calls {[PHASES[p] for p in missing]}")
     phases.update(clock.seconds)
+    phases.setdefault("redact", 0.0)
     phases["other"] = handler - sum(clock.seconds.values())
     import torch
 
     return {
         "phases": phases,
+        "calls": clock.calls,  # per phase: how often its functions ran for this one message
+        "instrumented": instrumented,
         "gc_in_handler_s": gc_clock.seconds,
         "objects_tracked_by_gc": len(gc.get_objects()),
         "modules": len(sys.modules),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.augment import augment_train
 from client.personal import (
     PersonalStateError,
     Slices,
@@ -28,12 +27,13 @@ from client.personal import (
     widen,
 )
 from client.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
+from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
 from client.train import EvalResult, TrainResult, evaluate_encoded, predict_proba_encoded, train_encoded
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
-from common.data import Example, RegionData, load_region, redact_region
+from common.data import Example
 from common.errors import InputError
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
@@ -128,13 +128,12 @@ class Personal:
     rank: int
 
 
-def region_data(region: Region, labels: tuple[str, ...], node: NodeSettings) -> tuple[RegionData, dict[str, int]]:
-    """The region's data as training sees it: loaded, cleaned, and with the policy's PII replaced by type
-    tokens (before anything is tokenised or cached); also the count of each PII type replaced."""
-    data = load_region(region.name, region.data, labels)
-    if node.policy is None:
-        return data, {}
-    return redact_region(data, node.policy.pii.rules())
+def load_data(region: Region, task: ClientTask, node: NodeSettings, *, training: bool = False) -> NodeData:
+    """The region's data through the node's pipeline (``client.pipeline.node_data``): redacted by the node's
+    policy and, for ``training``, with the train split augmented as the node's operator set it."""
+    use_threads(node, task)  # back-translation runs a model: the node's thread setting applies to it too
+    augment = node.augment if training else None
+    return node_data(region.name, region.data, task.labels, node.policy, augment=augment, seed=task.seed)
 
 
 def _threads(value: object) -> int | None:
@@ -205,14 +204,6 @@ def region_index(region: Region, task: ClientTask) -> int:
     return task.region_names.index(region.name)
 
 
-def prepare(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings | None = None
-) -> tuple[RegionData, LoadedModel]:
-    """Load the region's data (through the node's pipeline) and a model carrying the received global adapter."""
-    data, _ = region_data(region, task.labels, node or NodeSettings())
-    return data, global_model(task, state)
-
-
 def global_model(task: ClientTask, state: Mapping[str, torch.Tensor]) -> LoadedModel:
     """The task's base model carrying the global adapter ``state``."""
     loaded = build_model(task.model, task.lora, task.labels, seed=task.seed)
@@ -226,18 +217,23 @@ def encode_split(loaded: LoadedModel, examples: Sequence[Example], task: ClientT
 
 
 def train_round(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings | None = None
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    node: NodeSettings | None = None,
+    data: NodeData | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Train the global adapter on the region's train split; return the new adapter state."""
+    """Train the global adapter on the region's train split (``data``, else loaded with ``load_data``);
+    return the new adapter state."""
     node = node or NodeSettings()
     settings = replace(task.train, threads=use_threads(node, task))
-    data, loaded = prepare(region, task, state, node)
-    train = augment(data, task, node)
-    encoded = encode_split(loaded, train, task, node)
+    data = data or load_data(region, task, node, training=True)
+    loaded = global_model(task, state)
+    encoded = encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
     result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=_pad_id(loaded), seed=seed)
     # augmented copies are not new examples: the FedAvg weight stays the region's real training-set size
-    return adapter_state(loaded.model), replace(result, num_examples=len(data.train))
+    return adapter_state(loaded.model), replace(result, num_examples=len(data.data.train))
 
 
 def personal_state(region: Region, task: ClientTask, node: NodeSettings) -> tuple[Path, str, int]:
@@ -265,7 +261,11 @@ def _continued(folder: Path, task: ClientTask, tag: str, rank: int, state: Mappi
 
 
 def train_dual(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    node: NodeSettings,
+    data: NodeData | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """``train_round`` with the region's personal LoRA alongside the global adapter (personalize mode dual):
     one adapter of rank r + p is trained (``client.personal``), the personal slices are kept in the node's
@@ -284,7 +284,7 @@ def train_dual(
         wide = replace(task, lora=widen(task.lora, rank))
     except ValueError as err:
         raise NodeConfigError(f"{keys.NODE_PERSONALIZE} settings of this node: {err}") from err
-    new_state, result = train_round(region, wide, join(state, start), node)
+    new_state, result = train_round(region, wide, join(state, start), node, data)
     sent, personal = split(new_state, task.lora.r)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if {k: tuple(v.shape) for k, v in sent.items()} != shapes:  # the reply must be exactly a global adapter
@@ -293,23 +293,22 @@ def train_dual(
     return sent, result
 
 
-def augment(data: RegionData, task: ClientTask, node: NodeSettings) -> list[Example]:
-    """The node's augmented training split (its own setting; the server neither sees nor sets it)."""
-    if node.augment is None:
-        return data.train
-    augmented, counts = augment_train(data, node.augment, derive_seed(task.seed, "augment", data.name))
-    log.info("%s: augmentation %s", data.name, counts)
-    return augmented.train
-
-
 def evaluate_round(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], split: str, node: NodeSettings | None = None
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    split: str,
+    node: NodeSettings | None = None,
+    data: NodeData | None = None,
+    loaded: LoadedModel | None = None,
 ) -> EvalResult:
-    """Evaluate the global adapter on one split of the region's data (empty if the region has no such split)."""
+    """Evaluate the global adapter ``state`` on one split of the region's data (empty if the region has no such
+    split); ``data`` and ``loaded`` (the model carrying ``state``) are loaded here when not given."""
     node = node or NodeSettings()
     use_threads(node, task)
-    data, loaded = prepare(region, task, state, node)
-    encoded = encode_split(loaded, data.split(split), task, node)
+    data = data or load_data(region, task, node)
+    loaded = loaded or global_model(task, state)
+    encoded = encode_split(loaded, data.data.split(split), task, node)
     return evaluate_encoded(
         loaded.model,
         encoded.ids,
@@ -318,6 +317,49 @@ def evaluate_round(
         pad_id=_pad_id(loaded),
         batch_size=task.train.eval_batch_size,
     )
+
+
+def evaluate_message(
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    split: str,
+    node: NodeSettings,
+    data: NodeData,
+    last: Callable[[], tuple[int, Mapping[str, torch.Tensor]] | None],
+    now: float,
+) -> EvalResult:
+    """One evaluate message: the global adapter ``state`` on ``split`` of ``data``; after the test split, the
+    node's own personalization (``node.personalize``) on the same data and model. ``last`` gives the last
+    round's number and adapter when the test evaluation carries them (``personalize_node``); ``now`` stamps
+    the personalization report."""
+    use_threads(node, task)
+    loaded = global_model(task, state)
+    result = evaluate_round(region, task, state, split, node, data, loaded)
+    if split == keys.TEST and node.personalize is not None:
+        _personalize_locally(region, task, state, node, data, loaded, last, now)
+    return result
+
+
+def _personalize_locally(
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    node: NodeSettings,
+    data: NodeData,
+    loaded: LoadedModel,
+    last: Callable[[], tuple[int, Mapping[str, torch.Tensor]] | None],
+    now: float,
+) -> None:
+    """``personalize_node`` as the test message runs it. The federation does not depend on it, so a failure
+    is logged and written next to where the model would be, and the test reply still goes out."""
+    try:
+        personalize_node(region, task, state, node, now=now, last=last(), data=data, loaded=loaded)
+    except Exception as err:  # any failure here is the node's own business, reported locally
+        log.exception("%s: personalization failed", region.name)
+        folder = (node.personal_dir or Path(".")) / region.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "personalize-error.txt").write_text(f"{type(err).__name__}: {err}\n")
 
 
 def _pad_id(loaded: LoadedModel) -> int:
@@ -355,6 +397,8 @@ def personalize_node(
     node: NodeSettings,
     now: float,
     last: tuple[int, Mapping[str, torch.Tensor]] | None = None,
+    data: NodeData | None = None,
+    loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
     """Personalize the run's final model on this node's data, as ``node.personalize`` says, and keep the result
     here: ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's
@@ -363,19 +407,21 @@ def personalize_node(
     ``state`` is the global adapter of the run's best round, which the test evaluation carries; ``last`` the
     last round's number and global adapter, which it carries beside it when the two differ. Personalization
     starts from the one ``personalize.start`` names and is compared with the best round's.
-    ``now`` (seconds since the epoch) stamps the report.
+    ``now`` (seconds since the epoch) stamps the report. ``data`` and ``loaded`` (the model carrying ``state``)
+    are what the test evaluation already loaded; they are loaded here when not given.
     """
     if node.personalize is None or node.personal_dir is None:
         raise NodeConfigError(f"this node has no {keys.NODE_PERSONALIZE} / {keys.NODE_PERSONAL_DIR} settings")
     use_threads(node, task)
-    data, loaded = prepare(region, task, state, node)
+    examples = (data or load_data(region, task, node)).data
+    loaded = loaded or global_model(task, state)
     settings = node.personalize
     started = time.perf_counter()
     seed = derive_seed(task.seed, "personalize", region.name)
     start_round, start, kept = _start(region, task, state, loaded, node, last)
     result = personalize(
         loaded,
-        data,
+        examples,
         settings,
         task.train,
         max_length=task.model.max_length,
@@ -388,7 +434,7 @@ def personalize_node(
     save_adapter(loaded, folder / "global")
     save_adapter(result.loaded, folder / PERSONALIZED)
     served = result.loaded if result.chosen == PERSONALIZED else loaded
-    test = encode_split(loaded, data.test, task, node)
+    test = encode_split(loaded, examples.test, task, node)
     truth = np.array(test.labels)
     n = len(task.labels)
 
