@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from client.personal import (
@@ -26,16 +24,15 @@ from client.personal import (
     split,
     widen,
 )
-from client.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
+from client.personalize import PERSONALIZED, Start, personalize_region
 from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
-from client.train import EvalResult, TrainResult, evaluate_encoded, predict_proba_encoded, train_encoded
+from client.train import EvalResult, TrainResult, evaluate_encoded, train_encoded
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
 from common.data import Example
 from common.errors import InputError
-from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
 from common.seeds import derive_seed
@@ -373,7 +370,7 @@ def _start(
     loaded: LoadedModel,
     node: NodeSettings,
     last: tuple[int, Mapping[str, torch.Tensor]] | None,
-) -> tuple[int, LoadedModel, Slices | None]:
+) -> tuple[Start, Slices | None]:
     """The round and global model personalization starts from (``personalize.start``: ``loaded``, the best
     round's, or the last round's) and, on a node with a personal LoRA, the slices to stack onto it."""
     start_round, start_state, start = task.server_round, state, loaded
@@ -381,13 +378,13 @@ def _start(
         start_round, start_state = last
         start = global_model(task, start_state)
     if node.personal_rank is None:
-        return start_round, start, None
+        return Start(start, start_round), None
     # the slices' partner is the global adapter of their round: the newest kept up to the start's round
     folder, tag, rank = personal_state(region, task, node)
     kept = latest_personal(folder, before=start_round + 1, tag=tag, global_state=start_state, rank=rank)
     if kept is None:
         raise NodeConfigError(f"{folder}: no personal LoRA of this run to personalize with")
-    return start_round, start, kept
+    return Start(start, start_round), kept
 
 
 def personalize_node(
@@ -400,73 +397,40 @@ def personalize_node(
     data: NodeData | None = None,
     loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
-    """Personalize the run's final model on this node's data, as ``node.personalize`` says, and keep the result
-    here: ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's
-    ``adapter/``) and ``personalized.json`` (the choice on validation, the A/B on test). Nothing is sent.
+    """Personalize the run's final model on this node's data, as ``node.personalize`` says
+    (``client.personalize.personalize_region``, as a simulation does), and keep the result here:
+    ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's ``adapter/``) and
+    ``personalized.json``: the region, ``time`` (``now``, seconds since the epoch) and the ``round`` of the
+    test evaluation, then the ``ABRecord`` (the choice on validation, the A/B on test). Nothing is sent.
 
     ``state`` is the global adapter of the run's best round, which the test evaluation carries; ``last`` the
     last round's number and global adapter, which it carries beside it when the two differ. Personalization
-    starts from the one ``personalize.start`` names and is compared with the best round's.
-    ``now`` (seconds since the epoch) stamps the report. ``data`` and ``loaded`` (the model carrying ``state``)
-    are what the test evaluation already loaded; they are loaded here when not given.
+    starts from the one ``personalize.start`` names and is compared with the best round's. ``data`` and
+    ``loaded`` (the model carrying ``state``) are what the test evaluation already loaded; they are loaded
+    here when not given.
     """
     if node.personalize is None or node.personal_dir is None:
         raise NodeConfigError(f"this node has no {keys.NODE_PERSONALIZE} / {keys.NODE_PERSONAL_DIR} settings")
     use_threads(node, task)
     examples = (data or load_data(region, task, node)).data
     loaded = loaded or global_model(task, state)
-    settings = node.personalize
-    started = time.perf_counter()
-    seed = derive_seed(task.seed, "personalize", region.name)
-    start_round, start, kept = _start(region, task, state, loaded, node, last)
-    result = personalize(
-        loaded,
+    start, kept = _start(region, task, state, loaded, node, last)
+    result, record = personalize_region(
+        region.name,
         examples,
-        settings,
+        loaded,
+        node.personalize,
         task.train,
+        encode_split(loaded, examples.test, task, node),
         max_length=task.model.max_length,
-        seed=seed,
-        personal=kept.tensors if kept else None,
+        seed=task.seed,
         start=start,
+        personal=kept,
     )
-    seconds = time.perf_counter() - started
     folder = node.personal_dir / region.name
     save_adapter(loaded, folder / "global")
     save_adapter(result.loaded, folder / PERSONALIZED)
-    served = result.loaded if result.chosen == PERSONALIZED else loaded
-    test = encode_split(loaded, examples.test, task, node)
-    truth = np.array(test.labels)
-    n = len(task.labels)
-
-    def predict(model: LoadedModel) -> np.ndarray:
-        probs = predict_proba_encoded(
-            model.model, test.ids, pad_id=_pad_id(model), batch_size=task.train.eval_batch_size
-        )
-        return probs.argmax(axis=1)
-
-    report: dict[str, Any] = {
-        "region": region.name,
-        "time": now,
-        "round": task.server_round,
-        "start_round": start_round,
-        "mode": settings.mode,
-        **({"personal_round": kept.round} if kept else {}),
-        **choice_record(result, settings.choice),
-        "seconds": seconds,
-        "bytes_sent": 0,
-    }
-    if len(truth):
-        pred_global, pred_served = predict(loaded), predict(served)
-        ab = paired_bootstrap(
-            truth,
-            pred_global,
-            pred_served,
-            n,
-            resamples=settings.bootstrap,
-            seed=derive_seed(task.seed, "ab", region.name),
-        )
-        report["test_macro_f1"] = {"global": macro_f1(truth, pred_global, n), "served": macro_f1(truth, pred_served, n)}
-        report["ab"] = {"vs_federated": ab.to_json()}
+    report = {"region": region.name, "time": now, "round": task.server_round, **record.to_json()}
     (folder / keys.PERSONALIZED_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    log.info("%s: personalized (%s), serves %s", region.name, settings.mode, result.chosen)
+    log.info("%s: personalized (%s), serves %s", region.name, node.personalize.mode, result.chosen)
     return report
