@@ -10,8 +10,9 @@ by the cold run), each with torch threads left at the default and with the node 
 with the ClientApp's ``gc.freeze`` calls disabled, to measure the process as it was before.
 
 Phases (exclusive, seconds): interpreter start, imports of flwr / torch / transformers / peft / ours, data load,
-tokenisation (with the cache's fingerprint and lookup), tokenizer load, model build (from_pretrained + LoRA +
-received adapter), the train or evaluate work, other (message parsing, reply); then ``to_reply`` (launch until
+PII redaction (with a region policy), tokenisation (with the cache's fingerprint and lookup), tokenizer load,
+model build (from_pretrained + LoRA + received adapter), the train or evaluate work, other (message parsing, the
+guard, reply); then ``to_reply`` (launch until
 the reply is ready), the process exit after it, and the total wall time. Ratios are paired within each repeat
 (scenarios run interleaved, every other repeat in reverse), so a change in the machine's load cancels out.
 """
@@ -40,6 +41,8 @@ LAUNCHED_ENV = "FEDLOCALE_BENCH_LAUNCHED"
 RESULT_PREFIX = "BENCH_RESULT "
 DEFAULT_JSON = Path("benchmarks/results/bench_message.json")
 DEFAULT_REGION = Path("data/demo/en-movies")
+TREE = Path(__file__).resolve().parents[1]  # the checkout this bench belongs to
+DEFAULT_TREES_JSON = Path("benchmarks/results/bench_message-before-after.json")
 
 # What flwr-clientapp imports, in its order: Flower's runtime first, then the app module and what it pulls in.
 IMPORTS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -49,21 +52,27 @@ IMPORTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("peft", ("peft",)),
     ("ours", ("client.app",)),
 )
-# Phase -> functions whose time it takes, as looked up by name in client.task (a redaction step goes in "data").
+# Phase -> functions whose time it takes, as looked up by name in the node's modules (NODE_MODULES).
 PHASES: dict[str, tuple[str, ...]] = {
     "data": ("load_region",),
+    "redact": ("redact_region",),
     "tokenise": ("encode_split",),
     "model": ("build_model", "load_adapter_state"),
     "work": ("train_encoded", "evaluate_encoded"),
+    "personalize": ("personalize_node",),  # the test message's own personalization (its loads and builds apart)
 }
+OPTIONAL_PHASES = ("redact", "personalize")  # without a policy / a personalizing node these do not run
+NODE_MODULES = ("client.app", "client.task", "client.pipeline")
 COLUMNS = (
     "interpreter",
     *(name for name, _ in IMPORTS),
     "data",
+    "redact",
     "tokenise",
     "tokenizer_load",
     "model",
     "work",
+    "personalize",
     "other",
     "to_reply",
     "exit",
@@ -143,17 +152,29 @@ def _import_phases() -> dict[str, float]:
     return out
 
 
-def _instrument(clock: PhaseClock) -> None:
-    """Charge client.task's steps (and the tokenizer load inside the model build) to their phases."""
+def _instrument(clock: PhaseClock) -> dict[str, list[str]]:
+    """Charge the node's steps (and the tokenizer load inside the model build) to their phases; return where
+    each phase's functions were found.
+
+    A function is wrapped in every node module that looks it up (``NODE_MODULES``: ``client.pipeline`` holds
+    the data pipeline since it became its own module), so that the same bench times a checkout from before
+    that change (``--baseline-tree``); a call goes through one module's name, so nothing is counted twice.
+    """
+    import importlib.util
+
     import transformers
 
-    import client.task
-
+    modules = [importlib.import_module(m) for m in NODE_MODULES if importlib.util.find_spec(m) is not None]
+    found: dict[str, list[str]] = {}
     for phase, names in PHASES.items():
         for name in names:
-            setattr(client.task, name, clock.wrap(phase, getattr(client.task, name)))
+            for module in modules:
+                if callable(getattr(module, name, None)):
+                    setattr(module, name, clock.wrap(phase, getattr(module, name)))
+                    found.setdefault(phase, []).append(f"{module.__name__}.{name}")
     auto = transformers.AutoTokenizer
     auto.from_pretrained = staticmethod(clock.wrap("tokenizer_load", auto.from_pretrained))  # type: ignore[method-assign]
+    return found
 
 
 def _message(spec: dict[str, Any]) -> tuple[Any, Any]:
@@ -216,7 +237,7 @@ def run_child(spec_path: Path) -> dict[str, Any]:
     phases.update(_import_phases())
     msg, context = _message(spec)
     clock, gc_clock = PhaseClock(), GcClock()
-    _instrument(clock)
+    instrumented = _instrument(clock)
     from client.app import make_app
 
     app = make_app()
@@ -225,15 +246,19 @@ def run_child(spec_path: Path) -> dict[str, Any]:
     reply = app(msg, context)
     handler = time.perf_counter() - start
     gc.callbacks.remove(gc_clock)
-    missing = [p for p in PHASES if p not in clock.seconds]
+    missing = [p for p in PHASES if p not in clock.seconds and p not in OPTIONAL_PHASES]
     if missing:
-        raise RuntimeError(f"phase(s) {missing} never ran: client.task no longer calls {[PHASES[p] for p in missing]}")
+        raise RuntimeError(f"phase(s) {missing} never ran: the node no longer calls {[PHASES[p] for p in missing]}")
     phases.update(clock.seconds)
+    for phase in OPTIONAL_PHASES:
+        phases.setdefault(phase, 0.0)
     phases["other"] = handler - sum(clock.seconds.values())
     import torch
 
     return {
         "phases": phases,
+        "calls": clock.calls,  # per phase: how often its functions ran for this one message
+        "instrumented": instrumented,
         "gc_in_handler_s": gc_clock.seconds,
         "objects_tracked_by_gc": len(gc.get_objects()),
         "modules": len(sys.modules),
@@ -283,15 +308,18 @@ def _tiny_model(work: Path) -> Path:
     return make_tiny_model(work / "tiny-bert", "bert")
 
 
-def launch(spec: dict[str, Any], work: Path) -> dict[str, Any]:
-    """Run one message in a fresh process; its phases, plus exit and total as seen from here."""
+def launch(spec: dict[str, Any], work: Path, tree: Path = TREE) -> dict[str, Any]:
+    """Run one message in a fresh process on the checkout ``tree`` (its packages first on the path, its folder
+    the working folder); its phases, plus exit and total as seen from here. The child is this file run as a
+    script, so a checkout without this bench (or with an older one) is timed by the same code."""
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, LAUNCHED_ENV: repr(time.monotonic())}
+    env = {**os.environ, "PYTHONPATH": str(tree), LAUNCHED_ENV: repr(time.monotonic())}
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_message", "--child", str(spec_path)],
+        [sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
         env=env,
+        cwd=tree,
         capture_output=True,
         text=True,
         check=False,
@@ -326,6 +354,84 @@ def run_all(args: argparse.Namespace, work: Path, say: Callable[[str], None]) ->
                 runs.append({"repeat": repeat, "scenario": scenario.name, "message": message, **result})
                 say(f"repeat {repeat + 1}/{args.repeats} {scenario.name} {message}: {result['phases']['total']:.1f} s")
     return runs
+
+
+# Messages of the before/after comparison: a train message, a validation evaluation, and the test evaluation
+# on which a personalizing node personalizes (mode probe: one forward pass, no epochs of SGD).
+TREE_MESSAGES = (("train", "train", None), ("evaluate", "val", None), ("evaluate", "test", "probe"))
+
+
+def run_trees(
+    args: argparse.Namespace, work: Path, trees: dict[str, Path], say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Each message of ``TREE_MESSAGES`` on each checkout in ``trees``, ``args.repeats`` times, the checkouts
+    alternating within each message (every other repeat in reverse), on one node setup: cache off, threads 1,
+    a region policy (so that PII redaction runs), and personalization on the test message."""
+    prepared = _prepare(args, work)
+    region = Path(prepared["region"])
+    policy, personalize = work / "policy.yaml", work / "personalize.yaml"
+    policy.write_text(f"region: {region.name}\n")
+    personalize.write_text("mode: probe\n")
+    runs = []
+    for repeat in range(args.repeats):
+        order = list(trees.items()) if repeat % 2 == 0 else list(reversed(trees.items()))
+        for message, split, mode in TREE_MESSAGES:
+            for name, tree in order:
+                node: dict[str, Any] = {
+                    "region": region.name,
+                    "data-dir": str(region),
+                    "threads": 1,
+                    "policy": str(policy),
+                }
+                if mode is not None:
+                    node.update({"personalize": str(personalize), "personal-dir": str(work / f"own-{name}")})
+                spec = {**prepared, "message": message, "split": split, "node_config": node, "gc_freeze": True}
+                result = launch(spec, work, tree)
+                label = f"{message}/{split}" + ("+personalize" if mode else "")
+                runs.append({"repeat": repeat, "tree": name, "path": str(tree), "message": label, **result})
+                say(f"repeat {repeat + 1}/{args.repeats} {name} {label}: {result['phases']['total']:.1f} s")
+    return runs
+
+
+def summarise_trees(runs: list[dict[str, Any]], trees: dict[str, Path]) -> dict[str, Any]:
+    """Median phases and calls per checkout and message; per message the ratio of each phase, later checkout
+    over the first, paired within each repeat; and whether both replied the same."""
+    first, *_, last = trees
+    median: dict[str, dict[str, float]] = {}
+    calls: dict[str, dict[str, float]] = {}
+    messages = list(dict.fromkeys(r["message"] for r in runs))
+    for message in messages:
+        for tree in trees:
+            rs = [r for r in runs if r["message"] == message and r["tree"] == tree]
+            median[f"{tree}/{message}"] = {c: statistics.median(r["phases"].get(c, 0.0) for r in rs) for c in COLUMNS}
+            names = sorted({k for r in rs for k in r["calls"]})
+            calls[f"{tree}/{message}"] = {k: statistics.median(r["calls"].get(k, 0) for r in rs) for k in names}
+    ratios: dict[str, float] = {}
+    same: dict[str, bool] = {}
+    for message in messages:
+        cell = {(r["repeat"], r["tree"]): r for r in runs if r["message"] == message}
+        repeats = sorted({r["repeat"] for r in runs})
+        for column in ("data", "redact", "model", "other", "to_reply", "total"):
+            pairs = [(cell[(i, last)]["phases"][column], cell[(i, first)]["phases"][column]) for i in repeats]
+            if all(b > 0 for _, b in pairs):
+                ratios[f"{message}: {column} {last} / {first}"] = statistics.median(a / b for a, b in pairs)
+        same[message] = len({_outcome(r) for r in runs if r["message"] == message}) == 1
+    return {"median_s": median, "calls_median": calls, "ratios": ratios, "identical_replies": same}
+
+
+def print_trees(summary: dict[str, Any]) -> None:
+    """Median seconds per phase and calls of the data, redaction and model steps, per checkout and message."""
+    short = {"interpreter": "interp", "transformers": "transf", "tokenizer_load": "tok-load", "personalize": "pers"}
+    print(f"{'tree/message':<34}" + "".join(f"{short.get(c, c):>9}" for c in COLUMNS) + "   calls data/redact/model")
+    for key, row in summary["median_s"].items():
+        n = summary["calls_median"][key]
+        counts = "/".join(f"{n.get(p, 0):g}" for p in ("data", "redact", "model"))
+        print(f"{key:<34}" + "".join(f"{row[c]:>9.3f}" for c in COLUMNS) + f"   {counts}")
+    print()
+    for name, value in summary["ratios"].items():
+        print(f"{name:<64}{value:>8.3f}")
+    for name, same in summary["identical_replies"].items():
+        print(f"{'identical replies, ' + name:<64}{'yes' if same else 'NO':>8}")
 
 
 def _reversed_keeping_cold_before_warm() -> list[Scenario]:
@@ -408,6 +514,10 @@ def print_table(summary: dict[str, Any]) -> None:
         print(f"{'identical replies off / cold / warm, ' + name:<64}{'yes' if same else 'NO':>8}")
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 @contextmanager
 def _workdir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="bench-message-") as tmp:
@@ -422,7 +532,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="train/LoRA settings from here")
     parser.add_argument("--split", default="val", help="split the evaluate message scores (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help=f"default {DEFAULT_JSON} ({DEFAULT_TREES_JSON.name} with --baseline-tree)",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        metavar="DIR",
+        help="also time the checkout DIR (e.g. one from before a change) in the same run: per repeat, each message "
+        "on DIR and on this checkout back to back (cache off, threads 1, a region policy, personalization on the "
+        "test message) instead of the cache/threads scenarios",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
@@ -432,11 +555,14 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_env()  # the children inherit it, as flwr-clientapp inherits the SuperNode's environment
     load_before = os.getloadavg()
+    trees = {"before": args.baseline_tree.resolve(), "after": TREE} if args.baseline_tree else None
     with _workdir() as work:
-        runs = run_all(args, work, lambda line: print(line, file=sys.stderr, flush=True))
-    summary = summarise(runs)
-    print_table(summary)
+        runs = run_trees(args, work, trees, _say) if trees else run_all(args, work, _say)
+    summary = summarise_trees(runs, trees) if trees else summarise(runs)
+    (print_trees if trees else print_table)(summary)
+    args.json = args.json or (DEFAULT_TREES_JSON if trees else DEFAULT_JSON)
     out = {
+        **({"trees": {k: str(v) for k, v in trees.items()}} if trees else {}),
         "model": args.model,
         "region": str(args.region),
         "split": args.split,

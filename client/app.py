@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import gc
 import logging
 import time
@@ -13,12 +14,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.guard import GuardContext, egress_guard
+from client.guard import InFlight, NodeMessage, egress_guard
 from client.task import (
     Personal,
-    evaluate_round,
+    evaluate_message,
     node_settings,
-    personalize_node,
     region_index,
     resolve_region,
     simulated_node,
@@ -27,7 +27,7 @@ from client.task import (
 )
 from common import keys
 from common.config import ClientTask, Region
-from common.runfiles import AUDIT_DIR, NODES_DIR, PERSONALIZE_ERROR_FILE
+from common.runfiles import AUDIT_DIR, NODES_DIR
 
 # Deployment starts a fresh process per message. The ~430k objects the imports above create live until it ends,
 # yet every full garbage collection rescans them: ~0.5 s of collections per message (mostly during the model
@@ -41,22 +41,22 @@ log = logging.getLogger("fedlocale.node")
 
 def _locate(
     context: Context, sim_regions: Sequence[Region] | None, audit_root: Path | None, personal: Personal | None
-) -> GuardContext:
+) -> NodeMessage:
     """The region this node serves and the node's own settings (policy, ledger folder, cache, threads)."""
     region = resolve_region(context.node_config, context.run_config, sim_regions)
     if keys.NODE_REGION in context.node_config:
-        return GuardContext(region, node_settings(context.node_config))
+        return NodeMessage(region, node_settings(context.node_config))
     # a simulated node: its policy is the run config's region entry, its ledger sits in the run's folder
     out_dir = context.run_config.get(keys.RUN_OUT_DIR)
     root = audit_root or (Path(str(out_dir)) / AUDIT_DIR / NODES_DIR if out_dir is not None else None)
-    return GuardContext(region, simulated_node(region, context.node_config, root, personal))
+    return NodeMessage(region, simulated_node(region, context.node_config, root, personal))
 
 
-def _parse(msg: Message, where: GuardContext) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
+def _parse(msg: Message, here: NodeMessage) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
     """The server's task, the region's index in the run, the global adapter."""
     task = ClientTask.from_json(str(msg.content.config_records[keys.CONFIG][keys.TASK]))
     state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
-    return task, region_index(where.region, task), state
+    return task, region_index(here.region, task), state
 
 
 def make_app(
@@ -64,19 +64,21 @@ def make_app(
 ) -> ClientApp:
     """Build the ClientApp; the in-process simulator passes the run's regions (and where the simulated nodes
     keep their ledgers and, with personalize mode dual, their personal LoRA), deployment passes nothing.
-    Every reply passes the egress guard."""
+    Every reply passes the egress guard, which locates the node once per message and hands the handler that
+    ``NodeMessage`` (through ``inflight``); the handler loads the region's data through it, once."""
 
-    def locate(msg: Message, context: Context) -> GuardContext:
+    def locate(msg: Message, context: Context) -> NodeMessage:
         return _locate(context, sim_regions, audit_root, personal)
 
-    app = ClientApp(mods=[egress_guard(locate)])
+    inflight = InFlight()
+    app = ClientApp(mods=[egress_guard(locate, inflight)])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        where = locate(msg, context)
-        task, index, state = _parse(msg, where)
-        trainer = train_dual if where.node.personal_rank is not None else train_round
-        new_state, result = trainer(where.region, task, state, where.node)
+        here = inflight.of(msg)
+        task, index, state = _parse(msg, here)
+        trainer = train_dual if here.node.personal_rank is not None else train_round
+        new_state, result = trainer(here.region, task, state, here.node, here.load(task, training=True))
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,
@@ -89,10 +91,11 @@ def make_app(
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        where = locate(msg, context)
-        task, index, state = _parse(msg, where)
+        here = inflight.of(msg)
+        task, index, state = _parse(msg, here)
         split = str(msg.content.config_records[keys.CONFIG][keys.SPLIT])
-        result = evaluate_round(where.region, task, state, split, where.node)
+        last = functools.partial(_last_round, msg)
+        result = evaluate_message(here.region, task, state, split, here.node, here.load(task), last, time.time())
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,
@@ -102,8 +105,6 @@ def make_app(
                 keys.REGION_INDEX: index,
             }
         )
-        if split == keys.TEST and where.node.personalize is not None:
-            _personalize(where, task, state, msg)
         return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
     return app
@@ -118,21 +119,6 @@ def _last_round(msg: Message) -> tuple[int, dict[str, torch.Tensor]] | None:
     if keys.LAST_ROUND not in config:
         return None
     return int(str(config[keys.LAST_ROUND])), arrays[keys.LAST_ARRAYS].to_torch_state_dict()
-
-
-def _personalize(where: GuardContext, task: ClientTask, state: dict[str, torch.Tensor], msg: Message) -> None:
-    """The node's own personalization of the final global model (its operator's setting; nothing is sent).
-
-    The federation does not depend on it, so a failure is logged and written next to where the model would be,
-    and the test reply still goes out.
-    """
-    try:
-        personalize_node(where.region, task, state, where.node, now=time.time(), last=_last_round(msg))
-    except Exception as err:  # any failure here is the node's own business, reported locally
-        log.exception("%s: personalization failed", where.region.name)
-        folder = (where.node.personal_dir or Path(".")) / where.region.name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / PERSONALIZE_ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")
 
 
 # Entry point for stock Flower tooling (`flwr run`, `flower-supernode`): the region comes from the node config.

@@ -4,13 +4,19 @@ It asks the region's policy (``common.policy.egress_problems``) whether the repl
 is replaced by an error message naming every violation, which the server records as that region's failure.
 Either way the node's signed ledger gets an entry: what left (tensor manifest, payload hash, bytes, metrics,
 the policy's hash, the PII redaction counts) or what was stopped and why. Training code knows nothing of this.
+
+The guard also locates the node once per message (region and settings, whose policy, augmentation and
+personalization files are parsed there) and hands that to the handler as a ``NodeMessage``; the handler loads
+the region's data through it, which leaves the counts the ledger entry needs (``DataCounts``) for the guard,
+so a message reads and redacts its region's data once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +24,8 @@ from typing import Any
 from flwr.app import Context, Error, Message, MessageType
 from flwr.clientapp.typing import Mod
 
-from client.task import NodeSettings, region_data
+from client.pipeline import DataCounts, NodeData
+from client.task import NodeSettings, load_data
 from common import keys
 from common.audit import EGRESS, FAILED, REFUSED, SENT, Ledger, content_payload, payload_hash
 from common.config import ClientTask, Region
@@ -30,20 +37,58 @@ log = logging.getLogger("fedlocale.node")
 POLICY_REFUSED = 4031
 
 
-@dataclass(frozen=True)
-class GuardContext:
-    """What the guard needs to know about the node a message reached."""
+@dataclass
+class NodeMessage:
+    """One message on this node, shared by the guard and the handler: which region and node settings it runs
+    on (parsed once, by the guard) and, once the handler has loaded the region's data (``load``), the counts
+    the guard records about it."""
 
     region: Region
     node: NodeSettings
+    counts: DataCounts | None = None
+
+    def load(self, task: ClientTask, *, training: bool = False) -> NodeData:
+        """The region's data through the node's pipeline (``client.task.load_data``); keeps its counts for the
+        guard, so the guard never reads the data again."""
+        data = load_data(self.region, task, self.node, training=training)
+        self.counts = data.counts
+        return data
+
+
+class InFlight:
+    """The ``NodeMessage`` of each message between the guard and its handler.
+
+    Flower's ``call_next(msg, context)`` carries nothing else, so the guard leaves it here for the duration of
+    the call, keyed by the identity of the message object: Flower hands the handler the very object the mod got
+    (flwr.clientapp.mod.utils.make_ffn), the guard keeps it alive until it takes the slot back, and two messages
+    in flight at once cannot collide (``message_id`` can: it is empty on a message built outside a SuperLink).
+    ``context.state`` would not do: it outlives the message (a simulated node keeps its context from message to
+    message, so a handler that failed to fill it in would leave the last message's counts) and holds records,
+    not the node's parsed settings. One ``InFlight`` belongs to one ClientApp (``client.app.make_app``).
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[int, NodeMessage] = {}
+
+    @contextmanager
+    def hold(self, msg: Message, here: NodeMessage) -> Iterator[None]:
+        """Make ``here`` the ``NodeMessage`` of ``msg`` while the handler runs."""
+        self._open[id(msg)] = here
+        try:
+            yield
+        finally:
+            del self._open[id(msg)]
+
+    def of(self, msg: Message) -> NodeMessage:
+        """The ``NodeMessage`` the guard left for ``msg``; a handler reached without the guard is an error."""
+        here = self._open.get(id(msg))
+        if here is None:
+            raise RuntimeError("a message reached the ClientApp's handler without passing the egress guard")
+        return here
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _task(msg: Message) -> ClientTask:
-    return ClientTask.from_json(str(msg.content.config_records[keys.CONFIG][keys.TASK]))
 
 
 def describe(reply: Message, message: str, region: str, train_examples: int) -> tuple[Outbound, str]:
@@ -91,16 +136,23 @@ def _refusal(msg: Message, region: str, problems: list[str]) -> Message:
     return Message(error=Error(code=POLICY_REFUSED, reason=refusal_reason(region, problems)), reply_to=msg)
 
 
-def release(msg: Message, reply: Message, where: GuardContext, ledger: Ledger | None, now: datetime) -> Message:
-    """Let ``reply`` leave if the node's policy allows it, else an error reply; record either in the ledger."""
+def release(msg: Message, reply: Message, where: NodeMessage, ledger: Ledger | None, now: datetime) -> Message:
+    """Let ``reply`` leave if the node's policy allows it, else an error reply; record either in the ledger.
+
+    The counts come from the handler's loading of the data (``NodeMessage.load``); a reply made without it
+    has nothing the policy could check it against, so it does not leave (recorded as a failure).
+    """
     message = _message_name(msg)
     if reply.has_error():
         _record_failure(msg, where, ledger, reply.error.reason or "", now)
         return reply
-    data, redactions = region_data(where.region, _task(msg).labels, where.node)
-    out, digest = describe(reply, message, where.region.name, len(data.train))
+    if where.counts is None:
+        reason = f"the {message} handler replied without loading the region's data, so the policy cannot judge it"
+        _record_failure(msg, where, ledger, reason, now)
+        raise RuntimeError(reason)
+    out, digest = describe(reply, message, where.region.name, where.counts.train_examples)
     problems = egress_problems(where.node.policy, out) if where.node.policy else []
-    entry = _entry(msg, out, None if problems else digest, where.node, redactions)
+    entry = _entry(msg, out, None if problems else digest, where.node, where.counts.redactions)
     entry.update({"status": REFUSED, "reasons": problems} if problems else {"status": SENT})
     if ledger is not None:
         ledger.append(entry, now)
@@ -114,20 +166,26 @@ def _message_name(msg: Message) -> str:
     return "train" if msg.metadata.message_type == MessageType.TRAIN else "evaluate"
 
 
-def _record_failure(msg: Message, where: GuardContext, ledger: Ledger | None, reason: str, now: datetime) -> None:
+def _record_failure(msg: Message, where: NodeMessage, ledger: Ledger | None, reason: str, now: datetime) -> None:
     if ledger is not None:
         ledger.append({**_header(msg, where.region.name), "status": FAILED, "reason": reason}, now)
 
 
-def egress_guard(locate: Callable[[Message, Context], GuardContext], clock: Callable[[], datetime] = _utc_now) -> Mod:
-    """A ClientApp mod that checks and records every reply; ``locate`` says which region and node it runs on."""
+def egress_guard(
+    locate: Callable[[Message, Context], NodeMessage],
+    inflight: InFlight,
+    clock: Callable[[], datetime] = _utc_now,
+) -> Mod:
+    """A ClientApp mod that checks and records every reply; ``locate`` says which region and node it runs on,
+    and the handler finds that in ``inflight`` (``InFlight.of``)."""
 
     def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         where = locate(msg, context)
         audit_dir = where.node.audit_dir
         ledger = Ledger.in_folder(audit_dir, where.region.name) if audit_dir else None
         try:
-            reply = call_next(msg, context)
+            with inflight.hold(msg, where):
+                reply = call_next(msg, context)
         except Exception as err:
             # the reply Flower makes of this error carries only the reason; the ledger says it left nothing else
             _record_failure(msg, where, ledger, f"{type(err).__name__}: {err}", clock())

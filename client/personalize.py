@@ -3,13 +3,16 @@ validation split which of the global and the personalized model it serves (``cho
 anything.
 
 Also the paired bootstrap that compares two models on the same examples: on validation for the choice, on
-test for the A/B evaluation.
+test for the A/B evaluation; and ``personalize_region``, the one way a region's final model is personalized and
+A/B-tested, which a deployed node (``client.task.personalize_node``) and a simulation or a finished run
+(``simulations.personalize``) both call, so their reports have one shape (``ABRecord``) and one seed scheme.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,10 +22,12 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from client.personal import is_lora_a, is_lora_b, join, mismatch
+from client.personal import Slices, is_lora_a, is_lora_b, join, mismatch
 from client.probe import fit_probe, head_features, install, output_layer
-from client.train import EvalResult, TrainResult, encode, predict_proba, scores, train_local
-from common.config import CHOICE_RULES, PROBED_MODES, PersonalizeSettings, TrainSettings
+from client.tokens import Encoded
+from client.train import EvalResult, TrainResult, encode, predict_proba, predict_proba_encoded, scores, train_local
+from common import keys
+from common.config import CHOICE_RULES, PROBED_MODES, STACKED_MODES, PersonalizeSettings, TrainSettings
 from common.data import Example, RegionData
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, load_adapter_state
@@ -312,3 +317,151 @@ def paired_bootstrap(
         resamples=resamples,
         level=level,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One region, personalized and A/B-tested: what a node and a simulation both run
+
+
+@dataclass(frozen=True)
+class Start:
+    """The global model personalization starts from (``personalize.start``) and the round it is from."""
+
+    model: LoadedModel
+    round: int | None  # None: a run without federation.json (its adapter/ is all there is)
+
+
+@dataclass(frozen=True)
+class ABRecord:
+    """What personalizing one region found, in the one shape a node's ``personalized.json`` and a run's
+    ``summary.json`` (``regions.REGION.personalized``) both carry (``to_json``).
+
+    Test scores and comparisons are absent when the region has no test examples.
+    """
+
+    mode: str
+    local_r: int | None  # the personal LoRA's rank (stacked modes only)
+    start_round: int | None  # the round of the global adapter personalization started from
+    personal_round: int | None  # the round whose personal slices were stacked (mode dual)
+    balance: bool
+    choice: dict[str, Any]  # ``choice_record``: chosen, choice, val_macro_f1, val_ab
+    served_test: EvalResult | None  # the model the region serves (``choice["chosen"]``), on test
+    personalized_test: EvalResult | None
+    global_test: EvalResult | None  # the global model it was compared with (the best round's), on test
+    ab: dict[str, Difference]  # "vs_<baseline>": served minus the baseline on test, paired bootstrap
+    steps: int
+    epochs: float  # 0 for the probed modes: no epochs of SGD (one forward pass over the train split)
+    seconds: float  # personalization itself (not the test predictions)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON: the keys the simulation's summary entries always had, plus ``test_macro_f1``
+        (global and served), which the node's report always had."""
+        tested = self.served_test is not None and self.personalized_test is not None and self.global_test is not None
+        return {
+            **(_accuracy_f1(self.served_test) if self.served_test is not None else {}),
+            "mode": self.mode,
+            **({"local_r": self.local_r} if self.local_r is not None else {}),
+            **({"start_round": self.start_round} if self.start_round is not None else {}),
+            **({"personal_round": self.personal_round} if self.personal_round is not None else {}),
+            "balance": self.balance,
+            **self.choice,
+            **({"personalized_test": _accuracy_f1(self.personalized_test)} if self.personalized_test else {}),
+            **({"ab": {k: v.to_json() for k, v in self.ab.items()}} if tested else {}),
+            **(
+                {"test_macro_f1": {GLOBAL: self.global_test.macro_f1, "served": self.served_test.macro_f1}}
+                if self.global_test is not None and self.served_test is not None
+                else {}
+            ),
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "seconds": self.seconds,
+            "bytes_sent": 0,  # personalization happens on the node; nothing leaves it
+        }
+
+
+def _accuracy_f1(result: EvalResult) -> dict[str, float]:
+    return {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
+
+
+def bootstrap_seed(seed: int, region: str, baseline: str) -> int:
+    """The seed of the test A/B against ``baseline`` (``keys.FEDERATED``, ``keys.LOCAL_ONLY``): from the run's
+    seed, the region and the baseline, so that every comparison resamples its own way, the same on a node and
+    in a simulation."""
+    return derive_seed(seed, "bootstrap", region, baseline)
+
+
+def personalize_region(
+    region: str,
+    data: RegionData,
+    global_model: LoadedModel,
+    settings: PersonalizeSettings,
+    train: TrainSettings,
+    test: Encoded,
+    *,
+    max_length: int,
+    seed: int,
+    start: Start,
+    personal: Slices | None = None,
+    baselines: Mapping[str, np.ndarray] | None = None,
+) -> tuple[Personalized, ABRecord]:
+    """Personalize region ``region``'s final model on its ``data`` (``personalize``, from ``start``, with the
+    personal slices for mode dual), then A/B-test the model it serves on its test split against the global
+    model (``vs_federated``) and any other ``baselines`` (their test predictions, e.g. local-only).
+
+    ``test`` is the test split tokenised by the caller (a node through its token cache); ``seed`` is the run's:
+    personalization draws from ``derive_seed(seed, "personalize", region)``, each A/B from ``bootstrap_seed``.
+    Returns the personalization (whose model the caller saves) and the record.
+    """
+    started = time.perf_counter()
+    result = personalize(
+        global_model,
+        data,
+        settings,
+        train,
+        max_length=max_length,
+        seed=derive_seed(seed, "personalize", region),
+        personal=personal.tensors if personal else None,
+        start=start.model,
+    )
+    seconds = time.perf_counter() - started
+    n = len(global_model.labels)
+    truth = np.array(test.labels, dtype=int)
+    served_test: EvalResult | None = None
+    personalized_test: EvalResult | None = None
+    global_test: EvalResult | None = None
+    ab: dict[str, Difference] = {}
+    if len(truth):
+        probs_global, probs_personalized = (
+            predict_proba_encoded(
+                m.model, test.ids, pad_id=m.tokenizer.pad_token_id or 0, batch_size=train.eval_batch_size
+            )
+            for m in (global_model, result.loaded)
+        )
+        probs_served = probs_personalized if result.chosen == PERSONALIZED else probs_global
+        served = probs_served.argmax(axis=1)
+        compared = {keys.FEDERATED: probs_global.argmax(axis=1), **(baselines or {})}
+        ab = {
+            f"vs_{name}": paired_bootstrap(
+                truth, pred, served, n, resamples=settings.bootstrap, seed=bootstrap_seed(seed, region, name)
+            )
+            for name, pred in compared.items()
+        }
+        served_test = scores(probs_served, truth, n)
+        personalized_test = scores(probs_personalized, truth, n)
+        global_test = scores(probs_global, truth, n)
+    record = ABRecord(
+        mode=settings.mode,
+        local_r=settings.local_r if settings.mode in STACKED_MODES else None,
+        start_round=start.round,
+        personal_round=personal.round if personal else None,
+        balance=settings.balance,
+        choice=choice_record(result, settings.choice),
+        served_test=served_test,
+        personalized_test=personalized_test,
+        global_test=global_test,
+        ab=ab,
+        steps=result.train.steps,
+        epochs=0.0 if settings.mode in PROBED_MODES else settings.epochs,
+        seconds=seconds,
+    )
+    return result, record

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from client.augment import augment_train
 from client.personal import (
     PersonalStateError,
     Slices,
@@ -27,18 +24,18 @@ from client.personal import (
     split,
     widen,
 )
-from client.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
+from client.personalize import PERSONALIZED, Start, personalize_region
+from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
-from client.train import EvalResult, TrainResult, evaluate_encoded, predict_proba_encoded, train_encoded
+from client.train import EvalResult, TrainResult, evaluate_encoded, train_encoded
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
-from common.data import Example, RegionData, load_region, redact_region
+from common.data import Example
 from common.errors import InputError
-from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
-from common.runfiles import PERSONALIZED_REPORT
+from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT
 from common.seeds import derive_seed
 
 log = logging.getLogger("fedlocale.node")
@@ -129,13 +126,12 @@ class Personal:
     rank: int
 
 
-def region_data(region: Region, labels: tuple[str, ...], node: NodeSettings) -> tuple[RegionData, dict[str, int]]:
-    """The region's data as training sees it: loaded, cleaned, and with the policy's PII replaced by type
-    tokens (before anything is tokenised or cached); also the count of each PII type replaced."""
-    data = load_region(region.name, region.data, labels)
-    if node.policy is None:
-        return data, {}
-    return redact_region(data, node.policy.pii.rules())
+def load_data(region: Region, task: ClientTask, node: NodeSettings, *, training: bool = False) -> NodeData:
+    """The region's data through the node's pipeline (``client.pipeline.node_data``): redacted by the node's
+    policy and, for ``training``, with the train split augmented as the node's operator set it."""
+    use_threads(node, task)  # back-translation runs a model: the node's thread setting applies to it too
+    augment = node.augment if training else None
+    return node_data(region.name, region.data, task.labels, node.policy, augment=augment, seed=task.seed)
 
 
 def _threads(value: object) -> int | None:
@@ -206,14 +202,6 @@ def region_index(region: Region, task: ClientTask) -> int:
     return task.region_names.index(region.name)
 
 
-def prepare(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings | None = None
-) -> tuple[RegionData, LoadedModel]:
-    """Load the region's data (through the node's pipeline) and a model carrying the received global adapter."""
-    data, _ = region_data(region, task.labels, node or NodeSettings())
-    return data, global_model(task, state)
-
-
 def global_model(task: ClientTask, state: Mapping[str, torch.Tensor]) -> LoadedModel:
     """The task's base model carrying the global adapter ``state``."""
     loaded = build_model(task.model, task.lora, task.labels, seed=task.seed)
@@ -227,18 +215,23 @@ def encode_split(loaded: LoadedModel, examples: Sequence[Example], task: ClientT
 
 
 def train_round(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings | None = None
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    node: NodeSettings | None = None,
+    data: NodeData | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Train the global adapter on the region's train split; return the new adapter state."""
+    """Train the global adapter on the region's train split (``data``, else loaded with ``load_data``);
+    return the new adapter state."""
     node = node or NodeSettings()
     settings = replace(task.train, threads=use_threads(node, task))
-    data, loaded = prepare(region, task, state, node)
-    train = augment(data, task, node)
-    encoded = encode_split(loaded, train, task, node)
+    data = data or load_data(region, task, node, training=True)
+    loaded = global_model(task, state)
+    encoded = encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
     result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=_pad_id(loaded), seed=seed)
     # augmented copies are not new examples: the FedAvg weight stays the region's real training-set size
-    return adapter_state(loaded.model), replace(result, num_examples=len(data.train))
+    return adapter_state(loaded.model), replace(result, num_examples=len(data.data.train))
 
 
 def personal_state(region: Region, task: ClientTask, node: NodeSettings) -> tuple[Path, str, int]:
@@ -266,7 +259,11 @@ def _continued(folder: Path, task: ClientTask, tag: str, rank: int, state: Mappi
 
 
 def train_dual(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], node: NodeSettings
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    node: NodeSettings,
+    data: NodeData | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """``train_round`` with the region's personal LoRA alongside the global adapter (personalize mode dual):
     one adapter of rank r + p is trained (``client.personal``), the personal slices are kept in the node's
@@ -285,7 +282,7 @@ def train_dual(
         wide = replace(task, lora=widen(task.lora, rank))
     except ValueError as err:
         raise NodeConfigError(f"{keys.NODE_PERSONALIZE} settings of this node: {err}") from err
-    new_state, result = train_round(region, wide, join(state, start), node)
+    new_state, result = train_round(region, wide, join(state, start), node, data)
     sent, personal = split(new_state, task.lora.r)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if {k: tuple(v.shape) for k, v in sent.items()} != shapes:  # the reply must be exactly a global adapter
@@ -294,23 +291,22 @@ def train_dual(
     return sent, result
 
 
-def augment(data: RegionData, task: ClientTask, node: NodeSettings) -> list[Example]:
-    """The node's augmented training split (its own setting; the server neither sees nor sets it)."""
-    if node.augment is None:
-        return data.train
-    augmented, counts = augment_train(data, node.augment, derive_seed(task.seed, "augment", data.name))
-    log.info("%s: augmentation %s", data.name, counts)
-    return augmented.train
-
-
 def evaluate_round(
-    region: Region, task: ClientTask, state: Mapping[str, torch.Tensor], split: str, node: NodeSettings | None = None
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    split: str,
+    node: NodeSettings | None = None,
+    data: NodeData | None = None,
+    loaded: LoadedModel | None = None,
 ) -> EvalResult:
-    """Evaluate the global adapter on one split of the region's data (empty if the region has no such split)."""
+    """Evaluate the global adapter ``state`` on one split of the region's data (empty if the region has no such
+    split); ``data`` and ``loaded`` (the model carrying ``state``) are loaded here when not given."""
     node = node or NodeSettings()
     use_threads(node, task)
-    data, loaded = prepare(region, task, state, node)
-    encoded = encode_split(loaded, data.split(split), task, node)
+    data = data or load_data(region, task, node)
+    loaded = loaded or global_model(task, state)
+    encoded = encode_split(loaded, data.data.split(split), task, node)
     return evaluate_encoded(
         loaded.model,
         encoded.ids,
@@ -319,6 +315,49 @@ def evaluate_round(
         pad_id=_pad_id(loaded),
         batch_size=task.train.eval_batch_size,
     )
+
+
+def evaluate_message(
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    split: str,
+    node: NodeSettings,
+    data: NodeData,
+    last: Callable[[], tuple[int, Mapping[str, torch.Tensor]] | None],
+    now: float,
+) -> EvalResult:
+    """One evaluate message: the global adapter ``state`` on ``split`` of ``data``; after the test split, the
+    node's own personalization (``node.personalize``) on the same data and model. ``last`` gives the last
+    round's number and adapter when the test evaluation carries them (``personalize_node``); ``now`` stamps
+    the personalization report."""
+    use_threads(node, task)
+    loaded = global_model(task, state)
+    result = evaluate_round(region, task, state, split, node, data, loaded)
+    if split == keys.TEST and node.personalize is not None:
+        _personalize_locally(region, task, state, node, data, loaded, last, now)
+    return result
+
+
+def _personalize_locally(
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    node: NodeSettings,
+    data: NodeData,
+    loaded: LoadedModel,
+    last: Callable[[], tuple[int, Mapping[str, torch.Tensor]] | None],
+    now: float,
+) -> None:
+    """``personalize_node`` as the test message runs it. The federation does not depend on it, so a failure
+    is logged and written next to where the model would be, and the test reply still goes out."""
+    try:
+        personalize_node(region, task, state, node, now=now, last=last(), data=data, loaded=loaded)
+    except Exception as err:  # any failure here is the node's own business, reported locally
+        log.exception("%s: personalization failed", region.name)
+        folder = (node.personal_dir or Path(".")) / region.name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / PERSONALIZE_ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")
 
 
 def _pad_id(loaded: LoadedModel) -> int:
@@ -332,7 +371,7 @@ def _start(
     loaded: LoadedModel,
     node: NodeSettings,
     last: tuple[int, Mapping[str, torch.Tensor]] | None,
-) -> tuple[int, LoadedModel, Slices | None]:
+) -> tuple[Start, Slices | None]:
     """The round and global model personalization starts from (``personalize.start``: ``loaded``, the best
     round's, or the last round's) and, on a node with a personal LoRA, the slices to stack onto it."""
     start_round, start_state, start = task.server_round, state, loaded
@@ -340,13 +379,13 @@ def _start(
         start_round, start_state = last
         start = global_model(task, start_state)
     if node.personal_rank is None:
-        return start_round, start, None
+        return Start(start, start_round), None
     # the slices' partner is the global adapter of their round: the newest kept up to the start's round
     folder, tag, rank = personal_state(region, task, node)
     kept = latest_personal(folder, before=start_round + 1, tag=tag, global_state=start_state, rank=rank)
     if kept is None:
         raise NodeConfigError(f"{folder}: no personal LoRA of this run to personalize with")
-    return start_round, start, kept
+    return Start(start, start_round), kept
 
 
 def personalize_node(
@@ -356,72 +395,43 @@ def personalize_node(
     node: NodeSettings,
     now: float,
     last: tuple[int, Mapping[str, torch.Tensor]] | None = None,
+    data: NodeData | None = None,
+    loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
-    """Personalize the run's final model on this node's data, as ``node.personalize`` says, and keep the result
-    here: ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's
-    ``adapter/``) and ``personalized.json`` (the choice on validation, the A/B on test). Nothing is sent.
+    """Personalize the run's final model on this node's data, as ``node.personalize`` says
+    (``client.personalize.personalize_region``, as a simulation does), and keep the result here:
+    ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's ``adapter/``) and
+    ``personalized.json``: the region, ``time`` (``now``, seconds since the epoch) and the ``round`` of the
+    test evaluation, then the ``ABRecord`` (the choice on validation, the A/B on test). Nothing is sent.
 
     ``state`` is the global adapter of the run's best round, which the test evaluation carries; ``last`` the
     last round's number and global adapter, which it carries beside it when the two differ. Personalization
-    starts from the one ``personalize.start`` names and is compared with the best round's.
-    ``now`` (seconds since the epoch) stamps the report.
+    starts from the one ``personalize.start`` names and is compared with the best round's. ``data`` and
+    ``loaded`` (the model carrying ``state``) are what the test evaluation already loaded; they are loaded
+    here when not given.
     """
     if node.personalize is None or node.personal_dir is None:
         raise NodeConfigError(f"this node has no {keys.NODE_PERSONALIZE} / {keys.NODE_PERSONAL_DIR} settings")
     use_threads(node, task)
-    data, loaded = prepare(region, task, state, node)
-    settings = node.personalize
-    started = time.perf_counter()
-    seed = derive_seed(task.seed, "personalize", region.name)
-    start_round, start, kept = _start(region, task, state, loaded, node, last)
-    result = personalize(
+    examples = (data or load_data(region, task, node)).data
+    loaded = loaded or global_model(task, state)
+    start, kept = _start(region, task, state, loaded, node, last)
+    result, record = personalize_region(
+        region.name,
+        examples,
         loaded,
-        data,
-        settings,
+        node.personalize,
         task.train,
+        encode_split(loaded, examples.test, task, node),
         max_length=task.model.max_length,
-        seed=seed,
-        personal=kept.tensors if kept else None,
+        seed=task.seed,
         start=start,
+        personal=kept,
     )
-    seconds = time.perf_counter() - started
     folder = node.personal_dir / region.name
     save_adapter(loaded, folder / "global")
     save_adapter(result.loaded, folder / PERSONALIZED)
-    served = result.loaded if result.chosen == PERSONALIZED else loaded
-    test = encode_split(loaded, data.test, task, node)
-    truth = np.array(test.labels)
-    n = len(task.labels)
-
-    def predict(model: LoadedModel) -> np.ndarray:
-        probs = predict_proba_encoded(
-            model.model, test.ids, pad_id=_pad_id(model), batch_size=task.train.eval_batch_size
-        )
-        return probs.argmax(axis=1)
-
-    report: dict[str, Any] = {
-        "region": region.name,
-        "time": now,
-        "round": task.server_round,
-        "start_round": start_round,
-        "mode": settings.mode,
-        **({"personal_round": kept.round} if kept else {}),
-        **choice_record(result, settings.choice),
-        "seconds": seconds,
-        "bytes_sent": 0,
-    }
-    if len(truth):
-        pred_global, pred_served = predict(loaded), predict(served)
-        ab = paired_bootstrap(
-            truth,
-            pred_global,
-            pred_served,
-            n,
-            resamples=settings.bootstrap,
-            seed=derive_seed(task.seed, "ab", region.name),
-        )
-        report["test_macro_f1"] = {"global": macro_f1(truth, pred_global, n), "served": macro_f1(truth, pred_served, n)}
-        report["ab"] = {"vs_federated": ab.to_json()}
+    report = {"region": region.name, "time": now, "round": task.server_round, **record.to_json()}
     (folder / PERSONALIZED_REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    log.info("%s: personalized (%s), serves %s", region.name, settings.mode, result.chosen)
+    log.info("%s: personalized (%s), serves %s", region.name, node.personalize.mode, result.chosen)
     return report

@@ -179,8 +179,9 @@ def _print_summary(summary: Summary) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """``fedlocale check``: the config and all data, without training."""
-    from common.data import load_region
+    """``fedlocale check``: the config and all data, without training; each region's data is read through the
+    node's pipeline, so the check also reports what each region's policy redacts."""
+    from client.pipeline import node_data
     from simulations.runner import load_policies
 
     cfg = load_config(args.config, args.overrides, args.regions)
@@ -188,7 +189,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for region in cfg.regions:
         try:
-            load_region(region.name, region.data, cfg.labels, log=print)
+            node_data(region.name, region.data, cfg.labels, policies.get(region.name), say=print)
         except DataError as err:
             problems.extend(err.problems)
     if problems:

@@ -1,16 +1,15 @@
-"""Personalization of a finished run, region by region, as each region's node would do it (nothing is sent),
-and the A/B evaluation on each region's test split: global vs personalized vs local-only, paired bootstrap.
+"""Personalization of a finished run, region by region, as each region's node does it (nothing is sent): the
+node's own ``client.personalize.personalize_region``, with the run folder as the source of the start model and
+the personal slices, and the local-only baseline's test predictions as a second comparison.
 
 Writes RUN_DIR/personalized/REGION/ (peft folder like adapter/) and returns the ``personalized`` entries of
-summary.json.
+summary.json (``ABRecord.to_json``).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +24,14 @@ from client.personal import (
     personal_folder,
     personal_tag,
 )
-from client.personalize import PERSONALIZED, choice_record, paired_bootstrap, personalize
-from client.train import evaluate, predict_proba
+from client.personalize import Start, personalize_region
+from client.tokens import encode_examples
 from common import keys
-from common.config import PROBED_MODES, STACKED_MODES, RunConfig
+from common.config import RunConfig
 from common.data import RegionData
 from common.errors import ConfigError
 from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
 from common.runfiles import ADAPTER_DIR, FEDERATION_FILE, PERSONALIZED_DIR, SIMULATED_PERSONAL_DIR
-from common.seeds import derive_seed
 
 
 def load_global(cfg: RunConfig, adapter_dir: Path) -> LoadedModel:
@@ -41,91 +39,6 @@ def load_global(cfg: RunConfig, adapter_dir: Path) -> LoadedModel:
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
     load_adapter_state(loaded.model, load_file(str(adapter_dir / "adapter_model.safetensors")))
     return loaded
-
-
-def _predict(loaded: LoadedModel, region: RegionData, cfg: RunConfig) -> np.ndarray:
-    texts = [ex.text for ex in region.test]
-    probs = predict_proba(
-        loaded.model, loaded.tokenizer, texts, max_length=cfg.model.max_length, batch_size=cfg.train.eval_batch_size
-    )
-    return probs.argmax(axis=1)
-
-
-def _scores(loaded: LoadedModel, region: RegionData, cfg: RunConfig) -> dict[str, float]:
-    r = evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        region.test,
-        len(cfg.labels),
-        max_length=cfg.model.max_length,
-        batch_size=cfg.train.eval_batch_size,
-    )
-    return {"accuracy": r.accuracy, "macro_f1": r.macro_f1}
-
-
-def personalize_region(
-    cfg: RunConfig,
-    name: str,
-    region: RegionData,
-    global_model: LoadedModel,
-    out_dir: Path,
-    start: Start,
-    local_only: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Personalize one region from ``start`` (``start_model``), save its model, and compare the model it serves
-    with the global and local-only models on test."""
-    settings = cfg.personalize
-    started = time.perf_counter()
-    kept = run_personal(cfg, out_dir, name, start) if settings.mode == "dual" else None
-    result = personalize(
-        global_model,
-        region,
-        settings,
-        cfg.train,
-        max_length=cfg.model.max_length,
-        seed=derive_seed(cfg.seed, "personalize", name),
-        personal=kept.tensors if kept else None,
-        start=start.model,
-    )
-    seconds = time.perf_counter() - started
-    save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
-    served = result.loaded if result.chosen == PERSONALIZED else global_model
-    truth = np.array([ex.label for ex in region.test])
-    pred_served, pred_global = _predict(served, region, cfg), _predict(global_model, region, cfg)
-    n = len(cfg.labels)
-
-    def ab(baseline: np.ndarray, tag: str) -> dict[str, float]:
-        seed = derive_seed(cfg.seed, "bootstrap", name, tag)
-        return paired_bootstrap(truth, baseline, pred_served, n, resamples=settings.bootstrap, seed=seed).to_json()
-
-    comparisons = {f"vs_{keys.FEDERATED}": ab(pred_global, keys.FEDERATED)}
-    if local_only is not None:
-        comparisons[f"vs_{keys.LOCAL_ONLY}"] = ab(local_only, keys.LOCAL_ONLY)
-    return {
-        **_scores(served, region, cfg),
-        "mode": settings.mode,
-        **({"local_r": settings.local_r} if settings.mode in STACKED_MODES else {}),
-        **({"start_round": start.round} if start.round is not None else {}),  # the global adapter's round
-        **({"personal_round": kept.round} if kept else {}),  # the round whose personal slices were stacked
-        "balance": settings.balance,
-        **choice_record(result, settings.choice),
-        "personalized_test": _scores(result.loaded, region, cfg),
-        "ab": comparisons,
-        "steps": result.train.steps,
-        # a probe trains no epochs: one forward pass over the train split, then a convex fit of the output layer;
-        # dual adds that to a personal LoRA trained in the rounds' own passes (no pass of its own)
-        "epochs": 0.0 if settings.mode in PROBED_MODES else settings.epochs,
-        "seconds": seconds,
-        "bytes_sent": 0,  # personalization happens on the node; nothing leaves it
-    }
-
-
-@dataclass(frozen=True)
-class Start:
-    """The global model personalization starts from and the round it is from."""
-
-    model: LoadedModel
-    round: int | None  # None: a run without federation.json (its adapter/ is all there is)
 
 
 def start_model(cfg: RunConfig, out_dir: Path, global_model: LoadedModel) -> Start:
@@ -203,9 +116,23 @@ def personalize_run(
             mode, f"{cfg.personalize.epochs:g} epoch(s)"
         )
         say(f"personalize: {name} ({mode}, {cost} on {len(region.train)})")
-        entries[name] = personalize_region(
-            cfg, name, region, global_model, out_dir, start, None if local_only is None else local_only.get(name)
+        kept = run_personal(cfg, out_dir, name, start) if mode == "dual" else None
+        baseline = None if local_only is None else local_only.get(name)
+        result, record = personalize_region(
+            name,
+            region,
+            global_model,
+            cfg.personalize,
+            cfg.train,
+            encode_examples(global_model.tokenizer, region.test, cfg.model.max_length),
+            max_length=cfg.model.max_length,
+            seed=cfg.seed,
+            start=start,
+            personal=kept,
+            baselines=None if baseline is None else {keys.LOCAL_ONLY: baseline},
         )
+        save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
+        entries[name] = record.to_json()
         # every region starts from the same global model: personalization must work on a copy
         for model, reference in references:
             if any(not (reference[k] == v).all() for k, v in adapter_state(model.model).items()):

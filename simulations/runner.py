@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from client.pipeline import node_data
 from common import keys
 from common.audit import SERVER, load_verify_key, verify_all
 from common.config import RunConfig
-from common.data import RegionData, load_region, redact_region
+from common.data import RegionData
 from common.errors import ConfigError
 from common.policy import RegionPolicy, load_policy
 from common.runfiles import (
@@ -84,17 +85,14 @@ def load_policies(cfg: RunConfig) -> dict[str, RegionPolicy]:
 
 
 def load_all(cfg: RunConfig, say: Callable[[str], None]) -> dict[str, RegionData]:
-    """Load every region up front so bad data or a bad policy fails before any process starts; with a policy,
-    the data the baselines use is redacted as the region's node redacts it."""
+    """Load every region up front so bad data or a bad policy fails before any process starts, through the
+    node's own pipeline (``client.pipeline.node_data``): with a policy, the data the baselines use is redacted
+    as the region's node redacts it. Not augmented: the baselines train on the regions' real examples."""
     policies = load_policies(cfg)
-    data = {}
-    for region in cfg.regions:
-        data[region.name] = load_region(region.name, region.data, cfg.labels, log=say)
-        if region.name in policies:
-            data[region.name], counts = redact_region(data[region.name], policies[region.name].pii.rules())
-            found = ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
-            say(f"{region.name}: policy {region.policy}; personal data replaced: {found}")
-    return data
+    return {
+        region.name: node_data(region.name, region.data, cfg.labels, policies.get(region.name), say=say).data
+        for region in cfg.regions
+    }
 
 
 def run_flower(

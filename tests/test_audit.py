@@ -30,7 +30,7 @@ from common.audit import (
     payload_hash,
     verify_ledger,
 )
-from common.config import RunConfig, load_config
+from common.config import RunConfig, client_task, load_config
 from common.errors import ConfigError
 from common.policy import (
     DpRequirement,
@@ -444,11 +444,12 @@ def test_node_entries_describe_what_left_and_never_the_text(audited: tuple[RunCo
 
 
 def test_the_node_trains_on_redacted_text(audited: tuple[RunConfig, Path]) -> None:
-    from client.task import region_data, simulated_node
+    from client.task import load_data, simulated_node
 
     cfg, _ = audited
     node = simulated_node(cfg.regions[0], {}, None)
-    data, counts = region_data(cfg.regions[0], cfg.labels, node)
+    loaded = load_data(cfg.regions[0], client_task(cfg, 1), node)
+    data, counts = loaded.data, loaded.redactions
     joined = " ".join(ex.text for ex in data.train)
     assert "[EMAIL]" in joined and "[PHONE]" in joined and "[URL]" in joined
     assert "ana.silva" not in joined

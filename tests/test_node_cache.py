@@ -21,8 +21,9 @@ from client.task import (
     NodeConfigError,
     NodeSettings,
     evaluate_round,
+    global_model,
+    load_data,
     node_settings,
-    prepare,
     train_round,
     use_threads,
 )
@@ -273,7 +274,7 @@ def test_training_and_evaluation_identical_with_and_without_cache(
     }
     assert len(entries(tmp_path / "cache")) == 1
     # the path before the cache existed: train_local tokenising itself
-    data, loaded = prepare(region, task, global_state)
+    data, loaded = load_data(region, task, NodeSettings()).data, global_model(task, global_state)
     seed = derive_seed(task.seed, task.server_round, region.name)
     settings = TrainSettings(lr=5e-3, epochs=1, batch_size=8, threads=1)
     before = train_local(loaded.model, loaded.tokenizer, data.train, settings, max_length=MAX_LEN, seed=seed)
@@ -285,7 +286,7 @@ def test_training_and_evaluation_identical_with_and_without_cache(
     assert any(not torch.equal(reference[k], global_state[k]) for k in reference)  # training did move it
 
     evals = [evaluate_round(region, task, reference, keys.TEST, node) for node in (NodeSettings(), cache, cache)]
-    _, loaded = prepare(region, task, reference)
+    loaded = global_model(task, reference)
     direct = evaluate(loaded.model, loaded.tokenizer, data.test, len(LABELS), max_length=MAX_LEN, batch_size=64)
     assert evals == [direct] * 3
     assert len(entries(tmp_path / "cache")) == 2  # train and test

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from client.task import NodeConfigError, NodeSettings, node_settings, region_data, train_round
+from client.pipeline import DataCounts, node_data
+from client.task import NodeConfigError, NodeSettings, node_settings, train_round
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, Region
@@ -47,13 +48,16 @@ def keep_threads() -> Iterator[None]:
 
 
 def test_without_a_policy_nothing_is_redacted(region: Region) -> None:
-    data, counts = region_data(region, LABELS, NodeSettings())
-    assert counts == {} and any("bob@example.org" in ex.text for ex in data.test)
+    loaded = node_data(region.name, region.data, LABELS)
+    assert loaded.redactions == {} and any("bob@example.org" in ex.text for ex in loaded.data.test)
+    assert loaded.train == loaded.data.train  # no augmentation asked for
 
 
 def test_the_policy_redacts_every_split(region: Region) -> None:
-    data, counts = region_data(region, LABELS, NodeSettings(policy=RegionPolicy("north")))
+    loaded = node_data(region.name, region.data, LABELS, RegionPolicy("north"))
+    data, counts = loaded.data, loaded.redactions
     assert counts == {"email": 1}
+    assert loaded.counts == DataCounts(train_examples=40, redactions={"email": 1})
     assert not any("bob@" in ex.text for split in (data.train, data.val, data.test) for ex in split)
     assert any("[EMAIL]" in ex.text for ex in data.test)
 

@@ -284,3 +284,38 @@ def test_a_run_config_saved_with_relative_paths_loads_from_the_run_folder(
     again = load_config(saved)  # as `fedlocale personalize out` reads it
     assert again.regions[0].policy == (tmp_path / "policies" / "north.yaml")
     assert again.regions[0].data == (tmp_path / "regions" / "north")
+
+
+@pytest.mark.parametrize("mode", ["probe", "head"])
+def test_a_node_and_a_simulation_personalize_a_region_the_same_way(tmp_path: Path, tiny_bert: Path, mode: str) -> None:
+    """One function personalizes a region on a deployed node and in a simulation: same region, model and
+    settings give the same record (only the node adds where and when, and the time taken differs)."""
+    import dataclasses
+    import json
+
+    from client.task import NodeSettings, personalize_node
+    from common.config import client_task, load_config
+    from simulations.personalize import personalize_run
+    from simulations.runner import load_all
+    from tests.conftest import tiny_config
+
+    regions = tmp_path / "regions"
+    write_region(regions / "north", 30, 16, seed=40)
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, regions, aggregation={"min_clients": 1}))
+    settings = PersonalizeSettings(mode=mode, bootstrap=200)  # type: ignore[arg-type]
+    cfg = dataclasses.replace(cfg, personalize=settings)
+    run = tmp_path / "run"
+    global_model = perturb(build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed), seed=5)
+    save_adapter(global_model, run / "adapter")
+    (run / "federation.json").write_text(json.dumps({"best_round": 2, "rounds": [{}, {}]}))  # best = last = 2
+
+    simulated = personalize_run(cfg, run, load_all(cfg, lambda _: None), say=lambda _: None)["north"]
+    node = NodeSettings(personalize=settings, personal_dir=tmp_path / "own")
+    task = client_task(cfg, server_round=2)
+    deployed = personalize_node(cfg.regions[0], task, adapter_state(global_model.model), node, now=0.0)
+
+    assert {k: deployed.pop(k) for k in ("region", "time", "round")} == {"region": "north", "time": 0.0, "round": 2}
+    assert deployed.pop("seconds") > 0 and simulated.pop("seconds") > 0
+    assert deployed == simulated
+    assert simulated["start_round"] == 2 and set(simulated["ab"]) == {"vs_federated"}
+    assert simulated["test_macro_f1"]["served"] == simulated["macro_f1"]
