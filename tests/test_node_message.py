@@ -27,6 +27,7 @@ from common import keys
 from common.audit import FAILED, SENT, Ledger, read_entries
 from common.config import ClientTask, Region
 from common.model import adapter_state, build_model
+from common.runfiles import LEDGER_FILE, PERSONALIZED_REPORT
 from tests.conftest import write_region
 
 NODE = 77
@@ -114,9 +115,9 @@ def test_each_message_loads_redacts_and_builds_once(
         # once each: the policy file, data, redaction, model; the guard read none of it again, nor did personalization
         assert calls == {"load_policy": 1, "load_region": 1, "redact_region": 1, "build_model": 1}
         calls.clear()
-    report = json.loads((tmp_path / "own" / "north" / keys.PERSONALIZED_REPORT).read_text())
+    report = json.loads((tmp_path / "own" / "north" / PERSONALIZED_REPORT).read_text())
     assert report["mode"] == "probe"
-    entries, problem = read_entries(tmp_path / "audit" / "ledger.jsonl")
+    entries, problem = read_entries(tmp_path / "audit" / LEDGER_FILE)
     assert problem is None
     bodies = [e["body"] for e in entries]
     # the counts the handler loaded are the ones the guard recorded
@@ -137,7 +138,7 @@ def test_a_handler_that_raises_leaves_a_failed_entry(
     with pytest.raises(client.task.NodeConfigError, match="region 'north' is not in this run"):
         make_app()(msg, _context(node_config))
     assert calls["load_region"] == 0  # refused before any data was read
-    entries, _ = read_entries(tmp_path / "audit" / "ledger.jsonl")
+    entries, _ = read_entries(tmp_path / "audit" / LEDGER_FILE)
     assert [e["body"]["status"] for e in entries] == [FAILED]
     assert "is not in this run" in entries[0]["body"]["reason"]
 
@@ -150,7 +151,7 @@ def test_a_reply_made_without_loading_the_data_does_not_leave(north_task: Client
     ledger = Ledger.in_folder(tmp_path / "audit", "north")
     with pytest.raises(RuntimeError, match="without loading the region's data"):
         release(msg, reply, here, ledger, datetime(2025, 1, 1, tzinfo=UTC))
-    entries, _ = read_entries(tmp_path / "audit" / "ledger.jsonl")
+    entries, _ = read_entries(tmp_path / "audit" / LEDGER_FILE)
     assert [e["body"]["status"] for e in entries] == [FAILED]
 
 
