@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.output import write_result
+
 _STARTED = time.monotonic()  # the child's first moment after the standard library: end of interpreter start
 LAUNCHED_ENV = "FEDLOCALE_BENCH_LAUNCHED"
 RESULT_PREFIX = "BENCH_RESULT "
@@ -572,10 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         **summary,
         "runs": runs,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-    return 0
+    return write_result(args.json, out)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 FEDERATED = "federated"
 MODES = (FEDERATED, "personalized", "local_only", "centralized")
-# personalize.lr (used by the local mode) chosen on the demo by mean validation macro-F1 (README, Personalization)
+# personalize.lr (used by the local mode) chosen on the demo by mean validation macro-F1
 DEFAULTS = (
     "personalize.lr=5e-3",
     "personalize.epochs=1",

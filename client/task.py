@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -35,7 +34,7 @@ from common.data import Example
 from common.errors import InputError
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
-from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT
+from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT, write_json
 from common.seeds import derive_seed
 
 log = logging.getLogger("fedlocale.node")
@@ -432,6 +431,6 @@ def personalize_node(
     save_adapter(loaded, folder / "global")
     save_adapter(result.loaded, folder / PERSONALIZED)
     report = {"region": region.name, "time": now, "round": task.server_round, **record.to_json()}
-    (folder / PERSONALIZED_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(folder / PERSONALIZED_REPORT, report)
     log.info("%s: personalized (%s), serves %s", region.name, node.personalize.mode, result.chosen)
     return report

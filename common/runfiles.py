@@ -160,11 +160,18 @@ def write_summary(run_dir: Path, summary: Summary) -> Path:
     """Write RUN_DIR/summary.json atomically (a temp sibling renamed over it): a crash leaves the old file or the
     new one, never half of one, so a reader such as ``fedlocale export`` never sees a torn summary."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / SUMMARY_FILE
-    # a fixed sibling opened as any file is (not mkstemp): the summary keeps the umask's permissions as before
+    return write_json(run_dir / SUMMARY_FILE, summary.to_json())
+
+
+def write_json(path: Path, data: object, indent: int = 2) -> Path:
+    """Replace ``path`` with ``data`` as JSON atomically: a crash leaves the old file or the new one, never half.
+
+    The temporary sibling is a fixed name opened as any file is (not mkstemp), so the file keeps the umask's
+    permissions; it is synced before the rename so the rename never exposes unwritten blocks.
+    """
     tmp = path.with_name(f"{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(json.dumps(summary.to_json(), indent=2) + "\n")
+        fh.write(json.dumps(data, indent=indent) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +49,7 @@ from common.runfiles import (
     STATE_FILE,
     UPDATES_DIR,
     round_name,
+    write_json,
 )
 from server.audit import LedgerStrategy
 from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog, RoundStrategy
@@ -222,13 +222,7 @@ def read_state(out_dir: Path) -> RunState | None:
 
 def write_state(out_dir: Path, state: RunState) -> None:
     """Replace ``state.json`` atomically: a crash leaves the old file or the new one, never half of one."""
-    path = out_dir / STATE_FILE
-    tmp = path.with_name(f"{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(json.dumps(state.to_json(), indent=1) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_json(out_dir / STATE_FILE, state.to_json(), indent=1)
 
 
 def check_resumable(state: RunState, cfg: RunConfig, out_dir: Path) -> None:
@@ -535,5 +529,5 @@ def federate(
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
     run_key = state.run_key if state is not None and state.run_key else new_key()
     result = run_rounds(grid, cfg, loaded, out_dir, on_round, state, run_key)
-    (out_dir / FEDERATION_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    write_json(out_dir / FEDERATION_FILE, result.to_json())
     return result
