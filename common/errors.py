@@ -7,7 +7,7 @@ Each carries the exit code the CLI returns for it, so the CLI catches one type a
 from __future__ import annotations
 
 EXIT_FAILED = 1  # the work could not be done (a launch, a build, a broken ledger)
-EXIT_BAD_INPUT = 2  # the input is unusable (config, data, model folder, key); nothing was written
+EXIT_BAD_INPUT = 2  # the input is unusable (config, data, model folder, key)
 
 
 class FedlocaleError(Exception):
@@ -17,7 +17,7 @@ class FedlocaleError(Exception):
 
 
 class InputError(FedlocaleError):
-    """Unusable input (a file, a setting, a folder): the message names it; nothing was written."""
+    """Unusable input (a file, a setting, a folder): the message names it."""
 
     exit_code = EXIT_BAD_INPUT
 
