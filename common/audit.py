@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.errors import FedlocaleError, InputError
+from common.errors import ConfigError, FedlocaleError, InputError
 from common.runfiles import KEY_FILE, LEDGER_FILE, PUBLIC_KEY_FILE
 
 GENESIS = "0" * 64
@@ -397,12 +397,12 @@ def find_ledgers(paths: Iterable[Path]) -> list[Path]:
 
 def read_keys_file(path: Path) -> dict[str, Path]:
     """A YAML mapping of signer name → public key file (relative paths from the keys file's folder)."""
-    import yaml
+    from common.yamlfile import read_yaml_file
 
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise AuditKeyError(f"{path}: cannot read a keys file ({err})") from err
+        raw, _ = read_yaml_file(path)
+    except ConfigError as err:
+        raise AuditKeyError(f"cannot read a keys file: {'; '.join(err.problems)}") from err
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
         raise AuditKeyError(f"{path}: must map signer names to public key files, e.g. 'server: server.pub'")
     return {name: path.parent / value for name, value in raw.items()}

@@ -9,26 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-import yaml
-
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.basemodels import base_problem
-from common.data import find_split
+from common.data import find_split, json_error_text, missing_split
 from common.errors import ConfigError, check
+from common.yamlfile import parse_yaml, read_mapping
 
 T = TypeVar("T")
 
 AGGREGATIONS = ("weighted", "uniform")
 STOP_METRICS = ("macro_f1", "accuracy", "loss")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -250,8 +251,9 @@ class Region:
     augment: AugmentSettings | None = None
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
-            check([("name", f"must be letters, digits, '.', '_' or '-', got {self.name!r}")])
+        problem = region_name_problem(self.name)
+        if problem:
+            check([("name", problem)])
 
     def folder_problems(self) -> list[str]:
         """What is wrong with the region's data folder (checked by RunConfig, so that every region is checked)."""
@@ -260,9 +262,7 @@ class Region:
         if not self.data.is_dir():
             return [f"no such folder: {self.data}"]
         return [
-            f"no {split}.jsonl or {split}.csv in {self.data}"
-            for split in (keys.TRAIN, keys.TEST)
-            if find_split(self.data, split) is None
+            missing_split(self.data, split) for split in (keys.TRAIN, keys.TEST) if find_split(self.data, split) is None
         ]
 
 
@@ -365,7 +365,7 @@ class ClientTask:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ConfigError([f"task: not valid JSON ({err.msg} at position {err.pos})"], "task from server") from err
+            raise ConfigError([f"task: not valid JSON ({json_error_text(err)})"], "task from server") from err
         return build(cls, raw, source="task from server")
 
 
@@ -475,24 +475,15 @@ def build(cls: type[T], raw: Any, source: str | None = None) -> T:
 # YAML files, overrides and region folders
 
 
-def _line_map(node: yaml.Node, path: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Map every dotted path in a YAML document to its 1-based line."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            sub = f"{path}.{key_node.value}" if path else str(key_node.value)
-            out[sub] = key_node.start_mark.line + 1
-            _line_map(value_node, sub, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            sub = f"{path}[{i}]"
-            out[sub] = item.start_mark.line + 1
-            _line_map(item, sub, out)
-    return out
-
-
-def _with_line(problem: str, lines: dict[str, int], source: str) -> str:
+def _with_line(problem: str, lines: dict[str, int], source: str, overridden: dict[str, str] | None = None) -> str:
+    """``problem`` located: by the ``--set`` that gave its value, else by its line in ``source``."""
+    if problem.startswith(("--set ", "--regions")):
+        return problem
     path = problem.split(":", 1)[0]
+    for key, assignment in (overridden or {}).items():
+        # a value from --set is not the file's: blaming the file's line would send the user to the wrong place
+        if path == key or path.startswith((f"{key}.", f"{key}[")):
+            return f"--set {assignment}: {problem}"
     while path:
         if path in lines:
             return f"{source}:{lines[path]}: {problem}"
@@ -505,45 +496,104 @@ def _line_of(problem: str) -> int:
     return int(match.group(1)) if match else 1 << 30
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value read as YAML) to a raw config mapping, in place."""
+def apply_override(raw: dict[str, Any], assignment: str) -> str:
+    """Apply ``a.b.c=value`` (value read as YAML) to a raw config mapping, in place; returns the path it set
+    as problems name it (``regions.0.data`` -> ``regions[0].data``)."""
     if "=" not in assignment:
         raise ConfigError([f"--set {assignment}: expected KEY=VALUE"])
     dotted, text = assignment.split("=", 1)
     parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError([f"--set {assignment}: {dotted.strip()!r} is no key path (e.g. train.lr)"])
+    value = _yaml_value(text, assignment)
     node: Any = raw
+    path = ""
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            path += f"[{part}]"
             if last:
-                node[int(part)] = _yaml_value(text)
+                node[int(part)] = value
             node = node[int(part)]
         elif isinstance(node, dict):
+            path += f".{part}" if path else part
             if last:
-                node[part] = _yaml_value(text)
+                node[part] = value
             node = node.setdefault(part, {})
         else:
             parent = ".".join(parts[:i])
             what = "a list (index it with a number in range)" if isinstance(node, list) else f"{node!r}"
-            raise ConfigError([f"--set {dotted}: {parent} is {what}, not a mapping"])
+            raise ConfigError([f"--set {assignment}: {parent} is {what}, not a mapping"])
+    return path
 
 
-def _yaml_value(text: str) -> Any:
+def _yaml_value(text: str, assignment: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"--set: value {text!r} is not valid YAML ({getattr(err, 'problem', err)})"]) from err
+        return parse_yaml(text, "--set")[0] if text.strip() else None
+    except ConfigError as err:
+        # "--set:1: not valid YAML: ..." -> the reason, named by the whole assignment
+        reasons = "; ".join(p.split(": ", 1)[-1] for p in err.problems)
+        raise ConfigError([f"--set {assignment}: value {text!r} is {reasons}"]) from err
+
+
+# a region name becomes a folder (runs/NAME/…, a node's cache) and the name a ledger is signed under
+REGION_NAME_MAX = 64
+REGION_NAME_RULE = (
+    f"must be 1 to {REGION_NAME_MAX} Unicode letters, digits, '.', '_' or '-', starting with a letter or digit "
+    "(it names a folder and a ledger)"
+)
+
+
+def region_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a region's name, or None (``REGION_NAME_RULE``; e.g. ``são-paulo`` is fine)."""
+    if not 1 <= len(name) <= REGION_NAME_MAX:
+        return f"{REGION_NAME_RULE}; got {len(name)} characters"
+    bad = [ch for ch in name if not (unicodedata.category(ch)[0] == "L" or unicodedata.category(ch) == "Nd")]
+    bad = [ch for ch in bad if ch not in "._-"]
+    if bad:
+        return f"{REGION_NAME_RULE}; {bad[0]!r} is none of these, in {name!r}"
+    if not (unicodedata.category(name[0])[0] == "L" or unicodedata.category(name[0]) == "Nd"):
+        # also rules out ".", "..", hidden folders and names that read as a command-line option
+        return f"{REGION_NAME_RULE}; got {name!r}"
+    if unicodedata.normalize("NFC", name) != name:
+        # "são" typed as s, a, combining tilde, o: two spellings of one name would be two regions and two folders
+        return f"must be in Unicode NFC form (composed characters), got {name!r}"
+    return None
 
 
 def discover_regions(folder: Path) -> list[dict[str, str]]:
-    """Every subfolder of ``folder`` that holds region data, named after the subfolder, sorted."""
+    """Every subfolder of ``folder`` that holds region data, named after the subfolder, sorted.
+
+    Hidden subfolders (``.archives``) and files are passed over silently. A subfolder that looks like a region
+    (it holds a ``train``/``val``/``test`` file under another name, such as ``Train.JSONL`` or ``train.json``)
+    but has no ``train.jsonl`` or ``train.csv`` is an error naming what it found; any other subfolder without one
+    is skipped with a warning saying so.
+    """
     if not folder.is_dir():
         raise ConfigError([f"regions: no such folder: {folder}"])
-    found = [
-        {"name": sub.name, "data": str(sub.resolve())}
-        for sub in sorted(folder.iterdir())
-        if sub.is_dir() and find_split(sub, keys.TRAIN) is not None
-    ]
+    found: list[dict[str, str]] = []
+    problems: list[str] = []
+    for sub in sorted(folder.iterdir()):
+        if sub.name.startswith(".") or not sub.is_dir():
+            continue
+        if find_split(sub, keys.TRAIN) is not None:
+            name = unicodedata.normalize("NFC", sub.name)
+            found.append({"name": name, "data": str(sub.resolve())})
+            continue
+        try:
+            near = [p.name for p in sorted(sub.iterdir()) if p.name.lower().split(".")[0] in keys.SPLITS]
+        except OSError as err:
+            problems.append(f"regions: {sub}: cannot read: {err.strerror or err}")
+            continue
+        if near:
+            problems.append(
+                f"regions: {sub}: holds {', '.join(near)} but no train.jsonl or train.csv "
+                "(split files are named train, val, test with .jsonl or .csv, in lower case)"
+            )
+        else:
+            _log.warning("regions: skipped %s: no train.jsonl or train.csv in it", sub)
+    if problems:
+        raise ConfigError(problems)
     if not found:
         raise ConfigError([f"regions: no subfolder of {folder} holds a train.jsonl or train.csv"])
     return found
@@ -552,17 +602,29 @@ def discover_regions(folder: Path) -> list[dict[str, str]]:
 def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: Path | None = None) -> RunConfig:
     """Read, override and validate a run config file; relative data paths are taken from the file's folder.
 
-    ``regions_dir`` replaces the region list with every region subfolder of that folder.
+    ``regions_dir`` (``--regions DIR``) replaces the region list with every region subfolder of that folder; in
+    the file, ``regions:`` and ``regions_dir:`` exclude each other. Problems with a ``--set`` value name it,
+    not a line of the file.
     """
     source = str(path)
     raw, lines = read_yaml(path)
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    base = path.parent
     early: list[str] = []
+    overridden: dict[str, str] = {}
+    for assignment in overrides:
+        try:
+            overridden[apply_override(raw, assignment)] = assignment
+        except ConfigError as err:
+            early.extend(err.problems)
+    base = path.parent
+    if regions_dir is None and "regions_dir" in raw and "regions" in raw:
+        where = f"--set {overridden['regions']}" if "regions" in overridden else f"line {lines.get('regions', '?')}"
+        early.append(
+            f"regions_dir: cannot be combined with regions ({where}): list the regions or name the folder "
+            "that holds them, not both"
+        )
     listed_dir = raw.pop("regions_dir", None)
     folder = regions_dir if regions_dir is not None else (base / str(listed_dir) if listed_dir is not None else None)
-    if folder is not None:
+    if folder is not None and not early:
         try:
             raw["regions"] = discover_regions(folder)
         except ConfigError as err:
@@ -587,7 +649,7 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
     problems: list[str] = list(early)
     cfg = _build_into(RunConfig, raw, "", problems)
     if cfg is None or early:
-        raise located_error(problems, lines, source)
+        raise located_error(problems, lines, source, overridden)
     return cfg
 
 
@@ -601,28 +663,16 @@ def _resolve_augment_paths(regions: Any, base: Path) -> None:
 
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """A YAML file's top-level mapping and the line of every dotted path in it; ConfigError names the line."""
-    source = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([f"cannot read: {err.strerror}"], source) from err
-    try:
-        node = yaml.compose(text)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise ConfigError([f"{where}: not valid YAML: {getattr(err, 'problem', err)}"], source) from err
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: must be a mapping at the top level"], source)
-    return raw, (_line_map(node) if node is not None else {})
+    """A YAML file's top-level mapping and the line of every dotted path in it (``common.yamlfile``'s rules)."""
+    return read_mapping(path)
 
 
-def located_error(problems: list[str], lines: dict[str, int], source: str) -> ConfigError:
-    """One ConfigError with each problem prefixed by ``file:line`` and sorted by line."""
-    located = [_with_line(p, lines, source) for p in problems] or [f"{source}: invalid"]
+def located_error(
+    problems: list[str], lines: dict[str, int], source: str, overridden: dict[str, str] | None = None
+) -> ConfigError:
+    """One ConfigError with each problem prefixed by ``file:line`` (or the ``--set`` that gave the value, per
+    ``overridden``: path -> assignment) and sorted by line."""
+    located = [_with_line(p, lines, source, overridden) for p in problems] or [f"{source}: invalid"]
     return ConfigError(sorted(located, key=_line_of), source)
 
 

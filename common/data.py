@@ -44,6 +44,29 @@ def find_split(folder: Path, split: str) -> Path | None:
     return None
 
 
+def split_near_misses(folder: Path, split: str) -> list[Path]:
+    """Files in ``folder`` that look meant to hold ``split`` but are not named ``split.jsonl``/``split.csv``
+    (``Train.jsonl``, ``train.JSONL``, ``train.json``, ``train.txt``), sorted; none if the folder is unreadable."""
+    exact = {f"{split}{suffix}" for suffix in DATA_SUFFIXES}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if p.name not in exact and p.name.lower().split(".")[0] == split and p.is_file()]
+
+
+def missing_split(folder: Path, split: str) -> str:
+    """Why ``folder`` has no ``split``: the names expected and, if any, the files that were probably meant."""
+    near = split_near_misses(folder, split)
+    found = f" (found {', '.join(p.name for p in near)}: the name must be exactly one of these)" if near else ""
+    return f"no {split}.jsonl or {split}.csv in {folder}{found}"
+
+
+def json_error_text(err: json.JSONDecodeError) -> str:
+    """A JSON error as a whole sentence with its column: ``err.msg`` alone ends mid-sentence ("... at")."""
+    return f"{err.msg} column {err.colno}" if err.msg.endswith(" at") else f"{err.msg} at column {err.colno}"
+
+
 @dataclass(frozen=True)
 class Example:
     """One labelled text; ``label`` is the index into the run's label list."""
@@ -81,23 +104,43 @@ def iter_rows(path: Path, required: Sequence[str] = TEXT_LABEL) -> Rows:
 
     The one definition of a data row, for region data and for ``fedlocale predict`` alike: a JSON object per line
     (blank lines are no rows), or a CSV row under a header that has every ``required`` column, with as many cells
-    as the header has columns (a quoted newline makes a row span lines; it is named by the line it starts on).
-    A file that stops decoding as UTF-8 ends with one problem at line 0 (the file), the rest of it skipped.
+    as the header has columns, on one line: a row whose quoted field runs over several lines is refused (a stray
+    quote merges the rows after it into one text). A line that is not UTF-8 is a bad row named by its line and
+    column; a UTF-16 file is one problem at line 1. Raises OSError when the file cannot be opened.
     """
     csv_file = path.suffix == ".csv"
-    # utf-8-sig: spreadsheet programs write a byte-order mark that would otherwise stick to the first column name
-    with path.open(encoding="utf-8-sig", newline="" if csv_file else None) as fh:
-        yield from _guard_decoding(_csv_rows(fh, required)) if csv_file else json_lines(fh)
+    # utf-8-sig: spreadsheet programs write a byte-order mark that would otherwise stick to the first column name.
+    # surrogateescape: a byte that is not UTF-8 becomes a marker on its own line instead of ending the read, so
+    # it is reported by line and the rows around it still are read (and reported) one by one
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="" if csv_file else None) as fh:
+        yield from _csv_rows(fh, required) if csv_file else json_lines(fh)
 
 
 def json_lines(lines: Iterable[str], plain_text: bool = False) -> Rows:
     """The rows of JSON lines (a file, stdin); with ``plain_text`` a line not starting with ``{`` is a row's text
-    itself. Input that stops decoding as UTF-8 ends with one problem at line 0, as in ``iter_rows``."""
+    itself. A line holding bytes that are not UTF-8 (read with ``errors="surrogateescape"``) is a bad row; input
+    whose reading fails on them (a strict text stream) ends with one problem at line 0."""
     return _guard_decoding(_json_lines(lines, plain_text))
+
+
+def _not_utf8(line: str, line_no: int) -> str | None:
+    """Why a line read with ``surrogateescape`` is not UTF-8 text (its first bad byte and column), or None."""
+    for column, ch in enumerate(line, start=1):
+        if "\udc80" <= ch <= "\udcff":
+            if line_no == 1 and line[:2] in ("\udcff\udcfe", "\udcfe\udcff"):
+                return "UTF-16 text (byte-order mark); save the file as UTF-8"
+            return f"not UTF-8: byte 0x{ord(ch) - 0xDC00:02X} at column {column} (save the file as UTF-8)"
+    return None
 
 
 def _json_lines(lines: Iterable[str], plain_text: bool) -> Rows:
     for line_no, line in enumerate(lines, start=1):
+        undecodable = _not_utf8(line, line_no)
+        if undecodable:
+            yield line_no, undecodable
+            if undecodable.startswith("UTF-16"):
+                return  # every line after it would be reported too
+            continue
         stripped = line.strip()
         if not stripped:
             continue
@@ -107,13 +150,13 @@ def _json_lines(lines: Iterable[str], plain_text: bool) -> Rows:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            yield line_no, f"bad JSON: {err.msg}"
+            yield line_no, f"bad JSON: {json_error_text(err)}"
             continue
         yield line_no, row if isinstance(row, dict) else "expected a JSON object"
 
 
 def _guard_decoding(rows: Rows) -> Rows:
-    """Turn a decoding failure part-way through into a reported problem, keeping the rows before it."""
+    """Turn a decoding failure part-way through a strict text stream into a reported problem."""
     last = 0
     try:
         for line_no, row in rows:
@@ -125,14 +168,29 @@ def _guard_decoding(rows: Rows) -> Rows:
 
 
 def _csv_rows(fh: TextIO, required: Sequence[str]) -> Rows:
-    reader = csv.reader(fh)
-    header = next(reader, [])
+    undecodable: dict[int, str] = {}  # line -> why it is not UTF-8, filled as the reader reads lines
+
+    def lines() -> Iterator[str]:
+        for line_no, line in enumerate(fh, start=1):
+            problem = _not_utf8(line, line_no)
+            if problem:
+                undecodable[line_no] = problem
+            yield line
+
+    reader = csv.reader(lines())
+    try:
+        header = next(reader, [])
+    except csv.Error as err:
+        yield 1, f"bad CSV header: {err}"
+        return
+    if undecodable:
+        yield 1, undecodable[1]
+        return
     missing = set(required) - set(header)
     if missing:
         yield 1, f"header lacks column(s) {', '.join(sorted(missing))}"
         return
     while True:
-        # a quoted newline makes a row span lines: the row starts on the line after the previous one ended
         start = reader.line_num + 1
         try:
             cells = next(reader)
@@ -141,6 +199,20 @@ def _csv_rows(fh: TextIO, required: Sequence[str]) -> Rows:
         except csv.Error as err:
             yield start, f"bad CSV: {err}; the rest of the file is skipped"
             return
+        end = reader.line_num
+        bad = [(n, undecodable[n]) for n in range(start, end + 1) if n in undecodable]
+        if bad:
+            yield from bad
+            continue
+        if end > start:
+            # a quoted newline makes a row span lines; far more often than a real multi-line text, it is a stray
+            # quote that swallowed the rows after it into one example's text
+            yield (
+                start,
+                f"a quoted field runs over {end - start + 1} lines ({start}-{end}; a stray quote?): "
+                "put each row on one line",
+            )
+            continue
         if not cells:
             continue  # a blank line is no row
         if len(cells) != len(header):
@@ -168,17 +240,21 @@ def read_split(path: Path, labels: tuple[str, ...]) -> tuple[list[Example], list
     index = {name: i for i, name in enumerate(labels)}
     examples: list[Example] = []
     problems: list[str] = []
-    for line_no, row in iter_rows(path):
-        where = f"{path}:{line_no}" if line_no else str(path)
-        problem = row if isinstance(row, str) else row_problem(row)
-        if isinstance(row, str) or problem is not None:
-            problems.append(f"{where}: {problem}")
-            continue
-        label = str(row["label"])
-        if label not in index:
-            problems.append(f"{where}: unknown label {row['label']!r} (labels: {', '.join(labels)})")
-        else:
-            examples.append(Example(normalise(str(row["text"])), index[label]))
+    try:
+        for line_no, row in iter_rows(path):
+            where = f"{path}:{line_no}" if line_no else str(path)
+            problem = row if isinstance(row, str) else row_problem(row)
+            if isinstance(row, str) or problem is not None:
+                problems.append(f"{where}: {problem}")
+                continue
+            label = str(row["label"])
+            if label not in index:
+                problems.append(f"{where}: unknown label {row['label']!r} (labels: {', '.join(labels)})")
+            else:
+                examples.append(Example(normalise(str(row["text"])), index[label]))
+    except OSError as err:
+        # unreadable (permissions, a folder named train.csv, an I/O error): nothing of it may be trained on
+        problems.append(f"{path}: cannot read: {err.strerror or err}")
     return examples, problems
 
 
@@ -201,7 +277,7 @@ def load_region(
         path = find_split(folder, split)
         if path is None:
             if split != keys.VAL:
-                problems.append(f"{folder}: no {split}.jsonl or {split}.csv")
+                problems.append(missing_split(folder, split))
             continue
         splits[split], bad = read_split(path, labels)
         problems.extend(bad)

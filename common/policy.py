@@ -20,7 +20,7 @@ import numpy as np
 
 from common import keys
 from common.audit import canonical_json
-from common.config import load_yaml
+from common.config import load_yaml, region_name_problem
 from common.errors import InputError, check
 from common.pii import PII_TYPES, CustomPattern, PiiRules
 
@@ -109,8 +109,9 @@ class RegionPolicy:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.region.strip():
-            problems.append(("region", "must not be empty"))
+        name_problem = region_name_problem(self.region)
+        if name_problem:
+            problems.append(("region", name_problem))
         if self.min_train_examples < 1:
             problems.append(("min_train_examples", f"must be >= 1, got {self.min_train_examples}"))
         if self.server_fingerprint is not None and not _FINGERPRINT_RE.match(self.server_fingerprint):

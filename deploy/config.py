@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, load_config, load_yaml
+from common.config import RunConfig, load_config, load_yaml, region_name_problem
 from common.errors import ConfigError
 
 DEFAULT_NODE_PORT = 9101  # first SuperNode ClientAppIo port on one host; each node on a host needs its own
@@ -73,8 +73,9 @@ class NodeEntry:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.region.strip():
-            problems.append(("region", "must not be empty"))
+        name_problem = region_name_problem(self.region)
+        if name_problem:
+            problems.append(("region", name_problem))
         if self.port is not None and not 1 <= self.port <= 65535:
             problems.append(("port", f"must be in [1, 65535], got {self.port}"))
         if self.threads is not None and self.threads < 1:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
@@ -32,9 +31,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from common import keys
 from common.basemodels import BUILT_BASES, build_command
 from common.data import find_split
-from common.errors import InputError
+from common.errors import ConfigError, InputError
 from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, quiet_loading, resolve_base
 from common.runfiles import ADAPTER_DIR, CONFIG_FILE, PERSONALIZED_DIR, SUMMARY_FILE, Summary, read_summary
+from common.yamlfile import read_yaml_file
 
 EXPORT_FILE = "fedlocale.json"
 CARD_FILE = "README.md"
@@ -110,8 +110,8 @@ def read_run(run_dir: Path) -> RunInfo:
 def _read_yaml(path: Path) -> dict[str, Any]:
     # The resolved config is only provenance and max_length here: a missing or odd one must not block an export.
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        data, _ = read_yaml_file(path)
+    except ConfigError:
         return {}
     return data if isinstance(data, dict) else {}
 

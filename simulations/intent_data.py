@@ -30,10 +30,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import yaml
-
 from assets.archives import Archive, ArchiveError, fetch_archive, read_member
 from common.data import normalise
+from common.errors import ConfigError
+from common.yamlfile import decode_utf8, parse_yaml
 from simulations.demo_data import _write_jsonl, _write_text
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -102,10 +102,11 @@ def read_prompts(archive: Path) -> Prompts:
         prompts[region] = {}
         for topic in LABELS:
             member = f"chatterbot_corpus/data/{folder}/{topic}.yml"
+            source = f"{member} in {archive}"
             try:
-                data = yaml.safe_load(read_member(archive, member).decode("utf-8"))
-            except (UnicodeDecodeError, yaml.YAMLError) as err:
-                raise ArchiveError(f"{member} in {archive} is not readable YAML: {err}") from err
+                data, _ = parse_yaml(decode_utf8(read_member(archive, member), source), source)
+            except ConfigError as err:
+                raise ArchiveError(f"not readable YAML: {'; '.join(err.problems)}") from err
             dialogs = data.get("conversations") if isinstance(data, dict) else None
             # YAML turns some prompts into numbers or booleans ("yes", "42"): they are no text and are skipped
             firsts = [d[0] for d in dialogs or () if isinstance(d, list) and d and isinstance(d[0], str)]

@@ -153,9 +153,9 @@ def test_region_names_and_non_mapping_top_level(tmp_path: Path, regions_root: Pa
         tmp_path / "n.yaml", f"regions:\n  - name: 'bad name'\n    data: {regions_root / 'a'}\nlabels: [neg, pos]\n"
     )
     problems = problems_of(path)
-    assert len(problems) == 1 and problems[0].startswith(f"{path}:2: regions[0].name: must be letters")
+    assert len(problems) == 1 and problems[0].startswith(f"{path}:2: regions[0].name: must be 1 to 64 Unicode letters")
     listed = write(tmp_path / "list.yaml", "- a\n- b\n")
-    assert problems_of(listed) == [f"{listed}: must be a mapping at the top level"]
+    assert problems_of(listed) == [f"{listed}:1: must be a mapping (key: value lines) at the top level"]
     broken = write(tmp_path / "broken.yaml", "name: x\ntrain: [1, 2\n")
     (problem,) = problems_of(broken)
     assert problem.startswith(f"{broken}:") and "not valid YAML" in problem
@@ -222,25 +222,23 @@ def test_override_creates_a_nested_key_missing_from_the_file(tmp_path: Path, reg
     assert cfg.lora.target_modules == ("query",)
 
 
-def test_override_with_an_unknown_or_bad_key_is_reported_like_a_file_problem(
-    tmp_path: Path, regions_root: Path
-) -> None:
+def test_override_problems_name_the_override_not_a_line_of_the_file(tmp_path: Path, regions_root: Path) -> None:
     path = write(tmp_path / "o.yaml", good_yaml(regions_root))
     problems = problems_of(path, "train.speed=3", "train.batch_size=0")
     assert len(problems) == 2
-    assert problems[0].startswith(f"{path}:8: train.speed: unknown key")  # line of the enclosing `train:`
-    assert problems[1] == f"{path}:8: train.batch_size: must be >= 1, got 0"
+    assert problems[0].startswith("--set train.speed=3: train.speed: unknown key")
+    assert problems[1] == "--set train.batch_size=0: train.batch_size: must be >= 1, got 0"
 
 
 @pytest.mark.parametrize(
     ("assignment", "prefix"),
     [
         ("train.lr", "--set train.lr: expected KEY=VALUE"),
-        ("rounds.x=1", "--set rounds.x: rounds is 2, not a mapping"),  # rounds is an int
-        ("regions.x=1", "--set regions.x: regions is a list"),
-        ("rounds.x.y=1", "--set rounds.x.y: rounds is 2, not a mapping"),
-        ("train.lr=[1", "--set: value '[1' is not valid YAML"),
-        ("regions.5.name=x", "--set regions.5.name: "),  # index out of range
+        ("rounds.x=1", "--set rounds.x=1: rounds is 2, not a mapping"),  # rounds is an int
+        ("regions.x=1", "--set regions.x=1: regions is a list"),
+        ("rounds.x.y=1", "--set rounds.x.y=1: rounds is 2, not a mapping"),
+        ("train.lr=[1", "--set train.lr=[1: value '[1' is not valid YAML: expected ',' or ']'"),
+        ("regions.5.name=x", "--set regions.5.name=x: regions is a list (index it with a number in range)"),
     ],
 )
 def test_override_bad_syntax(tmp_path: Path, regions_root: Path, assignment: str, prefix: str) -> None:

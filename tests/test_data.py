@@ -48,13 +48,11 @@ def test_jsonl_region(tmp_path: Path) -> None:
     assert logged == ["north: 3 train, 1 val, 2 test; dropped nothing"]
 
 
-def test_csv_region_with_header_and_quoted_multiline_text(tmp_path: Path) -> None:
-    (tmp_path / "train.csv").write_text(
-        'text,label\n"good, really good",pos\n"first line\nsecond line",neg\nplain,pos\n', encoding="utf-8"
-    )
+def test_csv_region_with_header_and_quoted_text(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text('text,label\n"good, really good",pos\nplain,pos\n', encoding="utf-8")
     (tmp_path / "test.csv").write_text('label,text\nneg,"say ""bad"""\n', encoding="utf-8")  # columns in any order
     region = load_region("r", tmp_path, LABELS)
-    assert region.train == [Example("good, really good", 1), Example("first line second line", 0), Example("plain", 1)]
+    assert region.train == [Example("good, really good", 1), Example("plain", 1)]
     assert region.test == [Example('say "bad"', 0)]
     assert region.val == []  # val is optional
 
@@ -71,15 +69,29 @@ def test_csv_bad_rows_after_a_multiline_row_have_the_right_line(tmp_path: Path) 
         encoding="utf-8",
     )
     examples, problems = read_split(path, LABELS)
-    assert examples == [Example("one two three", 1), Example("fine", 1)]
-    assert problems == [f"{path}:5: unknown label 'meh' (labels: neg, pos)", f"{path}:7: empty text"]
+    assert examples == [Example("fine", 1)]
+    assert problems == [
+        f"{path}:2: a quoted field runs over 3 lines (2-4; a stray quote?): put each row on one line",
+        f"{path}:5: unknown label 'meh' (labels: neg, pos)",
+        f"{path}:7: empty text",
+    ]
 
 
 def test_bad_multiline_csv_row_is_reported_where_it_starts(tmp_path: Path) -> None:
     path = tmp_path / "train.csv"
     path.write_text('text,label\nok,pos\n"spans\nthree\nlines",wat\n', encoding="utf-8")
     _, problems = read_split(path, LABELS)
-    assert problems == [f"{path}:3: unknown label 'wat' (labels: neg, pos)"]
+    assert problems == [f"{path}:3: a quoted field runs over 3 lines (3-5; a stray quote?): put each row on one line"]
+
+
+def test_a_stray_quote_merging_rows_is_a_bad_row_not_one_long_example(tmp_path: Path) -> None:
+    """An unclosed quote would make every row up to the next quote one example's text; it is refused instead,
+    and the rows after the closing quote are read as rows again."""
+    path = tmp_path / "train.csv"
+    path.write_text('text,label\n"oops,pos\nb,neg\nc",pos\nd,neg\n', encoding="utf-8")
+    examples, problems = read_split(path, LABELS)
+    assert examples == [Example("d", 0)]
+    assert problems == [f"{path}:2: a quoted field runs over 3 lines (2-4; a stray quote?): put each row on one line"]
 
 
 def test_csv_with_utf8_bom(tmp_path: Path) -> None:
@@ -101,19 +113,58 @@ def test_a_csv_row_with_more_or_fewer_cells_than_columns_is_a_bad_row(tmp_path: 
 
 
 def test_rows_are_streamed_with_the_problems_in_place(tmp_path: Path) -> None:
-    """iter_rows is what predict reads through: one item per row in file order, bad rows as (line, reason), and
-    a file that stops decoding ends with one problem naming the last line read (text is decoded in chunks, so
-    the rows of the chunks before the bad byte come out first)."""
+    """iter_rows is what predict reads through: one item per row in file order, bad rows as (line, reason); a
+    byte that is not UTF-8 is a bad row at its own line (not a chunk boundary), and the rows after it are read."""
     path = tmp_path / "in.jsonl"
     good = b'{"text": "a"}\n' * 3000  # several decoding chunks
-    path.write_bytes(b'{"text": "first"}\n\n[1]\n' + good + b'{"text": "caf\xe9"}\n')
+    path.write_bytes(b'{"text": "first"}\n\n[1]\n' + good + b'{"text": "caf\xe9"}\n{"text": "last"}\n')
     items = list(iter_rows(path, ("text",)))
     assert items[:2] == [(1, {"text": "first"}), (3, "expected a JSON object")]
-    assert all(row == {"text": "a"} for _, row in items[2:-1]) and len(items) > 100
-    line, reason = items[-1]
-    assert (
-        line == 0 and reason == f"not UTF-8 after line {items[-2][0]} (invalid continuation byte); the rest is skipped"
-    )
+    assert all(row == {"text": "a"} for _, row in items[2:-2]) and len(items) == 3004
+    assert items[-2:] == [
+        (3004, "not UTF-8: byte 0xE9 at column 14 (save the file as UTF-8)"),
+        (3005, {"text": "last"}),
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_bytes_that_are_not_utf8_are_bad_rows_at_their_line(tmp_path: Path, suffix: str) -> None:
+    """Training data that stops decoding part-way is an error naming the line, never half a file."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    rows = [json.dumps(row(t, "pos")) if suffix == ".jsonl" else f"{t},pos" for t in ("one", "two", "three")]
+    head = b"" if suffix == ".jsonl" else b"text,label\n"
+    lines = [r.encode() + b"\n" for r in rows]
+    lines[1] = lines[1].replace(b"two", b"tw\xf6")
+    (folder / f"train{suffix}").write_bytes(head + b"".join(lines))
+    jsonl(folder / "test.jsonl", [row("good", "pos")])
+    line = 2 if suffix == ".jsonl" else 3
+    column = 13 if suffix == ".jsonl" else 3
+    assert problems_of(folder) == [
+        f"{folder / f'train{suffix}'}:{line}: not UTF-8: byte 0xF6 at column {column} (save the file as UTF-8)"
+    ]
+
+
+def test_a_utf16_file_is_one_problem(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes('{"text": "good", "label": "pos"}\n{"text": "bad", "label": "neg"}\n'.encode("utf-16"))
+    assert read_split(path, LABELS) == ([], [f"{path}:1: UTF-16 text (byte-order mark); save the file as UTF-8"])
+
+
+def test_json_errors_are_whole_sentences(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a\tb", "label": "pos"}\n{"text": "x" "label": "pos"}\n', encoding="utf-8")
+    _, problems = read_split(path, LABELS)
+    assert problems == [
+        f"{path}:1: bad JSON: Invalid control character at column 12",
+        f"{path}:2: bad JSON: Expecting ',' delimiter at column 14",
+    ]
+
+
+def test_an_unreadable_split_is_named_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "train.jsonl").mkdir()  # a folder where the file should be: cannot be opened, on any user
+    path = tmp_path / "train.jsonl"
+    assert read_split(path, LABELS) == ([], [f"{path}: cannot read: Is a directory"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,17 +213,21 @@ def test_file_that_is_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b'{"text": "caf\xe9", "label": "pos"}\n')
     examples, problems = read_split(path, LABELS)
     assert examples == []
-    assert len(problems) == 1 and problems[0].startswith(f"{path}: not UTF-8")
+    assert problems == [f"{path}:1: not UTF-8: byte 0xE9 at column 14 (save the file as UTF-8)"]
 
 
 def test_missing_test_and_train_files(tmp_path: Path) -> None:
     jsonl(tmp_path / "only-train" / "train.jsonl", [row("good", "pos")])
-    assert problems_of(tmp_path / "only-train") == [f"{tmp_path / 'only-train'}: no test.jsonl or test.csv"]
+    assert problems_of(tmp_path / "only-train") == [f"no test.jsonl or test.csv in {tmp_path / 'only-train'}"]
     (tmp_path / "nothing").mkdir()
     assert problems_of(tmp_path / "nothing") == [
-        f"{tmp_path / 'nothing'}: no train.jsonl or train.csv",
-        f"{tmp_path / 'nothing'}: no test.jsonl or test.csv",
+        f"no train.jsonl or train.csv in {tmp_path / 'nothing'}",
+        f"no test.jsonl or test.csv in {tmp_path / 'nothing'}",
     ]
+    (tmp_path / "nothing" / "Test.JSONL").write_text("", encoding="utf-8")
+    assert problems_of(tmp_path / "nothing")[1] == (
+        f"no test.jsonl or test.csv in {tmp_path / 'nothing'} (found Test.JSONL: the name must be exactly one of these)"
+    )
 
 
 def test_empty_train_split(tmp_path: Path) -> None:

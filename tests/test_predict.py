@@ -100,10 +100,11 @@ def test_csv_input_with_quoted_newlines_reports_lines(
     )
     code, out, err = run_predict(capsys, str(served["merged"]), str(path))
     assert code == 3
-    assert [(r["line"], r["id"]) for r in out] == [(2, "1"), (3, "2"), (7, "5")]
+    assert [(r["line"], r["id"]) for r in out] == [(2, "1"), (7, "5")]
+    assert f"{path}:3: a quoted field runs over 2 lines (3-4; a stray quote?)" in err
     assert f"{path}:5: empty text" in err
     assert f"{path}:6: 3 cells for 2 columns" in err
-    assert "skipped 2 bad row(s)" in err
+    assert "skipped 3 bad row(s)" in err
 
 
 def test_stdin_takes_json_objects_and_plain_lines(
