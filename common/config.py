@@ -623,11 +623,14 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
             "that holds them, not both"
         )
     listed_dir = raw.pop("regions_dir", None)
+    discovery_failed = False
     folder = regions_dir if regions_dir is not None else (base / str(listed_dir) if listed_dir is not None else None)
     if folder is not None and not early:
         try:
             raw["regions"] = discover_regions(folder)
         except ConfigError as err:
+            raw.pop("regions", None)
+            discovery_failed = True
             # name the file's key, so the problem gets its line
             label = "--regions" if regions_dir is not None else "regions_dir"
             early.extend(p.replace("regions:", f"{label}:", 1) for p in err.problems)
@@ -648,6 +651,9 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
     _resolve_augment_paths(raw.get("regions"), base)
     problems: list[str] = list(early)
     cfg = _build_into(RunConfig, raw, "", problems)
+    if discovery_failed:
+        # the folder's own problems say why there is no region; "need at least one region" would only repeat them
+        problems = [p for p in problems if not p.startswith("regions: need at least one region")]
     if cfg is None or early:
         raise located_error(problems, lines, source, overridden)
     return cfg

@@ -58,8 +58,9 @@ def decode_utf8(data: bytes, source: str) -> str:
 
 def parse_yaml(text: str, source: str) -> tuple[Any, Lines]:
     """Parse one YAML document (``source`` names it in errors): its value (None when empty) and its lines."""
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # checks every character of the text already
         node = loader.get_single_node()
         if node is None:
             return None, {}
@@ -90,7 +91,8 @@ def parse_yaml(text: str, source: str) -> tuple[Any, Lines]:
             [f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")], source
         ) from err
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml_file(path: Path) -> tuple[Any, Lines]:
