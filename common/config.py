@@ -296,6 +296,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        if not _NAME_RE.match(self.name):
+            # the name is the default run folder runs/NAME: a '/', '..' or absolute path would write elsewhere
+            problems.append(
+                ("name", f"must be letters, digits, '.', '_' or '-' (it names the folder runs/NAME), got {self.name!r}")
+            )
         if self.rounds < 1:
             problems.append(("rounds", f"must be >= 1, got {self.rounds}"))
         if not self.labels:
