@@ -154,3 +154,36 @@ def test_deploy_up_refuses_an_existing_run_before_starting_anything(
     err = capsys.readouterr().err
     assert str(out) in err and "--overwrite" in err and "--resume" in err
     assert tree_hashes(tmp_path) == before  # no credentials made, no process started
+
+
+@pytest.mark.parametrize("how", ["same path", "other spelling", "symlink"])
+def test_predict_refuses_out_that_is_the_input(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "a good one"}\n')
+    out = {"same path": source, "other spelling": Path("sub/../in.jsonl"), "symlink": tmp_path / "link.jsonl"}[how]
+    (tmp_path / "sub").mkdir()
+    if how == "symlink":
+        out.symlink_to(source)
+    before = tree_hashes(tmp_path)
+    # the model folder does not exist: the refusal comes before anything is read or loaded
+    assert main(["predict", str(tmp_path / "no-model"), str(source), "--out", str(out), "--force"]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert tree_hashes(tmp_path) == before
+
+
+def test_predict_refuses_a_folder_and_an_existing_file_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "a good one"}\n')
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "earlier.jsonl").write_text("the user's earlier predictions\n")
+    before = tree_hashes(tmp_path)
+    assert main(["predict", str(tmp_path / "no-model"), str(source), "--out", str(tmp_path / "folder")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "no-model"), str(source), "--out", str(tmp_path / "earlier.jsonl")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert tree_hashes(tmp_path) == before
