@@ -187,3 +187,17 @@ def test_predict_refuses_a_folder_and_an_existing_file_without_force(
     assert main(["predict", str(tmp_path / "no-model"), str(source), "--out", str(tmp_path / "earlier.jsonl")]) == 2
     assert "--force" in capsys.readouterr().err
     assert tree_hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", [["data", "demo", "{dir}"], ["data", "intent", "--out", "{dir}"]])
+def test_data_builds_refuse_a_folder_holding_the_users_files(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "data"
+    (folder / "my-region").mkdir(parents=True)
+    (folder / "my-region" / "train.jsonl").write_text('{"text": "mine", "label": "pos"}\n')
+    before = tree_hashes(tmp_path)
+    # refused before any archive is fetched: no network, nothing written
+    assert main([part.format(dir=folder) for part in command] + ["--cache-dir", str(tmp_path / "cache")]) == 2
+    assert f"{folder}: holds my-region" in capsys.readouterr().err
+    assert tree_hashes(tmp_path) == before
