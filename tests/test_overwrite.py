@@ -201,3 +201,14 @@ def test_data_builds_refuse_a_folder_holding_the_users_files(
     assert main([part.format(dir=folder) for part in command] + ["--cache-dir", str(tmp_path / "cache")]) == 2
     assert f"{folder}: holds my-region" in capsys.readouterr().err
     assert tree_hashes(tmp_path) == before
+
+
+def test_clear_run_dir_removes_only_the_runs_own_files(tmp_path: Path) -> None:
+    from common.runfiles import clear_run_dir, run_entries
+
+    out = fake_finished_run(tmp_path / "out")
+    notes = (out / "my-notes.txt").read_bytes()
+    clear_run_dir(out)
+    assert run_entries(out) == [] and [p.name for p in out.iterdir()] == ["my-notes.txt"]
+    assert (out / "my-notes.txt").read_bytes() == notes
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the aside folder is gone
