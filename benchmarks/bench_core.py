@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     started = time.perf_counter()
     with PeakRss() as rss:
-        summary = simulate(cfg, args.out, config_path=str(args.config), say=say, on_round=report_round)
+        # a benchmark owns its --out: a rerun replaces the previous one
+        summary = simulate(cfg, args.out, config_path=str(args.config), say=say, on_round=report_round, overwrite=True)
     result = measure(summary.to_json(), cfg.train.epochs, cfg.rounds, rss.peak)
     result["total_s"] = time.perf_counter() - started
     result["config"] = str(args.config)

@@ -39,7 +39,7 @@ def run_simulation(cfg: Any, out: Path) -> float:
     from simulations.runner import simulate
 
     started = time.perf_counter()
-    simulate(cfg, out, say=lambda _: None)
+    simulate(cfg, out, say=lambda _: None, overwrite=True)
     return time.perf_counter() - started
 
 

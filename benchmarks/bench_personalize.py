@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = saved_summary(run_dir, seed)
         else:
             summary = simulate(
-                cfg, run_dir, config_path=str(args.config), say=say, local_predictions=local_only
+                cfg, run_dir, config_path=str(args.config), say=say, local_predictions=local_only, overwrite=True
             ).to_json()
             per_mode[args.modes[0]].append(summary)
         data = load_all(cfg, say)

@@ -296,6 +296,10 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        # the name is the default run folder runs/NAME: a '/', '..' or absolute path would write elsewhere, so
+        # it follows the same folder-name rule as a region's name
+        if (why := region_name_problem(self.name)) is not None:
+            problems.append(("name", f"{why} (it names the folder runs/NAME)"))
         if self.rounds < 1:
             problems.append(("rounds", f"must be >= 1, got {self.rounds}"))
         if not self.labels:

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,15 +166,96 @@ def write_summary(run_dir: Path, summary: Summary) -> Path:
 
 
 def write_json(path: Path, data: object, indent: int = 2) -> Path:
-    """Replace ``path`` with ``data`` as JSON atomically: a crash leaves the old file or the new one, never half.
+    """Replace ``path`` with ``data`` as JSON atomically: a crash leaves the old file or the new one, never half."""
+    return write_atomic(path, json.dumps(data, indent=indent) + "\n")
 
-    The temporary sibling is a fixed name opened as any file is (not mkstemp), so the file keeps the umask's
-    permissions; it is synced before the rename so the rename never exposes unwritten blocks.
+
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Replace ``path`` with ``data`` (text is written as UTF-8) atomically: the old file or the new one, never half.
+
+    The one writer of every user-visible file fedlocale makes (JSON, YAML, Markdown, PNG). The temporary sibling
+    is a fixed name opened as any file is (not mkstemp), so the file keeps the umask's permissions; it is synced
+    before the rename so the rename never exposes unwritten blocks, and removed if writing it fails.
     """
-    tmp = path.with_name(f"{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=indent) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+# Every entry of a run folder that a run writes: a folder holding any of them holds a run (or part of one).
+RUN_ENTRIES: Final = (
+    SUMMARY_FILE,
+    METRICS_FILE,
+    FEDERATION_FILE,
+    STATE_FILE,
+    CONFIG_FILE,
+    SERVER_ERROR_FILE,
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    PERSONALIZED_DIR,
+    SIMULATED_PERSONAL_DIR,
+    REPORT_FILE,
+    VAL_PLOT,
+    MODES_PLOT,
+    BYTES_PLOT,
+    LOSS_PLOT,
+    AB_PLOT,
+    AUDIT_DIR,
+)
+
+
+class RunFolderExistsError(InputError):
+    """The output folder already holds a run and neither --overwrite nor --resume was given."""
+
+
+def run_entries(run_dir: Path) -> list[str]:
+    """The names of ``RUN_ENTRIES`` present in ``run_dir`` (none when it does not exist)."""
+    return [name for name in RUN_ENTRIES if os.path.lexists(run_dir / name)]
+
+
+def check_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse an output folder that is a file, or that holds a run when neither ``overwrite`` nor ``resume``.
+
+    Only checks (writes nothing): callers run it with their other checks, before the first write.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderExistsError(f"{run_dir}: exists and is not a folder; choose another --out")
+    found = run_entries(run_dir)
+    if found and not (overwrite or resume):
+        shown = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
+        raise RunFolderExistsError(
+            f"{run_dir}: already holds a run ({shown}); nothing was written. Pass --overwrite to replace it "
+            f"(only the run's own files; others in the folder are kept), --resume to continue it, "
+            f"or choose another --out"
+        )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove the run's own entries (``RUN_ENTRIES``) from ``run_dir``, leaving any other file there alone.
+
+    They are first moved together into a hidden sibling folder and only then deleted, so a failure part way
+    leaves the old run whole: either still in ``run_dir`` or in ``.NAME.replaced-*`` beside it, never half gone.
+    """
+    found = run_entries(run_dir)
+    if not found:
+        return
+    aside = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.replaced-"))
+    moved: list[str] = []
+    try:
+        for name in found:
+            os.replace(run_dir / name, aside / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:  # put the old run back as it was
+            os.replace(aside / name, run_dir / name)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)

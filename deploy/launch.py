@@ -20,6 +20,7 @@ from types import TracebackType
 
 from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.policy import PolicyError, check_server, load_policy
+from common.runfiles import write_atomic, write_json
 from deploy.pki import PkiError, peer_fingerprint
 from deploy.plan import (
     Layout,
@@ -148,7 +149,7 @@ class Cluster:
             f"SuperLink did not start; see {self.log_path('superlink')}",
             lambda: _flower_error(self.read_log("superlink")),
         )
-        (self.lay.flwr_home / "config.toml").write_text(connection_toml(self.lay))
+        write_atomic(self.lay.flwr_home / "config.toml", connection_toml(self.lay))
 
     def register(self, node: Node) -> int:
         """Register the node's public key with the SuperLink; return the node id Flower gave it."""
@@ -251,7 +252,7 @@ class Cluster:
 
     def _write_pids(self) -> None:
         pids = {name: p.pid for name, p in self.procs.items() if p.poll() is None}
-        (self.lay.logs / "pids.json").write_text(json.dumps(pids, indent=2) + "\n")
+        write_json(self.lay.logs / "pids.json", pids)
 
 
 def _signal_group(pid: int, sig: int) -> None:

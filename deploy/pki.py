@@ -17,6 +17,7 @@ passphrase), so they are created owner-only from the first byte, and nothing is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -119,6 +120,14 @@ def create_ca(
     """
     files = CaFiles.in_folder(folder)
     _refuse_existing([files.cert, files.key], force=force)
+    outputs, _, _ = _ca_outputs(files, now, common_name, days)
+    _write_all(outputs, force=force)
+    return files
+
+
+def _ca_outputs(
+    files: CaFiles, now: datetime, common_name: str = "fedlocale CA", days: int = 3650
+) -> tuple[list[_Output], x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = _name(common_name)
     start, end = _validity(now, days)
@@ -128,8 +137,7 @@ def create_ca(
         .add_extension(_key_usage(key_cert_sign=True), critical=True)
         .sign(key, hashes.SHA256())
     )
-    _write_all([_private_output(files.key, key), _cert_output(files.cert, cert)], force=force)
-    return files
+    return [_private_output(files.key, key), _cert_output(files.cert, cert)], cert, key
 
 
 def create_server_cert(
@@ -151,9 +159,22 @@ def create_server_cert(
     _refuse_existing([files.cert, files.key], force=force)
     alt_names = _subject_alt_names(hosts)
     ca_cert, ca_key = _load_ca(ca)
+    _write_all(_server_outputs(ca_cert, ca_key, ca.cert, files, alt_names, now, days), force=force)
+    return files
+
+
+def _server_outputs(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_path: Path,
+    files: ServerFiles,
+    alt_names: list[x509.GeneralName],
+    now: datetime,
+    days: int = 825,
+) -> list[_Output]:
     start, end = _validity(now, days)
     if not ca_cert.not_valid_before_utc <= now <= ca_cert.not_valid_after_utc:
-        raise PkiError(f"{ca.cert} is not valid at {now.isoformat()}; create a new CA")
+        raise PkiError(f"{ca_path} is not valid at {now.isoformat()}; create a new CA")
     # A client stops trusting the chain when the CA expires, so a later end date would only mislead.
     end = min(end, ca_cert.not_valid_after_utc)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -166,8 +187,7 @@ def create_server_cert(
         .add_extension(_authority_key_id(ca_cert), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_all([_private_output(files.key, key), _cert_output(files.cert, cert)], force=force)
-    return files
+    return [_private_output(files.key, key), _cert_output(files.cert, cert)]
 
 
 def create_node_keys(folder: str | os.PathLike[str], *, force: bool = False) -> NodeKeys:
@@ -178,14 +198,49 @@ def create_node_keys(folder: str | os.PathLike[str], *, force: bool = False) -> 
     """
     files = NodeKeys.in_folder(folder)
     _refuse_existing([files.private, files.public], force=force)
+    _write_all(_node_outputs(files), force=force)
+    return files
+
+
+def _node_outputs(files: NodeKeys) -> list[_Output]:
     key = ec.generate_private_key(ec.SECP256R1())
     private = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    outputs = [_Output(files.private, private, PRIVATE_MODE), _Output(files.public, public + b"\n", PUBLIC_MODE)]
+    return [_Output(files.private, private, PRIVATE_MODE), _Output(files.public, public + b"\n", PUBLIC_MODE)]
+
+
+def create_all(
+    *,
+    now: datetime,
+    pki: tuple[Path, Sequence[str]] | None,
+    node_folders: Sequence[Path] = (),
+    also_made: Sequence[Path] = (),
+    force: bool = False,
+) -> list[Path]:
+    """Create a deployment's credentials in one step: all or nothing. Returns the files written.
+
+    ``pki`` is (folder, hosts) for a new CA and the SuperLink certificate it signs; ``node_folders`` each get a
+    node key pair; ``also_made`` are folders the caller creates afterwards, checked here with the rest. Every
+    check (existing files without ``force``, hosts, folders that cannot be created) and every key comes first,
+    in memory; only then is anything written, and a failure while writing removes every file and folder this
+    call created, so a failed ``deploy init`` leaves nothing behind and the corrected command needs no --force.
+    """
+    outputs: list[_Output] = []
+    if pki is not None:
+        folder, hosts = pki
+        ca_files, server_files = CaFiles.in_folder(folder), ServerFiles.in_folder(folder)
+        alt_names = _subject_alt_names(hosts)
+        ca_outputs, ca_cert, ca_key = _ca_outputs(ca_files, now)
+        outputs += ca_outputs + _server_outputs(ca_cert, ca_key, ca_files.cert, server_files, alt_names, now)
+    for folder in node_folders:
+        outputs += _node_outputs(NodeKeys.in_folder(folder))
+    _refuse_existing([out.path for out in outputs], force=force)
+    for folder in {out.path.parent for out in outputs} | set(also_made):
+        _check_can_create(folder)
     _write_all(outputs, force=force)
-    return files
+    return [out.path for out in outputs]
 
 
 def load_node_public_key(path: str | os.PathLike[str]) -> ec.EllipticCurvePublicKey:
@@ -398,10 +453,11 @@ def _refuse_existing(paths: Sequence[Path], *, force: bool) -> None:
 def _write_all(outputs: Sequence[_Output], *, force: bool) -> None:
     # Checked again right before writing: generating and signing keys takes time another process could use.
     _refuse_existing([out.path for out in outputs], force=force)
+    made: list[Path] = []  # folders this call created, outermost first
     written: list[Path] = []
     try:
         for out in outputs:
-            _make_folder(out.path.parent)
+            made += _make_folder(out.path.parent)
             _write_one(out, force=force)
             written.append(out.path)
     except BaseException:
@@ -409,15 +465,36 @@ def _write_all(outputs: Sequence[_Output], *, force: bool) -> None:
         if not force:
             for path in written:
                 path.unlink(missing_ok=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):  # not empty: something else is in it now, keep it
+                folder.rmdir()
         raise
 
 
-def _make_folder(folder: Path) -> None:
+def _check_can_create(folder: Path) -> None:
+    """Refuse (PkiError) a folder that cannot be made or written: checked before anything is written."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PkiError(f"cannot create folder {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PkiError(f"cannot create files in {folder}: {existing} is not writable")
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; return the ones made (outermost first), for a rollback."""
+    missing = []
+    parent = folder
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
     try:
         # 0700 because every folder made here receives a private key; existing folders are left as they are.
         folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
     except OSError as err:
         raise PkiError(f"cannot create folder {folder}: {err.strerror}") from err
+    return list(reversed(missing))
 
 
 def _write_one(out: _Output, *, force: bool) -> None:

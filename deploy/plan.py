@@ -17,7 +17,7 @@ from common.config import RunConfig
 from common.runfiles import AUDIT_DIR, NODES_DIR
 from deploy.config import DEFAULT_NODE_PORT, DeployConfig, NodeEntry
 from deploy.env import FLOWER_ENV
-from deploy.pki import FOLDER_MODE, CaFiles, NodeKeys, ServerFiles, create_ca, create_node_keys, create_server_cert
+from deploy.pki import FOLDER_MODE, CaFiles, NodeKeys, ServerFiles, create_all
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml with [tool.flwr.app])
 # a node's default personal-dir, WORKDIR/nodes/REGION/personalized (a simulation uses RUN_DIR/personal instead)
@@ -102,18 +102,18 @@ def create_credentials(
 ) -> list[Path]:
     """Create the CA and SuperLink certificate (``pki``) and the key pairs of ``regions`` (default: every node).
 
-    Returns the files written. Refuses (``deploy.pki.PkiError``) to overwrite anything unless ``force``.
+    Returns the files written. All or nothing (``deploy.pki.create_all``): hosts, existing files and folders
+    (the nodes' audit folders too) are checked before anything is written; refuses (``deploy.pki.PkiError``)
+    to overwrite anything unless ``force``.
     """
-    written: list[Path] = []
-    if pki:
-        ca = create_ca(lay.ca.cert.parent, now=now, force=force)
-        server = create_server_cert(ca, lay.server.cert.parent, lay.deploy.superlink.names, now=now, force=force)
-        written += [ca.cert, ca.key, server.cert, server.key]
     chosen = lay.nodes if regions is None else [n for n in lay.nodes if n.region in regions]
-    for node in chosen:
-        pair = create_node_keys(node.keys.private.parent, force=force)
-        written += [pair.private, pair.public]
-    return written
+    return create_all(
+        now=now,
+        pki=(lay.ca.cert.parent, lay.deploy.superlink.names) if pki else None,
+        node_folders=[node.keys.private.parent for node in chosen],
+        also_made=[node.audit_dir for node in chosen],
+        force=force,
+    )
 
 
 def create_audit_dirs(lay: Layout, regions: Sequence[str] | None = None) -> list[Path]:

@@ -18,6 +18,7 @@ from common.audit import (
     read_keys_file,
     verify_all,
 )
+from common.errors import InputError
 
 EXIT_BROKEN = 1
 UPDATES_NEXT_TO_SERVER = "updates"  # a run folder's layout: audit/server/ledger.jsonl beside audit/updates/
@@ -69,7 +70,13 @@ def add_parsers(sub: Any) -> None:
             metavar="DIR",
             help="kept updates to recompute each round from (default: 'updates' beside the server ledger's folder)",
         )
-    report.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the report")
+    report.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="folder for the report (new or existing; only audit-report.md and audit-bytes-*.png are written there)",
+    )
 
 
 def trusted_keys(pairs: Sequence[str], keys_file: Path | None) -> dict[str, Any]:
@@ -144,6 +151,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Verify (and with ``report``, describe) ledgers; exit 0 only when everything holds."""
     if args.audit_command == "policy":
         return cmd_policy(args.files)
+    if args.audit_command == "report" and args.out.exists() and not args.out.is_dir():
+        # checked before the ledgers are read: a report never takes the place of the user's file
+        raise InputError(f"--out {args.out} is a file; audit report writes a folder (audit-report.md and plots)")
     result = run_checks(args)
     _print(result)
     if args.audit_command == "report":

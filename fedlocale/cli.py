@@ -55,10 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(sim)
     sim.add_argument("--out", type=Path, default=None, metavar="DIR", help="run folder (default: runs/NAME)")
-    sim.add_argument(
+    again = sim.add_mutually_exclusive_group()
+    again.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its last finished round (state.json + checkpoints)",
+    )
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its own files only, once every check has passed)",
     )
 
     check = sub.add_parser(
@@ -161,6 +167,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             on_round=on_round,
             verbose=args.verbose,
             resume=args.resume,
+            overwrite=args.overwrite,
         )
     finally:
         bar.close()

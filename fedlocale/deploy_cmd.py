@@ -46,7 +46,13 @@ def add_parsers(sub: Any) -> None:
     )
     up.add_argument("deploy_file", type=Path)
     up.add_argument("--out", type=Path, default=None, metavar="DIR", help="run folder (default: WORKDIR/out)")
-    up.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again = up.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    again.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its own files only, once every check has passed)",
+    )
     up.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is stopped")
     link = actions.add_parser("superlink", help="run this deployment's SuperLink in the foreground (server host)")
     link.add_argument("deploy_file", type=Path)
@@ -146,12 +152,17 @@ def _exec(lay: Any, argv: list[str]) -> int:
 def _up(lay: Any, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from common.runfiles import check_run_dir, clear_run_dir
     from deploy.launch import Cluster
 
+    out = (args.out or lay.out).resolve()
+    # checks first (the run folder, the run config), then the first write
+    check_run_dir(out, overwrite=args.overwrite, resume=args.resume)
+    run_cfg_rounds = _rounds(lay)
     if not lay.ca.cert.exists() and _init(lay, force=False):
         return 2
-    out = (args.out or lay.out).resolve()
-    run_cfg_rounds = _rounds(lay)
+    if args.overwrite:
+        clear_run_dir(out)
     bar = tqdm(total=run_cfg_rounds, desc="rounds", unit="round", file=sys.stderr, disable=None)
 
     def watch() -> None:

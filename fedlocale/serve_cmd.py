@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from common.errors import EXIT_BAD_INPUT
+from common.errors import EXIT_BAD_INPUT, InputError
 
 if TYPE_CHECKING:
     from runfolder.export import Exported
@@ -49,7 +49,9 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="force this adapter (default: personalized if the run chose it for the region, else global)",
     )
-    export.add_argument("--force", action="store_true", help="write into a non-empty --out (replaces model files)")
+    export.add_argument(
+        "--force", action="store_true", help="replace an earlier export in --out (never a folder that is not one)"
+    )
 
     predict = sub.add_parser(
         "predict",
@@ -62,7 +64,10 @@ def add_parsers(sub: Any) -> None:
     )
     predict.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="export (merged or not) or RUN_DIR/adapter")
     predict.add_argument("input", metavar="INPUT", help=".jsonl, .csv, or - for stdin")
-    predict.add_argument("--out", type=Path, default=None, metavar="FILE", help="write here instead of stdout")
+    predict.add_argument(
+        "--out", type=Path, default=None, metavar="FILE", help="write here instead of stdout (never the INPUT)"
+    )
+    predict.add_argument("--force", action="store_true", help="replace an existing --out file")
     predict.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="texts per batch (32)")
     predict.add_argument(
         "--max-length",
@@ -91,6 +96,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from runfolder.export import load_exported, stored_max_length
     from runfolder.predict import input_name, iter_inputs
 
+    _check_out(args.out, args.input, args.force)  # before anything is read
     items = iter_inputs(args.input)
     # Read up to the first good row before loading the model: an unreadable input fails fast.
     head = _until_first_row(items)
@@ -109,6 +115,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     note = f"; skipped {skipped} bad row(s), listed above" if skipped else ""
     print(f"fedlocale: predicted {done} row(s){where}{note}", file=sys.stderr)
     return EXIT_ROWS_SKIPPED if skipped else 0
+
+
+def _check_out(out: Path | None, source: str, force: bool) -> None:
+    """Refuse an --out that is the input, a folder, or an existing file without --force (InputError, exit 2)."""
+    if out is None:
+        return
+    if source != "-" and os.path.exists(source) and out.exists() and os.path.samefile(source, out):
+        raise InputError(f"--out {out} is the input {source}; it would be replaced by the predictions")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; name a file in it, e.g. {out / 'predictions.jsonl'}")
+    if out.exists() and not force:
+        raise InputError(f"--out {out} exists; pass --force to replace it, or choose another file")
 
 
 def _until_first_row(items: Iterator[Any]) -> list[Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.audit import AGGREGATE, DISPATCH, EGRESS, FAILED, INBOUND, REFUSED, SENT, SERVER, LedgerCheck
-from common.runfiles import AUDIT_PLOT, AUDIT_REPORT_FILE
+from common.runfiles import AUDIT_PLOT, AUDIT_REPORT_FILE, write_atomic
 from runfolder.report import new_figure, save_figure
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def write_audit_report(checks: Sequence[LedgerCheck], out_dir: Path, findings: S
         SHOWS_TEXT,
     ]
     path = out_dir / AUDIT_REPORT_FILE
-    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    write_atomic(path, "\n\n".join(sections) + "\n")
     return path
 
 

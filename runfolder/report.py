@@ -7,6 +7,7 @@ a baseline is missing instead of leaving a gap.
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.keys import CENTRALIZED, FEDERATED, LOCAL_ONLY, PERSONALIZED, TRAIN, VAL
-from common.runfiles import AB_PLOT, BYTES_PLOT, LOSS_PLOT, MODES_PLOT, REPORT_FILE, VAL_PLOT, Summary
+from common.runfiles import AB_PLOT, BYTES_PLOT, LOSS_PLOT, MODES_PLOT, REPORT_FILE, VAL_PLOT, Summary, write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -82,7 +83,7 @@ def write_report(out_dir: Path, summary: Summary, metrics: list[dict[str, Any]])
         _render_participation(summary),
     ]
     path = out_dir / REPORT_FILE
-    path.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    write_atomic(path, "\n\n".join(sections) + "\n")
     return path
 
 
@@ -511,8 +512,10 @@ def save_figure(fig: Figure, path: Path) -> None:
     """Save the figure as PNG and free it, so a long sweep does not pile up open figures."""
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())  # a reader never sees half a plot, an old one stays until replaced
 
 
 def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
@@ -788,5 +791,7 @@ def _plot_ab(path: Path, rows: list[tuple[str, dict[str, Any]]]) -> None:
     ax.set_xlabel("macro-F1 of the served model minus the other (95 % paired bootstrap)")
     ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())

