@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 .venv/bin/fedlocale data demo data/demo
-.venv/bin/fedlocale simulate configs/demo.yaml --out runs/demo "$@"
+# runs/demo is the demo's own folder: each demo run replaces the previous one (simulate refuses otherwise)
+.venv/bin/fedlocale simulate configs/demo.yaml --out runs/demo --overwrite "$@"
 echo "open runs/demo/report.md"
