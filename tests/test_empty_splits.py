@@ -25,6 +25,7 @@ from common.errors import InputError
 from common.model import LoadedModel, adapter_state, build_model
 from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT
 from fedlocale.cli import main
+from runfolder.report import write_report
 from runfolder.summary import build_summary, with_personalized
 from tests.conftest import tiny_config, write_region
 
@@ -262,7 +263,11 @@ def test_a_region_without_test_examples_has_no_scores_and_no_weight(tmp_path: Pa
     # no region with a test example: no overall score at all rather than a 0.0
     data["north"] = RegionData("north", train=one, test=[])
     federation["test"]["north"] = zero
-    assert build_summary(cfg, data, federation, {}, 1.0, "run.yaml").overall == {}
+    empty = build_summary(cfg, data, federation, {}, 1.0, "run.yaml")
+    assert empty.overall == {}
+    # the report renders both: a region without scores reads n/a, a run without any score says so
+    assert "| south | 1 | 0 | n/a | n/a |" in write_report(tmp_path / "some", summary, []).read_text()
+    assert "No test scores were recorded." in write_report(tmp_path / "none", empty, []).read_text()
 
 
 # ------------------------------------------------------------------ end to end
