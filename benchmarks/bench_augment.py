@@ -134,15 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/bench_augment-demo.json"))
     args = parser.parse_args(argv)
 
+    from client.pipeline import node_data
     from client.train import plan_steps
     from common.config import load_config
-    from common.data import load_region
 
     cfg = load_config(args.config)
     folder = next((r.data for r in cfg.regions if r.name == args.region), None)
     if folder is None:
         parser.error(f"no region {args.region!r} in {args.config} (regions: {', '.join(cfg.region_names)})")
-    region = load_region(args.region, folder, cfg.labels, log=lambda m: print(m, file=sys.stderr))
+    # the node's pipeline (no policy, no augmentation): a region without val validates on what a node carves
+    region = node_data(
+        args.region, folder, cfg.labels, seed=cfg.seed, settings=cfg.data, say=lambda m: print(m, file=sys.stderr)
+    ).data
     passes = cfg.rounds * cfg.train.epochs  # what the local-only baseline trains for
     base_steps = plan_steps(len(region.train), dataclasses.replace(cfg.train, epochs=passes))
     plan = variants(passes, base_steps, args.copies)

@@ -264,12 +264,20 @@ def _check_rule(rule: str) -> None:
 
 def choice_record(result: Personalized, rule: str) -> dict[str, Any]:
     """What a region's personalization report says about its choice: the served model, the rule, both models'
-    validation macro-F1 and the evidence the rule read (``val_ab``, absent without a validation split)."""
+    validation macro-F1 and the evidence the rule read (``val_ab``). Without validation examples there is no
+    evidence and no score: ``val_examples`` 0 and ``choice_skipped`` say why the personalized model is served."""
+    if result.val_difference is None:
+        return {
+            "chosen": result.chosen,
+            "choice": rule,
+            "val_examples": 0,
+            "choice_skipped": "no validation examples to compare on: the personalized model is served",
+        }
     return {
         "chosen": result.chosen,
         "choice": rule,
         "val_macro_f1": {GLOBAL: result.val_global.macro_f1, PERSONALIZED: result.val_personalized.macro_f1},
-        **({"val_ab": result.val_difference.to_json()} if result.val_difference else {}),
+        "val_ab": result.val_difference.to_json(),
     }
 
 

@@ -1,21 +1,27 @@
-"""The node's data pipeline, the one way a region's data is read anywhere: load → redact → augment.
+"""The node's data pipeline, the one way a region's data is read anywhere: load → redact → carve → augment.
 
 A deployed node, the simulation (its simulated nodes and its baselines) and ``fedlocale check`` all call
 ``node_data``, so that what a check reports and what a baseline trains on is the text a node trains on.
-Redaction (the region policy's PII rules) runs before anything is tokenised or cached; augmentation (the node
-operator's own setting) only touches the train split, and only callers that train ask for it.
+Redaction (the region policy's PII rules) runs before anything is tokenised or cached; a region without a val
+file gets a validation split carved from its train split (``carve_val``: the run's ``data.val_fraction``, seeded
+by the run seed and the region, so every process carves the same examples); augmentation (the node operator's own
+setting) only touches the train split that is left, and only callers that train ask for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.augment import augment_train
+from common import keys
 from common.augment_settings import AugmentSettings
-from common.data import Example, RegionData, load_region, redact_region
+from common.config import DataSettings
+from common.data import Example, RegionData, find_split, load_region, redact_region
 from common.policy import RegionPolicy
 from common.seeds import derive_seed
 
@@ -53,13 +59,16 @@ def node_data(
     policy: RegionPolicy | None = None,
     *,
     augment: AugmentSettings | None = None,
-    seed: int = 0,
+    seed: int,
+    settings: DataSettings,
     say: Callable[[str], None] | None = None,
 ) -> NodeData:
     """Region ``name``'s data from ``folder``: loaded and cleaned (``load_region``, which raises DataError
-    naming every bad row), with ``policy``'s PII replaced by type tokens in every split, and, when ``augment``
-    is given, the train split augmented as the node's operator set it (seeded by the run's ``seed`` and the
-    region). ``say`` gets one line about the split sizes and one about the redactions."""
+    naming every bad row), with ``policy``'s PII replaced by type tokens in every split, a validation split
+    carved from train when the folder has no val file (``carve_val`` with ``settings.val_fraction``), and, when
+    ``augment`` is given, the train split augmented as the node's operator set it (seeded by the run's ``seed``
+    and the region). ``say`` gets one line about the split sizes, one about the redactions and, without a val
+    file, one about the carved validation split; the carving also goes to the node's log."""
     data = load_region(name, folder, labels, log=say)
     redactions: dict[str, int] = {}
     if policy is not None:
@@ -67,9 +76,57 @@ def node_data(
         if say is not None:
             found = ", ".join(f"{k} {v}" for k, v in redactions.items()) or "none"
             say(f"{name}: personal data replaced: {found}")
+    if find_split(folder, keys.VAL) is None:
+        # only a missing file: a val file emptied by cleaning is the user's split (left empty, and reported)
+        data, note = carve_val(data, settings.val_fraction, derive_seed(seed, "val-split", name))
+        if say is not None:
+            say(note)
+        else:
+            log.info("%s", note)
     train = data.train
     if augment is not None:
         augmented, counts = augment_train(data, augment, derive_seed(seed, "augment", name))
         log.info("%s: augmentation %s", name, counts)
         train = augmented.train
     return NodeData(data, redactions, train)
+
+
+def carve_val(data: RegionData, fraction: float, seed: int) -> tuple[RegionData, str]:
+    """``data`` with ``floor(fraction × len(train))`` of its train examples moved to its val split, stratified by
+    label, chosen by ``seed``; and one line saying what was done. Each label gives its share of the split
+    (largest remainders first), but never its last train example. Nothing is carved when the share rounds to
+    none (fewer than ``1 / fraction`` examples, or ``fraction`` 0): a tiny region keeps everything to train on.
+
+    The train split left is what the region trains on, so it is also its FedAvg weight and the policy's
+    ``min_train_examples`` count. Deterministic: the same data, fraction and seed carve the same examples in
+    every process.
+    """
+    n = len(data.train)
+    want = int(n * fraction)
+    if want == 0:
+        why = "data.val_fraction is 0" if fraction == 0 else f"{n} train example(s) × data.val_fraction {fraction} < 1"
+        return data, f"{data.name}: no val split and none carved ({why}): all {n} train examples train, none validate"
+    by_label: dict[int, list[int]] = {}
+    for i, ex in enumerate(data.train):
+        by_label.setdefault(ex.label, []).append(i)
+    labels = sorted(by_label)
+    share = {label: want * len(by_label[label]) / n for label in labels}
+    take = {label: int(share[label]) for label in labels}
+    # the rest of `want` goes to the largest remainders; a label keeps at least one train example
+    for label in sorted(labels, key=lambda lb: (-(share[lb] - take[lb]), lb)):
+        if sum(take.values()) >= want:
+            break
+        if take[label] + 1 < len(by_label[label]):
+            take[label] += 1
+    rng = random.Random(seed)
+    chosen = {i for label in labels for i in rng.sample(by_label[label], take[label])}
+    if not chosen:
+        return data, f"{data.name}: no val split and none carved (every label has a single train example)"
+    val = [ex for i, ex in enumerate(data.train) if i in chosen]
+    train = [ex for i, ex in enumerate(data.train) if i not in chosen]
+    carved = dataclasses.replace(data, train=train, val=val, val_carved=len(val))
+    note = (
+        f"{data.name}: no val split: val carved from train: {len(val)} of {n} examples "
+        f"(data.val_fraction {fraction}, stratified by label, seed {seed}); {len(train)} train"
+    )
+    return carved, note

@@ -130,7 +130,9 @@ def load_data(region: Region, task: ClientTask, node: NodeSettings, *, training:
     policy and, for ``training``, with the train split augmented as the node's operator set it."""
     use_threads(node, task)  # back-translation runs a model: the node's thread setting applies to it too
     augment = node.augment if training else None
-    return node_data(region.name, region.data, task.labels, node.policy, augment=augment, seed=task.seed)
+    return node_data(
+        region.name, region.data, task.labels, node.policy, augment=augment, seed=task.seed, settings=task.data
+    )
 
 
 def _threads(value: object) -> int | None:

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common.config import TrainSettings
 from common.data import Example
+from common.errors import InputError
 from common.metrics import accuracy, macro_f1
 
 
@@ -41,7 +42,11 @@ class EvalResult:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated; padding happens per batch so short texts stay cheap."""
+    """Token ids per text, truncated; padding happens per batch so short texts stay cheap. No texts, no ids:
+    fast tokenizers fail on an empty batch, and an empty split (a region without val, a test split emptied by
+    leakage removal) is an ordinary input everywhere this is called."""
+    if not texts:
+        return []
     return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]  # type: ignore[no-any-return]
 
 
@@ -117,7 +122,10 @@ def train_encoded(
     seed: int,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
-    """``train_local`` on examples already tokenised (``encode``): token ids and label indices per example."""
+    """``train_local`` on examples already tokenised (``encode``): token ids and label indices per example.
+    No examples is an InputError (the batch sampler would wait forever for a first batch)."""
+    if not ids:
+        raise InputError("no training examples to train on")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(seed)  # dropout draws from the global generator
@@ -172,7 +180,7 @@ def predict_proba(
 
 @torch.no_grad()
 def predict_proba_encoded(model: nn.Module, ids: Sequence[list[int]], *, pad_id: int, batch_size: int) -> np.ndarray:
-    """``predict_proba`` on texts already tokenised (``encode``)."""
+    """``predict_proba`` on texts already tokenised (``encode``); no texts give an array of shape (0, num_labels)."""
     model.eval()
     # Sorting by length keeps padding (wasted compute) small; the original order is restored at the end.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -181,10 +189,16 @@ def predict_proba_encoded(model: nn.Module, ids: Sequence[list[int]], *, pad_id:
         chunk = order[start : start + batch_size]
         logits = model(**pad_batch([ids[i] for i in chunk], pad_id)).logits
         out.append(torch.softmax(logits.float(), dim=-1).numpy())
-    probs = np.concatenate(out) if out else np.zeros((0, 0))
+    probs = np.concatenate(out) if out else np.zeros((0, _num_labels(model)))
     restored = np.empty_like(probs)
     restored[order] = probs
     return restored
+
+
+def _num_labels(model: nn.Module) -> int:
+    """The model's class count, for the shape of no predictions (0 when the model does not say)."""
+    config = getattr(model, "config", None)
+    return int(getattr(config, "num_labels", 0) or 0)
 
 
 def evaluate(
@@ -197,7 +211,7 @@ def evaluate(
     batch_size: int = 64,
 ) -> EvalResult:
     """Loss, accuracy and macro-F1 of ``model`` on ``examples``."""
-    ids = encode(tokenizer, [ex.text for ex in examples], max_length) if examples else []
+    ids = encode(tokenizer, [ex.text for ex in examples], max_length)
     labels = [ex.label for ex in examples]
     return evaluate_encoded(model, ids, labels, num_labels, pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size)
 

@@ -30,6 +30,7 @@ T = TypeVar("T")
 AGGREGATIONS = ("weighted", "uniform")
 STOP_METRICS = ("macro_f1", "accuracy", "loss")
 _log = logging.getLogger(__name__)
+MAX_VAL_FRACTION = 0.5  # data.val_fraction: carving more would leave less to train on than to validate with
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,21 @@ class TrainSettings:
         if self.threads is not None and self.threads < 1:
             problems.append(("threads", f"must be >= 1 or null, got {self.threads}"))
         check(problems)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How a region's splits are formed from its files (the same on every node and in every check)."""
+
+    # a region with no val file gets this fraction of its train split as validation, stratified by label and
+    # seeded by the run seed and the region (client.pipeline.carve_val); a region with fewer than
+    # 1 / val_fraction train examples keeps them all for training; 0: never carve (no validation there)
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        # `not <=`: NaN fails every comparison, so it is refused too
+        if not 0.0 <= self.val_fraction <= MAX_VAL_FRACTION:
+            check([("val_fraction", f"must be in [0, {MAX_VAL_FRACTION}], got {self.val_fraction}")])
 
 
 @dataclass(frozen=True)
@@ -287,6 +303,7 @@ class RunConfig:
     model: ModelSettings = field(default_factory=ModelSettings)
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    data: DataSettings = field(default_factory=DataSettings)
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     baselines: tuple[Literal["centralized", "local_only"], ...] = ()
@@ -355,6 +372,8 @@ class ClientTask:
     model: ModelSettings
     lora: LoraSettings
     train: TrainSettings
+    # how the node forms its splits (a validation split carved from train when the region has none)
+    data: DataSettings = field(default_factory=DataSettings)
     # which federation the task belongs to, the same across resumes: a node ties what it keeps between rounds
     # (personalize mode dual) to it, so that an earlier run's state is never continued
     run_key: str = ""
@@ -708,5 +727,6 @@ def client_task(cfg: RunConfig, server_round: int, run_key: str = "") -> ClientT
         model=cfg.model,
         lora=cfg.lora,
         train=cfg.train,
+        data=cfg.data,
         run_key=run_key,
     )

@@ -84,6 +84,8 @@ class RegionData:
     test: list[Example]
     val: list[Example] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
+    # validation examples taken from the train split because the region has no val file (client.pipeline)
+    val_carved: int = 0
 
     def split(self, name: str) -> list[Example]:
         """The examples of a split by name."""

@@ -196,7 +196,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for region in cfg.regions:
         try:
-            node_data(region.name, region.data, cfg.labels, policies.get(region.name), say=print)
+            node_data(
+                region.name,
+                region.data,
+                cfg.labels,
+                policies.get(region.name),
+                seed=cfg.seed,
+                settings=cfg.data,
+                say=print,
+            )
         except DataError as err:
             problems.extend(err.problems)
     if problems:

@@ -22,6 +22,9 @@ SCORES = ("accuracy", "macro_f1")  # what the summary keeps of each mode's score
 
 
 def _overall(per_region: dict[str, dict[str, float]], sizes: dict[str, float]) -> dict[str, float]:
+    """Test-size weighted means; none when no region scored has a test example (a mean of nothing is no 0)."""
+    if not sum(sizes.get(r, 0.0) for r in per_region):
+        return {}
     return {metric: weighted_mean({r: v[metric] for r, v in per_region.items()}, sizes) for metric in SCORES}
 
 
@@ -56,14 +59,19 @@ def build_summary(
             name: {
                 "num_train": len(region.train),
                 "num_val": len(region.val),
+                **({"val_carved_from_train": region.val_carved} if region.val_carved else {}),
                 "num_test": len(region.test),
                 "dropped": region.dropped,
             }
             for name, region in data.items()
         }
     sizes = {name: float(c["num_test"]) for name, c in counts.items()}
+    # a region without test examples has no scores: the 0.0 an empty evaluation returns would read as a result
     regions = {
-        name: {**c, **{mode: _pick(scores.get(name)) for mode, scores in modes.items() if name in scores}}
+        name: {
+            **c,
+            **{mode: _pick(scores.get(name)) for mode, scores in modes.items() if name in scores and sizes[name]},
+        }
         for name, c in counts.items()
     }
     per_round = [
@@ -85,7 +93,9 @@ def build_summary(
         },
         regions=regions,
         overall={
-            mode: _overall({r: v for r, v in scores.items() if r in sizes}, sizes) for mode, scores in modes.items()
+            mode: overall
+            for mode, scores in modes.items()
+            if (overall := _overall({r: v for r, v in scores.items() if r in sizes}, sizes))
         },
         communication={
             "adapter_bytes": federation["adapter_bytes"],
@@ -110,7 +120,8 @@ def with_personalized(summary: Summary, entries: dict[str, dict[str, Any]]) -> S
     for name, entry in entries.items():
         regions[name][keys.PERSONALIZED] = entry
     sizes = {name: float(regions[name]["num_test"]) for name in entries}
-    overall = {**copy.deepcopy(dict(summary.overall)), keys.PERSONALIZED: _overall(entries, sizes)}
+    personalized = _overall({name: e for name, e in entries.items() if sizes[name]}, sizes)
+    overall = {**copy.deepcopy(dict(summary.overall)), **({keys.PERSONALIZED: personalized} if personalized else {})}
     timing = {**summary.timing, "personalize_s": sum(e["seconds"] for e in entries.values())}
     return dataclasses.replace(summary, regions=regions, overall=overall, timing=timing)
 

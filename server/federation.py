@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from common import keys
 from common.audit import SERVER, Ledger
-from common.config import RunConfig, client_task
+from common.config import DataSettings, RunConfig, client_task
 from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.model import (
     LoadedModel,
@@ -190,6 +190,9 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     # then, so that the fingerprints of other runs stay what they were)
     if cfg.personalize.mode == "dual":
         kept["personal_lora_rank"] = cfg.personalize.local_r
+    # data.val_fraction came later: at its default it is left out, so that runs started before it still resume
+    if kept.get("data.val_fraction") == DataSettings().val_fraction:
+        del kept["data.val_fraction"]
     return kept
 
 

@@ -93,7 +93,9 @@ def load_all(cfg: RunConfig, say: Callable[[str], None]) -> dict[str, RegionData
     as the region's node redacts it. Not augmented: the baselines train on the regions' real examples."""
     policies = load_policies(cfg)
     return {
-        region.name: node_data(region.name, region.data, cfg.labels, policies.get(region.name), say=say).data
+        region.name: node_data(
+            region.name, region.data, cfg.labels, policies.get(region.name), seed=cfg.seed, settings=cfg.data, say=say
+        ).data
         for region in cfg.regions
     }
 

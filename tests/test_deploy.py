@@ -350,3 +350,34 @@ def test_a_personal_dir_without_personalize_settings_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="personal_dir: is set but personalize is not"):
         NodeEntry(region="east", personal_dir=Path("/srv/personal"))
+
+
+@pytest.mark.slow
+def test_a_region_without_val_deploys_cleanly(tmp_path: Path, tiny_bert: Path) -> None:
+    """East has train and test only: its node carves the validation split the simulation carves, the run ends
+    well, and no process logged a traceback."""
+    from client.pipeline import node_data
+    from common.config import load_config
+
+    regions = tmp_path / "regions"
+    for i, name in enumerate(["east", "north", "south"]):
+        write_region(regions / name, 48, 24, seed=10 + i, pos_fraction=0.3 + 0.2 * i)
+    (regions / "east" / "val.jsonl").unlink()
+    _, lay = _deployment(tmp_path, tiny_bert, regions)
+    create_credentials(lay, now=datetime.now(UTC))
+    with Cluster(lay, bin_dir=BIN) as cluster:
+        cluster.start_all()
+        outcome = cluster.run(timeout=900)
+        logs = {name: cluster.read_log(name) for name in [*cluster.procs, "flwr-run"]}
+    assert outcome.returncode == 0, logs["flwr-run"][-3000:]
+    for name, text in logs.items():
+        assert "Traceback" not in text, f"{name}: {text[-3000:]}"
+    # what the node validated on and weighed its update by is what the same pipeline carves in this process
+    cfg = load_config(lay.deploy.run)
+    east = node_data("east", regions / "east", cfg.labels, seed=cfg.seed, settings=cfg.data).data
+    assert (len(east.train), len(east.val)) == (44, 4)
+    deployed = json.loads((lay.out / "federation.json").read_text())
+    assert [r["participants"] for r in deployed["rounds"]] == [["east", "north", "south"]] * 2
+    assert {r["train"]["east"]["num_examples"] for r in deployed["rounds"]} == {len(east.train)}
+    assert {r["val"]["east"]["num_examples"] for r in deployed["rounds"]} == {len(east.val)}
+    assert deployed["test"]["east"]["num_examples"] == 24

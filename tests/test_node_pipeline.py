@@ -17,7 +17,7 @@ from client.pipeline import DataCounts, node_data
 from client.task import NodeConfigError, NodeSettings, node_settings, train_round
 from common import keys
 from common.augment_settings import AugmentSettings
-from common.config import ClientTask, Region
+from common.config import ClientTask, DataSettings, Region
 from common.errors import ConfigError
 from common.model import adapter_state, build_model
 from common.policy import RegionPolicy
@@ -48,13 +48,13 @@ def keep_threads() -> Iterator[None]:
 
 
 def test_without_a_policy_nothing_is_redacted(region: Region) -> None:
-    loaded = node_data(region.name, region.data, LABELS)
+    loaded = node_data(region.name, region.data, LABELS, seed=0, settings=DataSettings())
     assert loaded.redactions == {} and any("bob@example.org" in ex.text for ex in loaded.data.test)
     assert loaded.train == loaded.data.train  # no augmentation asked for
 
 
 def test_the_policy_redacts_every_split(region: Region) -> None:
-    loaded = node_data(region.name, region.data, LABELS, RegionPolicy("north"))
+    loaded = node_data(region.name, region.data, LABELS, RegionPolicy("north"), seed=0, settings=DataSettings())
     data, counts = loaded.data, loaded.redactions
     assert counts == {"email": 1}
     assert loaded.counts == DataCounts(train_examples=40, redactions={"email": 1})
