@@ -178,9 +178,14 @@ def simulate(
     finished round (its config must match; a finished run only repeats the final test evaluation); the baselines
     run again in full.
     """
+    from client.preflight import preflight
     from runfolder.report import write_report
     from server.federation import FederationError, check_resumable, read_state
 
+    # everything knowable before training (the model and LoRA targets, each region's data and policy), before
+    # anything is written or started: the same checks as `fedlocale check`
+    for warning in preflight(cfg, load_policies(cfg), Path(config_path) if config_path else None):
+        say(f"warning: {warning}")
     state = read_state(out_dir) if resume else None
     if state is not None:
         check_resumable(state, cfg, out_dir)  # the server checks again; refusing here spares starting Ray
