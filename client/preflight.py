@@ -11,11 +11,11 @@ the field, before any process starts or any file is written. What makes a run we
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from common import keys
-from common.config import RunConfig, located_error, read_yaml
+from common.config import Region, RunConfig, located_error, read_yaml
 from common.data import DataError, RegionData, load_region
 from common.errors import ConfigError
 from common.model import check_model
@@ -33,11 +33,13 @@ def preflight(
     policies: Mapping[str, RegionPolicy],
     config_path: Path | None = None,
     say: Callable[[str], None] | None = None,
+    regions: Sequence[Region] | None = None,
 ) -> list[str]:
     """Check what ``cfg`` and the regions' ``policies`` will meet when the run starts; return the warnings.
 
     Raises one ``ConfigError`` listing every error, each located as ``file:line: field: ...`` (the run config
     ``config_path``, or the region's policy file). ``say`` gets each region's split sizes as data loads.
+    ``regions`` replaces ``cfg.regions`` where the nodes' own data and policies are checked (a deployment).
     """
     problems: list[str] = []
     model = check_model(cfg.model, cfg.lora, cfg.labels)
@@ -45,7 +47,8 @@ def preflight(
     if found:
         problems += _locate(found, config_path)
     warnings: list[str] = []
-    for index, region in enumerate(cfg.regions):
+    for region in cfg.regions if regions is None else regions:
+        index = cfg.region_names.index(region.name) if region.name in cfg.region_names else 0
         try:
             data = load_region(region.name, region.data, cfg.labels, log=say)
         except DataError as err:
