@@ -7,9 +7,11 @@ an object built in code is checked the same way as one read from YAML.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import re
 import types
 import typing
@@ -435,15 +437,20 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: must be a path, got {type(value).__name__} {value!r}")
         return Path(value) if isinstance(value, str | Path) else None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        if abs(value) > 2**1023:
+            problems.append(f"{path}: must be a finite number, got an integer of {len(str(abs(value)))} digits")
+            return None
+        value = float(value)
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads "5e-4" as a string; accept it as the number a user meant
-        try:
-            return float(value)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            value = float(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         problems.append(f"{path}: must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    if tp is float and not math.isfinite(value):
+        # YAML's .nan and .inf, "1e999", "nan": every range check of NaN is False, so it would pass them all
+        problems.append(f"{path}: must be a finite number, got {value!r}")
         return None
     return value
 

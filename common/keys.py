@@ -29,6 +29,9 @@ REGION_INDEX: Final = "region-index"  # position of the region in the run's regi
 # every metric a reply can carry, hyphenated like Flower's own num-examples; the run folder's files (metrics.jsonl,
 # summary.json) use "_" (macro_f1, num_examples; train-loss becomes the train split's loss)
 REPLY_METRICS: Final = (NUM_EXAMPLES, TRAIN_LOSS, LOSS, ACCURACY, MACRO_F1, REGION_INDEX)
+# what each reply carries (client.app): `fedlocale check` asks each region's policy about both before a run
+TRAIN_REPLY_METRICS: Final = (NUM_EXAMPLES, TRAIN_LOSS, REGION_INDEX)
+EVALUATE_REPLY_METRICS: Final = (NUM_EXAMPLES, LOSS, ACCURACY, MACRO_F1, REGION_INDEX)
 
 # Node config keys (``--node-config`` in deployment, injected by Flower in simulation)
 NODE_REGION: Final = "region"

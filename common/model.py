@@ -10,18 +10,20 @@ import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from common.basemodels import BUILT_BASES, built_path
 from common.config import LoraSettings, ModelSettings
+from common.errors import FedlocaleError
 
 MINILM = "minilm"
 LABELS_FILE = "labels.json"
@@ -158,11 +160,139 @@ def build_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, 
     fresh_head(base, seed)
     # LoRA's A matrices are random too; re-seed so they do not depend on what loading the checkpoint drew.
     torch.manual_seed(seed)
+    return LoadedModel(model=_with_lora(base, lora), tokenizer=tokenizer, labels=labels)  # type: ignore[arg-type]
+
+
+def _with_lora(base: torch.nn.Module, lora: LoraSettings) -> PeftModel:
+    """``base`` wrapped with LoRA as ``lora`` says (the one place a model gets its adapter)."""
     with warnings.catch_warnings():
         # peft calls a transformers API that transformers 5 renamed; the warning is theirs, not the user's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(base, lora_config(base.config.model_type, lora))
-    return LoadedModel(model=model, tokenizer=tokenizer, labels=labels)  # type: ignore[arg-type]
+        model_type = str(getattr(getattr(base, "config", None), "model_type", ""))
+        return get_peft_model(base, lora_config(model_type, lora))  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------------- checking before training
+
+# the files one of which a model folder holds its weights in (transformers' names)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# the layer types peft can put a LoRA on
+_LORA_LAYERS = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What ``check_model`` found: problems as ``(field, message)`` with fields of the run config
+    (``model.base``, ``lora.target_modules``, ``model.max_length``), and, when there are none, the tensors a
+    train reply carries (name -> shape, dtype, bytes), exactly as training would produce them."""
+
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    tensors: dict[str, tuple[tuple[int, ...], str, int]] = field(default_factory=dict)
+
+
+def check_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, ...]) -> ModelCheck:
+    """Whether ``model.base`` loads here and the LoRA settings fit it, without loading any weights.
+
+    Reads the model's config and tokenizer, builds the classifier on the meta device (shapes, no memory, no
+    weights) and adds LoRA as ``build_model`` does, so the reply's tensors and bytes are known before
+    anything trains. The same function serves ``fedlocale check`` and ``simulate`` (before anything is written).
+    """
+    try:
+        path = resolve_base(settings.base)
+    except (FedlocaleError, RuntimeError) as err:
+        return ModelCheck([("model.base", str(err))])
+    problem = _folder_problem(settings.base, path)
+    if problem:
+        return ModelCheck([("model.base", problem)])
+    try:
+        config = AutoConfig.from_pretrained(path, **_config_kwargs(labels))
+        AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # offline, a Hugging Face id that is not in the local cache ends here too
+        return ModelCheck([("model.base", f"cannot load a model and tokenizer from {settings.base!r}: {err}")])
+    problems: list[tuple[str, str]] = []
+    limit = max_tokens(config)
+    if limit is not None and settings.max_length > limit:
+        problems.append(("model.max_length", f"is {settings.max_length}, this model reads at most {limit} tokens"))
+    with torch.device("meta"):
+        base = AutoModelForSequenceClassification.from_config(config)
+    problems += _target_problems(base, lora)
+    if problems:
+        return ModelCheck(problems)
+    try:
+        model = _with_lora(base, lora)
+    except (ValueError, TypeError, RuntimeError) as err:
+        return ModelCheck([("lora", f"peft cannot add LoRA to this {config.model_type} model: {err}")])
+    state = get_peft_model_state_dict(model)
+    tensors = {
+        name: (tuple(t.shape), str(t.dtype).removeprefix("torch."), int(t.numel() * t.element_size()))
+        for name, t in state.items()
+    }
+    return ModelCheck([], tensors)
+
+
+def _folder_problem(base: str, path: str) -> str | None:
+    """Why a local folder named by ``model.base`` is no model folder; None for a Hugging Face id."""
+    folder = Path(path).expanduser()
+    looks_local = folder.exists() or path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1
+    if not looks_local:
+        return None
+    if not folder.is_dir():
+        return f"no such folder: {path}" if path == base else f"{base!r} resolves to {path}, which is no folder"
+    if not (folder / "config.json").is_file():
+        return f"{path} is not a model folder (no config.json)"
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        return f"{path} is not a model folder (no weights: none of {', '.join(WEIGHT_FILES)})"
+    return None
+
+
+def _config_kwargs(labels: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in classifier_kwargs(labels).items() if k != "ignore_mismatched_sizes"}
+
+
+def max_tokens(config: Any) -> int | None:
+    """How many tokens a model of ``config`` reads at most (its position embeddings); None if it does not say."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta"):
+        # RoBERTa numbers positions from padding_idx + 1
+        positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return positions
+
+
+def _target_problems(base: torch.nn.Module, lora: LoraSettings) -> list[tuple[str, str]]:
+    """Each ``lora.target_modules`` entry that names no layer LoRA can adapt (peft's suffix matching)."""
+    if not lora.target_modules:
+        return []
+    modules = dict(base.named_modules())
+    adaptable = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, _LORA_LAYERS)})
+    model_type = getattr(getattr(base, "config", None), "model_type", "?")
+    problems = []
+    for target in lora.target_modules:
+        hits = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
+        if not hits:
+            problems.append(
+                (
+                    "lora.target_modules",
+                    f"{target!r} names no layer of this {model_type} model; the layers LoRA can adapt: "
+                    f"{', '.join(adaptable)}",
+                )
+            )
+        elif not any(isinstance(m, _LORA_LAYERS) for m in hits):
+            kinds = ", ".join(sorted({type(m).__name__ for m in hits}))
+            problems.append(
+                (
+                    "lora.target_modules",
+                    f"{target!r} is a {kinds}, not a layer LoRA adapts; it adapts: {', '.join(adaptable)}",
+                )
+            )
+    return problems
 
 
 def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -7,17 +7,25 @@ own identifiers (order numbers, member ids) as custom patterns. Every match is r
 Review text is full of numbers that are not personal (prices, years, dates, model and version numbers), so the
 detectors favour precision: number-shaped candidates must pass a checksum (IBAN mod-97, card Luhn) or have the
 shape and length of a real phone number, and none of them may start or end inside a longer word or number.
+
+Custom patterns come from a policy file, so redaction bounds them: each runs through the ``regex`` module with a
+time limit per text (``CUSTOM_TIMEOUT_S``), and a pattern is refused when the policy loads if it backtracks
+catastrophically on short adversarial strings (``_probe``). A hang would stop a node before training, silently.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
-from common.errors import ConfigError
+import regex
+
+from common.errors import ConfigError, InputError
 
 PII_TYPES: tuple[str, ...] = ("email", "phone", "iban", "card", "url")
 
@@ -106,11 +114,35 @@ def _phone_ok(candidate: str) -> bool:
     return 9 <= sum(ch in "0123456789" for ch in candidate) <= 12
 
 
+# A custom pattern gets this long for one text (one pass over a free-text stretch of it); far above what a
+# sane pattern needs on a review (microseconds), far below a hang.
+CUSTOM_TIMEOUT_S = 1.0
+# ... and this long for all its probe strings together when the policy loads. The regex module memoises much
+# backtracking, so nested repetition is often polynomial rather than exponential there: probes as long as a long review
+# (cubic: seconds) tell it from a sane pattern (linear: microseconds, even on a busy machine).
+PROBE_TIMEOUT_S = 0.5
+_PROBE_LENGTH = 2000
+_PROBE_CHARS = "aA0 .-_@/:中"
+
+
+class PatternTimeout(InputError):
+    """A custom pattern ran past its time limit on a text: it backtracks catastrophically on such input."""
+
+    def __init__(self, name: str, pattern: str) -> None:
+        self.name = name
+        self.pattern = pattern
+        super().__init__(
+            f"custom PII pattern {name} ({pattern!r}) ran longer than {CUSTOM_TIMEOUT_S} s on one text: it "
+            "backtracks catastrophically (nested or overlapping repetition); rewrite it without nesting"
+        )
+
+
 @dataclass(frozen=True)
 class _Detector:
     name: str  # the key in the counts
-    regex: re.Pattern[str]
+    regex: Any  # a compiled pattern: re's for the builtins, the regex module's (with time limits) for custom ones
     valid: Callable[[str], bool] | None = None  # a candidate the regex found is PII only if this holds
+    timeout: float | None = None  # seconds per text; custom patterns only (the builtins are ours and linear)
 
     @property
     def token(self) -> str:
@@ -153,13 +185,53 @@ def _pattern_problems(pattern: object) -> list[str]:
     if not isinstance(pattern, str):
         return [f"must be a regex string, got {type(pattern).__name__} {pattern!r}"]
     try:
-        compiled = re.compile(pattern)
-    except re.error as err:
+        compiled = regex.compile(pattern)
+    except regex.error as err:
         return [f"does not compile: {err} (in {pattern!r})"]
     if compiled.fullmatch("") is not None:
         # an empty match replaces nothing but would still insert a token between every two characters
         return [f"{pattern!r} matches the empty string"]
+    slow = _probe(compiled)
+    if slow is not None:
+        return [
+            f"{pattern!r} backtracks catastrophically: searching strings like {slow!r} ({_PROBE_LENGTH + 1} "
+            f"characters) took longer than {PROBE_TIMEOUT_S} s, and a node would spend that on every such text "
+            "(nested or overlapping repetition such as (a+)+ or (\\w+\\s?)+); rewrite it without nesting"
+        ]
     return []
+
+
+def _probe(compiled: Any) -> str | None:
+    """The adversarial string the pattern was searching when ``PROBE_TIMEOUT_S`` ran out, else None.
+
+    Each string repeats one character (common classes, and every character the pattern itself names) and ends
+    in one that nothing repeats: exactly the input on which nested repetition tries every way to split the run.
+    Running the pattern settles it where reading its syntax would guess.
+    """
+    literals = [ch for ch in dict.fromkeys(compiled.pattern) if ch.isalnum() or ch in " -_.,;:@#/"][:32]
+    deadline = time.monotonic() + PROBE_TIMEOUT_S
+    for ch in dict.fromkeys(_PROBE_CHARS + "".join(literals)):
+        for end in ("\x00", "!"):
+            text = ch * _PROBE_LENGTH + end
+            try:
+                compiled.search(text, timeout=max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                return ch * 8 + "…" + end
+    return None
+
+
+def custom_share(pattern: CustomPattern, texts: Sequence[str]) -> float:
+    """The share of the characters of ``texts`` that ``pattern`` alone would replace (0..1); the same time
+    limit per text as redaction (``PatternTimeout``)."""
+    compiled = regex.compile(pattern.pattern)
+    matched = total = 0
+    for text in texts:
+        total += len(text)
+        try:
+            matched += sum(m.end() - m.start() for m in compiled.finditer(text, timeout=CUSTOM_TIMEOUT_S))
+        except TimeoutError as err:
+            raise PatternTimeout(pattern.name, pattern.pattern) from err
+    return matched / total if total else 0.0
 
 
 @dataclass(frozen=True)
@@ -197,7 +269,7 @@ class PiiRules:
 def _compile(rules: PiiRules) -> tuple[re.Pattern[str], tuple[_Detector, ...]]:
     """The regex of every token, and the detectors in the order they run."""
     detectors = [_BUILTIN[name] for name in _ORDER if name in rules.types]
-    detectors += [_Detector(c.name, re.compile(c.pattern)) for c in rules.custom]
+    detectors += [_Detector(c.name, regex.compile(c.pattern), timeout=CUSTOM_TIMEOUT_S) for c in rules.custom]
     names = sorted(_BUILTIN_TOKENS | {c.name for c in rules.custom})
     tokens = re.compile(r"(\[(?:" + "|".join(re.escape(n) for n in names) + r")\])")
     return tokens, tuple(detectors)
@@ -231,7 +303,13 @@ def _apply(detector: _Detector, text: str, tokens: re.Pattern[str]) -> tuple[str
     # split() with a capturing group: even items are free text, odd items are tokens, which no pattern may touch
     parts = tokens.split(text)
     for i in range(0, len(parts), 2):
-        parts[i] = detector.regex.sub(replace, parts[i])
+        if detector.timeout is None:
+            parts[i] = detector.regex.sub(replace, parts[i])
+            continue
+        try:
+            parts[i] = detector.regex.sub(replace, parts[i], timeout=detector.timeout)
+        except TimeoutError as err:
+            raise PatternTimeout(detector.name, detector.regex.pattern) from err
     return "".join(parts), hits
 
 

@@ -178,45 +178,70 @@ def _finite(metrics: Mapping[str, int | float]) -> dict[str, int | float | None]
 
 def egress_problems(policy: RegionPolicy, out: Outbound) -> list[str]:
     """Every way ``out`` breaks ``policy``; empty when it may leave."""
+    return [problem for _, problem in egress_violations(policy, out)]
+
+
+def egress_violations(policy: RegionPolicy, out: Outbound) -> list[tuple[str, str]]:
+    """Every way ``out`` breaks ``policy``, each as ``(the policy field that forbids it, why)``; the field lets
+    ``fedlocale check`` name the line of the policy file that would refuse every reply (field "" for what no
+    policy setting allows: a config record)."""
     rules = policy.egress
     problems = []
     if out.region != policy.region:
-        problems.append(f"the policy is for region {policy.region!r}, this node serves {out.region!r}")
+        problems.append(("region", f"the policy is for region {policy.region!r}, this node serves {out.region!r}"))
     if out.train_examples < policy.min_train_examples:
         problems.append(
-            f"{out.train_examples} training examples, the policy needs at least {policy.min_train_examples}"
+            (
+                "min_train_examples",
+                f"{out.train_examples} training examples, the policy needs at least {policy.min_train_examples}",
+            )
         )
     for tensor in out.tensors:
         if not any(fnmatch.fnmatchcase(tensor.name, p) for p in rules.tensors):
-            problems.append(f"tensor {tensor.name!r} is not allowed to leave")
+            problems.append(("egress.tensors", f"tensor {tensor.name!r} is not allowed to leave"))
         elif tensor.dtype not in rules.dtypes:
-            problems.append(f"tensor {tensor.name!r} has dtype {tensor.dtype}, allowed: {', '.join(rules.dtypes)}")
+            problems.append(
+                (
+                    "egress.dtypes",
+                    f"tensor {tensor.name!r} has dtype {tensor.dtype}, allowed: {', '.join(rules.dtypes)}",
+                )
+            )
     for name in out.config_records:
-        problems.append(f"config record {name!r} is not allowed to leave")
+        problems.append(("", f"config record {name!r} is not allowed to leave"))
     for name, value in out.metrics.items():
         if name not in rules.metrics:
-            problems.append(f"metric {name!r} is not allowed to leave")
+            problems.append(("egress.metrics", f"metric {name!r} is not allowed to leave"))
         elif not isinstance(value, int) and not math.isfinite(value):
-            problems.append(f"metric {name!r} is {value}")
+            problems.append(("", f"metric {name!r} is {value}"))
     if out.nbytes > rules.max_bytes:
-        problems.append(f"{out.nbytes} bytes, the policy allows at most {rules.max_bytes}")
+        problems.append(("egress.max_bytes", f"{out.nbytes} bytes, the policy allows at most {rules.max_bytes}"))
     problems.extend(_protection_problems(policy, out.protections))
     return problems
 
 
-def _protection_problems(policy: RegionPolicy, given: Protections) -> list[str]:
+def _protection_problems(policy: RegionPolicy, given: Protections) -> list[tuple[str, str]]:
     problems = []
     need = policy.require_dp
     if need is not None:
         if given.dp is None:
-            problems.append(f"the policy requires differential privacy (epsilon {need.epsilon}), the run applies none")
+            problems.append(
+                (
+                    "require_dp",
+                    f"the policy requires differential privacy (epsilon {need.epsilon}), the run applies none",
+                )
+            )
         elif given.dp[0] > need.epsilon or given.dp[1] > need.delta:
             problems.append(
-                f"privacy spent (epsilon {given.dp[0]}, delta {given.dp[1]}) exceeds the policy's "
-                f"(epsilon {need.epsilon}, delta {need.delta})"
+                (
+                    "require_dp",
+                    f"privacy spent (epsilon {given.dp[0]}, delta {given.dp[1]}) exceeds the policy's "
+                    f"(epsilon {need.epsilon}, delta {need.delta})",
+                )
             )
     if policy.require_secure_aggregation and not given.secure_aggregation:
-        problems.append("the policy requires secure aggregation, the run does not use it")
+        problems.append(
+            ("require_secure_aggregation", "the policy requires secure aggregation, the run does not use it")
+        )
     return problems
 
 

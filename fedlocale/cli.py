@@ -186,13 +186,16 @@ def _print_summary(summary: Summary) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """``fedlocale check``: the config and all data, without training; each region's data is read through the
+    """``fedlocale check``: the config, the model, every region's data and policy, without training (what
+    ``simulate`` checks before it starts, ``client.preflight``); each region's data is then read through the
     node's pipeline, so the check also reports what each region's policy redacts."""
     from client.pipeline import node_data
+    from client.preflight import preflight
     from simulations.runner import load_policies
 
     cfg = load_config(args.config, args.overrides, args.regions)
     policies = load_policies(cfg)  # every policy problem of every region at once (ConfigError)
+    warnings = preflight(cfg, policies, args.config)
     problems: list[str] = []
     for region in cfg.regions:
         try:
@@ -209,8 +212,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             problems.extend(err.problems)
     if problems:
         raise DataError(problems)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     with_policy = f", {len(policies)} with a residency policy" if policies else ""
-    print(f"{args.config}: OK ({len(cfg.regions)} regions{with_policy}, {cfg.rounds} rounds, model {cfg.model.base})")
+    warned = f", {len(warnings)} warning(s) above" if warnings else ""
+    print(
+        f"{args.config}: OK ({len(cfg.regions)} regions{with_policy}, {cfg.rounds} rounds, "
+        f"model {cfg.model.base}{warned})"
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         print(f"fedlocale: {args.deploy_file}: no node for region {args.region!r} ({known})", file=sys.stderr)
         return 2
     node = nodes[args.region]
+    _preflight(lay, [node])
     seen = check_server_identity(lay, node)  # ServerIdentityError: the CLI prints it, exit 2
     if seen is not None:
         print(f"SuperLink certificate {seen} is the one the policy of {node.region} pins", file=sys.stderr)
@@ -159,6 +161,7 @@ def _up(lay: Any, args: argparse.Namespace) -> int:
     # checks first (the run folder, the run config), then the first write
     check_run_dir(out, overwrite=args.overwrite, resume=args.resume)
     run_cfg_rounds = _rounds(lay)
+    _preflight(lay, lay.nodes)
     if not lay.ca.cert.exists() and _init(lay, force=False):
         return 2
     if args.overwrite:
@@ -228,6 +231,26 @@ def _write_summary(
     summary = build_summary(load_config(run_config), None, federation, {}, seconds, str(run_config), audit)
     write_summary(out, summary)
     write_report(out, summary, read_metrics(out))
+
+
+def _preflight(lay: Any, nodes: Sequence[Any]) -> None:
+    """Before any node starts: ``fedlocale check``'s checks for these nodes' own data and policies, with the
+    deployment's run config (model, LoRA, labels). A node's host may lack the run config (the server sends its
+    settings): then only the policy is checked, when the node loads it."""
+    from client.preflight import preflight
+    from common.config import Region, load_config
+    from common.policy import load_policy
+
+    if not lay.deploy.run.is_file():
+        print(
+            f"{lay.deploy.run} is not on this host: model and LoRA settings not checked before start", file=sys.stderr
+        )
+        return
+    cfg = load_config(lay.deploy.run)
+    regions = [Region(n.region, n.data, n.policy) for n in nodes]
+    policies = {n.region: load_policy(n.policy) for n in nodes if n.policy is not None}
+    for warning in preflight(cfg, policies, lay.deploy.run, regions=regions):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _rounds(lay: Any) -> int:

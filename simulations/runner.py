@@ -188,11 +188,16 @@ def simulate(
     ``overwrite`` the old run's own files are removed only once the config, the policies and every region's data
     have passed their checks (other files in the folder stay).
     """
+    from client.preflight import preflight
     from runfolder.report import write_report
     from server.federation import FederationError, check_resumable, read_state
 
     # Everything is checked before the first write, so a refused run leaves the folder exactly as it was.
     check_run_dir(out_dir, overwrite=overwrite, resume=resume)
+    # everything knowable before training (the model and LoRA targets, each region's data and policy), before
+    # anything is written or started: the same checks as `fedlocale check`
+    for warning in preflight(cfg, load_policies(cfg), Path(config_path) if config_path else None):
+        say(f"warning: {warning}")
     state = read_state(out_dir) if resume else None
     if state is not None:
         check_resumable(state, cfg, out_dir)  # the server checks again; refusing here spares starting Ray

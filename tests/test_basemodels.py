@@ -289,7 +289,8 @@ def test_check_names_file_line_and_command(
     config = tmp_path / "run.yaml"
     config.write_text(
         f"labels: [neg, pos]\nregions:\n  - {{name: a, data: {tmp_path / 'a'}}}\n"
-        f"  - {{name: b, data: {tmp_path / 'b'}}}\nmodel:\n  base: me5-small\n"
+        # the tiny stand-in built below reads at most 24 tokens; `check` refuses a longer max_length
+        f"  - {{name: b, data: {tmp_path / 'b'}}}\nmodel:\n  base: me5-small\n  max_length: 16\n"
     )
     assert main(["check", str(config)]) == 2
     err = capsys.readouterr().err

@@ -381,3 +381,22 @@ def test_a_region_without_val_deploys_cleanly(tmp_path: Path, tiny_bert: Path) -
     assert {r["train"]["east"]["num_examples"] for r in deployed["rounds"]} == {len(east.train)}
     assert {r["val"]["east"]["num_examples"] for r in deployed["rounds"]} == {len(east.val)}
     assert deployed["test"]["east"]["num_examples"] == 24
+
+
+def test_a_node_whose_policy_would_refuse_every_reply_is_not_started(
+    tmp_path: Path, three_regions: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """`fedlocale node` and `deploy up` run `fedlocale check`'s checks on the node's own data and policy first."""
+    policy = tmp_path / "east.yaml"
+    policy.write_text(yaml.safe_dump({"region": "east", "min_train_examples": 1000}))
+    execs: list[list[str]] = []
+    monkeypatch.setattr(deploy_cmd, "_exec", lambda lay, argv: execs.append(argv) or 0)
+    deploy_file, lay = _deployment(tmp_path, tiny_bert, three_regions, node_extra={"east": {"policy": "east.yaml"}})
+    line = policy.read_text().splitlines().index("min_train_examples: 1000") + 1
+    for argv in (["node", str(deploy_file), "--region", "east"], ["deploy", "up", str(deploy_file)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"{policy}:{line}: min_train_examples: region east: every train and evaluate reply would be refused" in err
+        )
+    assert execs == [] and not (tmp_path / "work" / "pki").exists() and not lay.logs.exists()

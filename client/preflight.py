@@ -1,0 +1,153 @@
+"""Everything knowable about a run before it trains: ``fedlocale check`` and ``fedlocale simulate`` both ask here.
+
+``preflight`` loads the model's config and tokenizer (no weights) and builds the reply a region would send
+(``common.model.check_model``), reads every region's data, and asks each region's policy about the train and
+evaluate replies of this model and LoRA, exactly as the node's egress guard will (``egress_violations``). A
+policy that would refuse every reply, a PII pattern that would redact most of a region's text or hang on it, a
+model folder that is not there or LoRA targets the model lacks: each is an error naming the file, the line and
+the field, before any process starts or any file is written. What makes a run weak rather than impossible
+(one class only in a region's train split, an evaluation split emptied by leakage removal) is a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from common import keys
+from common.config import Region, RunConfig, located_error, read_yaml
+from common.data import DataError, RegionData, load_region
+from common.errors import ConfigError
+from common.model import check_model
+from common.pii import PatternTimeout, custom_share
+from common.policy import Outbound, RegionPolicy, TensorInfo, egress_violations
+
+# a custom pattern that replaces more than this share of a region's train text leaves little to learn from
+REDACTION_WARN = 0.5
+# ... and one that replaces this much leaves nothing: refused
+REDACTION_ERROR = 0.9
+
+
+def preflight(
+    cfg: RunConfig,
+    policies: Mapping[str, RegionPolicy],
+    config_path: Path | None = None,
+    say: Callable[[str], None] | None = None,
+    regions: Sequence[Region] | None = None,
+) -> list[str]:
+    """Check what ``cfg`` and the regions' ``policies`` will meet when the run starts; return the warnings.
+
+    Raises one ``ConfigError`` listing every error, each located as ``file:line: field: ...`` (the run config
+    ``config_path``, or the region's policy file). ``say`` gets each region's split sizes as data loads.
+    ``regions`` replaces ``cfg.regions`` where the nodes' own data and policies are checked (a deployment).
+    """
+    problems: list[str] = []
+    model = check_model(cfg.model, cfg.lora, cfg.labels)
+    found = [f"{name}: {message}" for name, message in model.problems]
+    if found:
+        problems += _locate(found, config_path)
+    warnings: list[str] = []
+    for region in cfg.regions if regions is None else regions:
+        index = cfg.region_names.index(region.name) if region.name in cfg.region_names else 0
+        try:
+            data = load_region(region.name, region.data, cfg.labels, log=say)
+        except DataError as err:
+            problems += err.problems
+            continue
+        warnings += _data_warnings(data, cfg.labels)
+        policy = policies.get(region.name)
+        if policy is None or region.policy is None:
+            continue
+        # without a model (its problems are reported above) the reply's tensors are unknown: the rest still counts
+        found = _policy_problems(policy, data, index, model.tensors)
+        found += _redaction_problems(policy, data, warnings, region.policy)
+        if found:
+            problems += _locate(found, region.policy)
+    if problems:
+        raise ConfigError(problems)
+    return warnings
+
+
+def _locate(problems: list[str], path: Path | None) -> list[str]:
+    """``field: message`` problems as ``file:line: field: message`` (unlocated without a file)."""
+    if path is None:
+        return problems
+    _, lines = read_yaml(path)
+    return located_error(problems, lines, str(path)).problems
+
+
+def _data_warnings(data: RegionData, labels: tuple[str, ...]) -> list[str]:
+    warnings = []
+    classes = sorted({ex.label for ex in data.train})
+    if len(classes) == 1:
+        warnings.append(
+            f"region {data.name}: every train example is {labels[classes[0]]!r}; its updates teach the federation "
+            "one class only, and its local-only baseline predicts that class for everything"
+        )
+    for split in (keys.VAL, keys.TEST):
+        leaked = data.dropped.get(f"leaked_{split}", 0)
+        if leaked and not data.split(split):
+            warnings.append(
+                f"region {data.name}: all {leaked} {split} rows also occur in train and were removed (leakage), "
+                f"so its {split} split is empty and the region is not {'validated' if split == keys.VAL else 'tested'}"
+            )
+    return warnings
+
+
+def _policy_problems(
+    policy: RegionPolicy, data: RegionData, index: int, tensors: Mapping[str, tuple[tuple[int, ...], str, int]]
+) -> list[str]:
+    """What the policy would refuse in every train and evaluate reply of this run (``field: reason``)."""
+    n = len(data.train)
+    # metric values as long as any real one encodes, so that the byte count is the most a reply can carry
+    worst = -0.12345678901234567
+    train = Outbound(
+        "train",
+        policy.region,
+        tuple(TensorInfo(name, shape, dtype, nbytes) for name, (shape, dtype, nbytes) in tensors.items()),
+        {
+            name: (n if name == keys.NUM_EXAMPLES else index if name == keys.REGION_INDEX else worst)
+            for name in keys.TRAIN_REPLY_METRICS
+        },
+        n,
+    )
+    evaluate = Outbound(
+        "evaluate",
+        policy.region,
+        (),
+        {
+            name: (n if name == keys.NUM_EXAMPLES else index if name == keys.REGION_INDEX else worst)
+            for name in keys.EVALUATE_REPLY_METRICS
+        },
+        n,
+    )
+    refusing: dict[tuple[str, str], list[str]] = {}
+    for out in (train, evaluate):
+        for name, reason in egress_violations(policy, out):
+            refusing.setdefault((name or "egress", reason), []).append(out.message)
+    return [
+        f"{name}: region {policy.region}: every {' and '.join(messages)} reply would be refused: {reason}"
+        for (name, reason), messages in refusing.items()
+    ]
+
+
+def _redaction_problems(policy: RegionPolicy, data: RegionData, warnings: list[str], path: Path) -> list[str]:
+    """Custom PII patterns that would replace most of the region's train text (or run past their time limit)."""
+    problems = []
+    texts = [ex.text for ex in data.train]
+    for i, pattern in enumerate(policy.pii.custom):
+        field = f"pii.custom[{i}].pattern"
+        try:
+            share = custom_share(pattern, texts)
+        except PatternTimeout as err:
+            problems.append(f"{field}: region {policy.region}, train split: {err}")
+            continue
+        said = (
+            f"{pattern.name} ({pattern.pattern!r}) would replace {share:.0%} of the characters of region "
+            f"{policy.region}'s train text"
+        )
+        if share >= REDACTION_ERROR:
+            problems.append(f"{field}: {said}, leaving nothing to learn from")
+        elif share > REDACTION_WARN:
+            warnings.append(f"{_locate([f'{field}: {said}'], path)[0]}")
+    return problems
