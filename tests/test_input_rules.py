@@ -233,7 +233,7 @@ def test_data_that_stops_decoding_is_an_error_at_its_line(root: Path, capsys: py
     path.write_text(config_text(root), encoding="utf-8")
     err = check(root, capsys, str(path))
     assert f"{train}:6: not UTF-8: byte 0xFF at column 11 (save the file as UTF-8)" in err
-    assert "1 bad row(s)" in err
+    assert "1 problem(s)" in err  # the one problem above, nothing else
 
 
 def test_json_errors_in_data_are_whole_sentences(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
