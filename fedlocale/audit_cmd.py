@@ -124,7 +124,7 @@ def _print(result: Verification) -> None:
         print(f"not checked: {what}")
     if result.ok:
         return
-    print(f"NOT verified: {len(result.findings)} problem(s)", file=sys.stderr)
+    print(f"fedlocale: NOT verified: {len(result.findings)} problem(s)", file=sys.stderr)
     for finding in result.findings:
         print(f"  {finding}", file=sys.stderr)
 

@@ -34,6 +34,7 @@ import yaml
 
 from assets.archives import Archive, ArchiveError, fetch_archive, read_member
 from common.data import normalise
+from common.errors import InputError
 from simulations.demo_data import _write_jsonl, _write_text
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
@@ -83,6 +84,8 @@ def build_intent(
             missing or unreadable, or a topic keeps fewer than MIN_PER_TOPIC prompts in a region.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")  # before any download
     folders = [out_dir / name for name in sorted(LANGUAGES)]
     if _already_built(out_dir, seed):
         log(f"intent data in {out_dir} already built for seed {seed}; not rebuilding")
