@@ -225,7 +225,7 @@ def export_adapter(
     if not weights:
         raise ExportError(f"{source}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
     shutil.copyfile(source / weights[0], out / weights[0])
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
+    load_tokenizer(tokenizer_dir).save_pretrained(str(out))
     _write_labels(out, labels)
     return config
 
@@ -236,8 +236,11 @@ def saved_head(config: dict[str, Any], folder: Path) -> list[str]:
     path = folder / ADAPTER_WEIGHTS[0]
     if not path.is_file():
         return names
-    with safe_open(str(path), "pt") as fh:
-        saved = list(fh.keys())
+    try:
+        with safe_open(str(path), "pt") as fh:
+            saved = list(fh.keys())
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{path}: damaged adapter weights ({_reason(err)})") from err
     # peft adds its default head names for classification (``score``) whether or not the model has them
     return [name for name in names if any(f".{name}." in key for key in saved)]
 
@@ -301,7 +304,9 @@ def export_run(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage = Path(tmp) / "lora"  # staged, then installed as ``out``
         lora = export_adapter(choice.path, stage, labels=labels, tokenizer_dir=tokenizer_dir, base=base)
-        lora = {**lora, "modules_to_save": saved_head(lora, stage)}
+        # read from the run's own folder (the staged copy is byte for byte the same) so a damaged file is named
+        # where the user can find it, not in the staging folder that is about to vanish
+        lora = {**lora, "modules_to_save": saved_head(lora, choice.path)}
         info = export_info(run, region, choice, lora=lora, labels=labels, base=base, merged=merged)
         write_card(stage, info)
         loaded = load_exported(stage)  # the export must load as a user would load it, before it is installed
@@ -722,8 +727,8 @@ def load_exported(model_dir: Path, max_length: int | None = None) -> Exported:
         # inside transformers): the texts must be cut into tokens the way the model was trained on
         raise ExportError(f"{model_dir}: no tokenizer (tokenizer_config.json); not a complete export")
     try:
+        tokenizer = load_tokenizer(model_dir)  # first: it loads in a moment, the model does not
         model, labels = _load_unmerged(model_dir) if _is_adapter(model_dir) else _load_merged(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     except DAMAGED_MODEL_ERRORS as err:
         # the folder's files exist but do not load (truncated weights, broken JSON, a tokenizer that is not one):
         # these are the errors transformers, peft and safetensors raise for a damaged file, named for the user
@@ -740,6 +745,16 @@ def load_exported(model_dir: Path, max_length: int | None = None) -> Exported:
     if limit is not None:
         length = min(length, limit)  # a default or recorded length beyond the model is only ever truncated to it
     return Exported(model=model, tokenizer=tokenizer, labels=labels, max_length=length)
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model or adapter folder; an ExportError naming its files when they do not load."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except DAMAGED_MODEL_ERRORS as err:
+        raise ExportError(
+            f"{folder}: its tokenizer (tokenizer.json, tokenizer_config.json) does not load ({_reason(err)})"
+        ) from err
 
 
 def _reason(err: BaseException) -> str:
@@ -803,9 +818,12 @@ def _adapter_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     weights = [model_dir / name for name in ADAPTER_WEIGHTS if (model_dir / name).is_file()]
     if not weights:
         raise ExportError(f"{model_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
-    if weights[0].suffix == ".safetensors":
-        return load_file(str(weights[0]))
-    loaded = torch.load(str(weights[0]), map_location="cpu", weights_only=True)
+    try:
+        if weights[0].suffix == ".safetensors":
+            return load_file(str(weights[0]))
+        loaded = torch.load(str(weights[0]), map_location="cpu", weights_only=True)
+    except DAMAGED_MODEL_ERRORS as err:  # truncated or not a weights file at all
+        raise ExportError(f"{weights[0]}: damaged adapter weights ({_reason(err)})") from err
     if not isinstance(loaded, dict):
         raise ExportError(f"{weights[0]}: not a state dict")
     return loaded
