@@ -199,7 +199,8 @@ def recompute(server: LedgerCheck, keep_dir: Path) -> tuple[int, list[str]]:
     """
     rounds = [e for e in server.entries if e["body"].get("kind") == AGGREGATE and e["body"].get("global_sha256")]
     if not keep_dir.is_dir():
-        raise InputError(f"{keep_dir}: no such folder of kept updates")
+        what = "not a folder" if keep_dir.exists() else "no such folder"
+        raise InputError(f"{keep_dir}: {what}; kept updates are a run's audit/updates folder")
     if rounds and not any(round_dir(keep_dir, int(e["body"]["round"])).is_dir() for e in rounds):
         # nothing to recompute is not a pass: most likely another run's folder, or not an updates folder at all
         first = round_name(int(rounds[0]["body"]["round"]))

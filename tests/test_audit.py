@@ -702,7 +702,8 @@ def test_audit_verify_a_wrong_updates_folder_is_named_not_counted(
     keys_args = key_args(out, cfg.region_names)
     for wrong, message in [
         (tmp_path, "holds none of the 2 round(s) the server ledger records (round-001/, …)"),
-        (tmp_path / "nope", "no such folder of kept updates"),
+        (tmp_path / "nope", "no such folder; kept updates are a run's audit/updates folder"),
+        (out / AUDIT_DIR / SERVER_DIR / "ledger.jsonl", "not a folder; kept updates are"),
     ]:
         code, printed, err = _verify(capsys, str(out / AUDIT_DIR), "--updates", str(wrong), *keys_args)
         assert code == 2 and f"fedlocale: {wrong}: {message}" in err

@@ -14,6 +14,8 @@ Not driven here, with the reason:
 - ``deploy up`` / ``deploy superlink`` / ``node`` with a *valid* deployment: they start real Flower processes;
   their hostile deployment files are driven, and fail while the file is read.
 - ``simulate`` with a valid config: the real Ray simulation (tests/test_simulation.py, slow).
+- ``audit verify --updates`` with a hostile folder, and damaged kept updates: ``--updates`` is read only once a
+  real server ledger verifies, which takes an audited federation: driven in tests/test_audit.py.
 """
 
 from __future__ import annotations
@@ -160,15 +162,6 @@ COMMANDS: dict[str, Argv] = {
         "--keys",
         str(hostile(r, k, "keys.yaml")),
     ],
-    "audit verify (updates)": lambda r, k: [
-        "audit",
-        "verify",
-        str(hostile(r, "empty", "ledger.jsonl")),
-        "--key",
-        f"server={a_key(r)}",
-        "--updates",
-        str(hostile(r, k, "updates")),
-    ],
     "audit report": lambda r, k: [
         "audit",
         "report",
@@ -195,8 +188,6 @@ COMMANDS: dict[str, Argv] = {
 # (command, kind) pairs with a reason they do not apply: each is a valid input, not a hostile one
 NOT_HOSTILE: dict[tuple[str, str], str] = {
     ("simulate --regions", FOLDER): "an empty folder of regions is the regions-dir check (below, 'empty')",
-    ("audit verify (updates)", "missing"): "--updates is only read once a server ledger verifies (ledger is empty)",
-    ("audit verify (updates)", FOLDER): "as above: the ledger named is empty, so no recomputation is attempted",
     # the output folder must be a *file* to be hostile; these kinds leave it missing or an empty folder
     ("data demo (out is a file)", "missing"): "a new output folder is valid (and would fetch with pip)",
     ("data demo (out is a file)", FOLDER): "an empty output folder is valid (and would fetch with pip)",
