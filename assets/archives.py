@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import FedlocaleError
+from common.errors import FedlocaleError, InputError
 
 
 class ArchiveError(FedlocaleError):
@@ -60,7 +60,10 @@ def fetch_archive(archive: Archive, cache_dir: Path, log: Callable[[str], None])
     if path.is_file():
         log(f"using cached {path}")
     else:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a file where the folder (or one of its parents) goes, or no permission
+            raise InputError(f"{cache_dir}: cannot create the archive folder ({err.strerror})") from err
         # --only-binary for the wheel keeps pip from falling back to (and building) an sdist.
         kind = ["--no-binary", ":all:"] if archive.sdist else ["--only-binary", ":all:"]
         cmd = [

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -160,7 +160,7 @@ def load_verify_key(path: Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file."""
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, UnsupportedAlgorithm) as err:
         raise AuditKeyError(f"{path}: not a readable PEM public key ({err})") from err
     if not isinstance(key, Ed25519PublicKey):
         raise AuditKeyError(f"{path}: not an Ed25519 public key")
@@ -375,24 +375,55 @@ def signers(checks: Iterable[LedgerCheck]) -> list[str]:
 
 @dataclass(frozen=True)
 class Verification:
-    """The outcome of checking a set of ledgers together."""
+    """The outcome of checking a set of ledgers together, and which checks ran.
+
+    An auditor must be able to tell "checked and held" from "not checked": ``checked`` states what each check
+    that ran established (meaningful when ``ok``), ``not_checked`` names each check that did not run and why.
+    """
 
     checks: tuple[LedgerCheck, ...]
     findings: tuple[str, ...]  # every problem, first broken entry of each ledger first
-    rounds_recomputed: int | None  # None: no kept updates were given
+    rounds_recomputed: int | None  # rounds whose kept updates were found and recomputed; None: not run
+    checked: tuple[str, ...] = ()
+    not_checked: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """Whether everything held."""
+        """Whether everything that was checked held."""
         return not self.findings
 
 
-def find_ledgers(paths: Iterable[Path]) -> list[Path]:
-    """Ledger files named directly, or every ``ledger.jsonl`` under a named folder (sorted)."""
+def collect_ledgers(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
+    """The ledger files named directly or found (``ledger.jsonl``) under named folders, each file once, and a note
+    for each one named more than once (by resolved path: ``a/ledger.jsonl`` and ``./a/ledger.jsonl`` are one).
+
+    A path that does not exist, or a folder holding no ledger, is unusable input (``InputError``, exit 2), not a
+    broken ledger: a mistyped path must never read as tampering.
+    """
     found: list[Path] = []
+    seen: dict[Path, Path] = {}
+    notes: list[str] = []
     for path in paths:
-        found.extend(sorted(path.rglob(LEDGER_FILE)) if path.is_dir() else [path])
-    return found
+        if path.is_dir():
+            inside = sorted(path.rglob(LEDGER_FILE))
+            if not inside:
+                raise InputError(f"{path}: no {LEDGER_FILE} in this folder")
+        elif path.exists():
+            inside = [path]
+        else:
+            raise InputError(f"{path}: no such ledger file or folder")
+        for ledger in inside:
+            first = seen.setdefault(ledger.resolve(), ledger)
+            if first is not ledger:
+                notes.append(f"{ledger}: the same file as {first}; checked once")
+                continue
+            found.append(ledger)
+    return found, notes
+
+
+def find_ledgers(paths: Iterable[Path]) -> list[Path]:
+    """Ledger files named directly, or every ``ledger.jsonl`` under a named folder (sorted), each file once."""
+    return collect_ledgers(paths)[0]
 
 
 def read_keys_file(path: Path) -> dict[str, Path]:
@@ -414,7 +445,10 @@ def verify_all(
     recompute: Callable[[LedgerCheck], tuple[int, list[str]]] | None = None,
 ) -> Verification:
     """Check every ledger, then — when one is the server's — that its aggregations match the nodes' records,
-    and with ``recompute`` that the kept updates aggregate to the recorded global adapters."""
+    and with ``recompute`` that the kept updates aggregate to the recorded global adapters.
+
+    Each check that cannot run (no server ledger, a broken one, no kept updates) is named in ``not_checked``.
+    """
     checks = tuple(verify_ledger(path, trusted) for path in ledgers)
     findings = [c.problem for c in checks if c.problem is not None]
     servers = [c for c in checks if c.signer == SERVER]
@@ -424,11 +458,34 @@ def verify_all(
             f"{names.count(dup)} ledgers are signed by {dup!r}: "
             + ", ".join(str(c.path) for c in checks if c.signer == dup)
         )
+    checked = [f"each of the {len(checks)} ledger(s) is intact, in order, and signed by the key given for its signer"]
+    not_checked: list[str] = []
     rounds = None
-    if len(servers) == 1 and servers[0].ok:
-        server = servers[0]
-        findings.extend(cross_check(server, [c for c in checks if c.signer != SERVER and c.ok]))
-        if recompute is not None:
-            rounds, problems = recompute(server)
-            findings.extend(problems)
-    return Verification(checks, tuple(findings), rounds)
+    cross = "that the server aggregated only updates the nodes recorded sending"
+    again = "recomputing each round's global adapter from the kept updates"
+    if len(servers) != 1 or not servers[0].ok:
+        why = (
+            "no server ledger given (one signed by 'server')"
+            if not servers
+            else f"{len(servers)} server ledgers given"
+            if len(servers) > 1
+            else "the server ledger is broken"
+        )
+        not_checked += [f"{cross}: {why}", f"{again}: {why}"]
+        return Verification(checks, tuple(findings), rounds, tuple(checked), tuple(not_checked))
+    server = servers[0]
+    nodes = [c for c in checks if c.signer != SERVER and c.ok]
+    findings.extend(cross_check(server, nodes))
+    aggregated = [e["body"] for e in server.entries if e["body"].get("kind") == AGGREGATE]
+    updates = sum(len(body.get("participants", [])) for body in aggregated)
+    checked.append(
+        f"{cross} ({updates} update(s) in {len(aggregated)} aggregation(s), against {len(nodes)} node ledger(s))"
+    )
+    recorded = sum(1 for body in aggregated if body.get("global_sha256") is not None)
+    if recompute is None:
+        not_checked.append(f"{again}: no kept updates given (--updates DIR)")
+    else:
+        rounds, problems = recompute(server)
+        findings.extend(problems)
+        checked.append(f"the kept updates recompute the recorded global adapter of {rounds} of {recorded} round(s)")
+    return Verification(checks, tuple(findings), rounds, tuple(checked), tuple(not_checked))

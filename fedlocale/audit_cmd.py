@@ -12,7 +12,7 @@ from common.audit import (
     SERVER,
     AuditKeyError,
     Verification,
-    find_ledgers,
+    collect_ledgers,
     key_id,
     load_verify_key,
     read_keys_file,
@@ -30,11 +30,14 @@ def add_parsers(sub: Any) -> None:
     actions = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
     verify = actions.add_parser(
         "verify",
-        help="check chains, signatures, and that the server used only what the nodes recorded sending",
+        help="check chains, signatures, and that the server used only what the nodes recorded sending (says what it "
+        "could not check)",
         description="Checks every LEDGER (a ledger.jsonl, or a folder searched for them): each entry follows the "
         "previous one and is signed by the key trusted for its signer; every update the server aggregated appears "
         "in exactly one node's ledger with the same hash; with kept updates (audit.keep_updates), each round's "
-        "global adapter is recomputed and compared. Exit 0 only if all holds, 1 naming the first broken entry of "
+        "global adapter is recomputed and compared. Prints each claim only for a check that ran, and "
+        "'not checked:' for one that could not (no server ledger, no kept updates). A ledger named twice is "
+        "checked once. Exit 0 only if all that was checked holds, 1 naming the first broken entry of "
         "each ledger otherwise, 2 on unusable input. Trust comes only from the keys you give: use copies of the "
         "nodes' and the server's ledger.pub obtained from their operators, not ones found next to the ledgers.",
     )
@@ -103,28 +106,32 @@ def _updates_dir(args: argparse.Namespace, ledgers: Sequence[Path]) -> Path | No
 
 
 def run_checks(args: argparse.Namespace) -> Verification:
-    """Verify the ledgers named on the command line (raises AuditKeyError on unusable keys)."""
+    """Verify the ledgers named on the command line (raises an InputError on unusable keys, paths or updates)."""
     from server.audit import recompute
 
     trusted = trusted_keys(args.keys, args.keys_file)
-    ledgers = find_ledgers(args.ledgers)
-    if not ledgers:
-        raise AuditKeyError(f"no ledger.jsonl in {', '.join(map(str, args.ledgers))}")
+    ledgers, notes = collect_ledgers(args.ledgers)
     updates = _updates_dir(args, ledgers)
     print(f"trusted keys: {', '.join(f'{n} ({key_id(k)})' for n, k in sorted(trusted.items()))}")
+    for note in notes:
+        print(f"note: {note}")
     return verify_all(ledgers, trusted, (lambda server: recompute(server, updates)) if updates else None)
 
 
 def _print(result: Verification) -> None:
+    """Each ledger's state, then only claims for checks that ran, and what was not checked and why."""
     for check in result.checks:
         mark = "ok    " if check.ok else "BROKEN"
         print(f"{mark} {check.signer or '?':<16} {len(check.entries):>5} entries  {check.path}")
-    if result.rounds_recomputed is not None:
-        print(f"recomputed the global adapter of {result.rounds_recomputed} round(s) from the kept updates")
     if result.ok:
-        print("verified: every chain and signature holds and the server aggregated only what the nodes recorded")
+        print("verified:")
+        for claim in result.checked:
+            print(f"  - {claim}")
+    for what in result.not_checked:
+        print(f"not checked: {what}")
+    if result.ok:
         return
-    print(f"NOT verified: {len(result.findings)} problem(s)", file=sys.stderr)
+    print(f"fedlocale: NOT verified: {len(result.findings)} problem(s)", file=sys.stderr)
     for finding in result.findings:
         print(f"  {finding}", file=sys.stderr)
 
@@ -159,6 +166,6 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.audit_command == "report":
         from runfolder.audit_report import write_audit_report
 
-        path = write_audit_report(list(result.checks), args.out, list(result.findings))
+        path = write_audit_report(list(result.checks), args.out, list(result.findings), list(result.not_checked))
         print(f"report: {path}")
     return 0 if result.ok else EXIT_BROKEN

@@ -69,11 +69,15 @@ removed from the middle, re-ordered or written with another key is detected by t
 # ------------------------------------------------------------------------------------------------- public API
 
 
-def write_audit_report(checks: Sequence[LedgerCheck], out_dir: Path, findings: Sequence[str] = ()) -> Path:
+def write_audit_report(
+    checks: Sequence[LedgerCheck], out_dir: Path, findings: Sequence[str] = (), not_checked: Sequence[str] = ()
+) -> Path:
     """Write ``out_dir/audit-report.md`` and one bytes-per-round PNG per region; return the report's path.
 
     ``checks`` are the ledgers as verified by the caller (the server's has signer ``server``); ``findings`` are
-    the problems the caller's verification found, printed verbatim (empty means everything verified).
+    the problems the caller's verification found, printed verbatim (empty means everything verified);
+    ``not_checked`` the checks that could not run, each with why (listed under the verdict, so a reader never takes
+    a check that did not run for one that passed).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +85,7 @@ def write_audit_report(checks: Sequence[LedgerCheck], out_dir: Path, findings: S
     nodes = sorted((c for c in checks if c.signer not in (SERVER, None)), key=lambda c: str(c.signer))
     sections = [
         "# Audit report: what left each region",
-        _verdict(checks, findings),
+        _verdict(checks, findings, not_checked),
         *(_region_section(node, out_dir) for node in nodes),
         _server_section(servers, nodes),
         SHOWS_TEXT,
@@ -149,7 +153,7 @@ def _line_ranges(lines: Sequence[int]) -> str:
 # ---------------------------------------------------------------------------------------------------- verdict
 
 
-def _verdict(checks: Sequence[LedgerCheck], findings: Sequence[str]) -> str:
+def _verdict(checks: Sequence[LedgerCheck], findings: Sequence[str], not_checked: Sequence[str] = ()) -> str:
     """The box at the top: verified or not, every problem verbatim, and which ledgers were read."""
     # a ledger that failed its own check is a problem even if the caller forgot to pass it on
     problems = list(findings) + [c.problem for c in checks if c.problem and c.problem not in findings]
@@ -167,6 +171,8 @@ def _verdict(checks: Sequence[LedgerCheck], findings: Sequence[str]) -> str:
             "> **✅ VERIFIED.** The checks found no problem: every ledger below is intact and in order, and each "
             "entry is signed with the key given for its signer.",
         ]
+    if not_checked:
+        head += [">", "> **Not checked:**", ">", *(f"> - {_cell(what)}" for what in not_checked)]
     rows = [_ledger_row(c) for c in checks]
     return "\n".join(
         [

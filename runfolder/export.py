@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -73,6 +73,14 @@ _MODEL_FILES = (
 
 class ExportError(InputError):
     """A run, region, model folder or output folder that cannot be used; the message says why and where."""
+
+
+# What loading a damaged model folder raises in transformers, peft and safetensors (OSError: transformers' "not a
+# valid JSON file"; ValueError/KeyError/TypeError: configs and tokenizers with wrong fields; SafetensorError:
+# truncated weights; RuntimeError: torch state dicts that do not fit the model).
+DAMAGED_MODEL_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, UnicodeDecodeError)
+# transformers' model_max_length when a tokenizer declares none (int(1e30)): not a limit
+UNSET_MODEL_MAX_LENGTH = 10**9
 
 
 class Exported(NamedTuple):
@@ -169,10 +177,26 @@ def _read_labels(folder: Path) -> tuple[str, ...] | None:
     path = folder / LABELS_FILE
     if not path.is_file():
         return None
-    labels = json.loads(path.read_text(encoding="utf-8")).get("labels")
+    raw = _read_json(path)
+    labels = raw.get("labels") if isinstance(raw, dict) else None
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise ExportError(f"{path}: expected {{'labels': [name, …]}}")
     return tuple(labels)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file of a model or adapter folder; an ExportError naming it when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON and bytes that are not UTF-8
+        raise ExportError(f"{path}: not readable JSON ({_reason(err)})") from err
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    raw = _read_json(path)
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return raw
 
 
 def base_reference(recorded: str, run_base: str | None) -> str:
@@ -203,14 +227,14 @@ def export_adapter(
     The weights are copied byte for byte; only ``base_model_name_or_path`` is rewritten to ``base``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config = _json_object(source / ADAPTER_CONFIG)
     config["base_model_name_or_path"] = base
     write_json(out / ADAPTER_CONFIG, config)
     weights = [name for name in ADAPTER_WEIGHTS if (source / name).is_file()]
     if not weights:
         raise ExportError(f"{source}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
     shutil.copyfile(source / weights[0], out / weights[0])
-    AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(out))
+    load_tokenizer(tokenizer_dir).save_pretrained(str(out))
     _write_labels(out, labels)
     return config
 
@@ -221,8 +245,11 @@ def saved_head(config: dict[str, Any], folder: Path) -> list[str]:
     path = folder / ADAPTER_WEIGHTS[0]
     if not path.is_file():
         return names
-    with safe_open(str(path), "pt") as fh:
-        saved = list(fh.keys())
+    try:
+        with safe_open(str(path), "pt") as fh:
+            saved = list(fh.keys())
+    except (SafetensorError, OSError) as err:
+        raise ExportError(f"{path}: damaged adapter weights ({_reason(err)})") from err
     # peft adds its default head names for classification (``score``) whether or not the model has them
     return [name for name in names if any(f".{name}." in key for key in saved)]
 
@@ -280,13 +307,15 @@ def export_run(
     labels = _read_labels(choice.path) or _read_labels(global_dir) or _config_labels(run)
     tokenizer_dir = choice.path if _has_tokenizer(choice.path) else global_dir
     run_base = _run_base(run)
-    recorded = json.loads((choice.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+    recorded = str(_json_object(choice.path / ADAPTER_CONFIG).get("base_model_name_or_path") or "")
     base = base_reference(recorded, run_base)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         stage = Path(tmp) / "lora"  # staged, then installed as ``out``
         lora = export_adapter(choice.path, stage, labels=labels, tokenizer_dir=tokenizer_dir, base=base)
-        lora = {**lora, "modules_to_save": saved_head(lora, stage)}
+        # read from the run's own folder (the staged copy is byte for byte the same) so a damaged file is named
+        # where the user can find it, not in the staging folder that is about to vanish
+        lora = {**lora, "modules_to_save": saved_head(lora, choice.path)}
         info = export_info(run, region, choice, lora=lora, labels=labels, base=base, merged=merged)
         write_card(stage, info)
         loaded = load_exported(stage)  # the export must load as a user would load it, before it is installed
@@ -729,23 +758,73 @@ def load_exported(model_dir: Path, max_length: int | None = None) -> Exported:
     """
     if not model_dir.is_dir():
         raise ExportError(f"{model_dir}: no such folder")
-    if _is_adapter(model_dir):
-        model, labels = _load_unmerged(model_dir)
-    elif (model_dir / "config.json").is_file():
-        model, labels = _load_merged(model_dir)
-    else:
+    if not (_is_adapter(model_dir) or (model_dir / "config.json").is_file()):
         raise ExportError(f"{model_dir}: neither a peft adapter ({ADAPTER_CONFIG}) nor a model (config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if not _has_tokenizer(model_dir):
+        # from_pretrained would otherwise fetch a tokenizer named in the config from elsewhere (or fail deep
+        # inside transformers): the texts must be cut into tokens the way the model was trained on
+        raise ExportError(f"{model_dir}: no tokenizer (tokenizer_config.json); not a complete export")
+    try:
+        tokenizer = load_tokenizer(model_dir)  # first: it loads in a moment, the model does not
+        model, labels = _load_unmerged(model_dir) if _is_adapter(model_dir) else _load_merged(model_dir)
+    except DAMAGED_MODEL_ERRORS as err:
+        # the folder's files exist but do not load (truncated weights, broken JSON, a tokenizer that is not one):
+        # these are the errors transformers, peft and safetensors raise for a damaged file, named for the user
+        raise ExportError(f"{model_dir}: the model folder is damaged and does not load ({_reason(err)})") from err
     model.eval()
+    limit = position_limit(model, tokenizer)
+    if max_length and limit is not None and max_length > limit:
+        # refused, not truncated to fit: the user asked for this length, and past the limit the model would fail
+        # (or silently mis-read) part-way through the rows
+        raise ExportError(
+            f"{model_dir}: --max-length {max_length} exceeds the model's limit of {limit} tokens per text"
+        )
     length = max_length or stored_max_length(model_dir) or DEFAULT_MAX_LENGTH
+    if limit is not None:
+        length = min(length, limit)  # a default or recorded length beyond the model is only ever truncated to it
     return Exported(model=model, tokenizer=tokenizer, labels=labels, max_length=length)
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model or adapter folder; an ExportError naming its files when they do not load."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except DAMAGED_MODEL_ERRORS as err:
+        raise ExportError(
+            f"{folder}: its tokenizer (tokenizer.json, tokenizer_config.json) does not load ({_reason(err)})"
+        ) from err
+
+
+def _reason(err: BaseException) -> str:
+    """An exception's message on one line (transformers' messages run over several)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def position_limit(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The most tokens per text (special tokens included) the model can take, or None if it has no fixed limit.
+
+    A model with learned absolute positions has one embedding per position; RoBERTa-style models start counting
+    after their padding index (XLM-R: 514 embeddings, 512 usable), which the embedding's ``padding_idx`` shows.
+    A tokenizer that declares a smaller ``model_max_length`` lowers the limit.
+    """
+    limits: list[int] = []
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+            offset = 0 if module.padding_idx is None else module.padding_idx + 1
+            limits.append(module.num_embeddings - offset)
+            break
+    declared = getattr(tokenizer, "model_max_length", None)
+    if isinstance(declared, int) and 0 < declared < UNSET_MODEL_MAX_LENGTH:
+        limits.append(declared)
+    return min(limits) if limits else None
 
 
 def _load_unmerged(model_dir: Path) -> tuple[nn.Module, tuple[str, ...]]:
     labels = _read_labels(model_dir)
     if labels is None:
         raise ExportError(f"{model_dir}: no {LABELS_FILE} (an adapter alone does not name its classes)")
-    config = json.loads((model_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config = _json_object(model_dir / ADAPTER_CONFIG)
     hint = _section(_read_meta(model_dir), "base_model").get("name") or _parent_run_base(model_dir)
     base_path = base_reference(str(config.get("base_model_name_or_path") or ""), hint)
     # Whatever head the base checkpoint has (none, another size, the same size) is replaced by the adapter's.
@@ -777,9 +856,12 @@ def _adapter_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     weights = [model_dir / name for name in ADAPTER_WEIGHTS if (model_dir / name).is_file()]
     if not weights:
         raise ExportError(f"{model_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
-    if weights[0].suffix == ".safetensors":
-        return load_file(str(weights[0]))
-    loaded = torch.load(str(weights[0]), map_location="cpu", weights_only=True)
+    try:
+        if weights[0].suffix == ".safetensors":
+            return load_file(str(weights[0]))
+        loaded = torch.load(str(weights[0]), map_location="cpu", weights_only=True)
+    except DAMAGED_MODEL_ERRORS as err:  # truncated or not a weights file at all
+        raise ExportError(f"{weights[0]}: damaged adapter weights ({_reason(err)})") from err
     if not isinstance(loaded, dict):
         raise ExportError(f"{weights[0]}: not a state dict")
     return loaded
@@ -794,9 +876,11 @@ def _parent_run_base(model_dir: Path) -> str | None:
 
 
 def _load_merged(model_dir: Path) -> tuple[nn.Module, tuple[str, ...]]:
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    given = _read_labels(model_dir)  # a damaged labels.json is named before the model is loaded
+    with quiet_loading():  # a progress bar per load is noise on predict's stderr, where bad rows are listed
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
     names = model.config.id2label
-    labels = _read_labels(model_dir) or tuple(names[i] for i in sorted(names))
+    labels = given or tuple(names[i] for i in sorted(names))
     if len(labels) != model.config.num_labels:
         raise ExportError(f"{model_dir}: {len(labels)} label names for a model with {model.config.num_labels} classes")
     return model, labels

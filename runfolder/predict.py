@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -54,7 +54,11 @@ def iter_inputs(source: str | Path, stream: TextIO | None = None) -> Iterator[Ro
     """
     name = input_name(source)
     if str(source) == STDIN:
-        yield from _rows(name, json_lines(stream or sys.stdin, plain_text=True))
+        raw = getattr(sys.stdin, "buffer", None) if stream is None else None
+        if raw is not None:
+            yield from _stdin_rows(name, raw)
+        else:
+            yield from _rows(name, json_lines(stream or sys.stdin, plain_text=True))
         return
     path = Path(source)
     if path.suffix not in DATA_SUFFIXES:
@@ -76,6 +80,21 @@ def read_inputs(source: str | Path, stream: TextIO | None = None) -> tuple[list[
         else:
             rows.append(item)
     return rows, problems
+
+
+def _stdin_rows(name: str, raw: BinaryIO) -> Iterator[Row | str]:
+    """The rows of stdin's bytes, each line decoded as UTF-8 on its own.
+
+    Python's text stdin under a C or POSIX locale decodes bad bytes to lone surrogates instead of failing, so a
+    non-UTF-8 line would reach the tokenizer (and crash it); decoding here names that line and keeps the rest.
+    """
+    for line_no, data in enumerate(raw, start=1):
+        try:
+            text = data.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            yield f"{name}:{line_no}: not UTF-8 (byte {err.start + 1} of the line: {err.reason}); skipped"
+            continue
+        yield from _rows(name, ((line_no, row) for _, row in json_lines([text], plain_text=True)))
 
 
 def _rows(name: str, rows: Rows) -> Iterator[Row | str]:

@@ -15,6 +15,7 @@ from typing import Any
 from common import keys
 from common.config import RunConfig
 from common.data import RegionData
+from common.errors import InputError
 from common.metrics import weighted_mean
 from common.runfiles import METRICS_FILE, Summary
 
@@ -127,6 +128,29 @@ def with_personalized(summary: Summary, entries: dict[str, dict[str, Any]]) -> S
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The lines of RUN_DIR/metrics.jsonl (none when the file is absent)."""
+    """The lines of RUN_DIR/metrics.jsonl (none when the file is absent); an ``InputError`` listing every line
+    that is not a JSON object (``file:line: reason``) when it is damaged."""
     path = run_dir / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: cannot read ({err})") from err
+    records: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"{path}:{number}: not JSON ({err.msg})")
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            problems.append(f"{path}:{number}: expected a JSON object")
+    if problems:
+        raise InputError(f"{path}: {len(problems)} damaged line(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    return records

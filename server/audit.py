@@ -12,6 +12,7 @@ converted them, once, and the new global adapter as it was computed; the wrapper
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from flwr.serverapp import Grid
 
 from common import keys
 from common.audit import AGGREGATE, DISPATCH, INBOUND, Ledger, LedgerCheck, payload_hash
+from common.errors import InputError
 from common.runfiles import GLOBAL_IN_FILE, UPDATE_SUFFIX, round_name
 from server.aggregate import aggregation_weights, server_step, weighted_average
 from server.strategy import ReceivedReply, RegionFedAvg, RoundAggregation, RoundLog, to_numpy
@@ -46,10 +48,18 @@ def _save(path: Path, arrays: dict[str, np.ndarray], metrics: dict[str, int | fl
 
 
 def load_kept(path: Path) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
-    """A kept update (or incoming global adapter): its tensors and metrics."""
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files if k != METRICS_KEY}
-        metrics = json.loads(str(npz[METRICS_KEY])) if METRICS_KEY in npz.files else {}
+    """A kept update (or incoming global adapter): its tensors and metrics; an ``InputError`` naming the file
+    when it is not a readable kept update (truncated, not an .npz, metrics that are not a JSON object)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files if k != METRICS_KEY}
+            metrics = json.loads(str(npz[METRICS_KEY])) if METRICS_KEY in npz.files else {}
+    # what numpy and zipfile raise for a damaged .npz: BadZipFile, EOFError, ValueError (pickled or garbled
+    # arrays, bad JSON), OSError (unreadable); the auditor needs the file named, not numpy's traceback
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: not a readable kept update ({' '.join(str(err).split())})") from err
+    if not isinstance(metrics, dict):
+        raise InputError(f"{path}: not a readable kept update (its metrics are not a JSON object)")
     return arrays, metrics
 
 
@@ -183,20 +193,33 @@ class LedgerStrategy(RoundAggregation):
 def recompute(server: LedgerCheck, keep_dir: Path) -> tuple[int, list[str]]:
     """Recompute every round's global adapter from the kept updates and compare with the ledger's hashes.
 
-    Returns the number of rounds recomputed and the problems found (each naming the ledger line).
+    Returns the number of rounds whose kept updates were found and recomputed, and the problems found (each
+    naming the ledger line; a round without kept updates is one). A ``keep_dir`` that is missing or holds none of
+    the recorded rounds is an ``InputError``; a damaged kept file is one naming the file.
     """
+    rounds = [e for e in server.entries if e["body"].get("kind") == AGGREGATE and e["body"].get("global_sha256")]
+    if not keep_dir.is_dir():
+        what = "not a folder" if keep_dir.exists() else "no such folder"
+        raise InputError(f"{keep_dir}: {what}; kept updates are a run's audit/updates folder")
+    if rounds and not any(round_dir(keep_dir, int(e["body"]["round"])).is_dir() for e in rounds):
+        # nothing to recompute is not a pass: most likely another run's folder, or not an updates folder at all
+        first = round_name(int(rounds[0]["body"]["round"]))
+        raise InputError(
+            f"{keep_dir}: holds none of the {len(rounds)} round(s) the server ledger records ({first}/, …); "
+            "give the run's audit/updates folder"
+        )
     problems: list[str] = []
-    rounds = 0
-    for entry in server.entries:
+    recomputed = 0
+    for entry in rounds:
         body = entry["body"]
-        if body.get("kind") != AGGREGATE or body.get("global_sha256") is None:
-            continue
         where = f"{server.path}:{entry['_line']}: round {body['round']}"
-        problem = _recompute_round(body, round_dir(keep_dir, int(body["round"])))
+        folder = round_dir(keep_dir, int(body["round"]))
+        problem = _recompute_round(body, folder)
         if problem:
             problems.append(f"{where}: {problem}")
-        rounds += 1
-    return rounds, problems
+        if (folder / GLOBAL_IN_FILE).is_file():
+            recomputed += 1
+    return recomputed, problems
 
 
 def _recompute_round(body: dict[str, Any], folder: Path) -> str | None:
@@ -213,8 +236,11 @@ def _recompute_round(body: dict[str, Any], folder: Path) -> str | None:
         arrays, metrics = load_kept(path)
         if payload_hash(arrays, metrics) != part["sha256"]:
             return f"{path} does not hash to the update the ledger records for {part['region']}"
+        count = metrics.get(keys.NUM_EXAMPLES)
+        if not isinstance(count, int | float):
+            return f"{path} records no example count"
         updates.append(arrays)
-        counts.append(int(metrics[keys.NUM_EXAMPLES]))
+        counts.append(int(count))
     weights = aggregation_weights(counts, str(body["method"]))
     if weights != [p["weight"] for p in body["participants"]]:
         return f"the recorded weights {[p['weight'] for p in body['participants']]} are not {weights}"

@@ -128,6 +128,8 @@ def build_demo(
             archive does not hold the expected data.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")  # before any download
     folders = sorted(out_dir / region.name for region in REGIONS)
     if _already_built(out_dir, seed):
         log(f"demo data in {out_dir} already built for seed {seed}; not rebuilding")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from assets.archives import Archive, ArchiveError, fetch_archive, read_member
 from common.data import normalise
-from common.errors import ConfigError
+from common.errors import ConfigError, InputError
 from common.yamlfile import decode_utf8, parse_yaml
 from simulations.demo_data import ARCHIVES_DIR, _write_jsonl, _write_text, check_build_dir
 
@@ -83,6 +83,8 @@ def build_intent(
             missing or unreadable, or a topic keeps fewer than MIN_PER_TOPIC prompts in a region.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a folder")  # before any download
     folders = [out_dir / name for name in sorted(LANGUAGES)]
     if _already_built(out_dir, seed):
         log(f"intent data in {out_dir} already built for seed {seed}; not rebuilding")

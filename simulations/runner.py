@@ -138,6 +138,8 @@ def run_flower(
     if cfg.personalize.mode == "dual":
         personal = Personal(out_dir / SIMULATED_PERSONAL_DIR, cfg.personalize.local_r)
     started = time.perf_counter()
+    banner = RunSimulationBanner()
+    flwr_logger.addFilter(banner)
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir, on_round, resume=resume),
@@ -146,8 +148,24 @@ def run_flower(
             backend_config=backend,  # type: ignore[arg-type]
         )
     finally:
+        flwr_logger.removeFilter(banner)
         stop_ray(ray)
     return time.perf_counter() - started
+
+
+class RunSimulationBanner(logging.Filter):
+    """Drops Flower's "DEPRECATED FEATURE: The `run_simulation` function is deprecated" warning, and only it.
+
+    Flower 1.42 has no supported way to run a simulation inside the calling process: its replacement, ``flwr run``,
+    runs the apps in a separate (detached) SuperLink process, where our round callbacks, progress bar and
+    Ctrl-C handling cannot reach. The banner would tell every user of ``fedlocale simulate`` to change a call
+    they do not make; every other Flower warning, deprecations included, still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the run_simulation deprecation banner, True for every other record."""
+        message = record.getMessage()
+        return not (message.startswith("DEPRECATED FEATURE:") and "`run_simulation` function is deprecated" in message)
 
 
 def stop_ray(ray: Any) -> None:

@@ -551,7 +551,7 @@ def test_audit_verify_passes_an_intact_run_and_recomputes_it(
     cfg, out = audited
     assert main(["audit", "verify", str(out / AUDIT_DIR), *key_args(out, cfg.region_names)]) == 0
     printed = capsys.readouterr().out
-    assert "recomputed the global adapter of 2 round(s)" in printed
+    assert "the kept updates recompute the recorded global adapter of 2 of 2 round(s)" in printed
     assert printed.count("ok    ") == 3 and "verified:" in printed
 
 
@@ -628,3 +628,133 @@ def test_a_tensor_the_policy_does_not_allow_stops_the_real_reply(
     assert train and all(b["status"] == "refused" for b in train)
     # evaluation replies carry no tensors, so they may still leave under this policy
     assert all(b["status"] == "sent" for b in south if b["message"] == "evaluate")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# audit verify never misleads: claims only for checks that ran; unusable input is exit 2, never "tampered"
+
+
+def _verify(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from fedlocale.cli import main
+
+    code = main(["audit", "verify", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_audit_verify_with_only_node_ledgers_claims_no_cross_check(
+    audited: tuple[RunConfig, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, out = audited
+    code, printed, _ = _verify(capsys, str(out / AUDIT_DIR / NODES_DIR), *key_args(out, cfg.region_names))
+    assert code == 0
+    assert "aggregated only" not in printed.split("not checked:")[0]  # no claim before the "not checked" lines
+    assert "not checked: that the server aggregated only updates the nodes recorded sending: no server ledger" in (
+        printed
+    )
+    assert "not checked: recomputing each round's global adapter from the kept updates: no server ledger" in printed
+    assert "recomputed" not in printed
+
+
+def test_audit_verify_states_each_check_that_ran(
+    audited: tuple[RunConfig, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, out = audited
+    code, printed, _ = _verify(capsys, str(out / AUDIT_DIR), *key_args(out, cfg.region_names))
+    assert code == 0
+    assert "each of the 3 ledger(s) is intact" in printed
+    assert "the server aggregated only updates the nodes recorded sending (4 update(s) in 2 aggregation(s)" in printed
+    assert "recompute the recorded global adapter of 2 of 2 round(s)" in printed
+    assert "not checked" not in printed
+
+
+def test_audit_verify_a_mistyped_ledger_path_is_bad_input_not_tampering(
+    audited: tuple[RunConfig, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, out = audited
+    server = out / AUDIT_DIR / SERVER_DIR / "ledger.jsonl"
+    missing = out / AUDIT_DIR / SERVER_DIR / "ledgr.jsonl"
+    code, printed, err = _verify(capsys, str(server), str(missing), *key_args(out, cfg.region_names))
+    assert code == 2
+    assert err == f"fedlocale: {missing}: no such ledger file or folder\n" and "BROKEN" not in printed
+    code, _, err = _verify(capsys, str(tmp_path), *key_args(out, cfg.region_names))
+    assert code == 2 and f"{tmp_path}: no ledger.jsonl in this folder" in err
+
+
+def test_audit_verify_checks_a_ledger_named_twice_once(
+    audited: tuple[RunConfig, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, out = audited
+    monkeypatch.chdir(out)
+    north = Path(AUDIT_DIR) / NODES_DIR / "north" / "ledger.jsonl"
+    args = [str(out / AUDIT_DIR), str(north), f"./{north}", *key_args(out, cfg.region_names)]
+    code, printed, err = _verify(capsys, *args)
+    assert code == 0, err
+    assert "ledgers are signed by" not in err
+    assert printed.count("note: ") == 2 and f"the same file as {out / north}; checked once" in printed
+    assert printed.count("ok    ") == 3
+
+
+def test_audit_verify_a_wrong_updates_folder_is_named_not_counted(
+    audited: tuple[RunConfig, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, out = audited
+    keys_args = key_args(out, cfg.region_names)
+    for wrong, message in [
+        (tmp_path, "holds none of the 2 round(s) the server ledger records (round-001/, …)"),
+        (tmp_path / "nope", "no such folder; kept updates are a run's audit/updates folder"),
+        (out / AUDIT_DIR / SERVER_DIR / "ledger.jsonl", "not a folder; kept updates are"),
+    ]:
+        code, printed, err = _verify(capsys, str(out / AUDIT_DIR), "--updates", str(wrong), *keys_args)
+        assert code == 2 and f"fedlocale: {wrong}: {message}" in err
+        assert "recompute" not in printed
+
+
+@pytest.mark.parametrize(
+    "damage", [b"", b"PK\x03\x04 truncated", b"\x00\xff garbage", b"not an npz at all\n"], ids=repr
+)
+def test_audit_verify_a_damaged_kept_update_exits_2_naming_it(
+    audited: tuple[RunConfig, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: bytes
+) -> None:
+    import shutil
+
+    cfg, out = audited
+    copy = tmp_path / AUDIT_DIR
+    shutil.copytree(out / AUDIT_DIR, copy)
+    kept = copy / "updates" / "round-001" / "north.npz"
+    kept.write_bytes(damage)
+    code, _, err = _verify(capsys, str(copy), *key_args(out, cfg.region_names))
+    assert code == 2 and err.startswith(f"fedlocale: {kept}: not a readable kept update") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"server: [unclosed\n", "cannot read a keys file"),
+        (b"\xff\xfe\x00binary", "cannot read a keys file"),
+        (b"- a list\n", "must map signer names to public key files"),
+        (b"server: missing.pub\n", "missing.pub: not a readable PEM public key"),
+        (b"server: garbage.pub\n", "garbage.pub: not a readable PEM public key"),
+    ],
+)
+def test_audit_verify_a_damaged_keys_file_or_key_exits_2_naming_it(
+    audited: tuple[RunConfig, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes, message: str
+) -> None:
+    _, out = audited
+    (tmp_path / "garbage.pub").write_bytes(b"-----BEGIN PUBLIC KEY-----\n\x00\xffzz\n-----END PUBLIC KEY-----\n")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_bytes(content)
+    code, _, err = _verify(capsys, str(out / AUDIT_DIR), "--keys", str(keys_file))
+    assert code == 2 and err.startswith("fedlocale: ") and message in err and "Traceback" not in err
+
+
+def test_audit_report_lists_what_was_not_checked(
+    audited: tuple[RunConfig, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedlocale.cli import main
+
+    cfg, out = audited
+    args = ["audit", "report", str(out / AUDIT_DIR / NODES_DIR), "--out", str(tmp_path / "r")]
+    assert main([*args, *key_args(out, cfg.region_names)]) == 0
+    report = (tmp_path / "r" / "audit-report.md").read_text()
+    assert "**Not checked:**" in report and "no server ledger given" in report

@@ -203,3 +203,76 @@ def test_bad_batch_size_is_a_usage_error(served: dict[str, Any], capsys: pytest.
         main(["predict", str(served["unmerged"]), "-", "--batch-size", "0"])
     assert exc.value.code == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damaged inputs and model folders: an error naming what is wrong, never a traceback
+
+
+def test_non_utf8_lines_on_stdin_are_named_and_the_rest_predicted(
+    served: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Python's own stdin under a C/POSIX locale: bad bytes become lone surrogates instead of failing
+    stdin = io.TextIOWrapper(io.BytesIO(b'good\ncaf\xe9 \xff\n{"text": "nice"}\n'), errors="surrogateescape")
+    monkeypatch.setattr("sys.stdin", stdin)
+    code, out, err = run_predict(capsys, str(served["merged"]), "-")
+    assert code == 3, err
+    assert [r["line"] for r in out] == [1, 3]
+    assert "<stdin>:2: not UTF-8 (byte 4 of the line" in err and "Traceback" not in err
+
+
+def _damage(folder: Path, how: str) -> None:
+    if how == "truncated weights":
+        weights = next(folder.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "bad config":
+        name = "adapter_config.json" if (folder / "adapter_config.json").exists() else "config.json"
+        (folder / name).write_text('{"model_type": ')
+    elif how == "no tokenizer":
+        for path in folder.glob("tokenizer*"):
+            path.unlink()
+    elif how == "broken tokenizer":
+        (folder / "tokenizer.json").write_text("{")
+    elif how == "binary labels":
+        (folder / "labels.json").write_bytes(b"\xff\xfe\x00")
+
+
+@pytest.mark.parametrize("kind", ["merged", "unmerged"])
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("truncated weights", "(Error while deserializing header"),
+        ("bad config", "config.json"),
+        ("no tokenizer", "no tokenizer (tokenizer_config.json)"),
+        ("broken tokenizer", "its tokenizer (tokenizer.json, tokenizer_config.json) does not load"),
+        ("binary labels", "labels.json: not readable JSON"),
+    ],
+)
+def test_a_damaged_model_folder_exits_2_naming_it(
+    served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, how: str, message: str
+) -> None:
+    import shutil
+
+    folder = tmp_path / kind
+    shutil.copytree(served[kind], folder)
+    _damage(folder, how)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    out_file = tmp_path / "out.jsonl"
+    code, out, err = run_predict(capsys, str(folder), str(path), "--out", str(out_file))
+    assert code == 2, err
+    assert err.startswith(f"fedlocale: {folder}") and message in err and "Traceback" not in err
+    assert out == [] and not out_file.exists()
+
+
+def test_max_length_beyond_the_model_is_refused_before_predicting(
+    served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": LONG}])
+    out_file = tmp_path / "out.jsonl"
+    # the tiny BERT has 64 learned positions: 64 tokens fit (special tokens included), 65 do not
+    code, _, err = run_predict(capsys, str(served["unmerged"]), str(path), "--max-length", "65", "--out", str(out_file))
+    assert code == 2
+    assert "--max-length 65 exceeds the model's limit of 64 tokens per text" in err
+    assert not out_file.exists()
+    code, out, _ = run_predict(capsys, str(served["unmerged"]), str(path), "--max-length", "64")
+    assert code == 0 and len(out) == 1
