@@ -4,8 +4,7 @@ Hostile input: a missing file, a folder where a file goes (and a file where a fo
 garbage, text that is not UTF-8, truncated JSON / YAML, and values of the wrong type. Each case runs
 ``fedlocale.cli.main`` in this process (a traceback would escape it as an exception, or be printed by the
 CLI); it must return 1, 2 or 3 with stderr starting ``fedlocale:`` (for ``predict``, after the input's own
-``file:line: reason`` lines) and no "Traceback" anywhere. Cases known to escape in code being fixed in parallel
-are ``xfail(strict=True)``: they flip to failures (to be un-marked) once fixed.
+``file:line: reason`` lines) and no "Traceback" anywhere.
 
 Not driven here, with the reason:
 
@@ -200,27 +199,6 @@ NOT_HOSTILE: dict[tuple[str, str], str] = {
     ("predict (model path)", FOLDER): "an empty folder is predict (model)'s 'missing' case",
 }
 
-# Escapes in code other engineers of issue 15 are fixing in parallel (config/YAML loading, data rows, check,
-# overwrite): (command, kind) → the traceback's last line when this test was written.
-_NOT_UTF8 = (
-    "h15data (one YAML loader): common/config.py read_yaml lets UnicodeDecodeError escape: "
-    "'utf-8' codec can't decode byte {}"
-)
-ESCAPES: dict[tuple[str, str], str] = {
-    (command, kind): _NOT_UTF8.format("0x80 in position 128" if kind == "binary" else "0xe9 in position 9")
-    for command in (
-        "simulate",
-        "check",
-        "deploy init",
-        "deploy plan",
-        "deploy up",
-        "deploy superlink",
-        "node",
-        "audit policy",
-    )
-    for kind in ("binary", "latin1")
-}
-
 
 def _cases() -> list[Any]:
     cases = []
@@ -228,10 +206,7 @@ def _cases() -> list[Any]:
         for kind in FILE_KINDS:
             if (command, kind) in NOT_HOSTILE:
                 continue
-            marks = []
-            if (command, kind) in ESCAPES:
-                marks.append(pytest.mark.xfail(strict=True, reason=ESCAPES[command, kind]))
-            cases.append(pytest.param(command, kind, id=f"{command}-{kind}", marks=marks))
+            cases.append(pytest.param(command, kind, id=f"{command}-{kind}"))
     return cases
 
 
@@ -314,10 +289,6 @@ READS = {
     "personalize": ("summary.json", "config.yaml"),
     "predict": ("adapter/", "config.yaml"),
 }
-RUN_ESCAPES = {
-    ("personalize", "config binary"): "h15data (one YAML loader): common/config.py read_yaml lets "
-    "UnicodeDecodeError escape: 'utf-8' codec can't decode byte 0x80 in position 128",
-}
 # export and predict read config.yaml only for provenance and max_length (an odd one must not block them)
 TOLERATED = {("export", "config binary"), ("export", "config truncated")}
 TOLERATED |= {("predict", "config binary"), ("predict", "config truncated")}
@@ -329,10 +300,7 @@ def _run_cases() -> list[Any]:
         for damage, (file, _) in RUN_DAMAGE.items():
             if not file.startswith(reads):
                 continue
-            marks = []
-            if (command, damage) in RUN_ESCAPES:
-                marks.append(pytest.mark.xfail(strict=True, reason=RUN_ESCAPES[command, damage]))
-            cases.append(pytest.param(command, damage, id=f"{command}-{damage}", marks=marks))
+            cases.append(pytest.param(command, damage, id=f"{command}-{damage}"))
     return cases
 
 
