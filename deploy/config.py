@@ -11,15 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig, load_config, load_yaml, region_name_problem
-from common.errors import ConfigError
+from common.config import RunConfig, load_config, load_yaml, located_error, region_name_problem
+from common.errors import ConfigError, check
+from common.yamlfile import read_mapping
+from deploy.pki import host_problem
 
 DEFAULT_NODE_PORT = 9101  # first SuperNode ClientAppIo port on one host; each node on a host needs its own
-
-
-def _check(problems: list[tuple[str, str]]) -> None:
-    if problems:
-        raise ConfigError([f"{name}: {msg}" for name, msg in problems])
 
 
 @dataclass(frozen=True)
@@ -35,13 +32,17 @@ class SuperLinkSettings:
         problems = []
         if not self.address.strip():
             problems.append(("address", "must not be empty"))
+        elif (problem := host_problem(self.address)) is not None:
+            problems.append(("address", problem))
+        # the certificate is issued for these names: a bad one fails `deploy init` later, so say it now
+        problems += [(f"hosts[{i}]", p) for i, host in enumerate(self.hosts) if (p := host_problem(host)) is not None]
         if not 1 <= self.port <= 65535:
             problems.append(("port", f"must be in [1, 65535], got {self.port}"))
         try:
             ipaddress.ip_address(self.bind)
         except ValueError:
             problems.append(("bind", f"must be an IP address, got {self.bind!r}"))
-        _check(problems)
+        check(problems)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -82,7 +83,7 @@ class NodeEntry:
             problems.append(("threads", f"must be >= 1, got {self.threads}"))
         if self.personal_dir is not None and self.personalize is None:
             problems.append(("personal_dir", "is set but personalize is not (the node would never write there)"))
-        _check(problems)
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -96,13 +97,15 @@ class DeployConfig:
     connection: str = "fedlocale"  # the SuperLink connection's name in FLWR_HOME/config.toml
 
     def __post_init__(self) -> None:
-        problems = []
-        regions = [n.region for n in self.nodes]
-        for name in sorted({r for r in regions if regions.count(r) > 1}):
-            problems.append(("nodes", f"region {name!r} has more than one node"))
+        problems = [("nodes", p) for p in _shared_regions([n.region for n in self.nodes])]
         if not self.connection.replace("-", "").replace("_", "").isalnum():
             problems.append(("connection", f"must be letters, digits, - or _, got {self.connection!r}"))
-        _check(problems)
+        check(problems)
+
+
+def _shared_regions(regions: list[str]) -> list[str]:
+    """A problem for each region that more than one node entry claims."""
+    return [f"region {name!r} has more than one node" for name in sorted({r for r in regions if regions.count(r) > 1})]
 
 
 _PATH_FIELDS = {"data", "keys", "cache_dir", "policy", "audit_dir", "augment", "personalize", "personal_dir"}
@@ -125,15 +128,43 @@ def read_deploy(path: Path) -> DeployConfig:
 
 
 def load_deploy(path: Path) -> tuple[DeployConfig, RunConfig]:
-    """Read a deployment file and the run config it names; check every node against the run's regions."""
-    deploy = read_deploy(path)
-    run = load_config(deploy.run)
-    known = run.region_names
-    problems = [
-        f"{path}: nodes[{i}].region: {node.region!r} is not a region of {deploy.run} ({', '.join(known)})"
-        for i, node in enumerate(deploy.nodes)
-        if node.region not in known
+    """Read a deployment file and the run config it names; check every node against the run's regions.
+
+    Every problem is reported at once: a bad entry in the deployment file does not hide a node whose region the
+    run does not have, nor a problem of the run config (the node entries are read from the raw file for that).
+    """
+    problems: list[str] = []
+    deploy: DeployConfig | None = None
+    try:
+        deploy = read_deploy(path)
+    except ConfigError as err:
+        problems += err.problems
+    raw, lines = read_mapping(path)  # readable: read_deploy got past reading it, or raised that error above
+    entries: list[Any] = raw["nodes"] if isinstance(raw.get("nodes"), list) else []
+    named = [
+        (i, e["region"]) for i, e in enumerate(entries) if isinstance(e, dict) and isinstance(e.get("region"), str)
     ]
-    if problems:
-        raise ConfigError(problems, str(path))
+    found: list[str] = []
+    if deploy is None:  # the whole node list failed to build, so DeployConfig's own check of it never ran
+        found += [f"nodes: {p}" for p in _shared_regions([r for _, r in named])]
+    run_path = deploy.run if deploy is not None else None
+    if deploy is None and isinstance(raw.get("run"), str):
+        run_path = path.parent / raw["run"]  # as _resolve_paths takes it
+    run: RunConfig | None = None
+    if run_path is not None:
+        try:
+            run = load_config(run_path)
+        except ConfigError as err:
+            problems += err.problems
+    if run is not None:
+        known = run.region_names
+        found += [
+            f"nodes[{i}].region: {region!r} is not a region of {run_path} ({', '.join(known)})"
+            for i, region in named
+            if region not in known
+        ]
+    if found:
+        problems += located_error(found, lines, str(path)).problems
+    if problems or deploy is None or run is None:
+        raise ConfigError(problems or [f"{path}: invalid"], str(path))
     return deploy, run

@@ -372,14 +372,26 @@ def _subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     return [_alt_name(host) for host in unique]
 
 
-def _alt_name(host: str) -> x509.GeneralName:
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot be a name in the SuperLink certificate, or None for an IP address or a DNS name."""
     try:
-        return x509.IPAddress(ipaddress.ip_address(host))
+        ipaddress.ip_address(host)
+        return None
     except ValueError:
         pass
     if len(host) > 253 or not _DNS_NAME.fullmatch(host):
-        raise PkiError(f"host {host!r} is neither an IP address nor a DNS name (use the xn-- form for non-ASCII)")
-    return x509.DNSName(host.lower())
+        return f"host {host!r} is neither an IP address nor a DNS name (use the xn-- form for non-ASCII)"
+    return None
+
+
+def _alt_name(host: str) -> x509.GeneralName:
+    problem = host_problem(host)
+    if problem is not None:
+        raise PkiError(problem)
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host.lower())
 
 
 def _load_ca(ca: CaFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -244,3 +244,41 @@ def test_json_errors_in_data_are_whole_sentences(root: Path, capsys: pytest.Capt
     path.write_text(config_text(root), encoding="utf-8")
     err = check(root, capsys, str(path))
     assert f"{test}:9: bad JSON: Invalid control character at column 14" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# All problems, always
+
+
+def test_deploy_plan_lists_every_problem_of_the_file_and_of_its_nodes(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad field of one node entry used to hide the nodes the run does not have, duplicate regions and a host
+    the certificate cannot carry: they came one per attempt."""
+    run = root / "run.yaml"
+    run.write_text(config_text(root).replace("regions:\n", "model:\n  base: minilm\nregions:\n"))
+    deploy = root / "deploy.yaml"
+    deploy.write_text(
+        f"run: {run}\n"  # 1
+        f"workdir: {root / 'work'}\n"  # 2
+        "superlink:\n"  # 3
+        "  address: 'bad host!'\n"  # 4
+        "  hosts: [localhost, 'no_underscores.example']\n"  # 5
+        "nodes:\n"  # 6
+        "  - {region: a, threads: 0}\n"  # 7
+        "  - {region: nowhere}\n"  # 8
+        "  - {region: a}\n"  # 9
+    )
+    before = tree(root)
+    assert main(["deploy", "plan", str(deploy)]) == 2
+    err = capsys.readouterr().err
+    assert tree(root) == before and "Traceback" not in err
+    for expected in (
+        f"{deploy}:4: superlink.address: host 'bad host!' is neither an IP address nor a DNS name",
+        f"{deploy}:5: superlink.hosts[1]: host 'no_underscores.example' is neither",
+        f"{deploy}:7: nodes[0].threads: must be >= 1, got 0",
+        f"{deploy}:6: nodes: region 'a' has more than one node",
+        f"{deploy}:8: nodes[1].region: 'nowhere' is not a region of {run} (a, b)",
+    ):
+        assert expected in err, err
+    assert "5 problem(s)" in err  # these five, each once
