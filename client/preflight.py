@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from common import keys
-from common.config import Region, RunConfig, located_error, read_yaml
+from common.config import Region, RunConfig, locate
 from common.data import DataError, RegionData, load_region
 from common.errors import ConfigError
 from common.model import check_model
@@ -34,18 +34,21 @@ def preflight(
     config_path: Path | None = None,
     say: Callable[[str], None] | None = None,
     regions: Sequence[Region] | None = None,
+    overrides: Sequence[str] = (),
 ) -> list[str]:
     """Check what ``cfg`` and the regions' ``policies`` will meet when the run starts; return the warnings.
 
     Raises one ``ConfigError`` listing every error, each located as ``file:line: field: ...`` (the run config
     ``config_path``, or the region's policy file). ``say`` gets each region's split sizes as data loads.
-    ``regions`` replaces ``cfg.regions`` where the nodes' own data and policies are checked (a deployment).
+    ``regions`` replaces ``cfg.regions`` where the nodes' own data and policies are checked (a deployment);
+    ``overrides`` are the ``--set`` assignments the config was loaded with, so a problem with a value one of them
+    gave names it, not a line of the file.
     """
     problems: list[str] = []
     model = check_model(cfg.model, cfg.lora, cfg.labels)
     found = [f"{name}: {message}" for name, message in model.problems]
     if found:
-        problems += _locate(found, config_path)
+        problems += locate(found, config_path, overrides) if config_path is not None else found
     warnings: list[str] = []
     for region in cfg.regions if regions is None else regions:
         index = cfg.region_names.index(region.name) if region.name in cfg.region_names else 0
@@ -62,18 +65,10 @@ def preflight(
         found = _policy_problems(policy, data, index, model.tensors)
         found += _redaction_problems(policy, data, warnings, region.policy)
         if found:
-            problems += _locate(found, region.policy)
+            problems += locate(found, region.policy)
     if problems:
         raise ConfigError(problems)
     return warnings
-
-
-def _locate(problems: list[str], path: Path | None) -> list[str]:
-    """``field: message`` problems as ``file:line: field: message`` (unlocated without a file)."""
-    if path is None:
-        return problems
-    _, lines = read_yaml(path)
-    return located_error(problems, lines, str(path)).problems
 
 
 def _data_warnings(data: RegionData, labels: tuple[str, ...]) -> list[str]:
@@ -149,5 +144,5 @@ def _redaction_problems(policy: RegionPolicy, data: RegionData, warnings: list[s
         if share >= REDACTION_ERROR:
             problems.append(f"{field}: {said}, leaving nothing to learn from")
         elif share > REDACTION_WARN:
-            warnings.append(f"{_locate([f'{field}: {said}'], path)[0]}")
+            warnings.append(f"{locate([f'{field}: {said}'], path)[0]}")
     return problems

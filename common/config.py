@@ -712,6 +712,15 @@ def located_error(
     return ConfigError(sorted(located, key=_line_of), source)
 
 
+def locate(problems: list[str], path: Path, overrides: typing.Sequence[str] = ()) -> list[str]:
+    """``field: message`` problems about the YAML file at ``path`` found after it was loaded (a run config's
+    model checks, a policy's redaction checks), located as ``load_config`` locates its own: ``file:line: …``, or
+    ``--set …: …`` for a value one of ``overrides`` gave (applied without error when the config was loaded)."""
+    raw, lines = read_yaml(path)
+    overridden = {apply_override(raw, assignment): assignment for assignment in overrides}
+    return located_error(problems, lines, str(path), overridden).problems
+
+
 def load_yaml(path: Path, cls: type[T], raw_hook: typing.Callable[[dict[str, Any]], None] | None = None) -> T:
     """Read a YAML file into ``cls``, every problem located; ``raw_hook`` may adjust the raw mapping first."""
     raw, lines = read_yaml(path)

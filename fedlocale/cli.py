@@ -163,6 +163,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cfg,
             out,
             config_path=str(args.config),
+            overrides=args.overrides,
             say=bar.write,
             on_round=on_round,
             verbose=args.verbose,
@@ -195,7 +196,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, args.regions)
     policies = load_policies(cfg)  # every policy problem of every region at once (ConfigError)
-    warnings = preflight(cfg, policies, args.config)
+    warnings = preflight(cfg, policies, args.config, overrides=args.overrides)
     problems: list[str] = []
     for region in cfg.regions:
         try:

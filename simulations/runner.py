@@ -188,6 +188,7 @@ def simulate(
     out_dir: Path,
     *,
     config_path: str = "",
+    overrides: Sequence[str] = (),
     say: Callable[[str], None] = print,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     verbose: bool = False,
@@ -204,7 +205,8 @@ def simulate(
 
     ``out_dir`` holding a run is refused (``RunFolderExistsError``) unless ``resume`` or ``overwrite``; with
     ``overwrite`` the old run's own files are removed only once the config, the policies and every region's data
-    have passed their checks (other files in the folder stay).
+    have passed their checks (other files in the folder stay). ``config_path`` and ``overrides`` (the ``--set``
+    assignments ``cfg`` was loaded with) let a problem the checks find name its line or its override.
     """
     from client.preflight import preflight
     from runfolder.report import write_report
@@ -214,7 +216,8 @@ def simulate(
     check_run_dir(out_dir, overwrite=overwrite, resume=resume)
     # everything knowable before training (the model and LoRA targets, each region's data and policy), before
     # anything is written or started: the same checks as `fedlocale check`
-    for warning in preflight(cfg, load_policies(cfg), Path(config_path) if config_path else None):
+    path = Path(config_path) if config_path else None
+    for warning in preflight(cfg, load_policies(cfg), path, overrides=overrides):
         say(f"warning: {warning}")
     state = read_state(out_dir) if resume else None
     if state is not None:

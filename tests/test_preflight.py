@@ -300,3 +300,14 @@ def test_a_one_class_region_and_an_emptied_split_are_warnings(
     assert "warning: region north: every train example is 'pos'" in captured.err
     assert "warning: region south: all 10 val rows also occur in train and were removed (leakage)" in captured.err
     assert "2 warning(s) above" in captured.out
+
+
+def test_a_problem_with_a_set_value_names_the_override_not_the_file_line(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model checks run after the config loaded; what they find about a --set value still names the --set."""
+    path = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions)
+    assert main(["check", str(path), "--set", "lora.target_modules=[querry, value]"]) == 2
+    err = capsys.readouterr().err
+    assert "--set lora.target_modules=[querry, value]: lora.target_modules: 'querry' names no layer" in err, err
+    assert f"{path}:" not in err
