@@ -19,8 +19,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import Any
 
 import regex
@@ -240,13 +239,15 @@ class PiiRules:
 
     types: tuple[str, ...] = PII_TYPES
     custom: tuple[CustomPattern, ...] = ()
+    # compiled once, when the rules are made (they are immutable): no cache shared by the whole process
+    _compiled: tuple[re.Pattern[str], tuple[_Detector, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
         if isinstance(self.types, str):
             problems.append(f"types: must be a list of type names, got the string {self.types!r}")
         else:
-            # a list from YAML or code becomes a tuple, so the rules stay hashable (compiled detectors are cached)
+            # a list from YAML or code becomes a tuple, so the rules stay hashable and comparable
             object.__setattr__(self, "types", tuple(self.types))
             unknown = [t for t in self.types if t not in PII_TYPES]
             if unknown:
@@ -263,9 +264,9 @@ class PiiRules:
                 first[item.name] = i
         if problems:
             raise ConfigError(problems)
+        object.__setattr__(self, "_compiled", _compile(self))
 
 
-@lru_cache(maxsize=32)
 def _compile(rules: PiiRules) -> tuple[re.Pattern[str], tuple[_Detector, ...]]:
     """The regex of every token, and the detectors in the order they run."""
     detectors = [_BUILTIN[name] for name in _ORDER if name in rules.types]
@@ -319,7 +320,7 @@ def redact(text: str, rules: PiiRules) -> tuple[str, Counter[str]]:
     Return the new text and the counts per type (keys: lower-case builtin names, custom names as given). The
     result is a fixed point: ``redact`` of it changes nothing and counts nothing.
     """
-    tokens, detectors = _compile(rules)
+    tokens, detectors = rules._compiled
     counts: Counter[str] = Counter()
     # A replacement can expose a match a pass could not see (a custom pattern's token now borders a phone
     # number), so passes repeat until one finds nothing. This ends: every replacement turns at least one
