@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from common.augment_settings import AugmentSettings, load_synonyms
+from common.augment_settings import AugmentSettings
 from common.data import Example, RegionData, normalise
 from common.errors import ConfigError
 
@@ -192,8 +192,8 @@ def augment_text(text: str, settings: AugmentSettings, rng: random.Random, synon
     """One augmented version of ``text``: every token-level op of ``settings`` in turn (``backtranslate`` is a
     batch step of ``augment_examples``). ``synonyms`` defaults to the table read from ``settings.synonyms``."""
     ops = settings.token_ops
-    if "synonym" in ops and synonyms is None and settings.synonyms is not None:
-        synonyms = load_synonyms(settings.synonyms)
+    if "synonym" in ops and synonyms is None:
+        synonyms = settings.synonym_table
     if "synonym" in ops and synonyms and not any(c.isspace() for c in text):
         text = replace_synonyms_unspaced(text, synonyms, settings.p, rng)
         ops = tuple(op for op in ops if op != "synonym")
@@ -225,7 +225,7 @@ def augment_examples(
     out = list(examples)
     if settings.copies == 0 or not examples:
         return out
-    synonyms = load_synonyms(settings.synonyms) if settings.synonyms is not None else None
+    synonyms = settings.synonym_table
     sources = [ex.text for ex in examples]
     if "backtranslate" in settings.ops:
         sources = back_translate(sources, settings, translator or load_translator(_need(settings.translator)))

@@ -6,7 +6,6 @@ and the nodes both read it; the augmentation itself is node code (``client.augme
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass
@@ -63,12 +62,15 @@ class AugmentSettings:
         problems: list[tuple[str, str]] = []
         if "synonym" in self.ops and self.synonyms is None:
             problems.append(("synonyms", "required when ops lists 'synonym'"))
+        table = None
         if self.synonyms is not None:
-            # Parse now so a bad file stops the run before training, each bad line named file:line.
+            # Parse now so a bad file stops the run before training, each bad line named file:line; the table is
+            # kept with these settings (immutable), so augmentation reads the file that was checked, once
             try:
-                load_synonyms(self.synonyms)
+                table = load_synonyms(self.synonyms)
             except ConfigError as err:
                 problems.extend(("synonyms", p) for p in err.problems)
+        object.__setattr__(self, "_table", table)  # not a field: the config's YAML and fingerprint stay as they were
         if "backtranslate" in self.ops:
             if self.translator is None:
                 problems.append(("translator", "required when ops lists 'backtranslate'"))
@@ -79,6 +81,12 @@ class AugmentSettings:
         if self.translator is not None and not self.translator.is_dir():
             problems.append(("translator", f"no such folder: {self.translator}"))
         return problems
+
+    @property
+    def synonym_table(self) -> dict[str, tuple[str, ...]] | None:
+        """The synonyms read from ``synonyms`` when these settings were made; None without a file."""
+        table: dict[str, tuple[str, ...]] | None = self.__dict__.get("_table")
+        return table
 
     @property
     def token_ops(self) -> tuple[str, ...]:
@@ -96,20 +104,6 @@ def load_synonyms(path: Path) -> dict[str, tuple[str, ...]]:
 
     Raises ConfigError listing every bad line as ``file:line: reason``.
     """
-    return dict(_load_synonyms_cached(path, *_stamp(path)))
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    try:
-        stat = path.stat()
-    except OSError as err:
-        raise ConfigError([f"{path}: cannot read: {err.strerror}"]) from err
-    return stat.st_mtime_ns, stat.st_size
-
-
-@functools.lru_cache(maxsize=8)
-def _load_synonyms_cached(path: Path, _mtime: int, _size: int) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    # Keyed on mtime and size: a file edited between runs in one process is read again.
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
@@ -124,7 +118,7 @@ def _load_synonyms_cached(path: Path, _mtime: int, _size: int) -> tuple[tuple[st
     for word, syns in pairs:
         bucket = merged.setdefault(word, [])
         bucket.extend(s for s in syns if s not in bucket and s != word)
-    return tuple((word, tuple(syns)) for word, syns in merged.items() if syns)
+    return {word: tuple(syns) for word, syns in merged.items() if syns}
 
 
 def _parse_tsv(path: Path, text: str) -> tuple[list[tuple[str, list[str]]], list[str]]:
