@@ -62,14 +62,17 @@ def node_data(
     seed: int,
     settings: DataSettings,
     say: Callable[[str], None] | None = None,
+    loaded: RegionData | None = None,
 ) -> NodeData:
     """Region ``name``'s data from ``folder``: loaded and cleaned (``load_region``, which raises DataError
     naming every bad row), with ``policy``'s PII replaced by type tokens in every split, a validation split
     carved from train when the folder has no val file (``carve_val`` with ``settings.val_fraction``), and, when
     ``augment`` is given, the train split augmented as the node's operator set it (seeded by the run's ``seed``
     and the region). ``say`` gets one line about the split sizes, one about the redactions and, without a val
-    file, one about the carved validation split; the carving also goes to the node's log."""
-    data = load_region(name, folder, labels, log=say)
+    file, one about the carved validation split; the carving also goes to the node's log. ``loaded`` is the
+    region as ``load_region`` returned it when the caller has read it already (``client.preflight``): it is not
+    read again, and its split sizes were said then."""
+    data = loaded if loaded is not None else load_region(name, folder, labels, log=say)
     redactions: dict[str, int] = {}
     if policy is not None:
         data, redactions = redact_region(data, policy.pii.rules())

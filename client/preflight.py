@@ -12,6 +12,7 @@ the field, before any process starts or any file is written. What makes a run we
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import keys
@@ -28,6 +29,15 @@ REDACTION_WARN = 0.5
 REDACTION_ERROR = 0.9
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What ``preflight`` found: its warnings, and each region's data as read (``load_region``: cleaned, not yet
+    redacted), which the caller hands to ``client.pipeline.node_data`` so that no file is read twice."""
+
+    warnings: list[str]
+    loaded: dict[str, RegionData]
+
+
 def preflight(
     cfg: RunConfig,
     policies: Mapping[str, RegionPolicy],
@@ -35,8 +45,9 @@ def preflight(
     say: Callable[[str], None] | None = None,
     regions: Sequence[Region] | None = None,
     overrides: Sequence[str] = (),
-) -> list[str]:
-    """Check what ``cfg`` and the regions' ``policies`` will meet when the run starts; return the warnings.
+) -> Checked:
+    """Check what ``cfg`` and the regions' ``policies`` will meet when the run starts; return the warnings and
+    the regions' data as read.
 
     Raises one ``ConfigError`` listing every error, each located as ``file:line: field: ...`` (the run config
     ``config_path``, or the region's policy file). ``say`` gets each region's split sizes as data loads.
@@ -50,6 +61,7 @@ def preflight(
     if found:
         problems += locate(found, config_path, overrides) if config_path is not None else found
     warnings: list[str] = []
+    loaded: dict[str, RegionData] = {}
     for region in cfg.regions if regions is None else regions:
         index = cfg.region_names.index(region.name) if region.name in cfg.region_names else 0
         try:
@@ -57,6 +69,7 @@ def preflight(
         except DataError as err:
             problems += err.problems
             continue
+        loaded[region.name] = data
         warnings += _data_warnings(data, cfg.labels)
         policy = policies.get(region.name)
         if policy is None or region.policy is None:
@@ -68,7 +81,7 @@ def preflight(
             problems += locate(found, region.policy)
     if problems:
         raise ConfigError(problems)
-    return warnings
+    return Checked(warnings, loaded)
 
 
 def _data_warnings(data: RegionData, labels: tuple[str, ...]) -> list[str]:

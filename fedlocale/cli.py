@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from common.config import load_config
-from common.data import DataError
 from common.errors import ConfigError, FedlocaleError
 from common.runfiles import CONFIG_FILE, SUMMARY_FILE, Summary, read_summary, write_summary
 from deploy.env import apply_env
@@ -196,23 +195,19 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides, args.regions)
     policies = load_policies(cfg)  # every policy problem of every region at once (ConfigError)
-    warnings = preflight(cfg, policies, args.config, overrides=args.overrides)
-    problems: list[str] = []
-    for region in cfg.regions:
-        try:
-            node_data(
-                region.name,
-                region.data,
-                cfg.labels,
-                policies.get(region.name),
-                seed=cfg.seed,
-                settings=cfg.data,
-                say=print,
-            )
-        except DataError as err:
-            problems.extend(err.problems)
-    if problems:
-        raise DataError(problems)
+    checked = preflight(cfg, policies, args.config, say=print, overrides=args.overrides)
+    warnings = checked.warnings
+    for region in cfg.regions:  # read once, by the preflight: here it is redacted and carved as a node does
+        node_data(
+            region.name,
+            region.data,
+            cfg.labels,
+            policies.get(region.name),
+            seed=cfg.seed,
+            settings=cfg.data,
+            say=print,
+            loaded=checked.loaded[region.name],
+        )
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     with_policy = f", {len(policies)} with a residency policy" if policies else ""

@@ -249,7 +249,7 @@ def _preflight(lay: Any, nodes: Sequence[Any]) -> None:
     cfg = load_config(lay.deploy.run)
     regions = [Region(n.region, n.data, n.policy) for n in nodes]
     policies = {n.region: load_policy(n.policy) for n in nodes if n.policy is not None}
-    for warning in preflight(cfg, policies, lay.deploy.run, regions=regions):
+    for warning in preflight(cfg, policies, lay.deploy.run, regions=regions).warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
 

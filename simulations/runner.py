@@ -87,14 +87,27 @@ def load_policies(cfg: RunConfig) -> dict[str, RegionPolicy]:
     return policies
 
 
-def load_all(cfg: RunConfig, say: Callable[[str], None]) -> dict[str, RegionData]:
+def load_all(
+    cfg: RunConfig,
+    say: Callable[[str], None],
+    policies: Mapping[str, RegionPolicy] | None = None,
+    loaded: Mapping[str, RegionData] | None = None,
+) -> dict[str, RegionData]:
     """Load every region up front so bad data or a bad policy fails before any process starts, through the
     node's own pipeline (``client.pipeline.node_data``): with a policy, the data the baselines use is redacted
-    as the region's node redacts it. Not augmented: the baselines train on the regions' real examples."""
-    policies = load_policies(cfg)
+    as the region's node redacts it. Not augmented: the baselines train on the regions' real examples.
+    ``policies`` and ``loaded`` (the regions as already read and checked) spare parsing and reading again."""
+    policies = load_policies(cfg) if policies is None else policies
     return {
         region.name: node_data(
-            region.name, region.data, cfg.labels, policies.get(region.name), seed=cfg.seed, settings=cfg.data, say=say
+            region.name,
+            region.data,
+            cfg.labels,
+            policies.get(region.name),
+            seed=cfg.seed,
+            settings=cfg.data,
+            say=say,
+            loaded=loaded.get(region.name) if loaded is not None else None,
         ).data
         for region in cfg.regions
     }
@@ -217,12 +230,14 @@ def simulate(
     # everything knowable before training (the model and LoRA targets, each region's data and policy), before
     # anything is written or started: the same checks as `fedlocale check`
     path = Path(config_path) if config_path else None
-    for warning in preflight(cfg, load_policies(cfg), path, overrides=overrides):
+    policies = load_policies(cfg)
+    checked = preflight(cfg, policies, path, say=say, overrides=overrides)
+    for warning in checked.warnings:
         say(f"warning: {warning}")
     state = read_state(out_dir) if resume else None
     if state is not None:
         check_resumable(state, cfg, out_dir)  # the server checks again; refusing here spares starting Ray
-    data = load_all(cfg, say)
+    data = load_all(cfg, say, policies, checked.loaded)
     if overwrite and not resume:
         clear_run_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

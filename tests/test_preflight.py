@@ -311,3 +311,32 @@ def test_a_problem_with_a_set_value_names_the_override_not_the_file_line(
     err = capsys.readouterr().err
     assert "--set lora.target_modules=[querry, value]: lora.target_modules: 'querry' names no layer" in err, err
     assert f"{path}:" not in err
+
+
+def test_check_and_simulate_read_each_region_once(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preflight's reading of a region is the one the pipeline redacts and carves: no file is read twice."""
+    import client.pipeline
+    import client.preflight
+    from common.data import load_region
+
+    reads: list[str] = []
+
+    def counted(name: str, *args: object, **kwargs: object) -> object:
+        reads.append(name)
+        return load_region(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client.preflight, "load_region", counted)
+    monkeypatch.setattr(client.pipeline, "load_region", counted)
+    path = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions)
+    assert main(["check", str(path)]) == 0
+    assert sorted(reads) == ["north", "south"]
+    reads.clear()
+    from simulations.runner import load_all, load_policies
+
+    cfg = load_config(path)
+    policies = load_policies(cfg)
+    checked = preflight(cfg, policies, path)
+    data = load_all(cfg, lambda _: None, policies, checked.loaded)
+    assert sorted(reads) == ["north", "south"] and sorted(data) == ["north", "south"]
