@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.dp import spent
 from client.guard import InFlight, NodeMessage, egress_guard
 from client.task import (
     Personal,
@@ -79,11 +80,13 @@ def make_app(
         task, index, state = _parse(msg, here)
         trainer = train_dual if here.node.personal_rank is not None else train_round
         new_state, result = trainer(here.region, task, state, here.node, here.load(task, training=True))
+        here.dp = spent(here.node.policy, here.node.audit_dir, task, trained=True)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,
                 keys.TRAIN_LOSS: result.loss,
                 keys.REGION_INDEX: index,
+                **_dp_metrics(here),
             }
         )
         content = RecordDict({keys.ARRAYS: ArrayRecord(new_state), keys.METRICS: metrics})
@@ -96,6 +99,7 @@ def make_app(
         split = str(msg.content.config_records[keys.CONFIG][keys.SPLIT])
         last = functools.partial(_last_round, msg)
         result = evaluate_message(here.region, task, state, split, here.node, here.load(task), last, time.time())
+        here.dp = spent(here.node.policy, here.node.audit_dir, task, trained=False)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,
@@ -103,11 +107,19 @@ def make_app(
                 keys.ACCURACY: result.accuracy,
                 keys.MACRO_F1: result.macro_f1,
                 keys.REGION_INDEX: index,
+                **_dp_metrics(here),
             }
         )
         return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
     return app
+
+
+def _dp_metrics(here: NodeMessage) -> dict[str, float]:
+    """The privacy spent so far, in the reply's metrics when the node trains with DP-SGD."""
+    if here.dp is None:
+        return {}
+    return {keys.DP_EPSILON: here.dp.epsilon_spent, keys.DP_DELTA: here.dp.delta}
 
 
 def _last_round(msg: Message) -> tuple[int, dict[str, torch.Tensor]] | None:

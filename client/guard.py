@@ -29,7 +29,15 @@ from client.task import NodeSettings, load_data
 from common import keys
 from common.audit import EGRESS, FAILED, REFUSED, SENT, Ledger, content_payload, payload_hash
 from common.config import ClientTask, Region
-from common.policy import Outbound, Protections, TensorInfo, egress_problems, refusal_reason
+from common.policy import (
+    DpRecord,
+    Outbound,
+    PolicyError,
+    Protections,
+    TensorInfo,
+    egress_problems,
+    refusal_reason,
+)
 
 log = logging.getLogger("fedlocale.node")
 
@@ -46,6 +54,9 @@ class NodeMessage:
     region: Region
     node: NodeSettings
     counts: DataCounts | None = None
+    # the privacy this run has spent of the region's data, when its policy requires DP (client.dp.spent): the
+    # handler sets it, the guard checks it against the policy and records it
+    dp: DpRecord | None = None
 
     def load(self, task: ClientTask, *, training: bool = False) -> NodeData:
         """The region's data through the node's pipeline (``client.task.load_data``); keeps its counts for the
@@ -91,12 +102,14 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def describe(reply: Message, message: str, region: str, train_examples: int) -> tuple[Outbound, str]:
-    """The reply as the policy sees it, and the SHA-256 of its payload (tensors and metrics)."""
+def describe(
+    reply: Message, message: str, region: str, train_examples: int, dp: DpRecord | None = None
+) -> tuple[Outbound, str]:
+    """The reply as the policy sees it (with the privacy spent, ``dp``), and the SHA-256 of its payload."""
     arrays, metrics = content_payload(reply.content)
     tensors = tuple(TensorInfo(n, tuple(a.shape), str(a.dtype), int(a.nbytes)) for n, a in arrays.items())
     out = Outbound(
-        message, region, tensors, metrics, train_examples, Protections(), tuple(reply.content.config_records)
+        message, region, tensors, metrics, train_examples, Protections(dp=dp), tuple(reply.content.config_records)
     )
     return out, payload_hash(arrays, metrics)
 
@@ -113,7 +126,10 @@ def _entry(
         "policy": node.policy.digest() if node.policy else None,
         "redactions": redactions,
         "train_examples": out.train_examples,
-        "protections": {"dp": out.protections.dp, "secure_aggregation": out.protections.secure_aggregation},
+        "protections": {
+            "dp": out.protections.dp.to_json() if out.protections.dp else None,
+            "secure_aggregation": out.protections.secure_aggregation,
+        },
     }
 
 
@@ -150,7 +166,7 @@ def release(msg: Message, reply: Message, where: NodeMessage, ledger: Ledger | N
         reason = f"the {message} handler replied without loading the region's data, so the policy cannot judge it"
         _record_failure(msg, where, ledger, reason, now)
         raise RuntimeError(reason)
-    out, digest = describe(reply, message, where.region.name, where.counts.train_examples)
+    out, digest = describe(reply, message, where.region.name, where.counts.train_examples, where.dp)
     problems = egress_problems(where.node.policy, out) if where.node.policy else []
     entry = _entry(msg, out, None if problems else digest, where.node, where.counts.redactions)
     entry.update({"status": REFUSED, "reasons": problems} if problems else {"status": SENT})
@@ -186,6 +202,14 @@ def egress_guard(
         try:
             with inflight.hold(msg, where):
                 reply = call_next(msg, context)
+        except PolicyError as err:
+            # the handler found the policy forbids the work itself (a privacy budget spent): a refusal like any
+            # other, recorded as one, and the run goes on without this region
+            problems = [str(err)]
+            if ledger is not None:
+                ledger.append({**_header(msg, where.region.name), "status": REFUSED, "reasons": problems}, clock())
+            log.warning("%s: %s refused by the region policy: %s", where.region.name, _message_name(msg), err)
+            return _refusal(msg, where.region.name, problems)
         except Exception as err:
             # the reply Flower makes of this error carries only the reason; the ledger says it left nothing else
             _record_failure(msg, where, ledger, f"{type(err).__name__}: {err}", clock())

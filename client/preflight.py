@@ -15,13 +15,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.dp import DpRefused, calibrate, epsilon, plan
+from client.train import plan_steps
 from common import keys
-from common.config import Region, RunConfig, locate
+from common.config import Region, RunConfig, client_task, locate
 from common.data import DataError, RegionData, load_region
 from common.errors import ConfigError
 from common.model import check_model
 from common.pii import PatternTimeout, custom_share
-from common.policy import Outbound, RegionPolicy, TensorInfo, egress_violations
+from common.policy import DpRecord, Outbound, Protections, RegionPolicy, TensorInfo, egress_violations
 
 # a custom pattern that replaces more than this share of a region's train text leaves little to learn from
 REDACTION_WARN = 0.5
@@ -75,7 +77,7 @@ def preflight(
         if policy is None or region.policy is None:
             continue
         # without a model (its problems are reported above) the reply's tensors are unknown: the rest still counts
-        found = _policy_problems(policy, data, index, model.tensors)
+        found = _policy_problems(policy, data, index, model.tensors, _dp_plan(cfg, policy, region, len(data.train)))
         found += _redaction_problems(policy, data, warnings, region.policy)
         if found:
             problems += locate(found, region.policy)
@@ -102,10 +104,37 @@ def _data_warnings(data: RegionData, labels: tuple[str, ...]) -> list[str]:
     return warnings
 
 
+def _dp_plan(cfg: RunConfig, policy: RegionPolicy, region: Region, num_examples: int) -> DpRecord | str | None:
+    """The privacy the region's node will have spent at the end of the run when its policy requires DP (its
+    DP-SGD calibrated as the node will calibrate it, ``client.dp``), or why it cannot train under it."""
+    need = policy.require_dp
+    if need is None or num_examples == 0:
+        return None
+    if region.augment is not None:
+        return "augmentation makes several training examples of one record, so it cannot be used with require_dp"
+    task = client_task(cfg, 1)
+    steps = plan_steps(num_examples, cfg.train)
+    sample_rate, planned = plan(num_examples, steps, task)
+    try:
+        sigma = calibrate(need, sample_rate, planned, cfg.dp)
+    except DpRefused as err:
+        return str(err)
+    spent = epsilon([(sigma, sample_rate, planned)], need.delta, cfg.dp.accountant)
+    return DpRecord(spent, need.delta, sigma, cfg.dp.clip, sample_rate, planned, cfg.dp.accountant)
+
+
 def _policy_problems(
-    policy: RegionPolicy, data: RegionData, index: int, tensors: Mapping[str, tuple[tuple[int, ...], str, int]]
+    policy: RegionPolicy,
+    data: RegionData,
+    index: int,
+    tensors: Mapping[str, tuple[tuple[int, ...], str, int]],
+    dp: DpRecord | str | None = None,
 ) -> list[str]:
-    """What the policy would refuse in every train and evaluate reply of this run (``field: reason``)."""
+    """What the policy would refuse in every train and evaluate reply of this run (``field: reason``); ``dp`` is
+    the privacy the node's DP-SGD would spend by the end of the run, or why it cannot train (``_dp_plan``)."""
+    if isinstance(dp, str):
+        return [f"require_dp: region {policy.region}: every train reply would be refused: {dp}"]
+    protections = Protections(dp=dp)
     n = len(data.train)
     # metric values as long as any real one encodes, so that the byte count is the most a reply can carry
     worst = -0.12345678901234567
@@ -118,6 +147,7 @@ def _policy_problems(
             for name in keys.TRAIN_REPLY_METRICS
         },
         n,
+        protections,
     )
     evaluate = Outbound(
         "evaluate",
@@ -128,6 +158,7 @@ def _policy_problems(
             for name in keys.EVALUATE_REPLY_METRICS
         },
         n,
+        protections,
     )
     refusing: dict[tuple[str, str], list[str]] = {}
     for out in (train, evaluate):

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from client.dp import dp_training
 from client.personal import (
     PersonalStateError,
     Slices,
@@ -26,7 +27,7 @@ from client.personal import (
 from client.personalize import PERSONALIZED, Start, personalize_region
 from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
-from client.train import EvalResult, TrainResult, evaluate_encoded, train_encoded
+from client.train import EvalResult, TrainResult, evaluate_encoded, plan_steps, train_encoded
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
@@ -230,7 +231,12 @@ def train_round(
     loaded = global_model(task, state)
     encoded = encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
-    result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=_pad_id(loaded), seed=seed)
+    n, steps = len(encoded.ids), plan_steps(len(encoded.ids), settings)
+    augmented = node.augment is not None
+    with dp_training(node.policy, node.audit_dir, region.name, task, n, steps, seed, augmented) as private:
+        result = train_encoded(
+            loaded.model, encoded.ids, encoded.labels, settings, pad_id=_pad_id(loaded), seed=seed, private=private
+        )
     # augmented copies are not new examples: the FedAvg weight stays the region's real training-set size
     return adapter_state(loaded.model), replace(result, num_examples=len(data.data.train))
 

@@ -21,6 +21,11 @@ from common.data import Example
 from common.errors import InputError
 from common.metrics import accuracy, macro_f1
 
+# a wrapper that makes training private: (model, optimizer, batch plan) -> the ones to train with
+Privatize = Callable[
+    [nn.Module, torch.optim.Optimizer, list[list[int]]], tuple[nn.Module, torch.optim.Optimizer, list[list[int]]]
+]
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -121,9 +126,14 @@ def train_encoded(
     pad_id: int,
     seed: int,
     progress: Callable[[int, int, float], None] | None = None,
+    private: Privatize | None = None,
 ) -> TrainResult:
     """``train_local`` on examples already tokenised (``encode``): token ids and label indices per example.
-    No examples is an InputError (the batch sampler would wait forever for a first batch)."""
+    No examples is an InputError (the batch sampler would wait forever for a first batch).
+
+    ``private`` (e.g. ``client.dp.DpSgd``) receives the model, optimizer and batch plan before the first step
+    and returns the versions to train with, as Opacus's ``make_private`` does; an empty batch in its plan
+    (Poisson sampling draws them) takes an optimizer step without a forward pass."""
     if not ids:
         raise InputError("no training examples to train on")
     if settings.threads:
@@ -134,13 +144,20 @@ def train_encoded(
     steps = plan_steps(len(ids), settings)
     reference = _frozen_copy(model) if settings.kl_to_global > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = settings.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model.train()
     total = 0.0
     order = batch_order([len(x) for x in ids], steps, settings.batch_size, settings.length_window, generator)
+    if private is not None:
+        model, optimizer, order = private(model, optimizer, order)
     for step, batch_idx in enumerate(order, start=1):
+        if not batch_idx:
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            scheduler.step()
+            continue
         batch = pad_batch([ids[i] for i in batch_idx], pad_id)
         logits = model(**batch).logits
         loss = F.cross_entropy(logits, label_tensor[batch_idx])

@@ -285,6 +285,32 @@ class Region:
 
 
 @dataclass(frozen=True)
+class DpSettings:
+    """How a node runs DP-SGD when its policy requires differential privacy (``require_dp: {epsilon, delta}``).
+
+    The budget itself is the node's (its policy); these are the run's hyperparameters, which change how useful
+    the model is but never the guarantee: each node calibrates its noise so that every planned round fits its own
+    budget (client.dp).
+    """
+
+    clip: float = 1.0  # C: each training example's gradient (adapter + head, all of it) is clipped to this L2 norm
+    # Opacus's accountant: privacy random variables (numerically tight: within 0.3 % of the exact epsilon of the
+    # composed Gaussian mechanism, tests/test_dp.py) or Renyi DP (a looser upper bound, ~8 % higher, faster)
+    accountant: Literal["rdp", "prv"] = "prv"
+    # a node whose budget needs more noise than this for the planned rounds refuses to train (the model would be
+    # noise); Opacus's own limit applies too
+    max_noise_multiplier: float = 50.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.clip > 0:
+            problems.append(("clip", f"must be > 0, got {self.clip}"))
+        if not self.max_noise_multiplier > 0:
+            problems.append(("max_noise_multiplier", f"must be > 0, got {self.max_noise_multiplier}"))
+        check(problems)
+
+
+@dataclass(frozen=True)
 class AuditSettings:
     """What the server keeps for auditors besides its signed ledger."""
 
@@ -312,6 +338,7 @@ class RunConfig:
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
     personalize: PersonalizeSettings = field(default_factory=PersonalizeSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    dp: DpSettings = field(default_factory=DpSettings)
 
     def __post_init__(self) -> None:
         problems = []
@@ -379,6 +406,9 @@ class ClientTask:
     # which federation the task belongs to, the same across resumes: a node ties what it keeps between rounds
     # (personalize mode dual) to it, so that an earlier run's state is never continued
     run_key: str = ""
+    # the rounds the run plans: a node whose policy requires DP calibrates its noise so that all of them fit
+    rounds: int = 1
+    dp: DpSettings = field(default_factory=DpSettings)
 
     def to_json(self) -> str:
         """Serialise for a ConfigRecord."""
@@ -745,4 +775,6 @@ def client_task(cfg: RunConfig, server_round: int, run_key: str = "") -> ClientT
         train=cfg.train,
         data=cfg.data,
         run_key=run_key,
+        rounds=cfg.rounds,
+        dp=cfg.dp,
     )

@@ -26,6 +26,11 @@ LOSS: Final = "loss"
 ACCURACY: Final = "accuracy"
 MACRO_F1: Final = "macro-f1"
 REGION_INDEX: Final = "region-index"  # position of the region in the run's region list
+# a node whose policy requires DP: the privacy spent so far in this run (client.dp). Computed from public
+# settings only (noise, sampling rate, steps, delta), never from the data, so every policy lets them leave
+DP_EPSILON: Final = "dp-epsilon"
+DP_DELTA: Final = "dp-delta"
+DP_METRICS: Final = (DP_EPSILON, DP_DELTA)
 # every metric a reply can carry, hyphenated like Flower's own num-examples; the run folder's files (metrics.jsonl,
 # summary.json) use "_" (macro_f1, num_examples; train-loss becomes the train split's loss)
 REPLY_METRICS: Final = (NUM_EXAMPLES, TRAIN_LOSS, LOSS, ACCURACY, MACRO_F1, REGION_INDEX)

@@ -81,7 +81,9 @@ class PiiSettings:
 
 @dataclass(frozen=True)
 class DpRequirement:
-    """The differential privacy a run must give this region's updates (filled by the DP work)."""
+    """The record-level differential privacy this region's training data must get in a run: the node trains with
+    DP-SGD (``client.dp``) calibrated to this budget, and the guard refuses any reply whose spent privacy
+    exceeds it."""
 
     epsilon: float
     delta: float
@@ -147,10 +149,28 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class DpRecord:
+    """The differential privacy a node's DP-SGD has given its region's training data in this run so far
+    (``client.dp``): what its ledger records and the guard checks against ``require_dp``."""
+
+    epsilon_spent: float
+    delta: float
+    noise_multiplier: float  # sigma: the noise per step is N(0, (sigma * clip)^2) per coordinate
+    clip: float  # C: the L2 norm every training example's gradient is clipped to
+    sample_rate: float  # q: each example's chance to be in a step's batch (Poisson sampling)
+    steps: int  # DP-SGD steps taken in this run
+    accountant: str  # Opacus accountant that computed epsilon_spent ("rdp" or "prv")
+
+    def to_json(self) -> dict[str, float | int | str]:
+        """Plain data, as the ledger records it."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class Protections:
     """What the run applied to this reply before it left (differential privacy, secure aggregation)."""
 
-    dp: tuple[float, float] | None = None  # (epsilon, delta) spent so far, when DP was applied
+    dp: DpRecord | None = None  # the privacy spent so far, when the node trained with DP-SGD
     secure_aggregation: bool = False
 
 
@@ -209,7 +229,7 @@ def egress_violations(policy: RegionPolicy, out: Outbound) -> list[tuple[str, st
     for name in out.config_records:
         problems.append(("", f"config record {name!r} is not allowed to leave"))
     for name, value in out.metrics.items():
-        if name not in rules.metrics:
+        if name not in rules.metrics and name not in keys.DP_METRICS:
             problems.append(("egress.metrics", f"metric {name!r} is not allowed to leave"))
         elif not isinstance(value, int) and not math.isfinite(value):
             problems.append(("", f"metric {name!r} is {value}"))
@@ -230,12 +250,12 @@ def _protection_problems(policy: RegionPolicy, given: Protections) -> list[tuple
                     f"the policy requires differential privacy (epsilon {need.epsilon}), the run applies none",
                 )
             )
-        elif given.dp[0] > need.epsilon or given.dp[1] > need.delta:
+        elif given.dp.epsilon_spent > need.epsilon or given.dp.delta > need.delta:
             problems.append(
                 (
                     "require_dp",
-                    f"privacy spent (epsilon {given.dp[0]}, delta {given.dp[1]}) exceeds the policy's "
-                    f"(epsilon {need.epsilon}, delta {need.delta})",
+                    f"privacy spent (epsilon {given.dp.epsilon_spent:.4g}, delta {given.dp.delta:.3g}) exceeds the "
+                    f"policy's (epsilon {need.epsilon}, delta {need.delta})",
                 )
             )
     if policy.require_secure_aggregation and not given.secure_aggregation:

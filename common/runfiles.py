@@ -64,6 +64,8 @@ KEYS_FILE: Final = "keys.yaml"  # signer name → public key file, written besid
 LEDGER_FILE: Final = "ledger.jsonl"
 KEY_FILE: Final = "ledger.key"
 PUBLIC_KEY_FILE: Final = "ledger.pub"
+# a node's privacy accountant (client.dp), beside its ledger: what each run's DP-SGD has spent of the budget
+DP_ACCOUNT_FILE: Final = "dp-accountant.json"
 AUDIT_REPORT_FILE: Final = "audit-report.md"
 AUDIT_PLOT: Final = "audit-bytes-{}.png"  # .format(region)
 UPDATES_DIR: Final = "updates"  # audit/updates/round-NNN/REGION.npz when audit.keep_updates

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from common import keys
 from common.audit import SERVER, Ledger
-from common.config import DataSettings, RunConfig, client_task
+from common.config import DataSettings, DpSettings, RunConfig, client_task
 from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.model import (
     LoadedModel,
@@ -193,6 +193,9 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     # data.val_fraction came later: at its default it is left out, so that runs started before it still resume
     if kept.get("data.val_fraction") == DataSettings().val_fraction:
         del kept["data.val_fraction"]
+    # so did dp (DP-SGD's settings, used only by nodes whose policy requires DP): left out at its defaults
+    if cfg.dp == DpSettings():
+        kept = {k: v for k, v in kept.items() if not k.startswith("dp.")}
     return kept
 
 

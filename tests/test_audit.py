@@ -33,6 +33,7 @@ from common.audit import (
 from common.config import RunConfig, client_task, load_config
 from common.errors import ConfigError
 from common.policy import (
+    DpRecord,
     DpRequirement,
     EgressRules,
     Outbound,
@@ -267,7 +268,7 @@ def test_an_allowed_reply_passes() -> None:
         ),
         (
             RegionPolicy("north", require_dp=DpRequirement(epsilon=1.0, delta=1e-5)),
-            {"protections": Protections(dp=(3.0, 1e-5))},
+            {"protections": Protections(dp=DpRecord(3.0, 1e-5, 1.0, 1.0, 0.01, 100, "prv"))},
             "exceeds the policy's (epsilon 1.0, delta 1e-05)",
         ),
         (

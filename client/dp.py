@@ -1,0 +1,361 @@
+"""Record-level differential privacy on the node: DP-SGD with Opacus, each region's own budget and accountant.
+
+A region whose policy sets ``require_dp: {epsilon, delta}`` trains everything that leaves the node (the LoRA
+factors and the classifier head) with DP-SGD: each step draws its batch by Poisson sampling (every training
+example independently with probability q = batch_size / N, the sampling the accountant assumes), Opacus's
+``GradSampleModule`` computes every example's gradient, ``DPOptimizer`` clips each to L2 norm C
+(``dp.clip``) and adds Gaussian noise N(0, (sigma C)^2) to their sum. Weighted FedAvg, the server's step and
+anything else downstream of the reply are post-processing, so the guarantee holds for the federated model.
+
+Before its first training in a run the node calibrates sigma with Opacus's ``get_noise_multiplier`` so that
+all planned rounds (``task.rounds`` x the round's local steps) fit its (epsilon, delta); a budget that cannot
+cover them is refused. The privacy accountant's state (sigma, q and the steps of every round trained) is kept
+on the node's disk next to its ledger (``DP_ACCOUNT_FILE``), read by every message (a deployed node starts a
+process per message) and written after each training; a round trained again (a retry, a resumed run) is
+charged again. A round that would take the spent epsilon past the budget is refused: the region stops sending
+and the run goes on with the others. No DP arithmetic is done here: epsilon always comes from Opacus's
+accountants.
+
+The training loop knows none of this: ``DpSgd`` is the ``private`` wrapper ``client.train.train_encoded``
+applies to its model, optimizer and batch plan, in the shape of Opacus's ``make_private``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from common.config import ClientTask, DpSettings
+from common.policy import DpRecord, DpRequirement, PolicyError, RegionPolicy
+from common.runfiles import DP_ACCOUNT_FILE, write_json
+
+# Opacus's hooks on a model whose inputs need no gradient (the frozen embeddings) make torch warn on every
+# backward pass; the per-example gradients are right (tests/test_dp.py), the warning only noise in node logs
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+# Opacus's PRV accountant needs an error bound on epsilon; 1 % of the budget keeps it well inside the 1 %
+# agreement the RDP and PRV accountants are tested for (tests/test_dp.py)
+_PRV_EPS_ERROR = 0.01
+
+
+class DpRefused(PolicyError):
+    """The region's privacy budget does not allow this training: the plan does not fit, or it is spent."""
+
+
+def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """The epsilon spent by DP-SGD steps ``history`` (``(noise_multiplier, sample_rate, steps)`` each), at
+    ``delta``, by Opacus's accountant ``accountant`` ("rdp" or "prv"); 0 for no steps."""
+    steps = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    if not steps:
+        return 0.0
+    acct = create_accountant(mechanism=accountant)
+    acct.history = steps
+    kwargs = {"eps_error": _PRV_EPS_ERROR} if accountant == "prv" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PRV's log(0) at sample rate 1, RDP's order-grid notice: both harmless
+        return float(acct.get_epsilon(delta=delta, **kwargs))
+
+
+def calibrate(budget: DpRequirement, sample_rate: float, steps: int, settings: DpSettings) -> float:
+    """The smallest noise multiplier (to Opacus's tolerance) with which ``steps`` DP-SGD steps at
+    ``sample_rate`` spend at most ``budget``; ``DpRefused`` when none up to ``settings.max_noise_multiplier``
+    (or Opacus's own limit) does."""
+    most = settings.max_noise_multiplier
+    if epsilon([(most, sample_rate, steps)], budget.delta, settings.accountant) > budget.epsilon:
+        # even the most noise allowed spends too much: refused at once, without Opacus's search
+        raise DpRefused(
+            f"the privacy budget (epsilon {budget.epsilon}, delta {budget.delta}) cannot cover the planned "
+            f"{steps} DP-SGD steps at sampling rate {sample_rate:.4g} with noise multiplier up to "
+            f"dp.max_noise_multiplier {most}: plan fewer rounds or steps, or larger batches"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Opacus warns about optimal RDP orders at the grid's edge
+            sigma = get_noise_multiplier(
+                target_epsilon=budget.epsilon,
+                target_delta=budget.delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=settings.accountant,
+                epsilon_tolerance=0.01 * budget.epsilon,
+                **({"eps_error": _PRV_EPS_ERROR} if settings.accountant == "prv" else {}),
+            )
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise DpRefused(
+            f"the privacy budget (epsilon {budget.epsilon}, delta {budget.delta}) cannot cover the planned "
+            f"{steps} DP-SGD steps at sampling rate {sample_rate:.4g}: {err}"
+        ) from err
+    if sigma > settings.max_noise_multiplier:
+        raise DpRefused(
+            f"the privacy budget (epsilon {budget.epsilon}, delta {budget.delta}) needs noise multiplier "
+            f"{sigma:.3g} for the planned {steps} DP-SGD steps at sampling rate {sample_rate:.4g}, more than "
+            f"dp.max_noise_multiplier {settings.max_noise_multiplier}: plan fewer rounds or steps, or larger batches"
+        )
+    return float(sigma)
+
+
+@dataclass(frozen=True)
+class RoundCharge:
+    """The DP-SGD steps one round's training took (a round trained twice is charged twice)."""
+
+    round: int
+    steps: int
+    sample_rate: float
+
+
+@dataclass(frozen=True)
+class DpAccount:
+    """One run's privacy account on one node: the calibrated plan and every round charged to it."""
+
+    run_key: str
+    region: str
+    epsilon_budget: float
+    delta: float
+    clip: float
+    accountant: str
+    noise_multiplier: float
+    sample_rate: float
+    planned_steps: int  # rounds x local steps the noise was calibrated for
+    charges: tuple[RoundCharge, ...] = ()
+    epsilon_spent: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps taken in this run."""
+        return sum(c.steps for c in self.charges)
+
+    def history(self, extra: RoundCharge | None = None) -> list[tuple[float, float, int]]:
+        """The accountant's history: every charged round (and ``extra``) as (sigma, q, steps)."""
+        charges = [*self.charges, *([extra] if extra else [])]
+        return [(self.noise_multiplier, c.sample_rate, c.steps) for c in charges]
+
+    def epsilon_after(self, extra: RoundCharge | None = None) -> float:
+        """Epsilon spent after the charged rounds (and ``extra``)."""
+        return epsilon(self.history(extra), self.delta, self.accountant)
+
+    def charged(self, charge: RoundCharge) -> DpAccount:
+        """This account with ``charge`` added and the epsilon recomputed."""
+        return replace(self, charges=(*self.charges, charge), epsilon_spent=self.epsilon_after(charge))
+
+    def record(self) -> DpRecord:
+        """What the ledger records and the guard checks."""
+        return DpRecord(
+            epsilon_spent=self.epsilon_spent,
+            delta=self.delta,
+            noise_multiplier=self.noise_multiplier,
+            clip=self.clip,
+            sample_rate=self.sample_rate,
+            steps=self.steps,
+            accountant=self.accountant,
+        )
+
+    def rounds(self) -> set[int]:
+        """The rounds charged."""
+        return {c.round for c in self.charges}
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for the account file."""
+        raw = {k: v for k, v in self.__dict__.items() if k != "charges"}
+        return {**raw, "charges": [c.__dict__ for c in self.charges]}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> DpAccount:
+        """The account written by ``to_json``."""
+        charges = tuple(RoundCharge(int(c["round"]), int(c["steps"]), float(c["sample_rate"])) for c in raw["charges"])
+        return cls(**{**raw, "charges": charges})
+
+
+@dataclass
+class Accountant:
+    """A node's privacy accounts, one per run, in ``folder/DP_ACCOUNT_FILE`` beside the node's ledger."""
+
+    folder: Path
+    accounts: dict[str, DpAccount] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        """The account file."""
+        return self.folder / DP_ACCOUNT_FILE
+
+    @classmethod
+    def load(cls, folder: Path) -> Accountant:
+        """The accounts kept in ``folder`` (none when the file is not there yet)."""
+        path = folder / DP_ACCOUNT_FILE
+        if not path.exists():
+            return cls(folder)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            accounts = {key: DpAccount.from_json(value) for key, value in raw["runs"].items()}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            # without its account the node cannot know what it has spent: it must not train on
+            raise DpRefused(f"{path}: the privacy accountant's state is unreadable ({err}); nothing is sent") from err
+        return cls(folder, accounts)
+
+    def save(self) -> None:
+        """Write every account (atomically)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.path, {"runs": {key: a.to_json() for key, a in self.accounts.items()}})
+
+
+def plan(num_examples: int, steps_per_round: int, task: ClientTask) -> tuple[float, int]:
+    """Poisson sampling rate and the run's planned DP-SGD steps (all planned rounds x this round's steps)."""
+    sample_rate = min(1.0, task.train.batch_size / num_examples)
+    return sample_rate, steps_per_round * task.rounds
+
+
+def open_account(
+    accountant: Accountant, requirement: DpRequirement, region: str, task: ClientTask, num_examples: int, steps: int
+) -> DpAccount:
+    """The run's account on this node, calibrated now when the run has none yet; ``DpRefused`` when the plan
+    does not fit the budget or this round's ``steps`` would take the spent epsilon past it."""
+    account = accountant.accounts.get(task.run_key)
+    sample_rate, planned = plan(num_examples, steps, task)
+    if account is None:
+        sigma = calibrate(requirement, sample_rate, planned, task.dp)
+        account = DpAccount(
+            run_key=task.run_key,
+            region=region,
+            epsilon_budget=requirement.epsilon,
+            delta=requirement.delta,
+            clip=task.dp.clip,
+            accountant=task.dp.accountant,
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            planned_steps=planned,
+        )
+        accountant.accounts[task.run_key] = account
+        accountant.save()
+    # the policy may have changed since the run started: the budget checked is always the policy's, now
+    budget = min(requirement.epsilon, account.epsilon_budget)
+    after = account.epsilon_after(RoundCharge(task.server_round, steps, sample_rate))
+    if after > budget or requirement.delta < account.delta:
+        raise DpRefused(
+            f"the privacy budget is spent: epsilon {account.epsilon_spent:.4g} of {budget} used after "
+            f"{account.steps} DP-SGD steps (round(s) {sorted(account.rounds()) or 'none'}); round "
+            f"{task.server_round} would reach {after:.4g} (delta {account.delta:g}, policy delta {requirement.delta:g})"
+        )
+    return replace(account, sample_rate=sample_rate)
+
+
+class _PoissonDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer taking a step on an empty batch too, which Poisson sampling draws now and then:
+    the step adds noise only, as the accountant assumes every step does."""
+
+    def pre_step(self, closure: Any = None) -> bool | None:
+        for p in self.params:
+            if getattr(p, "grad_sample", None) is None:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        return super().pre_step(closure)  # type: ignore[no-any-return]
+
+
+class DpSgd:
+    """The ``private`` wrapper of ``client.train.train_encoded``: per-example gradients (GradSampleModule),
+    clipping to ``clip`` and noise ``noise_multiplier * clip`` per step (DPOptimizer), and the batch plan
+    replaced by Poisson-sampled batches of as many steps. ``close`` removes Opacus's hooks from the model."""
+
+    def __init__(self, noise_multiplier: float, clip: float, sample_rate: float, num_examples: int, seed: int):
+        self.noise_multiplier = noise_multiplier
+        self.clip = clip
+        self.sample_rate = sample_rate
+        self.num_examples = num_examples
+        self.seed = seed
+        self._wrapped: GradSampleModule | None = None
+
+    def __call__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, order: list[list[int]]
+    ) -> tuple[nn.Module, torch.optim.Optimizer, list[list[int]]]:
+        """The private model, optimizer and batch plan for ``len(order)`` steps."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Full backward hook is firing when ... no inputs require gradients"
+            self._wrapped = GradSampleModule(model, loss_reduction="mean")
+        generator = torch.Generator().manual_seed(self.seed)
+        dp_optimizer = _PoissonDPOptimizer(
+            optimizer,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.clip,
+            expected_batch_size=max(1, round(self.sample_rate * self.num_examples)),
+            loss_reduction="mean",
+            generator=torch.Generator().manual_seed(self.seed + 1),
+        )
+        return self._wrapped, dp_optimizer, poisson_batches(self.num_examples, self.sample_rate, len(order), generator)
+
+    def close(self) -> None:
+        """Remove the per-example gradient hooks (the model is used plainly afterwards)."""
+        if self._wrapped is not None:
+            self._wrapped._close()
+            self._wrapped = None
+
+
+def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator) -> list[list[int]]:
+    """``steps`` batches, each holding every example independently with probability ``sample_rate`` (batches
+    vary in size and may be empty: the sampling the accountant's amplification assumes)."""
+    draws = torch.rand((steps, num_examples), generator=generator) < sample_rate
+    return [torch.nonzero(row).flatten().tolist() for row in draws]
+
+
+@contextmanager
+def dp_training(
+    policy: RegionPolicy | None,
+    folder: Path | None,
+    region: str,
+    task: ClientTask,
+    num_examples: int,
+    steps: int,
+    seed: int,
+    augmented: bool,
+) -> Iterator[DpSgd | None]:
+    """The DP-SGD wrapper for one round's training on this node (None when the policy requires no DP), and the
+    round charged to the run's account once the training ran (also when it failed midway: its steps may have
+    touched the data). ``DpRefused`` before any training when the budget does not allow the round."""
+    if policy is None or policy.require_dp is None:
+        yield None
+        return
+    if folder is None:
+        raise DpRefused(
+            f"region {region}: the policy requires differential privacy and the node has no audit-dir to keep its "
+            "privacy accountant in"
+        )
+    if augmented:
+        # augmented copies are several training examples made from one record: per-example clipping would
+        # bound each copy, not the person, and the guarantee would not be per record
+        raise DpRefused(
+            f"region {region}: the policy requires differential privacy, which holds per training example; "
+            "augmentation makes several examples of one record, so it cannot be used with require_dp"
+        )
+    accountant = Accountant.load(folder)
+    account = open_account(accountant, policy.require_dp, region, task, num_examples, steps)
+    private = DpSgd(account.noise_multiplier, account.clip, account.sample_rate, num_examples, seed)
+    try:
+        yield private
+    finally:
+        private.close()
+        accountant.accounts[task.run_key] = account.charged(RoundCharge(task.server_round, steps, account.sample_rate))
+        accountant.save()
+
+
+def spent(policy: RegionPolicy | None, folder: Path | None, task: ClientTask, trained: bool) -> DpRecord | None:
+    """The DP record of this run on this node for a reply (None when the policy requires no DP, or, for a
+    ``trained`` reply, when this round was not trained with DP-SGD: the guard then refuses it)."""
+    if policy is None or policy.require_dp is None or folder is None:
+        return None
+    account = Accountant.load(folder).accounts.get(task.run_key)
+    if account is None:
+        if trained:
+            return None
+        # an evaluation before any training: nothing of the training data has been used yet
+        return DpRecord(0.0, policy.require_dp.delta, 0.0, task.dp.clip, 0.0, 0, task.dp.accountant)
+    if trained and task.server_round not in account.rounds():
+        return None
+    return account.record()

@@ -1,0 +1,205 @@
+"""Record-level DP-SGD on the node (client/dp.py): clipping per example, calibration, the account on disk, the
+guard's check against the policy, and the accountant against the closed form of the Gaussian mechanism."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from client.dp import (
+    Accountant,
+    DpRefused,
+    DpSgd,
+    calibrate,
+    dp_training,
+    epsilon,
+    poisson_batches,
+    spent,
+)
+from client.task import NodeSettings, train_round
+from client.train import pad_batch
+from common.config import ClientTask, DpSettings, LoraSettings, Region
+from common.model import adapter_state, build_model
+from common.policy import (
+    DpRecord,
+    DpRequirement,
+    Outbound,
+    Protections,
+    RegionPolicy,
+    egress_problems,
+)
+from common.runfiles import DP_ACCOUNT_FILE
+from tests.conftest import write_region
+
+
+def _record(eps: float, delta: float = 1e-5) -> DpRecord:
+    return DpRecord(eps, delta, 1.0, 1.0, 0.01, 100, "prv")
+
+
+def test_per_example_gradients_are_clipped_one_by_one(north_task: ClientTask) -> None:
+    """With no noise, the DP optimizer's gradient is the mean of each example's own gradient clipped to C: the
+    per-example gradients Opacus computes in a padded batch equal each example's gradient alone, each clipped
+    one is at most C, and the result differs from clipping the batch's sum (so the test can tell them apart)."""
+    loaded = build_model(north_task.model, LoraSettings(r=4, alpha=8, dropout=0.0), north_task.labels, seed=0)
+    model = loaded.model
+    with torch.no_grad():  # B = 0 at init gives A no gradient: move every factor off its start
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    # no dropout anywhere (attention's is inside SDPA when its module trains), so each example's gradient is
+    # deterministic; the trainable layers stay in training mode, where Opacus's hooks record activations
+    model.eval()
+    for module in model.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.train()
+    ids = [[2, 5, 7, 9, 3], [2, 11, 3], [2, 6, 6, 8, 10, 12, 3], [2, 4, 3]]  # different lengths: padding
+    labels = torch.tensor([0, 1, 1, 0])
+    params = [p for p in model.parameters() if p.requires_grad]
+    alone = []
+    for i, row in enumerate(ids):
+        model.zero_grad()
+        F.cross_entropy(model(**pad_batch([row], 0)).logits, labels[i : i + 1]).backward()
+        alone.append(torch.cat([p.grad.flatten() for p in params]).clone())  # type: ignore[union-attr]
+    norms = torch.stack([g.norm() for g in alone])
+    clip = float(norms.median())  # some examples above C, some below
+    assert (norms > clip * 1.01).any() and (norms < clip).any()
+    clipped = [g * min(1.0, clip / (float(g.norm()) + 1e-6)) for g in alone]
+    assert all(float(g.norm()) <= clip * (1 + 1e-5) for g in clipped)
+    expected = torch.stack(clipped).sum(0) / len(ids)
+
+    model.zero_grad()
+    private = DpSgd(noise_multiplier=0.0, clip=clip, sample_rate=1.0, num_examples=len(ids), seed=0)
+    sgd = torch.optim.SGD(params, lr=0.0)
+    wrapped, optimizer, plan = private(model, sgd, [[0]])
+    assert sorted(plan[0]) == [0, 1, 2, 3]  # sample rate 1: every example in the batch
+    F.cross_entropy(wrapped(**pad_batch(ids, 0)).logits, labels).backward()
+    per_example = torch.cat([p.grad_sample.reshape(len(ids), -1) for p in params], dim=1)  # type: ignore[attr-defined]
+    for i in range(len(ids)):
+        assert torch.allclose(per_example[i], alone[i], atol=1e-5)
+    optimizer.step()
+    got = torch.cat([p.grad.flatten() for p in params])  # type: ignore[union-attr]
+    assert torch.allclose(got, expected, atol=1e-5)
+    summed = torch.stack(alone).sum(0)
+    clipped_sum = summed * min(1.0, clip * len(ids) / float(summed.norm())) / len(ids)
+    assert not torch.allclose(got, clipped_sum, atol=1e-4)
+    private.close()
+
+
+def test_poisson_batches_draw_each_example_independently() -> None:
+    batches = poisson_batches(200, 0.1, 400, torch.Generator().manual_seed(0))
+    sizes = [len(b) for b in batches]
+    assert len(batches) == 400
+    assert len(set(sizes)) > 5  # sizes vary, as Poisson sampling makes them
+    assert abs(sum(sizes) / len(sizes) - 20) < 1.0
+    assert poisson_batches(200, 0.1, 3, torch.Generator().manual_seed(0)) == batches[:3]  # seeded
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibrated_noise_fits_the_budget_tightly(accountant: str) -> None:
+    budget, rate, steps = DpRequirement(3.0, 1e-5), 0.02, 300
+    sigma = calibrate(budget, rate, steps, DpSettings(accountant=accountant))  # type: ignore[arg-type]
+    spent_eps = epsilon([(sigma, rate, steps)], budget.delta, accountant)
+    assert spent_eps <= budget.epsilon
+    assert spent_eps > 0.97 * budget.epsilon  # not more noise than needed
+    assert epsilon([(0.9 * sigma, rate, steps)], budget.delta, accountant) > budget.epsilon
+
+
+def test_a_budget_too_small_for_the_plan_is_refused() -> None:
+    with pytest.raises(DpRefused, match=r"dp\.max_noise_multiplier"):
+        calibrate(DpRequirement(0.01, 1e-5), 0.5, 1000, DpSettings(max_noise_multiplier=5.0))
+
+
+def _exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """Epsilon of a mu-GDP mechanism at delta (Balle & Wang 2018; Dong, Roth & Su 2019): the exact (epsilon,
+    delta) curve of the Gaussian mechanism, which T full-batch steps with noise sigma are with mu = sqrt(T)/sigma."""
+
+    def gap(e: float) -> float:
+        return float(norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta)
+
+    return float(brentq(gap, 0, 100))
+
+
+@pytest.mark.parametrize(("sigma", "steps"), [(5.0, 20), (2.0, 10), (10.0, 100)])
+def test_the_accountant_agrees_with_the_closed_form_within_one_percent(sigma: float, steps: int) -> None:
+    """Sample rate 1 (no subsampling): T steps compose to one Gaussian mechanism with sensitivity/noise
+    sqrt(T)/sigma, whose epsilon has a closed form; the PRV accountant (the default) must match it within 1 %,
+    RDP must bound it from above."""
+    exact = _exact_gaussian_epsilon(math.sqrt(steps) / sigma, 1e-5)
+    prv = epsilon([(sigma, 1.0, steps)], 1e-5, "prv")
+    assert abs(prv - exact) / exact < 0.01
+    assert epsilon([(sigma, 1.0, steps)], 1e-5, "rdp") >= exact
+
+
+def test_guard_refuses_a_reply_spent_beyond_the_policy_and_passes_the_reverse() -> None:
+    strict = RegionPolicy("north", require_dp=DpRequirement(epsilon=1.0, delta=1e-5))
+    loose = RegionPolicy("north", require_dp=DpRequirement(epsilon=8.0, delta=1e-5))
+
+    def out(dp: DpRecord | None) -> Outbound:
+        return Outbound("train", "north", (), {"num-examples": 10, "dp-epsilon": 1.0}, 10, Protections(dp=dp))
+
+    assert any("exceeds the policy's (epsilon 1.0" in p for p in egress_problems(strict, out(_record(8.0))))
+    assert egress_problems(loose, out(_record(8.0))) == []
+    assert egress_problems(strict, out(_record(0.9))) == []
+    assert any("applies none" in p for p in egress_problems(strict, out(None)))
+    assert any("delta" in p for p in egress_problems(loose, out(_record(1.0, delta=1e-3))))
+
+
+def _dp_node(tmp_path: Path, eps: float = 8.0) -> NodeSettings:
+    policy = RegionPolicy("north", require_dp=DpRequirement(epsilon=eps, delta=1e-5))
+    return NodeSettings(policy=policy, audit_dir=tmp_path / "audit", threads=1)
+
+
+def test_node_trains_with_dp_sgd_and_keeps_its_account(tmp_path: Path, north_task: ClientTask) -> None:
+    """A DP node calibrates for every planned round before round 1, charges each round on its disk (a
+    restarted node reads it back), refuses a round beyond the budget and, with no noise, trains differently."""
+    region = Region("north", write_region(tmp_path / "north", 64, 16, seed=1))
+    task = dataclasses.replace(north_task, rounds=2, run_key="run-a")
+    node = _dp_node(tmp_path)
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=0).model)
+    new_state, result = train_round(region, task, state, node)
+    assert any(not torch.equal(new_state[k], state[k]) for k in state)
+    account = Accountant.load(node.audit_dir).accounts["run-a"]  # type: ignore[arg-type]
+    assert account.planned_steps == 2 * result.steps
+    assert account.sample_rate == pytest.approx(task.train.batch_size / result.num_examples)
+    record = spent(node.policy, node.audit_dir, task, trained=True)
+    assert record is not None and record.steps == result.steps
+    assert 0 < record.epsilon_spent < 8.0 and record.delta == 1e-5
+    raw = json.loads((node.audit_dir / DP_ACCOUNT_FILE).read_text())  # type: ignore[operator]
+    assert raw["runs"]["run-a"]["charges"] == [{"round": 1, "steps": result.steps, "sample_rate": account.sample_rate}]
+
+    # round 2: the last planned round fits and spends (almost) the whole budget
+    train_round(region, dataclasses.replace(task, server_round=2), state, node)
+    after = spent(node.policy, node.audit_dir, dataclasses.replace(task, server_round=2), trained=True)
+    assert after is not None and after.steps == 2 * result.steps
+    assert 7.5 < after.epsilon_spent <= 8.0
+    # round 3 (the run extended beyond its plan): the budget is spent, nothing is trained
+    with pytest.raises(DpRefused, match="privacy budget is spent"):
+        train_round(region, dataclasses.replace(task, server_round=3, rounds=3), state, node)
+    assert len(Accountant.load(node.audit_dir).accounts["run-a"].charges) == 2  # type: ignore[arg-type]
+    # a reply of a round trained without DP-SGD has no record: the guard refuses it
+    assert spent(node.policy, node.audit_dir, dataclasses.replace(task, server_round=3), trained=True) is None
+
+
+def test_dp_needs_a_folder_for_its_accountant_and_no_augmentation(north_task: ClientTask, tmp_path: Path) -> None:
+    policy = RegionPolicy("north", require_dp=DpRequirement(epsilon=8.0, delta=1e-5))
+    with pytest.raises(DpRefused, match="audit-dir"), dp_training(policy, None, "north", north_task, 10, 5, 0, False):
+        pass
+    augmented = dp_training(policy, tmp_path, "north", north_task, 10, 5, 0, True)
+    with pytest.raises(DpRefused, match="augmentation"), augmented:
+        pass
+    with dp_training(None, None, "north", north_task, 10, 5, 0, False) as private:
+        assert private is None
+
+
+def test_an_unreadable_account_stops_training(tmp_path: Path) -> None:
+    (tmp_path / DP_ACCOUNT_FILE).write_text("{not json")
+    with pytest.raises(DpRefused, match="unreadable"):
+        Accountant.load(tmp_path)
