@@ -55,6 +55,7 @@ MODES_PLOT: Final = "modes_by_region.png"
 BYTES_PLOT: Final = "bytes_by_round.png"
 LOSS_PLOT: Final = "train_loss_by_round.png"
 AB_PLOT: Final = "ab_by_region.png"
+DP_PLOT: Final = "dp_epsilon_by_round.png"  # privacy spent per round, regions whose policy requires DP
 
 # audit/: the server's ledger in audit/server/, each simulated node's in audit/nodes/REGION/
 AUDIT_DIR: Final = "audit"
@@ -210,6 +211,7 @@ RUN_ENTRIES: Final = (
     BYTES_PLOT,
     LOSS_PLOT,
     AB_PLOT,
+    DP_PLOT,
     AUDIT_DIR,
 )
 

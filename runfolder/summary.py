@@ -33,6 +33,25 @@ def _pick(scores: dict[str, float] | None) -> dict[str, float]:
     return {k: scores[k] for k in SCORES if k in scores} if scores else {}
 
 
+def dp_by_region(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per region whose node trains with DP-SGD (its policy's require_dp): the epsilon it reported spent after
+    each round it sent, the last of them, its delta, and which served models the guarantee covers."""
+    out: dict[str, dict[str, Any]] = {}
+    for record in rounds:
+        for region, train in record["train"].items():
+            if "dp_epsilon" not in train:
+                continue
+            entry = out.setdefault(region, {"by_round": {}})
+            entry["by_round"][str(record["round"])] = train["dp_epsilon"]
+            entry["epsilon_spent"] = train["dp_epsilon"]
+            entry["delta"] = train.get("dp_delta")
+    for entry in out.values():
+        # the federated model is post-processing of DP-SGD updates; a personalized model trains on the region's
+        # data again without DP (docs/privacy.md), so it is not covered
+        entry["covers"] = {keys.FEDERATED: True, keys.PERSONALIZED: False}
+    return out
+
+
 def build_summary(
     cfg: RunConfig,
     data: dict[str, RegionData] | None,
@@ -75,6 +94,9 @@ def build_summary(
         }
         for name, c in counts.items()
     }
+    for name, dp in dp_by_region(federation["rounds"]).items():
+        if name in regions:
+            regions[name]["dp"] = dp
     per_round = [
         {k: r[k] for k in ("round", "bytes_up", "bytes_down", "participants", "missing", "rejected")}
         for r in federation["rounds"]

@@ -322,10 +322,16 @@ def _train_round(
         "bytes_up": sum(r.bytes_up for r in train.replies),
         "bytes_down": train.bytes_down,
         "train": {
-            r.region: {"loss": r.metrics[keys.TRAIN_LOSS], "num_examples": r.num_examples} for r in train.replies
+            r.region: {"loss": r.metrics[keys.TRAIN_LOSS], "num_examples": r.num_examples, **_dp_spent(r.metrics)}
+            for r in train.replies
         },
     }
     return train.arrays or arrays, record
+
+
+def _dp_spent(metrics: dict[str, float]) -> dict[str, float]:
+    """The privacy a DP node reports spent so far (its policy's require_dp), as the run folder spells it."""
+    return {name.replace("-", "_"): metrics[name] for name in keys.DP_METRICS if name in metrics}
 
 
 def _evaluate(

@@ -203,3 +203,58 @@ def test_an_unreadable_account_stops_training(tmp_path: Path) -> None:
     (tmp_path / DP_ACCOUNT_FILE).write_text("{not json")
     with pytest.raises(DpRefused, match="unreadable"):
         Accountant.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_spent_budget_stops_exactly_that_region_and_the_record_survives_resume(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the real ClientApp and guard: north (policy epsilon 8) trains round 1 with DP-SGD calibrated
+    for the one planned round; the run resumed with a second round finds north's budget spent (read back from
+    its disk) and refuses north's reply, south goes on; ledger, metrics and summary carry the DP record."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import make_app
+    from runfolder.summary import dp_by_region
+    from tests.test_resume import LocalGrid, config, federate
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # as Flower's runtime tells a ServerApp process
+        monkeypatch.setattr(TaskIdentity, name, 0 if name == "_node_id" else 1)
+    policy = tmp_path / "north.yaml"
+    policy.write_text("region: north\nrequire_dp: {epsilon: 8.0, delta: 1.0e-5}\n")
+    base = config(tmp_path, tiny_bert, two_regions, rounds=1)
+    regions = tuple(dataclasses.replace(r, policy=policy) if r.name == "north" else r for r in base.regions)
+    cfg = dataclasses.replace(base, regions=regions, aggregation=dataclasses.replace(base.aggregation, min_clients=1))
+    nodes, out = tmp_path / "nodes", tmp_path / "out"
+
+    def grid() -> LocalGrid:
+        g = LocalGrid(cfg.regions)
+        g.app = make_app(cfg.regions, audit_root=nodes)
+        return g
+
+    federate(grid(), cfg, out)  # type: ignore[arg-type]
+    account = Accountant.load(nodes / "north").accounts
+    assert len(account) == 1 and [c.round for c in next(iter(account.values())).charges] == [1]
+    first = json.loads((out / "federation.json").read_text())["rounds"]
+    assert first[0]["participants"] == ["north", "south"]
+    eps1 = first[0]["train"]["north"]["dp_epsilon"]
+    assert 7.0 < eps1 <= 8.0 and "dp_epsilon" not in first[0]["train"]["south"]
+    sent = [json.loads(line)["body"] for line in (nodes / "north" / "ledger.jsonl").read_text().splitlines()]
+    trained = [b for b in sent if b["message"] == "train" and b["status"] == "sent"]
+    assert trained and trained[0]["protections"]["dp"]["epsilon_spent"] == pytest.approx(eps1)
+    assert trained[0]["protections"]["dp"]["accountant"] == "prv" and trained[0]["protections"]["dp"]["clip"] == 1.0
+    assert not any(b.get("protections", {}).get("dp") is None for b in sent if b["status"] == "sent")
+
+    federate(grid(), dataclasses.replace(cfg, rounds=2), out, resume=True)  # type: ignore[arg-type]
+    rounds = json.loads((out / "federation.json").read_text())["rounds"]
+    assert rounds[1]["participants"] == ["south"]
+    assert [r["region"] for r in rounds[1]["rejected"]] == ["north"]
+    assert "privacy budget is spent" in str(rounds[1]["rejected"][0]["reason"])
+    assert [c.round for c in Accountant.load(nodes / "north").accounts[next(iter(account))].charges] == [1]
+    refused = [json.loads(line)["body"] for line in (nodes / "north" / "ledger.jsonl").read_text().splitlines()]
+    assert any(b["status"] == "refused" and b["round"] == 2 and b["message"] == "train" for b in refused)
+    dp = dp_by_region(rounds)
+    assert set(dp) == {"north"} and dp["north"]["by_round"] == {"1": eps1}
+    assert dp["north"]["covers"] == {"federated": True, "personalized": False}
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(x["region"] == "north" and x["split"] == "train" and x.get("dp_epsilon") == eps1 for x in lines)
