@@ -258,3 +258,20 @@ def test_a_spent_budget_stops_exactly_that_region_and_the_record_survives_resume
     assert dp["north"]["covers"] == {"federated": True, "personalized": False}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(x["region"] == "north" and x["split"] == "train" and x.get("dp_epsilon") == eps1 for x in lines)
+
+
+def test_dual_mode_trains_global_and_personal_lora_in_one_dp_pass(tmp_path: Path, north_task: ClientTask) -> None:
+    """Personalize mode dual under DP: one DP-SGD pass over the widened adapter (its clipping covers the global
+    part that leaves and the personal slices that stay), one round charged, the reply exactly a global adapter."""
+    from client.task import train_dual
+
+    region = Region("north", write_region(tmp_path / "north", 48, 16, seed=3))
+    task = dataclasses.replace(north_task, rounds=1, run_key="run-dual")
+    node = dataclasses.replace(_dp_node(tmp_path), personal_dir=tmp_path / "personal", personal_rank=4)
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=0).model)
+    sent, result = train_dual(region, task, state, node)
+    assert {k: tuple(v.shape) for k, v in sent.items()} == {k: tuple(v.shape) for k, v in state.items()}
+    assert any(not torch.equal(sent[k], state[k]) for k in state)
+    account = Accountant.load(node.audit_dir).accounts["run-dual"]  # type: ignore[arg-type]
+    assert [c.round for c in account.charges] == [1] and account.steps == result.steps
+    assert 0 < account.epsilon_spent <= 8.0
