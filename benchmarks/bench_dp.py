@@ -14,7 +14,6 @@ Prints a table and writes JSON (default ``benchmarks/results/bench_dp.json``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ from typing import Any
 import yaml
 
 from benchmarks.output import write_result
+from common.runfiles import read_summary
 from deploy.env import apply_env
 
 DEFAULT_JSON = Path("benchmarks/results/bench_dp.json")
@@ -51,7 +51,8 @@ def _simulate(config: Path, out: Path, policies: Path, overrides: list[str], reg
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)
-    return json.loads((out / "summary.json").read_text())  # type: ignore[no-any-return]
+    summary = read_summary(out)
+    return {"overall": summary.overall, "regions": summary.regions}
 
 
 def _time_pair(cfg: Any, region_name: str, delta: float, repeats: int, folder: Path) -> dict[str, float]:
