@@ -400,3 +400,42 @@ def test_a_node_whose_policy_would_refuse_every_reply_is_not_started(
             f"{policy}:{line}: min_train_examples: region east: every train and evaluate reply would be refused" in err
         )
     assert execs == [] and not (tmp_path / "work" / "pki").exists() and not lay.logs.exists()
+
+
+@pytest.mark.slow
+def test_a_deployed_node_with_a_dp_policy_trains_privately_end_to_end(
+    tmp_path: Path, three_regions: Path, tiny_bert: Path
+) -> None:
+    """North's policy requires (epsilon 8, delta 1e-5): with real SuperLink and SuperNodes (TLS, node auth) its
+    node trains with DP-SGD, keeps its accountant beside its ledger, and every record carries the privacy spent."""
+    from client.dp import Accountant
+    from common.runfiles import DP_ACCOUNT_FILE, read_summary
+
+    policy = tmp_path / "north.yaml"
+    policy.write_text(yaml.safe_dump({"region": "north", "require_dp": {"epsilon": 8.0, "delta": 1e-5}}))
+    _, lay = _deployment(tmp_path, tiny_bert, three_regions, node_extra={"north": {"policy": "north.yaml"}})
+    create_credentials(lay, now=datetime.now(UTC))
+    with Cluster(lay, bin_dir=BIN) as cluster:
+        cluster.start_all()
+        outcome = cluster.run(timeout=900)
+        logs = {name: cluster.read_log(name) for name in [*cluster.procs, "flwr-run"]}
+    assert outcome.returncode == 0, logs["flwr-run"][-3000:]
+    for name, text in logs.items():
+        assert "Traceback" not in text, f"{name}: {text[-3000:]}"
+    deployed = json.loads((lay.out / "federation.json").read_text())
+    assert [r["participants"] for r in deployed["rounds"]] == [["east", "north", "south"]] * 2
+    spent = [r["train"]["north"]["dp_epsilon"] for r in deployed["rounds"]]
+    assert 0 < spent[0] < spent[1] <= 8.0
+    assert all("dp_epsilon" not in r["train"]["east"] for r in deployed["rounds"])
+    north = next(n for n in lay.nodes if n.region == "north")
+    assert north.audit_dir is not None and (north.audit_dir / DP_ACCOUNT_FILE).exists()
+    (account,) = Accountant.load(north.audit_dir).accounts.values()
+    assert [c.round for c in account.charges] == [1, 2] and account.epsilon_spent == pytest.approx(spent[1])
+    entries, damaged = read_entries(north.audit_dir / LEDGER_FILE)
+    assert damaged is None
+    sent = [e["body"] for e in entries if e["body"].get("status") == SENT]
+    assert sent and all(e["protections"]["dp"]["delta"] == 1e-5 for e in sent)
+    assert max(e["protections"]["dp"]["epsilon_spent"] for e in sent) == pytest.approx(spent[1])
+    summary = read_summary(lay.out)
+    assert summary.regions["north"]["dp"]["epsilon_spent"] == pytest.approx(spent[1])
+    assert "dp" not in summary.regions["east"]

@@ -205,3 +205,24 @@ def test_empty_inputs_still_write_a_report(tmp_path: Path, summary: Summary) -> 
     assert text.count("Skipped plot") == 4
     assert "No overall test scores were recorded." in text
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_report_shows_privacy_spent_and_what_it_covers_only_with_dp(tmp_path: Path) -> None:
+    raw = make_summary()
+    raw["regions"]["France"]["dp"] = {
+        "epsilon_spent": 7.94,
+        "delta": 1e-5,
+        "by_round": {"1": 4.1, "2": 6.2, "3": 7.94},
+        "covers": {"federated": True, "personalized": False},
+    }
+    metrics = make_metrics()
+    for line in metrics:
+        if line["region"] == "France" and line["split"] == "train":
+            line["dp_epsilon"] = {1: 4.1, 2: 6.2, 3: 7.94}[line["round"]]
+    text = write_report(tmp_path / "run", Summary.from_json(raw), metrics).read_text(encoding="utf-8")
+    assert "## Differential privacy" in text
+    assert "| France | 7.94 | 1e-05 | yes | no |" in text
+    assert "personalized model trains on the region's data again without DP and is **not** covered" in text
+    check_png(tmp_path / "run" / "dp_epsilon_by_round.png")
+    plain = write_report(tmp_path / "run", Summary.from_json(make_summary()), make_metrics()).read_text()
+    assert "Differential privacy" not in plain and not (tmp_path / "run" / "dp_epsilon_by_round.png").exists()
