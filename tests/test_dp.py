@@ -275,3 +275,22 @@ def test_dual_mode_trains_global_and_personal_lora_in_one_dp_pass(tmp_path: Path
     account = Accountant.load(node.audit_dir).accounts["run-dual"]  # type: ignore[arg-type]
     assert [c.round for c in account.charges] == [1] and account.steps == result.steps
     assert 0 < account.epsilon_spent <= 8.0
+
+
+def test_empty_poisson_batches_take_a_noise_only_step(north_task: ClientTask) -> None:
+    """Poisson sampling at a low rate draws empty batches: training goes through them (no forward pass), and
+    each still takes a noisy optimizer step, as the accountant assumes every step does."""
+    from client.train import train_encoded
+
+    loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
+    before = {k: v.clone() for k, v in adapter_state(loaded.model).items()}
+    ids, labels = [[2, 5, 7, 3], [2, 6, 3], [2, 8, 9, 10, 3]], [0, 1, 0]
+    private = DpSgd(noise_multiplier=1.0, clip=1.0, sample_rate=0.05, num_examples=3, seed=4)
+    plan = poisson_batches(3, 0.05, 6, torch.Generator().manual_seed(4))
+    assert [] in plan  # the seeded plan the wrapper draws has empty batches
+    settings = dataclasses.replace(north_task.train, max_steps=6, epochs=6.0)
+    result = train_encoded(loaded.model, ids, labels, settings, pad_id=0, seed=0, private=private)
+    private.close()
+    assert result.steps == 6
+    after = adapter_state(loaded.model)
+    assert all(not torch.equal(after[k], before[k]) for k in before)  # every tensor moved: noise on every step
