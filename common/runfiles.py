@@ -55,6 +55,7 @@ MODES_PLOT: Final = "modes_by_region.png"
 BYTES_PLOT: Final = "bytes_by_round.png"
 LOSS_PLOT: Final = "train_loss_by_round.png"
 AB_PLOT: Final = "ab_by_region.png"
+LABEL_MIX_PLOT: Final = "label_mix.png"  # each region's label mix (simulation; also beside a `data split`)
 
 # audit/: the server's ledger in audit/server/, each simulated node's in audit/nodes/REGION/
 AUDIT_DIR: Final = "audit"
