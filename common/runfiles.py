@@ -18,6 +18,7 @@ live here, in ``common``, because the server and the nodes both write into it; n
       personal/REGION/        a simulated node's personal-dir: personal-lora/round-NNN.safetensors,
                               personalized.json, personalize-error.txt
       report.md + *.png       the human report and its plots
+      label_mix.json          per region per split label counts (simulation only: the data is local there)
       audit/                  keys.yaml, audit-report.md + audit-bytes-REGION.png,
         server/ nodes/REGION/ ledger.jsonl, ledger.key, ledger.pub of each signer
         updates/round-NNN/    kept updates (REGION.npz) and the incoming global adapter (global-in.npz)
@@ -56,6 +57,9 @@ BYTES_PLOT: Final = "bytes_by_round.png"
 LOSS_PLOT: Final = "train_loss_by_round.png"
 AB_PLOT: Final = "ab_by_region.png"
 LABEL_MIX_PLOT: Final = "label_mix.png"  # each region's label mix (simulation; also beside a `data split`)
+# per region per split label counts of the data a simulation trained on; never in a deployment, whose server
+# learns nothing about a region's data
+LABEL_MIX_FILE: Final = "label_mix.json"
 
 # audit/: the server's ledger in audit/server/, each simulated node's in audit/nodes/REGION/
 AUDIT_DIR: Final = "audit"
@@ -209,6 +213,8 @@ RUN_ENTRIES: Final = (
     BYTES_PLOT,
     LOSS_PLOT,
     AB_PLOT,
+    LABEL_MIX_FILE,
+    LABEL_MIX_PLOT,
     AUDIT_DIR,
 )
 

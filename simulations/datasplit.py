@@ -46,7 +46,16 @@ import numpy as np
 
 from common import keys
 from common.config import discover_regions, region_name_problem
-from common.data import DataError, clean_splits, find_split, iter_rows, missing_split, normalise, row_problem
+from common.data import (
+    DataError,
+    RegionData,
+    clean_splits,
+    find_split,
+    iter_rows,
+    missing_split,
+    normalise,
+    row_problem,
+)
 from common.errors import ConfigError, InputError, check
 from common.runfiles import LABEL_MIX_PLOT
 from common.seeds import derive_seed
@@ -447,27 +456,33 @@ def manifest(pool: Pool, settings: SplitSettings, split: Split) -> dict[str, Any
     }
 
 
-def plot_label_mix(path: Path, mix: Mapping[str, Mapping[str, int]], title: str) -> None:
-    """A stacked bar per region of its label shares (``mix``: region -> label -> count), its size above it."""
-    from runfolder.report import new_figure, save_figure
-
-    names = list(mix)
-    labels = sorted({label for counts in mix.values() for label in counts})
-    fig, ax = new_figure(max(6.0, 0.7 * len(names) + 2), 4.5)
-    bottom = np.zeros(len(names))
-    for label in labels:
-        totals = [sum(mix[n].values()) for n in names]
-        shares = np.array([mix[n].get(label, 0) / t if t else 0.0 for n, t in zip(names, totals, strict=True)])
-        ax.bar(names, shares, bottom=bottom, label=label)
-        bottom += shares
-    for x, name in enumerate(names):
-        ax.text(x, 1.01, str(sum(mix[name].values())), ha="center", va="bottom", fontsize=8)
-    ax.set_ylim(0, 1.08)
-    ax.set_title(title, fontsize=13)
-    ax.set_ylabel("share of examples", fontsize=11)
-    ax.tick_params(axis="x", labelrotation=45, labelsize=9)
-    ax.legend(title="label", bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=9)
-    save_figure(fig, path)
+def run_label_mix(labels: Sequence[str], data: Mapping[str, RegionData], folders: Sequence[Path]) -> dict[str, Any]:
+    """What a simulation records in ``label_mix.json``: per region per split label counts of the data it loaded
+    (``labels`` in class-index order), and the parameters of the ``data split`` its regions came from, when the
+    region folders share a parent holding a ``split.json``. Only a simulation has the data to count."""
+    record: dict[str, Any] = {
+        "regions": {
+            name: {
+                split: {label: sum(ex.label == i for ex in region.split(split)) for i, label in enumerate(labels)}
+                for split in keys.SPLITS
+            }
+            for name, region in data.items()
+        }
+    }
+    parents = {folder.resolve().parent for folder in folders}
+    if len(parents) == 1:
+        path = parents.pop() / MANIFEST_FILE
+        try:
+            made = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            made = None
+        if isinstance(made, dict) and made.get("command") == "fedlocale data split":
+            record["split"] = {
+                "manifest": str(path),
+                "source": made.get("source"),
+                "parameters": made.get("parameters"),
+            }
+    return record
 
 
 # ---------------------------------------------------------------- writing
@@ -510,6 +525,8 @@ def write_split(out: Path, pool: Pool, settings: SplitSettings, split: Split, ov
                 )
         _write_text(tmp / MANIFEST_FILE, json.dumps(record, ensure_ascii=False, indent=2) + "\n")
         mix = {name: dict(record["regions"][name][keys.TRAIN]["labels"]) for name in split.regions}
+        from runfolder.report import plot_label_mix
+
         plot_label_mix(tmp / LABEL_MIX_PLOT, mix, f"Label mix of the train split per region ({settings.describe()})")
         os.chmod(tmp, 0o777 & ~_umask())
         old = None

@@ -30,6 +30,7 @@ from common.runfiles import (
     CONFIG_FILE,
     FEDERATION_FILE,
     KEYS_FILE,
+    LABEL_MIX_FILE,
     LEDGER_FILE,
     NODES_DIR,
     PUBLIC_KEY_FILE,
@@ -46,6 +47,7 @@ from common.runfiles import (
 from deploy.env import apply_env
 from runfolder.summary import build_summary, read_metrics, with_personalized
 from simulations.baselines import run_centralized, run_local_only
+from simulations.datasplit import run_label_mix
 from simulations.personalize import personalize_run
 
 log = logging.getLogger("fedlocale")
@@ -242,6 +244,9 @@ def simulate(
         clear_run_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    # the regions' label mix for the report: the data is local in a simulation (a deployment records none)
+    mix = run_label_mix(cfg.labels, data, [region.data for region in cfg.regions])
+    write_atomic(out_dir / LABEL_MIX_FILE, json.dumps(mix, ensure_ascii=False, indent=2) + "\n")
     fed_file = out_dir / FEDERATION_FILE
     fed_file.unlink(missing_ok=True)
     (out_dir / SERVER_ERROR_FILE).unlink(missing_ok=True)
