@@ -206,7 +206,8 @@ def read_pool(folder: Path, by: str | None = None) -> Pool:
     """Every labelled row of ``folder`` (a region folder, or a folder of regions whose rows get ``source``),
     cleaned; raise DataError listing every bad row, or a missing ``by`` field by ``file:line``."""
     if not folder.is_dir():
-        raise InputError(f"{folder}: no such folder (the pool to split: a region folder or a folder of regions)")
+        what = "is not a folder" if folder.exists() else "no such folder"
+        raise InputError(f"{folder}: {what} (the pool to split: a region folder or a folder of regions)")
     if find_split(folder, keys.TRAIN) is not None:
         parts: list[tuple[str | None, Path]] = [(None, folder)]
     else:

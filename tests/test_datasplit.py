@@ -331,3 +331,20 @@ def test_a_split_pool_simulates(tiny_bert: Path, tmp_path: Path) -> None:
         assert mix["regions"][name]["test"] == entry["test"]["labels"]  # what the run loaded is what was split
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Label mix per region" in report and "fedlocale data split" in report
+
+
+def test_the_skew_config_is_the_demo_config_on_split_regions(pool: Path, tmp_path: Path) -> None:
+    """configs/skew.yaml trains as the demo does (only name, regions and policies differ) and loads over a split."""
+    import yaml
+
+    from common.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    skew, demo = (yaml.safe_load((configs / f"{n}.yaml").read_text()) for n in ("skew", "demo"))
+    assert skew["regions_dir"] == "../data/demo-skew" and "policies" not in skew
+    same = {k: v for k, v in demo.items() if k not in ("name", "regions_dir", "policies")}
+    assert {k: v for k, v in skew.items() if k not in ("name", "regions_dir")} == same
+    _split(pool, tmp_path / "skew", regions=8, alpha=0.3, min_train=5, min_test=2)
+    cfg = load_config(configs / "skew.yaml", regions_dir=tmp_path / "skew")
+    assert cfg.region_names == tuple(f"region-{i}" for i in range(8))
+    assert all(region.policy is None for region in cfg.regions)
