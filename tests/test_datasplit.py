@@ -309,6 +309,21 @@ def test_cli_prints_progress_and_refusals_without_a_traceback(
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_a_simulation_counts_the_label_mix_it_loaded_and_names_the_split(pool: Path, tmp_path: Path) -> None:
+    from simulations.datasplit import run_label_mix
+
+    data = {name: load_region(name, pool / name, LABELS) for name in ("east", "west")}
+    record = run_label_mix(LABELS, data, [pool / "east", pool / "west"])
+    assert "split" not in record  # the pool is no split's output
+    train = [json.loads(line)["label"] for line in (pool / "east" / "train.jsonl").read_text().splitlines()]
+    assert record["regions"]["east"]["train"] == {"neg": train.count("neg"), "pos": train.count("pos")}
+    made = _split(pool, tmp_path / "s", regions=2, alpha=0.5, seed=3, min_train=5, min_test=2)
+    folders = [tmp_path / "s" / name for name in ("region-0", "region-1")]
+    record = run_label_mix(LABELS, {f.name: load_region(f.name, f, LABELS) for f in folders}, folders)
+    assert record["split"]["parameters"] == made["parameters"]
+    assert record["regions"]["region-1"]["test"] == made["regions"]["region-1"]["test"]["labels"]  # type: ignore[index]
+
+
 # ---------------------------------------------------------------- end to end
 
 
