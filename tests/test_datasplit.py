@@ -111,7 +111,7 @@ def test_every_row_lands_in_exactly_one_region_split_with_all_its_fields(pool: P
     for split in ("train", "val", "test"):
         given = [json.loads(line) for f in sorted(pool.glob(f"*/{split}.jsonl")) for line in f.read_text().splitlines()]
         got = [row for region in out.values() for row in region.get(split, [])]
-        assert sorted(r["id"] for r in got) == sorted(r["id"] for r in given)  # each once, none lost
+        assert len(got) == len(given) and {r["id"] for r in got} == {r["id"] for r in given}  # each once, none lost
         by_id = {r["id"]: r for r in given}
         for row in got:  # every field kept; the region it came from added as `source`
             assert row == {**by_id[row["id"]], "source": next(s for s, lang in origin.items() if lang == row["lang"])}
