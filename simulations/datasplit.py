@@ -167,9 +167,9 @@ def region_shares(rng: np.random.Generator, k: int, quantity_skew: float | None)
 def class_proportions(rng: np.random.Generator, n_classes: int, shares: np.ndarray, alpha: float) -> np.ndarray:
     """A (classes × regions) matrix whose row c, the share of class c each region gets, is ~ Dir(α·K·q) for the
     region shares q (mean q; for uniform q exactly Dir(α·1_K)); α = inf gives every row q itself."""
-    if math.isinf(alpha):
-        return np.tile(shares, (n_classes, 1))
     concentration = alpha * len(shares) * shares
+    if not np.all(np.isfinite(concentration)):  # alpha inf, or so large that it overflows: the same limit
+        return np.tile(shares, (n_classes, 1))
     # a region whose quantity share underflowed to 0 gets nothing (Dirichlet parameters must be > 0)
     positive = concentration > 0
     out = np.zeros((n_classes, len(shares)))
@@ -329,7 +329,7 @@ def _split_by_field(pool: Pool, by: str, settings: SplitSettings) -> Split:
     small = _too_small({n: {s: len(r) for s, r in splits.items()} for n, splits in regions.items()}, settings)
     if small:
         raise InputError(
-            f"--by {by}: {len(small)} of {len(regions)} region(s) would have fewer than {_minimums(settings)}: "
+            f"--by {by}: {len(small)} of {len(regions)} region(s) would not have {_minimums(settings)}: "
             + ", ".join(small)
         )
     return Split(regions)
