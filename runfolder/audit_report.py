@@ -582,7 +582,9 @@ def _aggregate_lines(
         )
     optimizer = body.get("optimizer")
     if isinstance(optimizer, Mapping) and optimizer.get("name"):
-        settings = ", ".join(f"{k} {v}" for k, v in optimizer.items() if k != "name")
+        # the ledger's canonical JSON sorts the keys: the step size first, as the config lists it
+        names = sorted(optimizer, key=lambda k: (k != "server_lr", k))
+        settings = ", ".join(f"{k} {optimizer[k]}" for k in names if k != "name")
         stepped = f"server optimizer {optimizer['name']} ({settings}), step {body.get('optimizer_step')}"
     else:
         stepped = f"server step size {body.get('server_lr')}"

@@ -322,7 +322,7 @@ def test_a_missing_or_changed_optimizer_state_is_refused(
     data = bytearray(path.read_bytes())
     data[-1] ^= 1  # one bit of one moment
     path.write_bytes(bytes(data))
-    with pytest.raises(ResumeError, match="does not hash to the sha256 state.json records for it"):
+    with pytest.raises(ResumeError, match=r"does not hash to the sha256 state\.json records for it"):
         federate(object(), cfg, changed, resume=True)  # type: ignore[arg-type]
 
     unnamed, _ = copy("unnamed")
