@@ -154,7 +154,7 @@ class AggregationSettings:
     # state is saved with every checkpoint and replayed by `audit verify --updates`. docs/server-optimizers.md
     optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
     # η, the server step size; null: 1.0 for fedavg and fedavgm (fedavg at 1.0 is plain FedAvg), 0.01 for the
-    # adaptive three (their step is about η per weight whatever the size of Δ)
+    # adaptive three (they move a weight by up to about η per round, however small its Δ)
     server_lr: float | None = None
     momentum: float | None = None  # fedavgm's β in v ← β·v + Δ, θ += η·v; null: 0.9
     beta_1: float | None = None  # fedadam, fedyogi, fedadagrad: m ← β1·m + (1−β1)·Δ; null: 0.9 (fedadagrad 0.0)

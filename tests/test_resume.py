@@ -522,14 +522,23 @@ class StopServer(Exception):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("aggregation", [{}, ADAM], ids=["fedavg", "fedadam"])
 def test_simulation_stopped_after_round_two_and_resumed_equals_an_uninterrupted_one(
-    tiny_bert: Path, two_regions: Path, tmp_path: Path
+    tiny_bert: Path, two_regions: Path, tmp_path: Path, aggregation: dict[str, Any]
 ) -> None:
     import ray
 
     from simulations.runner import simulate
 
-    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=3, train=TRAIN))
+    path = tiny_config(
+        tmp_path / "run.yaml",
+        tiny_bert,
+        two_regions,
+        rounds=3,
+        train=TRAIN,
+        aggregation={"min_clients": 2, **aggregation},
+    )
+    cfg = load_config(path)
 
     def quiet(text: str) -> None:
         return None
