@@ -13,7 +13,8 @@ live here, in ``common``, because the server and the nodes both write into it; n
       config.yaml             the resolved run config (simulation)
       server-error.txt        the ServerApp's traceback when it failed
       adapter/                the final global adapter (peft folder)
-      checkpoints/round-NNN/  each round's global adapter (resume, personalize.start)
+      checkpoints/round-NNN/  each round's global adapter (resume, personalize.start) and the server
+                              optimizer's state after it, server-optimizer.safetensors (resume)
       personalized/REGION/    the adapter each region serves after personalization
       personal/REGION/        a simulated node's personal-dir: personal-lora/round-NNN.safetensors,
                               personalized.json, personalize-error.txt
@@ -47,6 +48,8 @@ CONFIG_FILE: Final = "config.yaml"  # the resolved config a simulation ran with 
 SERVER_ERROR_FILE: Final = "server-error.txt"
 ADAPTER_DIR: Final = "adapter"
 CHECKPOINTS_DIR: Final = "checkpoints"
+# beside each round's checkpoint: the server optimizer's state after that round (state.json names it and its hash)
+SERVER_OPTIMIZER_FILE: Final = "server-optimizer.safetensors"
 PERSONALIZED_DIR: Final = "personalized"  # RUN_DIR/personalized/REGION: the personalized adapter a region serves
 
 # the human report and its plots
@@ -102,8 +105,8 @@ SECTIONS: Final = ("run", "regions", "overall", "communication", "timing", "audi
 class Summary:
     """What ``summary.json`` holds; deployment and simulation both fill this one type.
 
-    - ``run``: name, seed, config, model, aggregation, server_lr, rounds_planned, rounds_done, best_round,
-      stopped_early;
+    - ``run``: name, seed, config, model, aggregation, server_lr, optimizer (its name and hyperparameters),
+      rounds_planned, rounds_done, best_round, stopped_early;
     - ``regions``: per region its counts (num_train, num_val, num_test, dropped; a deployment knows only
       num_train and num_test) and ``{accuracy, macro_f1}`` per mode (federated, centralized, local_only), plus
       ``personalized`` (the choice and its A/B) after personalization;

@@ -296,6 +296,10 @@ def _describe_setup(run: Mapping[str, Any]) -> list[str]:
         for label, key in (("Model", "model"), ("aggregation", "aggregation"))
         if run.get(key) not in (None, "")
     ]
+    optimizer = run.get("optimizer")
+    if isinstance(optimizer, Mapping) and optimizer.get("name"):
+        settings = ", ".join(f"{k} {v:g}" for k, v in optimizer.items() if k != "name" and isinstance(v, int | float))
+        parts.append(f"server optimizer: `{optimizer['name']}`" + (f" ({settings})" if settings else ""))
     if run.get("seed") is not None:
         parts.append(f"seed {run['seed']}")
     return [", ".join(parts) + "."] if parts else []

@@ -162,6 +162,15 @@ def test_full_report(tmp_path: Path) -> None:
         check_png(tmp_path / "run" / name)
 
 
+def test_the_report_says_which_server_optimizer_was_used(tmp_path: Path) -> None:
+    summary = make_summary()
+    text = write_report(tmp_path / "plain", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    assert "server optimizer" not in text  # a summary written before optimizers existed says nothing of one
+    summary["run"]["optimizer"] = {"name": "fedadam", "server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
+    text = write_report(tmp_path / "adam", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    assert "server optimizer: `fedadam` (server_lr 0.01, beta_1 0.9, beta_2 0.99, tau 0.001), seed 7." in text
+
+
 def test_report_without_baselines_or_per_round(tmp_path: Path) -> None:
     summary = make_summary()
     for block in [*summary["regions"].values(), summary["overall"]]:
