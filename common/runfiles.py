@@ -80,6 +80,7 @@ UPDATE_SUFFIX: Final = ".npz"
 
 # a node's personal-dir (in a simulation RUN_DIR/personal): REGION/ holds these
 SIMULATED_PERSONAL_DIR: Final = "personal"  # a simulation's stand-in for its nodes' personal-dir
+SIMULATED_CACHE_DIR: Final = "node-cache"  # a simulation's stand-in for its nodes' cache-dir (token ids), per region
 PERSONAL_LORA_DIR: Final = "personal-lora"  # the node's kept personal slices, round-NNN.safetensors
 PERSONAL_LORA_SUFFIX: Final = ".safetensors"
 PERSONALIZED_REPORT: Final = "personalized.json"  # the node's own A/B report
@@ -210,6 +211,7 @@ RUN_ENTRIES: Final = (
     CHECKPOINTS_DIR,
     PERSONALIZED_DIR,
     SIMULATED_PERSONAL_DIR,
+    SIMULATED_CACHE_DIR,
     REPORT_FILE,
     VAL_PLOT,
     MODES_PLOT,

@@ -36,6 +36,7 @@ from common.runfiles import (
     PUBLIC_KEY_FILE,
     SERVER_DIR,
     SERVER_ERROR_FILE,
+    SIMULATED_CACHE_DIR,
     SIMULATED_PERSONAL_DIR,
     UPDATES_DIR,
     Summary,
@@ -158,7 +159,12 @@ def run_flower(
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir, on_round, resume=resume),
-            client_app=make_client_app(cfg.regions, audit_root=out_dir / AUDIT_DIR / NODES_DIR, personal=personal),
+            client_app=make_client_app(
+                cfg.regions,
+                audit_root=out_dir / AUDIT_DIR / NODES_DIR,
+                personal=personal,
+                cache_root=out_dir / SIMULATED_CACHE_DIR,
+            ),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
         )
