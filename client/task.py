@@ -26,13 +26,13 @@ from client.personal import (
 from client.personalize import PERSONALIZED, Start, personalize_region
 from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
-from client.train import EvalResult, TrainResult, evaluate_encoded, train_encoded
+from client.train import EvalResult, TrainResult, evaluate_encoded, freeze, train_encoded
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
 from common.data import Example
 from common.errors import InputError
-from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
+from common.model import LORA_A, LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
 from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT, write_json
 from common.seeds import derive_seed
@@ -223,11 +223,13 @@ def train_round(
     data: NodeData | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train the global adapter on the region's train split (``data``, else loaded with ``load_data``);
-    return the new adapter state."""
+    return the new adapter state. With ``aggregation.lora`` ffa every lora_A keeps the values received."""
     node = node or NodeSettings()
     settings = replace(task.train, threads=use_threads(node, task))
     data = data or load_data(region, task, node, training=True)
     loaded = global_model(task, state)
+    if task.lora_aggregation == "ffa":
+        freeze(loaded.model, LORA_A)
     encoded = encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
     result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=_pad_id(loaded), seed=seed)

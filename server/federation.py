@@ -391,6 +391,7 @@ def _make_strategy(cfg: RunConfig, out_dir: Path) -> RoundStrategy:
         min_clients=agg.min_clients,
         seed=cfg.seed,
         node_timeout=agg.node_timeout,
+        lora=agg.lora,
     )
     audit = out_dir / AUDIT_DIR
     keep = audit / UPDATES_DIR if cfg.audit.keep_updates else None
