@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -384,3 +385,51 @@ def test_settings_built_in_code_are_checked_too() -> None:
         TrainSettings(head="x")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="lora: must be one of fedit, ffa"):
         AggregationSettings(lora="svd")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: `fedlocale simulate` with every option of this file at once
+
+
+@pytest.mark.slow
+def test_simulate_with_logit_adjust_local_steps_ffa_and_prox_is_verified_by_the_audit(
+    tiny_bert: Path, regions: tuple[Region, Region], tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    from fedlocale.cli import main
+    from tests.conftest import tiny_config
+
+    train = {"lr": 3e-2, "local_steps": 6, "batch_size": 8, "threads": 1, "logit_adjust": 1.0, "prox_mu": 0.01}
+    cfg = tiny_config(
+        tmp_path / "run.yaml",
+        tiny_bert,
+        regions[0].data.parent,
+        train=train,
+        aggregation={"min_clients": 2, "lora": "ffa"},
+        audit={"keep_updates": True},
+        baselines=["centralized", "local_only"],
+    )
+    out = tmp_path / "out"
+    assert main(["simulate", str(cfg), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["rounds_done"] == 2
+    audit = summary["audit"]
+    assert audit["verified"] is True and audit["findings"] == [] and audit["missing_ledgers"] == []
+    assert set(audit["ledgers"]) == {"server", "small", "large"}
+    # nothing was rejected: every node kept A as sent, and the weights are the real example counts
+    per_round = summary["communication"]["per_round"]
+    assert all(r["participants"] == ["large", "small"] or r["participants"] == ["small", "large"] for r in per_round)
+    assert {n: summary["regions"][n]["num_train"] for n in ("small", "large")} == {"small": 5, "large": 120}
+    # the final global adapter still has the seeded A every node started from; B moved
+    initial = adapter_state(fresh(make_task(tiny_bert)).model)
+    final = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    a_keys = [k for k in initial if LORA_A in k]
+    assert a_keys
+    for key in a_keys:
+        np.testing.assert_array_equal(final[key], initial[key].numpy())
+    assert any(np.abs(final[k]).max() > 0 for k in final if "lora_B" in k)
+    # the nodes' ledgers hold nothing about their label mix
+    for name in ("small", "large"):
+        text = next((out / "audit" / "nodes" / name).glob("*.jsonl")).read_text()
+        assert "prior" not in text
