@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from common import keys
 from common.audit import SERVER, Ledger
-from common.config import DataSettings, RunConfig, client_task
+from common.config import AggregationSettings, DataSettings, RunConfig, TrainSettings, client_task
 from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.model import (
     LoadedModel,
@@ -180,6 +180,16 @@ class RunState:
         return state
 
 
+LATER_DEFAULTS: dict[str, Any] = {
+    "data.val_fraction": DataSettings().val_fraction,
+    "train.local_steps": TrainSettings().local_steps,
+    "train.prox_mu": TrainSettings().prox_mu,
+    "train.logit_adjust": TrainSettings().logit_adjust,
+    "train.head": TrainSettings().head,
+    "aggregation.lora": AggregationSettings().lora,
+}
+
+
 def config_settings(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide what every round computes, as flat ``dotted.key → value`` plain data."""
     raw = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
@@ -190,9 +200,10 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     # then, so that the fingerprints of other runs stay what they were)
     if cfg.personalize.mode == "dual":
         kept["personal_lora_rank"] = cfg.personalize.local_r
-    # data.val_fraction came later: at its default it is left out, so that runs started before it still resume
-    if kept.get("data.val_fraction") == DataSettings().val_fraction:
-        del kept["data.val_fraction"]
+    # settings that came later: at their defaults they are left out, so that runs started before them still resume
+    for key, default in LATER_DEFAULTS.items():
+        if key in kept and kept[key] == default:
+            del kept[key]
     return kept
 
 
