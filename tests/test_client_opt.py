@@ -433,3 +433,28 @@ def test_simulate_with_logit_adjust_local_steps_ffa_and_prox_is_verified_by_the_
     for name in ("small", "large"):
         text = next((out / "audit" / "nodes" / name).glob("*.jsonl")).read_text()
         assert "prior" not in text
+
+
+def test_ffa_on_a_dual_node_sends_a_as_received_and_its_personal_lora_trains_b(
+    tiny_bert: Path, regions: tuple[Region, Region], tmp_path: Path
+) -> None:
+    from client.personal import init_personal, personal_folder, round_file
+    from client.task import NodeSettings, train_dual
+    from common.seeds import derive_seed
+
+    task = dataclasses.replace(make_task(tiny_bert, lr=3e-2), lora_aggregation="ffa")
+    state = adapter_state(fresh(task).model)
+    node = NodeSettings(threads=1, personal_dir=tmp_path / "own", personal_rank=2)
+    sent, _ = train_dual(regions[1], task, state, node)
+    assert (
+        frozen_problem({k: v.numpy() for k, v in sent.items()}, {k: v.numpy() for k, v in state.items()}, LORA_A)
+        is None
+    )
+    assert any(not torch.equal(sent[k], state[k]) for k in state if "lora_B" in k)
+    from safetensors.torch import load_file
+
+    kept = load_file(str(round_file(personal_folder(tmp_path / "own", "large"), 1)))
+    start = init_personal(state, 2, derive_seed(task.seed, "personal", "large"))
+    # the stacked lora_A is frozen whole (docs/client-training.md): the personal A stays at its seeded init
+    assert all(torch.equal(kept[k], start[k]) for k in start if LORA_A in k)
+    assert any(kept[k].abs().max() > 0 for k in start if "lora_B" in k)
