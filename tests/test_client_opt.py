@@ -417,6 +417,7 @@ def test_simulate_with_logit_adjust_local_steps_ffa_and_prox_is_verified_by_the_
     audit = summary["audit"]
     assert audit["verified"] is True and audit["findings"] == [] and audit["missing_ledgers"] == []
     assert set(audit["ledgers"]) == {"server", "small", "large"}
+    assert audit["rounds_recomputed"] == 2  # the kept updates give back each round's aggregate
     # nothing was rejected: every node kept A as sent, and the weights are the real example counts
     per_round = summary["communication"]["per_round"]
     assert all(r["participants"] == ["large", "small"] or r["participants"] == ["small", "large"] for r in per_round)
