@@ -27,7 +27,7 @@ from client.task import (
 )
 from common import keys
 from common.config import ClientTask, Region
-from common.runfiles import AUDIT_DIR, NODES_DIR
+from common.runfiles import AUDIT_DIR, NODES_DIR, SIMULATED_CACHE_DIR
 
 # Deployment starts a fresh process per message. The ~430k objects the imports above create live until it ends,
 # yet every full garbage collection rescans them: ~0.5 s of collections per message (mostly during the model
@@ -40,16 +40,25 @@ log = logging.getLogger("fedlocale.node")
 
 
 def _locate(
-    context: Context, sim_regions: Sequence[Region] | None, audit_root: Path | None, personal: Personal | None
+    context: Context,
+    sim_regions: Sequence[Region] | None,
+    audit_root: Path | None,
+    personal: Personal | None,
+    cache_root: Path | None,
 ) -> NodeMessage:
     """The region this node serves and the node's own settings (policy, ledger folder, cache, threads)."""
     region = resolve_region(context.node_config, context.run_config, sim_regions)
     if keys.NODE_REGION in context.node_config:
         return NodeMessage(region, node_settings(context.node_config))
-    # a simulated node: its policy is the run config's region entry, its ledger sits in the run's folder
+    # a simulated node: its policy is the run config's region entry; its ledger and token cache sit in the run's
+    # folder (the cache spares every message after a region's first the tokenizer load and the tokenising)
     out_dir = context.run_config.get(keys.RUN_OUT_DIR)
-    root = audit_root or (Path(str(out_dir)) / AUDIT_DIR / NODES_DIR if out_dir is not None else None)
-    return NodeMessage(region, simulated_node(region, context.node_config, root, personal))
+    run_dir = Path(str(out_dir)) if out_dir is not None else None
+    if audit_root is None and run_dir is not None:
+        audit_root = run_dir / AUDIT_DIR / NODES_DIR
+    if cache_root is None and run_dir is not None:
+        cache_root = run_dir / SIMULATED_CACHE_DIR
+    return NodeMessage(region, simulated_node(region, context.node_config, audit_root, personal, cache_root))
 
 
 def _parse(msg: Message, here: NodeMessage) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
@@ -60,7 +69,10 @@ def _parse(msg: Message, here: NodeMessage) -> tuple[ClientTask, int, dict[str, 
 
 
 def make_app(
-    sim_regions: Sequence[Region] | None = None, audit_root: Path | None = None, personal: Personal | None = None
+    sim_regions: Sequence[Region] | None = None,
+    audit_root: Path | None = None,
+    personal: Personal | None = None,
+    cache_root: Path | None = None,
 ) -> ClientApp:
     """Build the ClientApp; the in-process simulator passes the run's regions (and where the simulated nodes
     keep their ledgers and, with personalize mode dual, their personal LoRA), deployment passes nothing.
@@ -68,7 +80,7 @@ def make_app(
     ``NodeMessage`` (through ``inflight``); the handler loads the region's data through it, once."""
 
     def locate(msg: Message, context: Context) -> NodeMessage:
-        return _locate(context, sim_regions, audit_root, personal)
+        return _locate(context, sim_regions, audit_root, personal, cache_root)
 
     inflight = InFlight()
     app = ClientApp(mods=[egress_guard(locate, inflight)])

@@ -158,7 +158,7 @@ def probe_head(loaded: LoadedModel, examples: list[Example], *, max_length: int,
     (``client.probe``): one forward pass over ``examples``, no backward pass."""
     layer = output_layer(loaded.model, len(loaded.labels))
     ids = encode(loaded.tokenizer, [ex.text for ex in examples], max_length)
-    pad_id = loaded.tokenizer.pad_token_id or 0
+    pad_id = loaded.pad_id
     features = head_features(loaded.model, layer, ids, pad_id=pad_id, batch_size=batch_size)
     probe = fit_probe(features, torch.tensor([ex.label for ex in examples]), len(loaded.labels))
     install(layer, probe)
@@ -202,7 +202,7 @@ def personalize(
         trained = stack(base, personal)
     else:
         trained = copy.deepcopy(base.model)
-    local = LoadedModel(trained, base.tokenizer, base.labels)
+    local = dataclasses.replace(base, model=trained)
     if settings.mode == "head":
         _freeze_all_but_head(local)
     examples = balanced(data.train, seed) if settings.balance else data.train
@@ -213,7 +213,7 @@ def personalize(
             local.model, local.tokenizer, examples, local_settings(train, settings), max_length=max_length, seed=seed
         )
     if settings.mode == "local":
-        local = LoadedModel(stack_local(base, local.model), base.tokenizer, base.labels)
+        local = dataclasses.replace(base, model=stack_local(base, local.model))
     n = len(global_model.labels)
     truth = np.array([ex.label for ex in data.val], dtype=int)
     texts = [ex.text for ex in data.val]
@@ -448,9 +448,7 @@ def personalize_region(
     ab: dict[str, Difference] = {}
     if len(truth):
         probs_global, probs_personalized = (
-            predict_proba_encoded(
-                m.model, test.ids, pad_id=m.tokenizer.pad_token_id or 0, batch_size=train.eval_batch_size
-            )
+            predict_proba_encoded(m.model, test.ids, pad_id=m.pad_id, batch_size=train.eval_batch_size)
             for m in (global_model, result.loaded)
         )
         probs_served = probs_personalized if result.chosen == PERSONALIZED else probs_global

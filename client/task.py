@@ -101,13 +101,19 @@ def _personalization(node_config: Mapping[str, object]) -> dict[str, Any]:
 
 
 def simulated_node(
-    region: Region, node_config: Mapping[str, object], audit_root: Path | None, personal: Personal | None = None
+    region: Region,
+    node_config: Mapping[str, object],
+    audit_root: Path | None,
+    personal: Personal | None = None,
+    cache_root: Path | None = None,
 ) -> NodeSettings:
     """A simulated node's settings: its operator's choices come from the run config's region entry;
-    ``personal`` is where its personal LoRA stays when the run personalizes with mode dual."""
+    ``personal`` is where its personal LoRA stays when the run personalizes with mode dual, ``cache_root`` the
+    folder of its token cache (``cache_root/REGION``) unless its node config names one."""
     base = node_settings(node_config)
     return replace(
         base,
+        cache_dir=base.cache_dir or (cache_root / region.name if cache_root else None),
         policy=load_policy(region.policy) if region.policy else None,
         audit_dir=audit_root / region.name if audit_root else None,
         augment=region.augment,
@@ -212,7 +218,7 @@ def global_model(task: ClientTask, state: Mapping[str, torch.Tensor]) -> LoadedM
 
 def encode_split(loaded: LoadedModel, examples: Sequence[Example], task: ClientTask, node: NodeSettings) -> Encoded:
     """Token ids of one split, through the node's cache when it has one."""
-    return encode_cached(loaded.tokenizer, examples, task.model.max_length, task.labels, node.cache_dir)
+    return encode_cached(loaded, examples, task.model.max_length, task.labels, node.cache_dir)
 
 
 def train_round(
@@ -232,7 +238,7 @@ def train_round(
         freeze(loaded.model, LORA_A)
     encoded = encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
-    result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=_pad_id(loaded), seed=seed)
+    result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed)
     # augmented copies are not new examples: the FedAvg weight stays the region's real training-set size
     return adapter_state(loaded.model), replace(result, num_examples=len(data.data.train))
 
@@ -315,7 +321,7 @@ def evaluate_round(
         encoded.ids,
         encoded.labels,
         len(task.labels),
-        pad_id=_pad_id(loaded),
+        pad_id=loaded.pad_id,
         batch_size=task.train.eval_batch_size,
     )
 
@@ -361,10 +367,6 @@ def _personalize_locally(
         folder = (node.personal_dir or Path(".")) / region.name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / PERSONALIZE_ERROR_FILE).write_text(f"{type(err).__name__}: {err}\n")
-
-
-def _pad_id(loaded: LoadedModel) -> int:
-    return loaded.tokenizer.pad_token_id or 0
 
 
 def _start(

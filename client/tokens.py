@@ -10,6 +10,7 @@ points it (``cache-dir``), files are created owner-only, and nothing here ever s
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -27,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from client.train import encode
 from common.data import Example
 from common.errors import FedlocaleError
+from common.model import LoadedModel
 
 CACHE_VERSION = 1  # bump when the entry layout or the encoding call changes
 CACHE_SUBDIR = f"tokens-v{CACHE_VERSION}"
@@ -53,7 +55,7 @@ def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Examp
 
 
 def encode_cached(
-    tokenizer: PreTrainedTokenizerBase,
+    source: PreTrainedTokenizerBase | LoadedModel,
     examples: Sequence[Example],
     max_length: int,
     label_names: Sequence[str],
@@ -61,25 +63,121 @@ def encode_cached(
 ) -> Encoded:
     """``encode_examples``, served from ``cache_dir`` when a valid entry exists; no cache when it is None.
 
-    A cache problem never fails the caller: an unreadable entry is re-tokenised, an unwritable folder only
-    logged.
+    ``source`` is a tokenizer, or a model whose tokenizer is loaded only when needed: with a cache, the
+    tokenizer a model folder makes is known by a fingerprint kept beside the entries (``known_tokenizer``), so
+    a hit does not load it. A cache problem never fails the caller: an unreadable entry is re-tokenised, an
+    unwritable folder only logged.
     """
-    if cache_dir is None or not examples:
-        return encode_examples(tokenizer, examples, max_length)
-    key = cache_key(examples, tokenizer_fingerprint(tokenizer), max_length, label_names)
+    if not examples:
+        return Encoded(ids=[], labels=[])
+    if cache_dir is None:
+        return encode_examples(_tokenizer(source), examples, max_length)
+    folder = Path(source.source) if isinstance(source, LoadedModel) and Path(source.source).is_dir() else None
+    digest = folder_digest(folder) if folder is not None else None
+    known = known_tokenizer(cache_dir, digest) if digest is not None else None
+    if known is None:
+        known = describe_tokenizer(_tokenizer(source))
+        if digest is not None:
+            remember_tokenizer(cache_dir, digest, known)
+    key = cache_key(examples, known.fingerprint, max_length, label_names)
     path = entry_path(cache_dir, key)
     try:
-        return read_entry(path, key, examples, max_length, vocab_size=len(tokenizer))
+        return read_entry(path, key, examples, max_length, vocab_size=known.vocab_size)
     except FileNotFoundError:
         pass  # a plain miss
     except CacheEntryError as err:
         _LOG.warning("ignoring token cache entry %s (%s); tokenising again", path, err)
-    encoded = encode_examples(tokenizer, examples, max_length)
+    encoded = encode_examples(_tokenizer(source), examples, max_length)
     try:
         write_entry(path, key, encoded)
     except OSError as err:
         _LOG.warning("cannot write token cache entry %s (%s); continuing without it", path, err)
     return encoded
+
+
+def _tokenizer(source: PreTrainedTokenizerBase | LoadedModel) -> PreTrainedTokenizerBase:
+    """The tokenizer itself (a model's is loaded now if it was not yet)."""
+    return source.tokenizer if isinstance(source, LoadedModel) else source
+
+
+@dataclass(frozen=True)
+class KnownTokenizer:
+    """What the cache needs of a tokenizer: its fingerprint (``tokenizer_fingerprint``) and vocabulary size."""
+
+    fingerprint: str
+    vocab_size: int
+
+
+def describe_tokenizer(tokenizer: PreTrainedTokenizerBase) -> KnownTokenizer:
+    """``tokenizer``'s fingerprint and vocabulary size."""
+    return KnownTokenizer(tokenizer_fingerprint(tokenizer), len(tokenizer))
+
+
+# a model folder's weights do not decide its tokenizer; hashing them would cost seconds per message
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx")
+
+
+def folder_digest(folder: Path) -> str:
+    """SHA-256 over every file of a model folder but its weights (names and contents) and the versions of the
+    libraries that tokenise: while it is the same, the tokenizer the folder makes is the same."""
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256(f"transformers {transformers.__version__} tokenizers {tokenizers.__version__}".encode())
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES)):
+        name = path.relative_to(folder).as_posix().encode()
+        digest.update(len(name).to_bytes(8, "big") + name)
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def memo_path(cache_dir: Path, digest: str) -> Path:
+    """Where the tokenizer a folder of ``digest`` makes is described."""
+    return cache_dir / CACHE_SUBDIR / "tokenizers" / f"{digest}.json"
+
+
+def known_tokenizer(cache_dir: Path, digest: str) -> KnownTokenizer | None:
+    """The tokenizer a model folder of ``digest`` (``folder_digest``) makes, as an earlier load described it in
+    ``cache_dir``; None when no usable description is kept (the caller then loads the tokenizer)."""
+    path = memo_path(cache_dir, digest)
+    try:
+        raw = json.loads(path.read_text())
+        known = KnownTokenizer(str(raw["fingerprint"]), int(raw["vocab_size"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        _LOG.warning("ignoring tokenizer description %s (%s); loading the tokenizer", path, err)
+        return None
+    if len(known.fingerprint) != 64 or known.vocab_size < 1:
+        _LOG.warning("ignoring tokenizer description %s (malformed); loading the tokenizer", path)
+        return None
+    return known
+
+
+def remember_tokenizer(cache_dir: Path, digest: str, known: KnownTokenizer) -> None:
+    """Describe the tokenizer a model folder of ``digest`` makes in ``cache_dir`` (atomically, owner-only); a
+    failure is logged."""
+    path = memo_path(cache_dir, digest)
+    body = json.dumps({"fingerprint": known.fingerprint, "vocab_size": known.vocab_size}).encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _write_private(path, body)
+    except OSError as err:
+        _LOG.warning("cannot write tokenizer description %s (%s); continuing without it", path, err)
+
+
+def _write_private(path: Path, body: bytes) -> None:
+    """``body`` to ``path`` through a temporary sibling (mode 0600) renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def entry_path(cache_dir: Path, key: str) -> Path:
@@ -144,16 +242,9 @@ def write_entry(path: Path, key: str, encoded: Encoded) -> None:
     lengths = np.array([len(row) for row in encoded.ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.fromiter((i for row in encoded.ids for i in row), dtype=np.int64, count=int(offsets[-1]))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, key=np.array(key), ids=flat, offsets=offsets, labels=np.array(encoded.labels, dtype=np.int64))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), ids=flat, offsets=offsets, labels=np.array(encoded.labels, dtype=np.int64))
+    _write_private(path, buffer.getvalue())
 
 
 def read_entry(path: Path, key: str, examples: Sequence[Example], max_length: int, *, vocab_size: int) -> Encoded:

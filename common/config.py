@@ -32,6 +32,17 @@ T = TypeVar("T")
 AGGREGATIONS = ("weighted", "uniform")
 LORA_AGGREGATIONS = ("fedit", "ffa")  # aggregation.lora
 HEAD_MODES = ("train", "frozen")  # train.head
+# aggregation.optimizer: the server optimizer each applies to the round's mean update (Reddi et al. 2021,
+# "Adaptive Federated Optimization"), with the hyperparameters it reads and their defaults (a field left null
+# takes these; setting one the chosen optimizer does not read is refused, never silently ignored)
+OPTIMIZER_HYPERPARAMETERS: dict[str, dict[str, float]] = {
+    "fedavg": {"server_lr": 1.0},
+    "fedavgm": {"server_lr": 1.0, "momentum": 0.9},
+    "fedadam": {"server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedyogi": {"server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedadagrad": {"server_lr": 0.01, "beta_1": 0.0, "tau": 1e-3},
+}
+OPTIMIZERS = tuple(OPTIMIZER_HYPERPARAMETERS)
 STOP_METRICS = ("macro_f1", "accuracy", "loss")
 _log = logging.getLogger(__name__)
 MAX_VAL_FRACTION = 0.5  # data.val_fraction: carving more would leave less to train on than to validate with
@@ -170,7 +181,17 @@ class AggregationSettings:
     """How the server combines the regions' adapters each round."""
 
     method: Literal["weighted", "uniform"] = "weighted"
-    server_lr: float = 1.0  # step along the averaged update; 1.0 is plain FedAvg
+    # the server optimizer applied to the round's mean update Δ = mean − global (Reddi et al. 2021): fedavg
+    # (θ += η·Δ), fedavgm (server momentum), fedadam, fedyogi, fedadagrad (adaptive per-weight steps); its
+    # state is saved with every checkpoint and replayed by `audit verify --updates`. docs/server-optimizers.md
+    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    # η, the server step size; null: 1.0 for fedavg and fedavgm (fedavg at 1.0 is plain FedAvg), 0.01 for the
+    # adaptive three (they move a weight by up to about η per round, however small its Δ)
+    server_lr: float | None = None
+    momentum: float | None = None  # fedavgm's β in v ← β·v + Δ, θ += η·v; null: 0.9
+    beta_1: float | None = None  # fedadam, fedyogi, fedadagrad: m ← β1·m + (1−β1)·Δ; null: 0.9 (fedadagrad 0.0)
+    beta_2: float | None = None  # fedadam, fedyogi: decay of the second moment v; null: 0.99
+    tau: float | None = None  # fedadam, fedyogi, fedadagrad: τ in θ += η·m/(√v + τ), the adaptivity; null: 1e-3
     fraction_train: float = 1.0
     min_clients: int = 2
     round_timeout: float = 3600.0  # seconds to wait for the replies of one round
@@ -190,13 +211,48 @@ class AggregationSettings:
             problems.append(("node_timeout", f"must be > 0, got {self.node_timeout}"))
         if self.method not in AGGREGATIONS:
             problems.append(("method", f"must be one of {', '.join(AGGREGATIONS)}, got {self.method!r}"))
-        if not 0.0 < self.server_lr <= 10.0:
-            problems.append(("server_lr", f"must be in (0, 10], got {self.server_lr}"))
+        problems.extend(self._optimizer_problems())
         if not 0.0 < self.fraction_train <= 1.0:
             problems.append(("fraction_train", f"must be in (0, 1], got {self.fraction_train}"))
         if self.min_clients < 1:
             problems.append(("min_clients", f"must be >= 1, got {self.min_clients}"))
         check(problems)
+
+    def _optimizer_problems(self) -> list[tuple[str, str]]:
+        if self.optimizer not in OPTIMIZERS:
+            return [("optimizer", f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")]
+        problems = []
+        reads = OPTIMIZER_HYPERPARAMETERS[self.optimizer]
+        for name in ("momentum", "beta_1", "beta_2", "tau"):
+            if getattr(self, name) is not None and name not in reads:
+                users = [o for o, params in OPTIMIZER_HYPERPARAMETERS.items() if name in params]
+                problems.append(
+                    (name, f"is read by {' and '.join(users)} only, and optimizer is {self.optimizer}; remove it")
+                )
+        ranges = {
+            "server_lr": (0.0, 10.0, "(0, 10]"),
+            "momentum": (0.0, 1.0, "[0, 1)"),
+            "beta_1": (0.0, 1.0, "[0, 1)"),
+            "beta_2": (0.0, 1.0, "[0, 1)"),
+            "tau": (0.0, 1.0, "(0, 1]"),
+        }
+        for name, (low, high, shown) in ranges.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            # `not (…)`: NaN fails every comparison, so it is refused too
+            inside = low < value <= high if shown[0] == "(" else low <= value < high
+            if not inside:
+                problems.append((name, f"must be in {shown}, got {value}"))
+        return problems
+
+    def optimizer_settings(self) -> dict[str, float]:
+        """The hyperparameters ``optimizer`` reads, each as set or its default: what the server steps with, the
+        ledger records and a resume must match."""
+        return {
+            name: default if getattr(self, name) is None else float(getattr(self, name))
+            for name, default in OPTIMIZER_HYPERPARAMETERS[self.optimizer].items()
+        }
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from common import keys
 from common.errors import InputError
@@ -23,6 +23,7 @@ from common.pii import PiiRules, redact_texts
 
 DATA_SUFFIXES = (".jsonl", ".csv")  # the files a region folder holds its splits in
 _SPACE_RE = re.compile(r"\s+")
+R = TypeVar("R")  # a row of any shape: an Example, or a raw row of a pool being split
 
 
 class DataError(InputError):
@@ -260,13 +261,30 @@ def read_split(path: Path, labels: tuple[str, ...]) -> tuple[list[Example], list
     return examples, problems
 
 
-def _dedupe(examples: list[Example], seen: set[str]) -> tuple[list[Example], int]:
+def _dedupe(rows: list[R], text: Callable[[R], str], seen: set[str]) -> tuple[list[R], int]:
     kept = []
-    for ex in examples:
-        if ex.text not in seen:
-            seen.add(ex.text)
-            kept.append(ex)
-    return kept, len(examples) - len(kept)
+    for row in rows:
+        if text(row) not in seen:
+            seen.add(text(row))
+            kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
+def clean_splits(splits: Mapping[str, list[R]], text: Callable[[R], str]) -> tuple[dict[str, list[R]], dict[str, int]]:
+    """The splits without exact duplicates (by ``text``, already normalised) and without val/test rows that also
+    occur in train, and how many of each kind were dropped (``duplicates_train``, ``leaked_test``, …; only
+    non-zero counts). The one cleaning rule, for a region's examples and for a pool's raw rows alike."""
+    dropped: dict[str, int] = {}
+    train, dropped["duplicates_train"] = _dedupe(list(splits.get(keys.TRAIN, [])), text, set())
+    train_texts = {text(row) for row in train}
+    cleaned = {keys.TRAIN: train}
+    for split in (keys.VAL, keys.TEST):
+        # Evaluation rows also seen in train would flatter the model: drop them before deduping.
+        rows = splits.get(split, [])
+        clean = [row for row in rows if text(row) not in train_texts]
+        dropped[f"leaked_{split}"] = len(rows) - len(clean)
+        cleaned[split], dropped[f"duplicates_{split}"] = _dedupe(clean, text, set())
+    return cleaned, {k: v for k, v in dropped.items() if v}
 
 
 def load_region(
@@ -285,18 +303,8 @@ def load_region(
         problems.extend(bad)
     if problems:
         raise DataError(problems)
-    dropped: dict[str, int] = {}
-    train, dropped["duplicates_train"] = _dedupe(splits[keys.TRAIN], set())
-    train_texts = {ex.text for ex in train}
-    region = RegionData(name=name, train=train, test=[])
-    for split in (keys.VAL, keys.TEST):
-        # Evaluation rows also seen in train would flatter the model: drop them before deduping.
-        rows = splits.get(split, [])
-        clean = [ex for ex in rows if ex.text not in train_texts]
-        dropped[f"leaked_{split}"] = len(rows) - len(clean)
-        clean, dropped[f"duplicates_{split}"] = _dedupe(clean, set())
-        setattr(region, split, clean)
-    region.dropped = {k: v for k, v in dropped.items() if v}
+    cleaned, dropped = clean_splits(splits, lambda ex: ex.text)
+    region = RegionData(name, cleaned[keys.TRAIN], cleaned[keys.TEST], cleaned[keys.VAL], dropped)
     if log is not None:
         note = ", ".join(f"{k} {v}" for k, v in region.dropped.items()) or "nothing"
         log(f"{name}: {len(region.train)} train, {len(region.val)} val, {len(region.test)} test; dropped {note}")

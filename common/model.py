@@ -38,13 +38,36 @@ ARCHITECTURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
-    """A LoRA-wrapped classifier and the tokenizer that goes with it."""
+    """A LoRA-wrapped classifier and the tokenizer that goes with it.
+
+    The tokenizer is loaded from ``source`` when first used, not with the model: reading a large vocabulary
+    (multilingual-e5's 250k pieces) takes longer than building the model, and a node whose token ids come from
+    its cache (``client.tokens``) never needs it. Copies made with ``dataclasses.replace`` share a tokenizer
+    already loaded.
+    """
 
     model: PeftModel
-    tokenizer: PreTrainedTokenizerBase
+    source: str  # the folder (or name) the tokenizer is loaded from
     labels: tuple[str, ...]
+    loaded_tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use."""
+        if self.loaded_tokenizer is None:
+            self.loaded_tokenizer = AutoTokenizer.from_pretrained(self.source)
+        return self.loaded_tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        """The padding token id, from the model's config (the id its position embeddings skip) when it names one,
+        else the tokenizer's."""
+        configured = getattr(getattr(self.model, "config", None), "pad_token_id", None)
+        if configured is not None:
+            return int(configured)
+        return int(self.tokenizer.pad_token_id or 0)
 
 
 def resolve_base(base: str) -> str:
@@ -155,7 +178,6 @@ def build_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, 
     Any head the checkpoint has (of any size) is replaced by a fresh one drawn from ``seed``.
     """
     path = resolve_base(settings.base)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)  # anything else the checkpoint lacks is initialised reproducibly too
     with quiet_loading():
         base = AutoModelForSequenceClassification.from_pretrained(path, **classifier_kwargs(labels))
@@ -163,7 +185,7 @@ def build_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, 
     fresh_head(base, seed)
     # LoRA's A matrices are random too; re-seed so they do not depend on what loading the checkpoint drew.
     torch.manual_seed(seed)
-    return LoadedModel(model=_with_lora(base, lora), tokenizer=tokenizer, labels=labels)  # type: ignore[arg-type]
+    return LoadedModel(model=_with_lora(base, lora), source=path, labels=labels)
 
 
 def _with_lora(base: torch.nn.Module, lora: LoraSettings) -> PeftModel:
@@ -214,11 +236,21 @@ def check_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, 
         return ModelCheck([("model.base", problem)])
     try:
         config = AutoConfig.from_pretrained(path, **_config_kwargs(labels))
-        AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as err:
         # offline, a Hugging Face id that is not in the local cache ends here too
         return ModelCheck([("model.base", f"cannot load a model and tokenizer from {settings.base!r}: {err}")])
     problems: list[tuple[str, str]] = []
+    configured = getattr(config, "pad_token_id", None)
+    if configured is not None and tokenizer.pad_token_id is not None and configured != tokenizer.pad_token_id:
+        # batches are padded with the config's id (LoadedModel.pad_id); a tokenizer that pads with another
+        # would make the same text's ids differ between the two
+        problems.append(
+            (
+                "model.base",
+                f"its config pads with token id {configured} but its tokenizer with {tokenizer.pad_token_id}",
+            )
+        )
     limit = max_tokens(config)
     if limit is not None and settings.max_length > limit:
         problems.append(("model.max_length", f"is {settings.max_length}, this model reads at most {limit} tokens"))

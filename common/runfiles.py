@@ -13,11 +13,13 @@ live here, in ``common``, because the server and the nodes both write into it; n
       config.yaml             the resolved run config (simulation)
       server-error.txt        the ServerApp's traceback when it failed
       adapter/                the final global adapter (peft folder)
-      checkpoints/round-NNN/  each round's global adapter (resume, personalize.start)
+      checkpoints/round-NNN/  each round's global adapter (resume, personalize.start) and the server
+                              optimizer's state after it, server-optimizer.safetensors (resume)
       personalized/REGION/    the adapter each region serves after personalization
       personal/REGION/        a simulated node's personal-dir: personal-lora/round-NNN.safetensors,
                               personalized.json, personalize-error.txt
       report.md + *.png       the human report and its plots
+      label_mix.json          per region per split label counts (simulation only: the data is local there)
       audit/                  keys.yaml, audit-report.md + audit-bytes-REGION.png,
         server/ nodes/REGION/ ledger.jsonl, ledger.key, ledger.pub of each signer
         updates/round-NNN/    kept updates (REGION.npz) and the incoming global adapter (global-in.npz)
@@ -46,6 +48,8 @@ CONFIG_FILE: Final = "config.yaml"  # the resolved config a simulation ran with 
 SERVER_ERROR_FILE: Final = "server-error.txt"
 ADAPTER_DIR: Final = "adapter"
 CHECKPOINTS_DIR: Final = "checkpoints"
+# beside each round's checkpoint: the server optimizer's state after that round (state.json names it and its hash)
+SERVER_OPTIMIZER_FILE: Final = "server-optimizer.safetensors"
 PERSONALIZED_DIR: Final = "personalized"  # RUN_DIR/personalized/REGION: the personalized adapter a region serves
 
 # the human report and its plots
@@ -55,6 +59,10 @@ MODES_PLOT: Final = "modes_by_region.png"
 BYTES_PLOT: Final = "bytes_by_round.png"
 LOSS_PLOT: Final = "train_loss_by_round.png"
 AB_PLOT: Final = "ab_by_region.png"
+LABEL_MIX_PLOT: Final = "label_mix.png"  # each region's label mix (simulation; also beside a `data split`)
+# per region per split label counts of the data a simulation trained on; never in a deployment, whose server
+# learns nothing about a region's data
+LABEL_MIX_FILE: Final = "label_mix.json"
 
 # audit/: the server's ledger in audit/server/, each simulated node's in audit/nodes/REGION/
 AUDIT_DIR: Final = "audit"
@@ -72,6 +80,7 @@ UPDATE_SUFFIX: Final = ".npz"
 
 # a node's personal-dir (in a simulation RUN_DIR/personal): REGION/ holds these
 SIMULATED_PERSONAL_DIR: Final = "personal"  # a simulation's stand-in for its nodes' personal-dir
+SIMULATED_CACHE_DIR: Final = "node-cache"  # a simulation's stand-in for its nodes' cache-dir (token ids), per region
 PERSONAL_LORA_DIR: Final = "personal-lora"  # the node's kept personal slices, round-NNN.safetensors
 PERSONAL_LORA_SUFFIX: Final = ".safetensors"
 PERSONALIZED_REPORT: Final = "personalized.json"  # the node's own A/B report
@@ -97,8 +106,8 @@ SECTIONS: Final = ("run", "regions", "overall", "communication", "timing", "audi
 class Summary:
     """What ``summary.json`` holds; deployment and simulation both fill this one type.
 
-    - ``run``: name, seed, config, model, aggregation, server_lr, rounds_planned, rounds_done, best_round,
-      stopped_early;
+    - ``run``: name, seed, config, model, aggregation, server_lr, optimizer (its name and hyperparameters),
+      rounds_planned, rounds_done, best_round, stopped_early;
     - ``regions``: per region its counts (num_train, num_val, num_test, dropped; a deployment knows only
       num_train and num_test) and ``{accuracy, macro_f1}`` per mode (federated, centralized, local_only), plus
       ``personalized`` (the choice and its A/B) after personalization;
@@ -202,12 +211,15 @@ RUN_ENTRIES: Final = (
     CHECKPOINTS_DIR,
     PERSONALIZED_DIR,
     SIMULATED_PERSONAL_DIR,
+    SIMULATED_CACHE_DIR,
     REPORT_FILE,
     VAL_PLOT,
     MODES_PLOT,
     BYTES_PLOT,
     LOSS_PLOT,
     AB_PLOT,
+    LABEL_MIX_FILE,
+    LABEL_MIX_PLOT,
     AUDIT_DIR,
 )
 

@@ -580,9 +580,16 @@ def _aggregate_lines(
             f"- **Rejected:** {reject.get('region') or 'unknown region'} (node {reject.get('node')}): "
             f"{reject.get('reason') or 'no reason given'}"
         )
+    optimizer = body.get("optimizer")
+    if isinstance(optimizer, Mapping) and optimizer.get("name"):
+        # the ledger's canonical JSON sorts the keys: the step size first, as the config lists it
+        names = sorted(optimizer, key=lambda k: (k != "server_lr", k))
+        settings = ", ".join(f"{k} {optimizer[k]}" for k in names if k != "name")
+        stepped = f"server optimizer {optimizer['name']} ({settings}), step {body.get('optimizer_step')}"
+    else:
+        stepped = f"server step size {body.get('server_lr')}"
     lines.append(
-        f"- **Result:** shared model {_short(body.get('global_sha256'))} (method {body.get('method')}, "
-        f"server step size {body.get('server_lr')})."
+        f"- **Result:** shared model {_short(body.get('global_sha256'))} (method {body.get('method')}, {stepped})."
     )
     sent_out = {e["body"].get("global_sha256") for e in dispatches}
     if sent_out and body.get("base_sha256") not in sent_out:

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.keys import CENTRALIZED, FEDERATED, LOCAL_ONLY, PERSONALIZED, TRAIN, VAL
-from common.runfiles import AB_PLOT, BYTES_PLOT, LOSS_PLOT, MODES_PLOT, REPORT_FILE, VAL_PLOT, Summary, write_atomic
+from common.keys import CENTRALIZED, FEDERATED, LOCAL_ONLY, PERSONALIZED, TEST, TRAIN, VAL
+from common.runfiles import (
+    AB_PLOT,
+    BYTES_PLOT,
+    LABEL_MIX_FILE,
+    LABEL_MIX_PLOT,
+    LOSS_PLOT,
+    MODES_PLOT,
+    REPORT_FILE,
+    VAL_PLOT,
+    Summary,
+    write_atomic,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["write_report"]
+__all__ = ["plot_label_mix", "write_report"]
 
 MODES: tuple[str, ...] = (FEDERATED, PERSONALIZED, LOCAL_ONLY, CENTRALIZED)
 MODE_LABELS: dict[str, str] = {
@@ -38,6 +50,7 @@ MODE_COLORS: dict[str, str] = {
 }
 METRIC_LABELS: dict[str, str] = {"macro_f1": "macro-F1", "accuracy": "accuracy", "loss": "loss"}
 SCORE_METRICS: tuple[str, ...] = ("macro_f1", "accuracy")
+SPLIT_ORDER: tuple[str, ...] = (TRAIN, VAL, TEST)
 
 DPI = 110
 MB = 1_000_000  # decimal megabytes, the unit network bills and download dialogs use
@@ -77,6 +90,7 @@ def write_report(out_dir: Path, summary: Summary, metrics: list[dict[str, Any]])
         _render_glossary(),
         _render_results_table(summary, overall),
         _render_plots(out_dir, summary, metrics, overall),
+        _render_label_mix(out_dir),
         _render_ab(out_dir, summary),
         _render_communication(summary),
         _render_timing(summary),
@@ -282,6 +296,10 @@ def _describe_setup(run: Mapping[str, Any]) -> list[str]:
         for label, key in (("Model", "model"), ("aggregation", "aggregation"))
         if run.get(key) not in (None, "")
     ]
+    optimizer = run.get("optimizer")
+    if isinstance(optimizer, Mapping) and optimizer.get("name"):
+        settings = ", ".join(f"{k} {v:g}" for k, v in optimizer.items() if k != "name" and isinstance(v, int | float))
+        parts.append(f"server optimizer: `{optimizer['name']}`" + (f" ({settings})" if settings else ""))
     if run.get("seed") is not None:
         parts.append(f"seed {run['seed']}")
     return [", ".join(parts) + "."] if parts else []
@@ -411,6 +429,75 @@ def _render_plots(
             path.unlink(missing_ok=True)
             parts.append(f"_Skipped plot `{filename}` ({title.lower()}): {reason}._")
     return "\n\n".join(parts)
+
+
+def _render_label_mix(out_dir: Path) -> str:
+    """The Label mix section from ``label_mix.json`` (a simulation's regions): a table of each region's label
+    shares per split and a stacked-bar plot of its train split. A deployment records none: the section says so."""
+    plot = out_dir / LABEL_MIX_PLOT
+    try:
+        loaded = json.loads((out_dir / LABEL_MIX_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        loaded = None
+    record: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
+    regions = _section(record, "regions")
+    mix = {name: _section(entry, TRAIN) for name, entry in regions.items() if isinstance(entry, dict)}
+    if not mix or not all(isinstance(n, (int, float)) for counts in mix.values() for n in counts.values()):
+        plot.unlink(missing_ok=True)
+        return (
+            "## Label mix per region\n\n_Not recorded: only a simulation records it (`label_mix.json`); a "
+            "deployment's server learns nothing about a region's data._"
+        )
+    labels = sorted({label for counts in mix.values() for label in counts})
+    lines = ["## Label mix per region", ""]
+    split = record.get("split")
+    if isinstance(split, dict):
+        params = _section(split, "parameters")
+        how = ", ".join(f"{k} {v}" for k, v in params.items() if v is not None)
+        lines += [f"Regions made by `fedlocale data split` of `{_md_cell(str(split.get('source')))}` ({how}).", ""]
+    lines += [
+        "Share of each label in each region's splits (examples in brackets), as the simulation loaded them.",
+        "",
+        "| region | " + " | ".join(f"{s} ({', '.join(labels)})" for s in SPLIT_ORDER) + " |",
+        "|---|" + "---|" * len(SPLIT_ORDER),
+    ]
+    for name, entry in regions.items():
+        cells = []
+        for split_name in SPLIT_ORDER:
+            counts = _section(entry, split_name)
+            total = sum(v for v in counts.values() if isinstance(v, (int, float)))
+            shares = " / ".join(f"{counts.get(label, 0) / total:.0%}" for label in labels) if total else "-"
+            cells.append(f"{shares} ({total:g})")
+        lines.append(f"| {_md_cell(name)} | " + " | ".join(cells) + " |")
+    plot_label_mix(
+        plot,
+        {name: {k: int(v) for k, v in counts.items()} for name, counts in mix.items()},
+        "Label mix of each region's train split",
+    )
+    lines += ["", f"![Label mix of each region's train split]({LABEL_MIX_PLOT})"]
+    return "\n".join(lines)
+
+
+def plot_label_mix(path: Path, mix: Mapping[str, Mapping[str, int]], title: str) -> None:
+    """A stacked bar per region of its label shares (``mix``: region -> label -> count), its size above it."""
+    import numpy as np
+
+    names = list(mix)
+    labels = sorted({label for counts in mix.values() for label in counts})
+    fig, ax = new_figure(max(6.0, 0.7 * len(names) + 2), 4.5)
+    totals = [sum(mix[n].values()) for n in names]
+    bottom = np.zeros(len(names))
+    for i, label in enumerate(labels):
+        shares = np.array([mix[n].get(label, 0) / t if t else 0.0 for n, t in zip(names, totals, strict=True)])
+        ax.bar(names, shares, bottom=bottom, label=label, color=PALETTE[i % len(PALETTE)])
+        bottom += shares
+    for x, total in enumerate(totals):
+        ax.text(x, 1.01, str(total), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.08)
+    _style(ax, title, "region (examples above each bar)", "share of examples")
+    ax.tick_params(axis="x", labelrotation=45, labelsize=9)
+    _legend_outside(ax)
+    save_figure(fig, path)
 
 
 def _render_communication(summary: Summary) -> str:

@@ -4,7 +4,9 @@ offline recomputation of each round's global adapter from kept updates.
 ``LedgerStrategy(strategy, ledger)`` wraps the strategy the way Flower's DP wrappers do: the same verbs, the
 inner strategy does the work, the wrapper records. For every round the ledger gets the global adapter sent out
 (``dispatch``), every reply (``inbound``: sender, payload hash, status) and the aggregation (``aggregate``:
-participants with their payload hashes and weights, the method, the server step and the hash of the result).
+participants with their payload hashes and weights, the method, the server optimizer with its hyperparameters and
+the step it took, the hash of its state after the step, and the hash of the result). The optimizer's state is not
+recorded itself: ``recompute`` replays it from round 1 through the kept updates.
 The wrapper reads all of it from the ``RoundLog`` the inner strategy returns: the replies' tensors as the strategy
 converted them, once, and the new global adapter as it was computed; the wrapper converts no reply itself.
 """
@@ -26,7 +28,7 @@ from common import keys
 from common.audit import AGGREGATE, DISPATCH, INBOUND, Ledger, LedgerCheck, payload_hash
 from common.errors import InputError
 from common.runfiles import GLOBAL_IN_FILE, UPDATE_SUFFIX, round_name
-from server.aggregate import aggregation_weights, server_step, weighted_average
+from server.aggregate import OptimizerState, ServerOptimizer, aggregation_weights, weighted_average
 from server.strategy import ReceivedReply, RegionFedAvg, RoundAggregation, RoundLog, to_numpy
 
 METRICS_KEY = "__metrics__"  # the kept update's metrics, as JSON, beside its tensors
@@ -34,6 +36,11 @@ METRICS_KEY = "__metrics__"  # the kept update's metrics, as JSON, beside its te
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def state_hash(state: OptimizerState) -> str:
+    """SHA-256 of a server optimizer's state: its buffers and its step count (``payload_hash``'s rules)."""
+    return payload_hash(state.arrays, {"step": state.step})
 
 
 def round_dir(keep_dir: Path, server_round: int) -> Path:
@@ -127,7 +134,10 @@ class LedgerStrategy(RoundAggregation):
                 "run": self._run,
                 "round": server_round,
                 "method": self.strategy.method,
-                "server_lr": self.strategy.server_lr,
+                "server_lr": self.strategy.optimizer.server_lr,
+                "optimizer": self.strategy.optimizer.to_record(),
+                "optimizer_step": result.optimizer_state.step if result.optimizer_state else None,
+                "optimizer_state_sha256": state_hash(result.optimizer_state) if result.optimizer_state else None,
                 "base_sha256": self._sent_hash,
                 "participants": participants,
                 "rejected": result.rejected,
@@ -193,9 +203,12 @@ class LedgerStrategy(RoundAggregation):
 def recompute(server: LedgerCheck, keep_dir: Path) -> tuple[int, list[str]]:
     """Recompute every round's global adapter from the kept updates and compare with the ledger's hashes.
 
-    Returns the number of rounds whose kept updates were found and recomputed, and the problems found (each
-    naming the ledger line; a round without kept updates is one). A ``keep_dir`` that is missing or holds none of
-    the recorded rounds is an ``InputError``; a damaged kept file is one naming the file.
+    A server optimizer with state (fedavgm, fedadam, fedyogi, fedadagrad) is replayed from round 1: round r
+    starts from the state the recomputation of round r − 1 produced, so a round whose predecessor cannot be
+    recomputed cannot be either (and is a problem). Returns the number of rounds whose kept updates were found
+    and recomputed, and the problems found (each naming the ledger line; a round without kept updates is one).
+    A ``keep_dir`` that is missing or holds none of the recorded rounds is an ``InputError``; a damaged kept file
+    is one naming the file.
     """
     rounds = [e for e in server.entries if e["body"].get("kind") == AGGREGATE and e["body"].get("global_sha256")]
     if not keep_dir.is_dir():
@@ -210,41 +223,93 @@ def recompute(server: LedgerCheck, keep_dir: Path) -> tuple[int, list[str]]:
         )
     problems: list[str] = []
     recomputed = 0
+    # the optimizer state after each round whose recomputation matched the ledger (a round redone after a crash
+    # replaces its earlier entry's)
+    after: dict[int, OptimizerState] = {}
     for entry in rounds:
         body = entry["body"]
-        where = f"{server.path}:{entry['_line']}: round {body['round']}"
-        folder = round_dir(keep_dir, int(body["round"]))
-        problem = _recompute_round(body, folder)
+        server_round = int(body["round"])
+        where = f"{server.path}:{entry['_line']}: round {server_round}"
+        folder = round_dir(keep_dir, server_round)
+        after.pop(server_round, None)
+        problem, state = _recompute_round(body, folder, after)
         if problem:
             problems.append(f"{where}: {problem}")
+        elif state is not None:
+            after[server_round] = state
         if (folder / GLOBAL_IN_FILE).is_file():
             recomputed += 1
     return recomputed, problems
 
 
-def _recompute_round(body: dict[str, Any], folder: Path) -> str | None:
+def recorded_optimizer(body: dict[str, Any]) -> ServerOptimizer:
+    """The server optimizer an aggregate entry records (entries written before optimizers existed name only
+    ``server_lr``: fedavg); a ValueError when the record is not one."""
+    record = body.get("optimizer")
+    if record is None:
+        return ServerOptimizer("fedavg", server_lr=float(body["server_lr"]))
+    if not isinstance(record, dict):
+        raise ValueError(f"optimizer is {record!r}, not a record")
+    return ServerOptimizer.from_record(record)
+
+
+def _state_before(
+    optimizer: ServerOptimizer, server_round: int, after: dict[int, OptimizerState]
+) -> OptimizerState | str:
+    """The state round ``server_round`` started from, or why it is not known."""
+    if server_round == 1:
+        return OptimizerState()
+    if optimizer.name == "fedavg":
+        return OptimizerState(step=server_round - 1)  # fedavg keeps nothing but the count
+    if server_round - 1 not in after:
+        return (
+            f"{optimizer.name} carries its state from round to round, and round {server_round - 1} could not be "
+            "recomputed, so this one cannot be either"
+        )
+    return after[server_round - 1]
+
+
+def _recompute_round(
+    body: dict[str, Any], folder: Path, after: dict[int, OptimizerState]
+) -> tuple[str | None, OptimizerState | None]:
     if not (folder / GLOBAL_IN_FILE).is_file():
-        return f"no kept updates in {folder}"
+        return f"no kept updates in {folder}", None
+    try:
+        optimizer = recorded_optimizer(body)
+    except (ValueError, KeyError, TypeError) as err:
+        return f"the recorded server optimizer is not one this program knows ({err})", None
+    before = _state_before(optimizer, int(body["round"]), after)
+    if isinstance(before, str):
+        return before, None
     base, _ = load_kept(folder / GLOBAL_IN_FILE)
     if payload_hash(base) != body["base_sha256"]:
-        return f"{folder / GLOBAL_IN_FILE} is not the global adapter the round started from"
+        return f"{folder / GLOBAL_IN_FILE} is not the global adapter the round started from", None
     updates, counts = [], []
     for part in body["participants"]:
         path = folder / f"{part['region']}{UPDATE_SUFFIX}"
         if not path.is_file():
-            return f"the update of {part['region']} was not kept ({path})"
+            return f"the update of {part['region']} was not kept ({path})", None
         arrays, metrics = load_kept(path)
         if payload_hash(arrays, metrics) != part["sha256"]:
-            return f"{path} does not hash to the update the ledger records for {part['region']}"
+            return f"{path} does not hash to the update the ledger records for {part['region']}", None
         count = metrics.get(keys.NUM_EXAMPLES)
         if not isinstance(count, int | float):
-            return f"{path} records no example count"
+            return f"{path} records no example count", None
         updates.append(arrays)
         counts.append(int(count))
     weights = aggregation_weights(counts, str(body["method"]))
     if weights != [p["weight"] for p in body["participants"]]:
-        return f"the recorded weights {[p['weight'] for p in body['participants']]} are not {weights}"
-    result = server_step(base, weighted_average(updates, weights), float(body["server_lr"]))
+        return f"the recorded weights {[p['weight'] for p in body['participants']]} are not {weights}", None
+    try:
+        result, state = optimizer.step(base, weighted_average(updates, weights), before)
+    except ValueError as err:
+        return f"the kept updates cannot be stepped by {optimizer.name}: {err}", None
     if payload_hash(result) != body["global_sha256"]:
-        return "the kept updates do not aggregate to the global adapter the ledger records"
-    return None
+        return (
+            f"the kept updates, stepped by {optimizer.name} {optimizer.hyperparameters()} from the replayed "
+            "state, do not aggregate to the global adapter the ledger records"
+        ), None
+    recorded_state = body.get("optimizer_state_sha256")
+    if recorded_state is not None and state_hash(state) != recorded_state:
+        return f"the replayed {optimizer.name} state does not hash to the state the ledger records", None
+    return None, state

@@ -21,14 +21,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import safetensors.numpy
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from common import keys
 from common.audit import SERVER, Ledger
-from common.config import AggregationSettings, DataSettings, RunConfig, TrainSettings, client_task
+from common.config import (
+    OPTIMIZER_HYPERPARAMETERS,
+    AggregationSettings,
+    DataSettings,
+    RunConfig,
+    TrainSettings,
+    client_task,
+)
 from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.model import (
     LoadedModel,
@@ -46,13 +56,16 @@ from common.runfiles import (
     FEDERATION_FILE,
     METRICS_FILE,
     SERVER_DIR,
+    SERVER_OPTIMIZER_FILE,
     STATE_FILE,
     UPDATES_DIR,
     round_name,
+    write_atomic,
     write_json,
 )
+from server.aggregate import OptimizerState, ServerOptimizer
 from server.audit import LedgerStrategy
-from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog, RoundStrategy
+from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog, RoundStrategy, to_numpy
 
 log = logging.getLogger("fedlocale.server")
 
@@ -146,7 +159,8 @@ class RunState:
     """What ``state.json`` holds after each round: enough to continue with the next one.
 
     The global adapters themselves stay in ``checkpoints/round-NNN`` (the last round's and the best round's are
-    read back on resume).
+    read back on resume), and so does the server optimizer's state after each round, which ``optimizer_state``
+    names with its hash (``save_optimizer_state``).
     """
 
     completed_round: int
@@ -159,6 +173,9 @@ class RunState:
     # which federation this is, kept across resumes; sent in every task so that a node can tell what it kept
     # between rounds of this run from an earlier run's (states written before it existed have none)
     run_key: str = ""
+    # {"file": path in the run folder, "sha256": of its bytes, "step": steps taken, "optimizer": name and
+    # hyperparameters}; states written before server optimizers existed have none (their runs are fedavg)
+    optimizer_state: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able view, with a format version."""
@@ -196,6 +213,13 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     flat = _flatten(raw)
     flat["regions"] = list(cfg.region_names)  # the order matters: it is how replies name their region
     kept = {k: v for k, v in flat.items() if not any(k == p or k.startswith(f"{p}.") for p in RESUMABLE_CHANGES)}
+    # the server optimizer as it steps: its hyperparameters with the defaults filled in, only those it reads.
+    # fedavg is named by its server_lr alone, as before optimizers existed, so that earlier runs still resume
+    for name in {"optimizer", *(k for params in OPTIMIZER_HYPERPARAMETERS.values() for k in params)}:
+        kept.pop(f"aggregation.{name}", None)
+    if cfg.aggregation.optimizer != "fedavg":
+        kept["aggregation.optimizer"] = cfg.aggregation.optimizer
+    kept.update({f"aggregation.{k}": v for k, v in cfg.aggregation.optimizer_settings().items()})
     # personalization runs after the rounds, except dual: its nodes train a personal LoRA in them (added only
     # then, so that the fingerprints of other runs stay what they were)
     if cfg.personalize.mode == "dual":
@@ -307,7 +331,7 @@ def _describe_rejected(rejected: list[dict[str, str | None]]) -> str:
 
 def _train_round(
     grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, run_key: str
-) -> tuple[ArrayRecord, dict[str, Any]]:
+) -> tuple[ArrayRecord, dict[str, Any], OptimizerState]:
     timeout = cfg.aggregation.round_timeout
     replies = _send(
         grid, strategy.configure_train(server_round, arrays, _task_config(cfg, server_round, run_key), grid), timeout
@@ -317,7 +341,7 @@ def _train_round(
     train = strategy.aggregate_train_round(server_round, replies)
     participants = [r.region for r in train.replies]
     missing = [n for n in cfg.region_names if n not in participants]
-    if len(train.replies) < cfg.aggregation.min_clients:
+    if len(train.replies) < cfg.aggregation.min_clients or train.optimizer_state is None:
         raise FederationError(
             f"{len(train.replies)} region(s) replied, at least {cfg.aggregation.min_clients} needed; "
             f"missing: {', '.join(missing) or 'none'}; rejected: {_describe_rejected(train.rejected)}"
@@ -333,7 +357,7 @@ def _train_round(
             r.region: {"loss": r.metrics[keys.TRAIN_LOSS], "num_examples": r.num_examples} for r in train.replies
         },
     }
-    return train.arrays or arrays, record
+    return train.arrays or arrays, record, train.optimizer_state
 
 
 def _evaluate(
@@ -362,15 +386,15 @@ def _evaluate(
 
 def _run_round(
     grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, run_key: str
-) -> tuple[ArrayRecord, dict[str, Any]]:
+) -> tuple[ArrayRecord, dict[str, Any], OptimizerState]:
     started = time.perf_counter()
-    arrays, record = _train_round(grid, strategy, cfg, server_round, arrays, run_key)
+    arrays, record, optimizer_state = _train_round(grid, strategy, cfg, server_round, arrays, run_key)
     record["val"], record["val_overall"], bytes_down = _evaluate(
         grid, strategy, cfg, server_round, arrays, keys.VAL, run_key
     )
     record["bytes_down"] += bytes_down
     record["seconds"] = time.perf_counter() - started  # wall time of train + validation, for the benchmarks
-    return arrays, record
+    return arrays, record, optimizer_state
 
 
 def checkpoint_dir(out_dir: Path, server_round: int) -> Path:
@@ -392,16 +416,17 @@ def _naming_checkpoint(what: str, out_dir: Path, completed: int) -> Iterator[Non
         raise FederationError(f"{what}: {err}; {where}") from err
 
 
-def _make_strategy(cfg: RunConfig, out_dir: Path) -> RoundStrategy:
+def _make_strategy(cfg: RunConfig, out_dir: Path, optimizer_state: OptimizerState) -> RoundStrategy:
     agg = cfg.aggregation
     strategy = RegionFedAvg(
         cfg.region_names,
         method=agg.method,
-        server_lr=agg.server_lr,
+        optimizer=ServerOptimizer.from_settings(agg),
         fraction_train=agg.fraction_train,
         min_clients=agg.min_clients,
         seed=cfg.seed,
         node_timeout=agg.node_timeout,
+        optimizer_state=optimizer_state,
         lora=agg.lora,
     )
     audit = out_dir / AUDIT_DIR
@@ -426,7 +451,6 @@ def run_rounds(
     for the rounds run here only.
     """
     started = time.perf_counter()
-    strategy = _make_strategy(cfg, out_dir)
     stop = cfg.early_stopping
     stopper = EarlyStopper(stop.patience, higher_is_better=stop.metric != "loss", min_delta=stop.min_delta)
     writer = MetricsWriter(out_dir / METRICS_FILE)
@@ -434,6 +458,9 @@ def run_rounds(
     arrays = best = ArrayRecord(adapter_state(loaded.model))
     rounds: list[dict[str, Any]] = []
     seconds_before = 0.0
+    optimizer = ServerOptimizer.from_settings(cfg.aggregation)
+    optimizer_state = OptimizerState()
+    optimizer_ref: dict[str, Any] | None = None
     if resume_from is not None:
         rounds = list(resume_from.rounds)
         stopper.best_round, stopper.best_value = resume_from.best_round, resume_from.best_value
@@ -442,6 +469,9 @@ def run_rounds(
             writer.write_round(record)
         best = _load_checkpoint(loaded, out_dir, resume_from.best_round)
         arrays = _load_checkpoint(loaded, out_dir, resume_from.completed_round)
+        optimizer_state = load_optimizer_state(resume_from, optimizer, out_dir, to_numpy(arrays))
+        optimizer_ref = resume_from.optimizer_state
+    strategy = _make_strategy(cfg, out_dir, optimizer_state)
     server_round = len(rounds)
     should_stop = bool(rounds) and stopper.exhausted(server_round)
     if rounds and (should_stop or server_round == cfg.rounds):
@@ -449,13 +479,14 @@ def run_rounds(
     while not should_stop and server_round < cfg.rounds:
         server_round += 1
         with _naming_checkpoint(f"round {server_round}", out_dir, server_round - 1):
-            arrays, record = _run_round(grid, strategy, cfg, server_round, arrays, run_key)
+            arrays, record, optimizer_state = _run_round(grid, strategy, cfg, server_round, arrays, run_key)
         writer.write_round(record)
         should_stop = stopper.update(server_round, record["val_overall"].get(stop.metric))
         if stopper.best_round == server_round:
             best = arrays
         # the checkpoint first: a crash before the state is written redoes this round, never skips it
         _save_checkpoint(loaded, arrays, checkpoint_dir(out_dir, server_round))
+        optimizer_ref = save_optimizer_state(out_dir, server_round, optimizer, optimizer_state)
         rounds.append(record)
         state = RunState(
             completed_round=server_round,
@@ -466,6 +497,7 @@ def run_rounds(
             fingerprint=fingerprint(settings),
             settings=settings,
             run_key=run_key,
+            optimizer_state=optimizer_ref,
         )
         write_state(out_dir, state)
         if on_round is not None:
@@ -496,6 +528,70 @@ def run_rounds(
 def _save_checkpoint(loaded: LoadedModel, arrays: ArrayRecord, folder: Path) -> None:
     load_adapter_state(loaded.model, arrays.to_torch_state_dict())
     loaded.model.save_pretrained(str(folder))
+
+
+def save_optimizer_state(
+    out_dir: Path, server_round: int, optimizer: ServerOptimizer, state: OptimizerState
+) -> dict[str, Any]:
+    """Write the optimizer's ``state`` after ``server_round`` beside that round's checkpoint (safetensors,
+    atomically); the reference ``RunState.optimizer_state`` keeps: the file, its hash, the step, the optimizer."""
+    path = checkpoint_dir(out_dir, server_round) / SERVER_OPTIMIZER_FILE
+    # np.asarray, not ascontiguousarray: that one makes a 0-d tensor 1-d
+    tensors = {k: np.asarray(state.arrays[k], order="C") for k in sorted(state.arrays)}
+    record = optimizer.to_record()
+    data = safetensors.numpy.save(tensors, metadata={"optimizer": json.dumps(record), "step": str(state.step)})
+    write_atomic(path, data)
+    return {
+        "file": path.relative_to(out_dir).as_posix(),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "step": state.step,
+        "optimizer": record,
+    }
+
+
+def load_optimizer_state(
+    state: RunState, optimizer: ServerOptimizer, out_dir: Path, reference: dict[str, np.ndarray]
+) -> OptimizerState:
+    """The optimizer state after ``state``'s last round, read back from the file its reference names; a
+    ResumeError when it is missing, changed, of another optimizer, or does not fit the adapter ``reference``."""
+    ref = state.optimizer_state
+    cannot = f"cannot resume {out_dir}:"
+    if ref is None:
+        if optimizer.name == "fedavg":
+            # a state written before server optimizers existed: its run was fedavg, which keeps nothing
+            return OptimizerState(step=state.completed_round)
+        raise ResumeError(
+            f"{cannot} {STATE_FILE} records no server optimizer state, and {optimizer.name} cannot go on without "
+            "its moments; start afresh without resume"
+        )
+    if not isinstance(ref, dict) or not {"file", "sha256", "step", "optimizer"} <= set(ref):
+        raise ResumeError(f"{cannot} {STATE_FILE}: optimizer_state is not a reference this program writes: {ref!r}")
+    if ref["optimizer"] != optimizer.to_record():
+        raise ResumeError(
+            f"{cannot} its server optimizer state is of {ref['optimizer']}, the config asks for {optimizer.to_record()}"
+        )
+    if ref["step"] != state.completed_round:
+        raise ResumeError(
+            f"{cannot} its server optimizer state took {ref['step']} step(s), but {state.completed_round} round(s) "
+            "finished"
+        )
+    path = out_dir / str(ref["file"])
+    if not path.is_file():
+        raise ResumeError(f"{cannot} {STATE_FILE} names the server optimizer state {path}, which is missing")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise ResumeError(
+            f"{cannot} {path} does not hash to the sha256 {STATE_FILE} records for it (changed or damaged since)"
+        )
+    try:
+        arrays = safetensors.numpy.load(data)
+    except SafetensorError as err:
+        raise ResumeError(f"{cannot} {path} is not a readable safetensors file ({err})") from err
+    loaded = OptimizerState(int(ref["step"]), arrays)
+    problem = optimizer.state_problem(loaded, reference)
+    if problem:
+        raise ResumeError(f"{cannot} {path}: {problem}")
+    return loaded
 
 
 def _load_checkpoint(loaded: LoadedModel, out_dir: Path, server_round: int) -> ArrayRecord:

@@ -22,7 +22,14 @@ from common.metrics import weighted_mean
 from common.model import LORA_A
 from common.policy import refused_region
 from common.seeds import derive_seed
-from server.aggregate import aggregation_weights, frozen_problem, server_step, update_problem, weighted_average
+from server.aggregate import (
+    OptimizerState,
+    ServerOptimizer,
+    aggregation_weights,
+    frozen_problem,
+    update_problem,
+    weighted_average,
+)
 
 log = logging.getLogger("fedlocale.server")
 
@@ -100,6 +107,7 @@ class RoundLog:
     arrays: ArrayRecord | None = None  # train: the new global adapter
     global_arrays: dict[str, np.ndarray] | None = None  # train: ``arrays`` as computed, before serialization
     weights: list[float] = field(default_factory=list)  # train: the aggregation weight of each accepted reply
+    optimizer_state: OptimizerState | None = None  # train: the server optimizer's state after this round's step
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -180,7 +188,10 @@ class _Sent:
 class RegionFedAvg(RoundAggregation, FedAvg):
     """FedAvg whose replies are checked, tagged with their region, and combined by ``server.aggregate``.
 
-    A malformed, failed or missing reply is rejected and recorded, never averaged in. Sampling waits at most
+    A malformed, failed or missing reply is rejected and recorded, never averaged in. The example-weighted mean
+    becomes the new global adapter through ``optimizer`` (``server_update``), whose state the strategy keeps
+    between rounds as Flower's FedOpt keeps its moments; ``optimizer_state`` is where a resumed run starts it
+    (default: fresh) and every train RoundLog returns it after the round's step. Sampling waits at most
     ``node_timeout`` seconds for ``min_clients`` nodes (``clock`` and ``sleep`` are injectable for tests).
     The record keys are Flower's (``arrayrecord_key``, ``configrecord_key``, ``weighted_by_key``) plus the
     MetricRecord that carries a reply's metrics and the metric that names its region.
@@ -190,7 +201,7 @@ class RegionFedAvg(RoundAggregation, FedAvg):
         self,
         region_names: Sequence[str],
         method: str = "weighted",
-        server_lr: float = 1.0,
+        optimizer: ServerOptimizer | None = None,
         fraction_train: float = 1.0,
         min_clients: int = 2,
         seed: int = 0,
@@ -204,6 +215,7 @@ class RegionFedAvg(RoundAggregation, FedAvg):
         metricrecord_key: str = keys.METRICS,
         weighted_by_key: str = keys.NUM_EXAMPLES,
         region_key: str = keys.REGION_INDEX,
+        optimizer_state: OptimizerState | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -219,7 +231,8 @@ class RegionFedAvg(RoundAggregation, FedAvg):
         self.region_key = region_key
         self.region_names = tuple(region_names)
         self.method = method
-        self.server_lr = server_lr
+        self.optimizer = optimizer or ServerOptimizer()  # plain FedAvg
+        self.optimizer_state = optimizer_state or OptimizerState()
         self.seed = seed
         self.node_timeout = node_timeout
         self.lora = lora  # aggregation.lora: with ffa a reply whose lora_A changed is rejected
@@ -346,7 +359,7 @@ class RegionFedAvg(RoundAggregation, FedAvg):
         return problem, reply
 
     def aggregate_train_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
-        """Check replies, average the accepted adapters by example count, and take the server step.
+        """Check replies, average the accepted adapters by example count, and take the server optimizer's step.
 
         The MetricRecord holds the example-weighted train loss and the number of examples trained on; it is None,
         as the new adapter is, when no reply was accepted.
@@ -358,13 +371,26 @@ class RegionFedAvg(RoundAggregation, FedAvg):
         if not accepted:
             return RoundLog(received, accepted, rejected, sent.bytes_down)
         weights = aggregation_weights([r.num_examples for r in accepted], self.method)
-        new = server_step(sent.reference, weighted_average([r.update for r in accepted], weights), self.server_lr)
+        new, state = self.server_update(sent.reference, weighted_average([r.update for r in accepted], weights))
         losses = {r.region: r.metrics[keys.TRAIN_LOSS] for r in accepted}
         counts = {r.region: float(r.num_examples) for r in accepted}
         metrics = MetricRecord(
             {keys.TRAIN_LOSS: weighted_mean(losses, counts), self.weighted_by_key: int(sum(counts.values()))}
         )
-        return RoundLog(received, accepted, rejected, sent.bytes_down, metrics, to_record(new), new, weights)
+        return RoundLog(received, accepted, rejected, sent.bytes_down, metrics, to_record(new), new, weights, state)
+
+    def server_update(
+        self, current: dict[str, np.ndarray], mean: dict[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], OptimizerState]:
+        """The new global adapter from the one the round started from and the round's weighted mean, by the
+        server optimizer, and its state after the step (kept for the next round).
+
+        The one place a round's mean becomes the new global model: a strategy that obtains the mean another way
+        (e.g. from the unmasked sum of secure aggregation) calls this too, so that every optimizer, its resume
+        and its audit replay apply unchanged.
+        """
+        new, self.optimizer_state = self.optimizer.step(current, mean, self.optimizer_state)
+        return new, self.optimizer_state
 
     def aggregate_evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
         """Example-weighted means of the regions' evaluation metrics (regions without the split carry no weight);

@@ -30,11 +30,13 @@ from common.runfiles import (
     CONFIG_FILE,
     FEDERATION_FILE,
     KEYS_FILE,
+    LABEL_MIX_FILE,
     LEDGER_FILE,
     NODES_DIR,
     PUBLIC_KEY_FILE,
     SERVER_DIR,
     SERVER_ERROR_FILE,
+    SIMULATED_CACHE_DIR,
     SIMULATED_PERSONAL_DIR,
     UPDATES_DIR,
     Summary,
@@ -46,6 +48,7 @@ from common.runfiles import (
 from deploy.env import apply_env
 from runfolder.summary import build_summary, read_metrics, with_personalized
 from simulations.baselines import run_centralized, run_local_only
+from simulations.datasplit import run_label_mix
 from simulations.personalize import personalize_run
 
 log = logging.getLogger("fedlocale")
@@ -156,7 +159,12 @@ def run_flower(
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir, on_round, resume=resume),
-            client_app=make_client_app(cfg.regions, audit_root=out_dir / AUDIT_DIR / NODES_DIR, personal=personal),
+            client_app=make_client_app(
+                cfg.regions,
+                audit_root=out_dir / AUDIT_DIR / NODES_DIR,
+                personal=personal,
+                cache_root=out_dir / SIMULATED_CACHE_DIR,
+            ),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
         )
@@ -242,6 +250,9 @@ def simulate(
         clear_run_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / CONFIG_FILE, yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    # the regions' label mix for the report: the data is local in a simulation (a deployment records none)
+    mix = run_label_mix(cfg.labels, data, [region.data for region in cfg.regions])
+    write_atomic(out_dir / LABEL_MIX_FILE, json.dumps(mix, ensure_ascii=False, indent=2) + "\n")
     fed_file = out_dir / FEDERATION_FILE
     fed_file.unlink(missing_ok=True)
     (out_dir / SERVER_ERROR_FILE).unlink(missing_ok=True)

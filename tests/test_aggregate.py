@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
 from common.audit import SERVER, Ledger, payload_hash
-from server.aggregate import aggregation_weights, server_step, update_problem, weighted_average
+from server.aggregate import ServerOptimizer, aggregation_weights, update_problem, weighted_average
 from server.audit import LedgerStrategy, load_kept
 from server.strategy import RegionFedAvg, RoundStrategy, record_bytes
 
@@ -100,26 +100,6 @@ def test_weighted_average_keeps_dtype_and_rejects_mismatched_lengths() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# server_step
-
-
-def test_server_step_lr_1_is_the_average_and_lr_2_doubles_the_step() -> None:
-    rng = np.random.default_rng(3)
-    current, average = random_update(rng), random_update(rng)
-    same = server_step(current, average, 1.0)
-    doubled = server_step(current, average, 2.0)
-    half = server_step(current, average, 0.5)
-    for name in SHAPES:
-        np.testing.assert_array_equal(same[name], average[name])
-        assert same[name] is not average[name]  # a copy, not the caller's array
-        np.testing.assert_allclose(
-            doubled[name] - current[name], 2 * (average[name] - current[name]), rtol=1e-5, atol=1e-6
-        )
-        np.testing.assert_allclose(half[name], (current[name] + average[name]) / 2, rtol=1e-6, atol=1e-7)
-        assert doubled[name].dtype == np.float32
-
-
-# ---------------------------------------------------------------------------------------------------------
 # update_problem
 
 
@@ -199,7 +179,7 @@ def test_aggregate_train_rejects_malformed_and_nan_and_averages_the_rest() -> No
     extra = {**random_update(rng), "base_model.embeddings.weight": np.ones((3, 8), np.float32)}
     nan = random_update(rng)
     nan["lora_B"][0, 0] = np.nan
-    strategy = RegionFedAvg(REGIONS, method="weighted", server_lr=1.0, min_clients=2)
+    strategy = RegionFedAvg(REGIONS, method="weighted", min_clients=2)
     by_node = send(strategy, sent, [11, 12, 13, 14])
     replies = [
         reply(by_node[12], good_b, 10, 0.9, region=1),  # south
@@ -236,7 +216,7 @@ def test_aggregate_train_rejects_malformed_and_nan_and_averages_the_rest() -> No
 def test_aggregate_train_server_lr_and_uniform() -> None:
     rng = np.random.default_rng(5)
     sent, a, b = random_update(rng), random_update(rng), random_update(rng)
-    strategy = RegionFedAvg(REGIONS[:2], method="uniform", server_lr=2.0, min_clients=2)
+    strategy = RegionFedAvg(REGIONS[:2], method="uniform", optimizer=ServerOptimizer(server_lr=2.0), min_clients=2)
     by_node = send(strategy, sent, [1, 2])
     record, _ = strategy.aggregate_train(1, [reply(by_node[1], a, 90, 0.3, 0), reply(by_node[2], b, 10, 0.4, 1)])
     assert record is not None

@@ -367,7 +367,13 @@ def regions_with_pii(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def audited_run(
-    root: Path, tiny_bert: Path, regions: Path, policies: dict[str, dict[str, Any]], keep: bool = True
+    root: Path,
+    tiny_bert: Path,
+    regions: Path,
+    policies: dict[str, dict[str, Any]],
+    keep: bool = True,
+    rounds: int = 2,
+    aggregation: dict[str, Any] | None = None,
 ) -> tuple[RunConfig, Path]:
     folder = root / "policies"
     folder.mkdir(parents=True, exist_ok=True)
@@ -377,11 +383,11 @@ def audited_run(
         root / "run.yaml",
         tiny_bert,
         regions,
-        rounds=2,
+        rounds=rounds,
         train=TRAIN,
         policies="policies",
         audit={"keep_updates": keep},
-        aggregation={"min_clients": 1},
+        aggregation={"min_clients": 1, **(aggregation or {})},
     )
     cfg = load_config(path)
     out = root / "out"
@@ -483,6 +489,109 @@ def test_a_swapped_kept_update_fails_the_recomputation(audited: tuple[RunConfig,
     rounds, problems = recompute(server, copy)
     assert rounds == 2 and len(problems) == 1
     assert "round 2" in problems[0] and "does not hash to the update the ledger records for north" in problems[0]
+
+
+# server optimizers: the ledger records each, and the recomputation replays its state from round 1
+
+OPTIMIZED = {
+    "fedavgm": {"server_lr": 0.5, "momentum": 0.8},
+    "fedadam": {"server_lr": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedyogi": {"server_lr": 0.05, "beta_1": 0.8, "beta_2": 0.9, "tau": 1e-2},
+    "fedadagrad": {"server_lr": 0.05, "beta_1": 0.5, "tau": 1e-3},
+}
+
+
+@pytest.fixture(scope="module", params=list(OPTIMIZED))
+def optimized(
+    request: pytest.FixtureRequest, tiny_bert: Path, regions_with_pii: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[RunConfig, Path]:
+    name = request.param
+    root = tmp_path_factory.mktemp(f"audited-{name}")
+    aggregation = {"optimizer": name, **OPTIMIZED[name]}
+    return audited_run(root, tiny_bert, regions_with_pii, {"north": {}, "south": {}}, rounds=3, aggregation=aggregation)
+
+
+def aggregate_bodies(server: Any) -> list[dict[str, Any]]:
+    return [e["body"] for e in server.entries if e["body"]["kind"] == "aggregate"]
+
+
+def test_every_optimizer_is_recorded_and_its_rounds_recompute_exactly(optimized: tuple[RunConfig, Path]) -> None:
+    cfg, out = optimized
+    server, nodes = checks(out, cfg.region_names)
+    assert server.ok and all(n.ok for n in nodes), [server.problem, *(n.problem for n in nodes)]
+    name = cfg.aggregation.optimizer
+    bodies = aggregate_bodies(server)
+    assert [b["optimizer"] for b in bodies] == [{"name": name, **OPTIMIZED[name]}] * 3
+    assert [b["optimizer_step"] for b in bodies] == [1, 2, 3]
+    assert [b["server_lr"] for b in bodies] == [OPTIMIZED[name]["server_lr"]] * 3
+    assert len({b["optimizer_state_sha256"] for b in bodies}) == 3  # the state moves every round
+    assert recompute(server, out / AUDIT_DIR / "updates") == (3, [])
+
+
+def tampered(server: Any, server_round: int, **changes: Any) -> Any:
+    """The server ledger's entries with the aggregate of ``server_round`` recording something else: what a server
+    that signs a wrong record would give (the signature holds; only the recomputation can tell)."""
+    entries = []
+    for entry in server.entries:
+        body = entry["body"]
+        if body["kind"] == "aggregate" and body["round"] == server_round:
+            entry = {**entry, "body": {**body, **changes}}
+        entries.append(entry)
+    return dataclasses.replace(server, entries=tuple(entries))
+
+
+def test_a_wrong_recorded_hyperparameter_or_optimizer_is_caught_and_the_rounds_after_it_too(
+    optimized: tuple[RunConfig, Path],
+) -> None:
+    cfg, out = optimized
+    name = cfg.aggregation.optimizer
+    server, _ = checks(out, cfg.region_names)
+    updates = out / AUDIT_DIR / "updates"
+    record = {"name": name, **OPTIMIZED[name]}
+    key = "momentum" if name == "fedavgm" else "beta_1"
+    wrong = tampered(server, 2, optimizer={**record, key: record[key] / 2})
+    rounds, problems = recompute(wrong, updates)
+    assert rounds == 3 and len(problems) == 2, problems
+    assert "round 2: the kept updates, stepped by" in problems[0]
+    assert "do not aggregate to the global adapter the ledger records" in problems[0]
+    assert f"round 3: {name} carries its state from round to round, and round 2 could not be" in problems[1]
+
+    # round 1 recorded as plain FedAvg at the same step size: another result (fedavgm's first step is FedAvg's:
+    # its momentum starts at zero, and then the state it leaves tells them apart)
+    as_fedavg = tampered(server, 1, optimizer={"name": "fedavg", "server_lr": record["server_lr"]})
+    rounds, problems = recompute(as_fedavg, updates)
+    assert len(problems) == 3
+    why = "the replayed fedavg state does not hash" if name == "fedavgm" else "the kept updates, stepped by fedavg"
+    assert f"round 1: {why}" in problems[0]
+
+    unknown = tampered(server, 3, optimizer={"name": "fedsgd", "server_lr": 1.0})
+    (problem,) = recompute(unknown, updates)[1]
+    assert "round 3: the recorded server optimizer is not one this program knows" in problem
+
+    state = tampered(server, 3, optimizer_state_sha256="0" * 64)
+    (problem,) = recompute(state, updates)[1]
+    assert f"round 3: the replayed {name} state does not hash to the state the ledger records" in problem
+
+
+def test_a_tampered_kept_update_breaks_the_replay_from_its_round_on(
+    optimized: tuple[RunConfig, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    cfg, out = optimized
+    copy = tmp_path / "updates"
+    shutil.copytree(out / AUDIT_DIR / "updates", copy)
+    path = copy / "round-001" / "south.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    first = next(k for k in arrays if k != "__metrics__")
+    arrays[first] = arrays[first] + np.float32(1e-3)
+    np.savez(path, **arrays)
+    server, _ = checks(out, cfg.region_names)
+    rounds, problems = recompute(server, copy)
+    assert rounds == 3 and len(problems) == 3, problems
+    assert "round 1" in problems[0] and "does not hash to the update the ledger records for south" in problems[0]
+    assert all("could not be recomputed, so this one cannot be either" in p for p in problems[1:])
 
 
 def test_a_policy_violation_stops_the_reply_and_the_server_records_it(

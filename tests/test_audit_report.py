@@ -106,7 +106,9 @@ def server_bodies() -> list[dict[str, Any]]:
         {"kind": "inbound", "run": 7, "round": 1, "message": "evaluate", "node": 1, "region_index": 0,
          "sha256": SHA["north-eval"], "status": "received"},
         {"kind": "dispatch", "run": 7, "round": 2, "message": "train", "global_sha256": SHA["g1"], "nodes": [1, 2]},
-        {"kind": "aggregate", "run": 7, "round": 2, "method": "weighted", "server_lr": 1.0, "base_sha256": SHA["g0"],
+        {"kind": "aggregate", "run": 7, "round": 2, "method": "weighted", "server_lr": 0.01, "base_sha256": SHA["g0"],
+         "optimizer": {"name": "fedadam", "server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001},
+         "optimizer_step": 2, "optimizer_state_sha256": SHA["g2"][::-1],
          "participants": [{"region": "north", "node": 1, "sha256": SHA["north-2"], "num_examples": 64,
                            "weight": 1.0}],
          "rejected": [], "global_sha256": SHA["g2"]},
@@ -191,12 +193,16 @@ def test_server_section(report: tuple[Path, str]) -> None:
     assert "### Run 7, round 1" in server
     assert f"| north | 1 | 64 | 100.0 % | `{SHA['north-1'][:12]}…` | yes, line 1 |" in server
     assert f"**Rejected:** east (node 2): node failed: refused by the policy of region east: {REFUSAL}" in server
-    assert f"shared model `{SHA['g1'][:12]}…` (method weighted" in server
+    assert f"shared model `{SHA['g1'][:12]}…` (method weighted, server step size 1.0)." in server
     assert "train: 1 received, 1 error(s)" in server
     assert "### Run 7, evaluation of round 1's model" in server
     round_2 = server.split("### Run 7, round 2", 1)[1].split("###", 1)[0]
     assert f"`{SHA['north-2'][:12]}…` | yes, line 3 |" in round_2
     assert "**Combined:**" in round_2 and "Rejected" not in round_2
+    assert (
+        "(method weighted, server optimizer fedadam (server_lr 0.01, beta_1 0.9, beta_2 0.99, tau 0.001), step 2)."
+        in round_2
+    )
     assert f"⚠ The round started from `{SHA['g0'][:12]}…`, not from the model sent out." in round_2
 
 

@@ -102,6 +102,14 @@ def good_input(root: Path) -> Path:
     return path
 
 
+def split_pool(root: Path, kind: str) -> Path:
+    """A pool for ``data split`` whose train file is hostile (its test file is good)."""
+    train = hostile(root, kind, "split-pool/train.jsonl")
+    train.parent.mkdir(parents=True, exist_ok=True)
+    (train.parent / "test.jsonl").write_text(json.dumps({"text": "fine", "label": "pos", "lang": "en"}) + "\n")
+    return train.parent
+
+
 def a_key(root: Path) -> Path:
     """A real Ed25519 public key (so only the hostile part of an audit case is hostile)."""
     from common.audit import create_signing_key
@@ -173,6 +181,26 @@ COMMANDS: dict[str, Argv] = {
     "audit policy": lambda r, k: ["audit", "policy", str(hostile(r, k, "policy.yaml"))],
     "data demo (out is a file)": lambda r, k: ["data", "demo", str(hostile(r, k, "demo"))],
     "data intent (out is a file)": lambda r, k: ["data", "intent", "--out", str(hostile(r, k, "intent"))],
+    "data split (pool)": lambda r, k: [
+        "data",
+        "split",
+        str(hostile(r, k, "pool")),
+        "--out",
+        str(r / "split-out" / k),
+        "--regions",
+        "2",
+        "--alpha",
+        "1",
+    ],
+    "data split (train file)": lambda r, k: [
+        "data",
+        "split",
+        str(split_pool(r, k)),
+        "--out",
+        str(r / "split-out-train" / k),
+        "--by",
+        "lang",
+    ],
     "model build (out is a file)": lambda r, k: [
         "model",
         "build",
@@ -248,6 +276,8 @@ USAGE_ERRORS = [
     ["predict", "m", "-", "--max-length", "-1"],
     ["deploy", "up", "d.yaml", "--timeout", "soon"],
     ["data", "demo", "d", "--seed", "1.5"],
+    ["data", "split", "p", "--out", "o", "--regions", "many", "--alpha", "1"],
+    ["data", "split", "p", "--regions", "2", "--alpha", "1"],
     ["model", "build", "no-such-model"],
     ["audit", "verify"],
 ]

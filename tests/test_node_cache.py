@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -363,7 +364,11 @@ def _call(kind: str, task: ClientTask, state: dict[str, torch.Tensor], node_conf
 
 @pytest.mark.usefixtures("server_identity", "keep_threads")
 def test_app_uses_the_node_settings_and_keeps_the_cache_in_its_folder(
-    region: Region, task: ClientTask, global_state: dict[str, torch.Tensor], tmp_path: Path
+    region: Region,
+    task: ClientTask,
+    global_state: dict[str, torch.Tensor],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cache = tmp_path / "node-cache"
     outside = files_under(tmp_path)
@@ -374,13 +379,27 @@ def test_app_uses_the_node_settings_and_keeps_the_cache_in_its_folder(
         keys.NODE_THREADS: 1,
     }
     torch.set_num_threads(2)
-    for kind in (MessageType.TRAIN, MessageType.EVALUATE, MessageType.TRAIN):
+    loads = []
+    real_load = AutoTokenizer.from_pretrained
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        loads.append(args)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr("common.model.AutoTokenizer.from_pretrained", counted)
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE, MessageType.TRAIN, MessageType.EVALUATE):
         reply = _call(kind, task, global_state, node)
         assert not reply.has_error()
         assert torch.get_num_threads() == 1
-    assert files_under(tmp_path) - outside == set(entries(cache))  # nothing else written, no temporary left
-    assert len(entries(cache)) == 2  # train and val; the second train message hit
-    assert all(p.stat().st_mode & 0o077 == 0 for p in entries(cache))  # private to the node's user
+    # a message loads the tokenizer only to tokenise: the first train and val messages did (each missed), the
+    # later ones found the tokenizer's description and their ids in the cache
+    assert len(loads) == 2
+    described = sorted((cache / CACHE_SUBDIR / "tokenizers").glob("*.json"))
+    assert len(described) == 1
+    # nothing else written, no temporary left
+    assert files_under(tmp_path) - outside == set(entries(cache)) | set(described)
+    assert len(entries(cache)) == 2  # train and val; the later messages hit
+    assert all(p.stat().st_mode & 0o077 == 0 for p in [*entries(cache), *described])  # private to the node's user
 
 
 @pytest.mark.usefixtures("server_identity")
@@ -400,3 +419,46 @@ def test_entry_path_stays_in_the_cache_dir(tmp_path: Path) -> None:
 def test_client_app_freezes_what_its_imports_created() -> None:
     # a process per message: the collector must not rescan the import-time objects (benchmarks/bench_message.py)
     assert gc.get_freeze_count() > 100_000
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tokenizer a model folder makes, known without loading it
+
+
+def test_a_changed_tokenizer_file_is_a_new_description(tiny_bert: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from client.tokens import describe_tokenizer, folder_digest, known_tokenizer, remember_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert, folder)
+    cache = tmp_path / "cache"
+    digest = folder_digest(folder)
+    assert known_tokenizer(cache, digest) is None
+    known = describe_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+    remember_tokenizer(cache, digest, known)
+    assert known_tokenizer(cache, folder_digest(folder)) == known
+    # weights do not decide the tokenizer: rewriting them keeps the description
+    weights = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes() + b"")
+    assert folder_digest(folder) == digest
+    # any other file might: a changed tokenizer definition is another digest, so the tokenizer is loaded again
+    definition = folder / "tokenizer.json"
+    definition.write_text(definition.read_text().replace('"newword"', '"newword"') + "\n")
+    assert folder_digest(folder) != digest
+    assert known_tokenizer(cache, folder_digest(folder)) is None
+
+
+def test_a_damaged_description_is_ignored(tiny_bert: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from client.tokens import folder_digest, known_tokenizer, memo_path
+
+    cache = tmp_path / "cache"
+    digest = folder_digest(tiny_bert)
+    path = memo_path(cache, digest)
+    path.parent.mkdir(parents=True)
+    for body in ("{not json", '{"fingerprint": "short", "vocab_size": 5}', '{"vocab_size": 5}'):
+        path.write_text(body)
+        with caplog.at_level(logging.WARNING):
+            assert known_tokenizer(cache, digest) is None
+        assert "ignoring tokenizer description" in caplog.text
+        caplog.clear()

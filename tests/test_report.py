@@ -162,6 +162,15 @@ def test_full_report(tmp_path: Path) -> None:
         check_png(tmp_path / "run" / name)
 
 
+def test_the_report_says_which_server_optimizer_was_used(tmp_path: Path) -> None:
+    summary = make_summary()
+    text = write_report(tmp_path / "plain", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    assert "server optimizer" not in text  # a summary written before optimizers existed says nothing of one
+    summary["run"]["optimizer"] = {"name": "fedadam", "server_lr": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}
+    text = write_report(tmp_path / "adam", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    assert "server optimizer: `fedadam` (server_lr 0.01, beta_1 0.9, beta_2 0.99, tau 0.001), seed 7." in text
+
+
 def test_report_without_baselines_or_per_round(tmp_path: Path) -> None:
     summary = make_summary()
     for block in [*summary["regions"].values(), summary["overall"]]:
@@ -205,3 +214,32 @@ def test_empty_inputs_still_write_a_report(tmp_path: Path, summary: Summary) -> 
     assert text.count("Skipped plot") == 4
     assert "No overall test scores were recorded." in text
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_label_mix_section_from_a_simulation_record(tmp_path: Path) -> None:
+    """A simulation's label_mix.json becomes a table and a stacked-bar plot; without it (a deployment, whose server
+    learns nothing of a region's data) the section says it was not recorded and no stale plot stays."""
+    import json
+
+    from common.runfiles import LABEL_MIX_FILE, LABEL_MIX_PLOT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mix = {
+        "regions": {
+            "Germany": {"train": {"neg": 30, "pos": 10}, "val": {"neg": 0, "pos": 0}, "test": {"neg": 15, "pos": 5}},
+            "France": {"train": {"neg": 2, "pos": 18}, "val": {"neg": 1, "pos": 4}, "test": {"neg": 1, "pos": 9}},
+        },
+        "split": {"manifest": "/x/split.json", "source": "/data/pool", "parameters": {"regions": 2, "alpha": 0.3}},
+    }
+    (run / LABEL_MIX_FILE).write_text(json.dumps(mix))
+    text = write_report(run, Summary.from_json(make_summary()), make_metrics()).read_text(encoding="utf-8")
+    assert "| Germany | 75% / 25% (40) | - (0) | 75% / 25% (20) |" in text
+    assert "| France | 10% / 90% (20) | 20% / 80% (5) | 10% / 90% (10) |" in text
+    assert "`fedlocale data split` of `/data/pool` (regions 2, alpha 0.3)" in text
+    assert f"]({LABEL_MIX_PLOT})" in text
+    check_png(run / LABEL_MIX_PLOT)
+    (run / LABEL_MIX_FILE).unlink()
+    text = write_report(run, Summary.from_json(make_summary()), make_metrics()).read_text(encoding="utf-8")
+    assert "_Not recorded: only a simulation records it" in text
+    assert not (run / LABEL_MIX_PLOT).exists()

@@ -8,6 +8,7 @@ simulation with Ray and is marked slow.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import threading
@@ -227,6 +228,133 @@ def test_a_fresh_start_drops_an_older_runs_state(reference: tuple[RunConfig, Pat
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The server optimizer's state (aggregation.optimizer): saved every round, restored on resume
+
+ADAM = {"optimizer": "fedadam", "server_lr": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
+
+
+def adam_config(tmp_path: Path, tiny_bert: Path, two_regions: Path, rounds: int = 3) -> RunConfig:
+    path = tiny_config(
+        tmp_path / f"adam-{uuid.uuid4().hex[:6]}.yaml",
+        tiny_bert,
+        two_regions,
+        rounds=rounds,
+        train=TRAIN,
+        aggregation={"min_clients": 2, **ADAM},
+    )
+    return load_config(path)
+
+
+@pytest.fixture(scope="module")
+def adam_reference(
+    tiny_bert: Path, two_regions: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[RunConfig, Path]:
+    """Three fedadam rounds that were never stopped."""
+    root = tmp_path_factory.mktemp("resume-adam")
+    cfg = adam_config(root, tiny_bert, two_regions)
+    run(cfg, root / "out")
+    return cfg, root / "out"
+
+
+@pytest.fixture(scope="module")
+def adam_stopped(adam_reference: tuple[RunConfig, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same run, stopped after round 1 (a crash once round 1's state was written)."""
+    cfg, _ = adam_reference
+    out = tmp_path_factory.mktemp("resume-adam-stopped") / "out"
+
+    def stop_at_one(record: dict[str, Any]) -> None:
+        if record["round"] == 1:
+            raise Crash("stopped after round 1")
+
+    with pytest.raises(Crash):
+        run(cfg, out, on_round=stop_at_one)
+    return out
+
+
+def test_fedadam_stopped_after_round_one_and_resumed_equals_an_uninterrupted_one(
+    adam_reference: tuple[RunConfig, Path], adam_stopped: Path, reference: tuple[RunConfig, Path], tmp_path: Path
+) -> None:
+    cfg, ref = adam_reference
+    out = tmp_path / "out"
+    shutil.copytree(adam_stopped, out)
+    state = read_state(out)
+    assert state is not None and state.completed_round == 1 and state.optimizer_state is not None
+    saved = state.optimizer_state
+    assert saved["file"] == "checkpoints/round-001/server-optimizer.safetensors"
+    assert saved["step"] == 1 and saved["optimizer"] == {
+        "name": "fedadam",
+        **{k: v for k, v in ADAM.items() if k != "optimizer"},
+    }
+    data = (out / saved["file"]).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == saved["sha256"]
+    moments = load_file(str(out / saved["file"]))
+    names = set(adapter(ref))
+    assert set(moments) == {f"{b}/{n}" for b in ("m", "v") for n in names}
+    assert all(t.dtype == torch.float64 for t in moments.values())
+    assert any(float(t.abs().max()) > 0 for t in moments.values())
+
+    _, grid = run(cfg, out, resume=True)
+    assert grid.trained_rounds() == [2, 3]
+    assert_same_run(out, ref)
+    final = read_state(out)
+    assert final is not None and final.optimizer_state is not None and final.optimizer_state["step"] == 3
+    # and the optimizer did something: the same rounds under fedavg end elsewhere
+    fedavg = adapter(reference[1])
+    assert max(float((adapter(ref)[k] - fedavg[k]).abs().max()) for k in fedavg) > 0
+
+
+def test_a_missing_or_changed_optimizer_state_is_refused(
+    adam_reference: tuple[RunConfig, Path], adam_stopped: Path, tmp_path: Path
+) -> None:
+    cfg, _ = adam_reference
+
+    def copy(name: str) -> tuple[Path, Path]:
+        out = tmp_path / name
+        shutil.copytree(adam_stopped, out)
+        return out, out / "checkpoints" / "round-001" / "server-optimizer.safetensors"
+
+    missing, path = copy("missing")
+    path.unlink()
+    with pytest.raises(ResumeError, match=f"names the server optimizer state {path}, which is missing"):
+        federate(object(), cfg, missing, resume=True)  # type: ignore[arg-type]
+
+    changed, path = copy("changed")
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one bit of one moment
+    path.write_bytes(bytes(data))
+    with pytest.raises(ResumeError, match=r"does not hash to the sha256 state\.json records for it"):
+        federate(object(), cfg, changed, resume=True)  # type: ignore[arg-type]
+
+    unnamed, _ = copy("unnamed")
+    raw = json.loads((unnamed / STATE_FILE).read_text())
+    del raw["optimizer_state"]
+    (unnamed / STATE_FILE).write_text(json.dumps(raw))
+    with pytest.raises(ResumeError, match="records no server optimizer state, and fedadam cannot go on without"):
+        federate(object(), cfg, unnamed, resume=True)  # type: ignore[arg-type]
+
+
+def test_the_optimizer_and_its_hyperparameters_are_fingerprinted(
+    adam_reference: tuple[RunConfig, Path], reference: tuple[RunConfig, Path], tmp_path: Path
+) -> None:
+    cfg, _ = adam_reference
+    fedavg_cfg, _ = reference
+    saved_state(cfg, tmp_path)
+    other = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, beta_1=0.5))
+    with pytest.raises(ResumeError, match=r"aggregation\.beta_1: 0\.9 when started, 0\.5 now"):
+        federate(object(), other, tmp_path, resume=True)  # type: ignore[arg-type]
+    # a default filled in is the same setting as the value written out
+    implicit = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, beta_2=None))
+    assert fingerprint(config_settings(implicit)) == fingerprint(config_settings(cfg))
+    # fedavg is fingerprinted as before optimizers existed (server_lr alone), so that earlier runs still resume
+    settings = config_settings(fedavg_cfg)
+    assert settings["aggregation.server_lr"] == 1.0
+    assert not {"aggregation.optimizer", "aggregation.momentum", "aggregation.beta_1", "aggregation.tau"} & set(
+        settings
+    )
+    assert config_settings(cfg)["aggregation.optimizer"] == "fedadam"
+
+
+# ---------------------------------------------------------------------------------------------------------
 # What may change between a stop and a resume
 
 
@@ -410,14 +538,23 @@ class StopServer(Exception):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("aggregation", [{}, ADAM], ids=["fedavg", "fedadam"])
 def test_simulation_stopped_after_round_two_and_resumed_equals_an_uninterrupted_one(
-    tiny_bert: Path, two_regions: Path, tmp_path: Path
+    tiny_bert: Path, two_regions: Path, tmp_path: Path, aggregation: dict[str, Any]
 ) -> None:
     import ray
 
     from simulations.runner import simulate
 
-    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=3, train=TRAIN))
+    path = tiny_config(
+        tmp_path / "run.yaml",
+        tiny_bert,
+        two_regions,
+        rounds=3,
+        train=TRAIN,
+        aggregation={"min_clients": 2, **aggregation},
+    )
+    cfg = load_config(path)
 
     def quiet(text: str) -> None:
         return None

@@ -65,6 +65,27 @@ def test_a_deployment_summary_has_the_known_shape_and_scores(deployed: Summary) 
     assert written["overall"]["federated"]["macro_f1"] == pytest.approx(0.5625)
     assert written["communication"]["bytes_up_total"] == 300 and written["run"]["rounds_done"] == 2
     assert written["timing"] == {"federated_s": 9.0, "federation_loop_s": 3.5}
+    # which server optimizer made the global model, with the hyperparameters it stepped with
+    assert written["run"]["optimizer"] == {"name": "fedavg", "server_lr": 1.0}
+    assert written["run"]["aggregation"] == "weighted" and written["run"]["server_lr"] == 1.0
+
+
+def test_the_summary_names_an_adaptive_optimizer_with_its_defaults_filled_in(tmp_path: Path) -> None:
+    regions = tmp_path / "regions"
+    for i, name in enumerate(["north", "south"]):
+        write_region(regions / name, 12, 6, seed=i)
+    path = tiny_config(
+        tmp_path / "run.yaml", tmp_path / "base", regions, aggregation={"optimizer": "fedyogi", "tau": 0.01}
+    )
+    summary = build_summary(load_config(path), None, _federation(), {}, 9.0, "run.yaml").to_json()
+    assert summary["run"]["optimizer"] == {
+        "name": "fedyogi",
+        "server_lr": 0.01,
+        "beta_1": 0.9,
+        "beta_2": 0.99,
+        "tau": 0.01,
+    }
+    assert summary["run"]["server_lr"] == 0.01
 
 
 def test_write_then_read_gives_the_same_summary_and_leaves_no_temp_file(deployed: Summary, tmp_path: Path) -> None:

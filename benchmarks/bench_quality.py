@@ -1,0 +1,190 @@
+"""Does the global model reach the joint objective? Federated vs centralized vs local-only, per scenario and option.
+
+    python -m benchmarks.bench_quality [--scenarios demo a0.1 a0.5 a1.0] [--options NAME ...] [--seeds 0 1 2]
+        [--regions 10] [--config configs/demo.yaml] [--set KEY=VALUE ...] [--work DIR] [--json FILE]
+
+A scenario is a set of regions: ``demo`` (the bundled regions) or ``aA`` (the demo's pooled rows split into
+``--regions`` regions with Dirichlet(A) label skew by ``fedlocale data split``, drawn afresh for every seed, so
+that no option is tuned to one draw). An option is a named list of config overrides (``OPTIONS`` below; add your
+own with ``--option NAME=KEY=VALUE,KEY=VALUE``). Every run is a real ``fedlocale simulate`` with the baselines:
+centralized and local-only get the same number of example passes as the federated run and, like it, keep their
+best round (epoch chunk) on validation. Options that leave the nodes' training as it is (aggregation settings
+only) reuse the baselines of the first option run on the same scenario and seed.
+
+Prints one table row per scenario × option (mean over seeds, with the per-seed values) and writes JSON with every
+run's overall and per-region macro-F1 and its validation curve per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.output import write_result
+from deploy.env import apply_env
+
+MODES = ("federated", "centralized", "local_only", "personalized")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A named set of config overrides; ``nodes`` is False when they touch only the server's aggregation (the
+    baselines of another option on the same data and seed then stand for them too)."""
+
+    name: str
+    overrides: tuple[str, ...]
+    nodes: bool = True
+
+
+def parse_option(text: str) -> Option:
+    """``NAME=KEY=VALUE,KEY=VALUE`` as an Option (run with its own baselines)."""
+    name, _, rest = text.partition("=")
+    if not name or not rest:
+        raise SystemExit(f"--option {text!r}: expected NAME=KEY=VALUE[,KEY=VALUE...]")
+    return Option(name, tuple(part for part in rest.split(",") if part))
+
+
+def scenario_regions(name: str, seed: int, regions: int, pool: Path, work: Path) -> Path | None:
+    """The regions folder of scenario ``name`` for ``seed`` (None: the config's own regions)."""
+    if name == "demo":
+        return None
+    if not name.startswith("a"):
+        raise SystemExit(f"unknown scenario {name!r}: demo or aALPHA (e.g. a0.5)")
+    from simulations.datasplit import SplitSettings, run_split
+
+    alpha = float(name[1:])
+    out = work / f"split-{name}-k{regions}-s{seed}"
+    if not (out / "split.json").is_file():
+        run_split(pool, out, SplitSettings(regions=regions, alpha=alpha, seed=seed), say=say)
+    return out
+
+
+def run_one(
+    config: Path, overrides: Sequence[str], regions_dir: Path | None, seed: int, out: Path
+) -> tuple[dict[str, Any], list[float], float]:
+    """One ``fedlocale simulate``; its summary, the validation macro-F1 per round, and its wall time."""
+    import json
+
+    from common.config import load_config
+    from common.runfiles import FEDERATION_FILE
+    from simulations.runner import simulate
+
+    cfg = load_config(config, [*overrides, f"seed={seed}"], regions_dir)
+    started = time.perf_counter()
+    summary = simulate(cfg, out, config_path=str(config), say=say, overwrite=True, on_round=report_round)
+    seconds = time.perf_counter() - started
+    federation = json.loads((out / FEDERATION_FILE).read_text())
+    curve = [float(r.get("val_overall", {}).get("macro_f1", math.nan)) for r in federation["rounds"]]
+    return summary.to_json(), curve, seconds
+
+
+def row_of(summary: dict[str, Any]) -> dict[str, Any]:
+    """Overall and per-region macro-F1 of every mode a run has."""
+    overall = {m: summary["overall"][m]["macro_f1"] for m in MODES if m in summary["overall"]}
+    regions = {
+        name: {m: r[m]["macro_f1"] for m in MODES if isinstance(r.get(m), dict) and "macro_f1" in r[m]}
+        for name, r in summary["regions"].items()
+    }
+    return {"overall": overall, "regions": regions, "best_round": summary["run"].get("best_round")}
+
+
+def merge_baselines(row: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the centralized and local-only scores of ``shared`` (a run on the same data and seed whose
+    nodes trained alike)."""
+    borrowed = ("centralized", "local_only")
+    overall = {**row["overall"], **{m: shared["overall"][m] for m in borrowed if m in shared["overall"]}}
+    regions = {
+        name: {**scores, **{m: shared["regions"][name][m] for m in borrowed if m in shared["regions"][name]}}
+        for name, scores in row["regions"].items()
+    }
+    return {**row, "overall": overall, "regions": regions}
+
+
+def mean(values: Sequence[float]) -> float:
+    """The mean, NaN for none."""
+    return statistics.fmean(values) if values else math.nan
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """One line per scenario × option: mean macro-F1 per mode over seeds, and federated − centralized."""
+    print(f"{'scenario':<9}{'option':<22}{'seeds':>6}" + "".join(f"{m:>14}" for m in MODES) + f"{'fed−cen':>9}")
+    for row in rows:
+        means = row["mean"]
+        gap = means.get("federated", math.nan) - means.get("centralized", math.nan)
+        cells = "".join(f"{means.get(m, math.nan):>14.3f}" for m in MODES)
+        print(f"{row['scenario']:<9}{row['option']:<22}{len(row['runs']):>6}{cells}{gap:>+9.3f}")
+
+
+def say(message: str) -> None:
+    """Progress to stderr, so the table on stdout stays clean."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def report_round(record: dict[str, Any]) -> None:
+    """One progress line per finished round."""
+    overall = record.get("val_overall", {}).get("macro_f1", float("nan"))
+    say(f"  round {record['round']}: val macro-F1 {overall:.3f} ({record.get('seconds', 0):.0f} s)")
+
+
+# The candidates the defaults were chosen from (docs/benchmarks.md says how). Each is a complete set of the
+# settings that differ from the base config, so that a row means the same whatever the base's defaults are.
+OPTIONS: dict[str, Option] = {option.name: option for option in (Option("base", (), nodes=False),)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark."""
+    apply_env()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_quality", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    parser.add_argument("--scenarios", nargs="+", default=["demo", "a0.1", "a0.5", "a1.0"])
+    parser.add_argument("--options", nargs="+", default=list(OPTIONS), help=f"of {', '.join(OPTIONS)}")
+    parser.add_argument("--option", dest="extra", action="append", default=[], help="NAME=KEY=VALUE,KEY=VALUE")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--regions", type=int, default=10, help="regions of a Dirichlet scenario")
+    parser.add_argument("--pool", type=Path, default=Path("data/demo"), help="pooled rows of the Dirichlet splits")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="for every run")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench_quality"))
+    parser.add_argument("--json", type=Path, default=None, help="default: WORK/bench_quality.json")
+    args = parser.parse_args(argv)
+    extra = [parse_option(text) for text in args.extra]
+    unknown = [name for name in args.options if name not in OPTIONS]
+    if unknown:
+        raise SystemExit(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
+    options = [OPTIONS[name] for name in args.options] + extra
+    rows: list[dict[str, Any]] = []
+    # the baselines of the first node-neutral option per scenario and seed, for the others
+    baselines: dict[tuple[str, int], dict[str, Any]] = {}
+    for scenario in args.scenarios:
+        for option in options:
+            runs = []
+            for seed in args.seeds:
+                regions_dir = scenario_regions(scenario, seed, args.regions, args.pool, args.work)
+                out = args.work / f"{scenario}-{option.name}-s{seed}"
+                shared = None if option.nodes else baselines.get((scenario, seed))
+                say(f"{scenario} · {option.name} · seed {seed}" + (" (baselines of an earlier run)" if shared else ""))
+                overrides = [*args.overrides, *option.overrides, *(["baselines=[]"] if shared else [])]
+                summary, curve, seconds = run_one(args.config, overrides, regions_dir, seed, out)
+                row = row_of(summary)
+                if shared is None and not option.nodes:
+                    baselines[(scenario, seed)] = row
+                elif shared is not None:
+                    row = merge_baselines(row, shared)
+                runs.append({"seed": seed, **row, "val_curve": curve, "seconds": seconds})
+            mean_row = {m: mean([r["overall"][m] for r in runs if m in r["overall"]]) for m in MODES}
+            rows.append({"scenario": scenario, "option": option.name, "mean": mean_row, "runs": runs})
+            print_table(rows[-1:])
+    print()
+    print_table(rows)
+    result = {"config": str(args.config), "overrides": args.overrides, "seeds": args.seeds, "rows": rows}
+    return write_result(args.json or args.work / "bench_quality.json", result)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
