@@ -27,8 +27,10 @@ def matched_settings(cfg: RunConfig, regions: int = 1) -> TrainSettings:
     trains on did together (``local_steps × rounds × regions``: the same number of examples seen).
 
     The label-skew remedies apply as in the run: ``logit_adjust`` with the prior of the data the baseline trains
-    on (centralized: the pooled prior, local-only: the region's own, as its node would), a frozen head frozen."""
-    t = cfg.train
+    on (centralized: the pooled prior, local-only: the region's own, as its node would), a frozen head frozen.
+    ``prox_mu`` does not: a baseline is one training call, so its proximal term would pull toward the untrained
+    initial adapter for the whole run, not toward a round's global model."""
+    t = dataclasses.replace(cfg.train, prox_mu=0.0)
     if t.local_steps is not None:
         return dataclasses.replace(t, local_steps=t.local_steps * cfg.rounds * regions)
     return dataclasses.replace(

@@ -272,6 +272,9 @@ def test_baselines_get_the_steps_the_federation_took(tiny_bert: Path, regions: t
     assert matched_settings(cfg(local_steps=5), regions=4).local_steps == 60
     assert matched_settings(cfg(local_steps=5)).local_steps == 15
     assert matched_settings(cfg(epochs=2)).epochs == 6
+    # remedies for label skew carry over; the pull toward a round's start does not (a baseline is one long call)
+    same = matched_settings(cfg(logit_adjust=1.0, head="frozen", prox_mu=0.5))
+    assert (same.logit_adjust, same.head, same.prox_mu) == (1.0, "frozen", 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
