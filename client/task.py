@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from client.personal import (
 from client.personalize import PERSONALIZED, Start, personalize_region
 from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
-from client.train import EvalResult, TrainResult, evaluate_encoded, freeze, train_encoded
+from client.train import EvalResult, TrainResult, evaluate_encoded, freeze, rows_kept, train_encoded
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
@@ -227,18 +228,25 @@ def train_round(
     state: Mapping[str, torch.Tensor],
     node: NodeSettings | None = None,
     data: NodeData | None = None,
+    global_rank: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train the global adapter on the region's train split (``data``, else loaded with ``load_data``);
-    return the new adapter state. With ``aggregation.lora`` ffa every lora_A keeps the values received."""
+    return the new adapter state. With ``aggregation.lora`` ffa every lora_A keeps the values received: whole,
+    or only its first ``global_rank`` rows (the global adapter's, when ``train_dual`` stacks the region's
+    personal LoRA below them, whose A trains as without ffa)."""
     node = node or NodeSettings()
     settings = replace(task.train, threads=use_threads(node, task))
     data = data or load_data(region, task, node, training=True)
     loaded = global_model(task, state)
-    if task.lora_aggregation == "ffa":
+    keep: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if task.lora_aggregation == "ffa" and global_rank is None:
         freeze(loaded.model, LORA_A)
+    elif task.lora_aggregation == "ffa" and global_rank is not None:
+        keep = rows_kept(loaded.model, LORA_A, global_rank)
     encoded = encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
-    result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed)
+    with keep:
+        result = train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed)
     # augmented copies are not new examples: the FedAvg weight stays the region's real training-set size
     return adapter_state(loaded.model), replace(result, num_examples=len(data.data.train))
 
@@ -291,7 +299,7 @@ def train_dual(
         wide = replace(task, lora=widen(task.lora, rank))
     except ValueError as err:
         raise NodeConfigError(f"{keys.NODE_PERSONALIZE} settings of this node: {err}") from err
-    new_state, result = train_round(region, wide, join(state, start), node, data)
+    new_state, result = train_round(region, wide, join(state, start), node, data, global_rank=task.lora.r)
     sent, personal = split(new_state, task.lora.r)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if {k: tuple(v.shape) for k, v in sent.items()} != shapes:  # the reply must be exactly a global adapter

@@ -5,15 +5,17 @@ Privacy and policy features wrap these functions; they never add flags here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import PreTrainedTokenizerBase
 
 from common.config import TrainSettings
@@ -187,6 +189,38 @@ def freeze(model: nn.Module, fragment: str) -> list[str]:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+class _KeptRows(nn.Module):
+    """A weight parametrization: the first rows are ``kept`` (a constant), the rest the trained tensor's."""
+
+    def __init__(self, kept: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("kept", kept)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        kept: torch.Tensor = self.kept  # type: ignore[assignment]
+        return torch.cat([kept, weight[kept.shape[0] :]], dim=0)
+
+
+@contextlib.contextmanager
+def rows_kept(model: nn.Module, fragment: str, rows: int) -> Iterator[list[str]]:
+    """Within the block, the first ``rows`` rows of every weight of a module whose name contains ``fragment``
+    keep their values; the other rows train. Every forward pass puts the kept rows back (a parametrization, so
+    they get no gradient and neither weight decay nor the optimizer moves what the model uses); on leaving, the
+    weights are plain parameters again holding the kept rows and the trained rest. The names of the modules."""
+    modules = {
+        name: module
+        for name, module in model.named_modules()
+        if fragment in name and isinstance(module, nn.Linear) and module.weight.requires_grad
+    }
+    for module in modules.values():
+        parametrize.register_parametrization(module, "weight", _KeptRows(module.weight.detach()[:rows].clone()))
+    try:
+        yield sorted(modules)
+    finally:
+        for module in modules.values():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 def train_encoded(

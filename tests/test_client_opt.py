@@ -439,26 +439,48 @@ def test_simulate_with_logit_adjust_local_steps_ffa_and_prox_is_verified_by_the_
         assert "prior" not in text
 
 
-def test_ffa_on_a_dual_node_sends_a_as_received_and_its_personal_lora_trains_b(
+def test_ffa_on_a_dual_node_sends_a_as_received_and_its_personal_lora_trains_as_before(
     tiny_bert: Path, regions: tuple[Region, Region], tmp_path: Path
 ) -> None:
+    from safetensors.torch import load_file
+
     from client.personal import init_personal, personal_folder, round_file
     from client.task import NodeSettings, train_dual
     from common.seeds import derive_seed
 
-    task = dataclasses.replace(make_task(tiny_bert, lr=3e-2), lora_aggregation="ffa")
+    # with the KL and proximal terms too: their copies and anchors see the kept rows
+    task = make_task(tiny_bert, lr=3e-2, kl_to_global=0.1, prox_mu=0.01)
+    task = dataclasses.replace(task, lora_aggregation="ffa")
     state = adapter_state(fresh(task).model)
     node = NodeSettings(threads=1, personal_dir=tmp_path / "own", personal_rank=2)
     sent, _ = train_dual(regions[1], task, state, node)
-    assert (
-        frozen_problem({k: v.numpy() for k, v in sent.items()}, {k: v.numpy() for k, v in state.items()}, LORA_A)
-        is None
-    )
+    assert set(sent) == set(state)
+    problem = frozen_problem({k: v.numpy() for k, v in sent.items()}, {k: v.numpy() for k, v in state.items()}, LORA_A)
+    assert problem is None
     assert any(not torch.equal(sent[k], state[k]) for k in state if "lora_B" in k)
-    from safetensors.torch import load_file
-
     kept = load_file(str(round_file(personal_folder(tmp_path / "own", "large"), 1)))
     start = init_personal(state, 2, derive_seed(task.seed, "personal", "large"))
-    # the stacked lora_A is frozen whole (docs/client-training.md): the personal A stays at its seeded init
-    assert all(torch.equal(kept[k], start[k]) for k in start if LORA_A in k)
+    # the personal LoRA is not aggregated: its A trains, as without ffa, and so does its B
+    assert all(not torch.equal(kept[k], start[k]) for k in start if LORA_A in k)
     assert any(kept[k].abs().max() > 0 for k in start if "lora_B" in k)
+
+
+def test_rows_kept_keeps_the_first_rows_and_leaves_plain_parameters(tiny_bert: Path) -> None:
+    from torch.nn.utils import parametrize
+
+    from client.train import rows_kept
+
+    loaded = fresh(make_task(tiny_bert))
+    before = adapter_state(loaded.model)
+    ids = encode(loaded.tokenizer, ["good fine", "bad awful", "nice"], 32)
+    with rows_kept(loaded.model, LORA_A, 3) as names:
+        assert len(names) == 4
+        train_encoded(
+            loaded.model, ids, [1, 0, 1], TrainSettings(lr=5e-2, local_steps=5, batch_size=2), pad_id=0, seed=0
+        )
+    after = adapter_state(loaded.model)
+    assert set(after) == set(before)  # the parametrization is gone: the exchanged keys are the same
+    assert not any(parametrize.is_parametrized(m) for m in loaded.model.modules())
+    for key in (k for k in before if LORA_A in k):
+        assert after[key][:3].numpy().tobytes() == before[key][:3].numpy().tobytes()
+        assert not torch.equal(after[key][3:], before[key][3:])
