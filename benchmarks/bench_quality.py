@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_quality", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     parser.add_argument("--scenarios", nargs="+", default=["demo", "a0.1", "a0.5", "a1.0"])
-    parser.add_argument("--options", nargs="+", default=list(OPTIONS), help=f"of {', '.join(OPTIONS)}")
+    parser.add_argument("--options", nargs="*", default=list(OPTIONS), help=f"of {', '.join(OPTIONS)}")
     parser.add_argument("--option", dest="extra", action="append", default=[], help="NAME=KEY=VALUE,KEY=VALUE")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--regions", type=int, default=10, help="regions of a Dirichlet scenario")

@@ -55,12 +55,20 @@ def _freeze_all_but_head(loaded: LoadedModel) -> None:
 
 
 def local_settings(train: TrainSettings, settings: PersonalizeSettings) -> TrainSettings:
-    """The training settings of personalization: the run's, with its own lr, epochs and KL weight."""
+    """The training settings of personalization: the run's, with its own lr, epochs and KL weight.
+
+    The federated training's label-skew and drift remedies do not apply: the personalized model serves the
+    region whose label mix it trains on (no logit adjustment), may train the head (a head frozen for the
+    federation included), and is pulled toward the global model only by its own ``kl_to_global``."""
     return dataclasses.replace(
         train,
         lr=settings.lr,
         epochs=settings.epochs,
         max_steps=None,
+        local_steps=None,
+        prox_mu=0.0,
+        logit_adjust=0.0,
+        head="train",
         warmup_steps=0,
         kl_to_global=settings.kl_to_global if settings.mode in ("continue", "local") else 0.0,
     )

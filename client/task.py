@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -27,13 +28,13 @@ from client.personal import (
 from client.personalize import PERSONALIZED, Start, personalize_region
 from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
-from client.train import EvalResult, TrainResult, evaluate_encoded, plan_steps, train_encoded
+from client.train import EvalResult, TrainResult, evaluate_encoded, freeze, plan_steps, rows_kept, train_encoded
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
 from common.data import Example
 from common.errors import InputError
-from common.model import LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
+from common.model import LORA_A, LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
 from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT, write_json
 from common.seeds import derive_seed
@@ -228,18 +229,26 @@ def train_round(
     state: Mapping[str, torch.Tensor],
     node: NodeSettings | None = None,
     data: NodeData | None = None,
+    global_rank: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """Train the global adapter on the region's train split (``data``, else loaded with ``load_data``);
-    return the new adapter state."""
+    return the new adapter state. With ``aggregation.lora`` ffa every lora_A keeps the values received: whole,
+    or only its first ``global_rank`` rows (the global adapter's, when ``train_dual`` stacks the region's
+    personal LoRA below them, whose A trains as without ffa)."""
     node = node or NodeSettings()
     settings = replace(task.train, threads=use_threads(node, task))
     data = data or load_data(region, task, node, training=True)
     loaded = global_model(task, state)
+    keep: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if task.lora_aggregation == "ffa" and global_rank is None:
+        freeze(loaded.model, LORA_A)
+    elif task.lora_aggregation == "ffa" and global_rank is not None:
+        keep = rows_kept(loaded.model, LORA_A, global_rank)
     encoded = encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
     n, steps = len(encoded.ids), plan_steps(len(encoded.ids), settings)
     augmented = node.augment is not None
-    with dp_training(node.policy, node.audit_dir, region.name, task, n, steps, seed, augmented) as private:
+    with keep, dp_training(node.policy, node.audit_dir, region.name, task, n, steps, seed, augmented) as private:
         result = train_encoded(
             loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed, private=private
         )
@@ -295,7 +304,7 @@ def train_dual(
         wide = replace(task, lora=widen(task.lora, rank))
     except ValueError as err:
         raise NodeConfigError(f"{keys.NODE_PERSONALIZE} settings of this node: {err}") from err
-    new_state, result = train_round(region, wide, join(state, start), node, data)
+    new_state, result = train_round(region, wide, join(state, start), node, data, global_rank=task.lora.r)
     sent, personal = split(new_state, task.lora.r)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if {k: tuple(v.shape) for k, v in sent.items()} != shapes:  # the reply must be exactly a global adapter

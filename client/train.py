@@ -5,15 +5,17 @@ Privacy and policy features wrap these functions; they never add flags here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import PreTrainedTokenizerBase
 
 from common.config import TrainSettings
@@ -67,7 +69,10 @@ def pad_batch(ids: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def plan_steps(num_examples: int, settings: TrainSettings) -> int:
-    """Optimizer steps for ``settings.epochs`` passes, capped by ``max_steps``."""
+    """Optimizer steps of one run: ``settings.local_steps`` when set (whatever ``num_examples``: a small region
+    cycles its data), else ``settings.epochs`` passes, capped by ``max_steps``."""
+    if settings.local_steps is not None:
+        return settings.local_steps
     steps = max(1, math.ceil(settings.epochs * math.ceil(num_examples / settings.batch_size)))
     return min(steps, settings.max_steps) if settings.max_steps else steps
 
@@ -109,12 +114,118 @@ def train_local(
 ) -> TrainResult:
     """Train ``model`` in place on ``examples`` with AdamW; all randomness comes from ``seed``.
 
-    With ``settings.kl_to_global > 0`` the loss adds KL(start || current) on the predictions, where *start* is
-    the model as it was when the call began (the global model in a federated round).
+    With ``settings.kl_to_global > 0`` the loss adds KL(start || current) on the predictions, and with
+    ``settings.prox_mu > 0`` the proximal term mu/2 · ||w − w_start||², where *start* is the model as it was
+    when the call began (the global model in a federated round); see ``train_encoded``.
     """
     ids = encode(tokenizer, [ex.text for ex in examples], max_length)
     labels = [ex.label for ex in examples]
     return train_encoded(model, ids, labels, settings, pad_id=tokenizer.pad_token_id or 0, seed=seed, progress=progress)
+
+
+LossTerm = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
+"""One extra term of the training loss: (the batch's logits, the batch's model inputs) -> a scalar that is added
+to the classification loss. Made at the start of a run (``loss_terms``), so it may hold what the run started from."""
+
+
+def kl_to_start(model: nn.Module, weight: float) -> LossTerm:
+    """``weight`` · KL(start || current) on the predictions, *start* being ``model`` as it is now."""
+    reference = _frozen_copy(model)
+
+    def term(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            ref_logp = F.log_softmax(reference(**batch).logits, dim=-1)
+        kl = F.kl_div(F.log_softmax(logits, dim=-1), ref_logp, log_target=True, reduction="batchmean")
+        return weight * kl
+
+    return term
+
+
+def proximal(params: Sequence[nn.Parameter], mu: float) -> LossTerm:
+    """FedProx: mu/2 · ||w − w_start||² summed over ``params``, w_start their values now (its gradient is
+    mu · (w − w_start))."""
+    anchors = [p.detach().clone() for p in params]
+
+    def term(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))  # type: ignore[return-value]
+
+    return term
+
+
+def loss_terms(model: nn.Module, params: Sequence[nn.Parameter], settings: TrainSettings) -> list[LossTerm]:
+    """The extra loss terms ``settings`` asks for, anchored at ``model`` as it is when training starts (the
+    global model in a federated round): KL to its predictions, the proximal term on the trained ``params``."""
+    terms: list[LossTerm] = []
+    if settings.kl_to_global > 0:
+        terms.append(kl_to_start(model, settings.kl_to_global))
+    if settings.prox_mu > 0:
+        terms.append(proximal(params, settings.prox_mu))
+    return terms
+
+
+def label_prior(labels: Sequence[int], num_labels: int) -> torch.Tensor:
+    """The label shares of ``labels``, add-one smoothed ((count + 1) / (n + K)): a class absent from the data
+    gets a small share, not log 0 = −inf."""
+    counts = torch.bincount(torch.tensor(list(labels), dtype=torch.long), minlength=num_labels).double()
+    return (counts + 1.0) / (counts.sum() + num_labels)
+
+
+def logit_shift(labels: Sequence[int], num_labels: int, tau: float) -> torch.Tensor | None:
+    """τ · log prior of ``labels``, added to the logits in the training loss (logit adjustment, balanced softmax
+    at τ = 1); None when τ is 0. Computed from the data being trained on and kept in the training run only."""
+    if tau == 0:
+        return None
+    return (tau * torch.log(label_prior(labels, num_labels))).float()
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of ``logits`` (+ ``shift`` per class, when given) against ``targets``."""
+    return F.cross_entropy(logits if shift is None else logits + shift, targets)
+
+
+HEAD_PARAMETER = "modules_to_save"  # peft's trained copy of the classification head
+
+
+def freeze(model: nn.Module, fragment: str) -> list[str]:
+    """Stop training every parameter whose name contains ``fragment``; the names frozen."""
+    frozen = []
+    for name, param in model.named_parameters():
+        if fragment in name and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+class _KeptRows(nn.Module):
+    """A weight parametrization: the first rows are ``kept`` (a constant), the rest the trained tensor's."""
+
+    def __init__(self, kept: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("kept", kept)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        kept: torch.Tensor = self.kept  # type: ignore[assignment]
+        return torch.cat([kept, weight[kept.shape[0] :]], dim=0)
+
+
+@contextlib.contextmanager
+def rows_kept(model: nn.Module, fragment: str, rows: int) -> Iterator[list[str]]:
+    """Within the block, the first ``rows`` rows of every weight of a module whose name contains ``fragment``
+    keep their values; the other rows train. Every forward pass puts the kept rows back (a parametrization, so
+    they get no gradient and neither weight decay nor the optimizer moves what the model uses); on leaving, the
+    weights are plain parameters again holding the kept rows and the trained rest. The names of the modules."""
+    modules = {
+        name: module
+        for name, module in model.named_modules()
+        if fragment in name and isinstance(module, nn.Linear) and module.weight.requires_grad
+    }
+    for module in modules.values():
+        parametrize.register_parametrization(module, "weight", _KeptRows(module.weight.detach()[:rows].clone()))
+    try:
+        yield sorted(modules)
+    finally:
+        for module in modules.values():
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 def train_encoded(
@@ -131,9 +242,13 @@ def train_encoded(
     """``train_local`` on examples already tokenised (``encode``): token ids and label indices per example.
     No examples is an InputError (the batch sampler would wait forever for a first batch).
 
+    The loss is the cross-entropy (logit-adjusted by ``settings.logit_adjust`` with the prior of ``labels``)
+    plus ``loss_terms``; with ``settings.head`` frozen the head keeps the values it has.
+
     ``private`` (e.g. ``client.dp.DpSgd``) receives the model, optimizer and batch plan before the first step
     and returns the versions to train with, as Opacus's ``make_private`` does; an empty batch in its plan
-    (Poisson sampling draws them) takes an optimizer step without a forward pass."""
+    (Poisson sampling draws them) takes an optimizer step without a forward pass.
+    """
     if not ids:
         raise InputError("no training examples to train on")
     if settings.threads:
@@ -142,8 +257,11 @@ def train_encoded(
     generator = torch.Generator().manual_seed(seed)
     label_tensor = torch.tensor(list(labels))
     steps = plan_steps(len(ids), settings)
-    reference = _frozen_copy(model) if settings.kl_to_global > 0 else None
+    if settings.head == "frozen":
+        freeze(model, HEAD_PARAMETER)
     params = [p for p in model.parameters() if p.requires_grad]
+    terms = loss_terms(model, params, settings)
+    shift = logit_shift(labels, _num_labels(model) or int(label_tensor.max()) + 1, settings.logit_adjust)
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     warmup = settings.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -160,12 +278,9 @@ def train_encoded(
             continue
         batch = pad_batch([ids[i] for i in batch_idx], pad_id)
         logits = model(**batch).logits
-        loss = F.cross_entropy(logits, label_tensor[batch_idx])
-        if reference is not None:
-            with torch.no_grad():
-                ref_logp = F.log_softmax(reference(**batch).logits, dim=-1)
-            kl = F.kl_div(F.log_softmax(logits, dim=-1), ref_logp, log_target=True, reduction="batchmean")
-            loss = loss + settings.kl_to_global * kl
+        loss = classification_loss(logits, label_tensor[batch_idx], shift)
+        for term in terms:
+            loss = loss + term(logits, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip:

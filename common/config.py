@@ -30,6 +30,8 @@ from common.yamlfile import parse_yaml, read_mapping
 T = TypeVar("T")
 
 AGGREGATIONS = ("weighted", "uniform")
+LORA_AGGREGATIONS = ("fedit", "ffa")  # aggregation.lora
+HEAD_MODES = ("train", "frozen")  # train.head
 # aggregation.optimizer: the server optimizer each applies to the round's mean update (Reddi et al. 2021,
 # "Adaptive Federated Optimization"), with the hyperparameters it reads and their defaults (a field left null
 # takes these; setting one the chosen optimizer does not read is refused, never silently ignored)
@@ -95,7 +97,11 @@ class TrainSettings:
     lr: float = 5e-4
     weight_decay: float = 0.01
     epochs: float = 1.0  # local passes over the region's train split per round; fractions allowed
-    max_steps: int | None = None  # caps the optimizer steps per round when set
+    max_steps: int | None = None  # caps the optimizer steps of the epochs per round when set
+    # exactly this many optimizer steps per round in every region, whatever its size (a small region cycles its
+    # data, a large one does not drift further per round); epochs is then ignored, max_steps must be null.
+    # The FedAvg weight stays the region's real training-set size.
+    local_steps: int | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
     # batches drawn together and sorted by token length, so that each pads little (1: plain shuffled batches)
@@ -103,6 +109,16 @@ class TrainSettings:
     grad_clip: float | None = 1.0
     warmup_steps: int = 0
     kl_to_global: float = 0.0  # weight of KL(global || local) on the predictions, keeps regions consistent
+    # FedProx: weight mu of mu/2 * ||w - w_global||^2 over the trained adapter (and head) tensors, w_global as
+    # received at the start of the round; pulls each region's update toward the global model (0: off)
+    prox_mu: float = 0.0
+    # logit adjustment / balanced softmax: train with CE(logits + tau * log prior, y), prior = the label shares
+    # of the training data at hand (a node's own, smoothed; it never leaves the node); predictions unchanged.
+    # Counters label skew: a region's majority class no longer pulls the shared head its way (0: off)
+    logit_adjust: float = 0.0
+    # train: the classification head trains with the adapter. frozen: it keeps its seeded initial values (the
+    # same on every node and the server) and only the adapter trains, as in FedBABU
+    head: Literal["train", "frozen"] = "train"
     threads: int | None = None  # torch threads; None leaves torch's default
 
     def __post_init__(self) -> None:
@@ -115,6 +131,22 @@ class TrainSettings:
             problems.append(("epochs", f"must be > 0, got {self.epochs}"))
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(("max_steps", f"must be >= 1 or null, got {self.max_steps}"))
+        if self.local_steps is not None and self.local_steps < 1:
+            problems.append(("local_steps", f"must be >= 1 or null, got {self.local_steps}"))
+        if self.local_steps is not None and self.max_steps is not None:
+            problems.append(
+                (
+                    "local_steps",
+                    f"is {self.local_steps} but max_steps is {self.max_steps}: local_steps sets the steps per round "
+                    "exactly (epochs ignored), max_steps caps the steps of the epochs; set one of them",
+                )
+            )
+        if self.prox_mu < 0:
+            problems.append(("prox_mu", f"must be >= 0, got {self.prox_mu}"))
+        if self.logit_adjust < 0:
+            problems.append(("logit_adjust", f"must be >= 0, got {self.logit_adjust}"))
+        if self.head not in HEAD_MODES:
+            problems.append(("head", f"must be one of {', '.join(HEAD_MODES)}, got {self.head!r}"))
         for name in ("batch_size", "eval_batch_size", "length_window"):
             if getattr(self, name) < 1:
                 problems.append((name, f"must be >= 1, got {getattr(self, name)}"))
@@ -164,9 +196,15 @@ class AggregationSettings:
     min_clients: int = 2
     round_timeout: float = 3600.0  # seconds to wait for the replies of one round
     node_timeout: float = 300.0  # seconds to wait for min_clients nodes to be connected before a round
+    # fedit: every LoRA A and B trains and is averaged on its own (the average of the B·A products is not B·A
+    # of the averages). ffa (FFA-LoRA): nodes keep every lora_A at the seeded init the server sent and train B
+    # (and the head), so the average is exact and linear; a reply whose lora_A changed is rejected
+    lora: Literal["fedit", "ffa"] = "fedit"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.lora not in LORA_AGGREGATIONS:
+            problems.append(("lora", f"must be one of {', '.join(LORA_AGGREGATIONS)}, got {self.lora!r}"))
         if self.round_timeout <= 0:
             problems.append(("round_timeout", f"must be > 0, got {self.round_timeout}"))
         if self.node_timeout <= 0:
@@ -465,6 +503,8 @@ class ClientTask:
     # the rounds the run plans: a node whose policy requires DP calibrates its noise so that all of them fit
     rounds: int = 1
     dp: DpSettings = field(default_factory=DpSettings)
+    # aggregation.lora: with ffa the node keeps every lora_A as received and trains the rest
+    lora_aggregation: Literal["fedit", "ffa"] = "fedit"
 
     def to_json(self) -> str:
         """Serialise for a ConfigRecord."""
@@ -833,4 +873,5 @@ def client_task(cfg: RunConfig, server_round: int, run_key: str = "") -> ClientT
         run_key=run_key,
         rounds=cfg.rounds,
         dp=cfg.dp,
+        lora_aggregation=cfg.aggregation.lora,
     )

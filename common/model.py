@@ -104,6 +104,9 @@ def lora_config(model_type: str, lora: LoraSettings) -> LoraConfig:
     )
 
 
+LORA_A = "lora_A"  # in the name of every LoRA A tensor (parameter and exchanged state); aggregation.lora ffa
+
+
 def head_modules(model_type: str) -> tuple[str, ...]:
     """The classification head modules of an architecture: trained and exchanged with the adapter."""
     return ARCHITECTURES.get(model_type, ((), ("classifier",)))[1]

@@ -188,3 +188,13 @@ def update_problem(update: Arrays, reference: Arrays) -> str | None:
         if not np.isfinite(arr).all():
             return f"{name}: holds NaN or infinity"
     return None
+
+
+def frozen_problem(update: Arrays, reference: Arrays, fragment: str) -> str | None:
+    """Why ``update`` breaks a freeze: the first tensor whose name contains ``fragment`` and whose values differ
+    from ``reference`` (what was sent), or None. With ``aggregation.lora`` ffa the fragment is ``lora_A``: every
+    node keeps A at the shared init, so only B is averaged and the average is exact."""
+    for name in sorted(reference):
+        if fragment in name and not np.array_equal(np.asarray(update[name]), np.asarray(reference[name])):
+            return f"{name}: differs from the one sent, but aggregation.lora is ffa ({fragment} stays as sent)"
+    return None

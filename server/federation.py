@@ -31,7 +31,15 @@ from safetensors.torch import load_file
 
 from common import keys
 from common.audit import SERVER, Ledger
-from common.config import OPTIMIZER_HYPERPARAMETERS, DataSettings, DpSettings, RunConfig, client_task
+from common.config import (
+    OPTIMIZER_HYPERPARAMETERS,
+    AggregationSettings,
+    DataSettings,
+    DpSettings,
+    RunConfig,
+    TrainSettings,
+    client_task,
+)
 from common.errors import EXIT_BAD_INPUT, FedlocaleError
 from common.model import (
     LoadedModel,
@@ -190,6 +198,16 @@ class RunState:
         return state
 
 
+LATER_DEFAULTS: dict[str, Any] = {
+    "data.val_fraction": DataSettings().val_fraction,
+    "train.local_steps": TrainSettings().local_steps,
+    "train.prox_mu": TrainSettings().prox_mu,
+    "train.logit_adjust": TrainSettings().logit_adjust,
+    "train.head": TrainSettings().head,
+    "aggregation.lora": AggregationSettings().lora,
+}
+
+
 def config_settings(cfg: RunConfig) -> dict[str, Any]:
     """The settings that decide what every round computes, as flat ``dotted.key → value`` plain data."""
     raw = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
@@ -207,9 +225,10 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     # then, so that the fingerprints of other runs stay what they were)
     if cfg.personalize.mode == "dual":
         kept["personal_lora_rank"] = cfg.personalize.local_r
-    # data.val_fraction came later: at its default it is left out, so that runs started before it still resume
-    if kept.get("data.val_fraction") == DataSettings().val_fraction:
-        del kept["data.val_fraction"]
+    # settings that came later: at their defaults they are left out, so that runs started before them still resume
+    for key, default in LATER_DEFAULTS.items():
+        if key in kept and kept[key] == default:
+            del kept[key]
     # so did dp (DP-SGD's settings, used only by nodes whose policy requires DP): left out at its defaults
     if cfg.dp == DpSettings():
         kept = {k: v for k, v in kept.items() if not k.startswith("dp.")}
@@ -418,6 +437,7 @@ def _make_strategy(cfg: RunConfig, out_dir: Path, optimizer_state: OptimizerStat
         seed=cfg.seed,
         node_timeout=agg.node_timeout,
         optimizer_state=optimizer_state,
+        lora=agg.lora,
     )
     audit = out_dir / AUDIT_DIR
     keep = audit / UPDATES_DIR if cfg.audit.keep_updates else None

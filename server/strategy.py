@@ -19,9 +19,17 @@ from common import keys
 from common.audit import content_records, merged_payload
 from common.errors import FedlocaleError
 from common.metrics import weighted_mean
+from common.model import LORA_A
 from common.policy import refused_region
 from common.seeds import derive_seed
-from server.aggregate import OptimizerState, ServerOptimizer, aggregation_weights, update_problem, weighted_average
+from server.aggregate import (
+    OptimizerState,
+    ServerOptimizer,
+    aggregation_weights,
+    frozen_problem,
+    update_problem,
+    weighted_average,
+)
 
 log = logging.getLogger("fedlocale.server")
 
@@ -198,6 +206,7 @@ class RegionFedAvg(RoundAggregation, FedAvg):
         min_clients: int = 2,
         seed: int = 0,
         node_timeout: float = 300.0,
+        lora: str = "fedit",
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         *,
@@ -226,6 +235,7 @@ class RegionFedAvg(RoundAggregation, FedAvg):
         self.optimizer_state = optimizer_state or OptimizerState()
         self.seed = seed
         self.node_timeout = node_timeout
+        self.lora = lora  # aggregation.lora: with ffa a reply whose lora_A changed is rejected
         self.clock = clock
         self.sleep = sleep
         # a node's region is known only from its accepted replies; a failed node is named by what it was before
@@ -341,6 +351,8 @@ class RegionFedAvg(RoundAggregation, FedAvg):
             return f"no {self.arrayrecord_key!r} ArrayRecord", None
         update = got.arrays[self.arrayrecord_key]
         problem = update_problem(update, reference)
+        if problem is None and self.lora == "ffa":
+            problem = frozen_problem(update, reference, LORA_A)
         if problem is None and num == 0:
             problem = "trained on 0 examples"
         reply = RegionReply(region, got.sender, int(num), metrics, got, update, got.sizes[self.arrayrecord_key])

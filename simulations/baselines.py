@@ -21,9 +21,18 @@ from common.seeds import derive_seed
 Scores = dict[str, dict[str, float]]
 
 
-def matched_settings(cfg: RunConfig) -> TrainSettings:
-    """Training settings giving a baseline as many passes over each example as the federated run."""
-    t = cfg.train
+def matched_settings(cfg: RunConfig, regions: int = 1) -> TrainSettings:
+    """Training settings giving a baseline as much training as the federated run: as many passes over each
+    example (``epochs × rounds``), or with ``train.local_steps`` as many optimizer steps as the ``regions`` it
+    trains on did together (``local_steps × rounds × regions``: the same number of examples seen).
+
+    The label-skew remedies apply as in the run: ``logit_adjust`` with the prior of the data the baseline trains
+    on (centralized: the pooled prior, local-only: the region's own, as its node would), a frozen head frozen.
+    ``prox_mu`` does not: a baseline is one training call, so its proximal term would pull toward the untrained
+    initial adapter for the whole run, not toward a round's global model."""
+    t = dataclasses.replace(cfg.train, prox_mu=0.0)
+    if t.local_steps is not None:
+        return dataclasses.replace(t, local_steps=t.local_steps * cfg.rounds * regions)
     return dataclasses.replace(
         t, epochs=t.epochs * cfg.rounds, max_steps=t.max_steps * cfg.rounds if t.max_steps else None
     )
@@ -39,12 +48,14 @@ def _train_and_test(
     tests: Mapping[str, RegionData],
     seed_tag: str,
     predictions: dict[str, np.ndarray] | None = None,
+    regions: int = 1,
 ) -> Scores:
-    """Train one model on ``train``; test it on each region; put its test predictions in ``predictions``."""
+    """Train one model on ``train`` (the data of ``regions`` regions); test it on each region; put its test
+    predictions in ``predictions``."""
     from tqdm import tqdm
 
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
-    settings = matched_settings(cfg)
+    settings = matched_settings(cfg, regions)
     # disable=None: a bar on a terminal, nothing in CI logs
     with tqdm(total=plan_steps(len(train), settings), desc=seed_tag, unit="step", disable=None, leave=False) as bar:
 
@@ -90,7 +101,7 @@ def run_centralized(cfg: RunConfig, data: Mapping[str, RegionData]) -> tuple[Sco
     """One model trained on the union of every region's train split; test scores per region and seconds."""
     started = time.perf_counter()
     union = [ex for region in data.values() for ex in region.train]
-    return _train_and_test(cfg, union, data, "centralized"), time.perf_counter() - started
+    return _train_and_test(cfg, union, data, "centralized", regions=len(data)), time.perf_counter() - started
 
 
 def run_local_only(

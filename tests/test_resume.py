@@ -412,6 +412,22 @@ def test_operational_settings_may_change(tmp_path: Path, tiny_bert: Path, two_re
     assert fingerprint(config_settings(swapped)) != fingerprint(config_settings(cfg))
 
 
+def test_later_training_settings_at_their_defaults_keep_old_fingerprints(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    settings = config_settings(cfg)
+    # a run started before these settings existed saved none of them, and still resumes
+    assert not {"train.local_steps", "train.prox_mu", "train.logit_adjust", "train.head", "aggregation.lora"} & set(
+        settings
+    )
+    for train in ({"local_steps": 4, "max_steps": None}, {"prox_mu": 0.1}, {"logit_adjust": 1.0}, {"head": "frozen"}):
+        changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))  # type: ignore[arg-type]
+        assert fingerprint(config_settings(changed)) != fingerprint(settings), train
+    ffa = dataclasses.replace(cfg, aggregation=dataclasses.replace(cfg.aggregation, lora="ffa"))
+    assert fingerprint(config_settings(ffa)) != fingerprint(settings)
+
+
 def test_personalization_may_change_except_the_personal_lora_the_rounds_train(
     tmp_path: Path, tiny_bert: Path, two_regions: Path
 ) -> None:
