@@ -15,13 +15,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from common import keys
 from common.config import Region, RunConfig, locate
 from common.data import DataError, RegionData, load_region
 from common.errors import ConfigError
 from common.model import check_model
 from common.pii import PatternTimeout, custom_share
-from common.policy import Outbound, RegionPolicy, TensorInfo, egress_violations
+from common.policy import Outbound, Protections, RegionPolicy, TensorInfo, egress_violations
+from common.secagg import MASKED_DTYPE, WEIGHTS
 
 # a custom pattern that replaces more than this share of a region's train text leaves little to learn from
 REDACTION_WARN = 0.5
@@ -75,7 +78,7 @@ def preflight(
         if policy is None or region.policy is None:
             continue
         # without a model (its problems are reported above) the reply's tensors are unknown: the rest still counts
-        found = _policy_problems(policy, data, index, model.tensors)
+        found = _policy_problems(policy, data, index, model.tensors, cfg.aggregation.secure.enabled)
         found += _redaction_problems(policy, data, warnings, region.policy)
         if found:
             problems += locate(found, region.policy)
@@ -103,22 +106,38 @@ def _data_warnings(data: RegionData, labels: tuple[str, ...]) -> list[str]:
 
 
 def _policy_problems(
-    policy: RegionPolicy, data: RegionData, index: int, tensors: Mapping[str, tuple[tuple[int, ...], str, int]]
+    policy: RegionPolicy,
+    data: RegionData,
+    index: int,
+    tensors: Mapping[str, tuple[tuple[int, ...], str, int]],
+    secure: bool = False,
 ) -> list[str]:
-    """What the policy would refuse in every train and evaluate reply of this run (``field: reason``)."""
+    """What the policy would refuse in every train and evaluate reply of this run (``field: reason``); with
+    ``secure`` the train reply is secure aggregation's masked upload (client.secagg)."""
     n = len(data.train)
     # metric values as long as any real one encodes, so that the byte count is the most a reply can carry
     worst = -0.12345678901234567
-    train = Outbound(
-        "train",
-        policy.region,
-        tuple(TensorInfo(name, shape, dtype, nbytes) for name, (shape, dtype, nbytes) in tensors.items()),
-        {
-            name: (n if name == keys.NUM_EXAMPLES else index if name == keys.REGION_INDEX else worst)
-            for name in keys.TRAIN_REPLY_METRICS
-        },
-        n,
-    )
+    if secure:
+        masked = np.dtype(MASKED_DTYPE)
+        described = tuple(
+            TensorInfo(name, shape, masked.name, nbytes // np.dtype(dtype).itemsize * masked.itemsize)
+            for name, (shape, dtype, nbytes) in tensors.items()
+        )
+        described = (*described, TensorInfo(WEIGHTS, (2,), masked.name, 2 * masked.itemsize))
+        train = Outbound(
+            "train", policy.region, described, {keys.REGION_INDEX: index}, n, Protections(secure_aggregation=True)
+        )
+    else:
+        train = Outbound(
+            "train",
+            policy.region,
+            tuple(TensorInfo(name, shape, dtype, nbytes) for name, (shape, dtype, nbytes) in tensors.items()),
+            {
+                name: (n if name == keys.NUM_EXAMPLES else index if name == keys.REGION_INDEX else worst)
+                for name in keys.TRAIN_REPLY_METRICS
+            },
+            n,
+        )
     evaluate = Outbound(
         "evaluate",
         policy.region,

@@ -25,9 +25,10 @@ from flwr.serverapp import Grid
 from common import keys
 from common.audit import AGGREGATE, DISPATCH, INBOUND, Ledger, LedgerCheck, payload_hash
 from common.errors import InputError
-from common.runfiles import GLOBAL_IN_FILE, UPDATE_SUFFIX, round_name
-from server.aggregate import aggregation_weights, server_step, weighted_average
-from server.strategy import ReceivedReply, RegionFedAvg, RoundAggregation, RoundLog, to_numpy
+from common.runfiles import GLOBAL_IN_FILE, SECURE_SUM_FILE, UPDATE_SUFFIX, round_name
+from common.secagg import WEIGHTS
+from server.aggregate import aggregation_weights, mean_from_sum, server_step, weighted_average
+from server.strategy import ReceivedReply, RegionFedAvg, RoundAggregation, RoundLog, SecureSum, to_numpy
 
 METRICS_KEY = "__metrics__"  # the kept update's metrics, as JSON, beside its tensors
 
@@ -141,6 +142,44 @@ class LedgerStrategy(RoundAggregation):
                 _save(path, *reply.received.payload())
         return result
 
+    def aggregate_train_sum(
+        self, server_round: int, secure: SecureSum, received: list[ReceivedReply], rejected: list[dict[str, str | None]]
+    ) -> RoundLog:
+        """Aggregate a secure round's sum as the inner strategy does; record each masked upload, the
+        participants, the sum's hash and the result (and keep the sum, from which ``recompute`` checks it)."""
+        result = self.strategy.aggregate_train_sum(server_round, secure, received, rejected)
+        hashes = self._record_inbound(server_round, "train", result.received)
+        total = secure_sum_arrays(secure)
+        params = secure.params
+        self.ledger.append(
+            {
+                "kind": AGGREGATE,
+                "run": self._run,
+                "round": server_round,
+                "method": self.strategy.method,
+                "server_lr": self.strategy.server_lr,
+                "base_sha256": self._sent_hash,
+                "participants": [
+                    {"region": region, "node": node, "sha256": hashes.get(node)}
+                    for region, node in zip(secure.regions, secure.nodes, strict=True)
+                ],
+                "secure": {
+                    "sum_sha256": payload_hash(total),
+                    "dropped": list(secure.dropped),
+                    "threshold": params.threshold,
+                    "clipping_range": params.clipping_range,
+                    "target_range": params.target_range,
+                    "modulus": params.modulus,
+                },
+                "rejected": result.rejected,
+                "global_sha256": payload_hash(result.global_arrays) if result.global_arrays is not None else None,
+            },
+            self.clock(),
+        )
+        if self.keep_dir is not None:
+            _save(round_dir(self.keep_dir, server_round) / SECURE_SUM_FILE, total, {})
+        return result
+
     def configure_evaluate(
         self,
         server_round: int,
@@ -222,12 +261,19 @@ def recompute(server: LedgerCheck, keep_dir: Path) -> tuple[int, list[str]]:
     return recomputed, problems
 
 
+def secure_sum_arrays(secure: SecureSum) -> dict[str, np.ndarray]:
+    """A secure round's sum as kept and hashed: the tensors' sums and [Σ w, Σ w·q(loss)] under ``WEIGHTS``."""
+    return {**secure.total, WEIGHTS: np.array([secure.total_weight, secure.loss_total], dtype=np.int64)}
+
+
 def _recompute_round(body: dict[str, Any], folder: Path) -> str | None:
     if not (folder / GLOBAL_IN_FILE).is_file():
         return f"no kept updates in {folder}"
     base, _ = load_kept(folder / GLOBAL_IN_FILE)
     if payload_hash(base) != body["base_sha256"]:
         return f"{folder / GLOBAL_IN_FILE} is not the global adapter the round started from"
+    if isinstance(body.get("secure"), dict):
+        return _recompute_secure(body, body["secure"], base, folder)
     updates, counts = [], []
     for part in body["participants"]:
         path = folder / f"{part['region']}{UPDATE_SUFFIX}"
@@ -247,4 +293,24 @@ def _recompute_round(body: dict[str, Any], folder: Path) -> str | None:
     result = server_step(base, weighted_average(updates, weights), float(body["server_lr"]))
     if payload_hash(result) != body["global_sha256"]:
         return "the kept updates do not aggregate to the global adapter the ledger records"
+    return None
+
+
+def _recompute_secure(
+    body: dict[str, Any], secure: dict[str, Any], base: dict[str, np.ndarray], folder: Path
+) -> str | None:
+    """A secure round from its kept sum: the only thing the server ever had of the regions' updates."""
+    path = folder / SECURE_SUM_FILE
+    if not path.is_file():
+        return f"the sum of this secure round was not kept ({path})"
+    total, _ = load_kept(path)
+    if payload_hash(total) != secure["sum_sha256"]:
+        return f"{path} does not hash to the sum the ledger records"
+    weights = total.pop(WEIGHTS, None)
+    if weights is None or weights.shape != (2,) or set(total) != set(base):
+        return f"{path} is not the sum of this round's adapter"
+    mean = mean_from_sum(total, int(weights[0]), float(secure["clipping_range"]), int(secure["target_range"]))
+    average = {k: mean[k].astype(np.asarray(ref).dtype) for k, ref in base.items()}
+    if payload_hash(server_step(base, average, float(body["server_lr"]))) != body["global_sha256"]:
+        return "the kept sum does not give the global adapter the ledger records"
     return None
