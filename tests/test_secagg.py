@@ -12,20 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
-from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
 from client import secagg as node_side
-from client.app import make_app as make_client_app
-from common import keys
 from common.audit import load_verify_key, verify_all
 from common.config import RunConfig, load_config
 from common.errors import ConfigError
@@ -37,6 +34,7 @@ from server.audit import recompute
 from server.federation import FederationError, federate
 from server.secagg import _unmask
 from server.strategy import SecureSum
+from simulations.inprocess import InProcessGrid
 from tests.conftest import tiny_config, write_region
 
 TRAIN = {"lr": 3e-2, "epochs": 1, "batch_size": 8, "max_steps": 3, "threads": 1}
@@ -51,41 +49,6 @@ def server_task_identity() -> Iterator[None]:
         mp.setattr(TaskIdentity, "_node_id", 0)
         mp.setattr(TaskIdentity, "_task_id", 1)
         yield
-
-
-class NodeGrid:
-    """Each message goes to the real ClientApp of a simulated node, whose Context (state included) lives as long
-    as the grid, as on a SuperNode. ``down`` maps a message type to nodes that fail it (as a crashed node's
-    message does); ``sent`` logs every message type sent."""
-
-    def __init__(self, cfg: RunConfig, audit_root: Path) -> None:
-        self.app = make_client_app(cfg.regions, audit_root=audit_root)
-        self.node_ids = [NODE_BASE + i for i in range(len(cfg.regions))]
-        self.contexts = {
-            n: Context(7, n, {keys.NODE_PARTITION_ID: n - NODE_BASE}, RecordDict(), {}) for n in self.node_ids
-        }
-        self.down: dict[str, set[int]] = {}
-        self.sent: list[str] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            node = msg.metadata.dst_node_id
-            self.sent.append(msg.metadata.message_type)
-            if node in self.down.get(msg.metadata.message_type, set()):
-                reply = Message(Error(code=0, reason="node lost"), reply_to=msg)
-            else:
-                try:
-                    reply = self.app(msg, self.contexts[node])
-                except Exception as err:  # as Flower's runtime turns a raising ClientApp into an error reply
-                    reply = Message(Error(code=0, reason=str(err)), reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = node
-            replies.append(reply)
-        return replies
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +69,8 @@ def make_config(root: Path, tiny_bert: Path, regions: Path, secure: dict[str, An
     return load_config(tiny_config(root / name, tiny_bert, regions, **args))
 
 
-def run(cfg: RunConfig, out: Path, grid: NodeGrid | None = None, **kwargs: Any) -> NodeGrid:
-    grid = grid or NodeGrid(cfg, out / AUDIT_DIR / NODES_DIR)
+def run(cfg: RunConfig, out: Path, grid: InProcessGrid | None = None, **kwargs: Any) -> InProcessGrid:
+    grid = grid or InProcessGrid(cfg, out / AUDIT_DIR / NODES_DIR)
     federate(grid, cfg, out, **kwargs)  # type: ignore[arg-type]
     return grid
 
@@ -124,7 +87,7 @@ def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 @pytest.fixture(scope="module")
 def plain_and_secure(
     tiny_bert: Path, three_regions: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[RunConfig, Path, Path, NodeGrid]:
+) -> tuple[RunConfig, Path, Path, InProcessGrid]:
     root = tmp_path_factory.mktemp("paired")
     plain = make_config(root, tiny_bert, three_regions, None, rounds=2)
     secure = make_config(root, tiny_bert, three_regions, {}, rounds=2)
@@ -138,7 +101,7 @@ def plain_and_secure(
 
 
 def test_a_secure_run_equals_the_plain_weighted_mean_within_1e_5(
-    plain_and_secure: tuple[RunConfig, Path, Path, NodeGrid],
+    plain_and_secure: tuple[RunConfig, Path, Path, InProcessGrid],
 ) -> None:
     _cfg, plain, secure, grid = plain_and_secure
     # from the same global adapter and the same (seeded) training, one round: quantized, not bit-equal, yet
@@ -242,12 +205,12 @@ def test_the_strategy_never_receives_a_single_update(
 
 def test_a_node_lost_after_the_share_stage_is_recovered(tiny_bert: Path, three_regions: Path, tmp_path: Path) -> None:
     cfg = make_config(tmp_path, tiny_bert, three_regions, {"threshold": 2})
-    grid = NodeGrid(cfg, tmp_path / "secure" / AUDIT_DIR / NODES_DIR)
+    grid = InProcessGrid(cfg, tmp_path / "secure" / AUDIT_DIR / NODES_DIR)
     grid.down["train.secagg_mask"] = {NODE_BASE + 1}  # north: keys shared, then gone
     run(cfg, tmp_path / "secure", grid)
     # the plain weighted mean of the two that stayed
     plain_cfg = make_config(tmp_path, tiny_bert, three_regions, None)
-    plain = NodeGrid(plain_cfg, tmp_path / "plain" / AUDIT_DIR / NODES_DIR)
+    plain = InProcessGrid(plain_cfg, tmp_path / "plain" / AUDIT_DIR / NODES_DIR)
     plain.down["train"] = {NODE_BASE + 1}
     run(plain_cfg, tmp_path / "plain", plain)
     assert max_diff(checkpoint(tmp_path / "secure", 1), checkpoint(tmp_path / "plain", 1)) <= 1e-5
@@ -261,7 +224,7 @@ def test_below_the_threshold_the_round_fails_naming_the_checkpoint_then_resumes(
 ) -> None:
     cfg = make_config(tmp_path, tiny_bert, three_regions, {"threshold": 3}, rounds=2)
     out = tmp_path / "out"
-    grid = NodeGrid(cfg, out / AUDIT_DIR / NODES_DIR)
+    grid = InProcessGrid(cfg, out / AUDIT_DIR / NODES_DIR)
 
     def lose_south(record: dict[str, Any]) -> None:
         grid.down["train.secagg_mask"] = {NODE_BASE + 2}
@@ -355,7 +318,7 @@ def test_options_needing_single_updates_are_refused_with_secure_aggregation(
 
 
 def test_audit_verify_names_secure_rounds_and_recomputes_them_from_the_sum(
-    plain_and_secure: tuple[RunConfig, Path, Path, NodeGrid],
+    plain_and_secure: tuple[RunConfig, Path, Path, InProcessGrid],
 ) -> None:
     cfg, _, out, _ = plain_and_secure
     audit = out / AUDIT_DIR
@@ -379,3 +342,30 @@ def test_audit_verify_names_secure_rounds_and_recomputes_them_from_the_sum(
     np.savez(kept, **arrays)
     broken = verify_all(ledgers, trusted, lambda server: recompute(server, audit / UPDATES_DIR))
     assert any("round 2: " in f and "does not hash to the sum the ledger records" in f for f in broken.findings)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real Flower simulation (Ray), through the CLI
+
+
+@pytest.mark.slow
+def test_simulate_with_secure_aggregation_end_to_end(tiny_bert: Path, three_regions: Path, tmp_path: Path) -> None:
+    from fedlocale.cli import main
+
+    path = tiny_config(
+        tmp_path / "run.yaml",
+        tiny_bert,
+        three_regions,
+        rounds=2,
+        train=TRAIN,
+        aggregation={"min_clients": 3, "secure": {"enabled": True}},
+    )
+    out = tmp_path / "out"
+    assert main(["simulate", str(path), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["audit"]["verified"] is True and summary["audit"]["rounds_recomputed"] == 2
+    rounds = json.loads((out / "federation.json").read_text())["rounds"]
+    assert [r["participants"] for r in rounds] == [["east", "north", "south"]] * 2
+    assert all(r["secure"]["dropped"] == [] for r in rounds)
+    report = (out / AUDIT_DIR / "audit-report.md").read_text()
+    assert "secagg_setup" in report or "secure" in report
