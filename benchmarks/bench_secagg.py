@@ -62,17 +62,18 @@ def _tiny_config(work: Path, regions: int, rounds: int) -> Any:
 
 
 def _run(cfg: Any, out: Path) -> tuple[list[dict[str, Any]], float, dict[str, np.ndarray], int]:
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.numpy import load_file
 
     from common.runfiles import AUDIT_DIR, NODES_DIR
-    from server.federation import federate
+    from server.federation import checkpoint_dir, federate
     from simulations.inprocess import InProcessGrid
 
     grid = InProcessGrid(cfg, out / AUDIT_DIR / NODES_DIR)
     started = time.perf_counter()
     result = federate(grid, cfg, out)  # type: ignore[arg-type]
     total = time.perf_counter() - started
-    first = load_file(str(out / "checkpoints" / "round-001" / "adapter_model.safetensors"))
+    first = load_file(str(checkpoint_dir(out, 1) / SAFETENSORS_WEIGHTS_NAME))
     return result.rounds, total, first, result.adapter_bytes
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import yaml
 from flwr.supercore.task_identity import TaskIdentity
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.numpy import load_file
 
 from client import secagg as node_side
@@ -31,7 +32,7 @@ from common.secagg import derive_parameters, neighbours
 from server import strategy as strategy_module
 from server.aggregate import aggregation_weights, weighted_average
 from server.audit import recompute
-from server.federation import FederationError, federate
+from server.federation import FederationError, checkpoint_dir, federate
 from server.secagg import _unmask
 from server.strategy import SecureSum
 from simulations.inprocess import InProcessGrid
@@ -76,7 +77,7 @@ def run(cfg: RunConfig, out: Path, grid: InProcessGrid | None = None, **kwargs: 
 
 
 def checkpoint(out: Path, server_round: int) -> dict[str, np.ndarray]:
-    return load_file(str(out / "checkpoints" / f"round-{server_round:03d}" / "adapter_model.safetensors"))
+    return load_file(str(checkpoint_dir(out, server_round) / SAFETENSORS_WEIGHTS_NAME))
 
 
 def max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
