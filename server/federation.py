@@ -194,6 +194,9 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     # data.val_fraction came later: at its default it is left out, so that runs started before it still resume
     if kept.get("data.val_fraction") == DataSettings().val_fraction:
         del kept["data.val_fraction"]
+    # so did secure aggregation: left out while off, so that runs started before it still resume
+    if not cfg.aggregation.secure.enabled:
+        kept = {k: v for k, v in kept.items() if not k.startswith("aggregation.secure.")}
     return kept
 
 

@@ -370,3 +370,14 @@ def test_simulate_with_secure_aggregation_end_to_end(tiny_bert: Path, three_regi
     assert all(r["secure"]["dropped"] == [] for r in rounds)
     report = (out / AUDIT_DIR / "audit-report.md").read_text()
     assert "secagg_setup" in report or "secure" in report
+
+
+def test_secure_settings_change_the_fingerprint_only_when_enabled(
+    tiny_bert: Path, three_regions: Path, tmp_path: Path
+) -> None:
+    from server.federation import config_settings
+
+    plain = config_settings(make_config(tmp_path, tiny_bert, three_regions, None))
+    secure = config_settings(make_config(tmp_path, tiny_bert, three_regions, {"threshold": 2}))
+    assert not any(k.startswith("aggregation.secure") for k in plain)  # runs from before it still resume
+    assert secure["aggregation.secure.enabled"] is True and secure["aggregation.secure.threshold"] == 2
