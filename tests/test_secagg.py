@@ -24,6 +24,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.numpy import load_file
 
 from client import secagg as node_side
+from common import keys
 from common.audit import load_verify_key, verify_all
 from common.config import RunConfig, load_config
 from common.errors import ConfigError
@@ -381,3 +382,43 @@ def test_secure_settings_change_the_fingerprint_only_when_enabled(
     secure = config_settings(make_config(tmp_path, tiny_bert, three_regions, {"threshold": 2}))
     assert not any(k.startswith("aggregation.secure") for k in plain)  # runs from before it still resume
     assert secure["aggregation.secure.enabled"] is True and secure["aggregation.secure.threshold"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fedlocale check asks each policy about the masked reply
+
+
+def test_check_describes_the_masked_reply_exactly(tmp_path: Path, tiny_bert: Path) -> None:
+    from client.preflight import preflight
+    from common.audit import canonical_json
+    from common.model import check_model
+    from simulations.runner import load_policies
+    from tests.test_preflight import config_with_policies, write_policy
+
+    regions = tmp_path / "regions"
+    write_region(regions / "north", 40, 16, seed=1)
+    write_region(regions / "south", 40, 16, seed=2)
+    secure = {"min_clients": 2, "secure": {"enabled": True}}
+    plain_cfg = load_config(tiny_config(tmp_path / "probe.yaml", tiny_bert, regions))
+    size = sum(
+        nbytes for _, _, nbytes in check_model(plain_cfg.model, plain_cfg.lora, plain_cfg.labels).tensors.values()
+    )
+    # int64 masked tensors, the masked [w, w·q(loss)] and the region index: all a masked upload carries
+    exact = 2 * size + 16 + len(canonical_json({keys.REGION_INDEX: 0}))
+    for limit, ok in ((exact, True), (exact - 1, False)):
+        north = write_policy(tmp_path, "north", egress={"max_bytes": limit}, require_secure_aggregation=True)
+        path = config_with_policies(tmp_path, tiny_bert, regions, north, train=TRAIN, rounds=1, aggregation=secure)
+        cfg = load_config(path)
+        if not ok:
+            with pytest.raises(ConfigError, match=rf"bytes, the policy allows at most {limit}"):
+                preflight(cfg, load_policies(cfg), path)
+            continue
+        preflight(cfg, load_policies(cfg), path)
+        run(cfg, tmp_path / "out")  # the real masked upload fits the limit to the byte (else north refuses)
+        record = json.loads((tmp_path / "out" / "federation.json").read_text())["rounds"][0]
+        assert record["participants"] == ["north", "south"]
+    # the same policy refuses every train reply of a plain run, before anything starts
+    path = config_with_policies(tmp_path, tiny_bert, regions, north, aggregation={"min_clients": 2})
+    cfg = load_config(path)
+    with pytest.raises(ConfigError, match="require_secure_aggregation: region north: every train reply"):
+        preflight(cfg, load_policies(cfg), path)
