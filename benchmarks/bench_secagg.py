@@ -6,7 +6,8 @@
 For each case the same federation runs twice in this process, plain then secure (aggregation.secure.enabled),
 through ``simulations.inprocess.InProcessGrid`` (every node's real ClientApp, guard and ledger, one after the
 other; no Ray, so the protocol's own cost is not hidden in scheduling). Per round: wall time of train + validation,
-bytes up and down (tensors, and the protocol's keys and shares), and after round 1 — both runs start from the
+bytes up and down (tensors, and the protocol's keys and shares; medians over rounds and ``--repeats`` runs of
+each mode in alternating order), and after round 1 — both runs start from the
 same adapter and train identically — the largest |secure − plain| over every adapter value. Prints a table,
 writes JSON.
 """
@@ -77,46 +78,60 @@ def _run(cfg: Any, out: Path) -> tuple[list[dict[str, Any]], float, dict[str, np
     return result.rounds, total, first, result.adapter_bytes
 
 
-def measure_case(name: str, cfg: Any, work: Path, say: Any) -> dict[str, Any]:
-    """The plain and the secure run of one config, back to back; their per-round numbers and the ratios."""
+def measure_case(name: str, cfg: Any, work: Path, say: Any, repeats: int = 1) -> dict[str, Any]:
+    """The plain and the secure run of one config, ``repeats`` times each in alternating order (plain first, then
+    secure first, …) so that a drift in the machine's load hits both; medians of the per-round numbers."""
     secure_cfg = dataclasses.replace(
         cfg,
         aggregation=dataclasses.replace(
             cfg.aggregation, secure=dataclasses.replace(cfg.aggregation.secure, enabled=True)
         ),
     )
-    runs = {}
-    for mode, run_cfg in (("plain", cfg), ("secure", secure_cfg)):
-        say(f"{name}: {mode} run ({len(cfg.regions)} regions, {cfg.rounds} rounds)")
-        rounds, total, first, adapter_bytes = _run(run_cfg, work / f"{name}-{mode}")
-        runs[mode] = {
-            "rounds": [
-                {k: r[k] for k in ("round", "seconds", "bytes_up", "bytes_down", "participants")} for r in rounds
-            ],
-            "seconds_per_round": sum(r["seconds"] for r in rounds) / len(rounds),
-            "bytes_up_per_round": sum(r["bytes_up"] for r in rounds) / len(rounds),
-            "bytes_down_per_round": sum(r["bytes_down"] for r in rounds) / len(rounds),
-            "total_s": total,
-            "first": first,
-            "adapter_bytes": adapter_bytes,
-        }
-    plain, secure = runs["plain"], runs["secure"]
-    diff = max(float(np.max(np.abs(secure["first"][k].astype(np.float64) - plain["first"][k]))) for k in plain["first"])
+    configs = {"plain": cfg, "secure": secure_cfg}
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "secure": []}
+    firsts: dict[str, dict[str, np.ndarray]] = {}
+    adapter = 0
+    for repeat in range(repeats):
+        for mode in ("plain", "secure") if repeat % 2 == 0 else ("secure", "plain"):
+            say(f"{name}: {mode} run {repeat + 1}/{repeats} ({len(cfg.regions)} regions, {cfg.rounds} rounds)")
+            rounds, total, first, adapter = _run(configs[mode], work / f"{name}-{mode}-{repeat}")
+            firsts.setdefault(mode, first)
+            runs[mode].append(
+                {
+                    "rounds": [
+                        {k: r[k] for k in ("round", "seconds", "bytes_up", "bytes_down", "participants")}
+                        for r in rounds
+                    ],
+                    "total_s": total,
+                }
+            )
+    summary = {mode: _per_round(found) for mode, found in runs.items()}
+    plain, secure = summary["plain"], summary["secure"]
+    first_plain, first_secure = firsts["plain"], firsts["secure"]
+    diff = max(float(np.max(np.abs(first_secure[k].astype(np.float64) - first_plain[k]))) for k in first_plain)
     regions = len(cfg.regions)
-    adapter = plain["adapter_bytes"]
-    for run in runs.values():
-        del run["first"]
     return {
         "case": name,
         "regions": regions,
         "adapter_bytes": adapter,
         "plain": plain,
         "secure": secure,
+        "runs": runs,
         "time_ratio": secure["seconds_per_round"] / plain["seconds_per_round"],
         "bytes_up_ratio": secure["bytes_up_per_round"] / plain["bytes_up_per_round"],
         "bytes_down_ratio": secure["bytes_down_per_round"] / plain["bytes_down_per_round"],
         "secure_bytes_up_per_region_over_adapter": secure["bytes_up_per_round"] / regions / adapter,
         "max_abs_diff_round1": diff,
+    }
+
+
+def _per_round(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over every round of every repeat."""
+    rounds = [r for run in runs for r in run["rounds"]]
+    return {
+        "seconds_per_round": float(np.median([r["seconds"] for r in rounds])),
+        "bytes_up_per_round": float(np.median([r["bytes_up"] for r in rounds])),
+        "bytes_down_per_round": float(np.median([r["bytes_down"] for r in rounds])),
     }
 
 
@@ -144,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regions", type=int, nargs="+", default=[3, 10], help="tiny-model cases (default: 3 10)")
     parser.add_argument("--config", type=Path, help="measure this run config instead of the tiny-model cases")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each mode, in alternating order")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args(argv)
     from deploy.env import apply_env
@@ -166,14 +182,18 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config)
             cfg = dataclasses.replace(cfg, rounds=args.rounds, baselines=())
-            cases = [measure_case(args.config.stem, cfg, work, say)]
+            cases = [measure_case(args.config.stem, cfg, work, say, args.repeats)]
         else:
-            cases = [measure_case(f"tiny-{n}", _tiny_config(work, n, args.rounds), work, say) for n in args.regions]
+            cases = [
+                measure_case(f"tiny-{n}", _tiny_config(work, n, args.rounds), work, say, args.repeats)
+                for n in args.regions
+            ]
     print_table(cases)
     out = {
         "command": "python -m benchmarks.bench_secagg " + " ".join(argv if argv is not None else sys.argv[1:]),
         "grid": "simulations.inprocess.InProcessGrid (nodes one after another in one process)",
         "rounds": args.rounds,
+        "repeats": args.repeats,
         "cpus": os.cpu_count(),
         "load_average_before_after": [load_before, os.getloadavg()],
         "cases": cases,

@@ -24,7 +24,7 @@ from common.errors import ConfigError
 from common.model import check_model
 from common.pii import PatternTimeout, custom_share
 from common.policy import Outbound, Protections, RegionPolicy, TensorInfo, egress_violations
-from common.secagg import MASKED_DTYPE, WEIGHTS
+from common.secagg import MASKED_DTYPE, WEIGHTS, SecAggParams, derive_parameters, packed_size
 
 # a custom pattern that replaces more than this share of a region's train text leaves little to learn from
 REDACTION_WARN = 0.5
@@ -64,6 +64,20 @@ def preflight(
     if found:
         problems += locate(found, config_path, overrides) if config_path is not None else found
     warnings: list[str] = []
+    agg = cfg.aggregation
+    # the masked upload's size depends on the modulus, which the server derives the same way each round
+    secure = (
+        derive_parameters(
+            agg.secure.clipping_range,
+            agg.secure.precision,
+            agg.secure.max_weight,
+            len(cfg.regions),
+            agg.secure.threshold or 2,
+            agg.method == "uniform",
+        )
+        if agg.secure.enabled
+        else None
+    )
     loaded: dict[str, RegionData] = {}
     for region in cfg.regions if regions is None else regions:
         index = cfg.region_names.index(region.name) if region.name in cfg.region_names else 0
@@ -78,7 +92,7 @@ def preflight(
         if policy is None or region.policy is None:
             continue
         # without a model (its problems are reported above) the reply's tensors are unknown: the rest still counts
-        found = _policy_problems(policy, data, index, model.tensors, cfg.aggregation.secure.enabled)
+        found = _policy_problems(policy, data, index, model.tensors, secure)
         found += _redaction_problems(policy, data, warnings, region.policy)
         if found:
             problems += locate(found, region.policy)
@@ -110,20 +124,19 @@ def _policy_problems(
     data: RegionData,
     index: int,
     tensors: Mapping[str, tuple[tuple[int, ...], str, int]],
-    secure: bool = False,
+    secure: SecAggParams | None = None,
 ) -> list[str]:
     """What the policy would refuse in every train and evaluate reply of this run (``field: reason``); with
     ``secure`` the train reply is secure aggregation's masked upload (client.secagg)."""
     n = len(data.train)
     # metric values as long as any real one encodes, so that the byte count is the most a reply can carry
     worst = -0.12345678901234567
-    if secure:
-        masked = np.dtype(MASKED_DTYPE)
+    if secure is not None:
         described = tuple(
-            TensorInfo(name, shape, masked.name, nbytes // np.dtype(dtype).itemsize * masked.itemsize)
+            TensorInfo(name, shape, MASKED_DTYPE, packed_size(nbytes // np.dtype(dtype).itemsize, secure.modulus))
             for name, (shape, dtype, nbytes) in tensors.items()
         )
-        described = (*described, TensorInfo(WEIGHTS, (2,), masked.name, 2 * masked.itemsize))
+        described = (*described, TensorInfo(WEIGHTS, (2,), MASKED_DTYPE, packed_size(2, secure.modulus)))
         train = Outbound(
             "train", policy.region, described, {keys.REGION_INDEX: index}, n, Protections(secure_aggregation=True)
         )

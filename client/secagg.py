@@ -24,7 +24,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
 )
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes, public_key_to_bytes
 
-from common.secagg import LOSS_RANGE, SecAggParams, add_mod, decode, encode, layout, mask, pair_seed
+from common.secagg import LOSS_RANGE, SecAggParams, add_mod, decode, encode, layout, mask, pack, pair_seed
 
 
 class SecAggRefusal(ValueError):
@@ -125,7 +125,7 @@ def masked_input(
     loss: float,
     seed: int,
 ) -> dict[str, np.ndarray]:
-    """Stage 3: keep the shares the neighbours sent; upload w·q(θ) and [w, w·q(loss)], masked.
+    """Stage 3: keep the shares the neighbours sent; upload w·q(θ) and [w, w·q(loss)], masked and bit-packed.
 
     Refuses (``SecAggRefusal``) rather than corrupt the sum when a value lies outside the agreed range.
     """
@@ -162,7 +162,7 @@ def masked_input(
             continue
         pairwise = mask(pair_seed(secrets.mask_key, secrets.neighbours[node][0]), params.modulus, shapes)
         vector = add_mod(vector, pairwise, params.modulus, 1 if me > node else -1)
-    return {name: arr for (name, _), arr in zip(names, vector, strict=True)}
+    return {name: pack(arr, params.modulus) for (name, _), arr in zip(names, vector, strict=True)}
 
 
 def unmask(secrets: NodeSecrets, me: int, active: list[int], dropped: list[int]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-MASKED_DTYPE = "int64"  # what a masked value travels as
+MASKED_DTYPE = "uint8"  # masked values travel bit-packed: log2(M) bits each (``pack``)
 WEIGHTS = "secagg.weights"  # the masked [w, w·q(loss)] beside the adapter's tensors in a masked upload
 LOSS_RANGE = 1000.0  # the train loss is quantized over [-LOSS_RANGE, LOSS_RANGE]
 MAX_TARGET_BITS = 30  # Flower's quantizer rounds into int32
@@ -107,6 +107,30 @@ def derive_parameters(
         threshold=threshold,
         uniform=uniform,
     )
+
+
+def packed_size(count: int, modulus: int) -> int:
+    """Bytes of ``count`` masked values packed by ``pack``: log2(M) bits each."""
+    return -(-count * (modulus.bit_length() - 1) // 8)
+
+
+def pack(values: np.ndarray, modulus: int) -> np.ndarray:
+    """Values in [0, M) (M a power of two) as their log2(M) low bits, concatenated, in uint8: a masked value is
+    uniform over exactly those bits, so nothing smaller can carry it (int64 would send 64)."""
+    bits = modulus.bit_length() - 1
+    flat = np.ascontiguousarray(np.asarray(values).reshape(-1), dtype=">u8")
+    return np.packbits(np.unpackbits(flat.view(np.uint8).reshape(-1, 8), axis=1)[:, 64 - bits :].reshape(-1))
+
+
+def unpack(packed: np.ndarray, modulus: int, shape: tuple[int, ...]) -> np.ndarray:
+    """What ``pack`` packed, as int64 of ``shape``; a ValueError when the byte count does not match."""
+    count = int(np.prod(shape, dtype=np.int64))
+    bits = modulus.bit_length() - 1
+    if packed.dtype != np.uint8 or packed.shape != (packed_size(count, modulus),):
+        raise ValueError(f"{packed.dtype}{list(packed.shape)} is not {count} packed {bits}-bit values")
+    full = np.zeros((count, 64), dtype=np.uint8)
+    full[:, 64 - bits :] = np.unpackbits(packed)[: count * bits].reshape(count, bits)
+    return np.packbits(full, axis=1).view(">u8").reshape(shape).astype(np.int64)
 
 
 def layout(arrays: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,9 @@ from common.secagg import (
     layout,
     mask,
     neighbours,
+    packed_size,
     pair_seed,
+    unpack,
 )
 from common.seeds import derive_seed
 from server.strategy import ReceivedReply, RoundLog, RoundStrategy, SecureSum, read_reply, to_numpy
@@ -92,9 +94,13 @@ def _exchange(
             continue
         record = reply.content.config_records.get(keys.SECAGG)
         if record is not None:
-            text = str(record[keys.SECAGG_PAYLOAD])
+            text = str(record.get(keys.SECAGG_PAYLOAD, ""))
             out.bytes_up += _payload_bytes(text)
-            out.ok[node] = decode(text)
+            problem, payload = _payload_problem(stage, text)
+            if problem:
+                out.failed[node] = f"unusable {stage} reply: {problem}"
+            else:
+                out.ok[node] = payload
         else:
             out.bytes_up += sum(got.sizes.values())
             out.ok[node] = got
@@ -105,6 +111,35 @@ def _exchange(
     for node, reason in out.failed.items():
         log.warning("secure round, stage %s: node %s dropped: %s", stage, node, reason)
     return out
+
+
+# what each protocol stage's reply holds: field → (its type, the type of its values for a mapping)
+_REPLY_FIELDS: dict[str, dict[str, tuple[type, type | None]]] = {
+    keys.SECAGG_SETUP: {"mask_pk": (bytes, None), "box_pk": (bytes, None)},
+    keys.SECAGG_SHARE: {"ciphertexts": (dict, bytes)},
+    keys.SECAGG_UNMASK: {"seed_shares": (dict, bytes), "key_shares": (dict, bytes)},
+}
+
+
+def _payload_problem(stage: str, text: str) -> tuple[str | None, Any]:
+    """Why a protocol reply's payload is unusable (then the node counts as dropped), or None and the payload."""
+    try:
+        payload = decode(text)
+    except (ValueError, TypeError) as err:
+        return f"not the protocol's JSON ({err})", None
+    fields = _REPLY_FIELDS.get(stage, {})
+    if not isinstance(payload, dict) or set(payload) != set(fields):
+        return f"expected the fields {sorted(fields)}", None
+    for name, (kind, values) in fields.items():
+        value = payload[name]
+        bad_map = (
+            values is not None
+            and isinstance(value, dict)
+            and not all(k.isdigit() and isinstance(v, values) for k, v in value.items())
+        )
+        if not isinstance(value, kind) or bad_map:
+            return f"{name} is not {kind.__name__}{'' if values is None else ' of node id → bytes'}", None
+    return None, payload
 
 
 def _protocol(server_round: int, payload: Mapping[str, Any]) -> tuple[RecordDict, int]:
@@ -122,10 +157,8 @@ def secure_train_round(
     server_round: int,
     arrays: ArrayRecord,
     config: ConfigRecord,
-    after_stage: Callable[[str], None] | None = None,
 ) -> RoundLog:
-    """One secure training round; the strategy aggregates only the unmasked sum. ``after_stage`` is called
-    with each stage's name once its replies are in (tests drop nodes there, as a crash would)."""
+    """One secure training round; the strategy aggregates only the unmasked sum."""
     timeout = cfg.aggregation.round_timeout
     secure = cfg.aggregation.secure
     # the strategy samples the nodes and remembers the adapter sent (and the ledger records the dispatch)
@@ -147,8 +180,6 @@ def secure_train_round(
         nonlocal up, down
         up, down = up + exchange.bytes_up, down + exchange.bytes_down
         rejected.update(exchange.failed)
-        if after_stage is not None:
-            after_stage(stage)
         alive = [n for n in among if n in exchange.ok]
         if len(alive) < threshold:
             raise SecureRoundError(
@@ -218,7 +249,10 @@ def secure_train_round(
             key_shares.setdefault(int(target), []).append(piece)
 
     shapes = [shape for _, shape in layout(reference)]
-    vectors = {n: [masked.ok[n].arrays[keys.ARRAYS][name] for name, _ in layout(reference)] for n in u3}
+    vectors = {
+        n: [unpack(masked.ok[n].arrays[keys.ARRAYS][name], params.modulus, shape) for name, shape in layout(reference)]
+        for n in u3
+    }
     total = _unmask(vectors, seed_shares, key_shares, dropped, graph, public, params, shapes)
     names = [name for name, _ in layout(reference)]
     summed = dict(zip(names, total, strict=True))
@@ -256,9 +290,8 @@ def _masked_problem(
     if set(upload) != set(expected):
         return "masked tensor names differ from the adapter's", region_names[index]
     for name, shape in expected.items():
-        arr = upload[name]
-        if arr.shape != shape or arr.dtype != np.int64 or (arr.size and (arr.min() < 0 or arr.max() >= params.modulus)):
-            return f"{name}: not a masked int64{list(shape)} below the modulus", region_names[index]
+        if upload[name].dtype != np.uint8 or upload[name].shape != (packed_size(int(np.prod(shape)), params.modulus),):
+            return f"{name}: not {list(shape)} packed masked values", region_names[index]
     return None, region_names[index]
 
 

@@ -29,7 +29,7 @@ from common.audit import load_verify_key, verify_all
 from common.config import RunConfig, load_config
 from common.errors import ConfigError
 from common.runfiles import AUDIT_DIR, NODES_DIR, SERVER_DIR, UPDATES_DIR
-from common.secagg import derive_parameters, neighbours
+from common.secagg import derive_parameters, neighbours, pack, packed_size, unpack
 from server import strategy as strategy_module
 from server.aggregate import aggregation_weights, weighted_average
 from server.audit import recompute
@@ -105,7 +105,7 @@ def plain_and_secure(
 def test_a_secure_run_equals_the_plain_weighted_mean_within_1e_5(
     plain_and_secure: tuple[RunConfig, Path, Path, InProcessGrid],
 ) -> None:
-    _cfg, plain, secure, grid = plain_and_secure
+    cfg, plain, secure, grid = plain_and_secure
     # from the same global adapter and the same (seeded) training, one round: quantized, not bit-equal, yet
     # within the target; later rounds start from slightly different adapters and drift apart by training
     diff = max_diff(checkpoint(secure, 1), checkpoint(plain, 1))
@@ -120,7 +120,9 @@ def test_a_secure_run_equals_the_plain_weighted_mean_within_1e_5(
     plain_loss = sum(v["loss"] * v["num_examples"] for v in plain_rounds[0]["train"].values()) / total
     assert abs(rounds[0]["train_overall"]["loss"] - plain_loss) < 1e-3
     assert rounds[0]["secure"] == {"threshold": 2, "dropped": []}
-    assert rounds[0]["bytes_up"] > 2 * plain_rounds[0]["bytes_up"] * 0.99  # int64 masked values
+    # masked values travel bit-packed, log2(modulus) bits each: 43 for 3 regions at the defaults
+    assert cfg.aggregation.secure.max_weight == 1_000_000
+    assert 43 / 32 * 0.99 < rounds[0]["bytes_up"] / plain_rounds[0]["bytes_up"] < 43 / 32 * 1.6  # + keys, shares
     test_plain = json.loads((plain / "federation.json").read_text())["test"]
     test_secure = json.loads((secure / "federation.json").read_text())["test"]
     for region, scores in test_plain.items():
@@ -157,8 +159,12 @@ def test_the_protocol_on_the_demo_adapters_range_is_within_1e_5() -> None:
         for target, piece in node_side.unmask(secrets[n], n, nodes, [])["seed_shares"].items():
             seeds.setdefault(int(target), []).append(piece)
     names = [*sorted(shapes), "secagg.weights"]
-    vectors = {n: [masked[n][name] for name in names] for n in nodes}
-    total = _unmask(vectors, seeds, {}, [], graph, public, params, [np.shape(v) for v in vectors[11]])
+    shapes_in_order = [shapes[name] for name in names[:-1]] + [(2,)]
+    vectors = {
+        n: [unpack(masked[n][name], params.modulus, shape) for name, shape in zip(names, shapes_in_order, strict=True)]
+        for n in nodes
+    }
+    total = _unmask(vectors, seeds, {}, [], graph, public, params, shapes_in_order)
     summed = dict(zip(names, total, strict=True))
     weights = summed.pop("secagg.weights")
     assert int(weights[0]) == sum(counts)
@@ -169,7 +175,7 @@ def test_the_protocol_on_the_demo_adapters_range_is_within_1e_5() -> None:
     worst = max(float(np.max(np.abs(mean[k] - plain[k]))) for k in shapes)
     assert worst <= 1e-5 and worst <= params.step
     # one masked upload alone is noise: far from the region's own update
-    alone = mean_from_sum({k: masked[11][k] for k in shapes}, counts[0], 1.0, params.target_range)
+    alone = mean_from_sum({k: vectors[11][names.index(k)] for k in shapes}, counts[0], 1.0, params.target_range)
     assert max(float(np.max(np.abs(alone[k] - updates[0][k]))) for k in shapes) > 1.0
 
 
@@ -280,7 +286,7 @@ def test_a_policy_requiring_secure_aggregation_refuses_a_plain_run_and_joins_a_s
     masked = [b for b in bodies if b.get("message") == "train"]
     assert len(masked) == 1 and masked[0]["status"] == "sent"
     assert masked[0]["protections"]["secure_aggregation"] is True
-    assert {t["dtype"] for t in masked[0]["tensors"]} == {"int64"}
+    assert {t["dtype"] for t in masked[0]["tensors"]} == {"uint8"}
     assert [b["message"] for b in bodies if b.get("message", "").startswith("secagg")] == [
         "secagg_setup",
         "secagg_share",
@@ -403,8 +409,12 @@ def test_check_describes_the_masked_reply_exactly(tmp_path: Path, tiny_bert: Pat
     size = sum(
         nbytes for _, _, nbytes in check_model(plain_cfg.model, plain_cfg.lora, plain_cfg.labels).tensors.values()
     )
-    # int64 masked tensors, the masked [w, w·q(loss)] and the region index: all a masked upload carries
-    exact = 2 * size + 16 + len(canonical_json({keys.REGION_INDEX: 0}))
+    # bit-packed masked tensors, the masked [w, w·q(loss)] and the region index: all a masked upload carries
+    params = derive_parameters(1.0, 1e-6, 1_000_000, 2, 2, uniform=False)
+    tensors = check_model(plain_cfg.model, plain_cfg.lora, plain_cfg.labels).tensors.values()
+    exact = sum(packed_size(nbytes // 4, params.modulus) for _, _, nbytes in tensors)
+    exact += packed_size(2, params.modulus) + len(canonical_json({keys.REGION_INDEX: 0}))
+    assert 1.3 * size < exact < 1.4 * size  # 42 bits a value, against float32's 32
     for limit, ok in ((exact, True), (exact - 1, False)):
         north = write_policy(tmp_path, "north", egress={"max_bytes": limit}, require_secure_aggregation=True)
         path = config_with_policies(tmp_path, tiny_bert, regions, north, train=TRAIN, rounds=1, aggregation=secure)
@@ -422,3 +432,28 @@ def test_check_describes_the_masked_reply_exactly(tmp_path: Path, tiny_bert: Pat
     cfg = load_config(path)
     with pytest.raises(ConfigError, match="require_secure_aggregation: region north: every train reply"):
         preflight(cfg, load_policies(cfg), path)
+
+
+def test_packing_keeps_every_bit_of_values_below_the_modulus() -> None:
+    rng = np.random.default_rng(1)
+    for bits in (1, 7, 33, 44, 62):
+        values = rng.integers(0, 2**bits, size=(5, 7), dtype=np.int64)
+        packed = pack(values, 2**bits)
+        assert packed.dtype == np.uint8 and packed.nbytes == packed_size(35, 2**bits) == -(-35 * bits // 8)
+        assert np.array_equal(unpack(packed, 2**bits, (5, 7)), values)
+    with pytest.raises(ValueError, match="is not 35 packed 44-bit values"):
+        unpack(pack(values[:, :7] % 2**44, 2**44)[:-1], 2**44, (5, 7))
+
+
+def test_an_unusable_protocol_reply_counts_as_a_dropout_not_a_crash() -> None:
+    from common.secagg import encode
+    from server.secagg import _payload_problem
+
+    good = encode({"mask_pk": b"k1", "box_pk": b"k2"})
+    assert _payload_problem("secagg_setup", good) == (None, {"mask_pk": b"k1", "box_pk": b"k2"})
+    assert "expected the fields" in str(_payload_problem("secagg_setup", encode({"mask_pk": b"k1"}))[0])
+    assert "not the protocol's JSON" in str(_payload_problem("secagg_setup", "{not json")[0])
+    bad_share = encode({"ciphertexts": {"east": b"x"}})
+    assert "ciphertexts is not dict of node id → bytes" in str(_payload_problem("secagg_share", bad_share)[0])
+    bad_unmask = encode({"seed_shares": {"12": "text"}, "key_shares": {}})
+    assert "seed_shares is not dict" in str(_payload_problem("secagg_unmask", bad_unmask)[0])

@@ -65,7 +65,7 @@ def test_a_secure_deployment_survives_a_node_killed_after_sharing_its_keys(
     assert [r["participants"] for r in rounds] == [["east", "south"]] * 2
     assert rounds[0]["missing"] == ["north"] and len(rounds[0]["secure"]["dropped"]) == 1
     assert rounds[0]["train"] == {} and rounds[0]["train_overall"]["num_examples"] == 2 * 48
-    # north shared its keys and never uploaded: its ledger says so; the others sent masked int64 uploads
+    # north shared its keys and never uploaded: its ledger says so; the others sent masked, bit-packed uploads
     north_log = [e["body"] for e in read_entries(north.audit_dir / LEDGER_FILE)[0] if e["body"]["kind"] == EGRESS]
     assert ("secagg_share", 1) in {(b["message"], b["round"]) for b in north_log}
     assert ("train", 1) not in {(b["message"], b["round"]) for b in north_log}
