@@ -1,10 +1,13 @@
 """A tiny randomly initialised encoder of each architecture fedlocale supports, built in code (no download).
 
-The tests train on it, and ``benchmarks/bench_message.py --model tiny`` times a node's per-message work with it.
+The tests train on it (and on the synthetic sentiment regions of ``write_region``), and
+``benchmarks/bench_message.py --model tiny`` times a node's per-message work with it.
 """
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -67,4 +70,25 @@ def make_tiny_model(folder: Path, kind: str = "bert") -> Path:
         raise ValueError(kind)
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def synthetic_rows(n: int, rng: random.Random, pos_fraction: float = 0.5) -> list[dict[str, str]]:
+    """An easy sentiment task: the label is given by which word list a sentiment word comes from."""
+    rows = []
+    for i in range(n):
+        label = "pos" if rng.random() < pos_fraction else "neg"
+        words = [*rng.sample(FILLER, 4), rng.choice(POS_WORDS if label == "pos" else NEG_WORDS)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {FILLER[i % len(FILLER)]}" * (i % 3), "label": label})
+    return rows
+
+
+def write_region(folder: Path, n_train: int, n_test: int, seed: int, pos_fraction: float = 0.5) -> Path:
+    """A region folder with train/val/test .jsonl of the synthetic task."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("val", max(8, n_test // 2)), ("test", n_test)):
+        rows = synthetic_rows(n, rng, pos_fraction)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder

@@ -9,11 +9,14 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secagg
 from client.dp import spent
 from client.guard import InFlight, NodeMessage, egress_guard
 from client.task import (
@@ -26,9 +29,12 @@ from client.task import (
     train_dual,
     train_round,
 )
+from client.train import TrainResult
 from common import keys
 from common.config import ClientTask, Region
 from common.runfiles import AUDIT_DIR, NODES_DIR, SIMULATED_CACHE_DIR
+from common.secagg import SecAggParams, decode, encode
+from common.seeds import derive_seed
 
 # Deployment starts a fresh process per message. The ~430k objects the imports above create live until it ends,
 # yet every full garbage collection rescans them: ~0.5 s of collections per message (mostly during the model
@@ -86,13 +92,19 @@ def make_app(
     inflight = InFlight()
     app = ClientApp(mods=[egress_guard(locate, inflight)])
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def trained(msg: Message) -> tuple[ClientTask, int, dict[str, torch.Tensor], TrainResult]:
         here = inflight.of(msg)
         task, index, state = _parse(msg, here)
         trainer = train_dual if here.node.personal_rank is not None else train_round
         new_state, result = trainer(here.region, task, state, here.node, here.load(task, training=True))
+        # the privacy spent so far (DP-SGD), for the reply's metrics and the guard's check
         here.dp = spent(here.node.policy, here.node.audit_dir, task, trained=True)
+        return task, index, new_state, result
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        _task, index, new_state, result = trained(msg)
+        here = inflight.of(msg)
         metrics = MetricRecord(
             {
                 keys.NUM_EXAMPLES: result.num_examples,
@@ -103,6 +115,47 @@ def make_app(
         )
         content = RecordDict({keys.ARRAYS: ArrayRecord(new_state), keys.METRICS: metrics})
         return Message(content=content, reply_to=msg)
+
+    # Secure aggregation (client.secagg): the node keeps its keys and shares in its context state between
+    # stages; only the masked-input stage trains, and its reply carries nothing but the masked vector and the
+    # region's index (the example count and loss travel inside the mask).
+    @app.train(keys.SECAGG_SETUP)
+    def secagg_setup(msg: Message, context: Context) -> Message:
+        payload = _secagg_payload(msg)
+        params = SecAggParams.from_json(str(payload["params"]))
+        secrets, reply = secagg.setup(_round(msg), params)
+        _keep(context, secrets)
+        return _secagg_reply(msg, reply)
+
+    @app.train(keys.SECAGG_SHARE)
+    def secagg_share(msg: Message, context: Context) -> Message:
+        secrets = _kept(context, msg)
+        public = {int(k): (v[0], v[1]) for k, v in _secagg_payload(msg)["public_keys"].items()}
+        reply = secagg.share_keys(secrets, msg.metadata.dst_node_id, public)
+        _keep(context, secrets)
+        return _secagg_reply(msg, reply)
+
+    @app.train(keys.SECAGG_MASK)
+    def secagg_mask(msg: Message, context: Context) -> Message:
+        secrets = _kept(context, msg)
+        ciphertexts = {int(k): v for k, v in _secagg_payload(msg)["ciphertexts"].items()}
+        task, index, new_state, result = trained(msg)
+        weight = 1 if secrets.params.uniform else result.num_examples
+        update = {k: v.detach().cpu().numpy() for k, v in new_state.items()}
+        seed = derive_seed(task.seed, "secagg-quantize", task.server_round, inflight.of(msg).region.name)
+        masked = secagg.masked_input(secrets, msg.metadata.dst_node_id, ciphertexts, update, weight, result.loss, seed)
+        _keep(context, secrets)
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in masked.items()})
+        metrics = MetricRecord({keys.REGION_INDEX: index})
+        return Message(content=RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg)
+
+    @app.train(keys.SECAGG_UNMASK)
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        secrets = _kept(context, msg)
+        payload = _secagg_payload(msg)
+        reply = secagg.unmask(secrets, msg.metadata.dst_node_id, list(payload["active"]), list(payload["dropped"]))
+        del context.state.config_records[keys.SECAGG]  # the round is over: its secrets go
+        return _secagg_reply(msg, reply)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -132,6 +185,35 @@ def _dp_metrics(here: NodeMessage) -> dict[str, float]:
     if here.dp is None:
         return {}
     return {keys.DP_EPSILON: here.dp.epsilon_spent, keys.DP_DELTA: here.dp.delta}
+
+
+def _round(msg: Message) -> int:
+    return int(str(msg.content.config_records[keys.CONFIG][keys.SERVER_ROUND]))
+
+
+def _secagg_payload(msg: Message) -> Any:
+    return decode(str(msg.content.config_records[keys.SECAGG][keys.SECAGG_PAYLOAD]))
+
+
+def _secagg_reply(msg: Message, payload: dict[str, Any]) -> Message:
+    record = ConfigRecord({keys.SECAGG_PAYLOAD: encode(payload)})
+    return Message(content=RecordDict({keys.SECAGG: record}), reply_to=msg)
+
+
+def _keep(context: Context, secrets: secagg.NodeSecrets) -> None:
+    context.state.config_records[keys.SECAGG] = ConfigRecord({keys.SECAGG_PAYLOAD: secrets.to_json()})
+
+
+def _kept(context: Context, msg: Message) -> secagg.NodeSecrets:
+    """This node's secrets of the round ``msg`` belongs to; a stage out of order is refused."""
+    record = context.state.config_records.get(keys.SECAGG)
+    secrets = secagg.NodeSecrets.from_json(str(record[keys.SECAGG_PAYLOAD])) if record is not None else None
+    if secrets is None or secrets.round != _round(msg):
+        raise secagg.SecAggRefusal(
+            f"secure aggregation stage {msg.metadata.message_type} of round {_round(msg)} without this node's "
+            "setup of that round"
+        )
+    return secrets
 
 
 def _last_round(msg: Message) -> tuple[int, dict[str, torch.Tensor]] | None:

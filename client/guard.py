@@ -13,6 +13,7 @@ so a message reads and redacts its region's data once.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -102,16 +103,23 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+_PLAIN = Protections()  # a reply sent in the clear
+
+
 def describe(
-    reply: Message, message: str, region: str, train_examples: int, dp: DpRecord | None = None
+    reply: Message, message: str, region: str, train_examples: int, protections: Protections = _PLAIN
 ) -> tuple[Outbound, str]:
-    """The reply as the policy sees it (with the privacy spent, ``dp``), and the SHA-256 of its payload."""
+    """The reply as the policy sees it, and the SHA-256 of its payload (tensors and metrics)."""
     arrays, metrics = content_payload(reply.content)
     tensors = tuple(TensorInfo(n, tuple(a.shape), str(a.dtype), int(a.nbytes)) for n, a in arrays.items())
-    out = Outbound(
-        message, region, tensors, metrics, train_examples, Protections(dp=dp), tuple(reply.content.config_records)
-    )
+    out = Outbound(message, region, tensors, metrics, train_examples, protections, tuple(reply.content.config_records))
     return out, payload_hash(arrays, metrics)
+
+
+def _action(msg: Message) -> str:
+    """The action of a ``train.<action>`` message (secure aggregation's stages), else ""."""
+    category, _, action = msg.metadata.message_type.partition(".")
+    return action if category == MessageType.TRAIN else ""
 
 
 def _entry(
@@ -162,11 +170,15 @@ def release(msg: Message, reply: Message, where: NodeMessage, ledger: Ledger | N
     if reply.has_error():
         _record_failure(msg, where, ledger, reply.error.reason or "", now)
         return reply
+    if _action(msg) in keys.SECAGG_PROTOCOL_STAGES:
+        return _release_protocol(msg, reply, where, ledger, now)
     if where.counts is None:
         reason = f"the {message} handler replied without loading the region's data, so the policy cannot judge it"
         _record_failure(msg, where, ledger, reason, now)
         raise RuntimeError(reason)
-    out, digest = describe(reply, message, where.region.name, where.counts.train_examples, where.dp)
+    # the masked-input stage's reply is this node's update under secure aggregation's masks (client.secagg)
+    protections = Protections(secure_aggregation=_action(msg) == keys.SECAGG_MASK, dp=where.dp)
+    out, digest = describe(reply, message, where.region.name, where.counts.train_examples, protections)
     problems = egress_problems(where.node.policy, out) if where.node.policy else []
     entry = _entry(msg, out, None if problems else digest, where.node, where.counts.redactions)
     entry.update({"status": REFUSED, "reasons": problems} if problems else {"status": SENT})
@@ -178,8 +190,37 @@ def release(msg: Message, reply: Message, where: NodeMessage, ledger: Ledger | N
     return reply
 
 
+def _release_protocol(
+    msg: Message, reply: Message, where: NodeMessage, ledger: Ledger | None, now: datetime
+) -> Message:
+    """A secure-aggregation protocol reply (public keys, encrypted shares, shares to unmask): it holds no data of
+    the region, only the protocol's own record; anything else in it is refused. Recorded like any reply."""
+    content = reply.content
+    problems = [f"tensors {sorted(content.array_records)} in a protocol reply"] if content.array_records else []
+    problems += [f"metrics {sorted(content.metric_records)} in a protocol reply"] if content.metric_records else []
+    extra = sorted(set(content.config_records) - {keys.SECAGG})
+    problems += [f"config record {name!r} is not allowed to leave" for name in extra]
+    text = (
+        str(content.config_records[keys.SECAGG][keys.SECAGG_PAYLOAD]) if keys.SECAGG in content.config_records else ""
+    )
+    entry = {
+        **_header(msg, where.region.name),
+        "sha256": None if problems else hashlib.sha256(text.encode()).hexdigest(),
+        "bytes": len(text.encode()),
+        "policy": where.node.policy.digest() if where.node.policy else None,
+    }
+    entry.update({"status": REFUSED, "reasons": problems} if problems else {"status": SENT})
+    if ledger is not None:
+        ledger.append(entry, now)
+    return _refusal(msg, where.region.name, problems) if problems else reply
+
+
 def _message_name(msg: Message) -> str:
-    return "train" if msg.metadata.message_type == MessageType.TRAIN else "evaluate"
+    """The ledger's name of a message: train (a plain update or a masked one), a protocol stage, or evaluate."""
+    action = _action(msg)
+    if msg.metadata.message_type == MessageType.TRAIN or action == keys.SECAGG_MASK:
+        return "train"
+    return action or "evaluate"
 
 
 def _record_failure(msg: Message, where: NodeMessage, ledger: Ledger | None, reason: str, now: datetime) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from client.dp import DpRefused, calibrate, epsilon, plan
 from client.train import plan_steps
 from common import keys
@@ -24,6 +26,7 @@ from common.errors import ConfigError
 from common.model import check_model
 from common.pii import PatternTimeout, custom_share
 from common.policy import DpRecord, Outbound, Protections, RegionPolicy, TensorInfo, egress_violations
+from common.secagg import MASKED_DTYPE, WEIGHTS, SecAggParams, derive_parameters, packed_size
 
 # a custom pattern that replaces more than this share of a region's train text leaves little to learn from
 REDACTION_WARN = 0.5
@@ -63,6 +66,20 @@ def preflight(
     if found:
         problems += locate(found, config_path, overrides) if config_path is not None else found
     warnings: list[str] = []
+    agg = cfg.aggregation
+    # the masked upload's size depends on the modulus, which the server derives the same way each round
+    secure = (
+        derive_parameters(
+            agg.secure.clipping_range,
+            agg.secure.precision,
+            agg.secure.max_weight,
+            len(cfg.regions),
+            agg.secure.threshold or 2,
+            agg.method == "uniform",
+        )
+        if agg.secure.enabled
+        else None
+    )
     loaded: dict[str, RegionData] = {}
     for region in cfg.regions if regions is None else regions:
         index = cfg.region_names.index(region.name) if region.name in cfg.region_names else 0
@@ -77,7 +94,8 @@ def preflight(
         if policy is None or region.policy is None:
             continue
         # without a model (its problems are reported above) the reply's tensors are unknown: the rest still counts
-        found = _policy_problems(policy, data, index, model.tensors, _dp_plan(cfg, policy, region, len(data.train)))
+        dp = _dp_plan(cfg, policy, region, len(data.train))
+        found = _policy_problems(policy, data, index, model.tensors, dp, secure)
         found += _redaction_problems(policy, data, warnings, region.policy)
         if found:
             problems += locate(found, region.policy)
@@ -129,26 +147,42 @@ def _policy_problems(
     index: int,
     tensors: Mapping[str, tuple[tuple[int, ...], str, int]],
     dp: DpRecord | str | None = None,
+    secure: SecAggParams | None = None,
 ) -> list[str]:
     """What the policy would refuse in every train and evaluate reply of this run (``field: reason``); ``dp`` is
-    the privacy the node's DP-SGD would spend by the end of the run, or why it cannot train (``_dp_plan``)."""
+    the privacy the node's DP-SGD would spend by the end of the run, or why it cannot train (``_dp_plan``); with
+    ``secure`` the train reply is secure aggregation's masked upload (client.secagg)."""
     if isinstance(dp, str):
         return [f"require_dp: region {policy.region}: every train reply would be refused: {dp}"]
-    protections = Protections(dp=dp)
     n = len(data.train)
     # metric values as long as any real one encodes, so that the byte count is the most a reply can carry
     worst = -0.12345678901234567
-    train = Outbound(
-        "train",
-        policy.region,
-        tuple(TensorInfo(name, shape, dtype, nbytes) for name, (shape, dtype, nbytes) in tensors.items()),
-        {
-            name: (n if name == keys.NUM_EXAMPLES else index if name == keys.REGION_INDEX else worst)
-            for name in keys.TRAIN_REPLY_METRICS
-        },
-        n,
-        protections,
-    )
+    if secure is not None:
+        described = tuple(
+            TensorInfo(name, shape, MASKED_DTYPE, packed_size(nbytes // np.dtype(dtype).itemsize, secure.modulus))
+            for name, (shape, dtype, nbytes) in tensors.items()
+        )
+        described = (*described, TensorInfo(WEIGHTS, (2,), MASKED_DTYPE, packed_size(2, secure.modulus)))
+        train = Outbound(
+            "train",
+            policy.region,
+            described,
+            {keys.REGION_INDEX: index},
+            n,
+            Protections(secure_aggregation=True, dp=dp),
+        )
+    else:
+        train = Outbound(
+            "train",
+            policy.region,
+            tuple(TensorInfo(name, shape, dtype, nbytes) for name, (shape, dtype, nbytes) in tensors.items()),
+            {
+                name: (n if name == keys.NUM_EXAMPLES else index if name == keys.REGION_INDEX else worst)
+                for name in keys.TRAIN_REPLY_METRICS
+            },
+            n,
+            Protections(dp=dp),
+        )
     evaluate = Outbound(
         "evaluate",
         policy.region,
@@ -158,7 +192,7 @@ def _policy_problems(
             for name in keys.EVALUATE_REPLY_METRICS
         },
         n,
-        protections,
+        Protections(dp=dp),
     )
     refusing: dict[tuple[str, str], list[str]] = {}
     for out in (train, evaluate):

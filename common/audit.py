@@ -481,6 +481,12 @@ def verify_all(
     checked.append(
         f"{cross} ({updates} update(s) in {len(aggregated)} aggregation(s), against {len(nodes)} node ledger(s))"
     )
+    secure = [body.get("round") for body in aggregated if isinstance(body.get("secure"), dict)]
+    if secure:
+        checked.append(
+            f"round(s) {', '.join(map(str, secure))} of {len(aggregated)} were securely aggregated: the server "
+            "recorded only their unmasked sum, and each participant's masked upload is the one its node recorded"
+        )
     recorded = sum(1 for body in aggregated if body.get("global_sha256") is not None)
     if recompute is None:
         not_checked.append(f"{again}: no kept updates given (--updates DIR)")

@@ -25,6 +25,7 @@ from common.augment_settings import AugmentSettings
 from common.basemodels import base_problem
 from common.data import find_split, json_error_text, missing_split
 from common.errors import ConfigError, check
+from common.secagg import secagg_parameter_problem
 from common.yamlfile import parse_yaml, read_mapping
 
 T = TypeVar("T")
@@ -177,6 +178,45 @@ class DataSettings:
 
 
 @dataclass(frozen=True)
+class SecureSettings:
+    """Secure aggregation (SecAgg+): the server learns only the sum of the sampled regions' updates.
+
+    Each node uploads its example count n_r and n_r·θ_r, quantized and masked; the server unmasks the sum and
+    divides. See docs/secure-aggregation.md.
+    """
+
+    enabled: bool = False
+    # the fewest nodes that must finish a round, and the shares needed to rebuild a node's secret (a dropped
+    # node's mask, a survivor's own); null: ⌈2/3⌉ of the nodes sampled, at least 2
+    threshold: int | None = None
+    # how many nodes (itself included) each node secret-shares with: odd, at least 3; null: every sampled node
+    shares: int | None = None
+    clipping_range: float = 1.0  # bound on every adapter value |θ|; a node holding a larger value refuses
+    max_weight: int = 1_000_000  # bound on a region's example count; a larger region refuses
+    precision: float = 1e-6  # largest quantization error allowed on the mean, per value (sets the modulus)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.threshold is not None and self.threshold < 2:
+            problems.append(
+                ("threshold", f"must be >= 2 (a sum of one region is that region's update), got {self.threshold}")
+            )
+        if self.shares is not None and (self.shares < 3 or self.shares % 2 == 0):
+            problems.append(
+                ("shares", f"must be an odd number >= 3, or null for every sampled node, got {self.shares}")
+            )
+        if self.threshold is not None and self.shares is not None and self.threshold > self.shares:
+            problems.append(("threshold", f"is {self.threshold} but each node shares with only {self.shares}"))
+        if not math.isfinite(self.clipping_range) or self.clipping_range <= 0:
+            problems.append(("clipping_range", f"must be > 0, got {self.clipping_range}"))
+        if self.max_weight < 1:
+            problems.append(("max_weight", f"must be >= 1, got {self.max_weight}"))
+        if not math.isfinite(self.precision) or not 0 < self.precision < self.clipping_range:
+            problems.append(("precision", f"must be in (0, clipping_range), got {self.precision}"))
+        check(problems)
+
+
+@dataclass(frozen=True)
 class AggregationSettings:
     """How the server combines the regions' adapters each round."""
 
@@ -200,6 +240,7 @@ class AggregationSettings:
     # of the averages). ffa (FFA-LoRA): nodes keep every lora_A at the seeded init the server sent and train B
     # (and the head), so the average is exact and linear; a reply whose lora_A changed is rejected
     lora: Literal["fedit", "ffa"] = "fedit"
+    secure: SecureSettings = field(default_factory=SecureSettings)  # secure aggregation (off by default)
 
     def __post_init__(self) -> None:
         problems = []
@@ -476,12 +517,41 @@ class RunConfig:
                     f"is {self.aggregation.min_clients} but there are only {len(self.regions)} regions",
                 )
             )
+        problems.extend(_secure_problems(self))
         check(problems)
 
     @property
     def region_names(self) -> tuple[str, ...]:
         """The regions' names, in the order that simulation partition ids follow."""
         return tuple(r.name for r in self.regions)
+
+
+def _secure_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """What secure aggregation cannot go with: options that need one region's update on the server, and
+    thresholds or share counts the run's regions cannot meet."""
+    secure = cfg.aggregation.secure
+    if not secure.enabled:
+        return []
+    problems = []
+    if cfg.audit.keep_updates:
+        problems.append(
+            (
+                "audit.keep_updates",
+                "keeps each region's update, which aggregation.secure.enabled exists to keep from the server: "
+                "turn one of them off (a secure run keeps each round's unmasked sum for audit verify)",
+            )
+        )
+    regions = len(cfg.regions)
+    for name in ("threshold", "shares"):
+        value = getattr(secure, name)
+        if value is not None and regions and value > regions:
+            problems.append((f"aggregation.secure.{name}", f"is {value} but there are only {regions} regions"))
+    if regions and regions < 2:
+        problems.append(("aggregation.secure.enabled", "needs at least 2 regions (a sum of one is its update)"))
+    why = secagg_parameter_problem(secure.clipping_range, secure.precision, secure.max_weight, max(regions, 2))
+    if why:
+        problems.append(("aggregation.secure.precision", why))
+    return problems
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,17 @@ SPLIT: Final = "split"
 LAST_ROUND: Final = "last-round"
 LAST_ARRAYS: Final = "last-arrays"
 
+# Secure aggregation (common.secagg): each protocol stage is a message of type "train.<stage>"; its payload is the
+# JSON text under SECAGG_PAYLOAD in the ConfigRecord SECAGG (the masked-input stage also carries ARRAYS and CONFIG
+# like a plain train message, and its reply carries the masked ARRAYS)
+SECAGG: Final = "secagg"
+SECAGG_PAYLOAD: Final = "payload"
+SECAGG_SETUP: Final = "secagg_setup"  # server: parameters → node: its two public keys
+SECAGG_SHARE: Final = "secagg_share"  # server: the neighbours' public keys → node: encrypted shares, by neighbour
+SECAGG_MASK: Final = "secagg_mask"  # server: adapter, task, shares for this node → node: its masked input
+SECAGG_UNMASK: Final = "secagg_unmask"  # server: who uploaded and who dropped → node: the shares to unmask
+SECAGG_PROTOCOL_STAGES: Final = (SECAGG_SETUP, SECAGG_SHARE, SECAGG_UNMASK)  # stages whose replies hold no data
+
 # MetricRecord keys in replies
 NUM_EXAMPLES: Final = "num-examples"  # Flower's FedAvg weights by this key
 TRAIN_LOSS: Final = "train-loss"

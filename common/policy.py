@@ -23,6 +23,7 @@ from common.audit import canonical_json
 from common.config import load_yaml, region_name_problem
 from common.errors import InputError, check
 from common.pii import PII_TYPES, CustomPattern, PiiRules
+from common.secagg import MASKED_DTYPE, WEIGHTS
 
 DEFAULT_TENSORS = ("*.lora_A.weight", "*.lora_B.weight", "*classifier*")
 DEFAULT_METRICS = keys.REPLY_METRICS  # by default every metric a reply carries may leave
@@ -216,7 +217,11 @@ def egress_violations(policy: RegionPolicy, out: Outbound) -> list[tuple[str, st
                 f"{out.train_examples} training examples, the policy needs at least {policy.min_train_examples}",
             )
         )
+    masked = out.protections.secure_aggregation
     for tensor in out.tensors:
+        if masked and (tensor.name == WEIGHTS or tensor.dtype == MASKED_DTYPE) and _masked_allowed(tensor, rules):
+            # secure aggregation's masked values: uniform in [0, modulus) to anyone without the other nodes' masks
+            continue
         if not any(fnmatch.fnmatchcase(tensor.name, p) for p in rules.tensors):
             problems.append(("egress.tensors", f"tensor {tensor.name!r} is not allowed to leave"))
         elif tensor.dtype not in rules.dtypes:
@@ -235,11 +240,18 @@ def egress_violations(policy: RegionPolicy, out: Outbound) -> list[tuple[str, st
             problems.append(("", f"metric {name!r} is {value}"))
     if out.nbytes > rules.max_bytes:
         problems.append(("egress.max_bytes", f"{out.nbytes} bytes, the policy allows at most {rules.max_bytes}"))
-    problems.extend(_protection_problems(policy, out.protections))
+    problems.extend(_protection_problems(policy, out.protections, bool(out.tensors)))
     return problems
 
 
-def _protection_problems(policy: RegionPolicy, given: Protections) -> list[tuple[str, str]]:
+def _masked_allowed(tensor: TensorInfo, rules: EgressRules) -> bool:
+    """A masked tensor may leave when its unmasked tensor could (its name allowed) or it is the masked weights."""
+    return tensor.name == WEIGHTS or any(fnmatch.fnmatchcase(tensor.name, p) for p in rules.tensors)
+
+
+def _protection_problems(policy: RegionPolicy, given: Protections, update: bool = True) -> list[tuple[str, str]]:
+    """What the required protections forbid; secure aggregation protects updates, so a reply without tensors
+    (an evaluation's metrics) needs none."""
     problems = []
     need = policy.require_dp
     if need is not None:
@@ -258,7 +270,7 @@ def _protection_problems(policy: RegionPolicy, given: Protections) -> list[tuple
                     f"policy's (epsilon {need.epsilon}, delta {need.delta})",
                 )
             )
-    if policy.require_secure_aggregation and not given.secure_aggregation:
+    if policy.require_secure_aggregation and update and not given.secure_aggregation:
         problems.append(
             ("require_secure_aggregation", "the policy requires secure aggregation, the run does not use it")
         )

@@ -80,6 +80,8 @@ AUDIT_PLOT: Final = "audit-bytes-{}.png"  # .format(region)
 UPDATES_DIR: Final = "updates"  # audit/updates/round-NNN/REGION.npz when audit.keep_updates
 GLOBAL_IN_FILE: Final = "global-in.npz"  # the global adapter a round started from, beside its kept updates
 UPDATE_SUFFIX: Final = ".npz"
+# a secure round's unmasked sum (Σ w·q(θ) per tensor and [Σ w, Σ w·q(loss)]), kept beside GLOBAL_IN_FILE
+SECURE_SUM_FILE: Final = "secure-sum.npz"
 
 # a node's personal-dir (in a simulation RUN_DIR/personal): REGION/ holds these
 SIMULATED_PERSONAL_DIR: Final = "personal"  # a simulation's stand-in for its nodes' personal-dir

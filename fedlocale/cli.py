@@ -174,6 +174,10 @@ def _progress(total: int) -> Any:
             val = record["val"].get(region, {})
             f1 = f"  val macro-F1 {val['macro_f1']:.3f}" if val.get("num_examples") else ""
             bar.write(f"round {record['round']:>3}  {region:<18} train loss {train['loss']:.4f}{f1}")
+        if "train_overall" in record:  # a secure round: the server knows only the regions' combined loss
+            bar.write(
+                f"round {record['round']:>3}  {'(secure sum)':<18} train loss {record['train_overall']['loss']:.4f}"
+            )
         if record["missing"]:
             bar.write(f"round {record['round']:>3}  missing: {', '.join(record['missing'])}")
         overall = record.get("val_overall", {})

@@ -198,3 +198,16 @@ def frozen_problem(update: Arrays, reference: Arrays, fragment: str) -> str | No
         if fragment in name and not np.array_equal(np.asarray(update[name]), np.asarray(reference[name])):
             return f"{name}: differs from the one sent, but aggregation.lora is ffa ({fragment} stays as sent)"
     return None
+
+
+def mean_from_sum(total: Arrays, total_weight: int, clipping_range: float, target_range: int) -> dict[str, np.ndarray]:
+    """The weighted mean Σ w_r·θ_r / Σ w_r from a secure round's unmasked sums, as float64.
+
+    ``total`` holds Σ w_r·q_r per tensor, with q_r a region's values quantized from [-B, B] onto [0, T]
+    (B = ``clipping_range``, T = ``target_range``); the mean of the quantized values maps back the same way, so
+    this equals the weighted mean of the dequantized updates (within one step 2B/T of the unquantized one).
+    """
+    if total_weight <= 0:
+        raise ValueError(f"the sum of weights must be > 0, got {total_weight}")
+    step = 2.0 * clipping_range / target_range
+    return {k: np.asarray(v, np.float64) / total_weight * step - clipping_range for k, v in total.items()}

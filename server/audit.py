@@ -27,9 +27,10 @@ from flwr.serverapp import Grid
 from common import keys
 from common.audit import AGGREGATE, DISPATCH, INBOUND, Ledger, LedgerCheck, payload_hash
 from common.errors import InputError
-from common.runfiles import GLOBAL_IN_FILE, UPDATE_SUFFIX, round_name
-from server.aggregate import OptimizerState, ServerOptimizer, aggregation_weights, weighted_average
-from server.strategy import ReceivedReply, RegionFedAvg, RoundAggregation, RoundLog, to_numpy
+from common.runfiles import GLOBAL_IN_FILE, SECURE_SUM_FILE, UPDATE_SUFFIX, round_name
+from common.secagg import WEIGHTS
+from server.aggregate import OptimizerState, ServerOptimizer, aggregation_weights, mean_from_sum, weighted_average
+from server.strategy import ReceivedReply, RegionFedAvg, RoundAggregation, RoundLog, SecureSum, to_numpy
 
 METRICS_KEY = "__metrics__"  # the kept update's metrics, as JSON, beside its tensors
 
@@ -134,10 +135,7 @@ class LedgerStrategy(RoundAggregation):
                 "run": self._run,
                 "round": server_round,
                 "method": self.strategy.method,
-                "server_lr": self.strategy.optimizer.server_lr,
-                "optimizer": self.strategy.optimizer.to_record(),
-                "optimizer_step": result.optimizer_state.step if result.optimizer_state else None,
-                "optimizer_state_sha256": state_hash(result.optimizer_state) if result.optimizer_state else None,
+                **self._stepped(result),
                 "base_sha256": self._sent_hash,
                 "participants": participants,
                 "rejected": result.rejected,
@@ -149,6 +147,54 @@ class LedgerStrategy(RoundAggregation):
             for reply in result.replies:
                 path = round_dir(self.keep_dir, server_round) / f"{reply.region}{UPDATE_SUFFIX}"
                 _save(path, *reply.received.payload())
+        return result
+
+    def _stepped(self, result: RoundLog) -> dict[str, Any]:
+        """How the round's mean became the new global adapter: the server optimizer and its state after it."""
+        state = result.optimizer_state
+        return {
+            "server_lr": self.strategy.optimizer.server_lr,
+            "optimizer": self.strategy.optimizer.to_record(),
+            "optimizer_step": state.step if state else None,
+            "optimizer_state_sha256": state_hash(state) if state else None,
+        }
+
+    def aggregate_train_sum(
+        self, server_round: int, secure: SecureSum, received: list[ReceivedReply], rejected: list[dict[str, str | None]]
+    ) -> RoundLog:
+        """Aggregate a secure round's sum as the inner strategy does; record each masked upload, the
+        participants, the sum's hash and the result (and keep the sum, from which ``recompute`` checks it)."""
+        result = self.strategy.aggregate_train_sum(server_round, secure, received, rejected)
+        hashes = self._record_inbound(server_round, "train", result.received)
+        total = secure_sum_arrays(secure)
+        params = secure.params
+        self.ledger.append(
+            {
+                "kind": AGGREGATE,
+                "run": self._run,
+                "round": server_round,
+                "method": self.strategy.method,
+                **self._stepped(result),
+                "base_sha256": self._sent_hash,
+                "participants": [
+                    {"region": region, "node": node, "sha256": hashes.get(node)}
+                    for region, node in zip(secure.regions, secure.nodes, strict=True)
+                ],
+                "secure": {
+                    "sum_sha256": payload_hash(total),
+                    "dropped": list(secure.dropped),
+                    "threshold": params.threshold,
+                    "clipping_range": params.clipping_range,
+                    "target_range": params.target_range,
+                    "modulus": params.modulus,
+                },
+                "rejected": result.rejected,
+                "global_sha256": payload_hash(result.global_arrays) if result.global_arrays is not None else None,
+            },
+            self.clock(),
+        )
+        if self.keep_dir is not None:
+            _save(round_dir(self.keep_dir, server_round) / SECURE_SUM_FILE, total, {})
         return result
 
     def configure_evaluate(
@@ -269,9 +315,16 @@ def _state_before(
     return after[server_round - 1]
 
 
+def secure_sum_arrays(secure: SecureSum) -> dict[str, np.ndarray]:
+    """A secure round's sum as kept and hashed: the tensors' sums and [Σ w, Σ w·q(loss)] under ``WEIGHTS``."""
+    return {**secure.total, WEIGHTS: np.array([secure.total_weight, secure.loss_total], dtype=np.int64)}
+
+
 def _recompute_round(
     body: dict[str, Any], folder: Path, after: dict[int, OptimizerState]
 ) -> tuple[str | None, OptimizerState | None]:
+    """Why round ``body`` cannot be recomputed from what ``folder`` kept (its updates, or a secure round's sum),
+    or None and the optimizer state after it."""
     if not (folder / GLOBAL_IN_FILE).is_file():
         return f"no kept updates in {folder}", None
     try:
@@ -284,32 +337,58 @@ def _recompute_round(
     base, _ = load_kept(folder / GLOBAL_IN_FILE)
     if payload_hash(base) != body["base_sha256"]:
         return f"{folder / GLOBAL_IN_FILE} is not the global adapter the round started from", None
-    updates, counts = [], []
-    for part in body["participants"]:
-        path = folder / f"{part['region']}{UPDATE_SUFFIX}"
-        if not path.is_file():
-            return f"the update of {part['region']} was not kept ({path})", None
-        arrays, metrics = load_kept(path)
-        if payload_hash(arrays, metrics) != part["sha256"]:
-            return f"{path} does not hash to the update the ledger records for {part['region']}", None
-        count = metrics.get(keys.NUM_EXAMPLES)
-        if not isinstance(count, int | float):
-            return f"{path} records no example count", None
-        updates.append(arrays)
-        counts.append(int(count))
-    weights = aggregation_weights(counts, str(body["method"]))
-    if weights != [p["weight"] for p in body["participants"]]:
-        return f"the recorded weights {[p['weight'] for p in body['participants']]} are not {weights}", None
+    secure = body.get("secure")
+    mean = _secure_mean(secure, base, folder) if isinstance(secure, dict) else _plain_mean(body, folder)
+    if isinstance(mean, str):
+        return mean, None
     try:
-        result, state = optimizer.step(base, weighted_average(updates, weights), before)
+        result, state = optimizer.step(base, mean, before)
     except ValueError as err:
         return f"the kept updates cannot be stepped by {optimizer.name}: {err}", None
     if payload_hash(result) != body["global_sha256"]:
+        kept = "the kept sum" if isinstance(secure, dict) else "the kept updates"
         return (
-            f"the kept updates, stepped by {optimizer.name} {optimizer.hyperparameters()} from the replayed "
-            "state, do not aggregate to the global adapter the ledger records"
+            f"{kept}, stepped by {optimizer.name} {optimizer.hyperparameters()} from the replayed state, do not "
+            "aggregate to the global adapter the ledger records"
         ), None
     recorded_state = body.get("optimizer_state_sha256")
     if recorded_state is not None and state_hash(state) != recorded_state:
         return f"the replayed {optimizer.name} state does not hash to the state the ledger records", None
     return None, state
+
+
+def _plain_mean(body: dict[str, Any], folder: Path) -> dict[str, np.ndarray] | str:
+    """The round's weighted mean from its kept updates, or why it cannot be had."""
+    updates, counts = [], []
+    for part in body["participants"]:
+        path = folder / f"{part['region']}{UPDATE_SUFFIX}"
+        if not path.is_file():
+            return f"the update of {part['region']} was not kept ({path})"
+        arrays, metrics = load_kept(path)
+        if payload_hash(arrays, metrics) != part["sha256"]:
+            return f"{path} does not hash to the update the ledger records for {part['region']}"
+        count = metrics.get(keys.NUM_EXAMPLES)
+        if not isinstance(count, int | float):
+            return f"{path} records no example count"
+        updates.append(arrays)
+        counts.append(int(count))
+    weights = aggregation_weights(counts, str(body["method"]))
+    if weights != [p["weight"] for p in body["participants"]]:
+        return f"the recorded weights {[p['weight'] for p in body['participants']]} are not {weights}"
+    return weighted_average(updates, weights)
+
+
+def _secure_mean(secure: dict[str, Any], base: dict[str, np.ndarray], folder: Path) -> dict[str, np.ndarray] | str:
+    """A secure round's weighted mean from its kept sum (the only thing the server ever had of the regions'
+    updates), or why it cannot be had."""
+    path = folder / SECURE_SUM_FILE
+    if not path.is_file():
+        return f"the sum of this secure round was not kept ({path})"
+    total, _ = load_kept(path)
+    if payload_hash(total) != secure["sum_sha256"]:
+        return f"{path} does not hash to the sum the ledger records"
+    weights = total.pop(WEIGHTS, None)
+    if weights is None or weights.shape != (2,) or set(total) != set(base):
+        return f"{path} is not the sum of this round's adapter"
+    mean = mean_from_sum(total, int(weights[0]), float(secure["clipping_range"]), int(secure["target_range"]))
+    return {k: mean[k].astype(np.asarray(ref).dtype) for k, ref in base.items()}

@@ -66,6 +66,7 @@ from common.runfiles import (
 )
 from server.aggregate import OptimizerState, ServerOptimizer
 from server.audit import LedgerStrategy
+from server.secagg import SecureRoundError, secure_train_round
 from server.strategy import NodeWaitTimeout, RegionFedAvg, RoundLog, RoundStrategy, to_numpy
 
 log = logging.getLogger("fedlocale.server")
@@ -232,6 +233,9 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     # so did dp (DP-SGD's settings, used only by nodes whose policy requires DP): left out at its defaults
     if cfg.dp == DpSettings():
         kept = {k: v for k, v in kept.items() if not k.startswith("dp.")}
+    # so did secure aggregation: left out while off, so that runs started before it still resume
+    if not cfg.aggregation.secure.enabled:
+        kept = {k: v for k, v in kept.items() if not k.startswith("aggregation.secure.")}
     return kept
 
 
@@ -337,17 +341,23 @@ def _train_round(
     grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, run_key: str
 ) -> tuple[ArrayRecord, dict[str, Any], OptimizerState]:
     timeout = cfg.aggregation.round_timeout
-    replies = _send(
-        grid, strategy.configure_train(server_round, arrays, _task_config(cfg, server_round, run_key), grid), timeout
-    )
-    # the whole RoundLog, not Flower's aggregate_train pair (its arrays and metrics): the round record is per
-    # region (who took part, who was rejected and why, each region's loss), which no MetricRecord can hold
-    train = strategy.aggregate_train_round(server_round, replies)
-    participants = [r.region for r in train.replies]
+    config = _task_config(cfg, server_round, run_key)
+    if cfg.aggregation.secure.enabled:
+        # four message exchanges; the strategy receives only the unmasked sum (server.secagg)
+        try:
+            train = secure_train_round(grid, strategy, cfg, server_round, arrays, config)
+        except SecureRoundError as err:
+            raise FederationError(str(err)) from err
+    else:
+        replies = _send(grid, strategy.configure_train(server_round, arrays, config, grid), timeout)
+        # the whole RoundLog, not Flower's aggregate_train pair (its arrays and metrics): the round record is per
+        # region (who took part, who was rejected and why, each region's loss), which no MetricRecord can hold
+        train = strategy.aggregate_train_round(server_round, replies)
+    participants = train.participants
     missing = [n for n in cfg.region_names if n not in participants]
-    if len(train.replies) < cfg.aggregation.min_clients or train.optimizer_state is None:
+    if len(participants) < cfg.aggregation.min_clients or train.optimizer_state is None:
         raise FederationError(
-            f"{len(train.replies)} region(s) replied, at least {cfg.aggregation.min_clients} needed; "
+            f"{len(participants)} region(s) replied, at least {cfg.aggregation.min_clients} needed; "
             f"missing: {', '.join(missing) or 'none'}; rejected: {_describe_rejected(train.rejected)}"
         )
     record = {
@@ -355,13 +365,20 @@ def _train_round(
         "participants": participants,
         "missing": missing,
         "rejected": train.rejected,
-        "bytes_up": sum(r.bytes_up for r in train.replies),
+        "bytes_up": train.bytes_up if train.bytes_up is not None else sum(r.bytes_up for r in train.replies),
         "bytes_down": train.bytes_down,
+        # per region in a plain round; a secure round knows only the sum, so its train lines are the overall ones
         "train": {
             r.region: {"loss": r.metrics[keys.TRAIN_LOSS], "num_examples": r.num_examples, **_dp_spent(r.metrics)}
             for r in train.replies
         },
     }
+    if train.secure is not None and train.metrics is not None:
+        overall = {"loss": float(train.metrics[keys.TRAIN_LOSS])}  # type: ignore[arg-type]
+        if keys.NUM_EXAMPLES in train.metrics:
+            overall["num_examples"] = int(train.metrics[keys.NUM_EXAMPLES])  # type: ignore[arg-type]
+        record["train_overall"] = overall
+        record["secure"] = {"threshold": train.secure.params.threshold, "dropped": list(train.secure.dropped)}
     return train.arrays or arrays, record, train.optimizer_state
 
 
@@ -440,7 +457,8 @@ def _make_strategy(cfg: RunConfig, out_dir: Path, optimizer_state: OptimizerStat
         lora=agg.lora,
     )
     audit = out_dir / AUDIT_DIR
-    keep = audit / UPDATES_DIR if cfg.audit.keep_updates else None
+    # a secure run keeps each round's unmasked sum there (audit verify recomputes the round from it)
+    keep = audit / UPDATES_DIR if cfg.audit.keep_updates or agg.secure.enabled else None
     return LedgerStrategy(strategy, Ledger.in_folder(audit / SERVER_DIR, SERVER), keep_dir=keep)
 
 

@@ -21,12 +21,14 @@ from common.errors import FedlocaleError
 from common.metrics import weighted_mean
 from common.model import LORA_A
 from common.policy import refused_region
+from common.secagg import LOSS_RANGE, SecAggParams
 from common.seeds import derive_seed
 from server.aggregate import (
     OptimizerState,
     ServerOptimizer,
     aggregation_weights,
     frozen_problem,
+    mean_from_sum,
     update_problem,
     weighted_average,
 )
@@ -108,6 +110,42 @@ class RoundLog:
     global_arrays: dict[str, np.ndarray] | None = None  # train: ``arrays`` as computed, before serialization
     weights: list[float] = field(default_factory=list)  # train: the aggregation weight of each accepted reply
     optimizer_state: OptimizerState | None = None  # train: the server optimizer's state after this round's step
+    secure: SecureSum | None = None  # a secure round: what the server learned (its sum), in place of replies
+    bytes_up: int | None = None  # a secure round: every byte of its four stages; None: the replies' adapters
+
+    @property
+    def participants(self) -> list[str]:
+        """The regions whose updates the new global adapter holds, in region order."""
+        return list(self.secure.regions) if self.secure is not None else [r.region for r in self.replies]
+
+
+@dataclass(frozen=True, eq=False)
+class SecureSum:
+    """What a secure round lets the server learn: the unmasked sums over its regions, never one region's input.
+
+    ``total`` is Σ w_r·q(θ_r) per tensor (integers), ``total_weight`` Σ w_r and ``loss_total`` Σ w_r·q(loss_r);
+    a sum over fewer than two regions would be that region's update, so it cannot be made.
+    """
+
+    regions: tuple[str, ...]  # whose inputs the sum holds, in region order
+    nodes: tuple[int, ...]
+    dropped: tuple[str, ...]  # regions that shared keys but whose input is not in the sum (their masks removed)
+    total: dict[str, np.ndarray]
+    total_weight: int
+    loss_total: int
+    params: SecAggParams
+
+    def __post_init__(self) -> None:
+        if len(self.nodes) < 2 or len(self.nodes) < self.params.threshold:
+            raise ValueError(
+                f"a secure sum needs at least max(2, threshold {self.params.threshold}) inputs, got {len(self.nodes)}"
+            )
+
+    @property
+    def mean_loss(self) -> float:
+        """The weighted mean train loss of the regions in the sum."""
+        step = 2.0 * LOSS_RANGE / self.params.target_range
+        return self.loss_total / self.total_weight * step - LOSS_RANGE
 
 
 def record_bytes(record: ArrayRecord) -> int:
@@ -134,6 +172,10 @@ class RoundStrategy(Protocol):
     ) -> Iterable[Message]: ...
 
     def aggregate_train_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog: ...
+
+    def aggregate_train_sum(
+        self, server_round: int, secure: SecureSum, received: list[ReceivedReply], rejected: list[dict[str, str | None]]
+    ) -> RoundLog: ...
 
     def configure_evaluate(
         self,
@@ -391,6 +433,37 @@ class RegionFedAvg(RoundAggregation, FedAvg):
         """
         new, self.optimizer_state = self.optimizer.step(current, mean, self.optimizer_state)
         return new, self.optimizer_state
+
+    def aggregate_train_sum(
+        self, server_round: int, secure: SecureSum, received: list[ReceivedReply], rejected: list[dict[str, str | None]]
+    ) -> RoundLog:
+        """A secure round's aggregation: the weighted mean from the unmasked sum, then the same server step.
+
+        The strategy gets only ``secure`` (sums over at least two regions, see ``SecureSum``) and the masked
+        uploads as they arrived (``received``, for the ledger's hashes); no region's update exists here.
+        """
+        sent = self._train
+        if sent is None or sent.reference is None:
+            raise RuntimeError("aggregate_train_sum called before configure_train")
+        mean = mean_from_sum(
+            secure.total, secure.total_weight, secure.params.clipping_range, secure.params.target_range
+        )
+        average = {k: mean[k].astype(np.asarray(ref).dtype) for k, ref in sent.reference.items()}
+        new, state = self.server_update(sent.reference, average)
+        metrics: dict[str, int | float | list[int] | list[float]] = {keys.TRAIN_LOSS: secure.mean_loss}
+        if not secure.params.uniform:
+            metrics[self.weighted_by_key] = secure.total_weight
+        return RoundLog(
+            received,
+            [],
+            rejected,
+            sent.bytes_down,
+            MetricRecord(metrics),
+            to_record(new),
+            new,
+            optimizer_state=state,
+            secure=secure,
+        )
 
     def aggregate_evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundLog:
         """Example-weighted means of the regions' evaluation metrics (regions without the split carry no weight);

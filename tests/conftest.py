@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from assets.tiny import FILLER, NEG_WORDS, POS_WORDS, make_tiny_model
+from assets.tiny import make_tiny_model, write_region
 
 if TYPE_CHECKING:
     from client.personalize import Personalized
     from common.config import ClientTask
     from common.model import LoadedModel
-
-
-def synthetic_rows(n: int, rng: random.Random, pos_fraction: float = 0.5) -> list[dict[str, str]]:
-    """An easy sentiment task: the label is given by which word list a sentiment word comes from."""
-    rows = []
-    for i in range(n):
-        label = "pos" if rng.random() < pos_fraction else "neg"
-        words = [*rng.sample(FILLER, 4), rng.choice(POS_WORDS if label == "pos" else NEG_WORDS)]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words) + f" {FILLER[i % len(FILLER)]}" * (i % 3), "label": label})
-    return rows
-
-
-def write_region(folder: Path, n_train: int, n_test: int, seed: int, pos_fraction: float = 0.5) -> Path:
-    """A region folder with train/val/test .jsonl of the synthetic task."""
-    rng = random.Random(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("val", max(8, n_test // 2)), ("test", n_test)):
-        rows = synthetic_rows(n, rng, pos_fraction)
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
 
 
 @pytest.fixture(scope="session")

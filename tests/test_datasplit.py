@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from assets.tiny import synthetic_rows
 from common.data import load_region
 from common.errors import ConfigError, InputError
 from fedlocale.cli import main
@@ -24,7 +25,7 @@ from simulations.datasplit import (
     run_split,
     split_pool,
 )
-from tests.conftest import synthetic_rows, tiny_config, write_region
+from tests.conftest import tiny_config, write_region
 
 LABELS = ("neg", "pos")
 
