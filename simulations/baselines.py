@@ -1,22 +1,27 @@
 """Baselines computed beside a simulation: centralized (the joint objective) and each region alone.
 
-Both use the same model, optimizer and number of passes over each example as the federated run
-(``rounds × train.epochs``), and the same plain ``train_local`` / ``evaluate`` functions as the clients.
+Both use the same model and optimizer as the federated run and as much training (``matched_settings``), the same
+plain ``train_local`` / ``evaluate`` functions as the clients, and, as the federated run keeps its best round, keep
+their best of as many validation checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
+import torch
 
 from client.train import EvalResult, evaluate, plan_steps, predict_proba, train_local
 from common.config import RunConfig, TrainSettings
 from common.data import Example, RegionData
-from common.model import build_model
+from common.metrics import weighted_mean
+from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
 from common.seeds import derive_seed
+from server.federation import EarlyStopper
 
 Scores = dict[str, dict[str, float]]
 
@@ -42,6 +47,36 @@ def _scores(result: EvalResult) -> dict[str, float]:
     return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}
 
 
+def checkpoint_steps(total: int, rounds: int) -> list[int]:
+    """The steps after which a baseline of ``total`` steps is validated: as many checkpoints as the federated run
+    has rounds (fewer when there are fewer steps), evenly spread, the last one at the end."""
+    return sorted({max(1, math.ceil(total * k / rounds)) for k in range(1, rounds + 1)})
+
+
+def validation_score(cfg: RunConfig, loaded: LoadedModel, regions: Mapping[str, RegionData]) -> float | None:
+    """The federated run's validation criterion (``early_stopping.metric``, the example-weighted mean over the
+    regions' val splits) for ``loaded`` on ``regions``; None when no region has a val example."""
+    results = {
+        name: evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            region.val,
+            len(cfg.labels),
+            max_length=cfg.model.max_length,
+            batch_size=cfg.train.eval_batch_size,
+        )
+        for name, region in regions.items()
+        if region.val
+    }
+    if not results:
+        return None
+    metric = cfg.early_stopping.metric
+    return weighted_mean(
+        {name: float(getattr(r, metric)) for name, r in results.items()},
+        {name: float(r.num_examples) for name, r in results.items()},
+    )
+
+
 def _train_and_test(
     cfg: RunConfig,
     train: list[Example],
@@ -51,17 +86,34 @@ def _train_and_test(
     regions: int = 1,
 ) -> Scores:
     """Train one model on ``train`` (the data of ``regions`` regions); test it on each region; put its test
-    predictions in ``predictions``."""
+    predictions in ``predictions``.
+
+    Like the federated run, which keeps its best round on validation, the baseline keeps its best checkpoint:
+    it is validated on the val splits of ``tests`` after each of ``cfg.rounds`` even shares of its steps
+    (``checkpoint_steps``), and the best one (by ``early_stopping``'s metric) is the one tested. More passes
+    over-fit a baseline as they do the federation: best is compared with best.
+    """
     from tqdm import tqdm
 
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
     settings = matched_settings(cfg, regions)
+    total = plan_steps(len(train), settings)
+    checkpoints = checkpoint_steps(total, cfg.rounds)
+    stopper = EarlyStopper(None, cfg.early_stopping.metric != "loss", cfg.early_stopping.min_delta)
+    best: dict[str, torch.Tensor] | None = None
     # disable=None: a bar on a terminal, nothing in CI logs
-    with tqdm(total=plan_steps(len(train), settings), desc=seed_tag, unit="step", disable=None, leave=False) as bar:
+    with tqdm(total=total, desc=seed_tag, unit="step", disable=None, leave=False) as bar:
 
         def progress(step: int, steps: int, loss: float) -> None:
+            nonlocal best
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if step not in checkpoints:
+                return
+            stopper.update(step, validation_score(cfg, loaded, tests))
+            if stopper.best_round == step:
+                best = adapter_state(loaded.model)
+            loaded.model.train()  # evaluating switched dropout off; the steps left train as before
 
         train_local(
             loaded.model,
@@ -72,6 +124,9 @@ def _train_and_test(
             seed=derive_seed(cfg.seed, seed_tag),
             progress=progress,
         )
+    if best is not None:
+        load_adapter_state(loaded.model, best)
+    loaded.model.eval()
     if predictions is not None:
         for name, region in tests.items():
             probs = predict_proba(

@@ -1,0 +1,69 @@
+"""The baselines keep their best validation checkpoint, as the federated run keeps its best round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import simulations.baselines as baselines
+from common.config import load_config
+from common.data import load_region
+from common.model import adapter_state
+from simulations.baselines import checkpoint_steps, run_centralized
+from tests.conftest import tiny_config
+
+
+def test_checkpoints_spread_the_steps_and_end_at_the_last() -> None:
+    assert checkpoint_steps(12, 3) == [4, 8, 12]
+    assert checkpoint_steps(10, 3) == [4, 7, 10]
+    assert checkpoint_steps(2, 5) == [1, 2]  # fewer steps than rounds: every step, once
+    assert checkpoint_steps(7, 1) == [7]
+
+
+def test_the_tested_model_is_the_best_checkpoint_on_validation(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=3))
+    data = {r.name: load_region(r.name, r.data, cfg.labels) for r in cfg.regions}
+    scripted = iter([0.5, 0.9, 0.7])  # the second checkpoint is the best
+    states: list[dict[str, torch.Tensor]] = []
+    tested: list[dict[str, torch.Tensor]] = []
+
+    def score(cfg_: object, loaded: object, regions: object) -> float:
+        states.append(adapter_state(loaded.model))  # type: ignore[attr-defined]
+        return next(scripted)
+
+    real_evaluate = baselines.evaluate
+
+    def evaluate(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        tested.append({k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k})
+        return real_evaluate(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(baselines, "validation_score", score)
+    monkeypatch.setattr(baselines, "evaluate", evaluate)
+    run_centralized(cfg, data)
+    assert len(states) == 3
+    # the three checkpoints differ (training went on), and what was tested is the second one
+    assert not torch.equal(next(iter(states[1].values())), next(iter(states[2].values())))
+    best = {k.replace(".default", ""): v for k, v in states[1].items() if "lora_" in k}
+    for name, value in tested[0].items():
+        assert torch.equal(value, best[name.replace(".default", "")]), name
+
+
+def test_validation_score_is_the_example_weighted_mean_of_the_regions(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    from client.train import evaluate
+    from common.model import build_model
+
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions))
+    data = {r.name: load_region(r.name, r.data, cfg.labels) for r in cfg.regions}
+    loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=0)
+    each = {
+        name: evaluate(loaded.model, loaded.tokenizer, region.val, 2, max_length=cfg.model.max_length)
+        for name, region in data.items()
+    }
+    expected = sum(r.macro_f1 * r.num_examples for r in each.values()) / sum(r.num_examples for r in each.values())
+    assert baselines.validation_score(cfg, loaded, data) == pytest.approx(expected)
