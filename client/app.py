@@ -117,8 +117,8 @@ def make_app(
         return Message(content=content, reply_to=msg)
 
     # Secure aggregation (client.secagg): the node keeps its keys and shares in its context state between
-    # stages; only the masked-input stage trains, and its reply carries nothing but the masked vector and the
-    # region's index (the example count and loss travel inside the mask).
+    # stages; only the masked-input stage trains, and its reply carries nothing but the masked vector, the
+    # region's index and, under DP-SGD, the privacy spent (the example count and loss travel inside the mask).
     @app.train(keys.SECAGG_SETUP)
     def secagg_setup(msg: Message, context: Context) -> Message:
         payload = _secagg_payload(msg)
@@ -146,7 +146,8 @@ def make_app(
         masked = secagg.masked_input(secrets, msg.metadata.dst_node_id, ciphertexts, update, weight, result.loss, seed)
         _keep(context, secrets)
         arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in masked.items()})
-        metrics = MetricRecord({keys.REGION_INDEX: index})
+        # epsilon and delta travel in the clear, as in a plain reply: they come from public settings, not data
+        metrics = MetricRecord({keys.REGION_INDEX: index, **_dp_metrics(inflight.of(msg))})
         return Message(content=RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics}), reply_to=msg)
 
     @app.train(keys.SECAGG_UNMASK)
@@ -182,9 +183,7 @@ def make_app(
 
 def _dp_metrics(here: NodeMessage) -> dict[str, float]:
     """The privacy spent so far, in the reply's metrics when the node trains with DP-SGD."""
-    if here.dp is None:
-        return {}
-    return {keys.DP_EPSILON: here.dp.epsilon_spent, keys.DP_DELTA: here.dp.delta}
+    return {} if here.dp is None else here.dp.metrics()
 
 
 def _round(msg: Message) -> int:

@@ -264,6 +264,41 @@ class _PoissonDPOptimizer(DPOptimizer):
         return super().pre_step(closure)  # type: ignore[no-any-return]
 
 
+def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool) -> str | None:
+    """Why DP-SGD cannot train with this run's and this node's settings (None when it can): the node
+    (``dp_training``) and ``fedlocale check`` (``client.preflight``) both refuse with this reason.
+
+    ``train.grad_clip`` is not refused: under DP-SGD each example's gradient is clipped to ``dp.clip`` instead
+    (documented in docs/privacy.md)."""
+    if augmented:
+        # augmented copies are several training examples made from one record: per-example clipping would
+        # bound each copy, not the person, and the guarantee would not be per record
+        return (
+            "the policy requires differential privacy, which holds per training example; augmentation makes "
+            "several examples of one record, so it cannot be used with require_dp"
+        )
+    if task.train.prox_mu > 0:
+        return (
+            f"train.prox_mu is {task.train.prox_mu:g}, which cannot be used with require_dp: DP-SGD's optimizer "
+            "replaces the gradient by the clipped, noised per-example gradients of the loss, which leave out the "
+            "proximal term, so FedProx would silently do nothing; set train.prox_mu: 0 for this run"
+        )
+    if task.train.logit_adjust > 0:
+        return (
+            f"train.logit_adjust is {task.train.logit_adjust:g}, which cannot be used with require_dp: its shift "
+            "is computed from all of the region's training labels outside DP-SGD, so every step would depend on "
+            "every record, not only on its sampled batch, and the per-step sensitivity the privacy accountant "
+            "assumes would not hold; set train.logit_adjust: 0 for this run"
+        )
+    if dual and task.lora_aggregation == "ffa":
+        return (
+            "personalize mode dual with aggregation.lora: ffa cannot be used with require_dp: ffa keeps the global "
+            "rows of each stacked lora_A fixed by a parametrization, which Opacus's per-example gradients do not "
+            "support; use aggregation.lora: fedit or another personalize mode"
+        )
+    return None
+
+
 class DpSgd:
     """The ``private`` wrapper of ``client.train.train_encoded``: per-example gradients (GradSampleModule),
     clipping to ``clip`` and noise ``noise_multiplier * clip`` per step (DPOptimizer), and the batch plan
@@ -276,6 +311,8 @@ class DpSgd:
         self.num_examples = num_examples
         self.seed = seed
         self._wrapped: GradSampleModule | None = None
+        # True once the model and optimizer are private: from then on training may have touched the data
+        self.applied = False
 
     def __call__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, order: list[list[int]]
@@ -293,7 +330,9 @@ class DpSgd:
             loss_reduction="mean",
             generator=torch.Generator().manual_seed(self.seed + 1),
         )
-        return self._wrapped, dp_optimizer, poisson_batches(self.num_examples, self.sample_rate, len(order), generator)
+        batches = poisson_batches(self.num_examples, self.sample_rate, len(order), generator)
+        self.applied = True
+        return self._wrapped, dp_optimizer, batches
 
     def close(self) -> None:
         """Remove the per-example gradient hooks (the model is used plainly afterwards)."""
@@ -319,10 +358,14 @@ def dp_training(
     steps: int,
     seed: int,
     augmented: bool,
+    *,
+    dual: bool = False,
 ) -> Iterator[DpSgd | None]:
     """The DP-SGD wrapper for one round's training on this node (None when the policy requires no DP), and the
-    round charged to the run's account once the training ran (also when it failed midway: its steps may have
-    touched the data). ``DpRefused`` before any training when the budget does not allow the round."""
+    round charged to the run's account once the wrapper was applied (also when training failed after that: its
+    steps may have touched the data; not when the wrapper itself failed, before any step). ``DpRefused`` before
+    any training when the budget does not allow the round or the settings cannot train under DP
+    (``dp_conflict``; ``dual``: the node trains a personal LoRA alongside, personalize mode dual)."""
     if policy is None or policy.require_dp is None:
         yield None
         return
@@ -331,13 +374,9 @@ def dp_training(
             f"region {region}: the policy requires differential privacy and the node has no audit-dir to keep its "
             "privacy accountant in"
         )
-    if augmented:
-        # augmented copies are several training examples made from one record: per-example clipping would
-        # bound each copy, not the person, and the guarantee would not be per record
-        raise DpRefused(
-            f"region {region}: the policy requires differential privacy, which holds per training example; "
-            "augmentation makes several examples of one record, so it cannot be used with require_dp"
-        )
+    conflict = dp_conflict(task, augmented=augmented, dual=dual)
+    if conflict is not None:
+        raise DpRefused(f"region {region}: {conflict}")
     accountant = Accountant.load(folder)
     account, charge, after = open_account(accountant, policy.require_dp, region, task, num_examples, steps)
     private = DpSgd(account.noise_multiplier, account.clip, account.sample_rate, num_examples, seed)
@@ -345,8 +384,10 @@ def dp_training(
         yield private
     finally:
         private.close()
-        accountant.accounts[task.run_key] = account.charged(charge, after)
-        accountant.save()
+        # a wrapper that failed to apply (Opacus refusing the model) ran no private step: nothing to charge
+        if private.applied:
+            accountant.accounts[task.run_key] = account.charged(charge, after)
+            accountant.save()
 
 
 def spent(policy: RegionPolicy | None, folder: Path | None, task: ClientTask, trained: bool) -> DpRecord | None:

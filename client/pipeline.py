@@ -79,19 +79,27 @@ def node_data(
         if say is not None:
             found = ", ".join(f"{k} {v}" for k, v in redactions.items()) or "none"
             say(f"{name}: personal data replaced: {found}")
-    if find_split(folder, keys.VAL) is None:
-        # only a missing file: a val file emptied by cleaning is the user's split (left empty, and reported)
-        data, note = carve_val(data, settings.val_fraction, derive_seed(seed, "val-split", name))
-        if say is not None:
-            say(note)
-        else:
-            log.info("%s", note)
+    data, note = carved(data, folder, settings, seed)
+    if note is not None and say is not None:
+        say(note)
+    elif note is not None:
+        log.info("%s", note)
     train = data.train
     if augment is not None:
         augmented, counts = augment_train(data, augment, derive_seed(seed, "augment", name))
         log.info("%s: augmentation %s", name, counts)
         train = augmented.train
     return NodeData(data, redactions, train)
+
+
+def carved(data: RegionData, folder: Path, settings: DataSettings, seed: int) -> tuple[RegionData, str | None]:
+    """``data`` as the node trains on it: with a validation split carved from train (``carve_val``, seeded by
+    the run's ``seed`` and the region) when ``folder`` has no val file, and the line saying so; else ``data``
+    as it is and None. ``client.preflight`` plans DP-SGD on the train split this leaves."""
+    if find_split(folder, keys.VAL) is not None:
+        # only a missing file: a val file emptied by cleaning is the user's split (left empty, and reported)
+        return data, None
+    return carve_val(data, settings.val_fraction, derive_seed(seed, "val-split", data.name))
 
 
 def carve_val(data: RegionData, fraction: float, seed: int) -> tuple[RegionData, str]:

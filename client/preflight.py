@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.dp import DpRefused, calibrate, epsilon, plan
+from client.dp import DpRefused, calibrate, dp_conflict, epsilon, plan
+from client.pipeline import carved
 from client.train import plan_steps
 from common import keys
 from common.config import Region, RunConfig, client_task, locate
@@ -93,9 +94,11 @@ def preflight(
         policy = policies.get(region.name)
         if policy is None or region.policy is None:
             continue
+        # the node trains on what is left of train once a val split is carved from it (client.pipeline)
+        trained = len(carved(data, region.data, cfg.data, cfg.seed)[0].train)
         # without a model (its problems are reported above) the reply's tensors are unknown: the rest still counts
-        dp = _dp_plan(cfg, policy, region, len(data.train))
-        found = _policy_problems(policy, data, index, model.tensors, dp, secure)
+        dp = _dp_plan(cfg, policy, region, trained)
+        found = _policy_problems(policy, data, index, model.tensors, dp, secure, trained)
         found += _redaction_problems(policy, data, warnings, region.policy)
         if found:
             problems += locate(found, region.policy)
@@ -128,9 +131,11 @@ def _dp_plan(cfg: RunConfig, policy: RegionPolicy, region: Region, num_examples:
     need = policy.require_dp
     if need is None or num_examples == 0:
         return None
-    if region.augment is not None:
-        return "augmentation makes several training examples of one record, so it cannot be used with require_dp"
     task = client_task(cfg, 1)
+    # simulated nodes personalize as the run config says; a deployed node's own mode is checked on the node
+    conflict = dp_conflict(task, augmented=region.augment is not None, dual=cfg.personalize.mode == "dual")
+    if conflict is not None:
+        return conflict
     steps = plan_steps(num_examples, cfg.train)
     sample_rate, planned = plan(num_examples, steps, task)
     try:
@@ -148,13 +153,16 @@ def _policy_problems(
     tensors: Mapping[str, tuple[tuple[int, ...], str, int]],
     dp: DpRecord | str | None = None,
     secure: SecAggParams | None = None,
+    trained: int | None = None,
 ) -> list[str]:
     """What the policy would refuse in every train and evaluate reply of this run (``field: reason``); ``dp`` is
     the privacy the node's DP-SGD would spend by the end of the run, or why it cannot train (``_dp_plan``); with
-    ``secure`` the train reply is secure aggregation's masked upload (client.secagg)."""
+    ``secure`` the train reply is secure aggregation's masked upload (client.secagg), which carries the DP
+    metrics besides the region index; ``trained``: the train examples left once a val split is carved (default:
+    all of ``data.train``)."""
     if isinstance(dp, str):
         return [f"require_dp: region {policy.region}: every train reply would be refused: {dp}"]
-    n = len(data.train)
+    n = len(data.train) if trained is None else trained
     # metric values as long as any real one encodes, so that the byte count is the most a reply can carry
     worst = -0.12345678901234567
     if secure is not None:
@@ -167,7 +175,7 @@ def _policy_problems(
             "train",
             policy.region,
             described,
-            {keys.REGION_INDEX: index},
+            {keys.REGION_INDEX: index, **(dp.metrics() if dp is not None else {})},
             n,
             Protections(secure_aggregation=True, dp=dp),
         )

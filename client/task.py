@@ -248,7 +248,9 @@ def train_round(
     seed = derive_seed(task.seed, task.server_round, region.name)
     n, steps = len(encoded.ids), plan_steps(len(encoded.ids), settings)
     augmented = node.augment is not None
-    with keep, dp_training(node.policy, node.audit_dir, region.name, task, n, steps, seed, augmented) as private:
+    dual = global_rank is not None
+    dp = dp_training(node.policy, node.audit_dir, region.name, task, n, steps, seed, augmented, dual=dual)
+    with keep, dp as private:
         result = train_encoded(
             loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed, private=private
         )

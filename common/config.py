@@ -107,15 +107,19 @@ class TrainSettings:
     eval_batch_size: int = 64
     # batches drawn together and sorted by token length, so that each pads little (1: plain shuffled batches)
     length_window: int = 8
+    # clip of the batch gradient's L2 norm (null: none); a DP-SGD node clips each example's gradient to dp.clip
+    # instead, and this has no effect there
     grad_clip: float | None = 1.0
     warmup_steps: int = 0
     kl_to_global: float = 0.0  # weight of KL(global || local) on the predictions, keeps regions consistent
     # FedProx: weight mu of mu/2 * ||w - w_global||^2 over the trained adapter (and head) tensors, w_global as
-    # received at the start of the round; pulls each region's update toward the global model (0: off)
+    # received at the start of the round; pulls each region's update toward the global model (0: off). Refused
+    # on a node whose policy requires DP (DP-SGD's per-example gradients leave the term out)
     prox_mu: float = 0.0
     # logit adjustment / balanced softmax: train with CE(logits + tau * log prior, y), prior = the label shares
     # of the training data at hand (a node's own, smoothed; it never leaves the node); predictions unchanged.
-    # Counters label skew: a region's majority class no longer pulls the shared head its way (0: off)
+    # Counters label skew: a region's majority class no longer pulls the shared head its way (0: off). Refused on
+    # a node whose policy requires DP (the prior, from all its labels, would break DP-SGD's per-step bound)
     logit_adjust: float = 0.0
     # train: the classification head trains with the adapter. frozen: it keeps its seeded initial values (the
     # same on every node and the server) and only the adapter trains, as in FedBABU
@@ -527,8 +531,8 @@ class RunConfig:
 
 
 def _secure_problems(cfg: RunConfig) -> list[tuple[str, str]]:
-    """What secure aggregation cannot go with: options that need one region's update on the server, and
-    thresholds or share counts the run's regions cannot meet."""
+    """What secure aggregation cannot go with: options that need one region's update on the server or an exact
+    mean (ffa's fixed lora_A), and thresholds or share counts the run's regions cannot meet."""
     secure = cfg.aggregation.secure
     if not secure.enabled:
         return []
@@ -539,6 +543,15 @@ def _secure_problems(cfg: RunConfig) -> list[tuple[str, str]]:
                 "audit.keep_updates",
                 "keeps each region's update, which aggregation.secure.enabled exists to keep from the server: "
                 "turn one of them off (a secure run keeps each round's unmasked sum for audit verify)",
+            )
+        )
+    if cfg.aggregation.lora == "ffa":
+        problems.append(
+            (
+                "aggregation.lora",
+                "is ffa, which needs every lora_A to stay exactly as initialized, but aggregation.secure.enabled "
+                "quantizes each update before masking, which moves A by up to a quantization step every round: "
+                "turn one of them off (aggregation.lora: fedit works with secure aggregation)",
             )
         )
     regions = len(cfg.regions)

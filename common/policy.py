@@ -166,6 +166,11 @@ class DpRecord:
         """Plain data, as the ledger records it."""
         return dataclasses.asdict(self)
 
+    def metrics(self) -> dict[str, float]:
+        """What a reply's metrics carry of it (plain and masked train replies, evaluate replies): epsilon and
+        delta, computed from the run's public settings and step counts, never from the data."""
+        return {keys.DP_EPSILON: self.epsilon_spent, keys.DP_DELTA: self.delta}
+
 
 @dataclass(frozen=True)
 class Protections:

@@ -171,6 +171,8 @@ def _progress(total: int) -> Any:
 
     def on_round(record: dict[str, Any]) -> None:
         for region, train in record["train"].items():
+            if "loss" not in train:  # a secure round's line of a DP region: its privacy spent, no loss of its own
+                continue
             val = record["val"].get(region, {})
             f1 = f"  val macro-F1 {val['macro_f1']:.3f}" if val.get("num_examples") else ""
             bar.write(f"round {record['round']:>3}  {region:<18} train loss {train['loss']:.4f}{f1}")

@@ -69,7 +69,10 @@ def build_summary(
     modes = {keys.FEDERATED: federation["test"], **{name: scores for name, (scores, _) in baselines.items()}}
     counts: dict[str, dict[str, Any]]
     if data is None:
-        trained = {r: v["num_examples"] for rnd in federation["rounds"] for r, v in rnd["train"].items()}
+        # a secure round's train lines hold a DP region's privacy spent, never its example count
+        trained = {
+            r: v["num_examples"] for rnd in federation["rounds"] for r, v in rnd["train"].items() if "num_examples" in v
+        }
         counts = {
             name: {"num_test": int(s["num_examples"]), **({"num_train": trained[name]} if name in trained else {})}
             for name, s in federation["test"].items()

@@ -368,6 +368,7 @@ def _train_round(
         "bytes_up": train.bytes_up if train.bytes_up is not None else sum(r.bytes_up for r in train.replies),
         "bytes_down": train.bytes_down,
         # per region in a plain round; a secure round knows only the sum, so its train lines are the overall ones
+        # (and, below, each DP region's privacy spent)
         "train": {
             r.region: {"loss": r.metrics[keys.TRAIN_LOSS], "num_examples": r.num_examples, **_dp_spent(r.metrics)}
             for r in train.replies
@@ -379,6 +380,8 @@ def _train_round(
             overall["num_examples"] = int(train.metrics[keys.NUM_EXAMPLES])  # type: ignore[arg-type]
         record["train_overall"] = overall
         record["secure"] = {"threshold": train.secure.params.threshold, "dropped": list(train.secure.dropped)}
+        # a DP region's privacy spent travels beside its masked upload: its train line holds that alone
+        record["train"] = {region: _dp_spent(spent) for region, spent in train.secure.dp.items()}
     return train.arrays or arrays, record, train.optimizer_state
 
 

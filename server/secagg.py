@@ -232,6 +232,8 @@ def secure_train_round(
         else:
             regions[node] = region
     u3 = survivors(keys.SECAGG_MASK, masked, u2)
+    metrics = {n: masked.ok[n].metrics.get(keys.METRICS, {}) for n in u3}
+    dp = {regions[n]: {k: float(metrics[n][k]) for k in keys.DP_METRICS if k in metrics[n]} for n in u3}
     dropped = [n for n in u2 if n not in u3]
 
     # 4. unmask: seed shares of the uploaders, mask-key shares of the dropped
@@ -268,6 +270,7 @@ def secure_train_round(
         total_weight=int(weights[0]),
         loss_total=int(weights[1]),
         params=params,
+        dp={region: spent for region, spent in dp.items() if spent},
     )
     received = [masked.received[n] for n in u2 if n in masked.received]
     rejections = [{"node": str(n), "region": regions.get(n), "reason": r} for n, r in sorted(rejected.items())]

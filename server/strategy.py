@@ -134,6 +134,9 @@ class SecureSum:
     total_weight: int
     loss_total: int
     params: SecAggParams
+    # region -> the privacy its DP-SGD node reports spent (keys.DP_METRICS), sent beside the masked upload in the
+    # clear: computed from public settings and step counts, not from data (client.dp)
+    dp: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.nodes) < 2 or len(self.nodes) < self.params.threshold:

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -433,10 +434,40 @@ def test_simulate_with_logit_adjust_local_steps_ffa_and_prox_is_verified_by_the_
     for key in a_keys:
         np.testing.assert_array_equal(final[key], initial[key].numpy())
     assert any(np.abs(final[k]).max() > 0 for k in final if "lora_B" in k)
-    # the nodes' ledgers hold nothing about their label mix
-    for name in ("small", "large"):
-        text = next((out / "audit" / "nodes" / name).glob("*.jsonl")).read_text()
-        assert "prior" not in text
+    # no node's label prior (the logit shift's input) is in any ledger line, metrics line or kept reply
+    texts = [p.read_text() for p in [*sorted((out / "audit").rglob("*.jsonl")), out / "metrics.jsonl"]]
+    blobs = [p.read_bytes() for p in sorted((out / "audit" / "updates").rglob("*.npz"))]
+    assert len(texts) == 4 and len(blobs) == 6  # three ledgers, metrics; 2 rounds x (2 replies + the adapter sent)
+    for region in regions:
+        prior = label_prior([ex.label for ex in load_region(region.name, region.data, LABELS).train], 2).numpy()
+        assert prior_leaks(prior, texts, blobs) == []
+
+
+def prior_leaks(prior: np.ndarray, texts: list[str], blobs: list[bytes]) -> list[str]:
+    """Where a label prior (or its log, which the logit shift adds) shows: a number in ``texts`` equal to one of
+    its values to 1e-6, or its vector's float32/float64 bytes or one value's float64 bytes in ``blobs``."""
+    values = [*prior.tolist(), *np.log(prior).tolist()]
+    found = [
+        f"text {i}: {number}"
+        for i, text in enumerate(texts)
+        for number in re.findall(r"-?\d+\.\d+(?:[eE][-+]?\d+)?", text)
+        if any(math.isclose(float(number), v, rel_tol=1e-6) for v in values)
+    ]
+    patterns = [np.asarray(v, dtype=dt).tobytes() for v in (prior, np.log(prior)) for dt in (np.float32, np.float64)]
+    patterns += [np.float64(v).tobytes() for v in values]
+    return found + [f"blob {i}" for i, blob in enumerate(blobs) for pattern in patterns if pattern in blob]
+
+
+def test_the_prior_leak_check_finds_a_prior_where_it_is() -> None:
+    """The check the end-to-end test runs can fail: a prior written as JSON numbers or as tensor bytes is found."""
+    prior = label_prior([0, 1, 1, 1, 1], 2).numpy()
+    assert prior_leaks(prior, ['{"loss": 0.61, "num-examples": 5}'], [b"\x00" * 64]) == []
+    assert prior_leaks(prior, [json.dumps({"shares": prior.tolist()})], []) == [
+        "text 0: 0.2857142857142857",
+        "text 0: 0.7142857142857143",
+    ]
+    assert prior_leaks(prior, [json.dumps({"shift": float(np.log(prior[0]))})], []) != []
+    assert prior_leaks(prior, [], [b"npz" + prior.astype(np.float32).tobytes() + b"end"]) == ["blob 0"]
 
 
 def test_ffa_on_a_dual_node_sends_a_as_received_and_its_personal_lora_trains_as_before(

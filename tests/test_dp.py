@@ -294,3 +294,93 @@ def test_empty_poisson_batches_take_a_noise_only_step(north_task: ClientTask) ->
     assert result.steps == 6
     after = adapter_state(loaded.model)
     assert all(not torch.equal(after[k], before[k]) for k in before)  # every tensor moved: noise on every step
+
+
+@pytest.mark.parametrize(
+    ("train", "field", "why"),
+    [
+        ({"prox_mu": 0.1}, "train.prox_mu", "leave out the proximal term"),
+        ({"logit_adjust": 1.0}, "train.logit_adjust", "per-step sensitivity"),
+    ],
+)
+def test_dp_refuses_training_options_it_would_silently_defeat(
+    tmp_path: Path, north_task: ClientTask, train: dict[str, float], field: str, why: str
+) -> None:
+    """FedProx's term and the logit shift are outside what DP-SGD clips: the node refuses to train with them,
+    naming the field and why, before anything is charged to the region's budget."""
+    region = Region("north", write_region(tmp_path / "north", 32, 16, seed=1))
+    task = dataclasses.replace(north_task, run_key="run-x", train=dataclasses.replace(north_task.train, **train))
+    node = _dp_node(tmp_path)
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=0).model)
+    with pytest.raises(DpRefused, match=rf"region north: {field} is .*cannot be used with require_dp") as err:
+        train_round(region, task, state, node)
+    assert why in str(err.value)
+    assert not (tmp_path / "audit" / DP_ACCOUNT_FILE).exists()  # nothing calibrated, nothing spent
+    # the plain node trains with the same settings
+    train_round(region, task, state, dataclasses.replace(node, policy=None))
+
+
+def test_the_proximal_gradient_is_what_dp_sgd_drops(north_task: ClientTask) -> None:
+    """Why prox_mu is refused under DP: with Opacus's optimizer (no noise, no effective clipping) a huge mu
+    changes nothing, where the plain optimizer is pulled by it."""
+    from client.train import train_encoded
+
+    ids, labels = [[2, 5 + i % 7, 7, 3] for i in range(16)], [i % 2 for i in range(16)]
+
+    def trained(mu: float, private: bool) -> dict[str, torch.Tensor]:
+        loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
+        settings = dataclasses.replace(north_task.train, prox_mu=mu, lr=5e-2, max_steps=5, epochs=5.0)
+        dp = DpSgd(noise_multiplier=0.0, clip=1e6, sample_rate=0.5, num_examples=16, seed=1) if private else None
+        train_encoded(loaded.model, ids, labels, settings, pad_id=0, seed=0, private=dp)
+        if dp is not None:
+            dp.close()
+        return adapter_state(loaded.model)
+
+    for private, differs in ((False, True), (True, False)):
+        plain, pulled = trained(0.0, private), trained(1e3, private)
+        assert any(not torch.equal(plain[k], pulled[k]) for k in plain) is differs
+
+
+def test_dual_with_ffa_under_dp_is_refused_before_anything_is_charged(tmp_path: Path, north_task: ClientTask) -> None:
+    """Opacus cannot take per-example gradients through ffa's kept rows on a dual node: refused up front with a
+    clear reason (it used to fail inside Opacus and still charge the round)."""
+    from client.task import train_dual
+
+    region = Region("north", write_region(tmp_path / "north", 48, 16, seed=3))
+    task = dataclasses.replace(north_task, rounds=1, run_key="run-dual-ffa", lora_aggregation="ffa")
+    node = dataclasses.replace(_dp_node(tmp_path), personal_dir=tmp_path / "personal", personal_rank=4)
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=0).model)
+    with pytest.raises(DpRefused, match=r"personalize mode dual with aggregation\.lora: ffa cannot be used"):
+        train_dual(region, task, state, node)
+    assert not (tmp_path / "audit" / DP_ACCOUNT_FILE).exists()
+
+
+def test_a_round_is_charged_only_once_dp_sgd_was_applied(tmp_path: Path, north_task: ClientTask) -> None:
+    """A wrapper Opacus refuses (here: a parametrized weight, which GradSampleModule does not support) ran no
+    private step and spends nothing; a training that fails after the wrapper was applied is charged."""
+    from client.train import rows_kept
+
+    policy = RegionPolicy("north", require_dp=DpRequirement(epsilon=8.0, delta=1e-5))
+    task = dataclasses.replace(north_task, rounds=2, run_key="run-c")
+    loaded = build_model(task.model, task.lora, task.labels, seed=0)
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+
+    def charges() -> list[int]:
+        return [c.round for c in Accountant.load(tmp_path).accounts["run-c"].charges]
+
+    with (
+        rows_kept(loaded.model, "lora_A", 2),
+        pytest.raises(NotImplementedError),
+        dp_training(policy, tmp_path, "north", task, 10, 5, 0, False) as private,
+    ):
+        assert private is not None
+        private(loaded.model, torch.optim.SGD(params, lr=0.1), [[0]] * 5)
+    assert charges() == []
+    with (
+        pytest.raises(RuntimeError, match="midway"),
+        dp_training(policy, tmp_path, "north", task, 10, 5, 0, False) as p,
+    ):
+        assert p is not None
+        p(loaded.model, torch.optim.SGD(params, lr=0.1), [[0]] * 5)
+        raise RuntimeError("failed midway")
+    assert charges() == [1]

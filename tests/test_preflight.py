@@ -341,3 +341,74 @@ def test_check_and_simulate_read_each_region_once(
     checked = preflight(cfg, policies, path)
     data = load_all(cfg, lambda _: None, policies, checked.loaded)
     assert sorted(reads) == ["north", "south"] and sorted(data) == ["north", "south"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"train": {"lr": 5e-3, "epochs": 2, "batch_size": 8, "prox_mu": 0.01}}, "train.prox_mu is 0.01, which cannot"),
+        ({"train": {"lr": 5e-3, "epochs": 2, "batch_size": 8, "logit_adjust": 1.0}}, "train.logit_adjust is 1, which"),
+        (
+            {"personalize": {"mode": "dual", "local_r": 4}, "aggregation": {"min_clients": 2, "lora": "ffa"}},
+            "personalize mode dual with aggregation.lora: ffa cannot be used with require_dp",
+        ),
+    ],
+)
+def test_settings_dp_sgd_cannot_train_with_are_refused_before_the_run(
+    tmp_path: Path,
+    tiny_bert: Path,
+    regions: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: dict[str, object],
+    reason: str,
+) -> None:
+    north = write_policy(tmp_path, "north", require_dp={"epsilon": 8.0, "delta": 1e-5})
+    cfg = config_with_policies(tmp_path, tiny_bert, regions, north, **extra)
+    err = refused(["check", str(cfg)], capsys)
+    where = f"{north}:{line_of(north, 'require_dp')}: require_dp"
+    assert f"{where}: region north: every train reply would be refused" in err
+    assert reason in err
+    simulate_refuses(cfg, tmp_path, capsys)
+    # the same settings without the DP policy are fine
+    plain = config_with_policies(tmp_path, tiny_bert, regions, write_policy(tmp_path, "north"), **extra)
+    assert main(["check", str(plain)]) == 0
+
+
+def test_the_dp_plan_is_made_for_the_train_split_the_node_trains_on(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A region without a val file trains on what is left once its val split is carved: ``fedlocale check``
+    plans DP-SGD (sample rate, steps) for exactly that, as the node calibrates it."""
+    import client.preflight
+    from client.dp import Accountant
+    from client.task import NodeSettings, train_round
+    from common.config import client_task
+    from common.policy import load_policy
+
+    root = tmp_path / "regions"
+    write_region(root / "north", 40, 16, seed=1)
+    write_region(root / "south", 40, 16, seed=2)
+    (root / "north" / "val.jsonl").unlink()  # north's val split is carved from its 40 train examples
+    north = write_policy(tmp_path, "north", require_dp={"epsilon": 8.0, "delta": 1e-5})
+    path = config_with_policies(tmp_path, tiny_bert, root, north, data={"val_fraction": 0.25}, rounds=2)
+    cfg = load_config(path)
+    planned = []
+    real = client.preflight._policy_problems
+
+    def spy(*args: object, **kwargs: object) -> list[str]:
+        planned.append(args[4])  # the DP plan
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(client.preflight, "_policy_problems", spy)
+    preflight(cfg, load_policies(cfg), path)
+    (plan,) = planned
+    assert plan.sample_rate == 8 / 30  # batch 8 of the 30 examples left, not of 40
+    # the node, training round 1 of the same run, calibrates the same plan
+    region = cfg.regions[0]
+    node = NodeSettings(policy=load_policy(north), audit_dir=tmp_path / "audit", threads=1)
+    task = client_task(cfg, 1, "run-k")
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=0).model)
+    train_round(region, task, state, node)
+    account = Accountant.load(tmp_path / "audit").accounts["run-k"]
+    assert (account.sample_rate, account.planned_steps) == (plan.sample_rate, plan.steps)
+    assert account.noise_multiplier == pytest.approx(plan.noise_multiplier)

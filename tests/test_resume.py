@@ -652,3 +652,10 @@ def test_a_test_evaluation_with_half_of_the_last_round_is_refused() -> None:
     whole = RecordDict({keys.ARRAYS: arrays, keys.LAST_ARRAYS: arrays, keys.CONFIG: ConfigRecord({keys.LAST_ROUND: 3})})
     got = _last_round(Message(whole, dst_node_id=NODE_BASE, message_type=MessageType.EVALUATE))
     assert got is not None and got[0] == 3 and torch.equal(got[1]["w"], torch.zeros(2))
+
+
+def test_the_demo_config_keeps_its_fingerprint_so_its_earlier_runs_resume() -> None:
+    """configs/demo.yaml has fingerprinted to this value since 1772974 (options added since are fingerprinted
+    only when set): a demo run started then still resumes. A change here must be a deliberate one."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert fingerprint(config_settings(cfg)) == "1967280e2ca3b1d0"

@@ -62,8 +62,15 @@ def three_regions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def make_config(root: Path, tiny_bert: Path, regions: Path, secure: dict[str, Any] | None, **extra: Any) -> RunConfig:
-    aggregation: dict[str, Any] = {"min_clients": 2}
+def make_config(
+    root: Path,
+    tiny_bert: Path,
+    regions: Path,
+    secure: dict[str, Any] | None,
+    aggregation_lora: str = "fedit",
+    **extra: Any,
+) -> RunConfig:
+    aggregation: dict[str, Any] = {"min_clients": 2, "lora": aggregation_lora}
     if secure is not None:
         aggregation["secure"] = {"enabled": True, **secure}
     name = f"run-{uuid.uuid4().hex[:6]}.yaml"
@@ -319,6 +326,42 @@ def test_options_needing_single_updates_are_refused_with_secure_aggregation(
         make_config(tmp_path, tiny_bert, three_regions, {"threshold": 1})
     with pytest.raises(ConfigError, match="precision"):
         make_config(tmp_path, tiny_bert, three_regions, {"clipping_range": 1000.0, "precision": 1e-9})
+    # ffa needs lora_A back exactly as sent; the secure mean's quantization moves it
+    with pytest.raises(ConfigError) as info:
+        make_config(tmp_path, tiny_bert, three_regions, {}, aggregation_lora="ffa")
+    assert "aggregation.lora: is ffa" in str(info.value) and "aggregation.secure.enabled" in str(info.value)
+    make_config(tmp_path, tiny_bert, three_regions, None, aggregation_lora="ffa")  # ffa alone is fine
+
+
+def test_a_dp_region_s_privacy_is_recorded_every_round_of_a_secure_run(
+    tiny_bert: Path, three_regions: Path, tmp_path: Path
+) -> None:
+    """The masked reply carries the region's epsilon and delta (public settings, not data): federation.json,
+    metrics.jsonl and the summary's DP block record them per round, as in a plain run, and they are the ones
+    the node's accountant computed."""
+    from client.dp import Accountant
+    from runfolder.summary import dp_by_region
+
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    for name in ("east", "north", "south"):
+        raw: dict[str, Any] = {"region": name}
+        if name == "north":
+            raw["require_dp"] = {"epsilon": 8.0, "delta": 1e-5}
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+    cfg = make_config(tmp_path, tiny_bert, three_regions, {}, rounds=2, policies="policies", dp={"accountant": "rdp"})
+    out = tmp_path / "out"
+    run(cfg, out)
+    rounds = json.loads((out / "federation.json").read_text())["rounds"]
+    assert [r["participants"] for r in rounds] == [["east", "north", "south"]] * 2
+    assert all(set(r["train"]) == {"north"} and "train_overall" in r for r in rounds)
+    eps = [r["train"]["north"]["dp_epsilon"] for r in rounds]
+    assert 0 < eps[0] < eps[1] <= 8.0 and all(r["train"]["north"]["dp_delta"] == 1e-5 for r in rounds)
+    (account,) = Accountant.load(out / AUDIT_DIR / NODES_DIR / "north").accounts.values()
+    assert account.epsilon_spent == eps[1]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["dp_epsilon"] for x in lines if x["split"] == "train"] == eps
+    assert dp_by_region(rounds)["north"]["by_round"] == {"1": eps[0], "2": eps[1]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -457,3 +500,41 @@ def test_an_unusable_protocol_reply_counts_as_a_dropout_not_a_crash() -> None:
     assert "ciphertexts is not dict of node id → bytes" in str(_payload_problem("secagg_share", bad_share)[0])
     bad_unmask = encode({"seed_shares": {"12": "text"}, "key_shares": {}})
     assert "seed_shares is not dict" in str(_payload_problem("secagg_unmask", bad_unmask)[0])
+
+
+def test_check_counts_the_dp_metrics_of_a_dp_region_s_masked_reply(tmp_path: Path, tiny_bert: Path) -> None:
+    """A DP region's masked reply carries its epsilon and delta beside the region index: ``fedlocale check``
+    sizes the reply with them, to the byte."""
+    from client.preflight import _dp_plan, preflight
+    from common.audit import canonical_json
+    from common.model import check_model
+    from simulations.runner import load_policies
+    from tests.test_preflight import config_with_policies, write_policy
+
+    regions = tmp_path / "regions"
+    write_region(regions / "north", 40, 16, seed=1)
+    write_region(regions / "south", 40, 16, seed=2)
+    secure = {"min_clients": 2, "secure": {"enabled": True}}
+    params = derive_parameters(1.0, 1e-6, 1_000_000, 2, 2, uniform=False)
+    dp = {"require_dp": {"epsilon": 8.0, "delta": 1e-5}}
+    path = config_with_policies(
+        tmp_path, tiny_bert, regions, write_policy(tmp_path, "north", **dp), train=TRAIN, rounds=1, aggregation=secure
+    )
+    cfg = load_config(path)
+    plan = _dp_plan(cfg, load_policies(cfg)["north"], cfg.regions[0], 40)
+    assert plan is not None and not isinstance(plan, str)
+    tensors = check_model(cfg.model, cfg.lora, cfg.labels).tensors.values()
+    bare = sum(packed_size(nbytes // 4, params.modulus) for _, _, nbytes in tensors) + packed_size(2, params.modulus)
+    bare += len(canonical_json({keys.REGION_INDEX: 0}))
+    exact = bare - len(canonical_json({keys.REGION_INDEX: 0}))
+    exact += len(canonical_json({keys.REGION_INDEX: 0, keys.DP_EPSILON: plan.epsilon_spent, keys.DP_DELTA: 1e-5}))
+    assert exact > bare
+    for limit, ok in ((exact, True), (exact - 1, False)):
+        north = write_policy(tmp_path, "north", egress={"max_bytes": limit}, **dp)
+        path = config_with_policies(tmp_path, tiny_bert, regions, north, train=TRAIN, rounds=1, aggregation=secure)
+        cfg = load_config(path)
+        if ok:
+            preflight(cfg, load_policies(cfg), path)
+        else:
+            with pytest.raises(ConfigError, match=rf"bytes, the policy allows at most {limit}"):
+                preflight(cfg, load_policies(cfg), path)
