@@ -232,8 +232,12 @@ def secure_train_round(
         else:
             regions[node] = region
     u3 = survivors(keys.SECAGG_MASK, masked, u2)
+    # a DP node's privacy spent, sent beside its masked upload (plain numbers only: nothing else is recorded)
     metrics = {n: masked.ok[n].metrics.get(keys.METRICS, {}) for n in u3}
-    dp = {regions[n]: {k: float(metrics[n][k]) for k in keys.DP_METRICS if k in metrics[n]} for n in u3}
+    dp = {
+        regions[n]: {k: float(v) for k in keys.DP_METRICS if isinstance(v := metrics[n].get(k), int | float)}
+        for n in u3
+    }
     dropped = [n for n in u2 if n not in u3]
 
     # 4. unmask: seed shares of the uploaders, mask-key shares of the dropped
