@@ -40,7 +40,11 @@ log = logging.getLogger("fedlocale.node")
 
 
 def _locate(
-    context: Context, sim_regions: Sequence[Region] | None, audit_root: Path | None, personal: Personal | None
+    context: Context,
+    sim_regions: Sequence[Region] | None,
+    audit_root: Path | None,
+    personal: Personal | None,
+    canaries: int = 0,
 ) -> NodeMessage:
     """The region this node serves and the node's own settings (policy, ledger folder, cache, threads)."""
     region = resolve_region(context.node_config, context.run_config, sim_regions)
@@ -49,7 +53,7 @@ def _locate(
     # a simulated node: its policy is the run config's region entry, its ledger sits in the run's folder
     out_dir = context.run_config.get(keys.RUN_OUT_DIR)
     root = audit_root or (Path(str(out_dir)) / AUDIT_DIR / NODES_DIR if out_dir is not None else None)
-    return NodeMessage(region, simulated_node(region, context.node_config, root, personal))
+    return NodeMessage(region, simulated_node(region, context.node_config, root, personal, canaries))
 
 
 def _parse(msg: Message, here: NodeMessage) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
@@ -60,15 +64,19 @@ def _parse(msg: Message, here: NodeMessage) -> tuple[ClientTask, int, dict[str, 
 
 
 def make_app(
-    sim_regions: Sequence[Region] | None = None, audit_root: Path | None = None, personal: Personal | None = None
+    sim_regions: Sequence[Region] | None = None,
+    audit_root: Path | None = None,
+    personal: Personal | None = None,
+    canaries: int = 0,
 ) -> ClientApp:
     """Build the ClientApp; the in-process simulator passes the run's regions (and where the simulated nodes
-    keep their ledgers and, with personalize mode dual, their personal LoRA), deployment passes nothing.
+    keep their ledgers, with personalize mode dual their personal LoRA, and how many canaries each inserts into
+    its training data, audit.canaries), deployment passes nothing.
     Every reply passes the egress guard, which locates the node once per message and hands the handler that
     ``NodeMessage`` (through ``inflight``); the handler loads the region's data through it, once."""
 
     def locate(msg: Message, context: Context) -> NodeMessage:
-        return _locate(context, sim_regions, audit_root, personal)
+        return _locate(context, sim_regions, audit_root, personal, canaries)
 
     inflight = InFlight()
     app = ClientApp(mods=[egress_guard(locate, inflight)])

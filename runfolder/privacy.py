@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.canaries import Canary, exposures, make_canaries
 from client.membership import (
     LOW_FPRS,
     REFERENCE,
@@ -30,6 +31,7 @@ from client.membership import (
     RegionAudit,
     Scored,
     audit_scored,
+    record_logp,
     score,
 )
 from client.pipeline import node_data
@@ -181,6 +183,16 @@ def _score(p: Predictor, records: RegionRecords, batch_size: int) -> Scored:
     return score(p, records.members, records.nonmembers, batch_size)
 
 
+def _exposures(predictor: Predictor, canaries: Sequence[Canary], batch_size: int) -> dict[str, Any]:
+    """The model's exposure of the region's canaries (``client.canaries.exposures``)."""
+    return exposures(
+        lambda examples: record_logp(
+            predictor.model, predictor.tokenizer, examples, max_length=predictor.max_length, batch_size=batch_size
+        ),
+        canaries,
+    )
+
+
 def kept_update(run_dir: Path, final_round: int, region: str) -> Path | None:
     """The region's last kept update (audit.keep_updates), None when the run did not keep it."""
     path = run_dir / AUDIT_DIR / UPDATES_DIR / round_name(final_round) / f"{region}{UPDATE_SUFFIX}"
@@ -248,6 +260,10 @@ def audit_privacy(
     predictor = _load(global_dir, length)  # the global model; earlier rounds and kept updates are swapped into it
     final_state = adapter_state(predictor.model)  # type: ignore[arg-type]
     global_scores = {name: _score(predictor, records[name], size) for name in names}
+    canaries = {name: make_canaries(name, cfg.audit.canaries, len(cfg.labels), cfg.seed) for name in names}
+    exposed: dict[str, dict[str, Any]] = {name: {} for name in names if canaries[name]}
+    for name in exposed:
+        exposed[name][GLOBAL_MODEL] = _exposures(predictor, canaries[name], size)
     refs: dict[str, list[Scored]] = {name: [] for name in names}
     for r in chosen:
         folder = run_dir / CHECKPOINTS_DIR / round_name(r)
@@ -260,6 +276,8 @@ def audit_privacy(
         if update is not None:
             _swap(predictor, _update_state(update), update)
             updates[name] = _score(predictor, records[name], size)
+            if name in exposed:
+                exposed[name][UPDATE_MODEL] = _exposures(predictor, canaries[name], size)
     _swap(predictor, final_state, global_dir)
     results: dict[str, RegionAudit] = {}
     served: dict[str, str] = {}
@@ -272,8 +290,13 @@ def audit_privacy(
         served[name] = choice.kind
         if choice.path == global_dir:
             targets[SERVED_MODEL] = global_scores[name]
+            if name in exposed:
+                exposed[name][SERVED_MODEL] = exposed[name][GLOBAL_MODEL]
         else:
-            targets[SERVED_MODEL] = _score(_load(choice.path, length), records[name], size)
+            served_model = _load(choice.path, length)
+            targets[SERVED_MODEL] = _score(served_model, records[name], size)
+            if name in exposed:
+                exposed[name][SERVED_MODEL] = _exposures(served_model, canaries[name], size)
         if name in updates:
             targets[UPDATE_MODEL] = updates[name]
         results[name] = audit_scored(
@@ -287,6 +310,7 @@ def audit_privacy(
         bootstrap=bootstrap,
         seed=cfg.seed,
         seconds=clock() - start,
+        canaries=exposed,
     )
 
 
@@ -369,9 +393,19 @@ def render_report(audit: PrivacyAudit) -> str:
                 f"{100 / result.nonmembers:.2g} % only (it needs at least {int(1 / LOW_FPRS[1])}).",
             ]
         if name in audit.canaries:
-            lines += ["", "Canaries (exposure in bits; the most a rank among the candidates can show):", ""]
-            for model, numbers in audit.canaries[name].items():
-                lines.append(f"- {MODEL_TEXT.get(model, model)}: {numbers}")
+            lines += [
+                "",
+                "Canaries inserted into this region's training data: exposure in bits (0: the true secret ranks "
+                "like a random one; the maximum: it ranks first among its candidates).",
+                "",
+                "| model | canaries | mean exposure | max exposure | ranked first | maximum possible |",
+                "|---|---|---|---|---|---|",
+            ]
+            for model, n in audit.canaries[name].items():
+                lines.append(
+                    f"| {MODEL_TEXT.get(model, model)} | {n['canaries']} | {n['mean_exposure']:.2f} | "
+                    f"{n['max_exposure']:.2f} | {n['ranked_first']} | {n['max_possible']:.2f} |"
+                )
         lines += ["", f"![ROC of {name}]({PRIVACY_PLOT.format(name)})", ""]
     return "\n".join(lines) + "\n" + MEANING_TEXT
 

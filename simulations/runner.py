@@ -156,7 +156,12 @@ def run_flower(
     try:
         run_simulation(
             server_app=make_server_app(cfg, out_dir, on_round, resume=resume),
-            client_app=make_client_app(cfg.regions, audit_root=out_dir / AUDIT_DIR / NODES_DIR, personal=personal),
+            client_app=make_client_app(
+                cfg.regions,
+                audit_root=out_dir / AUDIT_DIR / NODES_DIR,
+                personal=personal,
+                canaries=cfg.audit.canaries,
+            ),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
         )

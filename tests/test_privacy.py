@@ -200,3 +200,96 @@ def test_cli_refuses_an_unknown_region_and_missing_checkpoints(
     shutil.rmtree(run / "checkpoints")
     assert main(["audit", "privacy", str(run)]) == 2
     assert "checkpoints: no such folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ canaries
+
+
+def test_exposure_is_bits_of_rank_among_the_candidates() -> None:
+    from client.canaries import exposure
+
+    candidates = np.arange(7.0)  # 7 candidates: log2(8) = 3 bits at most
+    assert exposure(10.0, candidates) == pytest.approx(3.0)  # ranked first
+    assert exposure(-1.0, candidates) == pytest.approx(0.0)  # ranked last of 8
+    assert exposure(5.5, candidates) == pytest.approx(3.0 - 1.0)  # rank 2 (only 6.0 above)
+    assert exposure(6.0, candidates) == pytest.approx(3.0 - 1.0)  # a tie counts above: never inflates
+
+
+def test_canaries_are_a_wrapper_on_the_node_pipeline(two_regions: Path) -> None:
+    from client.canaries import make_canaries, with_canaries
+    from client.pipeline import node_data
+    from common.config import DataSettings
+
+    plain = node_data("north", two_regions / "north", ("neg", "pos"), seed=0, settings=DataSettings())
+    wrapped = with_canaries(node_data, 3)(
+        "north", two_regions / "north", ("neg", "pos"), seed=0, settings=DataSettings()
+    )
+    expected = make_canaries("north", 3, 2, 0)
+    assert wrapped.train == [*plain.train, *(c.example for c in expected)]
+    assert wrapped.data.train == plain.data.train  # the real examples (the guard's count, the FedAvg weight)
+    assert make_canaries("north", 3, 2, 0) == expected and make_canaries("south", 3, 2, 0) != expected
+    assert all(c.example not in c.candidates and len(c.candidates) == 100 for c in expected)
+
+
+def test_a_model_trained_on_its_canaries_exposes_them(tiny_bert: Path) -> None:
+    from client.canaries import exposures, make_canaries
+    from client.membership import record_logp
+
+    canaries = make_canaries("north", 8, 2, 0, alphabet=VOCAB, template="{}", candidates=63)
+    background = random_records(24, 5)
+    # each canary inserted 4 times, as The Secret Sharer does to measure memorisation in few epochs
+    seen = trained(tiny_bert, [*background, *(c.example for c in canaries for _ in range(4))])
+    unseen = trained(tiny_bert, background)
+
+    def scorer(p: Predictor):  # type: ignore[no-untyped-def]
+        return lambda examples: record_logp(p.model, p.tokenizer, examples, max_length=32, batch_size=64)
+
+    high, low = exposures(scorer(seen), canaries), exposures(scorer(unseen), canaries)
+    assert high["max_possible"] == pytest.approx(6.0)
+    assert high["mean_exposure"] > 3.0, high
+    assert low["mean_exposure"] < high["mean_exposure"] - 1.0, (low, high)
+
+
+# ------------------------------------------------------------------------------- end to end, in a simulation
+
+
+@pytest.mark.slow
+def test_simulate_audits_privacy_with_kept_updates_and_canaries(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(
+        tmp_path / "run.yaml",
+        tiny_bert,
+        two_regions,
+        train={"lr": 3e-2, "epochs": 3, "batch_size": 8, "threads": 1},
+        audit={"keep_updates": True, "privacy": True, "canaries": 2},
+    )
+    out = tmp_path / "out"
+    assert main(["simulate", str(cfg), "--out", str(out)]) == 0
+    privacy = json.loads((out / "summary.json").read_text())["privacy"]
+    assert privacy["references"] == ["checkpoints/round-001"]
+    for region in ("north", "south"):
+        body = privacy["regions"][region]
+        assert set(body["models"]) == {"global", "served", "update"}
+        assert body["served"] == "global"
+        assert body["nonmembers"] == 48
+        for attacks in body["models"].values():
+            assert set(attacks) == {"loss", "reference"}
+            low, high = attacks["reference"]["auc_ci95"]
+            assert 0.0 <= low <= attacks["reference"]["auc"] <= high <= 1.0
+        assert set(body["canaries"]) == {"global", "served", "update"}
+        assert body["canaries"]["update"]["canaries"] == 2
+    assert body["members"] == 48  # south: its 48 training records (it has a val file: nothing carved)
+    report = (out / "audit" / "privacy-report.md").read_text()
+    assert "## north" in report and "own last update" in report and "do not mean" in report
+    assert (out / "audit" / "privacy-roc-south.png").stat().st_size > 1000
+    # the CLI audits one region again and keeps the other's numbers
+    before = privacy["regions"]["south"]
+    capsys.readouterr()
+    assert main(["audit", "privacy", str(out), "--region", "north", "--bootstrap", "200"]) == 0
+    again = json.loads((out / "summary.json").read_text())["privacy"]
+    assert again["bootstrap"] == 200 and again["regions"]["south"] == before
