@@ -14,6 +14,7 @@ its test split. The reference attack's references are the earlier rounds' global
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -160,7 +161,9 @@ class RegionRecords:
 
 def region_records(cfg: RunConfig, name: str) -> RegionRecords:
     """The region's records through the node's own pipeline (redacted, val carved as its node carved it; not
-    augmented: augmented copies are not records of people)."""
+    augmented: augmented copies are not records of people). Members are a seeded sample of as many training
+    records as there are non-members (all of them when there are fewer): balanced classes, and a cost bounded by
+    the test split rather than by the largest region's training set."""
     region = next(r for r in cfg.regions if r.name == name)
     try:
         policy = load_policy(region.policy) if region.policy else None
@@ -171,7 +174,11 @@ def region_records(cfg: RunConfig, name: str) -> RegionRecords:
         raise PrivacyAuditError(
             f"region {name}: {len(data.train)} training and {len(data.test)} test records; the audit needs both"
         )
-    return RegionRecords(list(data.train), list(data.test))
+    members = list(data.train)
+    if len(members) > len(data.test):
+        rng = random.Random(derive_seed(cfg.seed, "privacy-members", name))
+        members = [members[i] for i in sorted(rng.sample(range(len(members)), len(data.test)))]
+    return RegionRecords(members, list(data.test))
 
 
 def _load(folder: Path, max_length: int) -> Predictor:
