@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.output import write_result
 from deploy.env import apply_env
@@ -46,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         tpr_text = "n/a" if tpr is None else f"{tpr:.3f}"
         print(f"{region:<16}{model:<9}{attack:<11}{auc:>7.3f}{tpr_text:>11}")
     print(f"\naudit of {len(audit.regions)} region(s): {wall:.0f} s wall, {cpu:.0f} s CPU (this process)")
+    strength = reference_strength(audit)
+    if strength:
+        print("\nreference attack AUC by reference set (same scores; each reference costs one pass over the records)")
+        for subset, by_region in strength.items():
+            print(
+                f"  rounds {subset:<8}"
+                + "  ".join(f"{r} {m}: {a:.3f}" for r, row in by_region.items() for m, a in row.items())
+            )
     refs = "-".join(str(r) for r in args.references) if args.references else "earlier"
     out = args.json or RESULTS / f"bench_privacy-{args.run_dir.name}-refs-{refs}.json"
     return write_result(
@@ -55,8 +64,26 @@ def main(argv: list[str] | None = None) -> int:
             "wall_seconds": round(wall, 1),
             "cpu_seconds": round(cpu, 1),
             "privacy": section,
+            "reference_strength": strength,
         },
     )
+
+
+def reference_strength(audit: Any) -> dict[str, dict[str, dict[str, float]]]:
+    """The reference attack's AUC per region and model with each single reference and with all of them, from the
+    scores the audit computed (no model runs again): how much each extra reference model buys."""
+    from client.membership import REFERENCE, audit_scored
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    rounds = [ref.rsplit("-", 1)[-1].lstrip("0") for ref in audit.references]
+    for region, (targets, refs) in audit.scores.items():
+        subsets = {str(r): [i] for i, r in enumerate(rounds)} | {"+".join(rounds): list(range(len(rounds)))}
+        for label, picks in subsets.items():
+            result = audit_scored(region, targets, [refs[i] for i in picks], bootstrap=0, seed=0)
+            out.setdefault(label, {})[region] = {
+                model: round(attacks[REFERENCE].auc, 4) for model, attacks in result.results.items()
+            }
+    return out
 
 
 if __name__ == "__main__":

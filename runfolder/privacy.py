@@ -83,6 +83,9 @@ class PrivacyAudit:
     seed: int
     seconds: float
     canaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # region → model → exposure numbers
+    # region → (model → its scores, each reference's scores): kept in memory only, for comparing reference sets
+    # (benchmarks/bench_privacy.py); never written
+    scores: dict[str, tuple[dict[str, Scored], list[Scored]]] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The ``privacy`` section of summary.json: aggregate numbers only."""
@@ -288,6 +291,7 @@ def audit_privacy(
     _swap(predictor, final_state, global_dir)
     results: dict[str, RegionAudit] = {}
     served: dict[str, str] = {}
+    kept: dict[str, tuple[dict[str, Scored], list[Scored]]] = {}
     for name in names:
         targets = {GLOBAL_MODEL: global_scores[name]}
         try:
@@ -309,6 +313,7 @@ def audit_privacy(
         results[name] = audit_scored(
             name, targets, refs[name], bootstrap=bootstrap, seed=derive_seed(cfg.seed, "privacy-audit", name) % 2**32
         )
+        kept[name] = (targets, refs[name])
         say(_line(results[name]))
     return PrivacyAudit(
         regions=results,
@@ -318,6 +323,7 @@ def audit_privacy(
         seed=cfg.seed,
         seconds=clock() - start,
         canaries=exposed,
+        scores=kept,
     )
 
 
