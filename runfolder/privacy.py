@@ -431,13 +431,14 @@ def _plot_roc(path: Path, result: RegionAudit) -> None:
     floor = 1.0 / max(result.nonmembers, 1) / 2
     grid = np.logspace(np.log10(floor), 0, 50)
     ax.plot(grid, grid, color="grey", linestyle=":", label="chance")
-    for model, attacks in result.results.items():
+    for color, (model, attacks) in enumerate(result.results.items()):
         for attack_name, r in attacks.items():
-            style = "-" if attack_name == REFERENCE else "--"
+            style = "-" if attack_name == REFERENCE else "--"  # one colour per model, one line style per attack
             ax.plot(
                 np.maximum(r.fpr_curve, floor),
                 np.maximum(r.tpr_curve, floor),
                 linestyle=style,
+                color=f"C{color}",
                 label=f"{MODEL_TEXT.get(model, model)}, {attack_name} (AUC {_fmt(r.auc)})",
             )
     ax.set_xscale("log")
