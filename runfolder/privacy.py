@@ -1,9 +1,9 @@
 """``fedlocale audit privacy``: the membership-inference audit of a run folder, per region and per model that
 leaves or is served, written to summary.json (section ``privacy``) and RUN_DIR/audit/privacy-report.md.
 
-Per region the audited models are: ``global`` (the final global adapter, what the server and every region
-receive), ``served`` (what the region serves: its personalized adapter when the run chose it, else the global;
-``runfolder.export.choose_adapter`` decides, as for export), and ``update`` (with ``audit.keep_updates``: the
+Per region the audited models are: ``global`` (the run's global adapter, ``adapter/``: the best round's, what
+the server and every region keep), ``served`` (what the region serves: its personalized adapter when the run
+chose it, else the global; ``runfolder.export.choose_adapter`` decides, as for export), and ``update`` (with ``audit.keep_updates``: the
 region's own reply of the last round, i.e. its update applied to the previous global adapter, which is what an
 honest-but-curious server sees). Members are the region's training records exactly as its node trained on them
 (``client.pipeline.node_data``: redacted, val carved from train when the region has no val file); non-members
@@ -61,11 +61,13 @@ from runfolder.export import DAMAGED_MODEL_ERRORS, ExportError, RunInfo, choose_
 
 GLOBAL_MODEL, SERVED_MODEL, UPDATE_MODEL = "global", "served", "update"
 MODEL_TEXT = {
-    GLOBAL_MODEL: "final global adapter",
+    GLOBAL_MODEL: "global adapter",
     SERVED_MODEL: "served model",
     UPDATE_MODEL: "own last update",
 }
 DEFAULT_BOOTSTRAP = 1000
+INITIAL_ROUND = 0
+WEIGHTS = "adapter_model.safetensors"  # peft's weights file in adapter/ and checkpoints/round-NNN/
 
 
 class PrivacyAuditError(InputError):
@@ -103,8 +105,9 @@ class PrivacyAudit:
         }
 
 
-def _final_round(run_dir: Path) -> tuple[int, list[int]]:
-    """The last round kept in checkpoints/ and every earlier one; refuses a run without earlier rounds."""
+def _rounds(run_dir: Path) -> tuple[int, int, list[int]]:
+    """The last round kept in checkpoints/, the round the global adapter (``adapter/``: the best round's) is, and
+    every round before that one (the references); refuses a run without an earlier round."""
     folder = run_dir / CHECKPOINTS_DIR
     if not folder.is_dir():
         raise PrivacyAuditError(
@@ -116,12 +119,21 @@ def _final_round(run_dir: Path) -> tuple[int, list[int]]:
         for p in folder.iterdir()
         if p.is_dir() and p.name.startswith(ROUND_PREFIX) and p.name.removeprefix(ROUND_PREFIX).isdigit()
     )
-    if len(rounds) < 2:
-        raise PrivacyAuditError(
-            f"{folder}: holds {len(rounds)} round(s); the reference attack needs the final round and at least one "
-            "earlier round's global adapter (a run of 2 or more rounds keeps them)"
-        )
-    return rounds[-1], rounds[:-1]
+    if not rounds:
+        raise PrivacyAuditError(f"{folder}: holds no round; did the run finish?")
+    weights = (run_dir / ADAPTER_DIR / WEIGHTS).read_bytes() if (run_dir / ADAPTER_DIR / WEIGHTS).is_file() else None
+    # the run's global adapter is its best round's (early stopping keeps it), not necessarily the last round's
+    same = [r for r in rounds if weights is not None and _weights(folder / round_name(r)) == weights]
+    adapter_round = same[-1] if same else rounds[-1]
+    # round 0 is the initial global adapter (the run's seed; it never saw any data): the reference when the
+    # delivered adapter is round 1's
+    earlier = [r for r in rounds if r < adapter_round] or [INITIAL_ROUND]
+    return rounds[-1], adapter_round, earlier
+
+
+def _weights(folder: Path) -> bytes | None:
+    path = folder / WEIGHTS
+    return path.read_bytes() if path.is_file() else None
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -150,7 +162,7 @@ def check_run(run_dir: Path, regions: Sequence[str] | None) -> tuple[RunInfo, Ru
         )
     if not (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
         raise PrivacyAuditError(f"{run_dir / ADAPTER_DIR}: no global adapter; did the run finish?")
-    _final_round(run_dir)
+    _rounds(run_dir)
     return run, cfg, list(dict.fromkeys(regions)) if regions else known
 
 
@@ -221,13 +233,21 @@ def _swap(predictor: Predictor, state: Mapping[str, torch.Tensor], source: Path)
 def _checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = folder / "adapter_model.safetensors"
+    path = folder / WEIGHTS
     if not path.is_file():
         raise PrivacyAuditError(f"{path}: no such file; the reference round's global adapter is missing")
     try:
         return load_file(str(path))
     except DAMAGED_MODEL_ERRORS as err:
         raise PrivacyAuditError(f"{path}: damaged adapter weights ({err})") from err
+
+
+def _initial_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The global adapter the run started from: built from its seed as the server builds it (zero LoRA update,
+    the seeded initial head)."""
+    from common.model import build_model
+
+    return adapter_state(build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed).model)
 
 
 def _update_state(update: Path) -> dict[str, torch.Tensor]:
@@ -250,11 +270,11 @@ def audit_privacy(
 
     Each model loads once and scores every audited region's records (the global adapter and the references are
     the same for all regions). ``reference_rounds`` picks the checkpoints used as references (default: every
-    round before the final one).
+    round before the global adapter's; round 0, the initial adapter, when there is none).
     """
     start = clock()
     run, cfg, names = check_run(run_dir, regions)
-    final, earlier = _final_round(run_dir)
+    final, adapter_round, earlier = _rounds(run_dir)
     chosen = list(reference_rounds) if reference_rounds is not None else earlier
     missing = [r for r in chosen if r not in earlier]
     if missing or not chosen:
@@ -265,7 +285,10 @@ def audit_privacy(
     records = {name: region_records(cfg, name) for name in names}
     size = cfg.train.eval_batch_size
     length = cfg.model.max_length
-    say(f"privacy audit: {len(names)} region(s), references: rounds {', '.join(map(str, chosen))}")
+    say(
+        f"privacy audit: {len(names)} region(s); global adapter: round {adapter_round}; "
+        f"references: rounds {', '.join(map(str, chosen))}"
+    )
     global_dir = run_dir / ADAPTER_DIR
     predictor = _load(global_dir, length)  # the global model; earlier rounds and kept updates are swapped into it
     final_state = adapter_state(predictor.model)  # type: ignore[arg-type]
@@ -277,7 +300,8 @@ def audit_privacy(
     refs: dict[str, list[Scored]] = {name: [] for name in names}
     for r in chosen:
         folder = run_dir / CHECKPOINTS_DIR / round_name(r)
-        _swap(predictor, _checkpoint_state(folder), folder)
+        state = _initial_state(cfg) if r == INITIAL_ROUND else _checkpoint_state(folder)
+        _swap(predictor, state, folder)
         for name in names:
             refs[name].append(_score(predictor, records[name], size))
     updates: dict[str, Scored] = {}
@@ -318,7 +342,10 @@ def audit_privacy(
     return PrivacyAudit(
         regions=results,
         served=served,
-        references=[f"{CHECKPOINTS_DIR}/{round_name(r)}" for r in chosen],
+        references=[
+            "initial global adapter (round 0)" if r == INITIAL_ROUND else f"{CHECKPOINTS_DIR}/{round_name(r)}"
+            for r in chosen
+        ],
         bootstrap=bootstrap,
         seed=cfg.seed,
         seconds=clock() - start,
