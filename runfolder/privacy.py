@@ -3,12 +3,13 @@ leaves or is served, written to summary.json (section ``privacy``) and RUN_DIR/a
 
 Per region the audited models are: ``global`` (the run's global adapter, ``adapter/``: the best round's, what
 the server and every region keep), ``served`` (what the region serves: its personalized adapter when the run
-chose it, else the global; ``runfolder.export.choose_adapter`` decides, as for export), and ``update`` (with ``audit.keep_updates``: the
-region's own reply of the last round, i.e. its update applied to the previous global adapter, which is what an
-honest-but-curious server sees). Members are the region's training records exactly as its node trained on them
-(``client.pipeline.node_data``: redacted, val carved from train when the region has no val file); non-members
-its test split. The reference attack's references are the earlier rounds' global adapters in ``checkpoints/``
-(docs/audit.md says why). The attack itself is ``client.membership.audit_scored``, the function a node runs.
+chose it, else the global; ``runfolder.export.choose_adapter`` decides, as for export), and ``update`` (with
+``audit.keep_updates``: the region's own reply of the last round, i.e. its update applied to the previous global
+adapter, which is what an honest-but-curious server sees). Members are the region's training records exactly as
+its node trained on them (``client.pipeline.node_data``: redacted, val carved from train when the region has no
+val file); non-members its test split. The references are the global adapters of the rounds before the delivered
+one, from ``checkpoints/`` (docs/audit.md says why). The maths is ``client.membership.audit_scored``, which a node
+runs too.
 """
 
 from __future__ import annotations
