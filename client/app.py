@@ -52,6 +52,7 @@ def _locate(
     audit_root: Path | None,
     personal: Personal | None,
     cache_root: Path | None,
+    canaries: int = 0,
 ) -> NodeMessage:
     """The region this node serves and the node's own settings (policy, ledger folder, cache, threads)."""
     region = resolve_region(context.node_config, context.run_config, sim_regions)
@@ -65,7 +66,7 @@ def _locate(
         audit_root = run_dir / AUDIT_DIR / NODES_DIR
     if cache_root is None and run_dir is not None:
         cache_root = run_dir / SIMULATED_CACHE_DIR
-    return NodeMessage(region, simulated_node(region, context.node_config, audit_root, personal, cache_root))
+    return NodeMessage(region, simulated_node(region, context.node_config, audit_root, personal, cache_root, canaries))
 
 
 def _parse(msg: Message, here: NodeMessage) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
@@ -80,14 +81,16 @@ def make_app(
     audit_root: Path | None = None,
     personal: Personal | None = None,
     cache_root: Path | None = None,
+    canaries: int = 0,
 ) -> ClientApp:
     """Build the ClientApp; the in-process simulator passes the run's regions (and where the simulated nodes
-    keep their ledgers and, with personalize mode dual, their personal LoRA), deployment passes nothing.
+    keep their ledgers, with personalize mode dual their personal LoRA, and how many canaries each inserts into
+    its training data, audit.canaries), deployment passes nothing.
     Every reply passes the egress guard, which locates the node once per message and hands the handler that
     ``NodeMessage`` (through ``inflight``); the handler loads the region's data through it, once."""
 
     def locate(msg: Message, context: Context) -> NodeMessage:
-        return _locate(context, sim_regions, audit_root, personal, cache_root)
+        return _locate(context, sim_regions, audit_root, personal, cache_root, canaries)
 
     inflight = InFlight()
     app = ClientApp(mods=[egress_guard(locate, inflight)])

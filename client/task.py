@@ -61,6 +61,9 @@ class NodeSettings:
     # personalize mode dual: rank of the region's own LoRA, trained alongside the global adapter in every round
     # and kept in personal_dir (client.personal); None: the node trains the global adapter only
     personal_rank: int | None = None
+    # the node's data pipeline (``client.pipeline.node_data``, or a wrapper of it such as the simulation's
+    # canaries, ``client.canaries.with_canaries``): what ``load_data`` reads the region through
+    pipeline: Callable[..., NodeData] = node_data
 
 
 def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
@@ -108,10 +111,14 @@ def simulated_node(
     audit_root: Path | None,
     personal: Personal | None = None,
     cache_root: Path | None = None,
+    canaries: int = 0,
 ) -> NodeSettings:
     """A simulated node's settings: its operator's choices come from the run config's region entry;
     ``personal`` is where its personal LoRA stays when the run personalizes with mode dual, ``cache_root`` the
-    folder of its token cache (``cache_root/REGION``) unless its node config names one."""
+    folder of its token cache (``cache_root/REGION``) unless its node config names one; ``canaries``
+    synthetic secrets are inserted into its training data (``audit.canaries``, for the privacy audit)."""
+    from client.canaries import with_canaries
+
     base = node_settings(node_config)
     return replace(
         base,
@@ -121,6 +128,7 @@ def simulated_node(
         augment=region.augment,
         personal_dir=personal.root if personal else base.personal_dir,
         personal_rank=personal.rank if personal else base.personal_rank,
+        pipeline=with_canaries(base.pipeline, canaries) if canaries else base.pipeline,
     )
 
 
@@ -138,7 +146,7 @@ def load_data(region: Region, task: ClientTask, node: NodeSettings, *, training:
     policy and, for ``training``, with the train split augmented as the node's operator set it."""
     use_threads(node, task)  # back-translation runs a model: the node's thread setting applies to it too
     augment = node.augment if training else None
-    return node_data(
+    return node.pipeline(
         region.name, region.data, task.labels, node.policy, augment=augment, seed=task.seed, settings=task.data
     )
 

@@ -456,6 +456,19 @@ class AuditSettings:
     # every accepted update and each round's incoming global adapter, so that `fedlocale audit verify` can
     # recompute the aggregation; costs one adapter per region and round on the server's disk
     keep_updates: bool = False
+    # run the membership-inference audit (`fedlocale audit privacy`) at the end of `simulate`: per region, how
+    # well an attacker tells its training records from its test records, on the global, served and (with
+    # keep_updates) its own last update; needs rounds >= 2 (earlier rounds' global models are the references)
+    privacy: bool = False
+    # simulation only: this many synthetic secret-like records (canaries, client.canaries) inserted into each
+    # region's training data, seeded; the privacy audit reports each model's exposure of them. 0: none
+    canaries: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.canaries, bool) or not 0 <= self.canaries <= 1000:
+            problems.append(("canaries", f"must be a whole number in [0, 1000], got {self.canaries!r}"))
+        check(problems)
 
 
 @dataclass(frozen=True)
@@ -513,6 +526,10 @@ class RunConfig:
                     f"dual keeps the scale alpha/r, so lora.alpha * (lora.r + local_r) must be a multiple of "
                     f"lora.r; got alpha={self.lora.alpha}, r={self.lora.r}, local_r={self.personalize.local_r}",
                 )
+            )
+        if self.audit.privacy and self.rounds < 2:
+            problems.append(
+                ("audit.privacy", "needs rounds >= 2: earlier rounds' global models are the attack's references")
             )
         if self.aggregation.min_clients > len(self.regions) and self.regions:
             problems.append(

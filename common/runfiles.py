@@ -21,6 +21,7 @@ live here, in ``common``, because the server and the nodes both write into it; n
       report.md + *.png       the human report and its plots
       label_mix.json          per region per split label counts (simulation only: the data is local there)
       audit/                  keys.yaml, audit-report.md + audit-bytes-REGION.png,
+                              privacy-report.md + privacy-roc-REGION.png (fedlocale audit privacy),
         server/ nodes/REGION/ ledger.jsonl, ledger.key, ledger.pub of each signer
         updates/round-NNN/    kept updates (REGION.npz) and the incoming global adapter (global-in.npz)
 
@@ -77,6 +78,8 @@ PUBLIC_KEY_FILE: Final = "ledger.pub"
 DP_ACCOUNT_FILE: Final = "dp-accountant.json"
 AUDIT_REPORT_FILE: Final = "audit-report.md"
 AUDIT_PLOT: Final = "audit-bytes-{}.png"  # .format(region)
+PRIVACY_REPORT_FILE: Final = "privacy-report.md"  # the membership-inference audit (fedlocale audit privacy)
+PRIVACY_PLOT: Final = "privacy-roc-{}.png"  # .format(region): log-log ROC of each audited model
 UPDATES_DIR: Final = "updates"  # audit/updates/round-NNN/REGION.npz when audit.keep_updates
 GLOBAL_IN_FILE: Final = "global-in.npz"  # the global adapter a round started from, beside its kept updates
 UPDATE_SUFFIX: Final = ".npz"
@@ -104,7 +107,7 @@ class SummaryError(InputError):
     """A summary.json that is missing, not JSON, or not the shape a run writes; the message names the file."""
 
 
-SECTIONS: Final = ("run", "regions", "overall", "communication", "timing", "audit")
+SECTIONS: Final = ("run", "regions", "overall", "communication", "timing", "audit", "privacy")
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,13 @@ class Summary:
     - ``overall``: per mode ``{accuracy, macro_f1}``, weighted by test size;
     - ``communication``: adapter_bytes, full_model_bytes, bytes_up_total, bytes_down_total, per_round;
     - ``timing``: seconds of the federation, each baseline and personalization;
-    - ``audit``: the ledger check of the run (``None`` when the run was not audited).
+    - ``audit``: the ledger check of the run (``None`` when the run was not audited);
+    - ``privacy``: the membership-inference audit (``fedlocale audit privacy``; ``None`` until one ran):
+      ``references`` (the reference models), ``bootstrap``, ``seed``, ``seconds``, and ``regions``: per region
+      ``members``, ``nonmembers``, ``served`` (global or personalized) and ``models``: per audited model
+      (global, served, update) per attack (loss, reference) ``{auc, auc_ci95, tpr_at_fpr: {"0.01", "0.001"}}``
+      (a TPR is null when that FPR is not resolvable with the region's non-members), plus ``canaries`` when
+      the run inserted them.
 
     Only ``regions`` is required when reading: every reader treats the other sections as optional.
     """
@@ -130,6 +139,7 @@ class Summary:
     communication: Mapping[str, Any] = field(default_factory=dict)
     timing: Mapping[str, Any] = field(default_factory=dict)
     audit: Mapping[str, Any] | None = None
+    privacy: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to summary.json (sections in the order they have always had)."""
@@ -142,6 +152,8 @@ class Summary:
         }
         if self.audit is not None:
             out["audit"] = dict(self.audit)
+        if self.privacy is not None:
+            out["privacy"] = dict(self.privacy)
         return out
 
     @classmethod

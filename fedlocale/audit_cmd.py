@@ -54,6 +54,28 @@ def add_parsers(sub: Any) -> None:
         "SHA-256 of its content, the value node ledgers carry in their 'policy' field. Exit 2 on a bad file.",
     )
     policy.add_argument("files", type=Path, nargs="+", metavar="FILE", help="region policy YAML files")
+    privacy = actions.add_parser(
+        "privacy",
+        help="membership-inference audit per region of a finished run: AUC and TPR at low FPR of each model",
+        description="For each region, attacks the final global adapter, the model the region serves and (with "
+        "audit.keep_updates) its own last update: how well a loss-threshold attack and a reference attack "
+        "(calibrated against earlier rounds' global adapters) tell the region's training records from its test "
+        "records. Writes the 'privacy' section of summary.json and RUN_DIR/audit/privacy-report.md with a log-log "
+        "ROC plot per region. Only aggregate numbers are written. Exit 2 when RUN_DIR is not a finished run with "
+        "at least two rounds kept in checkpoints/, or a --region is not in it.",
+    )
+    privacy.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    privacy.add_argument(
+        "--region",
+        dest="regions",
+        action="append",
+        default=[],
+        metavar="R",
+        help="audit only this region (repeatable; default every region)",
+    )
+    privacy.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of each AUC (default 1000)"
+    )
     for action in (verify, report):
         action.add_argument("ledgers", type=Path, nargs="+", metavar="LEDGER", help="ledger files or folders")
         action.add_argument(
@@ -158,6 +180,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     """Verify (and with ``report``, describe) ledgers; exit 0 only when everything holds."""
     if args.audit_command == "policy":
         return cmd_policy(args.files)
+    if args.audit_command == "privacy":
+        return cmd_privacy(args.run_dir, args.regions, args.bootstrap)
     if args.audit_command == "report" and args.out.exists() and not args.out.is_dir():
         # checked before the ledgers are read: a report never takes the place of the user's file
         raise InputError(f"--out {args.out} is a file; audit report writes a folder (audit-report.md and plots)")
@@ -169,3 +193,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
         path = write_audit_report(list(result.checks), args.out, list(result.findings), list(result.not_checked))
         print(f"report: {path}")
     return 0 if result.ok else EXIT_BROKEN
+
+
+def cmd_privacy(run_dir: Path, regions: Sequence[str], bootstrap: int) -> int:
+    """Run the membership-inference audit, then write summary.json's privacy section and the privacy report."""
+    from common.runfiles import read_summary, write_summary
+    from runfolder.privacy import audit_privacy, with_privacy, write_privacy_report
+
+    if bootstrap < 100:
+        raise InputError(f"--bootstrap {bootstrap}: must be >= 100 for a 95 % interval")
+    audit = audit_privacy(run_dir, regions, bootstrap=bootstrap)
+    write_summary(run_dir, with_privacy(read_summary(run_dir), audit))
+    print(f"report: {write_privacy_report(run_dir, audit)}")
+    return 0

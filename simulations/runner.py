@@ -164,6 +164,7 @@ def run_flower(
                 audit_root=out_dir / AUDIT_DIR / NODES_DIR,
                 personal=personal,
                 cache_root=out_dir / SIMULATED_CACHE_DIR,
+                canaries=cfg.audit.canaries,
             ),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
@@ -277,6 +278,13 @@ def simulate(
     if cfg.personalize.mode != "none":
         summary = with_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
     summary = dataclasses.replace(summary, audit=audit_run(out_dir, cfg.region_names, say))
+    if cfg.audit.privacy:
+        from runfolder.privacy import audit_privacy, with_privacy, write_privacy_report
+
+        write_summary(out_dir, summary)  # the audit reads the finished run as `fedlocale audit privacy` would
+        privacy = audit_privacy(out_dir, say=say)
+        summary = with_privacy(summary, privacy)
+        say(f"privacy audit: report {write_privacy_report(out_dir, privacy)}")
     write_summary(out_dir, summary)
     write_report(out_dir, summary, read_metrics(out_dir))
     return summary

@@ -179,6 +179,7 @@ COMMANDS: dict[str, Argv] = {
         str(r / "audit-report" / k),
     ],
     "audit policy": lambda r, k: ["audit", "policy", str(hostile(r, k, "policy.yaml"))],
+    "audit privacy": lambda r, k: ["audit", "privacy", str(run_dir(r, k))],
     "data demo (out is a file)": lambda r, k: ["data", "demo", str(hostile(r, k, "demo"))],
     "data intent (out is a file)": lambda r, k: ["data", "intent", "--out", str(hostile(r, k, "intent"))],
     "data split (pool)": lambda r, k: [
@@ -311,6 +312,7 @@ RUN_COMMANDS: dict[str, Callable[[Path, Path], list[str]]] = {
     "export": lambda run, out: ["export", str(run), "--region", "north", "--out", str(out)],
     "personalize": lambda run, out: ["personalize", str(run)],
     "predict": lambda run, out: ["predict", str(run / "adapter"), str(good_input(out.parent)), "--out", str(out)],
+    "audit privacy": lambda run, out: ["audit", "privacy", str(run)],
 }
 # which file each command reads (a damaged file a command never opens is no test of it)
 READS = {
@@ -318,6 +320,7 @@ READS = {
     "export": ("summary.json", "adapter/", "config.yaml"),
     "personalize": ("summary.json", "config.yaml"),
     "predict": ("adapter/", "config.yaml"),
+    "audit privacy": ("summary.json", "config.yaml"),  # it refuses a run without checkpoints before any adapter
 }
 # export and predict read config.yaml only for provenance and max_length (an odd one must not block them)
 TOLERATED = {("export", "config binary"), ("export", "config truncated")}
