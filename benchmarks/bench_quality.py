@@ -135,7 +135,28 @@ def report_round(record: dict[str, Any]) -> None:
 
 # The candidates the defaults were chosen from (docs/benchmarks.md says how). Each is a complete set of the
 # settings that differ from the base config, so that a row means the same whatever the base's defaults are.
-OPTIONS: dict[str, Option] = {option.name: option for option in (Option("base", (), nodes=False),)}
+_STEPS = ("rounds=12", "train.local_steps=5")  # 12 rounds × 5 local steps: the demo's ~3 passes in small rounds
+OPTIONS: dict[str, Option] = {
+    option.name: option
+    for option in (
+        # before issue 16: 3 rounds of one local epoch, plain FedAvg
+        Option("e1", ("rounds=3", "train.epochs=1", "train.local_steps=null", "train.logit_adjust=0.0")),
+        # the options below train alike on the nodes, so they share the baselines of the first of them that runs
+        Option("s5", (*_STEPS, "train.logit_adjust=0.0", "aggregation.optimizer=fedavg"), nodes=False),
+        Option(
+            "s5-fedavgm",
+            (*_STEPS, "train.logit_adjust=0.0", "aggregation.optimizer=fedavgm", "aggregation.server_lr=1.0"),
+            nodes=False,
+        ),
+        Option(
+            "s5-fedadam",
+            (*_STEPS, "train.logit_adjust=0.0", "aggregation.optimizer=fedadam", "aggregation.server_lr=0.01"),
+            nodes=False,
+        ),
+        # logit adjustment (balanced softmax) by each region's own label prior
+        Option("s5-la", (*_STEPS, "train.logit_adjust=1.0", "aggregation.optimizer=fedavg")),
+    )
+}
 
 
 def main(argv: list[str] | None = None) -> int:

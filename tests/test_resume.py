@@ -654,8 +654,59 @@ def test_a_test_evaluation_with_half_of_the_last_round_is_refused() -> None:
     assert got is not None and got[0] == 3 and torch.equal(got[1]["w"], torch.zeros(2))
 
 
-def test_the_demo_config_keeps_its_fingerprint_so_its_earlier_runs_resume() -> None:
-    """configs/demo.yaml has fingerprinted to this value since 1772974 (options added since are fingerprinted
-    only when set): a demo run started then still resumes. A change here must be a deliberate one."""
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+def test_the_demo_config_keeps_its_fingerprint_so_its_earlier_runs_resume(tmp_path: Path) -> None:
+    """configs/demo.yaml as it was at 1772974 (below, without its comments) has fingerprinted to this value since:
+    options added later are fingerprinted only when set, so a demo run started then still resumes under today's
+    code. The demo's own settings may change; this old file's fingerprint must not."""
+    repo = Path(__file__).resolve().parents[1]
+    configs = tmp_path / "configs"
+    shutil.copytree(repo / "configs" / "policies", configs / "policies")
+    for region in ("cn-books", "cn-electronics", "cn-hotel", "en-critics", "en-movies"):
+        (tmp_path / "data" / "demo" / region).mkdir(parents=True)
+        for split in ("train", "test"):
+            (tmp_path / "data" / "demo" / region / f"{split}.jsonl").write_text("")
+    (configs / "demo.yaml").write_text(DEMO_AT_1772974)
+    cfg = load_config(configs / "demo.yaml")
     assert fingerprint(config_settings(cfg)) == "1967280e2ca3b1d0"
+
+
+DEMO_AT_1772974 = """\
+name: demo
+seed: 0
+rounds: 3
+labels: [neg, pos]
+regions_dir: ../data/demo
+policies: policies
+model:
+  base: me5-small
+  max_length: 64
+lora:
+  r: 8
+  alpha: 16
+  dropout: 0.1
+  target_modules: null
+train:
+  lr: 2.0e-3
+  weight_decay: 0.01
+  epochs: 1
+  batch_size: 16
+  grad_clip: 1.0
+  warmup_steps: 0
+  kl_to_global: 0.0
+data:
+  val_fraction: 0.1
+aggregation:
+  method: weighted
+  server_lr: 1.0
+  min_clients: 2
+early_stopping:
+  patience: null
+  metric: macro_f1
+baselines: [centralized, local_only]
+personalize:
+  mode: dual
+  choice: confident
+  start: last
+simulation:
+  cpus_per_client: 2
+"""
