@@ -163,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark."""
     apply_env()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_quality", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="the demo scenario's config")
+    parser.add_argument(
+        "--skew-config",
+        type=Path,
+        default=Path("configs/skew.yaml"),
+        help="the Dirichlet scenarios' config (the demo's settings without per-region policies)",
+    )
     parser.add_argument("--scenarios", nargs="+", default=["demo", "a0.1", "a0.5", "a1.0"])
     parser.add_argument("--options", nargs="*", default=list(OPTIONS), help=f"of {', '.join(OPTIONS)}")
     parser.add_argument("--option", dest="extra", action="append", default=[], help="NAME=KEY=VALUE,KEY=VALUE")
@@ -191,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 shared = None if option.nodes else baselines.get((scenario, seed))
                 say(f"{scenario} · {option.name} · seed {seed}" + (" (baselines of an earlier run)" if shared else ""))
                 overrides = [*args.overrides, *option.overrides, *(["baselines=[]"] if shared else [])]
-                summary, curve, seconds = run_one(args.config, overrides, regions_dir, seed, out)
+                config = args.config if regions_dir is None else args.skew_config
+                summary, curve, seconds = run_one(config, overrides, regions_dir, seed, out)
                 row = row_of(summary)
                 if shared is None and not option.nodes:
                     baselines[(scenario, seed)] = row
