@@ -214,5 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     return write_result(args.json or args.work / "bench_quality.json", result)
 
 
+def run(argv: list[str] | None = None) -> int:
+    """``main``, with fedlocale's errors (a bad config or split) printed as the CLI prints them, not raised."""
+    from common.errors import FedlocaleError
+
+    try:
+        return main(argv)
+    except FedlocaleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run())
