@@ -53,21 +53,21 @@ def checkpoint_steps(total: int, rounds: int) -> list[int]:
     return sorted({max(1, math.ceil(total * k / rounds)) for k in range(1, rounds + 1)})
 
 
+def _evaluate(cfg: RunConfig, loaded: LoadedModel, examples: list[Example]) -> EvalResult:
+    return evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        examples,
+        len(cfg.labels),
+        max_length=cfg.model.max_length,
+        batch_size=cfg.train.eval_batch_size,
+    )
+
+
 def validation_score(cfg: RunConfig, loaded: LoadedModel, regions: Mapping[str, RegionData]) -> float | None:
     """The federated run's validation criterion (``early_stopping.metric``, the example-weighted mean over the
     regions' val splits) for ``loaded`` on ``regions``; None when no region has a val example."""
-    results = {
-        name: evaluate(
-            loaded.model,
-            loaded.tokenizer,
-            region.val,
-            len(cfg.labels),
-            max_length=cfg.model.max_length,
-            batch_size=cfg.train.eval_batch_size,
-        )
-        for name, region in regions.items()
-        if region.val
-    }
+    results = {name: _evaluate(cfg, loaded, region.val) for name, region in regions.items() if region.val}
     if not results:
         return None
     metric = cfg.early_stopping.metric
@@ -137,19 +137,7 @@ def _train_and_test(
                 batch_size=cfg.train.eval_batch_size,
             )
             predictions[name] = probs.argmax(axis=1)
-    return {
-        name: _scores(
-            evaluate(
-                loaded.model,
-                loaded.tokenizer,
-                region.test,
-                len(cfg.labels),
-                max_length=cfg.model.max_length,
-                batch_size=cfg.train.eval_batch_size,
-            )
-        )
-        for name, region in tests.items()
-    }
+    return {name: _scores(_evaluate(cfg, loaded, region.test)) for name, region in tests.items()}
 
 
 def run_centralized(cfg: RunConfig, data: Mapping[str, RegionData]) -> tuple[Scores, float]:
