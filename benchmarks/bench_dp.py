@@ -3,11 +3,12 @@
 train message with and without DP-SGD, paired in one run.
 
     python -m benchmarks.bench_dp [CONFIG] [--epsilons 1 3 8 inf] [--delta 1e-5] [--region NAME]
-                                  [--repeats 2] [--json FILE] [--set KEY=VALUE ...]
+                                  [--repeats 2] [--json FILE] [--runs-dir DIR] [--set KEY=VALUE ...]
 
 Each epsilon is a full ``fedlocale simulate`` of CONFIG whose every region's policy (its own, else an empty
 one) gets ``require_dp: {epsilon, delta}`` (``inf``: none). The timing alternates plain and DP train messages
 of ``--region`` (plain, DP, then DP, plain) so that a change in the machine's load cancels out of the ratio.
+``--runs-dir`` keeps the run folders (``run-1``, ..., ``run-inf``), e.g. for ``benchmarks.bench_privacy``.
 Prints a table and writes JSON (default ``benchmarks/results/bench_dp.json``).
 """
 
@@ -44,9 +45,15 @@ def _policies(cfg: Any, folder: Path, eps: float, delta: float) -> Path:
 
 def _simulate(config: Path, out: Path, policies: Path, overrides: list[str], regions: list[Any]) -> dict[str, Any]:
     """One simulation with every region's policy from ``policies``; its summary.json."""
-    # a region's own `policy:` wins over `policies:`, so each is pointed at the benchmark's copy
+    # a region's own `policy:` in the config's `regions:` list wins over `policies:`, so each is pointed at the
+    # benchmark's copy (regions found through `regions_dir` take theirs from `policies:`)
+    listed = yaml.safe_load(config.read_text()).get("regions") or []
     sets = [*overrides, f"policies={policies}"]
-    sets += [f"regions[{i}].policy={policies / (r.name + '.yaml')}" for i, r in enumerate(regions) if r.policy]
+    sets += [
+        f"regions[{i}].policy={policies / (r.name + '.yaml')}"
+        for i, r in enumerate(regions)
+        if i < len(listed) and isinstance(listed[i], dict) and listed[i].get("policy")
+    ]
     cmd = [sys.executable, "-m", "fedlocale", "simulate", str(config), "--out", str(out), "--overwrite"]
     for s in sets:
         cmd += ["--set", s]
@@ -89,15 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--region", default=None, help="region timed (default: the config's first)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--runs-dir", type=Path, default=None, help="keep the run folders here (default: temporary)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
     from common.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.runs_dir is not None and args.runs_dir.exists():
+        parser.error(f"--runs-dir {args.runs_dir} exists; the benchmark writes new run folders there")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = args.runs_dir or Path(tmp)
         for eps in args.epsilons:
             tag = "inf" if math.isinf(eps) else f"{eps:g}"
             policies = _policies(cfg, root / f"policies-{tag}", eps, args.delta)
