@@ -144,7 +144,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise PrivacyAuditError(
             f"{path}: no such file; the audit reads each region's data as the run's config names it (a simulation "
-            "run folder has it; on a deployed node run `fedlocale audit privacy` there, see docs/audit.md)"
+            "run folder has it; on a deployed node run `fedlocale audit node` there, see docs/audit.md)"
         )
     return load_config(path)
 
