@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from client import secagg
 from client.dp import spent
 from client.guard import InFlight, NodeMessage, egress_guard
+from client.node_audit import keep_received
 from client.task import (
     Personal,
     evaluate_message,
@@ -98,6 +99,7 @@ def make_app(
     def trained(msg: Message) -> tuple[ClientTask, int, dict[str, torch.Tensor], TrainResult]:
         here = inflight.of(msg)
         task, index, state = _parse(msg, here)
+        keep_received(here.region.name, here.node, task, state, delivered=False)  # keep-globals: for its audit
         trainer = train_dual if here.node.personal_rank is not None else train_round
         new_state, result = trainer(here.region, task, state, here.node, here.load(task, training=True))
         # the privacy spent so far (DP-SGD), for the reply's metrics and the guard's check
@@ -166,6 +168,8 @@ def make_app(
         here = inflight.of(msg)
         task, index, state = _parse(msg, here)
         split = str(msg.content.config_records[keys.CONFIG][keys.SPLIT])
+        if split == keys.TEST:  # the test evaluation carries the adapter the run delivers (the best round's)
+            keep_received(here.region.name, here.node, task, state, delivered=True)
         last = functools.partial(_last_round, msg)
         result = evaluate_message(here.region, task, state, split, here.node, here.load(task), last, time.time())
         here.dp = spent(here.node.policy, here.node.audit_dir, task, trained=False)

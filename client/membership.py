@@ -19,6 +19,7 @@ when the number of non-members can resolve that FPR (at least ``1 / fpr`` of the
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from client.train import predict_proba
 from common.data import Example
+from common.seeds import derive_seed
 
 LOSS = "loss"
 REFERENCE = "reference"
@@ -167,6 +169,27 @@ def attack(members: np.ndarray, nonmembers: np.ndarray, *, bootstrap: int, seed:
 # ------------------------------------------------------------------------------------------------ one region
 
 
+@dataclass(frozen=True)
+class RegionRecords:
+    """A region's members (training records, as its node trained on them) and non-members (its test split)."""
+
+    members: list[Example]
+    nonmembers: list[Example]
+
+
+def audit_records(region: str, train: Sequence[Example], test: Sequence[Example], seed: int) -> RegionRecords:
+    """Members and non-members of a region's audit, from its train and test splits as its node's pipeline gives
+    them (``client.pipeline.node_data``; not augmented: augmented copies are not records of people). Members are a
+    seeded sample of as many training records as there are non-members (all of them when there are fewer):
+    balanced classes, and a cost bounded by the test split rather than by the largest region's training set. The
+    same on a simulation's run folder and on a deployed node, for the same ``seed`` (the run's)."""
+    members = list(train)
+    if len(members) > len(test):
+        rng = random.Random(derive_seed(seed, "privacy-members", region))
+        members = [members[i] for i in sorted(rng.sample(range(len(members)), len(test)))]
+    return RegionRecords(members, list(test))
+
+
 def record_logp(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -286,3 +309,25 @@ def audit_region(
     scored = {name: score(p, members, nonmembers, batch_size) for name, p in targets.items()}
     refs = [score(p, members, nonmembers, batch_size) for p in references]
     return audit_scored(region, scored, refs, bootstrap=bootstrap, seed=seed)
+
+
+# The plain-language paragraph that ends every privacy report (a run folder's and a node's).
+MEANING_TEXT = """## What these numbers mean, and what they do not
+
+**They mean**: an attacker who holds the model and a record of this region, and who knows how the records were
+chosen, tries to tell whether the record was one the model was trained on. **AUC** is the chance that the attack
+scores a random training record above a random record the model never saw: 0.5 is guessing, 1.0 is always
+right. The interval is a 95 % bootstrap interval over the region's records; an interval that covers 0.5 means
+this audit found no evidence that the model reveals membership. **TPR at 1 % FPR** is the share of training
+records the attacker identifies with confidence while wrongly accusing only 1 % of outsiders: this is what
+matters for the few people most exposed, and a TPR near the FPR (0.01) means the attacker does no better than
+chance there. The **reference** attack compares the model with the run's earlier global models on the same
+record, which removes how easy the record is in itself; it is usually the stronger of the two.
+
+**They do not mean** that the data is safe, or that a number below some line is a guarantee. An empirical
+audit measures these attacks on these records: a stronger attacker (more reference models trained without the
+records, or access to every round's update) can do better, and with a few hundred records the low-FPR numbers
+are coarse (a TPR at 0.1 % FPR needs at least 1000 non-members and is reported as n/a with fewer). Only
+differential privacy gives a guarantee that holds against every attacker. Nothing about an individual record
+is in this report (nor in summary.json, nor in a node's report): only counts, AUCs and rates.
+"""

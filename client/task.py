@@ -40,6 +40,7 @@ from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT, write_j
 from common.seeds import derive_seed
 
 log = logging.getLogger("fedlocale.node")
+DEFAULT_KEEP_GLOBALS = 3  # rounds of received global adapters a node with keep-globals keeps (besides the delivered)
 
 
 class NodeConfigError(InputError):
@@ -61,6 +62,10 @@ class NodeSettings:
     # personalize mode dual: rank of the region's own LoRA, trained alongside the global adapter in every round
     # and kept in personal_dir (client.personal); None: the node trains the global adapter only
     personal_rank: int | None = None
+    # the global adapters the node receives, kept in keep_globals/REGION for its own privacy audit
+    # (client.node_audit): the newest keep_globals_count rounds and the one the run delivered; None: none kept
+    keep_globals: Path | None = None
+    keep_globals_count: int = DEFAULT_KEEP_GLOBALS
     # the node's data pipeline (``client.pipeline.node_data``, or a wrapper of it such as the simulation's
     # canaries, ``client.canaries.with_canaries``): what ``load_data`` reads the region through
     pipeline: Callable[..., NodeData] = node_data
@@ -68,7 +73,8 @@ class NodeSettings:
 
 def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
     """Parse and check the node's ``cache-dir``, ``threads``, ``policy``, ``audit-dir``, ``augment``,
-    ``personalize`` and ``personal-dir``; all are optional (``personalize`` needs ``personal-dir``).
+    ``personalize``, ``personal-dir``, ``keep-globals`` and ``keep-globals-count``; all are optional
+    (``personalize`` needs ``personal-dir``, ``keep-globals-count`` needs ``keep-globals``).
 
     A policy file that does not load stops the node (``ConfigError`` naming file and line): running without the
     rules the operator meant to apply would be worse than not running.
@@ -82,7 +88,22 @@ def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
         audit_dir=_absolute(node_config.get(keys.NODE_AUDIT_DIR), keys.NODE_AUDIT_DIR, "a folder"),
         augment=load_yaml(augment, AugmentSettings) if augment else None,
         **_personalization(node_config),
+        **_kept_globals(node_config),
     )
+
+
+def _kept_globals(node_config: Mapping[str, object]) -> dict[str, Any]:
+    folder = _absolute(node_config.get(keys.NODE_KEEP_GLOBALS), keys.NODE_KEEP_GLOBALS, "a folder")
+    count = node_config.get(keys.NODE_KEEP_GLOBALS_COUNT)
+    if count is None:
+        return {"keep_globals": folder}
+    if folder is None:
+        raise NodeConfigError(
+            f"node config {keys.NODE_KEEP_GLOBALS_COUNT} is set but {keys.NODE_KEEP_GLOBALS} is not "
+            "(the folder to keep them in)"
+        )
+    number = _whole(count, keys.NODE_KEEP_GLOBALS_COUNT)
+    return {"keep_globals": folder, "keep_globals_count": number}
 
 
 def _personalization(node_config: Mapping[str, object]) -> dict[str, Any]:
@@ -152,12 +173,14 @@ def load_data(region: Region, task: ClientTask, node: NodeSettings, *, training:
 
 
 def _threads(value: object) -> int | None:
-    if value is None:
-        return None
+    return None if value is None else _whole(value, keys.NODE_THREADS)
+
+
+def _whole(value: object, key: str) -> int:
     # --node-config "threads=2" arrives as an int; accept the quoted form too, nothing fractional or boolean
     number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-        raise NodeConfigError(f"node config {keys.NODE_THREADS}={value!r}: must be a whole number >= 1")
+        raise NodeConfigError(f"node config {key}={value!r}: must be a whole number >= 1")
     return number
 
 

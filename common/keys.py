@@ -61,6 +61,10 @@ NODE_AUGMENT: Final = "augment"  # absolute path of a YAML file of client.augmen
 # absolute path of a YAML file of common.config.PersonalizeSettings: the node personalizes the final global model
 NODE_PERSONALIZE: Final = "personalize"
 NODE_PERSONAL_DIR: Final = "personal-dir"  # absolute folder where the node keeps its personalized model and report
+# absolute folder where the node keeps the global adapters it receives (client.node_audit), for its own privacy
+# audit (`fedlocale audit node`); unset: it keeps none
+NODE_KEEP_GLOBALS: Final = "keep-globals"
+NODE_KEEP_GLOBALS_COUNT: Final = "keep-globals-count"  # how many rounds' global adapters it keeps (default 3)
 
 # Run config keys (``[tool.flwr.app.config]``)
 RUN_CONFIG_PATH: Final = "config"

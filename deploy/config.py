@@ -71,6 +71,11 @@ class NodeEntry:
     # YAML of personalize settings (mode, epochs, ...): the node personalizes the final global model for itself
     personalize: Path | None = None
     personal_dir: Path | None = None  # where that model and its report stay; default WORKDIR/nodes/REGION/personalized
+    # where the node keeps the global adapters it receives, for its own privacy audit (`fedlocale audit node`);
+    # default: it keeps none
+    keep_globals: Path | None = None
+    # how many rounds' global adapters it keeps besides the delivered one; default 3 (client.node_audit)
+    keep_globals_count: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,6 +86,10 @@ class NodeEntry:
             problems.append(("port", f"must be in [1, 65535], got {self.port}"))
         if self.threads is not None and self.threads < 1:
             problems.append(("threads", f"must be >= 1, got {self.threads}"))
+        if self.keep_globals_count is not None and self.keep_globals_count < 1:
+            problems.append(("keep_globals_count", f"must be >= 1, got {self.keep_globals_count}"))
+        if self.keep_globals_count is not None and self.keep_globals is None:
+            problems.append(("keep_globals_count", "is set but keep_globals is not (the folder to keep them in)"))
         if self.personal_dir is not None and self.personalize is None:
             problems.append(("personal_dir", "is set but personalize is not (the node would never write there)"))
         check(problems)
@@ -108,7 +117,17 @@ def _shared_regions(regions: list[str]) -> list[str]:
     return [f"region {name!r} has more than one node" for name in sorted({r for r in regions if regions.count(r) > 1})]
 
 
-_PATH_FIELDS = {"data", "keys", "cache_dir", "policy", "audit_dir", "augment", "personalize", "personal_dir"}
+_PATH_FIELDS = {
+    "data",
+    "keys",
+    "cache_dir",
+    "policy",
+    "audit_dir",
+    "augment",
+    "personalize",
+    "personal_dir",
+    "keep_globals",
+}
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

@@ -39,6 +39,8 @@ class Node:
     augment: Path | None = None  # YAML of the node's own train-split augmentation; None: none
     personalize: Path | None = None  # YAML of the node's own personalization settings; None: none
     personal_dir: Path | None = None  # where the node keeps its personalized model (set with personalize)
+    keep_globals: Path | None = None  # where the node keeps received global adapters for its own audit; None: not
+    keep_globals_count: int | None = None  # how many rounds of them; None: the node's default
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def layout(deploy: DeployConfig, run: RunConfig) -> Layout:
                 augment=s.augment.resolve() if s and s.augment else None,
                 personalize=s.personalize.resolve() if s and s.personalize else None,
                 personal_dir=_personal_dir(s, work / NODES_DIR / region / NODE_PERSONAL_DIR),
+                keep_globals=s.keep_globals.resolve() if s and s.keep_globals else None,
+                keep_globals_count=s.keep_globals_count if s else None,
             )
         )
     return Layout(
@@ -185,6 +189,10 @@ def node_config(node: Node) -> str:
         parts.append(f'{keys.NODE_AUGMENT}="{node.augment}"')
     if node.personalize is not None and node.personal_dir is not None:
         parts.append(f'{keys.NODE_PERSONALIZE}="{node.personalize}" {keys.NODE_PERSONAL_DIR}="{node.personal_dir}"')
+    if node.keep_globals is not None:
+        parts.append(f'{keys.NODE_KEEP_GLOBALS}="{node.keep_globals}"')
+    if node.keep_globals is not None and node.keep_globals_count is not None:
+        parts.append(f"{keys.NODE_KEEP_GLOBALS_COUNT}={node.keep_globals_count}")
     return " ".join(parts)
 
 

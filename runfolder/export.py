@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,17 +21,25 @@ from typing import Any, NamedTuple
 
 import torch
 from peft import PeftModel
-from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from client.adapterfolder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DAMAGED_MODEL_ERRORS,
+    AdapterFolderError,
+    adapter_weights,
+    is_adapter,
+    load_peft_folder,
+    reason,
+)
 from common import keys
 from common.basemodels import BUILT_BASES, build_command
 from common.data import find_split
-from common.errors import ConfigError, InputError
-from common.model import LABELS_FILE, MINILM, classifier_kwargs, head_modules, quiet_loading, resolve_base
+from common.errors import ConfigError
+from common.model import LABELS_FILE, MINILM, quiet_loading, resolve_base
 from common.runfiles import (
     ADAPTER_DIR,
     CONFIG_FILE,
@@ -47,8 +54,6 @@ from common.yamlfile import read_yaml_file
 
 EXPORT_FILE = "fedlocale.json"
 CARD_FILE = "README.md"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 GLOBAL, PERSONALIZED = "global", keys.PERSONALIZED
 ADAPTER_KINDS = (GLOBAL, PERSONALIZED)
 DEFAULT_MAX_LENGTH = 128
@@ -71,14 +76,10 @@ _MODEL_FILES = (
 )
 
 
-class ExportError(InputError):
+class ExportError(AdapterFolderError):
     """A run, region, model folder or output folder that cannot be used; the message says why and where."""
 
 
-# What loading a damaged model folder raises in transformers, peft and safetensors (OSError: transformers' "not a
-# valid JSON file"; ValueError/KeyError/TypeError: configs and tokenizers with wrong fields; SafetensorError:
-# truncated weights; RuntimeError: torch state dicts that do not fit the model).
-DAMAGED_MODEL_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, UnicodeDecodeError)
 # transformers' model_max_length when a tokenizer declares none (int(1e30)): not a limit
 UNSET_MODEL_MAX_LENGTH = 10**9
 
@@ -169,8 +170,8 @@ def _global(run: RunInfo) -> Path:
     return path
 
 
-def _is_adapter(folder: Path) -> bool:
-    return (folder / ADAPTER_CONFIG).is_file()
+_is_adapter = is_adapter
+_reason = reason
 
 
 def _read_labels(folder: Path) -> tuple[str, ...] | None:
@@ -795,12 +796,6 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
         ) from err
 
 
-def _reason(err: BaseException) -> str:
-    """An exception's message on one line (transformers' messages run over several)."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def position_limit(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The most tokens per text (special tokens included) the model can take, or None if it has no fixed limit.
 
@@ -827,44 +822,17 @@ def _load_unmerged(model_dir: Path) -> tuple[nn.Module, tuple[str, ...]]:
     config = _json_object(model_dir / ADAPTER_CONFIG)
     hint = _section(_read_meta(model_dir), "base_model").get("name") or _parent_run_base(model_dir)
     base_path = base_reference(str(config.get("base_model_name_or_path") or ""), hint)
-    # Whatever head the base checkpoint has (none, another size, the same size) is replaced by the adapter's.
-    with quiet_loading():  # the adapter brings the head; the base's "newly initialised" report is noise
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, **classifier_kwargs(labels))
-    saved = _adapter_weights(model_dir)
-    head = [name for name in head_modules(str(base.config.model_type)) if hasattr(base, name)]
-    for name in head:
-        if not any(key.startswith(f"base_model.model.{name}.") for key in saved):
-            raise ExportError(
-                f"{model_dir}: the adapter holds no trained weights for the head module {name!r}; "
-                "the base model's own (or a random) head would classify instead"
-            )
-    with warnings.catch_warnings():
-        # peft calls a transformers API that transformers 5 renamed; the warning is theirs, not the user's
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = PeftModel.from_pretrained(base, str(model_dir))
-    # and the head that classifies is the adapter's, tensor for tensor
-    state = get_peft_model_state_dict(model)
-    mine = [k for k in state if k.split(".")[2:3] and k.split(".")[2] in head]
-    differ = [k for k in mine if k not in saved or not torch.equal(state[k].cpu(), saved[k].to(state[k].dtype))]
-    if differ:
-        raise ExportError(f"{model_dir}: the head weights {differ[:3]} did not load from the adapter")
-    return model, labels
+    try:
+        return load_peft_folder(model_dir, base_path, labels), labels
+    except AdapterFolderError as err:  # the export's callers catch ExportError: same message, its own type
+        raise ExportError(str(err)) from err
 
 
 def _adapter_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter folder's weights file, by the names peft saved them under."""
-    weights = [model_dir / name for name in ADAPTER_WEIGHTS if (model_dir / name).is_file()]
-    if not weights:
-        raise ExportError(f"{model_dir}: no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})")
     try:
-        if weights[0].suffix == ".safetensors":
-            return load_file(str(weights[0]))
-        loaded = torch.load(str(weights[0]), map_location="cpu", weights_only=True)
-    except DAMAGED_MODEL_ERRORS as err:  # truncated or not a weights file at all
-        raise ExportError(f"{weights[0]}: damaged adapter weights ({_reason(err)})") from err
-    if not isinstance(loaded, dict):
-        raise ExportError(f"{weights[0]}: not a state dict")
-    return loaded
+        return adapter_weights(model_dir)
+    except AdapterFolderError as err:
+        raise ExportError(str(err)) from err
 
 
 def _parent_run_base(model_dir: Path) -> str | None:

@@ -15,7 +15,6 @@ runs too.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,17 +27,19 @@ import torch
 from client.canaries import Canary, exposures, make_canaries
 from client.membership import (
     LOW_FPRS,
+    MEANING_TEXT,
     REFERENCE,
     Predictor,
     RegionAudit,
+    RegionRecords,
     Scored,
+    audit_records,
     audit_scored,
     record_logp,
     score,
 )
 from client.pipeline import node_data
 from common.config import RunConfig, load_config
-from common.data import Example
 from common.errors import ConfigError, InputError
 from common.model import adapter_state, load_adapter_state
 from common.policy import load_policy
@@ -143,7 +144,7 @@ def read_run_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise PrivacyAuditError(
             f"{path}: no such file; the audit reads each region's data as the run's config names it (a simulation "
-            "run folder has it; on a deployed node run `fedlocale audit privacy` there, see docs/audit.md)"
+            "run folder has it; on a deployed node run `fedlocale audit node` there, see docs/audit.md)"
         )
     return load_config(path)
 
@@ -167,14 +168,6 @@ def check_run(run_dir: Path, regions: Sequence[str] | None) -> tuple[RunInfo, Ru
     return run, cfg, list(dict.fromkeys(regions)) if regions else known
 
 
-@dataclass(frozen=True)
-class RegionRecords:
-    """A region's members (training records, as its node trained on them) and non-members (its test split)."""
-
-    members: list[Example]
-    nonmembers: list[Example]
-
-
 def region_records(cfg: RunConfig, name: str) -> RegionRecords:
     """The region's records through the node's own pipeline (redacted, val carved as its node carved it; not
     augmented: augmented copies are not records of people). Members are a seeded sample of as many training
@@ -190,11 +183,7 @@ def region_records(cfg: RunConfig, name: str) -> RegionRecords:
         raise PrivacyAuditError(
             f"region {name}: {len(data.train)} training and {len(data.test)} test records; the audit needs both"
         )
-    members = list(data.train)
-    if len(members) > len(data.test):
-        rng = random.Random(derive_seed(cfg.seed, "privacy-members", name))
-        members = [members[i] for i in sorted(rng.sample(range(len(members)), len(data.test)))]
-    return RegionRecords(members, list(data.test))
+    return audit_records(name, data.train, data.test, cfg.seed)
 
 
 def _load(folder: Path, max_length: int) -> Predictor:
@@ -375,26 +364,6 @@ def with_privacy(summary: Summary, audit: PrivacyAudit) -> Summary:
 
 
 # ------------------------------------------------------------------------------------------------ the report
-
-MEANING_TEXT = """## What these numbers mean, and what they do not
-
-**They mean**: an attacker who holds the model and a record of this region, and who knows how the records were
-chosen, tries to tell whether the record was one the model was trained on. **AUC** is the chance that the attack
-scores a random training record above a random record the model never saw: 0.5 is guessing, 1.0 is always
-right. The interval is a 95 % bootstrap interval over the region's records; an interval that covers 0.5 means
-this audit found no evidence that the model reveals membership. **TPR at 1 % FPR** is the share of training
-records the attacker identifies with confidence while wrongly accusing only 1 % of outsiders: this is what
-matters for the few people most exposed, and a TPR near the FPR (0.01) means the attacker does no better than
-chance there. The **reference** attack compares the model with the run's earlier global models on the same
-record, which removes how easy the record is in itself; it is usually the stronger of the two.
-
-**They do not mean** that the data is safe, or that a number below some line is a guarantee. An empirical
-audit measures these attacks on these records: a stronger attacker (more reference models trained without the
-records, or access to every round's update) can do better, and with a few hundred records the low-FPR numbers
-are coarse (a TPR at 0.1 % FPR needs at least 1000 non-members and is reported as n/a with fewer). Only
-differential privacy gives a guarantee that holds against every attacker. Nothing about an individual record
-is in this report or in summary.json: only counts, AUCs and rates.
-"""
 
 
 def _fmt(value: float | None) -> str:

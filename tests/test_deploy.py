@@ -254,6 +254,12 @@ def test_node_policy_and_audit_dir_default_from_the_run_and_resolve_from_the_dep
     node = node_settings(parse_config_args([node_config(personal)]))
     assert node.personalize is not None and (node.personalize.mode, node.personalize.local_r) == ("local", 2)
     assert node.personal_dir == tmp_path / "mine"
+    # and the folder where it keeps the global adapters it receives, for its own privacy audit (bounded)
+    keeping = replace(north, keep_globals=tmp_path / "kept", keep_globals_count=4)
+    assert node_config(keeping).endswith(f'keep-globals="{tmp_path / "kept"}" keep-globals-count=4')
+    node = node_settings(parse_config_args([node_config(keeping)]))
+    assert (node.keep_globals, node.keep_globals_count) == (tmp_path / "kept", 4)
+    assert node_settings(parse_config_args([node_config(north)])).keep_globals is None  # opt-in
     # a policy written for another region stops the node before it starts (its guard would refuse everything)
     wrong = replace(north, policy=tmp_path / "policies" / "east.yaml")
     with pytest.raises(ServerIdentityError, match="is for region 'east'"):
@@ -350,6 +356,22 @@ def test_a_personal_dir_without_personalize_settings_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="personal_dir: is set but personalize is not"):
         NodeEntry(region="east", personal_dir=Path("/srv/personal"))
+
+
+def test_keep_globals_resolves_from_the_deploy_file_and_its_count_is_checked(
+    tmp_path: Path, three_regions: Path, tiny_bert: Path
+) -> None:
+    from common.errors import ConfigError
+    from deploy.config import NodeEntry
+
+    _, lay = _deployment(tmp_path, tiny_bert, three_regions, node_extra={"north": {"keep_globals": "kept/north"}})
+    east, north, _ = lay.nodes
+    assert (east.keep_globals, north.keep_globals) == (None, tmp_path.resolve() / "kept" / "north")
+    assert node_config(north).endswith(f'keep-globals="{north.keep_globals}"')
+    with pytest.raises(ConfigError, match="keep_globals_count: is set but keep_globals is not"):
+        NodeEntry(region="east", keep_globals_count=3)
+    with pytest.raises(ConfigError, match="keep_globals_count: must be >= 1"):
+        NodeEntry(region="east", keep_globals=Path("/srv/kept"), keep_globals_count=0)
 
 
 @pytest.mark.slow

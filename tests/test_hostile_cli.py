@@ -180,6 +180,22 @@ COMMANDS: dict[str, Argv] = {
     ],
     "audit policy": lambda r, k: ["audit", "policy", str(hostile(r, k, "policy.yaml"))],
     "audit privacy": lambda r, k: ["audit", "privacy", str(run_dir(r, k))],
+    "audit node (policy)": lambda r, k: [
+        "audit",
+        "node",
+        "--node-config",
+        f'region="north" data-dir="{r}" keep-globals="{r}" policy="{hostile(r, k, "policy.yaml")}"',
+        "--out",
+        str(r / "node-audit" / k),
+    ],
+    "audit node (keep-globals)": lambda r, k: [
+        "audit",
+        "node",
+        "--node-config",
+        f'region="north" data-dir="{r}" keep-globals="{hostile(r, k, "kept")}"',
+        "--out",
+        str(r / "node-audit" / k),
+    ],
     "data demo (out is a file)": lambda r, k: ["data", "demo", str(hostile(r, k, "demo"))],
     "data intent (out is a file)": lambda r, k: ["data", "intent", "--out", str(hostile(r, k, "intent"))],
     "data split (pool)": lambda r, k: [
