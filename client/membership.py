@@ -311,6 +311,25 @@ def audit_region(
     return audit_scored(region, scored, refs, bootstrap=bootstrap, seed=seed)
 
 
+def fmt_number(value: float | None) -> str:
+    """A report cell: three decimals, or n/a for a value the records cannot resolve."""
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def results_table(result: RegionAudit, model_text: Mapping[str, str]) -> list[str]:
+    """The Markdown table of a region's audit (model × attack: AUC, its interval, TPR at each of ``LOW_FPRS``),
+    the same in a run folder's report and a node's."""
+    cell = fmt_number
+    lines = ["| model | attack | AUC | 95 % interval | TPR @ 1 % FPR | TPR @ 0.1 % FPR |", "|---|---|---|---|---|---|"]
+    for model, attacks in result.results.items():
+        for attack_name, r in attacks.items():
+            lines.append(
+                f"| {model_text.get(model, model)} | {attack_name} | {cell(r.auc)} | [{cell(r.auc_low)}, "
+                f"{cell(r.auc_high)}] | {cell(r.tpr[LOW_FPRS[0]])} | {cell(r.tpr[LOW_FPRS[1]])} |"
+            )
+    return lines
+
+
 # The plain-language paragraph that ends every privacy report (a run folder's and a node's).
 MEANING_TEXT = """## What these numbers mean, and what they do not
 

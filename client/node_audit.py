@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -54,6 +53,8 @@ from client.membership import (
     Scored,
     audit_records,
     audit_scored,
+    fmt_number,
+    results_table,
     score,
 )
 from client.task import NodeSettings, global_model, use_threads
@@ -357,7 +358,7 @@ def audit_node(
     )
     for name, attacks in result.results.items():
         ref = attacks[REFERENCE]
-        say(f"  {name}: reference AUC {_fmt(ref.auc)} [{_fmt(ref.auc_low)}, {_fmt(ref.auc_high)}]")
+        say(f"  {name}: reference AUC {fmt_number(ref.auc)} [{fmt_number(ref.auc_low)}, {fmt_number(ref.auc_high)}]")
     return NodeAudit(
         result=result,
         delivered_round=delivered.round,
@@ -374,10 +375,6 @@ def audit_node(
 MODEL_TEXT = {GLOBAL_MODEL: "global adapter (delivered)", SERVED_MODEL: "served model"}
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-
-
 def render_node_report(audit: NodeAudit) -> str:
     """The node's Markdown report: one table (model × attack), what was used, and what the numbers mean."""
     result = audit.result
@@ -390,15 +387,8 @@ def render_node_report(audit: NodeAudit) -> str:
         "",
         f"References: {'; '.join(audit.references)}. Bootstrap: {audit.bootstrap} resamples; {audit.seconds:.0f} s.",
         "",
-        "| model | attack | AUC | 95 % interval | TPR @ 1 % FPR | TPR @ 0.1 % FPR |",
-        "|---|---|---|---|---|---|",
+        *results_table(result, MODEL_TEXT),
     ]
-    for model, attacks in result.results.items():
-        for attack_name, r in attacks.items():
-            lines.append(
-                f"| {MODEL_TEXT.get(model, model)} | {attack_name} | {_fmt(r.auc)} | "
-                f"[{_fmt(r.auc_low)}, {_fmt(r.auc_high)}] | {_fmt(r.tpr[LOW_FPRS[0]])} | {_fmt(r.tpr[LOW_FPRS[1]])} |"
-            )
     for fpr in LOW_FPRS:
         if result.nonmembers * fpr < 1.0 - 1e-9:
             lines += [

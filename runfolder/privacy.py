@@ -14,7 +14,6 @@ runs too.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,9 @@ from client.membership import (
     Scored,
     audit_records,
     audit_scored,
+    fmt_number,
     record_logp,
+    results_table,
     score,
 )
 from client.pipeline import node_data
@@ -366,10 +367,6 @@ def with_privacy(summary: Summary, audit: PrivacyAudit) -> Summary:
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-
-
 def render_report(audit: PrivacyAudit) -> str:
     """The Markdown report: a table per region (model × attack) and its ROC plot, then what the numbers mean."""
     lines = [
@@ -386,16 +383,8 @@ def render_report(audit: PrivacyAudit) -> str:
             f"{result.members} members (training records) and {result.nonmembers} non-members (test records); "
             f"serves the {audit.served[name]} model.",
             "",
-            "| model | attack | AUC | 95 % interval | TPR @ 1 % FPR | TPR @ 0.1 % FPR |",
-            "|---|---|---|---|---|---|",
+            *results_table(result, MODEL_TEXT),
         ]
-        for model, attacks in result.results.items():
-            for attack_name, r in attacks.items():
-                lines.append(
-                    f"| {MODEL_TEXT.get(model, model)} | {attack_name} | {_fmt(r.auc)} | "
-                    f"[{_fmt(r.auc_low)}, {_fmt(r.auc_high)}] | {_fmt(r.tpr[LOW_FPRS[0]])} | "
-                    f"{_fmt(r.tpr[LOW_FPRS[1]])} |"
-                )
         if result.nonmembers < 1 / LOW_FPRS[1]:
             lines += [
                 "",
@@ -436,7 +425,7 @@ def _plot_roc(path: Path, result: RegionAudit) -> None:
                 np.maximum(r.tpr_curve, floor),
                 linestyle=style,
                 color=f"C{color}",
-                label=f"{MODEL_TEXT.get(model, model)}, {attack_name} (AUC {_fmt(r.auc)})",
+                label=f"{MODEL_TEXT.get(model, model)}, {attack_name} (AUC {fmt_number(r.auc)})",
             )
     ax.set_xscale("log")
     ax.set_yscale("log")
