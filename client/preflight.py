@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from client.dp import DpRefused, calibrate, dp_conflict, epsilon, plan
+from client.personalize import dp_steps
 from client.pipeline import carved
 from client.train import plan_steps
 from common import keys
@@ -102,9 +103,35 @@ def preflight(
         found += _redaction_problems(policy, data, warnings, region.policy)
         if found:
             problems += locate(found, region.policy)
+    if regions is None:  # a deployed node's personalization is its own, checked on the node
+        found, said = _personalize_dp_problems(cfg, policies)
+        problems += locate(found, config_path, overrides) if found and config_path is not None else found
+        warnings += said
     if problems:
         raise ConfigError(problems)
     return Checked(warnings, loaded)
+
+
+def _personalize_dp_problems(cfg: RunConfig, policies: Mapping[str, RegionPolicy]) -> tuple[list[str], list[str]]:
+    """``personalize.dp`` in a run where no region's policy requires DP is refused: there is no budget to train
+    under, and personalizing plainly would give the user none of what was asked (most likely a policy forgotten).
+    Where some regions require DP and others do not, the others personalize plainly: a warning names them."""
+    if not cfg.personalize.dp or cfg.personalize.mode == "none":
+        return [], []
+    plain = [
+        r.name for r in cfg.regions if (p := policies.get(r.name)) is None or p.require_dp is None
+    ]  # regions without a budget
+    if len(plain) == len(cfg.regions):
+        return [
+            "personalize.dp: no region's policy sets require_dp, so there is no privacy budget to personalize "
+            "under (it would have no effect); set require_dp in the regions' policies or drop personalize.dp"
+        ], []
+    if plain:
+        return [], [
+            f"personalize.dp: region(s) {', '.join(plain)} set no require_dp in their policy: they personalize "
+            "without DP (there is no budget to cover them with)"
+        ]
+    return [], []
 
 
 def _data_warnings(data: RegionData, labels: tuple[str, ...]) -> list[str]:
@@ -137,9 +164,11 @@ def _dp_plan(cfg: RunConfig, policy: RegionPolicy, region: Region, num_examples:
     if conflict is not None:
         return conflict
     steps = plan_steps(num_examples, cfg.train)
-    sample_rate, planned = plan(num_examples, steps, task)
+    # the personalization after the rounds spends from the same budget under personalize.dp (client.dp)
+    later = dp_steps(cfg.personalize, cfg.train, num_examples)
+    sample_rate, planned = plan(num_examples, steps, task, later)
     try:
-        sigma = calibrate(need, sample_rate, planned, cfg.dp)
+        sigma = calibrate(need, sample_rate, planned, cfg.dp, personalize_steps=later)
     except DpRefused as err:
         return str(err)
     spent = epsilon([(sigma, sample_rate, planned)], need.delta, cfg.dp.accountant)

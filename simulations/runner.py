@@ -165,6 +165,7 @@ def run_flower(
                 personal=personal,
                 cache_root=out_dir / SIMULATED_CACHE_DIR,
                 canaries=cfg.audit.canaries,
+                personalize_plan=cfg.personalize if cfg.personalize.dp else None,
             ),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
