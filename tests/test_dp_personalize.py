@@ -308,3 +308,37 @@ def test_a_simulation_personalizes_under_dp_and_the_summary_and_report_say_it_is
     write_report(out, uncovered, [])
     assert "**no** (personalized without DP)" in (out / "report.md").read_text()
     assert yaml.safe_load((tmp_path / "run.yaml").read_text())["personalize"]["dp"] is True
+
+
+def test_check_plans_the_personalization_in_a_simulation_and_on_a_deployed_node(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    """`fedlocale check` calibrates as the node will: the run's personalization (simulation) or the node's own
+    (deployment) counts in the plan, so a plan that fits only without it is refused naming personalize.dp; a
+    deployed node asking for dp without require_dp is refused before it starts."""
+    from client.pipeline import carved
+    from client.preflight import preflight
+    from client.train import plan_steps
+    from simulations.runner import load_policies
+
+    dp_policy = "region: north\nrequire_dp: {epsilon: 8.0, delta: 1.0e-5}\n"
+    cfg = load_config(_run_config(tmp_path, tiny_bert, dp_policy, epochs=10.0))
+    region = cfg.regions[0]
+    n = len(carved(load_region("north", region.data, cfg.labels), region.data, cfg.data, cfg.seed)[0].train)
+    sigma = calibrate(BUDGET, cfg.train.batch_size / n, plan_steps(n, cfg.train), cfg.dp)
+    cfg = dataclasses.replace(cfg, dp=dataclasses.replace(cfg.dp, max_noise_multiplier=1.2 * sigma))
+    policies = load_policies(cfg)
+    with pytest.raises(ConfigError, match=r"of the rounds \+ \d+ of personalize\.dp"):
+        preflight(cfg, policies)
+    plain = dataclasses.replace(cfg, personalize=dataclasses.replace(cfg.personalize, dp=False))
+    preflight(plain, policies)  # the rounds alone fit
+
+    # a deployment: the run config's personalize is not the nodes'; each node's own is
+    deployed = [region]
+    preflight(cfg, policies, regions=deployed, personalize={})  # this node personalizes nothing
+    with pytest.raises(ConfigError, match=r"personalize\.dp"):
+        preflight(plain, policies, regions=deployed, personalize={"north": cfg.personalize})
+    with pytest.raises(
+        ConfigError, match="its node's personalization sets dp: true, but its policy sets no require_dp"
+    ):
+        preflight(plain, {}, regions=[dataclasses.replace(region, policy=None)], personalize={"north": cfg.personalize})
