@@ -35,7 +35,7 @@ from common.config import RunConfig
 from common.data import RegionData
 from common.errors import ConfigError
 from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
-from common.policy import RegionPolicy
+from common.policy import RegionPolicy, load_policy
 from common.runfiles import (
     ADAPTER_DIR,
     AUDIT_DIR,
@@ -114,9 +114,10 @@ def _dp_policies(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, RegionPolicy]
     if not cfg.personalize.dp:
         return {}, ""
     from server.federation import ResumeError, read_state
-    from simulations.runner import load_policies
 
-    policies = {n: p for n, p in load_policies(cfg).items() if p.require_dp is not None}
+    # each simulated node's own policy, as its node reads it (simulate has checked them all before the run)
+    loaded = {r.name: load_policy(r.policy) for r in cfg.regions if r.policy is not None}
+    policies = {n: p for n, p in loaded.items() if p.require_dp is not None}
     if not policies:
         return {}, ""
     try:
