@@ -123,9 +123,19 @@ def preflight(
 def _personalize_dp_problems(cfg: RunConfig, policies: Mapping[str, RegionPolicy]) -> tuple[list[str], list[str]]:
     """``personalize.dp`` in a run where no region's policy requires DP is refused: there is no budget to train
     under, and personalizing plainly would give the user none of what was asked (most likely a policy forgotten).
-    Where some regions require DP and others do not, the others personalize plainly: a warning names them."""
-    if not cfg.personalize.dp or cfg.personalize.mode == "none":
+    Where some regions require DP and others do not, the others personalize plainly: a warning names them. A
+    run that personalizes DP regions without ``personalize.dp`` is warned that their personalized models are
+    not covered."""
+    if cfg.personalize.mode == "none":
         return [], []
+    if not cfg.personalize.dp:
+        private = [r.name for r in cfg.regions if (p := policies.get(r.name)) is not None and p.require_dp is not None]
+        if not private:
+            return [], []
+        return [], [
+            f"region(s) {', '.join(private)} require DP, but personalize.dp is not set: their personalized models "
+            "train on their data again without DP and are not covered by the guarantee (docs/privacy.md)"
+        ]
     plain = [
         r.name for r in cfg.regions if (p := policies.get(r.name)) is None or p.require_dp is None
     ]  # regions without a budget

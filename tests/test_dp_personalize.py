@@ -251,6 +251,9 @@ def test_check_refuses_personalize_dp_when_no_region_requires_dp(tmp_path: Path,
     path = _run_config(tmp_path, tiny_bert, "region: north\nrequire_dp: {epsilon: 8.0, delta: 1.0e-5}\n")
     cfg = load_config(path)
     assert not [w for w in preflight(cfg, load_policies(cfg), path).warnings if "personalize.dp" in w]
+    plain = dataclasses.replace(cfg, personalize=dataclasses.replace(cfg.personalize, dp=False))
+    (said,) = [w for w in preflight(plain, load_policies(cfg), path).warnings if "personalize.dp" in w]
+    assert "region(s) north require DP, but personalize.dp is not set" in said and "not covered" in said
 
 
 def test_a_simulation_personalizes_under_dp_and_the_summary_and_report_say_it_is_covered(
@@ -343,3 +346,42 @@ def test_check_plans_the_personalization_in_a_simulation_and_on_a_deployed_node(
         ConfigError, match="its node's personalization sets dp: true, but its policy sets no require_dp"
     ):
         preflight(plain, {}, regions=[dataclasses.replace(region, policy=None)], personalize={"north": cfg.personalize})
+
+
+@pytest.mark.slow
+def test_a_simulated_run_plans_and_charges_its_dp_personalization_end_to_end(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the real ClientApp and server loop (in process): the simulated node gets the run's
+    personalization as its plan (make_app's personalize_plan, as simulate passes it), calibrates for it before
+    round 1, and the finished run's personalization is charged to its account; the summary built as simulate
+    builds it says the personalized model is covered, with the epsilon after personalization."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import make_app
+    from runfolder.summary import build_summary, with_personalized
+    from simulations.personalize import personalize_run
+    from simulations.runner import load_all
+    from tests.test_resume import LocalGrid, federate
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # as Flower's runtime tells a ServerApp process
+        monkeypatch.setattr(TaskIdentity, name, 0 if name == "_node_id" else 1)
+    path = _run_config(tmp_path, tiny_bert, "region: north\nrequire_dp: {epsilon: 8.0, delta: 1.0e-5}\n")
+    cfg = load_config(path)
+    out = tmp_path / "out"
+    grid = LocalGrid(cfg.regions)
+    grid.app = make_app(cfg.regions, audit_root=out / "audit" / "nodes", personalize_plan=cfg.personalize)
+    federate(grid, cfg, out)  # type: ignore[arg-type]
+    (account,) = Accountant.load(out / "audit" / "nodes" / "north").accounts.values()
+    assert account.personalize_steps > 0 and account.planned_steps > account.steps
+    federation = json.loads((out / "federation.json").read_text())
+    rounds_eps = federation["rounds"][0]["train"]["north"]["dp_epsilon"]
+    data = load_all(cfg, lambda _: None)
+    summary = build_summary(cfg, data, federation, {}, 0.0, str(path))
+    assert summary.regions["north"]["dp"]["covers"]["personalized"] is False  # before personalization
+
+    after = with_personalized(summary, personalize_run(cfg, out, data, say=lambda _: None))
+    dp = after.regions["north"]["dp"]
+    assert dp["covers"] == {"federated": True, "personalized": True}
+    assert dp["epsilon_rounds"] == pytest.approx(rounds_eps, rel=1e-6)
+    assert rounds_eps < dp["epsilon_spent"] <= 8.0 and dp["personalize_steps"] == account.personalize_steps
