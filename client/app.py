@@ -32,7 +32,7 @@ from client.task import (
 )
 from client.train import TrainResult
 from common import keys
-from common.config import ClientTask, Region
+from common.config import ClientTask, PersonalizeSettings, Region
 from common.runfiles import AUDIT_DIR, NODES_DIR, SIMULATED_CACHE_DIR
 from common.secagg import SecAggParams, decode, encode
 from common.seeds import derive_seed
@@ -54,6 +54,7 @@ def _locate(
     personal: Personal | None,
     cache_root: Path | None,
     canaries: int = 0,
+    personalize_plan: PersonalizeSettings | None = None,
 ) -> NodeMessage:
     """The region this node serves and the node's own settings (policy, ledger folder, cache, threads)."""
     region = resolve_region(context.node_config, context.run_config, sim_regions)
@@ -67,7 +68,8 @@ def _locate(
         audit_root = run_dir / AUDIT_DIR / NODES_DIR
     if cache_root is None and run_dir is not None:
         cache_root = run_dir / SIMULATED_CACHE_DIR
-    return NodeMessage(region, simulated_node(region, context.node_config, audit_root, personal, cache_root, canaries))
+    node = simulated_node(region, context.node_config, audit_root, personal, cache_root, canaries, personalize_plan)
+    return NodeMessage(region, node)
 
 
 def _parse(msg: Message, here: NodeMessage) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
@@ -83,15 +85,17 @@ def make_app(
     personal: Personal | None = None,
     cache_root: Path | None = None,
     canaries: int = 0,
+    personalize_plan: PersonalizeSettings | None = None,
 ) -> ClientApp:
     """Build the ClientApp; the in-process simulator passes the run's regions (and where the simulated nodes
     keep their ledgers, with personalize mode dual their personal LoRA, and how many canaries each inserts into
-    its training data, audit.canaries), deployment passes nothing.
+    its training data, audit.canaries, and the personalization the run does after the rounds, whose DP-SGD
+    steps a DP node plans for, personalize.dp), deployment passes nothing.
     Every reply passes the egress guard, which locates the node once per message and hands the handler that
     ``NodeMessage`` (through ``inflight``); the handler loads the region's data through it, once."""
 
     def locate(msg: Message, context: Context) -> NodeMessage:
-        return _locate(context, sim_regions, audit_root, personal, cache_root, canaries)
+        return _locate(context, sim_regions, audit_root, personal, cache_root, canaries, personalize_plan)
 
     inflight = InFlight()
     app = ClientApp(mods=[egress_guard(locate, inflight)])

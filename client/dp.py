@@ -68,16 +68,24 @@ def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountan
         return float(acct.get_epsilon(delta=delta, **kwargs))
 
 
-def calibrate(budget: DpRequirement, sample_rate: float, steps: int, settings: DpSettings) -> float:
+def calibrate(
+    budget: DpRequirement, sample_rate: float, steps: int, settings: DpSettings, *, personalize_steps: int = 0
+) -> float:
     """The smallest noise multiplier (to Opacus's tolerance) with which ``steps`` DP-SGD steps at
     ``sample_rate`` spend at most ``budget``; ``DpRefused`` when none up to ``settings.max_noise_multiplier``
-    (or Opacus's own limit) does."""
+    (or Opacus's own limit) does. ``personalize_steps``: how many of ``steps`` are the personalization's
+    (``personalize.dp``), named in the refusal."""
     most = settings.max_noise_multiplier
+    if personalize_steps:
+        rounds = steps - personalize_steps
+        what = f"{steps} DP-SGD steps ({rounds} of the rounds + {personalize_steps} of personalize.dp)"
+    else:
+        what = f"{steps} DP-SGD steps"
     if epsilon([(most, sample_rate, steps)], budget.delta, settings.accountant) > budget.epsilon:
         # even the most noise allowed spends too much: refused at once, without Opacus's search
         raise DpRefused(
             f"the privacy budget (epsilon {budget.epsilon}, delta {budget.delta}) cannot cover the planned "
-            f"{steps} DP-SGD steps at sampling rate {sample_rate:.4g} with noise multiplier up to "
+            f"{what} at sampling rate {sample_rate:.4g} with noise multiplier up to "
             f"dp.max_noise_multiplier {most}: plan fewer rounds or steps, or larger batches"
         )
     try:
@@ -95,12 +103,12 @@ def calibrate(budget: DpRequirement, sample_rate: float, steps: int, settings: D
     except ValueError as err:  # Opacus: "The privacy budget is too low."
         raise DpRefused(
             f"the privacy budget (epsilon {budget.epsilon}, delta {budget.delta}) cannot cover the planned "
-            f"{steps} DP-SGD steps at sampling rate {sample_rate:.4g}: {err}"
+            f"{what} at sampling rate {sample_rate:.4g}: {err}"
         ) from err
     if sigma > settings.max_noise_multiplier:
         raise DpRefused(
             f"the privacy budget (epsilon {budget.epsilon}, delta {budget.delta}) needs noise multiplier "
-            f"{sigma:.3g} for the planned {steps} DP-SGD steps at sampling rate {sample_rate:.4g}, more than "
+            f"{sigma:.3g} for the planned {what} at sampling rate {sample_rate:.4g}, more than "
             f"dp.max_noise_multiplier {settings.max_noise_multiplier}: plan fewer rounds or steps, or larger batches"
         )
     return float(sigma)
@@ -108,11 +116,18 @@ def calibrate(budget: DpRequirement, sample_rate: float, steps: int, settings: D
 
 @dataclass(frozen=True)
 class RoundCharge:
-    """The DP-SGD steps one round's training took (a round trained twice is charged twice)."""
+    """The DP-SGD steps one round's training took (a round trained twice is charged twice), or, with
+    ``personalize``, the steps of the personalization after round ``round`` (``personalize.dp``)."""
 
     round: int
     steps: int
     sample_rate: float
+    personalize: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for the account file (``personalize`` only when set: a round's entry keeps its shape)."""
+        raw: dict[str, Any] = {"round": self.round, "steps": self.steps, "sample_rate": self.sample_rate}
+        return {**raw, "personalize": True} if self.personalize else raw
 
 
 @dataclass(frozen=True)
@@ -127,9 +142,11 @@ class DpAccount:
     accountant: str
     noise_multiplier: float
     sample_rate: float
-    planned_steps: int  # rounds x local steps the noise was calibrated for
+    planned_steps: int  # rounds x local steps (+ personalize_steps) the noise was calibrated for
     charges: tuple[RoundCharge, ...] = ()
     epsilon_spent: float = 0.0
+    # of planned_steps, the personalization's after the rounds (personalize.dp); 0: none planned
+    personalize_steps: int = 0
 
     @property
     def steps(self) -> int:
@@ -164,18 +181,25 @@ class DpAccount:
         )
 
     def rounds(self) -> set[int]:
-        """The rounds charged."""
-        return {c.round for c in self.charges}
+        """The rounds charged (their training, not a personalization after them)."""
+        return {c.round for c in self.charges if not c.personalize}
+
+    def personalized(self) -> list[RoundCharge]:
+        """The personalizations charged (``personalize.dp``), oldest first."""
+        return [c for c in self.charges if c.personalize]
 
     def to_json(self) -> dict[str, Any]:
         """Plain data for the account file."""
         raw = {k: v for k, v in self.__dict__.items() if k != "charges"}
-        return {**raw, "charges": [c.__dict__ for c in self.charges]}
+        return {**raw, "charges": [c.to_json() for c in self.charges]}
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> DpAccount:
-        """The account written by ``to_json``."""
-        charges = tuple(RoundCharge(int(c["round"]), int(c["steps"]), float(c["sample_rate"])) for c in raw["charges"])
+        """The account written by ``to_json`` (also one written before personalize.dp existed)."""
+        charges = tuple(
+            RoundCharge(int(c["round"]), int(c["steps"]), float(c["sample_rate"]), bool(c.get("personalize", False)))
+            for c in raw["charges"]
+        )
         return cls(**{**raw, "charges": charges})
 
 
@@ -211,22 +235,31 @@ class Accountant:
         write_json(self.path, {"runs": {key: a.to_json() for key, a in self.accounts.items()}})
 
 
-def plan(num_examples: int, steps_per_round: int, task: ClientTask) -> tuple[float, int]:
-    """Poisson sampling rate and the run's planned DP-SGD steps (all planned rounds x this round's steps)."""
+def plan(num_examples: int, steps_per_round: int, task: ClientTask, personalize_steps: int = 0) -> tuple[float, int]:
+    """Poisson sampling rate and the run's planned DP-SGD steps: all planned rounds x this round's steps, plus
+    ``personalize_steps``, the personalization's after the rounds (``personalize.dp``; it samples at the same
+    rate: the same examples and batch size)."""
     sample_rate = min(1.0, task.train.batch_size / num_examples)
-    return sample_rate, steps_per_round * task.rounds
+    return sample_rate, steps_per_round * task.rounds + personalize_steps
 
 
 def open_account(
-    accountant: Accountant, requirement: DpRequirement, region: str, task: ClientTask, num_examples: int, steps: int
+    accountant: Accountant,
+    requirement: DpRequirement,
+    region: str,
+    task: ClientTask,
+    num_examples: int,
+    steps: int,
+    personalize_steps: int = 0,
 ) -> tuple[DpAccount, RoundCharge, float]:
-    """The run's account on this node (calibrated now when the run has none yet), this round's charge and the
-    epsilon spent after it; ``DpRefused`` when the plan does not fit the budget or this round's ``steps`` would
-    take the spent epsilon past it."""
+    """The run's account on this node (calibrated now when the run has none yet, for the planned rounds and
+    ``personalize_steps`` of personalization after them), this round's charge and the epsilon spent after it;
+    ``DpRefused`` when the plan does not fit the budget or this round's ``steps`` would take the spent epsilon
+    past it."""
     account = accountant.accounts.get(task.run_key)
-    sample_rate, planned = plan(num_examples, steps, task)
+    sample_rate, planned = plan(num_examples, steps, task, personalize_steps)
     if account is None:
-        sigma = calibrate(requirement, sample_rate, planned, task.dp)
+        sigma = calibrate(requirement, sample_rate, planned, task.dp, personalize_steps=personalize_steps)
         account = DpAccount(
             run_key=task.run_key,
             region=region,
@@ -237,6 +270,7 @@ def open_account(
             noise_multiplier=sigma,
             sample_rate=sample_rate,
             planned_steps=planned,
+            personalize_steps=personalize_steps,
         )
         accountant.accounts[task.run_key] = account
         accountant.save()
@@ -360,12 +394,15 @@ def dp_training(
     augmented: bool,
     *,
     dual: bool = False,
+    personalize_steps: int = 0,
 ) -> Iterator[DpSgd | None]:
     """The DP-SGD wrapper for one round's training on this node (None when the policy requires no DP), and the
     round charged to the run's account once the wrapper was applied (also when training failed after that: its
     steps may have touched the data; not when the wrapper itself failed, before any step). ``DpRefused`` before
     any training when the budget does not allow the round or the settings cannot train under DP
-    (``dp_conflict``; ``dual``: the node trains a personal LoRA alongside, personalize mode dual)."""
+    (``dp_conflict``; ``dual``: the node trains a personal LoRA alongside, personalize mode dual).
+    ``personalize_steps``: the DP-SGD steps of the personalization the node runs after the rounds
+    (``personalize.dp``), which the calibration before round 1 plans for beside the rounds'."""
     if policy is None or policy.require_dp is None:
         yield None
         return
@@ -378,7 +415,9 @@ def dp_training(
     if conflict is not None:
         raise DpRefused(f"region {region}: {conflict}")
     accountant = Accountant.load(folder)
-    account, charge, after = open_account(accountant, policy.require_dp, region, task, num_examples, steps)
+    account, charge, after = open_account(
+        accountant, policy.require_dp, region, task, num_examples, steps, personalize_steps
+    )
     private = DpSgd(account.noise_multiplier, account.clip, account.sample_rate, num_examples, seed)
     try:
         yield private
@@ -388,6 +427,95 @@ def dp_training(
         if private.applied:
             accountant.accounts[task.run_key] = account.charged(charge, after)
             accountant.save()
+
+
+@contextmanager
+def dp_personalizing(
+    policy: RegionPolicy | None,
+    folder: Path | None,
+    region: str,
+    run_key: str,
+    after_round: int,
+    num_examples: int,
+    steps: int,
+    batch_size: int,
+    seed: int,
+) -> Iterator[DpSgd | None]:
+    """The DP-SGD wrapper of the personalization of run ``run_key`` on this node (``personalize.dp``), after
+    round ``after_round``: ``steps`` steps on ``num_examples`` examples, Poisson-sampled at ``batch_size`` /
+    ``num_examples``, with the account's noise and clip (calibrated before round 1 for the rounds and this
+    personalization). None when the policy requires no DP (there is no budget to spend: the personalization
+    trains plainly). Charged to the run's account once applied, as ``dp_training`` charges a round; a wrapper
+    never applied (mode dual under DP, which trains nothing after the rounds) charges nothing.
+
+    ``DpRefused`` before any training when the node has no account of the run (it trained no round under
+    DP-SGD) or the steps would take the spent epsilon past the policy's budget (a plan calibrated without them,
+    a personalization repeated)."""
+    if policy is None or policy.require_dp is None:
+        yield None
+        return
+    if folder is None:
+        raise DpRefused(
+            f"region {region}: personalize.dp: the policy requires differential privacy and the node has no "
+            "audit-dir, where its privacy accountant is kept"
+        )
+    accountant = Accountant.load(folder)
+    account = accountant.accounts.get(run_key)
+    if account is None:
+        raise DpRefused(
+            f"region {region}: personalize.dp: {accountant.path} has no privacy account of this run ({run_key}): "
+            "its rounds were not trained under DP-SGD here, so there is no calibrated budget to personalize under"
+        )
+    requirement = policy.require_dp
+    budget = min(requirement.epsilon, account.epsilon_budget)
+    sample_rate = min(1.0, batch_size / num_examples)
+    charge = RoundCharge(after_round, steps, sample_rate, personalize=True)
+    after = account.epsilon_after(charge) if steps else account.epsilon_spent
+    if after > budget or requirement.delta < account.delta:
+        if account.personalized():
+            why = f"this run was already personalized {len(account.personalized())} time(s); each one spends again"
+        elif account.personalize_steps == 0:
+            why = (
+                "the noise was calibrated before round 1 for the rounds alone: set personalize.dp (and the "
+                "personalization's mode and epochs) before the run starts, so that the plan includes its steps"
+            )
+        else:
+            why = f"the plan calibrated before round 1 included {account.personalize_steps} personalization step(s)"
+        raise DpRefused(
+            f"region {region}: personalize.dp: the privacy budget does not allow personalizing: epsilon "
+            f"{account.epsilon_spent:.4g} of {budget} used after {account.steps} DP-SGD steps; personalizing "
+            f"({steps} steps) would reach {after:.4g} (delta {account.delta:g}, policy delta {requirement.delta:g}); "
+            f"{why}"
+        )
+    private = DpSgd(account.noise_multiplier, account.clip, sample_rate, num_examples, seed)
+    try:
+        yield private
+    finally:
+        private.close()
+        if private.applied:
+            accountant.accounts[run_key] = account.charged(charge, after)
+            accountant.save()
+
+
+def personalization_record(folder: Path, run_key: str) -> dict[str, Any]:
+    """What a personalization under ``personalize.dp`` spent, for its report (summary.json's
+    ``regions.R.personalized.dp``, a node's personalized.json): the epsilon spent after it (the run's total on
+    this node), after the rounds alone, delta and the personalization's DP-SGD steps (0: mode dual, which trains
+    nothing after the rounds)."""
+    account = Accountant.load(folder).accounts[run_key]
+    rounds = [c for c in account.charges if not c.personalize]
+    personalized = account.personalized()
+    return {
+        "covered": True,
+        "epsilon_spent": account.epsilon_spent,
+        "epsilon_rounds": epsilon(
+            [(account.noise_multiplier, c.sample_rate, c.steps) for c in rounds], account.delta, account.accountant
+        ),
+        "delta": account.delta,
+        "steps": personalized[-1].steps if personalized else 0,
+        "noise_multiplier": account.noise_multiplier,
+        "accountant": account.accountant,
+    }
 
 
 def spent(policy: RegionPolicy | None, folder: Path | None, task: ClientTask, trained: bool) -> DpRecord | None:

@@ -25,7 +25,17 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from client.personal import Slices, is_lora_a, is_lora_b, join, mismatch
 from client.probe import fit_probe, head_features, install, output_layer
 from client.tokens import Encoded
-from client.train import EvalResult, TrainResult, encode, predict_proba, predict_proba_encoded, scores, train_local
+from client.train import (
+    EvalResult,
+    Privatize,
+    TrainResult,
+    encode,
+    plan_steps,
+    predict_proba,
+    predict_proba_encoded,
+    scores,
+    train_local,
+)
 from common import keys
 from common.config import CHOICE_RULES, PROBED_MODES, STACKED_MODES, PersonalizeSettings, TrainSettings
 from common.data import Example, RegionData
@@ -72,6 +82,16 @@ def local_settings(train: TrainSettings, settings: PersonalizeSettings) -> Train
         warmup_steps=0,
         kl_to_global=settings.kl_to_global if settings.mode in ("continue", "local") else 0.0,
     )
+
+
+def dp_steps(settings: PersonalizeSettings | None, train: TrainSettings, num_examples: int) -> int:
+    """The DP-SGD steps personalization ``settings`` takes after the rounds on ``num_examples`` training
+    examples under ``personalize.dp`` (what a DP node's calibration before round 1 plans for beside the
+    rounds): 0 without dp, and for mode dual, whose personal slices train in the rounds' DP-SGD pass and whose
+    head is then not refit (probe is refused with dp: its refit is no DP-SGD)."""
+    if settings is None or not settings.dp or settings.mode in ("none", *PROBED_MODES) or num_examples == 0:
+        return 0
+    return plan_steps(num_examples, local_settings(train, settings))
 
 
 def _global_lora(model: PeftModel) -> LoraConfig:
@@ -175,6 +195,7 @@ def personalize(
     seed: int,
     personal: Mapping[str, torch.Tensor] | None = None,
     start: LoadedModel | None = None,
+    private: Privatize | None = None,
 ) -> Personalized:
     """Fine-tune a copy of ``start`` (default ``global_model``) on the region's train split and choose on
     validation between it and ``global_model``.
@@ -190,6 +211,10 @@ def personalize(
     Personalization starts from ``start`` (default ``global_model``; ``personalize.start``); the served model
     is chosen on the validation split by ``settings.choice`` (``choose``) between the personalized model and
     ``global_model``, the one the region serves without personalization.
+
+    ``private`` (``client.dp.DpSgd``, ``personalize.dp`` on a DP node) makes the training DP-SGD
+    (``train_encoded``); mode dual then keeps the head it has (trained under DP-SGD in the rounds) rather than
+    refitting it, whose fit is no DP-SGD, and mode probe cannot run.
     """
     if settings.mode not in ("head", "continue", "local", "probe", "dual"):
         raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue, local, probe or dual)")
@@ -205,12 +230,19 @@ def personalize(
     local = dataclasses.replace(base, model=trained)
     if settings.mode == "head":
         _freeze_all_but_head(local)
+    if private is not None and (settings.mode == "probe" or settings.balance):
+        # PersonalizeSettings refuses these with dp; a caller passing a wrapper anyway must not get a plain fit
+        raise ValueError("personalize mode probe and balance cannot train under DP-SGD")
     examples = balanced(data.train, seed) if settings.balance else data.train
-    if settings.mode in PROBED_MODES:
+    if settings.mode == "dual" and private is not None:
+        # the stacked slices and the global head all come from the rounds' DP-SGD: nothing to spend here
+        result = TrainResult(loss=0.0, steps=0, num_examples=len(examples))
+    elif settings.mode in PROBED_MODES:
         result = probe_head(local, examples, max_length=max_length, batch_size=train.eval_batch_size)
     else:
+        tuned = local_settings(train, settings)
         result = train_local(
-            local.model, local.tokenizer, examples, local_settings(train, settings), max_length=max_length, seed=seed
+            local.model, local.tokenizer, examples, tuned, max_length=max_length, seed=seed, private=private
         )
     if settings.mode == "local":
         local = dataclasses.replace(base, model=stack_local(base, local.model))
@@ -368,6 +400,8 @@ class ABRecord:
     steps: int
     epochs: float  # 0 for the probed modes: no epochs of SGD (one forward pass over the train split)
     seconds: float  # personalization itself (not the test predictions)
+    # personalize.dp on a DP node: what it spent (client.dp.personalization_record); None: not trained under DP
+    dp: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record as JSON: the keys the simulation's summary entries always had, plus ``test_macro_f1``
@@ -392,6 +426,7 @@ class ABRecord:
             "epochs": self.epochs,
             "seconds": self.seconds,
             "bytes_sent": 0,  # personalization happens on the node; nothing leaves it
+            **({"dp": self.dp} if self.dp is not None else {}),
         }
 
 
@@ -419,6 +454,7 @@ def personalize_region(
     start: Start,
     personal: Slices | None = None,
     baselines: Mapping[str, np.ndarray] | None = None,
+    private: Privatize | None = None,
 ) -> tuple[Personalized, ABRecord]:
     """Personalize region ``region``'s final model on its ``data`` (``personalize``, from ``start``, with the
     personal slices for mode dual), then A/B-test the model it serves on its test split against the global
@@ -426,7 +462,8 @@ def personalize_region(
 
     ``test`` is the test split tokenised by the caller (a node through its token cache); ``seed`` is the run's:
     personalization draws from ``derive_seed(seed, "personalize", region)``, each A/B from ``bootstrap_seed``.
-    Returns the personalization (whose model the caller saves) and the record.
+    Returns the personalization (whose model the caller saves) and the record. ``private``: personalize under
+    DP-SGD (``personalize``); the caller, who charges it, adds what it spent to the record (``ABRecord.dp``).
     """
     started = time.perf_counter()
     result = personalize(
@@ -438,6 +475,7 @@ def personalize_region(
         seed=derive_seed(seed, "personalize", region),
         personal=personal.tensors if personal else None,
         start=start.model,
+        private=private,
     )
     seconds = time.perf_counter() - started
     n = len(global_model.labels)
@@ -475,7 +513,7 @@ def personalize_region(
         global_test=global_test,
         ab=ab,
         steps=result.train.steps,
-        epochs=0.0 if settings.mode in PROBED_MODES else settings.epochs,
+        epochs=0.0 if settings.mode in PROBED_MODES or result.train.steps == 0 else settings.epochs,
         seconds=seconds,
     )
     return result, record

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from client.dp import DpRefused, calibrate, dp_conflict, epsilon, plan
+from client.personalize import dp_steps
 from client.pipeline import carved
 from client.train import plan_steps
 from common import keys
-from common.config import Region, RunConfig, client_task, locate
+from common.config import PersonalizeSettings, Region, RunConfig, client_task, locate
 from common.data import DataError, RegionData, load_region
 from common.errors import ConfigError
 from common.model import check_model
@@ -51,6 +52,7 @@ def preflight(
     say: Callable[[str], None] | None = None,
     regions: Sequence[Region] | None = None,
     overrides: Sequence[str] = (),
+    personalize: Mapping[str, PersonalizeSettings] | None = None,
 ) -> Checked:
     """Check what ``cfg`` and the regions' ``policies`` will meet when the run starts; return the warnings and
     the regions' data as read.
@@ -59,7 +61,8 @@ def preflight(
     ``config_path``, or the region's policy file). ``say`` gets each region's split sizes as data loads.
     ``regions`` replaces ``cfg.regions`` where the nodes' own data and policies are checked (a deployment);
     ``overrides`` are the ``--set`` assignments the config was loaded with, so a problem with a value one of them
-    gave names it, not a line of the file.
+    gave names it, not a line of the file. ``personalize``: with ``regions``, each deployed node's own
+    personalization settings (its DP plan includes them); a simulated node personalizes as ``cfg`` says.
     """
     problems: list[str] = []
     model = check_model(cfg.model, cfg.lora, cfg.labels)
@@ -92,19 +95,61 @@ def preflight(
         loaded[region.name] = data
         warnings += _data_warnings(data, cfg.labels)
         policy = policies.get(region.name)
+        own = cfg.personalize if regions is None else (personalize or {}).get(region.name)
+        if regions is not None and own is not None and own.dp and (policy is None or policy.require_dp is None):
+            problems.append(
+                f"region {region.name}: its node's personalization sets dp: true, but its policy sets no "
+                "require_dp: there is no privacy budget to personalize under (the node refuses to start)"
+            )
         if policy is None or region.policy is None:
             continue
         # the node trains on what is left of train once a val split is carved from it (client.pipeline)
         trained = len(carved(data, region.data, cfg.data, cfg.seed)[0].train)
         # without a model (its problems are reported above) the reply's tensors are unknown: the rest still counts
-        dp = _dp_plan(cfg, policy, region, trained)
+        dp = _dp_plan(cfg, policy, region, trained, own)
         found = _policy_problems(policy, data, index, model.tensors, dp, secure, trained)
         found += _redaction_problems(policy, data, warnings, region.policy)
         if found:
             problems += locate(found, region.policy)
+    if regions is None:  # a deployed node's personalization is its own, checked on the node
+        found, said = _personalize_dp_problems(cfg, policies)
+        problems += locate(found, config_path, overrides) if found and config_path is not None else found
+        warnings += said
     if problems:
         raise ConfigError(problems)
     return Checked(warnings, loaded)
+
+
+def _personalize_dp_problems(cfg: RunConfig, policies: Mapping[str, RegionPolicy]) -> tuple[list[str], list[str]]:
+    """``personalize.dp`` in a run where no region's policy requires DP is refused: there is no budget to train
+    under, and personalizing plainly would give the user none of what was asked (most likely a policy forgotten).
+    Where some regions require DP and others do not, the others personalize plainly: a warning names them. A
+    run that personalizes DP regions without ``personalize.dp`` is warned that their personalized models are
+    not covered."""
+    if cfg.personalize.mode == "none":
+        return [], []
+    if not cfg.personalize.dp:
+        private = [r.name for r in cfg.regions if (p := policies.get(r.name)) is not None and p.require_dp is not None]
+        if not private:
+            return [], []
+        return [], [
+            f"region(s) {', '.join(private)} require DP, but personalize.dp is not set: their personalized models "
+            "train on their data again without DP and are not covered by the guarantee (docs/privacy.md)"
+        ]
+    plain = [
+        r.name for r in cfg.regions if (p := policies.get(r.name)) is None or p.require_dp is None
+    ]  # regions without a budget
+    if len(plain) == len(cfg.regions):
+        return [
+            "personalize.dp: no region's policy sets require_dp, so there is no privacy budget to personalize "
+            "under (it would have no effect); set require_dp in the regions' policies or drop personalize.dp"
+        ], []
+    if plain:
+        return [], [
+            f"personalize.dp: region(s) {', '.join(plain)} set no require_dp in their policy: they personalize "
+            "without DP (there is no budget to cover them with)"
+        ]
+    return [], []
 
 
 def _data_warnings(data: RegionData, labels: tuple[str, ...]) -> list[str]:
@@ -125,21 +170,26 @@ def _data_warnings(data: RegionData, labels: tuple[str, ...]) -> list[str]:
     return warnings
 
 
-def _dp_plan(cfg: RunConfig, policy: RegionPolicy, region: Region, num_examples: int) -> DpRecord | str | None:
+def _dp_plan(
+    cfg: RunConfig, policy: RegionPolicy, region: Region, num_examples: int, own: PersonalizeSettings | None
+) -> DpRecord | str | None:
     """The privacy the region's node will have spent at the end of the run when its policy requires DP (its
-    DP-SGD calibrated as the node will calibrate it, ``client.dp``), or why it cannot train under it."""
+    DP-SGD calibrated as the node will calibrate it, ``client.dp``, for the rounds and, under personalize.dp,
+    its personalization ``own``), or why it cannot train under it."""
     need = policy.require_dp
     if need is None or num_examples == 0:
         return None
     task = client_task(cfg, 1)
-    # simulated nodes personalize as the run config says; a deployed node's own mode is checked on the node
-    conflict = dp_conflict(task, augmented=region.augment is not None, dual=cfg.personalize.mode == "dual")
+    dual = own is not None and own.mode == "dual"
+    conflict = dp_conflict(task, augmented=region.augment is not None, dual=dual)
     if conflict is not None:
         return conflict
     steps = plan_steps(num_examples, cfg.train)
-    sample_rate, planned = plan(num_examples, steps, task)
+    # the personalization after the rounds spends from the same budget under personalize.dp (client.dp)
+    later = dp_steps(own, cfg.train, num_examples)
+    sample_rate, planned = plan(num_examples, steps, task, later)
     try:
-        sigma = calibrate(need, sample_rate, planned, cfg.dp)
+        sigma = calibrate(need, sample_rate, planned, cfg.dp, personalize_steps=later)
     except DpRefused as err:
         return str(err)
     spent = epsilon([(sigma, sample_rate, planned)], need.delta, cfg.dp.accountant)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from client.dp import dp_training
+from client.dp import dp_personalizing, dp_training, personalization_record
 from client.personal import (
     PersonalStateError,
     Slices,
@@ -25,7 +25,7 @@ from client.personal import (
     split,
     widen,
 )
-from client.personalize import PERSONALIZED, Start, personalize_region
+from client.personalize import PERSONALIZED, Start, dp_steps, personalize_region
 from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
 from client.train import EvalResult, TrainResult, evaluate_encoded, freeze, plan_steps, rows_kept, train_encoded
@@ -66,6 +66,10 @@ class NodeSettings:
     # (client.node_audit): the newest keep_globals_count rounds and the one the run delivered; None: none kept
     keep_globals: Path | None = None
     keep_globals_count: int = DEFAULT_KEEP_GLOBALS
+    # the personalization that is run for this node after the rounds elsewhere (a simulation personalizes the
+    # finished run, simulations.personalize): with personalize.dp its DP-SGD steps are part of the node's privacy
+    # plan (client.dp) as a deployed node's own ``personalize`` is; None: none
+    personalize_plan: PersonalizeSettings | None = None
     # the node's data pipeline (``client.pipeline.node_data``, or a wrapper of it such as the simulation's
     # canaries, ``client.canaries.with_canaries``): what ``load_data`` reads the region through
     pipeline: Callable[..., NodeData] = node_data
@@ -81,7 +85,7 @@ def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
     """
     policy = _absolute(node_config.get(keys.NODE_POLICY), keys.NODE_POLICY, "a policy file")
     augment = _absolute(node_config.get(keys.NODE_AUGMENT), keys.NODE_AUGMENT, "an augmentation settings file")
-    return NodeSettings(
+    settings = NodeSettings(
         cache_dir=_absolute(node_config.get(keys.NODE_CACHE_DIR), keys.NODE_CACHE_DIR, "a folder"),
         threads=_threads(node_config.get(keys.NODE_THREADS)),
         policy=load_policy(policy) if policy else None,
@@ -90,6 +94,19 @@ def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
         **_personalization(node_config),
         **_kept_globals(node_config),
     )
+    wants_dp = settings.personalize is not None and settings.personalize.dp
+    if wants_dp and (settings.policy is None or settings.policy.require_dp is None):
+        # asked for a guarantee with no (epsilon, delta) to give: training plainly would mislead the operator
+        raise NodeConfigError(
+            f"node config {keys.NODE_PERSONALIZE}: dp: true, but this node's policy sets no require_dp: there "
+            "is no privacy budget to personalize under; set require_dp in the policy or drop dp"
+        )
+    return settings
+
+
+def planned_personalization(node: NodeSettings) -> PersonalizeSettings | None:
+    """The personalization that follows this node's rounds: its own (deployed) or the simulation's."""
+    return node.personalize if node.personalize is not None else node.personalize_plan
 
 
 def _kept_globals(node_config: Mapping[str, object]) -> dict[str, Any]:
@@ -133,11 +150,13 @@ def simulated_node(
     personal: Personal | None = None,
     cache_root: Path | None = None,
     canaries: int = 0,
+    personalize_plan: PersonalizeSettings | None = None,
 ) -> NodeSettings:
     """A simulated node's settings: its operator's choices come from the run config's region entry;
     ``personal`` is where its personal LoRA stays when the run personalizes with mode dual, ``cache_root`` the
     folder of its token cache (``cache_root/REGION``) unless its node config names one; ``canaries``
-    synthetic secrets are inserted into its training data (``audit.canaries``, for the privacy audit)."""
+    synthetic secrets are inserted into its training data (``audit.canaries``, for the privacy audit);
+    ``personalize_plan`` the run's personalization after the rounds (its DP-SGD steps are planned for)."""
     from client.canaries import with_canaries
 
     base = node_settings(node_config)
@@ -150,6 +169,7 @@ def simulated_node(
         personal_dir=personal.root if personal else base.personal_dir,
         personal_rank=personal.rank if personal else base.personal_rank,
         pipeline=with_canaries(base.pipeline, canaries) if canaries else base.pipeline,
+        personalize_plan=personalize_plan,
     )
 
 
@@ -280,7 +300,11 @@ def train_round(
     n, steps = len(encoded.ids), plan_steps(len(encoded.ids), settings)
     augmented = node.augment is not None
     dual = global_rank is not None
-    dp = dp_training(node.policy, node.audit_dir, region.name, task, n, steps, seed, augmented, dual=dual)
+    # the personalization after the rounds (personalize.dp) spends from the same budget: planned for now
+    later = dp_steps(planned_personalization(node), settings, n)
+    dp = dp_training(
+        node.policy, node.audit_dir, region.name, task, n, steps, seed, augmented, dual=dual, personalize_steps=later
+    )
     with keep, dp as private:
         result = train_encoded(
             loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed, private=private
@@ -467,18 +491,38 @@ def personalize_node(
     examples = (data or load_data(region, task, node)).data
     loaded = loaded or global_model(task, state)
     start, kept = _start(region, task, state, loaded, node, last)
-    result, record = personalize_region(
-        region.name,
-        examples,
-        loaded,
-        node.personalize,
-        task.train,
-        encode_split(loaded, examples.test, task, node),
-        max_length=task.model.max_length,
-        seed=task.seed,
-        start=start,
-        personal=kept,
-    )
+    settings = node.personalize
+    private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if settings.dp:
+        # DP-SGD charged to the node's account of the run, planned for before round 1 (train_round)
+        n = len(examples.train)
+        private = dp_personalizing(
+            node.policy,
+            node.audit_dir,
+            region.name,
+            task.run_key,
+            start.round if start.round is not None else task.server_round,
+            n,
+            dp_steps(settings, task.train, n),
+            task.train.batch_size,
+            derive_seed(task.seed, "personalize-dp", region.name),
+        )
+    with private as wrapper:
+        result, record = personalize_region(
+            region.name,
+            examples,
+            loaded,
+            settings,
+            task.train,
+            encode_split(loaded, examples.test, task, node),
+            max_length=task.model.max_length,
+            seed=task.seed,
+            start=start,
+            personal=kept,
+            private=wrapper,
+        )
+    if wrapper is not None and node.audit_dir is not None:
+        record = replace(record, dp=personalization_record(node.audit_dir, task.run_key))
     folder = node.personal_dir / region.name
     save_adapter(loaded, folder / "global")
     save_adapter(result.loaded, folder / PERSONALIZED)

@@ -111,8 +111,10 @@ def train_local(
     max_length: int,
     seed: int,
     progress: Callable[[int, int, float], None] | None = None,
+    private: Privatize | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``examples`` with AdamW; all randomness comes from ``seed``.
+    """Train ``model`` in place on ``examples`` with AdamW; all randomness comes from ``seed``; ``private``
+    makes the training private (``train_encoded``).
 
     With ``settings.kl_to_global > 0`` the loss adds KL(start || current) on the predictions, and with
     ``settings.prox_mu > 0`` the proximal term mu/2 · ||w − w_start||², where *start* is the model as it was
@@ -120,7 +122,8 @@ def train_local(
     """
     ids = encode(tokenizer, [ex.text for ex in examples], max_length)
     labels = [ex.label for ex in examples]
-    return train_encoded(model, ids, labels, settings, pad_id=tokenizer.pad_token_id or 0, seed=seed, progress=progress)
+    pad_id = tokenizer.pad_token_id or 0
+    return train_encoded(model, ids, labels, settings, pad_id=pad_id, seed=seed, progress=progress, private=private)
 
 
 LossTerm = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]

@@ -363,9 +363,32 @@ class PersonalizeSettings:
     # run's validation did not pick, and confident then takes evidence to go back to it). Either way the choice
     # compares with the best round's global model.
     start: Literal["best", "last"] = "best"
+    # on a node whose policy sets require_dp: train the personalization with DP-SGD too (per-example clipping,
+    # Poisson sampling, the rounds' noise), charged to the node's own budget, which is then calibrated before
+    # round 1 for the rounds' steps plus these; the served model is then covered by the same (epsilon, delta).
+    # dual: the personal slices are already DP (trained in the rounds' pass), so the head is not refit. Not with
+    # probe (its closed-form refit is no DP-SGD: use head) nor balance (repeated records break per-record DP).
+    # A region without require_dp has no budget: it personalizes as without dp (docs/privacy.md)
+    dp: bool = False
 
     def __post_init__(self) -> None:
         problems = []
+        if self.dp and self.mode == "probe":
+            problems.append(
+                (
+                    "dp",
+                    "mode probe refits the head outside SGD, which DP-SGD cannot cover; use mode head (the head "
+                    "trained with DP-SGD) or drop dp",
+                )
+            )
+        if self.dp and self.balance:
+            problems.append(
+                (
+                    "balance",
+                    "cannot be used with dp: balancing repeats a minority class's records, so one record would be "
+                    "several training examples and the guarantee would not be per record",
+                )
+            )
         if self.choice not in CHOICE_RULES:
             problems.append(("choice", f"must be one of {', '.join(CHOICE_RULES)}, got {self.choice!r}"))
         if self.start not in START_ROUNDS:

@@ -238,7 +238,7 @@ def _preflight(lay: Any, nodes: Sequence[Any]) -> None:
     deployment's run config (model, LoRA, labels). A node's host may lack the run config (the server sends its
     settings): then only the policy is checked, when the node loads it."""
     from client.preflight import preflight
-    from common.config import Region, load_config
+    from common.config import PersonalizeSettings, Region, load_config, load_yaml
     from common.policy import load_policy
 
     if not lay.deploy.run.is_file():
@@ -249,7 +249,9 @@ def _preflight(lay: Any, nodes: Sequence[Any]) -> None:
     cfg = load_config(lay.deploy.run)
     regions = [Region(n.region, n.data, n.policy) for n in nodes]
     policies = {n.region: load_policy(n.policy) for n in nodes if n.policy is not None}
-    for warning in preflight(cfg, policies, lay.deploy.run, regions=regions).warnings:
+    # each node's own personalization: under personalize.dp its steps are part of the node's DP plan
+    own = {n.region: load_yaml(n.personalize, PersonalizeSettings) for n in nodes if n.personalize is not None}
+    for warning in preflight(cfg, policies, lay.deploy.run, regions=regions, personalize=own).warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
 

@@ -698,18 +698,26 @@ def _render_privacy(out_dir: Path, summary: Summary, metrics: Sequence[Mapping[s
         "",
         "Regions whose policy requires DP trained with record-level DP-SGD (each training example's gradient "
         "clipped, Gaussian noise per step, Poisson sampling; Opacus's accountant). The federated (global) model "
-        "is covered: it is post-processing of the DP updates. A personalized model trains on the region's data "
-        "again without DP and is **not** covered; evaluation metrics and the train loss a node reports are not "
-        "covered either.",
+        "is covered: it is post-processing of the DP updates. A personalized model is covered only when it was "
+        "trained under `personalize.dp` (DP-SGD again, charged to the same budget: the epsilon below is then "
+        "the total after personalization); otherwise it trained on the region's data again without DP and is "
+        "**not** covered. Evaluation metrics and the train loss a node reports are not covered either.",
         "",
-        "| region | epsilon spent | delta | federated model covered | personalized model covered |",
-        "|---|---|---|---|---|",
+        "| region | epsilon spent | delta | federated model covered | personalized model covered | "
+        "served model covered |",
+        "|---|---|---|---|---|---|",
     ]
     for name, dp in regions.items():
         covers = dp.get("covers", {})
+        block = summary.regions.get(name, {})
+        served = _served_covered(block.get(PERSONALIZED) if isinstance(block, dict) else None, covers)
+        spent = f"{dp.get('epsilon_spent', float('nan')):.3g}"
+        if "epsilon_rounds" in dp:
+            spent += f" ({dp['epsilon_rounds']:.3g} after the rounds)"
         lines.append(
-            f"| {_md_cell(name)} | {dp.get('epsilon_spent', float('nan')):.3g} | {dp.get('delta')} | "
-            f"{'yes' if covers.get(FEDERATED) else 'no'} | {'yes' if covers.get(PERSONALIZED) else 'no'} |"
+            f"| {_md_cell(name)} | {spent} | {dp.get('delta')} | "
+            f"{'yes' if covers.get(FEDERATED) else 'no'} | {'yes' if covers.get(PERSONALIZED) else 'no'} | "
+            f"{served} |"
         )
     series = _collect_series(metrics, TRAIN, "dp_epsilon")
     if series:
@@ -721,6 +729,18 @@ def _render_privacy(out_dir: Path, summary: Summary, metrics: Sequence[Mapping[s
         save_figure(fig, path)
         lines += ["", f"![Privacy spent per region]({DP_PLOT})"]
     return ["\n".join(lines)]
+
+
+def _served_covered(personalized: object, covers: Mapping[str, Any]) -> str:
+    """Whether the model a DP region serves is covered, in words: the global one (no personalization, or the
+    choice kept it) is; the personalized one is when ``covers`` says so."""
+    if not isinstance(personalized, dict):
+        return "yes if it serves the global model (no personalization recorded here)"
+    if personalized.get("chosen") != PERSONALIZED:
+        return "yes (global model chosen)"
+    return (
+        "yes (personalized, under personalize.dp)" if covers.get(PERSONALIZED) else "**no** (personalized without DP)"
+    )
 
 
 def _plot_train_loss(path: Path, summary: Summary, metrics: Sequence[Mapping[str, Any]]) -> bool:

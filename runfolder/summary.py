@@ -46,8 +46,9 @@ def dp_by_region(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             entry["epsilon_spent"] = train["dp_epsilon"]
             entry["delta"] = train.get("dp_delta")
     for entry in out.values():
-        # the federated model is post-processing of DP-SGD updates; a personalized model trains on the region's
-        # data again without DP (docs/privacy.md), so it is not covered
+        # the federated model is post-processing of DP-SGD updates; a personalized model is covered only once
+        # it was trained under personalize.dp (with_personalized says so), else it trained on the region's data
+        # again without DP (docs/privacy.md)
         entry["covers"] = {keys.FEDERATED: True, keys.PERSONALIZED: False}
     return out
 
@@ -142,10 +143,23 @@ def build_summary(
 
 def with_personalized(summary: Summary, entries: dict[str, dict[str, Any]]) -> Summary:
     """``summary`` with each region's personalization result and the overall personalized scores put in (a new
-    Summary; the one given is left as it was)."""
+    Summary; the one given is left as it was). A DP region's ``dp`` says whether its personalized model is
+    covered (``covers.personalized``: trained under personalize.dp) and then holds the epsilon spent after the
+    personalization (``epsilon_spent``) beside the rounds' (``epsilon_rounds``)."""
     regions = copy.deepcopy(dict(summary.regions))
     for name, entry in entries.items():
         regions[name][keys.PERSONALIZED] = entry
+        dp = regions[name].get("dp")
+        if isinstance(dp, dict):
+            # a DP region: its personalized model is covered only when trained under personalize.dp, and then
+            # the epsilon spent is the run's total on its node, the rounds' and the personalization's
+            personal = entry.get("dp")
+            covered = isinstance(personal, dict) and bool(personal.get("covered"))
+            dp["covers"] = {**dp.get("covers", {keys.FEDERATED: True}), keys.PERSONALIZED: covered}
+            if covered and isinstance(personal, dict):
+                dp["epsilon_rounds"] = personal["epsilon_rounds"]
+                dp["epsilon_spent"] = personal["epsilon_spent"]
+                dp["personalize_steps"] = personal["steps"]
     sizes = {name: float(regions[name]["num_test"]) for name in entries}
     personalized = _overall({name: e for name, e in entries.items() if sizes[name]}, sizes)
     overall = {**copy.deepcopy(dict(summary.overall)), **({keys.PERSONALIZED: personalized} if personalized else {})}

@@ -3,11 +3,14 @@ node's own ``client.personalize.personalize_region``, with the run folder as the
 the personal slices, and the local-only baseline's test predictions as a second comparison.
 
 Writes RUN_DIR/personalized/REGION/ (peft folder like adapter/) and returns the ``personalized`` entries of
-summary.json (``ABRecord.to_json``).
+summary.json (``ABRecord.to_json``). With ``personalize.dp`` a region whose policy requires DP personalizes
+under DP-SGD charged to its simulated node's privacy account (``client.dp.dp_personalizing``), as its node would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,6 +20,7 @@ import numpy as np
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
+from client.dp import dp_personalizing, personalization_record
 from client.personal import (
     PersonalStateError,
     Slices,
@@ -24,14 +28,23 @@ from client.personal import (
     personal_folder,
     personal_tag,
 )
-from client.personalize import Start, personalize_region
+from client.personalize import Start, dp_steps, personalize_region
 from client.tokens import encode_examples
 from common import keys
 from common.config import RunConfig
 from common.data import RegionData
 from common.errors import ConfigError
 from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
-from common.runfiles import ADAPTER_DIR, FEDERATION_FILE, PERSONALIZED_DIR, SIMULATED_PERSONAL_DIR
+from common.policy import RegionPolicy, load_policy
+from common.runfiles import (
+    ADAPTER_DIR,
+    AUDIT_DIR,
+    FEDERATION_FILE,
+    NODES_DIR,
+    PERSONALIZED_DIR,
+    SIMULATED_PERSONAL_DIR,
+)
+from common.seeds import derive_seed
 
 
 def load_global(cfg: RunConfig, adapter_dir: Path) -> LoadedModel:
@@ -95,6 +108,27 @@ def run_personal(cfg: RunConfig, out_dir: Path, name: str, start: Start) -> Slic
     return kept
 
 
+def _dp_policies(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, RegionPolicy], str]:
+    """Under ``personalize.dp``: the policies of the regions that require DP, and the run's key (their nodes'
+    accounts are kept under it); none without ``personalize.dp``."""
+    if not cfg.personalize.dp:
+        return {}, ""
+    from server.federation import ResumeError, read_state
+
+    # each simulated node's own policy, as its node reads it (simulate has checked them all before the run)
+    loaded = {r.name: load_policy(r.policy) for r in cfg.regions if r.policy is not None}
+    policies = {n: p for n, p in loaded.items() if p.require_dp is not None}
+    if not policies:
+        return {}, ""
+    try:
+        state = read_state(out_dir)
+    except ResumeError as err:
+        raise ConfigError([f"personalize.dp: {err}"]) from err
+    if state is None:
+        raise ConfigError([f"personalize.dp needs the run's state in {out_dir} (which privacy account to charge)"])
+    return policies, state.run_key
+
+
 def personalize_run(
     cfg: RunConfig,
     out_dir: Path,
@@ -107,6 +141,7 @@ def personalize_run(
 
     global_model = load_global(cfg, out_dir / ADAPTER_DIR)
     start = start_model(cfg, out_dir, global_model)
+    dp_policies, run_key = _dp_policies(cfg, out_dir)
     shared = [global_model] if start.model is global_model else [global_model, start.model]
     references = [(model, adapter_state(model.model)) for model in shared]
     entries = {}
@@ -118,19 +153,38 @@ def personalize_run(
         say(f"personalize: {name} ({mode}, {cost} on {len(region.train)})")
         kept = run_personal(cfg, out_dir, name, start) if mode == "dual" else None
         baseline = None if local_only is None else local_only.get(name)
-        result, record = personalize_region(
-            name,
-            region,
-            global_model,
-            cfg.personalize,
-            cfg.train,
-            encode_examples(global_model.tokenizer, region.test, cfg.model.max_length),
-            max_length=cfg.model.max_length,
-            seed=cfg.seed,
-            start=start,
-            personal=kept,
-            baselines=None if baseline is None else {keys.LOCAL_ONLY: baseline},
-        )
+        node_dir = out_dir / AUDIT_DIR / NODES_DIR / name  # the simulated node's ledger and privacy account
+        private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if name in dp_policies:
+            n = len(region.train)
+            private = dp_personalizing(
+                dp_policies[name],
+                node_dir,
+                name,
+                run_key,
+                start.round or 0,
+                n,
+                dp_steps(cfg.personalize, cfg.train, n),
+                cfg.train.batch_size,
+                derive_seed(cfg.seed, "personalize-dp", name),
+            )
+        with private as wrapper:
+            result, record = personalize_region(
+                name,
+                region,
+                global_model,
+                cfg.personalize,
+                cfg.train,
+                encode_examples(global_model.tokenizer, region.test, cfg.model.max_length),
+                max_length=cfg.model.max_length,
+                seed=cfg.seed,
+                start=start,
+                personal=kept,
+                baselines=None if baseline is None else {keys.LOCAL_ONLY: baseline},
+                private=wrapper,
+            )
+        if wrapper is not None:
+            record = dataclasses.replace(record, dp=personalization_record(node_dir, run_key))
         save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
         entries[name] = record.to_json()
         # every region starts from the same global model: personalization must work on a copy

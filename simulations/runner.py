@@ -165,6 +165,7 @@ def run_flower(
                 personal=personal,
                 cache_root=out_dir / SIMULATED_CACHE_DIR,
                 canaries=cfg.audit.canaries,
+                personalize_plan=cfg.personalize if cfg.personalize.dp else None,
             ),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]
@@ -230,6 +231,7 @@ def simulate(
     have passed their checks (other files in the folder stay). ``config_path`` and ``overrides`` (the ``--set``
     assignments ``cfg`` was loaded with) let a problem the checks find name its line or its override.
     """
+    from client.dp import DpRefused
     from client.preflight import preflight
     from runfolder.report import write_report
     from server.federation import FederationError, check_resumable, read_state
@@ -276,7 +278,12 @@ def simulate(
         baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds)
     summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)
     if cfg.personalize.mode != "none":
-        summary = with_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
+        try:
+            summary = with_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
+        except DpRefused as err:
+            # a region's budget no longer allows its DP personalization (e.g. a round trained twice spent more
+            # than planned): the finished run is kept, summary and report written without personalization
+            say(f"warning: personalization not done: {err}; the summary and report have none")
     summary = dataclasses.replace(summary, audit=audit_run(out_dir, cfg.region_names, say))
     if cfg.audit.privacy:
         from runfolder.privacy import audit_privacy, with_privacy, write_privacy_report

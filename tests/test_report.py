@@ -230,9 +230,22 @@ def test_report_shows_privacy_spent_and_what_it_covers_only_with_dp(tmp_path: Pa
             line["dp_epsilon"] = {1: 4.1, 2: 6.2, 3: 7.94}[line["round"]]
     text = write_report(tmp_path / "run", Summary.from_json(raw), metrics).read_text(encoding="utf-8")
     assert "## Differential privacy" in text
-    assert "| France | 7.94 | 1e-05 | yes | no |" in text
-    assert "personalized model trains on the region's data again without DP and is **not** covered" in text
+    assert "| France | 7.94 | 1e-05 | yes | no | yes if it serves the global model (no personalization" in text
+    assert "otherwise it trained on the region's data again without DP and is **not** covered" in text
     check_png(tmp_path / "run" / "dp_epsilon_by_round.png")
+    # a personalized model served: covered under personalize.dp (the epsilon after it, and the rounds'), else not
+    raw["regions"]["France"]["personalized"] = {"chosen": "personalized", "accuracy": 0.5, "macro_f1": 0.5}
+    for covered, cell in (
+        (False, "**no** (personalized without DP) |"),
+        (True, "yes (personalized, under personalize"),
+    ):
+        dp = raw["regions"]["France"]["dp"]
+        dp["covers"]["personalized"] = covered
+        if covered:
+            dp.update(epsilon_spent=7.99, epsilon_rounds=7.94)
+        text = write_report(tmp_path / "run", Summary.from_json(raw), metrics).read_text(encoding="utf-8")
+        spent = "7.99 (7.94 after the rounds)" if covered else "7.94"
+        assert f"| France | {spent} | 1e-05 | yes | {'yes' if covered else 'no'} | {cell}" in text
     plain = write_report(tmp_path / "run", Summary.from_json(make_summary()), make_metrics()).read_text()
     assert "Differential privacy" not in plain and not (tmp_path / "run" / "dp_epsilon_by_round.png").exists()
 
