@@ -118,7 +118,8 @@ class Summary:
       rounds_planned, rounds_done, best_round, stopped_early;
     - ``regions``: per region its counts (num_train, num_val, num_test, dropped; a deployment knows only
       num_train and num_test) and ``{accuracy, macro_f1}`` per mode (federated, centralized, local_only), plus
-      ``personalized`` (the choice and its A/B) after personalization;
+      ``personalized`` (the choice and its A/B) after personalization, and ``served_vs_local_only`` when the
+      local-only baseline ran (``runfolder.summary.served_vs_local_only``);
     - ``overall``: per mode ``{accuracy, macro_f1}``, weighted by test size;
     - ``communication``: adapter_bytes, full_model_bytes, bytes_up_total, bytes_down_total, per_round;
     - ``timing``: seconds of the federation, each baseline and personalization;

@@ -15,7 +15,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.keys import CENTRALIZED, FEDERATED, LOCAL_ONLY, PERSONALIZED, TEST, TRAIN, VAL
+from common.keys import (
+    CENTRALIZED,
+    FEDERATED,
+    LOCAL_ONLY,
+    PERSONALIZED,
+    SERVED_VS_LOCAL_ONLY,
+    TEST,
+    TRAIN,
+    VAL,
+)
 from common.runfiles import (
     AB_PLOT,
     BYTES_PLOT,
@@ -93,6 +102,7 @@ def write_report(out_dir: Path, summary: Summary, metrics: list[dict[str, Any]])
         _render_plots(out_dir, summary, metrics, overall),
         _render_label_mix(out_dir),
         _render_ab(out_dir, summary),
+        *_render_served_vs_local_only(summary),
         _render_communication(summary),
         _render_timing(summary),
         _render_participation(summary),
@@ -893,6 +903,40 @@ def _render_ab(out_dir: Path, summary: Summary) -> str:
     _plot_ab(path, rows)
     lines += ["", f"![Difference in macro-F1 with 95 % interval]({AB_PLOT})"]
     return "\n".join(lines)
+
+
+def _render_served_vs_local_only(summary: Summary) -> list[str]:
+    """Per region, the model it serves against its local-only baseline on test, when that baseline ran: the
+    difference in macro-F1, its 95 % paired-bootstrap interval and whether the interval reaches 0 (the target
+    that no region is better off alone). No section without such entries."""
+    rows = [
+        (name, region[SERVED_VS_LOCAL_ONLY])
+        for name, region in sorted(summary.regions.items())
+        if isinstance(region, dict) and isinstance(region.get(SERVED_VS_LOCAL_ONLY), dict)
+    ]
+    if not rows:
+        return []
+    below = [name for name, entry in rows if not entry.get("reaches_zero", True)]
+    lines = [
+        "## Served model vs local-only",
+        "",
+        "Each region's served model against the model it could have trained alone (the local-only baseline) on "
+        "the region's test data: served − local-only macro-F1 with its 95 % paired-bootstrap interval. An interval "
+        "entirely below 0 means the region would have done better alone, beyond chance. "
+        + (
+            f"**{len(below)} of {len(rows)} region(s) below 0: {', '.join(below)}.**"
+            if below
+            else f"In all {len(rows)} region(s) the interval reaches 0 or above."
+        ),
+        "",
+        "| Region | Serves | served − local-only [95 % CI] | reaches 0 |",
+        "|---|---|---:|---|",
+    ]
+    for name, entry in rows:
+        interval = f"{entry['diff']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
+        reaches = "yes" if entry.get("reaches_zero", True) else "**no**"
+        lines.append(f"| {name} | {entry.get('served', '?')} | {interval} | {reaches} |")
+    return ["\n".join(lines)]
 
 
 def _plot_ab(path: Path, rows: list[tuple[str, dict[str, Any]]]) -> None:

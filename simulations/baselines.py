@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 
-from client.train import EvalResult, evaluate, plan_steps, predict_proba, train_local
+from client.train import EvalResult, evaluate, plan_steps, predict_proba, scores, train_local
 from common.config import RunConfig, TrainSettings
 from common.data import Example, RegionData
 from common.metrics import weighted_mean
@@ -127,17 +127,20 @@ def _train_and_test(
     if best is not None:
         load_adapter_state(loaded.model, best)
     loaded.model.eval()
-    if predictions is not None:
-        for name, region in tests.items():
-            probs = predict_proba(
-                loaded.model,
-                loaded.tokenizer,
-                [ex.text for ex in region.test],
-                max_length=cfg.model.max_length,
-                batch_size=cfg.train.eval_batch_size,
-            )
+    # one pass over each test split gives both the scores and the predictions the paired comparisons read
+    out: Scores = {}
+    for name, region in tests.items():
+        probs = predict_proba(
+            loaded.model,
+            loaded.tokenizer,
+            [ex.text for ex in region.test],
+            max_length=cfg.model.max_length,
+            batch_size=cfg.train.eval_batch_size,
+        )
+        out[name] = _scores(scores(probs, np.array([ex.label for ex in region.test], dtype=int), len(cfg.labels)))
+        if predictions is not None:
             predictions[name] = probs.argmax(axis=1)
-    return {name: _scores(_evaluate(cfg, loaded, region.test)) for name, region in tests.items()}
+    return out
 
 
 def run_centralized(cfg: RunConfig, data: Mapping[str, RegionData]) -> tuple[Scores, float]:

@@ -24,8 +24,9 @@ from client.personal import (
     personal_folder,
     personal_tag,
 )
-from client.personalize import Start, personalize_region
+from client.personalize import GLOBAL, Start, bootstrap_seed, paired_bootstrap, personalize_region
 from client.tokens import encode_examples
+from client.train import predict_proba
 from common import keys
 from common.config import RunConfig
 from common.data import RegionData
@@ -137,4 +138,42 @@ def personalize_run(
         for model, reference in references:
             if any(not (reference[k] == v).all() for k, v in adapter_state(model.model).items()):
                 raise RuntimeError(f"personalizing {name} changed the global model")
+    return entries
+
+
+def global_vs_local_only(
+    cfg: RunConfig, out_dir: Path, data: Mapping[str, RegionData], local_only: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
+    """Per region with local-only test predictions (and test examples), the ``served_vs_local_only`` entry of a
+    run without personalization, whose regions serve the global model: global − local-only test macro-F1 with
+    the paired bootstrap and seed of personalization's A/B against local-only (``bootstrap_seed``), so that the
+    two agree when personalization keeps the global model.
+
+    The global model's per-example test predictions stay on the nodes in the federation, so this is one forward
+    pass of the saved global adapter over each test split (the local-only side is the baseline's own pass)."""
+    from runfolder.summary import served_vs_local_only
+
+    regions = [name for name in data if name in local_only and data[name].test]
+    if not regions:
+        return {}
+    loaded = load_global(cfg, out_dir / ADAPTER_DIR)
+    entries = {}
+    for name in regions:
+        test = data[name].test
+        probs = predict_proba(
+            loaded.model,
+            loaded.tokenizer,
+            [ex.text for ex in test],
+            max_length=cfg.model.max_length,
+            batch_size=cfg.train.eval_batch_size,
+        )
+        difference = paired_bootstrap(
+            np.array([ex.label for ex in test], dtype=int),
+            local_only[name],
+            probs.argmax(axis=1),
+            len(cfg.labels),
+            resamples=cfg.personalize.bootstrap,
+            seed=bootstrap_seed(cfg.seed, name, keys.LOCAL_ONLY),
+        )
+        entries[name] = served_vs_local_only(GLOBAL, difference.to_json())
     return entries

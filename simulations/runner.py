@@ -46,10 +46,10 @@ from common.runfiles import (
     write_summary,
 )
 from deploy.env import apply_env
-from runfolder.summary import build_summary, read_metrics, with_personalized
+from runfolder.summary import build_summary, read_metrics, with_personalized, with_served_vs_local_only
 from simulations.baselines import run_centralized, run_local_only
 from simulations.datasplit import run_label_mix
-from simulations.personalize import personalize_run
+from simulations.personalize import global_vs_local_only, personalize_run
 
 log = logging.getLogger("fedlocale")
 
@@ -221,9 +221,11 @@ def simulate(
     """Run the federated simulation and the configured baselines; write every output file; return the summary.
 
     ``local_predictions``, if given, receives the local-only baseline's test predictions per region (for A/B
-    comparisons made after the run). ``resume`` continues the federated run that ``out_dir`` holds after its last
-    finished round (its config must match; a finished run only repeats the final test evaluation); the baselines
-    run again in full.
+    comparisons made after the run); given already filled to a run without that baseline (the same regions and
+    seed, e.g. a benchmark borrowing another run's baselines), its predictions stand for the baseline's in the
+    served − local-only comparison (``served_vs_local_only``).
+    ``resume`` continues the federated run that ``out_dir`` holds after its last finished round (its config must
+    match; a finished run only repeats the final test evaluation); the baselines run again in full.
 
     ``out_dir`` holding a run is refused (``RunFolderExistsError``) unless ``resume`` or ``overwrite``; with
     ``overwrite`` the old run's own files are removed only once the config, the policies and every region's data
@@ -277,6 +279,8 @@ def simulate(
     summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)
     if cfg.personalize.mode != "none":
         summary = with_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
+    elif local_preds:
+        summary = with_served_vs_local_only(summary, global_vs_local_only(cfg, out_dir, data, local_preds))
     summary = dataclasses.replace(summary, audit=audit_run(out_dir, cfg.region_names, say))
     if cfg.audit.privacy:
         from runfolder.privacy import audit_privacy, with_privacy, write_privacy_report
