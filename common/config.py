@@ -363,9 +363,20 @@ class PersonalizeSettings:
     # run's validation did not pick, and confident then takes evidence to go back to it). Either way the choice
     # compares with the best round's global model.
     start: Literal["best", "last"] = "best"
+    # also weigh serving the region's local-only model (its own adapter trained from the base on its data alone,
+    # with the local-only baseline's budget): after choosing between the global and the personalized model, the
+    # region serves the local-only one instead if validation says so by the same rule (point: higher macro-F1;
+    # confident: better with 95 % confidence, so switching to it needs evidence). A simulation with the
+    # local_only baseline reuses the baseline's adapter; otherwise the node trains it (client.local_only). Off by
+    # default: the federation's model is what a region serves unless its own data clearly says otherwise.
+    consider_local_only: bool = False
 
     def __post_init__(self) -> None:
         problems = []
+        if self.consider_local_only and self.mode == "none":
+            problems.append(
+                ("consider_local_only", "needs a personalization mode (the choice runs after personalizing)")
+            )
         if self.choice not in CHOICE_RULES:
             problems.append(("choice", f"must be one of {', '.join(CHOICE_RULES)}, got {self.choice!r}"))
         if self.start not in START_ROUNDS:

@@ -52,6 +52,8 @@ CHECKPOINTS_DIR: Final = "checkpoints"
 # beside each round's checkpoint: the server optimizer's state after that round (state.json names it and its hash)
 SERVER_OPTIMIZER_FILE: Final = "server-optimizer.safetensors"
 PERSONALIZED_DIR: Final = "personalized"  # RUN_DIR/personalized/REGION: the personalized adapter a region serves
+# RUN_DIR/local_only/REGION: the region's local-only adapter, a serving candidate (personalize.consider_local_only)
+LOCAL_ONLY_DIR: Final = "local_only"
 
 # the human report and its plots
 REPORT_FILE: Final = "report.md"
@@ -228,6 +230,7 @@ RUN_ENTRIES: Final = (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
     PERSONALIZED_DIR,
+    LOCAL_ONLY_DIR,
     SIMULATED_PERSONAL_DIR,
     SIMULATED_CACHE_DIR,
     REPORT_FILE,

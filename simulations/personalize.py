@@ -9,11 +9,13 @@ summary.json (``ABRecord.to_json``).
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
@@ -32,7 +34,7 @@ from common.config import RunConfig
 from common.data import RegionData
 from common.errors import ConfigError
 from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
-from common.runfiles import ADAPTER_DIR, FEDERATION_FILE, PERSONALIZED_DIR, SIMULATED_PERSONAL_DIR
+from common.runfiles import ADAPTER_DIR, FEDERATION_FILE, LOCAL_ONLY_DIR, PERSONALIZED_DIR, SIMULATED_PERSONAL_DIR
 
 
 def load_global(cfg: RunConfig, adapter_dir: Path) -> LoadedModel:
@@ -96,14 +98,51 @@ def run_personal(cfg: RunConfig, out_dir: Path, name: str, start: Start) -> Slic
     return kept
 
 
+def local_only_model(
+    cfg: RunConfig,
+    name: str,
+    region: RegionData,
+    adapters: Mapping[str, Mapping[str, torch.Tensor]] | None,
+    say: Callable[[str], None] = print,
+) -> LoadedModel:
+    """Region ``name``'s local-only model for ``personalize.consider_local_only``: the local-only baseline's
+    adapter when it ran (``adapters``; nothing is trained twice), else trained as the baseline trains it
+    (``client.local_only.train_local_only``, as a node does)."""
+    from client.local_only import train_local_only
+
+    loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
+    if adapters is not None and name in adapters:
+        load_adapter_state(loaded.model, dict(adapters[name]))
+        loaded.model.eval()
+        return loaded
+    say(f"personalize: {name}: training its local-only model ({len(region.train)} examples, the baseline's budget)")
+    return train_local_only(
+        name,
+        region,
+        cfg.model,
+        cfg.lora,
+        cfg.labels,
+        cfg.train,
+        cfg.rounds,
+        seed=cfg.seed,
+        metric=cfg.early_stopping.metric,
+        min_delta=cfg.early_stopping.min_delta,
+    )
+
+
 def personalize_run(
     cfg: RunConfig,
     out_dir: Path,
     data: Mapping[str, RegionData],
     local_only: Mapping[str, np.ndarray] | None = None,
     say: Callable[[str], None] = print,
+    local_adapters: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Personalize every region of a finished run in ``out_dir``; return the ``personalized`` entry per region."""
+    """Personalize every region of a finished run in ``out_dir``; return the ``personalized`` entry per region.
+
+    With ``personalize.consider_local_only`` each region's local-only model (``local_only_model``: the
+    baseline's adapter from ``local_adapters`` when it ran) is a third candidate of the choice; it is saved in
+    RUN_DIR/local_only/REGION/, which export serves when it is chosen."""
     from common.model import adapter_state
 
     global_model = load_global(cfg, out_dir / ADAPTER_DIR)
@@ -119,6 +158,9 @@ def personalize_run(
         say(f"personalize: {name} ({mode}, {cost} on {len(region.train)})")
         kept = run_personal(cfg, out_dir, name, start) if mode == "dual" else None
         baseline = None if local_only is None else local_only.get(name)
+        candidate = (
+            local_only_model(cfg, name, region, local_adapters, say) if cfg.personalize.consider_local_only else None
+        )
         result, record = personalize_region(
             name,
             region,
@@ -131,8 +173,13 @@ def personalize_run(
             start=start,
             personal=kept,
             baselines=None if baseline is None else {keys.LOCAL_ONLY: baseline},
+            local_only=candidate,
         )
         save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
+        if candidate is not None:
+            save_adapter(candidate, out_dir / LOCAL_ONLY_DIR / name)
+        else:
+            shutil.rmtree(out_dir / LOCAL_ONLY_DIR / name, ignore_errors=True)  # a candidate of an earlier choice
         entries[name] = record.to_json()
         # every region starts from the same global model: personalization must work on a copy
         for model, reference in references:

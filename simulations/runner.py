@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -50,6 +50,9 @@ from runfolder.summary import build_summary, read_metrics, with_personalized, wi
 from simulations.baselines import run_centralized, run_local_only
 from simulations.datasplit import run_label_mix
 from simulations.personalize import global_vs_local_only, personalize_run
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("fedlocale")
 
@@ -274,11 +277,14 @@ def simulate(
         say(f"centralized: training on the union of {sum(len(d.train) for d in data.values())} examples")
         baselines[keys.CENTRALIZED] = run_centralized(cfg, data)
     local_preds: dict[str, np.ndarray] = {} if local_predictions is None else local_predictions
+    # the baseline's adapters, kept only when personalization may serve them (consider_local_only)
+    local_adapters: dict[str, dict[str, torch.Tensor]] | None = {} if cfg.personalize.consider_local_only else None
     if keys.LOCAL_ONLY in cfg.baselines:
-        baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds)
+        baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds, local_adapters)
     summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)
     if cfg.personalize.mode != "none":
-        summary = with_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
+        entries = personalize_run(cfg, out_dir, data, local_preds or None, say, local_adapters)
+        summary = with_personalized(summary, entries)
     elif local_preds:
         summary = with_served_vs_local_only(summary, global_vs_local_only(cfg, out_dir, data, local_preds))
     summary = dataclasses.replace(summary, audit=audit_run(out_dir, cfg.region_names, say))

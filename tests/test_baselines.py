@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import simulations.baselines as baselines
+from client.local_only import checkpoint_steps
 from common.config import load_config
 from common.data import load_region
 from common.model import adapter_state
-from simulations.baselines import checkpoint_steps, run_centralized
+from simulations.baselines import run_centralized
 from tests.conftest import tiny_config
 
 
