@@ -128,7 +128,7 @@ class Summary:
     - ``audit``: the ledger check of the run (``None`` when the run was not audited);
     - ``privacy``: the membership-inference audit (``fedlocale audit privacy``; ``None`` until one ran):
       ``references`` (the reference models), ``bootstrap``, ``seed``, ``seconds``, and ``regions``: per region
-      ``members``, ``nonmembers``, ``served`` (global or personalized) and ``models``: per audited model
+      ``members``, ``nonmembers``, ``served`` (global, personalized or local_only) and ``models``: per audited model
       (global, served, update) per attack (loss, reference) ``{auc, auc_ci95, tpr_at_fpr: {"0.01", "0.001"}}``
       (a TPR is null when that FPR is not resolvable with the region's non-members), plus ``canaries`` when
       the run inserted them.

@@ -229,3 +229,40 @@ def test_a_simulation_reuses_the_baselines_adapter_and_export_serves_the_choice(
     shutil.rmtree(run / "local_only" / "north")
     with pytest.raises(ExportError, match="the served model is missing"):
         choose_adapter(read_run(run), "north")
+
+
+@pytest.mark.slow
+def test_a_simulation_with_the_baseline_weighs_its_adapter_without_training_it_again(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the whole run: the baseline trains each region's local-only model once; personalization (in this
+    # process) weighs that very adapter, keeps it in local_only/REGION and records the choice and the interval
+    import client.local_only
+    from fedlocale.cli import main
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the baseline's adapter must be reused, not trained again")
+
+    monkeypatch.setattr(client.local_only, "train_local_only", no_training)
+    cfg = tiny_config(
+        tmp_path / "run.yaml",
+        tiny_bert,
+        two_regions,
+        baselines=["local_only"],
+        personalize={"mode": "probe", "consider_local_only": True, "choice": "point", "bootstrap": 200},
+    )
+    assert main(["simulate", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for name, region in summary["regions"].items():
+        entry = region["personalized"]
+        assert entry[LOCAL_ONLY]["served"] == (entry["chosen"] == LOCAL_ONLY), name
+        assert (tmp_path / "out" / "local_only" / name / "adapter_config.json").is_file()
+        against = region["served_vs_local_only"]
+        assert against["served"] == entry["chosen"] and against == {
+            "served": entry["chosen"],
+            **entry["ab"]["vs_local_only"],
+            "reaches_zero": entry["ab"]["vs_local_only"]["high"] >= 0,
+        }
+        if entry["chosen"] == LOCAL_ONLY:  # served is the baseline's own model: the same test score
+            assert entry["macro_f1"] == pytest.approx(region["local_only"]["macro_f1"])
+            assert against["diff"] == against["low"] == against["high"] == 0.0
