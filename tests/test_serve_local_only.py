@@ -266,3 +266,43 @@ def test_a_simulation_with_the_baseline_weighs_its_adapter_without_training_it_a
         if entry["chosen"] == LOCAL_ONLY:  # served is the baseline's own model: the same test score
             assert entry["macro_f1"] == pytest.approx(region["local_only"]["macro_f1"])
             assert against["diff"] == against["low"] == against["high"] == 0.0
+
+
+def test_personalizing_a_finished_run_trains_the_local_only_candidate_it_lacks(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    # `fedlocale personalize RUN_DIR` has no baseline's adapters at hand: it trains each region's local-only model
+    # as the baseline would (client.local_only), keeps it and records the choice
+    import yaml
+
+    from common.model import save_adapter
+    from fedlocale.cli import main
+    from simulations.runner import config_dict
+
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions))
+    run = tmp_path / "run"
+    save_adapter(build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed), run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg)))
+    summary = {"regions": {n: {"num_test": 48} for n in cfg.region_names}, "overall": {}}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text("")
+    sets = ["personalize.mode=probe", "personalize.consider_local_only=true", "personalize.bootstrap=100"]
+    assert main(["personalize", str(run), *[x for s in sets for x in ("--set", s)]]) == 0
+    written = json.loads((run / "summary.json").read_text())
+    for name in cfg.region_names:
+        entry = written["regions"][name]["personalized"]
+        assert entry[LOCAL_ONLY]["served"] == (entry["chosen"] == LOCAL_ONLY)
+        assert (run / "local_only" / name / "adapter_model.safetensors").is_file()
+
+
+def test_the_check_warns_when_the_candidate_must_be_trained_again(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    from client.preflight import preflight
+
+    sets = ["personalize.mode=probe", "personalize.consider_local_only=true"]
+    path = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions)
+    said = "personalize.consider_local_only without the local_only baseline"
+    assert any(said in w for w in preflight(load_config(path, sets), {}).warnings)
+    with_baseline = load_config(path, [*sets, "baselines=[local_only]"])
+    assert not any(said in w for w in preflight(with_baseline, {}).warnings)
