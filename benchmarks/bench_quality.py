@@ -12,7 +12,9 @@ best round (epoch chunk) on validation. Options that leave the nodes' training a
 only) reuse the baselines of the first option run on the same scenario and seed.
 
 Prints one table row per scenario × option (mean over seeds, with the per-seed values) and writes JSON with every
-run's overall and per-region macro-F1 and its validation curve per round.
+run's overall and per-region macro-F1 and its validation curve per round. Each row also counts the region runs
+whose served model is below local-only beyond chance (the paired-bootstrap interval of served − local-only
+entirely below 0; ``served<local``, of those compared).
 """
 
 from __future__ import annotations
@@ -67,9 +69,17 @@ def scenario_regions(name: str, seed: int, regions: int, pool: Path, work: Path)
 
 
 def run_one(
-    config: Path, overrides: Sequence[str], regions_dir: Path | None, seed: int, out: Path
+    config: Path,
+    overrides: Sequence[str],
+    regions_dir: Path | None,
+    seed: int,
+    out: Path,
+    local_predictions: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[float], float]:
-    """One ``fedlocale simulate``; its summary, the validation macro-F1 per round, and its wall time."""
+    """One ``fedlocale simulate``; its summary, the validation macro-F1 per round, and its wall time.
+
+    ``local_predictions``: the local-only baseline's test predictions per region, filled by a run with that
+    baseline, or given to a run without it (the same data and seed) for its served − local-only intervals."""
     import json
 
     from common.config import load_config
@@ -78,7 +88,15 @@ def run_one(
 
     cfg = load_config(config, [*overrides, f"seed={seed}"], regions_dir)
     started = time.perf_counter()
-    summary = simulate(cfg, out, config_path=str(config), say=say, overwrite=True, on_round=report_round)
+    summary = simulate(
+        cfg,
+        out,
+        config_path=str(config),
+        say=say,
+        overwrite=True,
+        on_round=report_round,
+        local_predictions=local_predictions,
+    )
     seconds = time.perf_counter() - started
     federation = json.loads((out / FEDERATION_FILE).read_text())
     curve = [float(r.get("val_overall", {}).get("macro_f1", math.nan)) for r in federation["rounds"]]
@@ -86,13 +104,26 @@ def run_one(
 
 
 def row_of(summary: dict[str, Any]) -> dict[str, Any]:
-    """Overall and per-region macro-F1 of every mode a run has."""
+    """Overall and per-region macro-F1 of every mode a run has; when the run compared the served model with
+    local-only (``served_vs_local_only``), how many regions it compared (``vs_local_only_regions``) and which
+    of them have the interval of served − local-only entirely below 0 (``below_local_only``)."""
+    from common.keys import SERVED_VS_LOCAL_ONLY
+
     overall = {m: summary["overall"][m]["macro_f1"] for m in MODES if m in summary["overall"]}
     regions = {
         name: {m: r[m]["macro_f1"] for m in MODES if isinstance(r.get(m), dict) and "macro_f1" in r[m]}
         for name, r in summary["regions"].items()
     }
-    return {"overall": overall, "regions": regions, "best_round": summary["run"].get("best_round")}
+    row = {"overall": overall, "regions": regions, "best_round": summary["run"].get("best_round")}
+    compared = {
+        name: r[SERVED_VS_LOCAL_ONLY]
+        for name, r in summary["regions"].items()
+        if isinstance(r.get(SERVED_VS_LOCAL_ONLY), dict)
+    }
+    if compared:
+        row["vs_local_only_regions"] = len(compared)
+        row["below_local_only"] = sorted(name for name, entry in compared.items() if not entry["reaches_zero"])
+    return row
 
 
 def merge_baselines(row: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
@@ -112,14 +143,30 @@ def mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def below_local_only(runs: Sequence[dict[str, Any]]) -> tuple[int, int] | None:
+    """Over ``runs`` (seeds), how many region runs have served − local-only entirely below 0, of how many
+    compared; None when no run compared."""
+    compared = [r for r in runs if "vs_local_only_regions" in r]
+    if not compared:
+        return None
+    return sum(len(r["below_local_only"]) for r in compared), sum(r["vs_local_only_regions"] for r in compared)
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """One line per scenario × option: mean macro-F1 per mode over seeds, and federated − centralized."""
-    print(f"{'scenario':<9}{'option':<22}{'seeds':>6}" + "".join(f"{m:>14}" for m in MODES) + f"{'fed−cen':>9}")
+    """One line per scenario × option: mean macro-F1 per mode over seeds, federated − centralized, and over the
+    seeds the regions whose served − local-only interval is entirely below 0, of those compared."""
+    print(
+        f"{'scenario':<9}{'option':<22}{'seeds':>6}"
+        + "".join(f"{m:>14}" for m in MODES)
+        + f"{'fed−cen':>9}{'served<local':>14}"
+    )
     for row in rows:
         means = row["mean"]
         gap = means.get("federated", math.nan) - means.get("centralized", math.nan)
         cells = "".join(f"{means.get(m, math.nan):>14.3f}" for m in MODES)
-        print(f"{row['scenario']:<9}{row['option']:<22}{len(row['runs']):>6}{cells}{gap:>+9.3f}")
+        below = below_local_only(row["runs"])
+        count = "-" if below is None else f"{below[0]}/{below[1]}"
+        print(f"{row['scenario']:<9}{row['option']:<22}{len(row['runs']):>6}{cells}{gap:>+9.3f}{count:>14}")
 
 
 def say(message: str) -> None:
@@ -186,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}")
     options = [OPTIONS[name] for name in args.options] + extra
     rows: list[dict[str, Any]] = []
-    # the baselines of the first node-neutral option per scenario and seed, for the others
+    # the baselines of the first node-neutral option per scenario and seed, for the others, with its local-only
+    # test predictions (the borrowing runs compare their served models with them)
     baselines: dict[tuple[str, int], dict[str, Any]] = {}
+    local_predictions: dict[tuple[str, int], dict[str, Any]] = {}
     for scenario in args.scenarios:
         for option in options:
             runs = []
@@ -198,15 +247,27 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"{scenario} · {option.name} · seed {seed}" + (" (baselines of an earlier run)" if shared else ""))
                 overrides = [*args.overrides, *option.overrides, *(["baselines=[]"] if shared else [])]
                 config = args.config if regions_dir is None else args.skew_config
-                summary, curve, seconds = run_one(config, overrides, regions_dir, seed, out)
+                predictions = local_predictions.get((scenario, seed), {}) if shared else {}
+                summary, curve, seconds = run_one(config, overrides, regions_dir, seed, out, predictions)
                 row = row_of(summary)
                 if shared is None and not option.nodes:
                     baselines[(scenario, seed)] = row
+                    local_predictions[(scenario, seed)] = predictions
                 elif shared is not None:
                     row = merge_baselines(row, shared)
                 runs.append({"seed": seed, **row, "val_curve": curve, "seconds": seconds})
             mean_row = {m: mean([r["overall"][m] for r in runs if m in r["overall"]]) for m in MODES}
-            rows.append({"scenario": scenario, "option": option.name, "mean": mean_row, "runs": runs})
+            below = below_local_only(runs)
+            rows.append(
+                {
+                    "scenario": scenario,
+                    "option": option.name,
+                    "mean": mean_row,
+                    # region runs (over the seeds) whose served − local-only interval is entirely below 0
+                    **({"below_local_only": below[0], "vs_local_only_regions": below[1]} if below else {}),
+                    "runs": runs,
+                }
+            )
             print_table(rows[-1:])
     print()
     print_table(rows)

@@ -45,6 +45,7 @@ from common.seeds import derive_seed
 
 GLOBAL = "global"
 PERSONALIZED = "personalized"
+LOCAL_ONLY = keys.LOCAL_ONLY  # the region's own model trained from the base on its data alone (a candidate)
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,19 @@ class Personalized:
     train: TrainResult
     val_global: EvalResult
     val_personalized: EvalResult
-    chosen: str  # GLOBAL or PERSONALIZED, by ``choose`` under personalize.choice
+    chosen: str  # GLOBAL, PERSONALIZED or (with a local-only candidate) LOCAL_ONLY, under personalize.choice
     val_difference: Difference | None  # personalized minus global on validation; None without a validation split
+    local_only: LocalOnlyCandidate | None = None  # personalize.consider_local_only: what its choice read
+
+
+@dataclass(frozen=True)
+class LocalOnlyCandidate:
+    """The local-only model weighed as a third candidate (``personalize.consider_local_only``) and the evidence."""
+
+    loaded: LoadedModel
+    val: EvalResult
+    compared_with: str  # GLOBAL or PERSONALIZED: the choice between those two, which it had to beat
+    difference: Difference | None  # local-only minus ``compared_with`` on validation; None without validation
 
 
 def _freeze_all_but_head(loaded: LoadedModel) -> None:
@@ -196,6 +208,7 @@ def personalize(
     personal: Mapping[str, torch.Tensor] | None = None,
     start: LoadedModel | None = None,
     private: Privatize | None = None,
+    local_only: LoadedModel | None = None,
 ) -> Personalized:
     """Fine-tune a copy of ``start`` (default ``global_model``) on the region's train split and choose on
     validation between it and ``global_model``.
@@ -215,6 +228,10 @@ def personalize(
     ``private`` (``client.dp.DpSgd``, ``personalize.dp`` on a DP node) makes the training DP-SGD
     (``train_encoded``); mode dual then keeps the head it has (trained under DP-SGD in the rounds) rather than
     refitting it, whose fit is no DP-SGD, and mode probe cannot run.
+
+    ``local_only`` (the region's own model trained from the base on its data alone;
+    ``personalize.consider_local_only``) is then weighed against that choice by the same rule
+    (``choose_local_only``) and served if it wins.
     """
     if settings.mode not in ("head", "continue", "local", "probe", "dual"):
         raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue, local, probe or dual)")
@@ -264,7 +281,30 @@ def personalize(
         resamples=settings.bootstrap,
         seed=derive_seed(seed, "choice"),
     )
-    return Personalized(local, result, scores(probs_g, truth, n), scores(probs_p, truth, n), chosen, difference)
+    candidate = None
+    if local_only is not None:
+        probs_l = (
+            predict_proba(
+                local_only.model, local_only.tokenizer, texts, max_length=max_length, batch_size=train.eval_batch_size
+            )
+            if texts
+            else np.zeros((0, n))
+        )
+        current = probs_p if chosen == PERSONALIZED else probs_g
+        switch, against = choose_local_only(
+            truth,
+            current.argmax(axis=1),
+            probs_l.argmax(axis=1),
+            n,
+            rule=settings.choice,
+            resamples=settings.bootstrap,
+            seed=derive_seed(seed, "choice", LOCAL_ONLY),
+        )
+        candidate = LocalOnlyCandidate(local_only, scores(probs_l, truth, n), chosen, against)
+        chosen = LOCAL_ONLY if switch else chosen
+    return Personalized(
+        local, result, scores(probs_g, truth, n), scores(probs_p, truth, n), chosen, difference, candidate
+    )
 
 
 def choose(
@@ -291,6 +331,36 @@ def choose(
     return (GLOBAL if keeps_global(difference, rule) else PERSONALIZED), difference
 
 
+def choose_local_only(
+    truth: np.ndarray,
+    pred_current: np.ndarray,
+    pred_local_only: np.ndarray,
+    num_labels: int,
+    *,
+    rule: str,
+    resamples: int,
+    seed: int,
+) -> tuple[bool, Difference | None]:
+    """Whether a region serves its local-only model instead of the model ``choose`` picked (``pred_current``),
+    from both models' validation predictions, and the paired-bootstrap difference (local-only minus current).
+
+    The same rules as ``choose``, with the local-only model as the challenger: ``point`` switches if its macro-F1
+    is higher (a tie keeps the current one); ``confident`` only if the whole interval lies above zero. No
+    validation examples: no switch (there is no evidence for it)."""
+    _check_rule(rule)
+    if len(truth) == 0:
+        return False, None
+    difference = paired_bootstrap(truth, pred_current, pred_local_only, num_labels, resamples=resamples, seed=seed)
+    return switches_to_local_only(difference, rule), difference
+
+
+def switches_to_local_only(difference: Difference, rule: str) -> bool:
+    """Whether choice ``rule`` serves the local-only model on validation evidence ``difference`` (local-only minus
+    the current choice)."""
+    _check_rule(rule)
+    return difference.diff > 0 if rule == "point" else difference.low > 0
+
+
 def keeps_global(difference: Difference, rule: str) -> bool:
     """Whether choice ``rule`` goes back to the global model on validation evidence ``difference``."""
     _check_rule(rule)
@@ -306,18 +376,43 @@ def choice_record(result: Personalized, rule: str) -> dict[str, Any]:
     """What a region's personalization report says about its choice: the served model, the rule, both models'
     validation macro-F1 and the evidence the rule read (``val_ab``). Without validation examples there is no
     evidence and no score: ``val_examples`` 0 and ``choice_skipped`` say why the personalized model is served."""
+    extra = {} if result.local_only is None else {LOCAL_ONLY: local_only_record(result.local_only, rule)}
     if result.val_difference is None:
         return {
             "chosen": result.chosen,
             "choice": rule,
             "val_examples": 0,
             "choice_skipped": "no validation examples to compare on: the personalized model is served",
+            **extra,
         }
     return {
         "chosen": result.chosen,
         "choice": rule,
         "val_macro_f1": {GLOBAL: result.val_global.macro_f1, PERSONALIZED: result.val_personalized.macro_f1},
         "val_ab": result.val_difference.to_json(),
+        **extra,
+    }
+
+
+def local_only_record(candidate: LocalOnlyCandidate, rule: str) -> dict[str, Any]:
+    """The ``local_only`` part of a choice record: the model it was weighed against, its validation macro-F1, the
+    evidence (``val_ab``: local-only minus that model) and, in words, why it is or is not served."""
+    d = candidate.difference
+    if d is None:
+        return {
+            "compared_with": candidate.compared_with,
+            "served": False,
+            "why": "no validation examples to compare on: the local-only model needs evidence to be served",
+        }
+    served = switches_to_local_only(d, rule)
+    test = "its macro-F1 is higher" if rule == "point" else "the 95 % interval lies above 0"
+    interval = f"local-only − {candidate.compared_with} on validation {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+    return {
+        "compared_with": candidate.compared_with,
+        "val_macro_f1": candidate.val.macro_f1,
+        "val_ab": d.to_json(),
+        "served": served,
+        "why": f"{interval}: {'served' if served else 'not served'} ({rule}: served only if {test})",
     }
 
 
@@ -455,10 +550,14 @@ def personalize_region(
     personal: Slices | None = None,
     baselines: Mapping[str, np.ndarray] | None = None,
     private: Privatize | None = None,
+    local_only: LoadedModel | None = None,
 ) -> tuple[Personalized, ABRecord]:
     """Personalize region ``region``'s final model on its ``data`` (``personalize``, from ``start``, with the
     personal slices for mode dual), then A/B-test the model it serves on its test split against the global
     model (``vs_federated``) and any other ``baselines`` (their test predictions, e.g. local-only).
+
+    ``local_only`` (``personalize.consider_local_only``): the region's local-only model, a third candidate of the
+    choice; when it is chosen, it is the served model on test (the caller saves it).
 
     ``test`` is the test split tokenised by the caller (a node through its token cache); ``seed`` is the run's:
     personalization draws from ``derive_seed(seed, "personalize", region)``, each A/B from ``bootstrap_seed``.
@@ -476,6 +575,7 @@ def personalize_region(
         personal=personal.tensors if personal else None,
         start=start.model,
         private=private,
+        local_only=local_only,
     )
     seconds = time.perf_counter() - started
     n = len(global_model.labels)
@@ -490,6 +590,11 @@ def personalize_region(
             for m in (global_model, result.loaded)
         )
         probs_served = probs_personalized if result.chosen == PERSONALIZED else probs_global
+        if result.chosen == LOCAL_ONLY and result.local_only is not None:
+            served_model = result.local_only.loaded
+            probs_served = predict_proba_encoded(
+                served_model.model, test.ids, pad_id=served_model.pad_id, batch_size=train.eval_batch_size
+            )
         served = probs_served.argmax(axis=1)
         compared = {keys.FEDERATED: probs_global.argmax(axis=1), **(baselines or {})}
         ab = {

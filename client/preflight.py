@@ -70,6 +70,13 @@ def preflight(
     if found:
         problems += locate(found, config_path, overrides) if config_path is not None else found
     warnings: list[str] = []
+    if regions is None and cfg.personalize.consider_local_only and keys.LOCAL_ONLY not in cfg.baselines:
+        # a simulation reuses the baseline's adapters; without the baseline personalization trains them
+        warnings.append(
+            "personalize.consider_local_only without the local_only baseline: personalization trains each "
+            "region's local-only model itself (the baseline's training time); add local_only to baselines to "
+            "train it once and also see served − local-only per region"
+        )
     agg = cfg.aggregation
     # the masked upload's size depends on the modulus, which the server derives the same way each round
     secure = (

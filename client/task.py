@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from client.dp import dp_personalizing, dp_training, personalization_record
+from client.local_only import train_local_only
 from client.personal import (
     PersonalStateError,
     Slices,
@@ -475,7 +476,9 @@ def personalize_node(
 ) -> dict[str, Any]:
     """Personalize the run's final model on this node's data, as ``node.personalize`` says
     (``client.personalize.personalize_region``, as a simulation does), and keep the result here:
-    ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's ``adapter/``) and
+    ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's ``adapter/``; with
+    ``personalize.consider_local_only`` also ``local_only/``, the region's local-only model, trained here by
+    ``client.local_only.train_local_only`` with the baseline's budget and validated by macro-F1) and
     ``personalized.json``: the region, ``time`` (``now``, seconds since the epoch) and the ``round`` of the
     test evaluation, then the ``ABRecord`` (the choice on validation, the A/B on test). Nothing is sent.
 
@@ -492,6 +495,14 @@ def personalize_node(
     loaded = loaded or global_model(task, state)
     start, kept = _start(region, task, state, loaded, node, last)
     settings = node.personalize
+    local_only = None
+    if settings.consider_local_only:
+        # the local-only baseline's model, trained here with its budget: the node's own data, nothing sent
+        # (personalize.dp refuses consider_local_only: this training is no DP-SGD)
+        log.info("%s: training the local-only model (%d examples)", region.name, len(examples.train))
+        local_only = train_local_only(
+            region.name, examples, task.model, task.lora, task.labels, task.train, task.rounds, seed=task.seed
+        )
     private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if settings.dp:
         # DP-SGD charged to the node's account of the run, planned for before round 1 (train_round)
@@ -520,12 +531,15 @@ def personalize_node(
             start=start,
             personal=kept,
             private=wrapper,
+            local_only=local_only,
         )
     if wrapper is not None and node.audit_dir is not None:
         record = replace(record, dp=personalization_record(node.audit_dir, task.run_key))
     folder = node.personal_dir / region.name
     save_adapter(loaded, folder / "global")
     save_adapter(result.loaded, folder / PERSONALIZED)
+    if local_only is not None:
+        save_adapter(local_only, folder / keys.LOCAL_ONLY)  # the served model when the choice is local_only
     report = {"region": region.name, "time": now, "round": task.server_round, **record.to_json()}
     write_json(folder / PERSONALIZED_REPORT, report)
     log.info("%s: personalized (%s), serves %s", region.name, node.personalize.mode, result.chosen)

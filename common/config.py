@@ -370,6 +370,13 @@ class PersonalizeSettings:
     # probe (its closed-form refit is no DP-SGD: use head) nor balance (repeated records break per-record DP).
     # A region without require_dp has no budget: it personalizes as without dp (docs/privacy.md)
     dp: bool = False
+    # also weigh serving the region's local-only model (its own adapter trained from the base on its data alone,
+    # with the local-only baseline's budget): after choosing between the global and the personalized model, the
+    # region serves the local-only one instead if validation says so by the same rule (point: higher macro-F1;
+    # confident: better with 95 % confidence, so switching to it needs evidence). A simulation with the
+    # local_only baseline reuses the baseline's adapter; otherwise the node trains it (client.local_only). Off by
+    # default: the federation's model is what a region serves unless its own data clearly says otherwise.
+    consider_local_only: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -388,6 +395,18 @@ class PersonalizeSettings:
                     "cannot be used with dp: balancing repeats a minority class's records, so one record would be "
                     "several training examples and the guarantee would not be per record",
                 )
+            )
+        if self.dp and self.consider_local_only:
+            problems.append(
+                (
+                    "consider_local_only",
+                    "cannot be used with dp: the local-only model trains outside DP-SGD, so serving it would leave "
+                    "the served model uncovered",
+                )
+            )
+        if self.consider_local_only and self.mode == "none":
+            problems.append(
+                ("consider_local_only", "needs a personalization mode (the choice runs after personalizing)")
             )
         if self.choice not in CHOICE_RULES:
             problems.append(("choice", f"must be one of {', '.join(CHOICE_RULES)}, got {self.choice!r}"))

@@ -83,3 +83,5 @@ LOCAL_ONLY: Final = "local_only"
 CENTRALIZED: Final = "centralized"
 PERSONALIZED: Final = "personalized"  # the model each region serves after personalization (chosen on val)
 BASELINES: Final = (CENTRALIZED, LOCAL_ONLY)
+# per region in summary.json: the served model minus local-only on test (paired bootstrap), when local-only ran
+SERVED_VS_LOCAL_ONLY: Final = "served_vs_local_only"

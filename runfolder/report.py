@@ -15,7 +15,16 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.keys import CENTRALIZED, FEDERATED, LOCAL_ONLY, PERSONALIZED, TEST, TRAIN, VAL
+from common.keys import (
+    CENTRALIZED,
+    FEDERATED,
+    LOCAL_ONLY,
+    PERSONALIZED,
+    SERVED_VS_LOCAL_ONLY,
+    TEST,
+    TRAIN,
+    VAL,
+)
 from common.runfiles import (
     AB_PLOT,
     BYTES_PLOT,
@@ -93,6 +102,7 @@ def write_report(out_dir: Path, summary: Summary, metrics: list[dict[str, Any]])
         _render_plots(out_dir, summary, metrics, overall),
         _render_label_mix(out_dir),
         _render_ab(out_dir, summary),
+        *_render_served_vs_local_only(summary),
         _render_communication(summary),
         _render_timing(summary),
         _render_participation(summary),
@@ -894,7 +904,9 @@ def _render_ab(out_dir: Path, summary: Summary) -> str:
         "Each region adapted the global model on its own node (nothing was sent; with `dual`, a personal LoRA "
         "trained alongside the global one in the rounds was stacked onto it after them) and then chose on its "
         "validation data which model to serve (`personalize.choice`; by default the personalized one unless the "
-        "global one is better there with 95 % confidence). *From round* is the round whose global adapter "
+        "global one is better there with 95 % confidence; with `personalize.consider_local_only` the region's "
+        "local-only model too, served only if validation prefers it by the same rule). *From round* is the round "
+        "whose global adapter "
         "personalization started from (`personalize.start`: the best round or the last). The table "
         "compares the model each region serves with the others on the region's test data: the difference in "
         "macro-F1 and its 95 % paired-bootstrap interval. An interval that stays above 0 means the served model is "
@@ -913,6 +925,40 @@ def _render_ab(out_dir: Path, summary: Summary) -> str:
     _plot_ab(path, rows)
     lines += ["", f"![Difference in macro-F1 with 95 % interval]({AB_PLOT})"]
     return "\n".join(lines)
+
+
+def _render_served_vs_local_only(summary: Summary) -> list[str]:
+    """Per region, the model it serves against its local-only baseline on test, when that baseline ran: the
+    difference in macro-F1, its 95 % paired-bootstrap interval and whether the interval reaches 0 (the target
+    that no region is better off alone). No section without such entries."""
+    rows = [
+        (name, region[SERVED_VS_LOCAL_ONLY])
+        for name, region in sorted(summary.regions.items())
+        if isinstance(region, dict) and isinstance(region.get(SERVED_VS_LOCAL_ONLY), dict)
+    ]
+    if not rows:
+        return []
+    below = [name for name, entry in rows if not entry.get("reaches_zero", True)]
+    lines = [
+        "## Served model vs local-only",
+        "",
+        "Each region's served model against the model it could have trained alone (the local-only baseline) on "
+        "the region's test data: served − local-only macro-F1 with its 95 % paired-bootstrap interval. An interval "
+        "entirely below 0 means the region would have done better alone, beyond chance. "
+        + (
+            f"**{len(below)} of {len(rows)} region(s) below 0: {', '.join(below)}.**"
+            if below
+            else f"In all {len(rows)} region(s) the interval reaches 0 or above."
+        ),
+        "",
+        "| Region | Serves | served − local-only [95 % CI] | reaches 0 |",
+        "|---|---|---:|---|",
+    ]
+    for name, entry in rows:
+        interval = f"{entry['diff']:+.3f} [{entry['low']:+.3f}, {entry['high']:+.3f}]"
+        reaches = "yes" if entry.get("reaches_zero", True) else "**no**"
+        lines.append(f"| {name} | {entry.get('served', '?')} | {interval} | {reaches} |")
+    return ["\n".join(lines)]
 
 
 def _plot_ab(path: Path, rows: list[tuple[str, dict[str, Any]]]) -> None:

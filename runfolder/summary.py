@@ -141,14 +141,40 @@ def build_summary(
     )
 
 
+def served_vs_local_only(served: str, difference: dict[str, Any]) -> dict[str, Any]:
+    """A region's ``served_vs_local_only`` entry: which model it serves (``global``, ``personalized`` or
+    ``local_only``), the paired-bootstrap difference served − local-only in test macro-F1 (``diff``, ``low``,
+    ``high``, ``resamples``, ``level``: ``client.personalize.Difference.to_json``), and ``reaches_zero``: whether
+    the interval reaches 0 or above (False: local-only is better with that confidence)."""
+    return {"served": served, **difference, "reaches_zero": bool(difference["high"] >= 0.0)}
+
+
+def with_served_vs_local_only(summary: Summary, entries: dict[str, dict[str, Any]]) -> Summary:
+    """``summary`` with each region's ``served_vs_local_only`` entry (``served_vs_local_only``) put in (a new
+    Summary)."""
+    regions = copy.deepcopy(dict(summary.regions))
+    for name, entry in entries.items():
+        regions[name][keys.SERVED_VS_LOCAL_ONLY] = entry
+    return dataclasses.replace(summary, regions=regions)
+
+
 def with_personalized(summary: Summary, entries: dict[str, dict[str, Any]]) -> Summary:
     """``summary`` with each region's personalization result and the overall personalized scores put in (a new
-    Summary; the one given is left as it was). A DP region's ``dp`` says whether its personalized model is
-    covered (``covers.personalized``: trained under personalize.dp) and then holds the epsilon spent after the
-    personalization (``epsilon_spent``) beside the rounds' (``epsilon_rounds``)."""
+    Summary; the one given is left as it was).
+
+    A DP region's ``dp`` says whether its personalized model is covered (``covers.personalized``: trained under
+    personalize.dp) and then holds the epsilon spent after the personalization (``epsilon_spent``) beside the
+    rounds' (``epsilon_rounds``). A region's ``served_vs_local_only`` follows its new choice: its
+    personalization's test A/B against local-only when that ran, else none (an entry of an earlier choice would
+    describe a model no longer served)."""
     regions = copy.deepcopy(dict(summary.regions))
     for name, entry in entries.items():
         regions[name][keys.PERSONALIZED] = entry
+        against = entry.get("ab", {}).get(f"vs_{keys.LOCAL_ONLY}")
+        if isinstance(against, dict):
+            regions[name][keys.SERVED_VS_LOCAL_ONLY] = served_vs_local_only(str(entry.get("chosen")), against)
+        else:
+            regions[name].pop(keys.SERVED_VS_LOCAL_ONLY, None)
         dp = regions[name].get("dp")
         if isinstance(dp, dict):
             # a DP region: its personalized model is covered only when trained under personalize.dp, and then

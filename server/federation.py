@@ -64,6 +64,7 @@ from common.runfiles import (
     write_atomic,
     write_json,
 )
+from common.stopping import EarlyStopper as EarlyStopper  # re-exported: the federation's early stopping
 from server.aggregate import OptimizerState, ServerOptimizer
 from server.audit import LedgerStrategy
 from server.secagg import SecureRoundError, secure_train_round
@@ -100,35 +101,6 @@ class ResumeError(FederationError):
     """The run folder's saved state cannot be continued with this config."""
 
     exit_code = EXIT_BAD_INPUT
-
-
-@dataclass
-class EarlyStopper:
-    """Tracks the best round of a validation metric and says when ``patience`` rounds brought nothing."""
-
-    patience: int | None
-    higher_is_better: bool = True
-    min_delta: float = 0.0
-    best_round: int = 0
-    best_value: float | None = None
-
-    def update(self, server_round: int, value: float | None) -> bool:
-        """Record a round's value; True when training should stop."""
-        if value is not None:
-            better = self.best_value is None or (
-                value > self.best_value + self.min_delta
-                if self.higher_is_better
-                else value < self.best_value - self.min_delta
-            )
-            if better:
-                self.best_round, self.best_value = server_round, value
-        elif self.best_value is None:
-            self.best_round = server_round  # nothing to compare: the newest model is the best we know
-        return self.exhausted(server_round)
-
-    def exhausted(self, server_round: int) -> bool:
-        """True when ``patience`` rounds up to ``server_round`` brought nothing better."""
-        return self.patience is not None and server_round - self.best_round >= self.patience
 
 
 @dataclass

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
@@ -28,8 +30,9 @@ from client.personal import (
     personal_folder,
     personal_tag,
 )
-from client.personalize import Start, dp_steps, personalize_region
+from client.personalize import GLOBAL, Start, bootstrap_seed, dp_steps, paired_bootstrap, personalize_region
 from client.tokens import encode_examples
+from client.train import predict_proba
 from common import keys
 from common.config import RunConfig
 from common.data import RegionData
@@ -40,6 +43,7 @@ from common.runfiles import (
     ADAPTER_DIR,
     AUDIT_DIR,
     FEDERATION_FILE,
+    LOCAL_ONLY_DIR,
     NODES_DIR,
     PERSONALIZED_DIR,
     SIMULATED_PERSONAL_DIR,
@@ -129,14 +133,51 @@ def _dp_policies(cfg: RunConfig, out_dir: Path) -> tuple[dict[str, RegionPolicy]
     return policies, state.run_key
 
 
+def local_only_model(
+    cfg: RunConfig,
+    name: str,
+    region: RegionData,
+    adapters: Mapping[str, Mapping[str, torch.Tensor]] | None,
+    say: Callable[[str], None] = print,
+) -> LoadedModel:
+    """Region ``name``'s local-only model for ``personalize.consider_local_only``: the local-only baseline's
+    adapter when it ran (``adapters``; nothing is trained twice), else trained as the baseline trains it
+    (``client.local_only.train_local_only``, as a node does)."""
+    from client.local_only import train_local_only
+
+    loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
+    if adapters is not None and name in adapters:
+        load_adapter_state(loaded.model, dict(adapters[name]))
+        loaded.model.eval()
+        return loaded
+    say(f"personalize: {name}: training its local-only model ({len(region.train)} examples, the baseline's budget)")
+    return train_local_only(
+        name,
+        region,
+        cfg.model,
+        cfg.lora,
+        cfg.labels,
+        cfg.train,
+        cfg.rounds,
+        seed=cfg.seed,
+        metric=cfg.early_stopping.metric,
+        min_delta=cfg.early_stopping.min_delta,
+    )
+
+
 def personalize_run(
     cfg: RunConfig,
     out_dir: Path,
     data: Mapping[str, RegionData],
     local_only: Mapping[str, np.ndarray] | None = None,
     say: Callable[[str], None] = print,
+    local_adapters: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Personalize every region of a finished run in ``out_dir``; return the ``personalized`` entry per region."""
+    """Personalize every region of a finished run in ``out_dir``; return the ``personalized`` entry per region.
+
+    With ``personalize.consider_local_only`` each region's local-only model (``local_only_model``: the
+    baseline's adapter from ``local_adapters`` when it ran) is a third candidate of the choice; it is saved in
+    RUN_DIR/local_only/REGION/, which export serves when it is chosen."""
     from common.model import adapter_state
 
     global_model = load_global(cfg, out_dir / ADAPTER_DIR)
@@ -153,6 +194,9 @@ def personalize_run(
         say(f"personalize: {name} ({mode}, {cost} on {len(region.train)})")
         kept = run_personal(cfg, out_dir, name, start) if mode == "dual" else None
         baseline = None if local_only is None else local_only.get(name)
+        candidate = (
+            local_only_model(cfg, name, region, local_adapters, say) if cfg.personalize.consider_local_only else None
+        )
         node_dir = out_dir / AUDIT_DIR / NODES_DIR / name  # the simulated node's ledger and privacy account
         private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if name in dp_policies:
@@ -182,13 +226,56 @@ def personalize_run(
                 personal=kept,
                 baselines=None if baseline is None else {keys.LOCAL_ONLY: baseline},
                 private=wrapper,
+                local_only=candidate,
             )
         if wrapper is not None:
             record = dataclasses.replace(record, dp=personalization_record(node_dir, run_key))
         save_adapter(result.loaded, out_dir / PERSONALIZED_DIR / name)
+        if candidate is not None:
+            save_adapter(candidate, out_dir / LOCAL_ONLY_DIR / name)
+        else:
+            shutil.rmtree(out_dir / LOCAL_ONLY_DIR / name, ignore_errors=True)  # a candidate of an earlier choice
         entries[name] = record.to_json()
         # every region starts from the same global model: personalization must work on a copy
         for model, reference in references:
             if any(not (reference[k] == v).all() for k, v in adapter_state(model.model).items()):
                 raise RuntimeError(f"personalizing {name} changed the global model")
+    return entries
+
+
+def global_vs_local_only(
+    cfg: RunConfig, out_dir: Path, data: Mapping[str, RegionData], local_only: Mapping[str, np.ndarray]
+) -> dict[str, dict[str, Any]]:
+    """Per region with local-only test predictions (and test examples), the ``served_vs_local_only`` entry of a
+    run without personalization, whose regions serve the global model: global − local-only test macro-F1 with
+    the paired bootstrap and seed of personalization's A/B against local-only (``bootstrap_seed``), so that the
+    two agree when personalization keeps the global model.
+
+    The global model's per-example test predictions stay on the nodes in the federation, so this is one forward
+    pass of the saved global adapter over each test split (the local-only side is the baseline's own pass)."""
+    from runfolder.summary import served_vs_local_only
+
+    regions = [name for name in data if name in local_only and data[name].test]
+    if not regions:
+        return {}
+    loaded = load_global(cfg, out_dir / ADAPTER_DIR)
+    entries = {}
+    for name in regions:
+        test = data[name].test
+        probs = predict_proba(
+            loaded.model,
+            loaded.tokenizer,
+            [ex.text for ex in test],
+            max_length=cfg.model.max_length,
+            batch_size=cfg.train.eval_batch_size,
+        )
+        difference = paired_bootstrap(
+            np.array([ex.label for ex in test], dtype=int),
+            local_only[name],
+            probs.argmax(axis=1),
+            len(cfg.labels),
+            resamples=cfg.personalize.bootstrap,
+            seed=bootstrap_seed(cfg.seed, name, keys.LOCAL_ONLY),
+        )
+        entries[name] = served_vs_local_only(GLOBAL, difference.to_json())
     return entries

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -46,10 +46,13 @@ from common.runfiles import (
     write_summary,
 )
 from deploy.env import apply_env
-from runfolder.summary import build_summary, read_metrics, with_personalized
+from runfolder.summary import build_summary, read_metrics, with_personalized, with_served_vs_local_only
 from simulations.baselines import run_centralized, run_local_only
 from simulations.datasplit import run_label_mix
-from simulations.personalize import personalize_run
+from simulations.personalize import global_vs_local_only, personalize_run
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("fedlocale")
 
@@ -222,9 +225,11 @@ def simulate(
     """Run the federated simulation and the configured baselines; write every output file; return the summary.
 
     ``local_predictions``, if given, receives the local-only baseline's test predictions per region (for A/B
-    comparisons made after the run). ``resume`` continues the federated run that ``out_dir`` holds after its last
-    finished round (its config must match; a finished run only repeats the final test evaluation); the baselines
-    run again in full.
+    comparisons made after the run); given already filled to a run without that baseline (the same regions and
+    seed, e.g. a benchmark borrowing another run's baselines), its predictions stand for the baseline's in the
+    served − local-only comparison (``served_vs_local_only``).
+    ``resume`` continues the federated run that ``out_dir`` holds after its last finished round (its config must
+    match; a finished run only repeats the final test evaluation); the baselines run again in full.
 
     ``out_dir`` holding a run is refused (``RunFolderExistsError``) unless ``resume`` or ``overwrite``; with
     ``overwrite`` the old run's own files are removed only once the config, the policies and every region's data
@@ -274,16 +279,22 @@ def simulate(
         say(f"centralized: training on the union of {sum(len(d.train) for d in data.values())} examples")
         baselines[keys.CENTRALIZED] = run_centralized(cfg, data)
     local_preds: dict[str, np.ndarray] = {} if local_predictions is None else local_predictions
+    # the baseline's adapters, kept only when personalization may serve them (consider_local_only)
+    local_adapters: dict[str, dict[str, torch.Tensor]] | None = {} if cfg.personalize.consider_local_only else None
     if keys.LOCAL_ONLY in cfg.baselines:
-        baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds)
+        baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds, local_adapters)
     summary = build_summary(cfg, data, federation, baselines, federated_s, config_path)
     if cfg.personalize.mode != "none":
         try:
-            summary = with_personalized(summary, personalize_run(cfg, out_dir, data, local_preds or None, say))
+            entries = personalize_run(cfg, out_dir, data, local_preds or None, say, local_adapters)
+            summary = with_personalized(summary, entries)
         except DpRefused as err:
             # a region's budget no longer allows its DP personalization (e.g. a round trained twice spent more
             # than planned): the finished run is kept, summary and report written without personalization
             say(f"warning: personalization not done: {err}; the summary and report have none")
+    if local_preds and not summary.overall.get(keys.PERSONALIZED):
+        # every region serves the global model: compare it with local-only here (personalization's A/B did not)
+        summary = with_served_vs_local_only(summary, global_vs_local_only(cfg, out_dir, data, local_preds))
     summary = dataclasses.replace(summary, audit=audit_run(out_dir, cfg.region_names, say))
     if cfg.audit.privacy:
         from runfolder.privacy import audit_privacy, with_privacy, write_privacy_report

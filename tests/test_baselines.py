@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 import simulations.baselines as baselines
+from client.local_only import checkpoint_steps
 from common.config import load_config
 from common.data import load_region
 from common.model import adapter_state
-from simulations.baselines import checkpoint_steps, run_centralized
+from simulations.baselines import run_centralized
 from tests.conftest import tiny_config
 
 
@@ -35,14 +37,14 @@ def test_the_tested_model_is_the_best_checkpoint_on_validation(
         states.append(adapter_state(loaded.model))  # type: ignore[attr-defined]
         return next(scripted)
 
-    real_evaluate = baselines.evaluate
+    real_predict = baselines.predict_proba
 
-    def evaluate(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+    def predict_proba(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
         tested.append({k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k})
-        return real_evaluate(model, *args, **kwargs)  # type: ignore[arg-type]
+        return real_predict(model, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(baselines, "validation_score", score)
-    monkeypatch.setattr(baselines, "evaluate", evaluate)
+    monkeypatch.setattr(baselines, "predict_proba", predict_proba)
     run_centralized(cfg, data)
     assert len(states) == 3
     # the three checkpoints differ (training went on), and what was tested is the second one
@@ -67,3 +69,41 @@ def test_validation_score_is_the_example_weighted_mean_of_the_regions(
     }
     expected = sum(r.macro_f1 * r.num_examples for r in each.values()) / sum(r.num_examples for r in each.values())
     assert baselines.validation_score(cfg, loaded, data) == pytest.approx(expected)
+
+
+def test_local_only_tests_each_region_once_and_its_predictions_are_what_it_scored(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the served − local-only interval reads the baseline's test predictions: they must be those of the model
+    # it scored, from the same single pass over the test split (no second evaluation)
+    import numpy as np
+
+    from common.metrics import macro_f1
+
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=2))
+    data = {r.name: load_region(r.name, r.data, cfg.labels) for r in cfg.regions}
+    tests = {name: [ex.text for ex in region.test] for name, region in data.items()}
+    passes = {name: 0 for name in data}
+    real_predict, real_evaluate = baselines.predict_proba, baselines.evaluate
+
+    def count(texts: list[str]) -> None:
+        for name, test in tests.items():
+            passes[name] += list(texts) == test
+
+    def predict_proba(model: torch.nn.Module, tokenizer: object, texts: list[str], **kwargs: object) -> object:
+        count(texts)
+        return real_predict(model, tokenizer, texts, **kwargs)  # type: ignore[arg-type]
+
+    def evaluate(model: torch.nn.Module, tokenizer: object, examples: list[Any], *args: object, **kw: object) -> object:
+        count([ex.text for ex in examples])
+        return real_evaluate(model, tokenizer, examples, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(baselines, "predict_proba", predict_proba)
+    monkeypatch.setattr(baselines, "evaluate", evaluate)
+    predictions: dict[str, np.ndarray] = {}
+    scores, _ = baselines.run_local_only(cfg, data, lambda _: None, predictions)
+    assert passes == {name: 1 for name in data}
+    for name, region in data.items():
+        truth = np.array([ex.label for ex in region.test])
+        assert len(predictions[name]) == len(truth)
+        assert scores[name]["macro_f1"] == pytest.approx(macro_f1(truth, predictions[name], 2))

@@ -61,3 +61,53 @@ def test_row_of_reads_every_mode() -> None:
         "regions": {"a": {"federated": 0.6}},
         "best_round": 2,
     }
+
+
+def _compared(diff_high: float) -> dict[str, object]:
+    low = diff_high - 0.1
+    return {"served": "global", "diff": diff_high, "low": low, "high": diff_high, "reaches_zero": diff_high >= 0}
+
+
+def test_rows_count_the_regions_whose_served_model_is_below_local_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.bench_quality import below_local_only, print_table
+
+    summary = {
+        "overall": {"federated": {"macro_f1": 0.8}},
+        "regions": {
+            "a": {"federated": {"macro_f1": 0.6}, "served_vs_local_only": _compared(-0.2)},
+            "b": {"federated": {"macro_f1": 0.9}, "served_vs_local_only": _compared(0.0)},
+            "c": {"federated": {"macro_f1": 0.7}},
+        },
+        "run": {"best_round": 2},
+    }
+    row = row_of(summary)
+    assert row["vs_local_only_regions"] == 2 and row["below_local_only"] == ["a"]
+    runs = [row, {**row, "below_local_only": []}, {"overall": {}, "regions": {}}]
+    assert below_local_only(runs) == (1, 4)
+    assert below_local_only(runs[2:]) is None
+    print_table([{"scenario": "demo", "option": "s5", "mean": {"federated": 0.8}, "runs": runs}])
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[-1] == "served<local" and line.split()[-1] == "1/4"
+
+
+def test_a_run_borrowing_baselines_gets_their_local_only_predictions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # without them, a run that borrows the baselines could not compare its served models with local-only
+    import benchmarks.bench_quality as bench
+
+    given: list[tuple[tuple[str, ...], dict[str, object]]] = []
+
+    def run_one(config: Path, overrides: list[str], regions_dir: object, seed: int, out: Path, preds: dict) -> tuple:  # type: ignore[type-arg]
+        given.append((tuple(overrides), preds))
+        if "baselines=[]" not in overrides:
+            preds["north"] = "the local-only predictions"
+        summary = {"overall": {}, "regions": {}, "run": {"best_round": 1}}
+        return summary, [0.5], 1.0
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    argv = ["--scenarios", "demo", "--options", "s5", "s5-fedavgm", "--seeds", "0", "--work", str(tmp_path)]
+    assert bench.main(argv) == 0
+    (first, filled), (second, borrowed) = given
+    assert "baselines=[]" not in first and "baselines=[]" in second
+    assert borrowed is filled and borrowed == {"north": "the local-only predictions"}

@@ -18,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from client.app import make_app
+from client.local_only import matched_settings
 from client.task import train_round
 from client.train import (
     classification_loss,
@@ -46,7 +47,6 @@ from common.data import load_region
 from common.model import LORA_A, LoadedModel, adapter_state, build_model
 from server.aggregate import frozen_problem
 from server.strategy import RegionFedAvg
-from simulations.baselines import matched_settings
 from tests.conftest import write_region
 
 LABELS = ("neg", "pos")
@@ -264,17 +264,13 @@ def test_optimizer_steps_are_counted_for_real(tiny_bert: Path) -> None:
     assert len(calls) == 11
 
 
-def test_baselines_get_the_steps_the_federation_took(tiny_bert: Path, regions: tuple[Region, Region]) -> None:
-    def cfg(**train: object) -> RunConfig:
-        model = ModelSettings(base=str(tiny_bert), max_length=32)
-        return RunConfig(regions=regions, labels=LABELS, rounds=3, model=model, train=TrainSettings(**train))  # type: ignore[arg-type]
-
-    # the centralized baseline over 4 regions takes the steps of all four; a region alone its own
-    assert matched_settings(cfg(local_steps=5), regions=4).local_steps == 60
-    assert matched_settings(cfg(local_steps=5)).local_steps == 15
-    assert matched_settings(cfg(epochs=2)).epochs == 6
+def test_baselines_get_the_steps_the_federation_took() -> None:
+    # the centralized baseline over 4 regions takes the steps of all four; a region alone its own (3 rounds)
+    assert matched_settings(TrainSettings(local_steps=5), 3, regions=4).local_steps == 60
+    assert matched_settings(TrainSettings(local_steps=5), 3).local_steps == 15
+    assert matched_settings(TrainSettings(epochs=2), 3).epochs == 6
     # remedies for label skew carry over; the pull toward a round's start does not (a baseline is one long call)
-    same = matched_settings(cfg(logit_adjust=1.0, head="frozen", prox_mu=0.5))
+    same = matched_settings(TrainSettings(logit_adjust=1.0, head="frozen", prox_mu=0.5), 3)
     assert (same.logit_adjust, same.head, same.prox_mu) == (1.0, "frozen", 0.0)
 
 

@@ -206,6 +206,10 @@ def test_personalize_dp_refuses_what_it_cannot_cover(tmp_path: Path) -> None:
         PersonalizeSettings(mode="probe", dp=True)
     with pytest.raises(ConfigError, match="balance: cannot be used with dp"):
         PersonalizeSettings(mode="head", dp=True, balance=True)
+    # the local-only candidate trains outside DP-SGD: serving it would leave the served model uncovered
+    with pytest.raises(ConfigError, match="consider_local_only: cannot be used with dp"):
+        PersonalizeSettings(mode="head", dp=True, consider_local_only=True)
+    PersonalizeSettings(mode="head", consider_local_only=True)  # without dp it is allowed
     settings = tmp_path / "p.yaml"
     settings.write_text("mode: head\ndp: true\n")
     policy = tmp_path / "north.yaml"

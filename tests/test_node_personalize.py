@@ -98,3 +98,28 @@ def test_a_node_without_personalization_settings_refuses_to_personalize(tmp_path
     region = Region(name="north", data=write_region(tmp_path / "north", 40, 16, seed=3))
     with pytest.raises(NodeConfigError, match="no personalize / personal-dir settings"):
         personalize_node(region, task, {}, NodeSettings(), now=0.0)
+
+
+def test_a_node_weighing_its_local_only_model_trains_it_with_the_baselines_budget(
+    tmp_path: Path, task: ClientTask
+) -> None:
+    # no simulation baseline on a node: it trains the local-only model itself, as the baseline would, keeps it
+    # beside the other two and records whether and why it is served
+    from client.local_only import train_local_only
+    from common.data import load_region
+
+    region = Region(name="north", data=write_region(tmp_path / "north", 40, 16, seed=3))
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=task.seed).model)
+    settings = PersonalizeSettings(mode="probe", consider_local_only=True)
+    node = NodeSettings(threads=1, personalize=settings, personal_dir=tmp_path / "own")
+    report = personalize_node(region, task, state, node, now=0.0)
+
+    local = report[keys.LOCAL_ONLY]
+    assert local["compared_with"] in ("global", "personalized") and isinstance(local["why"], str)
+    assert local["served"] == (report["chosen"] == keys.LOCAL_ONLY)
+    kept = load_exported(tmp_path / "own" / "north" / keys.LOCAL_ONLY)
+    data = load_region("north", region.data, task.labels)
+    again = train_local_only("north", data, task.model, task.lora, task.labels, task.train, task.rounds, seed=task.seed)
+    mine = adapter_state(again.model)
+    saved = adapter_state(kept.model)  # type: ignore[arg-type]  # load_exported gives the PeftModel it loaded
+    assert all(np.allclose(saved[k], v.numpy(), atol=1e-6) for k, v in mine.items())

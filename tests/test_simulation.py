@@ -39,6 +39,11 @@ def test_summary_contract(run: tuple[Path, Path]) -> None:
         for mode in ("federated", "local_only", "centralized"):
             assert 0.0 <= region[mode]["accuracy"] <= 1.0
             assert 0.0 <= region[mode]["macro_f1"] <= 1.0
+        # no personalization: the region serves the global model, compared with its local-only one on test
+        against = region["served_vs_local_only"]
+        assert against["served"] == "global" and against["low"] <= against["diff"] <= against["high"]
+        assert against["diff"] == pytest.approx(region["federated"]["macro_f1"] - region["local_only"]["macro_f1"])
+        assert against["reaches_zero"] == (against["high"] >= 0)
     for mode in ("federated", "local_only", "centralized"):
         assert set(summary["overall"][mode]) == {"accuracy", "macro_f1"}
     comm = summary["communication"]
@@ -70,6 +75,7 @@ def test_report_and_adapter_written(run: tuple[Path, Path]) -> None:
     _, out = run
     report = (out / "report.md").read_text()
     assert "north" in report and "south" in report
+    assert "## Served model vs local-only" in report
     assert (out / "val_by_round.png").stat().st_size > 1000
     assert (out / "checkpoints" / "round-002" / "adapter_model.safetensors").exists()
 
