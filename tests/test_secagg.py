@@ -521,7 +521,7 @@ def test_check_counts_the_dp_metrics_of_a_dp_region_s_masked_reply(tmp_path: Pat
         tmp_path, tiny_bert, regions, write_policy(tmp_path, "north", **dp), train=TRAIN, rounds=1, aggregation=secure
     )
     cfg = load_config(path)
-    plan = _dp_plan(cfg, load_policies(cfg)["north"], cfg.regions[0], 40)
+    plan = _dp_plan(cfg, load_policies(cfg)["north"], cfg.regions[0], 40, cfg.personalize)
     assert plan is not None and not isinstance(plan, str)
     tensors = check_model(cfg.model, cfg.lora, cfg.labels).tensors.values()
     bare = sum(packed_size(nbytes // 4, params.modulus) for _, _, nbytes in tensors) + packed_size(2, params.modulus)
