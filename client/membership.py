@@ -246,7 +246,9 @@ def audit_scored(
     """Both attacks on every target model of a region, from log-probabilities already computed.
 
     ``references`` are the reference models' scores on the same records (at least one). The bootstrap of each
-    (model, attack) is seeded from ``seed`` and its position, so the same inputs always give the same interval.
+    (model, attack) is seeded from ``seed`` and its position, so the same inputs always give the same interval;
+    a model whose scores equal an earlier one's (a region that serves the global adapter) gets that model's
+    results, not a second bootstrap that would give the same model another interval.
     """
     if not references:
         raise ValueError("the reference attack needs at least one reference model")
@@ -254,6 +256,10 @@ def audit_scored(
     ref_n = np.stack([r.nonmembers for r in references])
     results: dict[str, dict[str, AttackResult]] = {}
     for i, (model, scored) in enumerate(targets.items()):
+        earlier = next((m for m, s in targets.items() if m in results and _same_scores(s, scored)), None)
+        if earlier is not None:
+            results[model] = dict(results[earlier])
+            continue
         results[model] = {
             LOSS: attack(
                 loss_scores(scored.members), loss_scores(scored.nonmembers), bootstrap=bootstrap, seed=seed + 2 * i
@@ -272,6 +278,10 @@ def audit_scored(
         len(first.nonmembers) if first else 0,
         results,
     )
+
+
+def _same_scores(a: Scored, b: Scored) -> bool:
+    return a is b or (np.array_equal(a.members, b.members) and np.array_equal(a.nonmembers, b.nonmembers))
 
 
 @dataclass(frozen=True)

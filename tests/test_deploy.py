@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from common.audit import EGRESS, SENT, read_entries
@@ -17,7 +20,7 @@ from common.runfiles import LEDGER_FILE, PERSONALIZED_REPORT, PUBLIC_KEY_FILE
 from deploy.config import load_deploy, read_deploy
 from deploy.launch import Cluster, LaunchError, ServerIdentityError, check_server_identity
 from deploy.pki import create_ca, create_node_keys, create_server_cert, pinned_fingerprint
-from deploy.plan import Layout, create_credentials, layout, node_config, render
+from deploy.plan import Layout, create_credentials, environment, layout, node_config, render
 from fedlocale import deploy_cmd
 from fedlocale.cli import main
 from tests.conftest import make_tiny_model, tiny_config, write_region
@@ -52,7 +55,7 @@ def _deployment(
     model: Path,
     regions: Path,
     link: int | None = None,
-    node_extra: dict[str, dict[str, str]] | None = None,
+    node_extra: Mapping[str, Mapping[str, object]] | None = None,
     **run_extra: object,
 ) -> tuple[Path, Layout]:
     """deploy.yaml (SuperLink on ``link``, default a free port) with ``node_extra`` added to the nodes' entries."""
@@ -95,7 +98,12 @@ def test_deployment_with_tls_and_node_auth_matches_the_simulation(
         tmp_path,
         tiny_bert,
         three_regions,
-        node_extra={"east": {"personalize": "personalize.yaml"}},
+        # and keeps the global adapters it receives for its own privacy audit, one round of them (of the two);
+        # north keeps them too, in the same folder (its own subfolder), as many as the default allows
+        node_extra={
+            "east": {"personalize": "personalize.yaml", "keep_globals": "kept", "keep_globals_count": 1},
+            "north": {"keep_globals": "kept"},
+        },
         policies=str(policies),
         audit={"keep_updates": True},
     )
@@ -147,6 +155,7 @@ def test_deployment_with_tls_and_node_auth_matches_the_simulation(
     assert "fedlocale deploy init" in render(lay, deploy_file)
     _check_audit(lay, outcome)
     _check_personalized(lay)
+    _check_node_audit(lay, tmp_path)
 
 
 def _check_personalized(lay: Layout) -> None:
@@ -162,6 +171,92 @@ def _check_personalized(lay: Layout) -> None:
     assert (east.personal_dir / "east" / "personalized" / "adapter_model.safetensors").is_file()
     assert _max_diff(east.personal_dir / "east" / "global", lay.out / "adapter") <= 1e-6
     assert all(node.personal_dir is None for node in others)
+
+
+def _check_node_audit(lay: Layout, tmp_path: Path) -> None:
+    """East kept, bounded, the global adapters its real SuperNode received; its operator's `fedlocale audit node`
+    (the CLI, in a shell elsewhere, with the SuperNode's own --node-config string) audits them against its data."""
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from client.node_audit import KEPT_SUFFIX, REPORT_JSON, REPORT_MD, kept_globals
+    from common.model import adapter_state, build_model
+
+    east, north, south = lay.nodes
+    keep = tmp_path.resolve() / "kept"
+    assert (east.keep_globals, east.keep_globals_count, north.keep_globals, north.keep_globals_count) == (
+        keep,
+        1,
+        keep,
+        None,
+    )
+    assert south.keep_globals is None and sorted(p.name for p in keep.iterdir()) == ["east", "north"]
+    deployed = json.loads((lay.out / "federation.json").read_text())
+    best = deployed["best_round"]
+    server = load_file(str(lay.out / "adapter" / "adapter_model.safetensors"))
+
+    def same(kept_path: Path, other: dict[str, torch.Tensor]) -> bool:
+        mine = load_file(str(kept_path))
+        return mine.keys() == other.keys() and all(torch.equal(mine[k], other[k]) for k in mine)
+
+    # rounds 0 and 1 arrived with the train messages, the best round's with the test evaluation: east keeps the
+    # newest one round and the delivered one, north (default 3) all of them
+    for region, ordinary in (("east", {1}), ("north", {0, 1})):
+        kept = kept_globals(keep, region)
+        (delivered,) = [k for k in kept if k.delivered]
+        assert delivered.round == best and {k.round for k in kept if not k.delivered} == ordinary - {best}, kept
+        assert sorted(p.name for p in (keep / region).iterdir()) == [
+            f"round-{r:03d}{KEPT_SUFFIX}" for r in sorted(ordinary | {best})
+        ]
+        # the delivered one is the adapter the run delivered, with the server's task
+        assert same(delivered.path, server) and delivered.task.region_names == ("east", "north", "south")
+    # the audit's fallback reference, the initial adapter rebuilt from the task's seed on the node, is the very
+    # one the SuperLink's ServerApp built and sent (north kept it): the fallback east's audit uses below is sound
+    task = kept_globals(keep, "north")[0].task
+    initial = adapter_state(build_model(task.model, task.lora, task.labels, seed=task.seed).model)
+    assert same(keep / "north" / f"round-000{KEPT_SUFFIX}", initial)
+
+    out, elsewhere = tmp_path / "east-privacy", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run(
+        [str(BIN / "fedlocale"), "audit", "node", "--node-config", node_config(east), "--out", str(out)],
+        cwd=elsewhere,
+        env={**os.environ, **environment(lay)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and f"report: {out / REPORT_MD}" in done.stdout
+    body = json.loads((out / REPORT_JSON).read_text())
+    assert (body["region"], body["delivered_round"]) == ("east", best)
+    assert east.personal_dir is not None
+    chosen = json.loads((east.personal_dir / "east" / PERSONALIZED_REPORT).read_text())["chosen"]
+    assert body["served"] == ("personalized" if chosen == "personalized" else "global"), (chosen, body)
+    # references: round 1's kept adapter when round 2 was delivered, else (round 0 pruned) the initial adapter
+    assert len(body["references"]) == 1
+    assert body["references"][0].startswith("round-001" if best == 2 else "round 0: the initial global adapter")
+    assert (body["members"], body["nonmembers"]) == (24, 24)  # as many members as east's 24 test records
+    for model in ("global", "served"):
+        for attack in ("loss", "reference"):
+            result = body["models"][model][attack]
+            low, high = result["auc_ci95"]
+            assert 0.0 <= low <= high <= 1.0 and 0.0 <= result["auc"] <= 1.0, (model, result)
+    # nothing of a record leaves: no member's text in what the audit wrote
+    members = [json.loads(line)["text"] for line in (east.data / "train.jsonl").read_text().splitlines()]
+    written = (out / REPORT_JSON).read_text() + (out / REPORT_MD).read_text()
+    assert not [text for text in members if text in written]
+    assert sorted(p.name for p in out.iterdir()) == [REPORT_JSON, REPORT_MD]
+    # north (in this process: the CLI's start-up is paid once above) serves the global adapter and calibrates on
+    # the round it kept before the delivered one
+    assert main(["audit", "node", "--node-config", node_config(north), "--out", str(tmp_path / "north-privacy")]) == 0
+    body = json.loads((tmp_path / "north-privacy" / REPORT_JSON).read_text())
+    assert (body["region"], body["delivered_round"], body["served"]) == ("north", best, "global")
+    assert body["references"] == [f"round-{r:03d} (kept global adapter)" for r in range(best)]
+    assert body["models"]["served"] == body["models"]["global"]  # the same model: the same numbers
+    assert all(0.0 <= r["auc"] <= 1.0 for r in body["models"]["global"].values())
 
 
 def _check_audit(lay: Layout, outcome: object) -> None:

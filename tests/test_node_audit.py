@@ -120,8 +120,8 @@ def test_a_node_keeps_what_it_received_and_audits_it_with_aggregate_numbers_only
         hit = body["models"]["global"][attack]
         assert hit["auc"] > 0.7 and hit["auc_ci95"][0] > 0.6, (attack, hit)  # well above chance
         assert hit["tpr_at_fpr"] == {"0.01": None, "0.001": None}  # 48 non-members resolve neither
-    served, delivered = body["models"]["served"], body["models"]["global"]  # this node serves the global adapter
-    assert [served[a]["auc"] for a in ("loss", "reference")] == [delivered[a]["auc"] for a in ("loss", "reference")]
+    # this node serves the global adapter: the same model, the same numbers (intervals too)
+    assert body["models"]["served"] == body["models"]["global"]
     # nothing per record: no member's text, and no number of the report is any record's score
     data = Path(str(deployed_node[keys.NODE_DATA_DIR]))
     members = [json.loads(line)["text"] for line in (data / "train.jsonl").read_text().splitlines()]

@@ -15,8 +15,10 @@ from client.membership import (
     LOSS,
     REFERENCE,
     Predictor,
+    Scored,
     auc,
     audit_region,
+    audit_scored,
     average_ranks,
     bootstrap_auc,
     reference_scores,
@@ -87,6 +89,28 @@ def test_bootstrap_interval_is_seeded_and_holds_the_auc() -> None:
     assert first == bootstrap_auc(members, nonmembers, rounds=300, seed=11)
     assert first != bootstrap_auc(members, nonmembers, rounds=300, seed=12)
     assert first[0] < auc(members, nonmembers) < first[1]
+
+
+def test_a_model_audited_twice_gets_the_same_numbers_and_the_others_keep_theirs() -> None:
+    """A region that serves the global adapter has it as its served model too: the same scores must give the same
+    interval, not a second bootstrap seeded by its position (an auditor would read two intervals as two models)."""
+    rng = np.random.default_rng(5)
+
+    def scored(shift: float) -> Scored:
+        return Scored(rng.normal(shift, 1, 40), rng.normal(0, 1, 40))
+
+    delivered, personalized, update, ref = scored(0.4), scored(0.2), scored(0.8), scored(0.1)
+    copy = Scored(delivered.members.copy(), delivered.nonmembers.copy())
+    same = audit_scored("r", {"global": delivered, "served": copy, "update": update}, [ref], bootstrap=300, seed=7)
+    numbers = same.to_json()["models"]
+    assert numbers["served"] == numbers["global"]
+    own = audit_scored(
+        "r", {"global": delivered, "served": personalized, "update": update}, [ref], bootstrap=300, seed=7
+    )
+    own_numbers = own.to_json()["models"]
+    assert own_numbers["served"] != own_numbers["global"]  # a served model of its own is audited on its own
+    # and the other models' numbers do not depend on whether the served one was the global one
+    assert (own_numbers["global"], own_numbers["update"]) == (numbers["global"], numbers["update"])
 
 
 def test_reference_score_is_the_log_likelihood_ratio_over_the_mean_reference() -> None:
