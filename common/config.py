@@ -505,11 +505,17 @@ class AuditSettings:
     # simulation only: this many synthetic secret-like records (canaries, client.canaries) inserted into each
     # region's training data, seeded; the privacy audit reports each model's exposure of them. 0: none
     canaries: int = 0
+    # the privacy audit's reference models: the global adapters of this many rounds just before the delivered
+    # one (fewer when the run has fewer). Each costs one pass over every audited record, about a fifth of the
+    # demo's audit; the latest rounds are the strongest references (docs/audit.md, benchmarks/bench_privacy.py)
+    references: int = 2
 
     def __post_init__(self) -> None:
         problems = []
         if isinstance(self.canaries, bool) or not 0 <= self.canaries <= 1000:
             problems.append(("canaries", f"must be a whole number in [0, 1000], got {self.canaries!r}"))
+        if isinstance(self.references, bool) or not isinstance(self.references, int) or not 1 <= self.references <= 100:
+            problems.append(("references", f"must be a whole number in [1, 100], got {self.references!r}"))
         check(problems)
 
 

@@ -76,6 +76,14 @@ def add_parsers(sub: Any) -> None:
     privacy.add_argument(
         "--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples of each AUC (default 1000)"
     )
+    privacy.add_argument(
+        "--references",
+        type=int,
+        default=None,
+        metavar="N",
+        help="reference models: the global adapters of the N rounds just before the delivered one (default: the "
+        "run's audit.references, 2); each costs one pass over the audited records",
+    )
     node = actions.add_parser(
         "node",
         help="on a region's node: membership-inference audit of the adapters the node holds, against its own data",
@@ -205,7 +213,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.audit_command == "policy":
         return cmd_policy(args.files)
     if args.audit_command == "privacy":
-        return cmd_privacy(args.run_dir, args.regions, args.bootstrap)
+        return cmd_privacy(args.run_dir, args.regions, args.bootstrap, args.references)
     if args.audit_command == "node":
         return cmd_node_audit(args.node_config, args.out, args.overwrite, args.bootstrap)
     if args.audit_command == "report" and args.out.exists() and not args.out.is_dir():
@@ -221,14 +229,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if result.ok else EXIT_BROKEN
 
 
-def cmd_privacy(run_dir: Path, regions: Sequence[str], bootstrap: int) -> int:
+def cmd_privacy(run_dir: Path, regions: Sequence[str], bootstrap: int, references: int | None = None) -> int:
     """Run the membership-inference audit, then write summary.json's privacy section and the privacy report."""
     from common.runfiles import read_summary, write_summary
     from runfolder.privacy import audit_privacy, with_privacy, write_privacy_report
 
     if bootstrap < 100:
         raise InputError(f"--bootstrap {bootstrap}: must be >= 100 for a 95 % interval")
-    audit = audit_privacy(run_dir, regions, bootstrap=bootstrap)
+    if references is not None and references < 1:
+        raise InputError(f"--references {references}: must be >= 1 (the reference attack needs a reference model)")
+    audit = audit_privacy(run_dir, regions, bootstrap=bootstrap, reference_count=references)
     write_summary(run_dir, with_privacy(read_summary(run_dir), audit))
     print(f"report: {write_privacy_report(run_dir, audit)}")
     return 0

@@ -134,6 +134,19 @@ def _rounds(run_dir: Path) -> tuple[int, int, list[int]]:
     return rounds[-1], adapter_round, earlier
 
 
+def pick_references(run_dir: Path, earlier: Sequence[int], rounds: Sequence[int] | None, count: int) -> list[int]:
+    """The reference rounds: ``rounds`` when given (each must be one of ``earlier``), else the ``count`` latest of
+    ``earlier`` (the rounds before the delivered adapter's), which are the strongest references."""
+    chosen = list(rounds) if rounds is not None else list(earlier[-count:])
+    missing = [r for r in chosen if r not in earlier]
+    if missing or not chosen:
+        raise PrivacyAuditError(
+            f"{run_dir / CHECKPOINTS_DIR}: reference round(s) {missing or chosen} not among the earlier rounds kept "
+            f"({', '.join(map(str, earlier))})"
+        )
+    return chosen
+
+
 def _weights(folder: Path) -> bytes | None:
     path = folder / WEIGHTS
     return path.read_bytes() if path.is_file() else None
@@ -254,25 +267,22 @@ def audit_privacy(
     *,
     bootstrap: int = DEFAULT_BOOTSTRAP,
     reference_rounds: Sequence[int] | None = None,
+    reference_count: int | None = None,
     say: Callable[[str], None] = print,
     clock: Callable[[], float] = time.perf_counter,
 ) -> PrivacyAudit:
     """The membership-inference audit of ``run_dir`` for ``regions`` (all when empty); writes nothing.
 
     Each model loads once and scores every audited region's records (the global adapter and the references are
-    the same for all regions). ``reference_rounds`` picks the checkpoints used as references (default: every
-    round before the global adapter's; round 0, the initial adapter, when there is none).
+    the same for all regions). ``reference_rounds`` picks the checkpoints used as references; by default they
+    are the ``reference_count`` (default: the run's ``audit.references``) rounds just before the global
+    adapter's, or round 0, the initial adapter, when there is none.
     """
     start = clock()
     run, cfg, names = check_run(run_dir, regions)
     final, adapter_round, earlier = _rounds(run_dir)
-    chosen = list(reference_rounds) if reference_rounds is not None else earlier
-    missing = [r for r in chosen if r not in earlier]
-    if missing or not chosen:
-        raise PrivacyAuditError(
-            f"{run_dir / CHECKPOINTS_DIR}: reference round(s) {missing or chosen} not among the earlier rounds kept "
-            f"({', '.join(map(str, earlier))})"
-        )
+    count = reference_count if reference_count is not None else cfg.audit.references
+    chosen = pick_references(run_dir, earlier, reference_rounds, count)
     records = {name: region_records(cfg, name) for name in names}
     size = cfg.train.eval_batch_size
     length = cfg.model.max_length

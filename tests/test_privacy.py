@@ -26,7 +26,9 @@ from client.membership import (
     roc_curve,
     tpr_at_fpr,
 )
+from common.config import AuditSettings
 from common.data import Example
+from common.errors import ConfigError
 from fedlocale.cli import main
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -225,6 +227,25 @@ def test_cli_refuses_an_unknown_region_and_missing_checkpoints(
     shutil.rmtree(run / "checkpoints")
     assert main(["audit", "privacy", str(run)]) == 2
     assert "checkpoints: no such folder" in capsys.readouterr().err
+
+
+def test_the_references_are_the_latest_rounds_before_the_delivered_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """By default the audit calibrates against the ``audit.references`` rounds just before the delivered adapter
+    (each costs a pass over every record; a 12-round run would otherwise take 11); explicit rounds must be
+    earlier ones."""
+    from runfolder.privacy import PrivacyAuditError, pick_references
+
+    assert pick_references(tmp_path, [1, 2, 3, 4, 5], None, 2) == [4, 5]
+    assert pick_references(tmp_path, [0], None, 2) == [0]  # only the initial adapter before round 1's
+    assert pick_references(tmp_path, [1, 2, 3], [1, 3], 2) == [1, 3]
+    with pytest.raises(PrivacyAuditError, match=r"reference round\(s\) \[4\] not among the earlier rounds kept"):
+        pick_references(tmp_path, [1, 2, 3], [1, 4], 2)
+    with pytest.raises(ConfigError, match="references: must be a whole number in"):
+        AuditSettings(references=0)
+    assert main(["audit", "privacy", str(tmp_path), "--references", "0"]) == 2
+    assert "--references 0: must be >= 1" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ canaries
