@@ -32,7 +32,7 @@ from client.task import (
 )
 from client.train import TrainResult
 from common import keys
-from common.config import ClientTask, PersonalizeSettings, Region
+from common.config import ClientTask, PersonalizeSettings, Region, load_config
 from common.runfiles import AUDIT_DIR, NODES_DIR, SIMULATED_CACHE_DIR
 from common.secagg import SecAggParams, decode, encode
 from common.seeds import derive_seed
@@ -55,6 +55,7 @@ def _locate(
     cache_root: Path | None,
     canaries: int = 0,
     personalize_plan: PersonalizeSettings | None = None,
+    sim_seed: int | None = None,
 ) -> NodeMessage:
     """The region this node serves and the node's own settings (policy, ledger folder, cache, threads)."""
     region = resolve_region(context.node_config, context.run_config, sim_regions)
@@ -68,8 +69,20 @@ def _locate(
         audit_root = run_dir / AUDIT_DIR / NODES_DIR
     if cache_root is None and run_dir is not None:
         cache_root = run_dir / SIMULATED_CACHE_DIR
-    node = simulated_node(region, context.node_config, audit_root, personal, cache_root, canaries, personalize_plan)
+    # its DP secret is derived from the run's seed (simulation only: reproducible, and the "server" is this
+    # same process); the seed is the simulator's, or with stock Flower tooling the run config file's
+    run_seed = sim_seed if sim_seed is not None else _config_seed(context)
+    node = simulated_node(
+        region, context.node_config, audit_root, personal, cache_root, canaries, personalize_plan, run_seed
+    )
     return NodeMessage(region, node)
+
+
+def _config_seed(context: Context) -> int | None:
+    """The seed of the run config file the run config's ``config`` key names (a simulation with stock Flower
+    tooling); None when it names none."""
+    path = context.run_config.get(keys.RUN_CONFIG_PATH)
+    return load_config(Path(path)).seed if isinstance(path, str) else None
 
 
 def _parse(msg: Message, here: NodeMessage) -> tuple[ClientTask, int, dict[str, torch.Tensor]]:
@@ -86,16 +99,18 @@ def make_app(
     cache_root: Path | None = None,
     canaries: int = 0,
     personalize_plan: PersonalizeSettings | None = None,
+    sim_seed: int | None = None,
 ) -> ClientApp:
     """Build the ClientApp; the in-process simulator passes the run's regions (and where the simulated nodes
     keep their ledgers, with personalize mode dual their personal LoRA, and how many canaries each inserts into
     its training data, audit.canaries, and the personalization the run does after the rounds, whose DP-SGD
-    steps a DP node plans for, personalize.dp), deployment passes nothing.
+    steps a DP node plans for, personalize.dp, and the run's seed its simulated nodes derive their DP secrets
+    from, ``client.task.simulated_node``), deployment passes nothing.
     Every reply passes the egress guard, which locates the node once per message and hands the handler that
     ``NodeMessage`` (through ``inflight``); the handler loads the region's data through it, once."""
 
     def locate(msg: Message, context: Context) -> NodeMessage:
-        return _locate(context, sim_regions, audit_root, personal, cache_root, canaries, personalize_plan)
+        return _locate(context, sim_regions, audit_root, personal, cache_root, canaries, personalize_plan, sim_seed)
 
     inflight = InFlight()
     app = ClientApp(mods=[egress_guard(locate, inflight)])

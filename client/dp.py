@@ -16,12 +16,16 @@ charged again. A round that would take the spent epsilon past the budget is refu
 and the run goes on with the others. No DP arithmetic is done here: epsilon always comes from Opacus's
 accountants.
 
+The Poisson sampling and the Gaussian noise are seeded from the node's DP secret (``client.dp_secret``), which
+never leaves the node: the server knows the run's seed, and noise it could regenerate would protect nothing.
+
 The training loop knows none of this: ``DpSgd`` is the ``private`` wrapper ``client.train.train_encoded``
 applies to its model, optimizer and batch plan, in the shape of Opacus's ``make_private``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Iterator, Sequence
@@ -37,6 +41,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from client.dp_secret import DpSecret, resolve_secret
 from common.config import ClientTask, DpSettings
 from common.policy import DpRecord, DpRequirement, PolicyError, RegionPolicy
 from common.runfiles import DP_ACCOUNT_FILE, write_json
@@ -336,14 +341,29 @@ def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool) -> str | None:
 class DpSgd:
     """The ``private`` wrapper of ``client.train.train_encoded``: per-example gradients (GradSampleModule),
     clipping to ``clip`` and noise ``noise_multiplier * clip`` per step (DPOptimizer), and the batch plan
-    replaced by Poisson-sampled batches of as many steps. ``close`` removes Opacus's hooks from the model."""
+    replaced by Poisson-sampled batches of as many steps. ``close`` removes Opacus's hooks from the model.
 
-    def __init__(self, noise_multiplier: float, clip: float, sample_rate: float, num_examples: int, seed: int):
+    ``sampling_seed`` and ``noise_seed`` seed the Poisson sampling and the Gaussian noise; the guarantee holds
+    only against whoever cannot compute them, so they come from the node's secret (``seeds``), never from
+    anything the server knows."""
+
+    def __init__(
+        self,
+        noise_multiplier: float,
+        clip: float,
+        sample_rate: float,
+        num_examples: int,
+        *,
+        sampling_seed: int,
+        noise_seed: int,
+    ):
         self.noise_multiplier = noise_multiplier
         self.clip = clip
         self.sample_rate = sample_rate
         self.num_examples = num_examples
-        self.seed = seed
+        # both must be secret to the node (client.dp_secret): whoever knows them can undo the noise
+        self.sampling_seed = sampling_seed
+        self.noise_seed = noise_seed
         self._wrapped: GradSampleModule | None = None
         # True once the model and optimizer are private: from then on training may have touched the data
         self.applied = False
@@ -355,14 +375,14 @@ class DpSgd:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Full backward hook is firing when ... no inputs require gradients"
             self._wrapped = GradSampleModule(model, loss_reduction="mean")
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.sampling_seed)
         dp_optimizer = _PoissonDPOptimizer(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.clip,
             expected_batch_size=max(1, round(self.sample_rate * self.num_examples)),
             loss_reduction="mean",
-            generator=torch.Generator().manual_seed(self.seed + 1),
+            generator=torch.Generator().manual_seed(self.noise_seed),
         )
         batches = poisson_batches(self.num_examples, self.sample_rate, len(order), generator)
         self.applied = True
@@ -373,6 +393,20 @@ class DpSgd:
         if self._wrapped is not None:
             self._wrapped._close()
             self._wrapped = None
+
+
+def seeds(
+    secret: DpSecret, server_round: int, region: str, purpose: str, inputs: bytes, private: tuple[float, ...]
+) -> dict[str, int]:
+    """``DpSgd``'s ``sampling_seed`` and ``noise_seed`` for one training (``purpose``: "round" or "personalize"),
+    derived from the node's ``secret`` (``client.dp_secret``), the digest of the training's ``inputs`` and its
+    ``private`` settings (noise multiplier, clip, sampling rate, examples, steps): the same noise again only for
+    exactly the same training."""
+    context = hashlib.sha256(inputs + json.dumps([float(x) for x in private]).encode()).digest()
+    return {
+        "sampling_seed": secret.seed(server_round, region, f"{purpose}/sampling", context),
+        "noise_seed": secret.seed(server_round, region, f"{purpose}/noise", context),
+    }
 
 
 def poisson_batches(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator) -> list[list[int]]:
@@ -390,9 +424,10 @@ def dp_training(
     task: ClientTask,
     num_examples: int,
     steps: int,
-    seed: int,
     augmented: bool,
     *,
+    secret: bytes | None = None,
+    inputs: bytes = b"",
     dual: bool = False,
     personalize_steps: int = 0,
 ) -> Iterator[DpSgd | None]:
@@ -402,7 +437,11 @@ def dp_training(
     any training when the budget does not allow the round or the settings cannot train under DP
     (``dp_conflict``; ``dual``: the node trains a personal LoRA alongside, personalize mode dual).
     ``personalize_steps``: the DP-SGD steps of the personalization the node runs after the rounds
-    (``personalize.dp``), which the calibration before round 1 plans for beside the rounds'."""
+    (``personalize.dp``), which the calibration before round 1 plans for beside the rounds'.
+
+    The sampling and the noise are seeded from ``secret`` (a simulation's or a test's; None: the node's own
+    secret file in ``folder``, made on first use, ``client.dp_secret``) and ``inputs``, the digest of what the
+    training depends on (``client.dp_secret.inputs_digest``); ``DpSecretError`` when that file is damaged."""
     if policy is None or policy.require_dp is None:
         yield None
         return
@@ -414,11 +453,25 @@ def dp_training(
     conflict = dp_conflict(task, augmented=augmented, dual=dual)
     if conflict is not None:
         raise DpRefused(f"region {region}: {conflict}")
+    key = resolve_secret(secret, folder)  # before anything is charged: a damaged secret stops the round here
     accountant = Accountant.load(folder)
     account, charge, after = open_account(
         accountant, policy.require_dp, region, task, num_examples, steps, personalize_steps
     )
-    private = DpSgd(account.noise_multiplier, account.clip, account.sample_rate, num_examples, seed)
+    private = DpSgd(
+        account.noise_multiplier,
+        account.clip,
+        account.sample_rate,
+        num_examples,
+        **seeds(
+            key,
+            task.server_round,
+            region,
+            "round",
+            inputs,
+            (account.noise_multiplier, account.clip, account.sample_rate, num_examples, steps),
+        ),
+    )
     try:
         yield private
     finally:
@@ -439,14 +492,17 @@ def dp_personalizing(
     num_examples: int,
     steps: int,
     batch_size: int,
-    seed: int,
+    *,
+    secret: bytes | None = None,
+    inputs: bytes = b"",
 ) -> Iterator[DpSgd | None]:
     """The DP-SGD wrapper of the personalization of run ``run_key`` on this node (``personalize.dp``), after
     round ``after_round``: ``steps`` steps on ``num_examples`` examples, Poisson-sampled at ``batch_size`` /
     ``num_examples``, with the account's noise and clip (calibrated before round 1 for the rounds and this
     personalization). None when the policy requires no DP (there is no budget to spend: the personalization
     trains plainly). Charged to the run's account once applied, as ``dp_training`` charges a round; a wrapper
-    never applied (mode dual under DP, which trains nothing after the rounds) charges nothing.
+    never applied (mode dual under DP, which trains nothing after the rounds) charges nothing. Seeded from
+    ``secret`` and ``inputs`` as ``dp_training`` is.
 
     ``DpRefused`` before any training when the node has no account of the run (it trained no round under
     DP-SGD) or the steps would take the spent epsilon past the policy's budget (a plan calibrated without them,
@@ -459,6 +515,7 @@ def dp_personalizing(
             f"region {region}: personalize.dp: the policy requires differential privacy and the node has no "
             "audit-dir, where its privacy accountant is kept"
         )
+    key = resolve_secret(secret, folder)
     accountant = Accountant.load(folder)
     account = accountant.accounts.get(run_key)
     if account is None:
@@ -487,7 +544,20 @@ def dp_personalizing(
             f"({steps} steps) would reach {after:.4g} (delta {account.delta:g}, policy delta {requirement.delta:g}); "
             f"{why}"
         )
-    private = DpSgd(account.noise_multiplier, account.clip, sample_rate, num_examples, seed)
+    private = DpSgd(
+        account.noise_multiplier,
+        account.clip,
+        sample_rate,
+        num_examples,
+        **seeds(
+            key,
+            after_round,
+            region,
+            "personalize",
+            inputs,
+            (account.noise_multiplier, account.clip, sample_rate, num_examples, steps),
+        ),
+    )
     try:
         yield private
     finally:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from client.dp import dp_personalizing, dp_training, personalization_record
+from client.dp_secret import inputs_digest, simulated_secret
 from client.local_only import train_local_only
 from client.personal import (
     PersonalStateError,
@@ -74,6 +76,9 @@ class NodeSettings:
     # the node's data pipeline (``client.pipeline.node_data``, or a wrapper of it such as the simulation's
     # canaries, ``client.canaries.with_canaries``): what ``load_data`` reads the region through
     pipeline: Callable[..., NodeData] = node_data
+    # the 32 secret bytes that seed DP-SGD's sampling and noise (client.dp_secret); None: the node's own secret
+    # file in audit_dir, made on first use. Only a simulation (derived from the run's seed) or a test sets it
+    dp_secret: bytes | None = field(default=None, repr=False)
 
 
 def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
@@ -152,12 +157,16 @@ def simulated_node(
     cache_root: Path | None = None,
     canaries: int = 0,
     personalize_plan: PersonalizeSettings | None = None,
+    run_seed: int | None = None,
 ) -> NodeSettings:
     """A simulated node's settings: its operator's choices come from the run config's region entry;
     ``personal`` is where its personal LoRA stays when the run personalizes with mode dual, ``cache_root`` the
     folder of its token cache (``cache_root/REGION``) unless its node config names one; ``canaries``
     synthetic secrets are inserted into its training data (``audit.canaries``, for the privacy audit);
-    ``personalize_plan`` the run's personalization after the rounds (its DP-SGD steps are planned for)."""
+    ``personalize_plan`` the run's personalization after the rounds (its DP-SGD steps are planned for);
+    ``run_seed`` the run's seed, from which its DP secret is derived (``client.dp_secret.simulated_secret``: a
+    simulation-only convenience that keeps simulations reproducible; None: a secret file in its audit dir, as a
+    deployed node has)."""
     from client.canaries import with_canaries
 
     base = node_settings(node_config)
@@ -171,6 +180,7 @@ def simulated_node(
         personal_rank=personal.rank if personal else base.personal_rank,
         pipeline=with_canaries(base.pipeline, canaries) if canaries else base.pipeline,
         personalize_plan=personalize_plan,
+        dp_secret=simulated_secret(run_seed, region.name) if run_seed is not None else None,
     )
 
 
@@ -304,7 +314,18 @@ def train_round(
     # the personalization after the rounds (personalize.dp) spends from the same budget: planned for now
     later = dp_steps(planned_personalization(node), settings, n)
     dp = dp_training(
-        node.policy, node.audit_dir, region.name, task, n, steps, seed, augmented, dual=dual, personalize_steps=later
+        node.policy,
+        node.audit_dir,
+        region.name,
+        task,
+        n,
+        steps,
+        augmented,
+        secret=node.dp_secret,
+        # the noise is the node's secret's, and fresh for anything trained on other inputs (client.dp_secret)
+        inputs=_round_inputs(state, task, encoded) if _needs_dp(node) else b"",
+        dual=dual,
+        personalize_steps=later,
     )
     with keep, dp as private:
         result = train_encoded(
@@ -312,6 +333,27 @@ def train_round(
         )
     # augmented copies are not new examples: the FedAvg weight stays the region's real training-set size
     return adapter_state(loaded.model), replace(result, num_examples=len(data.data.train))
+
+
+def _round_inputs(state: Mapping[str, torch.Tensor], task: ClientTask, encoded: Encoded) -> bytes:
+    """The digest of what a round's DP-SGD training depends on (``client.dp_secret``): the adapter it starts
+    from, the task's settings (all but the run key, drawn at random per run: a simulation must reproduce) and the
+    training data."""
+    settings = replace(task, run_key="").to_json()
+    return inputs_digest(state, settings, json.dumps([encoded.ids, encoded.labels]))
+
+
+def _needs_dp(node: NodeSettings) -> bool:
+    return node.policy is not None and node.policy.require_dp is not None
+
+
+def personalization_inputs(
+    start: LoadedModel, task: str, settings: PersonalizeSettings, train: Sequence[Example]
+) -> bytes:
+    """The digest of what a personalization under ``personalize.dp`` depends on (``client.dp_secret``): the
+    adapter it starts from, the run's ``task`` settings (JSON), its own settings and the training examples."""
+    data = json.dumps([[ex.text, ex.label] for ex in train])
+    return inputs_digest(adapter_state(start.model), task, repr(settings), data)
 
 
 def personal_state(region: Region, task: ClientTask, node: NodeSettings) -> tuple[Path, str, int]:
@@ -516,7 +558,8 @@ def personalize_node(
             n,
             dp_steps(settings, task.train, n),
             task.train.batch_size,
-            derive_seed(task.seed, "personalize-dp", region.name),
+            secret=node.dp_secret,
+            inputs=personalization_inputs(start.model, replace(task, run_key="").to_json(), settings, examples.train),
         )
     with private as wrapper:
         result, record = personalize_region(

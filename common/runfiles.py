@@ -78,6 +78,9 @@ KEY_FILE: Final = "ledger.key"
 PUBLIC_KEY_FILE: Final = "ledger.pub"
 # a node's privacy accountant (client.dp), beside its ledger: what each run's DP-SGD has spent of the budget
 DP_ACCOUNT_FILE: Final = "dp-accountant.json"
+# a deployed node's DP secret (client.dp_secret), beside its accountant: 32 random bytes (mode 0600) that seed its
+# DP-SGD sampling and noise; as sensitive as the data. A simulation derives its nodes' secrets and writes none
+DP_SECRET_FILE: Final = "dp-secret.key"
 AUDIT_REPORT_FILE: Final = "audit-report.md"
 AUDIT_PLOT: Final = "audit-bytes-{}.png"  # .format(region)
 PRIVACY_REPORT_FILE: Final = "privacy-report.md"  # the membership-inference audit (fedlocale audit privacy)

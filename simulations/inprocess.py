@@ -24,7 +24,7 @@ class InProcessGrid:
     it, as a node that crashed would; ``sent`` logs every message type sent."""
 
     def __init__(self, cfg: RunConfig, audit_root: Path, base: int = 100) -> None:
-        self.app = make_client_app(cfg.regions, audit_root=audit_root)
+        self.app = make_client_app(cfg.regions, audit_root=audit_root, sim_seed=cfg.seed)
         self.node_ids = [base + i for i in range(len(cfg.regions))]
         self.contexts = {n: Context(1, n, {keys.NODE_PARTITION_ID: n - base}, RecordDict(), {}) for n in self.node_ids}
         self.down: dict[str, set[int]] = {}

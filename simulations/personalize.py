@@ -23,6 +23,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from client.dp import dp_personalizing, personalization_record
+from client.dp_secret import simulated_secret
 from client.personal import (
     PersonalStateError,
     Slices,
@@ -31,6 +32,7 @@ from client.personal import (
     personal_tag,
 )
 from client.personalize import GLOBAL, Start, bootstrap_seed, dp_steps, paired_bootstrap, personalize_region
+from client.task import personalization_inputs
 from client.tokens import encode_examples
 from client.train import predict_proba
 from common import keys
@@ -48,7 +50,6 @@ from common.runfiles import (
     PERSONALIZED_DIR,
     SIMULATED_PERSONAL_DIR,
 )
-from common.seeds import derive_seed
 
 
 def load_global(cfg: RunConfig, adapter_dir: Path) -> LoadedModel:
@@ -210,7 +211,9 @@ def personalize_run(
                 n,
                 dp_steps(cfg.personalize, cfg.train, n),
                 cfg.train.batch_size,
-                derive_seed(cfg.seed, "personalize-dp", name),
+                # the simulated node's secret, as in its rounds (client.task.simulated_node): reproducible
+                secret=simulated_secret(cfg.seed, name),
+                inputs=personalization_inputs(start.model, repr(cfg.train), cfg.personalize, region.train),
             )
         with private as wrapper:
             result, record = personalize_region(

@@ -169,6 +169,7 @@ def run_flower(
                 cache_root=out_dir / SIMULATED_CACHE_DIR,
                 canaries=cfg.audit.canaries,
                 personalize_plan=cfg.personalize if cfg.personalize.dp else None,
+                sim_seed=cfg.seed,
             ),
             num_supernodes=len(cfg.regions),
             backend_config=backend,  # type: ignore[arg-type]

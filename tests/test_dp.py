@@ -76,7 +76,9 @@ def test_per_example_gradients_are_clipped_one_by_one(north_task: ClientTask) ->
     expected = torch.stack(clipped).sum(0) / len(ids)
 
     model.zero_grad()
-    private = DpSgd(noise_multiplier=0.0, clip=clip, sample_rate=1.0, num_examples=len(ids), seed=0)
+    private = DpSgd(
+        noise_multiplier=0.0, clip=clip, sample_rate=1.0, num_examples=len(ids), sampling_seed=0, noise_seed=1
+    )
     sgd = torch.optim.SGD(params, lr=0.0)
     wrapped, optimizer, plan = private(model, sgd, [[0]])
     assert sorted(plan[0]) == [0, 1, 2, 3]  # sample rate 1: every example in the batch
@@ -190,12 +192,12 @@ def test_node_trains_with_dp_sgd_and_keeps_its_account(tmp_path: Path, north_tas
 
 def test_dp_needs_a_folder_for_its_accountant_and_no_augmentation(north_task: ClientTask, tmp_path: Path) -> None:
     policy = RegionPolicy("north", require_dp=DpRequirement(epsilon=8.0, delta=1e-5))
-    with pytest.raises(DpRefused, match="audit-dir"), dp_training(policy, None, "north", north_task, 10, 5, 0, False):
+    with pytest.raises(DpRefused, match="audit-dir"), dp_training(policy, None, "north", north_task, 10, 5, False):
         pass
-    augmented = dp_training(policy, tmp_path, "north", north_task, 10, 5, 0, True)
+    augmented = dp_training(policy, tmp_path, "north", north_task, 10, 5, True)
     with pytest.raises(DpRefused, match="augmentation"), augmented:
         pass
-    with dp_training(None, None, "north", north_task, 10, 5, 0, False) as private:
+    with dp_training(None, None, "north", north_task, 10, 5, False) as private:
         assert private is None
 
 
@@ -285,7 +287,7 @@ def test_empty_poisson_batches_take_a_noise_only_step(north_task: ClientTask) ->
     loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
     before = {k: v.clone() for k, v in adapter_state(loaded.model).items()}
     ids, labels = [[2, 5, 7, 3], [2, 6, 3], [2, 8, 9, 10, 3]], [0, 1, 0]
-    private = DpSgd(noise_multiplier=1.0, clip=1.0, sample_rate=0.05, num_examples=3, seed=4)
+    private = DpSgd(noise_multiplier=1.0, clip=1.0, sample_rate=0.05, num_examples=3, sampling_seed=4, noise_seed=5)
     plan = poisson_batches(3, 0.05, 6, torch.Generator().manual_seed(4))
     assert [] in plan  # the seeded plan the wrapper draws has empty batches
     settings = dataclasses.replace(north_task.train, max_steps=6, epochs=6.0)
@@ -330,7 +332,11 @@ def test_the_proximal_gradient_is_what_dp_sgd_drops(north_task: ClientTask) -> N
     def trained(mu: float, private: bool) -> dict[str, torch.Tensor]:
         loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
         settings = dataclasses.replace(north_task.train, prox_mu=mu, lr=5e-2, max_steps=5, epochs=5.0)
-        dp = DpSgd(noise_multiplier=0.0, clip=1e6, sample_rate=0.5, num_examples=16, seed=1) if private else None
+        dp = (
+            DpSgd(noise_multiplier=0.0, clip=1e6, sample_rate=0.5, num_examples=16, sampling_seed=1, noise_seed=2)
+            if private
+            else None
+        )
         train_encoded(loaded.model, ids, labels, settings, pad_id=0, seed=0, private=dp)
         if dp is not None:
             dp.close()
@@ -371,14 +377,14 @@ def test_a_round_is_charged_only_once_dp_sgd_was_applied(tmp_path: Path, north_t
     with (
         rows_kept(loaded.model, "lora_A", 2),
         pytest.raises(NotImplementedError),
-        dp_training(policy, tmp_path, "north", task, 10, 5, 0, False) as private,
+        dp_training(policy, tmp_path, "north", task, 10, 5, False) as private,
     ):
         assert private is not None
         private(loaded.model, torch.optim.SGD(params, lr=0.1), [[0]] * 5)
     assert charges() == []
     with (
         pytest.raises(RuntimeError, match="midway"),
-        dp_training(policy, tmp_path, "north", task, 10, 5, 0, False) as p,
+        dp_training(policy, tmp_path, "north", task, 10, 5, False) as p,
     ):
         assert p is not None
         p(loaded.model, torch.optim.SGD(params, lr=0.1), [[0]] * 5)
