@@ -179,15 +179,25 @@ class RegionRecords:
 
 def audit_records(region: str, train: Sequence[Example], test: Sequence[Example], seed: int) -> RegionRecords:
     """Members and non-members of a region's audit, from its train and test splits as its node's pipeline gives
-    them (``client.pipeline.node_data``; not augmented: augmented copies are not records of people). Members are a
-    seeded sample of as many training records as there are non-members (all of them when there are fewer):
-    balanced classes, and a cost bounded by the test split rather than by the largest region's training set. The
-    same on a simulation's run folder and on a deployed node, for the same ``seed`` (the run's)."""
-    members = list(train)
-    if len(members) > len(test):
-        rng = random.Random(derive_seed(seed, "privacy-members", region))
-        members = [members[i] for i in sorted(rng.sample(range(len(members)), len(test)))]
-    return RegionRecords(members, list(test))
+    them (``client.pipeline.node_data``; not augmented: augmented copies are not records of people).
+
+    Per label, as many members as non-members: ``min(train, test)`` records of that label from each split, a
+    seeded sample. Both sides then have the same label mix, so a score that only reflects the label (a model
+    that predicts one class gives every record of that class a high ``p(true label)``) cannot tell them apart:
+    on the demo, whose train splits are 65/35 and test splits 50/50, unmatched sides gave a one-class DP model
+    AUCs of 0.44 and 0.58. The cost is bounded by the test split. The same on a simulation's run folder and on a
+    deployed node, for the same ``seed`` (the run's)."""
+    rng = random.Random(derive_seed(seed, "privacy-members", region))
+    members: list[Example] = []
+    nonmembers: list[Example] = []
+    for label in sorted({ex.label for ex in train} | {ex.label for ex in test}):
+        ins = [ex for ex in train if ex.label == label]
+        outs = [ex for ex in test if ex.label == label]
+        k = min(len(ins), len(outs))
+        # sorted indices keep the splits' own order (the scores do not depend on it; the reports stay stable)
+        members += [ins[i] for i in sorted(rng.sample(range(len(ins)), k))]
+        nonmembers += [outs[i] for i in sorted(rng.sample(range(len(outs)), k))]
+    return RegionRecords(members, nonmembers)
 
 
 def record_logp(

@@ -238,7 +238,7 @@ def _check_node_audit(lay: Layout, tmp_path: Path) -> None:
     # references: round 1's kept adapter when round 2 was delivered, else (round 0 pruned) the initial adapter
     assert len(body["references"]) == 1
     assert body["references"][0].startswith("round-001" if best == 2 else "round 0: the initial global adapter")
-    assert (body["members"], body["nonmembers"]) == (24, 24)  # as many members as east's 24 test records
+    assert 0 < body["members"] == body["nonmembers"] <= 24  # per label as many of each; at most its 24 test records
     for model in ("global", "served"):
         for attack in ("loss", "reference"):
             result = body["models"][model][attack]

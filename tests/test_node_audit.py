@@ -114,7 +114,7 @@ def test_a_node_keeps_what_it_received_and_audits_it_with_aggregate_numbers_only
     assert main(["audit", "node", "--node-config", _config_string(deployed_node), "--out", str(out)]) == 0
     body = json.loads((out / REPORT_JSON).read_text())
     assert body["region"] == "north" and body["delivered_round"] == 1 and body["served"] == "global"
-    assert body["members"] == 48 and body["nonmembers"] == 48
+    assert 0 < body["members"] == body["nonmembers"] <= 48  # the same label mix on both sides, per label
     assert body["references"] == ["round-000 (kept global adapter)"]
     for attack in ("loss", "reference"):
         hit = body["models"]["global"][attack]

@@ -229,6 +229,25 @@ def test_cli_refuses_an_unknown_region_and_missing_checkpoints(
     assert "checkpoints: no such folder" in capsys.readouterr().err
 
 
+def test_members_and_nonmembers_have_the_same_label_mix() -> None:
+    """A score that reflects only the label (a model predicting one class) must not tell members from
+    non-members: each label gets as many of each, min(train, test), even when the splits' label mixes differ
+    (the demo's train splits are 65/35, its test splits 50/50)."""
+    from client.membership import audit_records
+
+    train = [Example(f"t{i}", 1) for i in range(30)] + [Example(f"u{i}", 0) for i in range(10)]
+    test = [Example(f"s{i}", i % 2) for i in range(40)]  # 20 of each label
+    records = audit_records("north", train, test, seed=0)
+    by_label = [[ex.label for ex in side].count(1) for side in (records.members, records.nonmembers)]
+    assert by_label == [20, 20] and len(records.members) == len(records.nonmembers) == 30
+    one_class = {1: -0.1, 0: -2.3}  # log p(true label) of a model that always says label 1
+    members = np.array([one_class[ex.label] for ex in records.members])
+    nonmembers = np.array([one_class[ex.label] for ex in records.nonmembers])
+    assert auc(members, nonmembers) == pytest.approx(0.5)
+    assert {ex.text for ex in records.members} <= {ex.text for ex in train}
+    assert audit_records("north", train, test, seed=0) == records  # seeded
+
+
 def test_the_references_are_the_latest_rounds_before_the_delivered_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -323,14 +342,14 @@ def test_simulate_audits_privacy_with_kept_updates_and_canaries(
         body = privacy["regions"][region]
         assert set(body["models"]) == {"global", "served", "update"}
         assert body["served"] == "global"
-        assert body["nonmembers"] == 48
+        # per label as many members as non-members (audit_records): at most the 48 test records
+        assert 0 < body["members"] == body["nonmembers"] <= 48
         for attacks in body["models"].values():
             assert set(attacks) == {"loss", "reference"}
             low, high = attacks["reference"]["auc_ci95"]
             assert 0.0 <= low <= attacks["reference"]["auc"] <= high <= 1.0
         assert set(body["canaries"]) == {"global", "served", "update"}
         assert body["canaries"]["update"]["canaries"] == 2
-    assert body["members"] == 48  # south: its 48 training records (it has a val file: nothing carved)
     report = (out / "audit" / "privacy-report.md").read_text()
     assert "## north" in report and "own last update" in report and "do not mean" in report
     assert (out / "audit" / "privacy-roc-south.png").stat().st_size > 1000
