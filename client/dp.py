@@ -482,6 +482,51 @@ def dp_training(
             accountant.save()
 
 
+def personalizing_budget(
+    requirement: DpRequirement,
+    folder: Path,
+    region: str,
+    run_key: str,
+    after_round: int,
+    num_examples: int,
+    steps: int,
+    batch_size: int,
+) -> tuple[Accountant, DpAccount, RoundCharge, float]:
+    """The node's accountant, the run's account, the personalization's charge and the epsilon after it, or
+    ``DpRefused`` when the node has no account of the run (it trained no round under DP-SGD) or the steps would
+    take the spent epsilon past the policy's budget (a plan calibrated without them, a personalization repeated).
+    ``dp_personalizing`` checks this before training; a simulation checks every region before it personalizes
+    any, so that a refusal leaves no region personalized and charged."""
+    accountant = Accountant.load(folder)
+    account = accountant.accounts.get(run_key)
+    if account is None:
+        raise DpRefused(
+            f"region {region}: personalize.dp: {accountant.path} has no privacy account of this run ({run_key}): "
+            "its rounds were not trained under DP-SGD here, so there is no calibrated budget to personalize under"
+        )
+    budget = min(requirement.epsilon, account.epsilon_budget)
+    sample_rate = min(1.0, batch_size / num_examples)
+    charge = RoundCharge(after_round, steps, sample_rate, personalize=True)
+    after = account.epsilon_after(charge) if steps else account.epsilon_spent
+    if after > budget or requirement.delta < account.delta:
+        if account.personalized():
+            why = f"this run was already personalized {len(account.personalized())} time(s); each one spends again"
+        elif account.personalize_steps == 0:
+            why = (
+                "the noise was calibrated before round 1 for the rounds alone: set personalize.dp (and the "
+                "personalization's mode and epochs) before the run starts, so that the plan includes its steps"
+            )
+        else:
+            why = f"the plan calibrated before round 1 included {account.personalize_steps} personalization step(s)"
+        raise DpRefused(
+            f"region {region}: personalize.dp: the privacy budget does not allow personalizing: epsilon "
+            f"{account.epsilon_spent:.4g} of {budget} used after {account.steps} DP-SGD steps; personalizing "
+            f"({steps} steps) would reach {after:.4g} (delta {account.delta:g}, policy delta {requirement.delta:g}); "
+            f"{why}"
+        )
+    return accountant, account, charge, after
+
+
 @contextmanager
 def dp_personalizing(
     policy: RegionPolicy | None,
@@ -516,34 +561,10 @@ def dp_personalizing(
             "audit-dir, where its privacy accountant is kept"
         )
     key = resolve_secret(secret, folder)
-    accountant = Accountant.load(folder)
-    account = accountant.accounts.get(run_key)
-    if account is None:
-        raise DpRefused(
-            f"region {region}: personalize.dp: {accountant.path} has no privacy account of this run ({run_key}): "
-            "its rounds were not trained under DP-SGD here, so there is no calibrated budget to personalize under"
-        )
-    requirement = policy.require_dp
-    budget = min(requirement.epsilon, account.epsilon_budget)
-    sample_rate = min(1.0, batch_size / num_examples)
-    charge = RoundCharge(after_round, steps, sample_rate, personalize=True)
-    after = account.epsilon_after(charge) if steps else account.epsilon_spent
-    if after > budget or requirement.delta < account.delta:
-        if account.personalized():
-            why = f"this run was already personalized {len(account.personalized())} time(s); each one spends again"
-        elif account.personalize_steps == 0:
-            why = (
-                "the noise was calibrated before round 1 for the rounds alone: set personalize.dp (and the "
-                "personalization's mode and epochs) before the run starts, so that the plan includes its steps"
-            )
-        else:
-            why = f"the plan calibrated before round 1 included {account.personalize_steps} personalization step(s)"
-        raise DpRefused(
-            f"region {region}: personalize.dp: the privacy budget does not allow personalizing: epsilon "
-            f"{account.epsilon_spent:.4g} of {budget} used after {account.steps} DP-SGD steps; personalizing "
-            f"({steps} steps) would reach {after:.4g} (delta {account.delta:g}, policy delta {requirement.delta:g}); "
-            f"{why}"
-        )
+    accountant, account, charge, after = personalizing_budget(
+        policy.require_dp, folder, region, run_key, after_round, num_examples, steps, batch_size
+    )
+    sample_rate = charge.sample_rate
     private = DpSgd(
         account.noise_multiplier,
         account.clip,

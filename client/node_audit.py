@@ -145,10 +145,12 @@ def _prune(folder: Path, run_key: str, count: int) -> None:
         try:
             meta = _metadata(path)
             same_run = ClientTask.from_json(meta[TASK]).run_key == run_key
-        except (NodeAuditError, ConfigError, KeyError):
-            same_run = False  # unreadable or foreign: not this run's, and the node wrote the folder itself
+        except (NodeAuditError, ConfigError, KeyError) as err:
+            # not provably a kept adapter (damaged, or a file of the operator's that has this name): left alone
+            log.warning("%s: not a kept global adapter that can be read (%s); left as it is", path, err)
+            continue
         if not same_run:
-            path.unlink()
+            path.unlink()  # a kept adapter of an earlier run: the audit is of this one
             continue
         kept.append((int(meta[ROUND]), meta.get(DELIVERED) == "1", path))
     ordinary = sorted((item for item in kept if not item[1]), key=lambda item: item[0], reverse=True)
@@ -211,7 +213,7 @@ class NodeAudit:
 
     result: RegionAudit
     delivered_round: int
-    served: str  # global | personalized
+    served: str  # global | personalized | local_only
     served_reason: str
     references: list[str]
     bootstrap: int
@@ -264,7 +266,8 @@ def _records(region: Region, node: NodeSettings, task: ClientTask) -> Any:
 
 
 def _served(region: str, node: NodeSettings) -> tuple[Path | None, str]:
-    """The node's personalized adapter folder when its personalization chose it, else None; and why."""
+    """The adapter folder the node serves when its personalization chose another model than the global one
+    (``personalized``, or ``local_only`` with ``personalize.consider_local_only``), else None; and why."""
     if node.personal_dir is None:
         return None, "the node does not personalize (no personal-dir)"
     folder = node.personal_dir / region
@@ -275,12 +278,12 @@ def _served(region: str, node: NodeSettings) -> tuple[Path | None, str]:
         chosen = json.loads(report.read_text(encoding="utf-8")).get("chosen")
     except (OSError, ValueError, AttributeError) as err:
         raise NodeAuditError(f"{report}: not readable JSON with a 'chosen' field ({reason(err)})") from err
-    if chosen != keys.PERSONALIZED:
+    if chosen not in (keys.PERSONALIZED, keys.LOCAL_ONLY):
         return None, f"{report}: chosen is {chosen!r}"
-    personal = folder / keys.PERSONALIZED
-    if not is_adapter(personal):
-        raise NodeAuditError(f"{personal}: chosen in {report} but not a peft adapter folder (no adapter_config.json)")
-    return personal, f"{report}: chosen is 'personalized'"
+    served = folder / str(chosen)  # personalize_node keeps either next to personalized.json
+    if not is_adapter(served):
+        raise NodeAuditError(f"{served}: chosen in {report} but not a peft adapter folder (no adapter_config.json)")
+    return served, f"{report}: chosen is {chosen!r}"
 
 
 def _swap(predictor: Predictor, state: Mapping[str, torch.Tensor], source: Path | str) -> None:
@@ -346,7 +349,7 @@ def audit_node(
         try:
             personalized = load_peft_folder(personal, resolve_base(task.model.base), task.labels)
         except (AdapterFolderError, *DAMAGED_MODEL_ERRORS) as err:
-            raise NodeAuditError(f"{personal}: the personalized adapter does not load ({reason(err)})") from err
+            raise NodeAuditError(f"{personal}: the served adapter does not load ({reason(err)})") from err
         served = Predictor(personalized, loaded.tokenizer, task.model.max_length)
         targets[SERVED_MODEL] = score(served, records.members, records.nonmembers, size)
     result = audit_scored(
@@ -362,7 +365,7 @@ def audit_node(
     return NodeAudit(
         result=result,
         delivered_round=delivered.round,
-        served=keys.PERSONALIZED if personal is not None else GLOBAL_MODEL,
+        served=personal.name if personal is not None else GLOBAL_MODEL,
         served_reason=why,
         references=references,
         bootstrap=bootstrap,

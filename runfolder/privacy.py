@@ -184,9 +184,8 @@ def check_run(run_dir: Path, regions: Sequence[str] | None) -> tuple[RunInfo, Ru
 
 def region_records(cfg: RunConfig, name: str) -> RegionRecords:
     """The region's records through the node's own pipeline (redacted, val carved as its node carved it; not
-    augmented: augmented copies are not records of people). Members are a seeded sample of as many training
-    records as there are non-members (all of them when there are fewer): balanced classes, and a cost bounded by
-    the test split rather than by the largest region's training set."""
+    augmented: augmented copies are not records of people), members and non-members matched per label
+    (``client.membership.audit_records``)."""
     region = next(r for r in cfg.regions if r.name == name)
     try:
         policy = load_policy(region.policy) if region.policy else None

@@ -746,7 +746,11 @@ def _served_covered(personalized: object, covers: Mapping[str, Any]) -> str:
     choice kept it) is; the personalized one is when ``covers`` says so."""
     if not isinstance(personalized, dict):
         return "yes if it serves the global model (no personalization recorded here)"
-    if personalized.get("chosen") != PERSONALIZED:
+    chosen = personalized.get("chosen")
+    if chosen == LOCAL_ONLY:
+        # consider_local_only: trained on the region's data without DP (personalize.dp refuses the two together)
+        return "**no** (local-only model, trained without DP)"
+    if chosen != PERSONALIZED:
         return "yes (global model chosen)"
     return (
         "yes (personalized, under personalize.dp)" if covers.get(PERSONALIZED) else "**no** (personalized without DP)"

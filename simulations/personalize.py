@@ -22,7 +22,7 @@ import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from client.dp import dp_personalizing, personalization_record
+from client.dp import dp_personalizing, personalization_record, personalizing_budget
 from client.dp_secret import simulated_secret
 from client.personal import (
     PersonalStateError,
@@ -186,6 +186,15 @@ def personalize_run(
     dp_policies, run_key = _dp_policies(cfg, out_dir)
     shared = [global_model] if start.model is global_model else [global_model, start.model]
     references = [(model, adapter_state(model.model)) for model in shared]
+    for name, policy in dp_policies.items():
+        # every DP region's budget before any region personalizes: a refusal leaves none personalized and charged
+        if policy.require_dp is not None and name in data:
+            n = len(data[name].train)
+            steps = dp_steps(cfg.personalize, cfg.train, n)
+            node_dir = out_dir / AUDIT_DIR / NODES_DIR / name
+            personalizing_budget(
+                policy.require_dp, node_dir, name, run_key, start.round or 0, n, steps, cfg.train.batch_size
+            )
     entries = {}
     for name, region in data.items():
         mode = cfg.personalize.mode

@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from assets.tiny import FILLER, NEG_WORDS, POS_WORDS
 from client.app import make_app
 from client.membership import Predictor, audit_records, score
-from client.node_audit import KEPT_SUFFIX, REPORT_JSON, REPORT_MD, keep_global, kept_globals
+from client.node_audit import KEPT_SUFFIX, REPORT_JSON, REPORT_MD, NodeAuditError, keep_global, kept_globals
 from client.task import global_model
 from common import keys
 from common.config import ClientTask, LoraSettings, ModelSettings, TrainSettings
@@ -168,13 +168,15 @@ def _numbers(value: object) -> list[float]:
     return [x for v in value for x in _numbers(v)]
 
 
+@pytest.mark.parametrize("chosen", ["personalized", "local_only"])
 def test_the_served_personalized_model_is_audited_from_the_nodes_own_folder(
-    deployed_node: dict[str, str | int], overfit_task: ClientTask, tmp_path: Path
+    deployed_node: dict[str, str | int], overfit_task: ClientTask, tmp_path: Path, chosen: str
 ) -> None:
-    # the node's personalization chose a model of its own (here: one that never trained on anything)
+    # the node's personalization chose a model of its own (here: one that never trained on anything): its
+    # personalized adapter, or with consider_local_only its local-only one (personalize_node keeps both there)
     own = tmp_path / "own"
-    save_adapter(build_model(overfit_task.model, overfit_task.lora, LABELS, seed=5), own / "north" / "personalized")
-    (own / "north" / PERSONALIZED_REPORT).write_text(json.dumps({"region": "north", "chosen": "personalized"}))
+    save_adapter(build_model(overfit_task.model, overfit_task.lora, LABELS, seed=5), own / "north" / chosen)
+    (own / "north" / PERSONALIZED_REPORT).write_text(json.dumps({"region": "north", "chosen": chosen}))
     (tmp_path / "personalize.yaml").write_text("mode: head\n")
     config = {
         **deployed_node,
@@ -184,7 +186,7 @@ def test_the_served_personalized_model_is_audited_from_the_nodes_own_folder(
     out = tmp_path / "report"
     assert main(["audit", "node", "--node-config", _config_string(config), "--out", str(out)]) == 0
     body = json.loads((out / REPORT_JSON).read_text())
-    assert body["served"] == "personalized"
+    assert body["served"] == chosen
     assert body["models"]["global"]["loss"]["auc"] > 0.7
     assert abs(body["models"]["served"]["loss"]["auc"] - 0.5) < 0.2  # it never saw the members
 
@@ -202,6 +204,14 @@ def test_kept_globals_are_bounded_and_tied_to_their_run(overfit_task: ClientTask
     # the earlier run's file is gone; of this run, the newest two rounds and the delivered (best) one stay
     assert [(k.round, k.delivered) for k in kept] == [(2, True), (3, False), (4, False)]
     assert sorted(p.name for p in (keep / "north").iterdir()) == [f"round-00{r}{KEPT_SUFFIX}" for r in (2, 3, 4)]
+    # a file of that name that is no kept adapter (damaged, or the operator's own) is never deleted; the audit
+    # then names it
+    stranger = keep / "north" / f"round-009{KEPT_SUFFIX}"
+    stranger.write_bytes(b"not an adapter")
+    keep_global(keep, "north", replace(overfit_task, server_round=6), state, delivered=False, count=2)
+    assert stranger.read_bytes() == b"not an adapter"
+    with pytest.raises(NodeAuditError, match="round-009"):
+        kept_globals(keep, "north")
 
 
 def test_without_an_earlier_round_kept_the_initial_adapter_is_the_reference(

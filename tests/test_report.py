@@ -246,6 +246,10 @@ def test_report_shows_privacy_spent_and_what_it_covers_only_with_dp(tmp_path: Pa
         text = write_report(tmp_path / "run", Summary.from_json(raw), metrics).read_text(encoding="utf-8")
         spent = "7.99 (7.94 after the rounds)" if covered else "7.94"
         assert f"| France | {spent} | 1e-05 | yes | {'yes' if covered else 'no'} | {cell}" in text
+    # a local-only model served (consider_local_only) trained on the region's data without DP: never covered
+    raw["regions"]["France"]["personalized"]["chosen"] = "local_only"
+    text = write_report(tmp_path / "run", Summary.from_json(raw), metrics).read_text(encoding="utf-8")
+    assert "| **no** (local-only model, trained without DP) |" in text
     plain = write_report(tmp_path / "run", Summary.from_json(make_summary()), make_metrics()).read_text()
     assert "Differential privacy" not in plain and not (tmp_path / "run" / "dp_epsilon_by_round.png").exists()
 
