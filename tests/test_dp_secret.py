@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from client.dp import Accountant, DpSgd, seeds
 from client.dp_secret import SECRET_BYTES, DpSecret, DpSecretError, node_secret, simulated_secret
@@ -212,13 +213,18 @@ def test_a_simulation_run_twice_gives_identical_dp_results(
     regions = tuple(dataclasses.replace(r, policy=policy) if r.name == "north" else r for r in base.regions)
     cfg = dataclasses.replace(base, regions=regions)
 
-    def simulate(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, bytes]]:
+    def simulate(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, bytes]]]:
         grid = LocalGrid(cfg.regions)
         grid.app = make_app(cfg.regions, audit_root=tmp_path / name / "nodes", sim_seed=cfg.seed)
         out = tmp_path / name / "out"
         result = federate(grid, cfg, out)  # type: ignore[arg-type]
         assert not (tmp_path / name / "nodes" / "north" / DP_SECRET_FILE).exists()
-        kept = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+        # the tensors of every kept file (adapters, the server optimizer's state); not the files' metadata,
+        # which names the run (its random run key)
+        kept = {
+            str(p.relative_to(out)): {k: v.numpy().tobytes() for k, v in load_file(p).items()}
+            for p in sorted(out.rglob("*.safetensors"))
+        }
         return result.rounds[0]["train"], result.test, kept
 
     one, two = simulate("one"), simulate("two")
