@@ -22,14 +22,18 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from client.train import predict_proba
 from common.data import Example
+from common.errors import InputError
+from common.model import load_adapter_state
 from common.seeds import derive_seed
 
 LOSS = "loss"
@@ -301,6 +305,22 @@ class Predictor:
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     max_length: int
+
+
+def swap_state(
+    predictor: Predictor,
+    state: Mapping[str, torch.Tensor],
+    source: Path | str,
+    error: type[InputError],
+    shape: str,
+) -> None:
+    """Put another adapter state of the same shape (an earlier round's global, a kept update, the initial
+    adapter) into ``predictor``'s loaded model, so the base model loads once for all of them. A state that does
+    not fit raises ``error`` (the caller's own type) naming ``source`` and whose ``shape`` it should have had."""
+    try:
+        load_adapter_state(predictor.model, dict(state))  # type: ignore[arg-type]
+    except ValueError as err:
+        raise error(f"{source}: not an adapter of {shape} shape ({err})") from err
 
 
 def score(predictor: Predictor, members: Sequence[Example], nonmembers: Sequence[Example], batch_size: int) -> Scored:

@@ -56,13 +56,14 @@ from client.membership import (
     fmt_number,
     results_table,
     score,
+    swap_state,
 )
 from client.task import NodeSettings, global_model, use_threads
 from common import keys
 from common.config import ClientTask, Region
 from common.data import find_split, missing_split
 from common.errors import ConfigError, InputError
-from common.model import adapter_state, build_model, load_adapter_state, resolve_base
+from common.model import adapter_state, build_model, resolve_base
 from common.runfiles import PERSONALIZED_REPORT, ROUND_PREFIX, round_name, write_atomic, write_json
 from common.seeds import derive_seed
 
@@ -80,6 +81,10 @@ log = logging.getLogger("fedlocale.node")
 class NodeAuditError(InputError):
     """The node cannot audit itself: a missing setting, data folder or split, or a kept adapter that does not
     load; the message names the file or setting."""
+
+
+# whose shape an earlier kept adapter must have to be swapped into the loaded model (``swap_state``)
+_SHAPE = "the delivered one's"
 
 
 # ------------------------------------------------------------------------------------- keeping what arrives
@@ -286,13 +291,6 @@ def _served(region: str, node: NodeSettings) -> tuple[Path | None, str]:
     return served, f"{report}: chosen is {chosen!r}"
 
 
-def _swap(predictor: Predictor, state: Mapping[str, torch.Tensor], source: Path | str) -> None:
-    try:
-        load_adapter_state(predictor.model, dict(state))  # type: ignore[arg-type]
-    except ValueError as err:
-        raise NodeAuditError(f"{source}: not an adapter of the delivered one's shape ({err})") from err
-
-
 def audit_node(
     region: Region,
     node: NodeSettings,
@@ -335,11 +333,11 @@ def audit_node(
     targets = {GLOBAL_MODEL: score(predictor, records.members, records.nonmembers, size)}
     refs: list[Scored] = []
     for k in earlier:
-        _swap(predictor, _state(k), k.path)
+        swap_state(predictor, _state(k), k.path, NodeAuditError, _SHAPE)
         refs.append(score(predictor, records.members, records.nonmembers, size))
     if not refs:
         initial = adapter_state(build_model(task.model, task.lora, task.labels, seed=task.seed).model)
-        _swap(predictor, initial, "the initial global adapter")
+        swap_state(predictor, initial, "the initial global adapter", NodeAuditError, _SHAPE)
         refs.append(score(predictor, records.members, records.nonmembers, size))
         references = ["round 0: the initial global adapter, rebuilt from the run's seed (no earlier round kept)"]
     personal, why = _served(region.name, node)

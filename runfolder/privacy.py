@@ -38,11 +38,12 @@ from client.membership import (
     record_logp,
     results_table,
     score,
+    swap_state,
 )
 from client.pipeline import node_data
 from common.config import RunConfig, load_config
 from common.errors import ConfigError, InputError
-from common.model import adapter_state, load_adapter_state
+from common.model import adapter_state
 from common.policy import load_policy
 from common.runfiles import (
     ADAPTER_DIR,
@@ -75,6 +76,10 @@ WEIGHTS = "adapter_model.safetensors"  # peft's weights file in adapter/ and che
 
 class PrivacyAuditError(InputError):
     """A run folder the privacy audit cannot use; the message says what is missing and where."""
+
+
+# whose shape a reference round's or a kept update's adapter must have to be swapped in (``swap_state``)
+_SHAPE = "this run's"
 
 
 @dataclass(frozen=True)
@@ -224,15 +229,6 @@ def kept_update(run_dir: Path, final_round: int, region: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _swap(predictor: Predictor, state: Mapping[str, torch.Tensor], source: Path) -> None:
-    """Put another adapter state of the same shape (an earlier round's global, a kept update) into the loaded
-    global model: the base model loads once for all of them."""
-    try:
-        load_adapter_state(predictor.model, dict(state))  # type: ignore[arg-type]
-    except ValueError as err:
-        raise PrivacyAuditError(f"{source}: not an adapter of this run's shape ({err})") from err
-
-
 def _checkpoint_state(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -301,18 +297,18 @@ def audit_privacy(
     for r in chosen:
         folder = run_dir / CHECKPOINTS_DIR / round_name(r)
         state = _initial_state(cfg) if r == INITIAL_ROUND else _checkpoint_state(folder)
-        _swap(predictor, state, folder)
+        swap_state(predictor, state, folder, PrivacyAuditError, _SHAPE)
         for name in names:
             refs[name].append(_score(predictor, records[name], size))
     updates: dict[str, Scored] = {}
     for name in names:
         update = kept_update(run_dir, final, name)
         if update is not None:
-            _swap(predictor, _update_state(update), update)
+            swap_state(predictor, _update_state(update), update, PrivacyAuditError, _SHAPE)
             updates[name] = _score(predictor, records[name], size)
             if name in exposed:
                 exposed[name][UPDATE_MODEL] = _exposures(predictor, canaries[name], size)
-    _swap(predictor, final_state, global_dir)
+    swap_state(predictor, final_state, global_dir, PrivacyAuditError, _SHAPE)
     results: dict[str, RegionAudit] = {}
     served: dict[str, str] = {}
     kept: dict[str, tuple[dict[str, Scored], list[Scored]]] = {}

@@ -24,11 +24,13 @@ from client.membership import (
     reference_scores,
     resolvable,
     roc_curve,
+    score,
+    swap_state,
     tpr_at_fpr,
 )
 from common.config import AuditSettings
 from common.data import Example
-from common.errors import ConfigError
+from common.errors import ConfigError, InputError
 from fedlocale.cli import main
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -180,6 +182,33 @@ def test_an_overfit_model_is_caught_and_one_that_never_saw_the_members_is_not(
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
+
+
+class _Refused(InputError):
+    """A caller's own error type, as the node audit and the run-folder audit each have one."""
+
+
+def test_swap_state_loads_a_same_shaped_adapter_and_names_one_that_does_not_fit(
+    tiny_bert: Path, records: tuple[list[Example], list[Example], list[Example]]
+) -> None:
+    from common.config import LoraSettings, ModelSettings
+    from common.model import adapter_state, build_model
+
+    members, nonmembers, _ = records
+    settings = ModelSettings(base=str(tiny_bert), max_length=32)
+    predictor = trained(tiny_bert, None)  # head seeded with 0
+    other = build_model(settings, LoraSettings(r=8, alpha=16), ("a", "b"), seed=1).model
+    other.eval()
+    expected = score(Predictor(other, predictor.tokenizer, 32), members[:8], nonmembers[:8], 8)
+    assert not np.allclose(score(predictor, members[:8], nonmembers[:8], 8).members, expected.members)
+    swap_state(predictor, adapter_state(other), "round-001", _Refused, "this run's")
+    swapped = score(predictor, members[:8], nonmembers[:8], 8)
+    np.testing.assert_allclose(swapped.members, expected.members, rtol=1e-5)
+    np.testing.assert_allclose(swapped.nonmembers, expected.nonmembers, rtol=1e-5)
+    fewer = LoraSettings(r=8, alpha=16, target_modules=("query",))  # LoRA on fewer modules: other tensors
+    elsewhere = adapter_state(build_model(settings, fewer, ("a", "b"), 0).model)
+    with pytest.raises(_Refused, match=r"^elsewhere: not an adapter of this run's shape \(adapter state"):
+        swap_state(predictor, elsewhere, "elsewhere", _Refused, "this run's")
 
 
 def test_cli_refuses_what_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
