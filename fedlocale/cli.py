@@ -232,25 +232,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     """``fedlocale check``: the config, the model, every region's data and policy, without training (what
     ``simulate`` checks before it starts, ``client.preflight``); each region's data is then read through the
     node's pipeline, so the check also reports what each region's policy redacts."""
-    from client.pipeline import node_data
     from client.preflight import preflight
-    from simulations.runner import load_policies
+    from simulations.runner import load_all, load_policies
 
     cfg = load_config(args.config, args.overrides, args.regions)
     policies = load_policies(cfg)  # every policy problem of every region at once (ConfigError)
     checked = preflight(cfg, policies, args.config, say=print, overrides=args.overrides)
     warnings = checked.warnings
-    for region in cfg.regions:  # read once, by the preflight: here it is redacted and carved as a node does
-        node_data(
-            region.name,
-            region.data,
-            cfg.labels,
-            policies.get(region.name),
-            seed=cfg.seed,
-            settings=cfg.data,
-            say=print,
-            loaded=checked.loaded[region.name],
-        )
+    # read once, by the preflight (which reports every problem of every region); here each region is redacted
+    # and carved as a node does, by the same function a simulation loads its regions with
+    load_all(cfg, print, policies, checked.loaded)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     with_policy = f", {len(policies)} with a residency policy" if policies else ""
