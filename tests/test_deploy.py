@@ -469,37 +469,6 @@ def test_keep_globals_resolves_from_the_deploy_file_and_its_count_is_checked(
         NodeEntry(region="east", keep_globals=Path("/srv/kept"), keep_globals_count=0)
 
 
-@pytest.mark.slow
-def test_a_region_without_val_deploys_cleanly(tmp_path: Path, tiny_bert: Path) -> None:
-    """East has train and test only: its node carves the validation split the simulation carves, the run ends
-    well, and no process logged a traceback."""
-    from client.pipeline import node_data
-    from common.config import load_config
-
-    regions = tmp_path / "regions"
-    for i, name in enumerate(["east", "north", "south"]):
-        write_region(regions / name, 48, 24, seed=10 + i, pos_fraction=0.3 + 0.2 * i)
-    (regions / "east" / "val.jsonl").unlink()
-    _, lay = _deployment(tmp_path, tiny_bert, regions)
-    create_credentials(lay, now=datetime.now(UTC))
-    with Cluster(lay, bin_dir=BIN) as cluster:
-        cluster.start_all()
-        outcome = cluster.run(timeout=900)
-        logs = {name: cluster.read_log(name) for name in [*cluster.procs, "flwr-run"]}
-    assert outcome.returncode == 0, logs["flwr-run"][-3000:]
-    for name, text in logs.items():
-        assert "Traceback" not in text, f"{name}: {text[-3000:]}"
-    # what the node validated on and weighed its update by is what the same pipeline carves in this process
-    cfg = load_config(lay.deploy.run)
-    east = node_data("east", regions / "east", cfg.labels, seed=cfg.seed, settings=cfg.data).data
-    assert (len(east.train), len(east.val)) == (44, 4)
-    deployed = json.loads((lay.out / "federation.json").read_text())
-    assert [r["participants"] for r in deployed["rounds"]] == [["east", "north", "south"]] * 2
-    assert {r["train"]["east"]["num_examples"] for r in deployed["rounds"]} == {len(east.train)}
-    assert {r["val"]["east"]["num_examples"] for r in deployed["rounds"]} == {len(east.val)}
-    assert deployed["test"]["east"]["num_examples"] == 24
-
-
 def test_a_node_whose_policy_would_refuse_every_reply_is_not_started(
     tmp_path: Path, three_regions: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str], monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -520,18 +489,29 @@ def test_a_node_whose_policy_would_refuse_every_reply_is_not_started(
 
 
 @pytest.mark.slow
-def test_a_deployed_node_with_a_dp_policy_trains_privately_end_to_end(
-    tmp_path: Path, three_regions: Path, tiny_bert: Path
-) -> None:
-    """North's policy requires (epsilon 8, delta 1e-5): with real SuperLink and SuperNodes (TLS, node auth) its
-    node trains with DP-SGD, keeps its accountant beside its ledger, and every record carries the privacy spent."""
+def test_a_dp_node_and_a_region_without_val_deploy_cleanly_end_to_end(tmp_path: Path, tiny_bert: Path) -> None:
+    """One real deployment (SuperLink and SuperNodes, TLS, node auth) for two things that do not touch each other:
+
+    - north's policy requires (epsilon 8, delta 1e-5): its node trains with DP-SGD, keeps its accountant beside its
+      ledger, and every record carries the privacy spent;
+    - east has train and test only: its node carves the validation split the simulation carves.
+
+    The run ends well and no process logged a traceback. (Two tests once, each with its own deployment; merged to
+    pay the processes' start-up and the rounds once: every assertion of both is here.)
+    """
     from client.dp import Accountant
+    from client.pipeline import node_data
+    from common.config import load_config
     from common.runfiles import DP_ACCOUNT_FILE
     from runfolder.summary import dp_by_region
 
+    regions = tmp_path / "regions"
+    for i, name in enumerate(["east", "north", "south"]):
+        write_region(regions / name, 48, 24, seed=10 + i, pos_fraction=0.3 + 0.2 * i)
+    (regions / "east" / "val.jsonl").unlink()
     policy = tmp_path / "north.yaml"
     policy.write_text(yaml.safe_dump({"region": "north", "require_dp": {"epsilon": 8.0, "delta": 1e-5}}))
-    _, lay = _deployment(tmp_path, tiny_bert, three_regions, node_extra={"north": {"policy": "north.yaml"}})
+    _, lay = _deployment(tmp_path, tiny_bert, regions, node_extra={"north": {"policy": "north.yaml"}})
     create_credentials(lay, now=datetime.now(UTC))
     with Cluster(lay, bin_dir=BIN) as cluster:
         cluster.start_all()
@@ -542,8 +522,19 @@ def test_a_deployed_node_with_a_dp_policy_trains_privately_end_to_end(
         assert "Traceback" not in text, f"{name}: {text[-3000:]}"
     deployed = json.loads((lay.out / "federation.json").read_text())
     assert [r["participants"] for r in deployed["rounds"]] == [["east", "north", "south"]] * 2
+
+    # east without val: what its node validated on and weighed its update by is what the same pipeline carves in
+    # this process
+    cfg = load_config(lay.deploy.run)
+    east = node_data("east", regions / "east", cfg.labels, seed=cfg.seed, settings=cfg.data).data
+    assert (len(east.train), len(east.val)) == (44, 4)
+    assert {r["train"]["east"]["num_examples"] for r in deployed["rounds"]} == {len(east.train)}, "east's train"
+    assert {r["val"]["east"]["num_examples"] for r in deployed["rounds"]} == {len(east.val)}, "east's carved val"
+    assert deployed["test"]["east"]["num_examples"] == 24
+
+    # north with DP: the privacy spent grows each round within the budget; the other regions report none
     spent = [r["train"]["north"]["dp_epsilon"] for r in deployed["rounds"]]
-    assert 0 < spent[0] < spent[1] <= 8.0
+    assert 0 < spent[0] < spent[1] <= 8.0, spent
     assert all("dp_epsilon" not in r["train"]["east"] for r in deployed["rounds"])
     north = next(n for n in lay.nodes if n.region == "north")
     assert north.audit_dir is not None and (north.audit_dir / DP_ACCOUNT_FILE).exists()
