@@ -91,8 +91,15 @@ def test_only_tls_to_the_superlink_crosses_between_hosts(
     regions = tmp_path / "regions"
     for i, name in enumerate(["north", "south"]):
         write_region(regions / name, 40, 20, seed=20 + i)
+    # one round: every kind of message crosses in it (train down and up, validation, the final test evaluation);
+    # a second round would send the same kinds again
     run = tiny_config(
-        tmp_path / "run.yaml", tiny_bert, regions, baselines=[], train={"epochs": 1, "batch_size": 8, "threads": 1}
+        tmp_path / "run.yaml",
+        tiny_bert,
+        regions,
+        rounds=1,
+        baselines=[],
+        train={"epochs": 1, "batch_size": 8, "threads": 1},
     )
     spec = {
         "run": str(run),
