@@ -30,6 +30,24 @@ def two_regions(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+SIMULATED_TRAIN = {"lr": 3e-2, "epochs": 5, "batch_size": 8, "threads": 1}
+
+
+@pytest.fixture(scope="session")
+def simulated_run(tiny_bert: Path, two_regions: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(config, run folder) of one `fedlocale simulate` of ``two_regions`` (2 rounds, both baselines), through the
+    CLI in this process. Shared by the tests that read a finished simulation (test_simulation) and the one that
+    compares stock `flwr run` with it (test_flwr_run), so the run is paid once."""
+    from fedlocale.cli import main
+
+    root = tmp_path_factory.mktemp("sim")
+    cfg = tiny_config(
+        root / "run.yaml", tiny_bert, two_regions, train=SIMULATED_TRAIN, baselines=["centralized", "local_only"]
+    )
+    assert main(["simulate", str(cfg), "--out", str(root / "out")]) == 0
+    return cfg, root / "out"
+
+
 def tiny_config(path: Path, model_dir: Path, regions_dir: Path, **extra: object) -> Path:
     """Write a run config for the tiny model and synthetic regions; ``extra`` overrides top-level keys."""
     import yaml

@@ -12,13 +12,10 @@ import psutil
 import pytest
 
 from common.audit import find_ledgers, load_verify_key, verify_all
-from fedlocale.cli import main
-from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = {"lr": 3e-2, "epochs": 5, "batch_size": 8, "threads": 1}
 
 
 def _superlinks(flwr_home: Path) -> list[psutil.Process]:
@@ -35,8 +32,10 @@ def _superlinks(flwr_home: Path) -> list[psutil.Process]:
     return found
 
 
-def test_flwr_run_matches_the_cli_simulation(tiny_bert: Path, two_regions: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, train=TRAIN)
+def test_flwr_run_matches_the_cli_simulation(simulated_run: tuple[Path, Path], tmp_path: Path) -> None:
+    # the config and the `fedlocale simulate` run of it that test_simulation reads too (its baselines run in the
+    # CLI only; the federation they are compared on is the same)
+    cfg, cli_out = simulated_run
     flwr_home = tmp_path / "flwr-home"
     bin_dir = str(Path(sys.executable).parent)
     env = {
@@ -71,8 +70,7 @@ def test_flwr_run_matches_the_cli_simulation(tiny_bert: Path, two_regions: Path,
     result = verify_all(find_ledgers([audit]), trusted)
     assert result.ok, result.findings
 
-    assert main(["simulate", str(cfg), "--out", str(tmp_path / "cli-out")]) == 0
-    ours = json.loads((tmp_path / "cli-out" / "federation.json").read_text())
+    ours = json.loads((cli_out / "federation.json").read_text())
     assert stock["test"].keys() == ours["test"].keys() == {"north", "south"}
     for region, scores in ours["test"].items():
         assert stock["test"][region]["macro_f1"] == pytest.approx(scores["macro_f1"], abs=1e-6)

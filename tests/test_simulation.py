@@ -22,11 +22,9 @@ TRAIN = {"lr": 3e-2, "epochs": 5, "batch_size": 8, "threads": 1}
 
 
 @pytest.fixture(scope="module")
-def run(tiny_bert: Path, two_regions: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("sim")
-    cfg = tiny_config(root / "run.yaml", tiny_bert, two_regions, train=TRAIN, baselines=["centralized", "local_only"])
-    assert main(["simulate", str(cfg), "--out", str(root / "out")]) == 0
-    return cfg, root / "out"
+def run(simulated_run: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The session's `fedlocale simulate` of two regions (conftest.simulated_run; test_flwr_run compares with it)."""
+    return simulated_run
 
 
 def test_summary_contract(run: tuple[Path, Path]) -> None:
