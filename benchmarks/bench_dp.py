@@ -33,7 +33,7 @@ from deploy.env import apply_env
 DEFAULT_JSON = Path("benchmarks/results/bench_dp.json")
 
 
-def _policies(cfg: Any, folder: Path, eps: float, delta: float) -> Path:
+def dp_policies(cfg: Any, folder: Path, eps: float, delta: float) -> Path:
     """A policy per region (its own with require_dp set, else a minimal one) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     for region in cfg.regions:
@@ -43,7 +43,9 @@ def _policies(cfg: Any, folder: Path, eps: float, delta: float) -> Path:
     return folder
 
 
-def _simulate(config: Path, out: Path, policies: Path, overrides: list[str], regions: list[Any]) -> dict[str, Any]:
+def simulate_with_policies(
+    config: Path, out: Path, policies: Path, overrides: list[str], regions: list[Any]
+) -> dict[str, Any]:
     """One simulation with every region's policy from ``policies``; its summary.json."""
     # a region's own `policy:` in the config's `regions:` list wins over `policies:`, so each is pointed at the
     # benchmark's copy (regions found through `regions_dir` take theirs from `policies:`)
@@ -107,11 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--runs-dir {args.runs_dir} exists; the benchmark writes new run folders there")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.runs_dir or Path(tmp)
+        # absolute: the simulation reads a relative `policies` path from the config file's folder
+        root = (args.runs_dir or Path(tmp)).resolve()
         for eps in args.epsilons:
             tag = "inf" if math.isinf(eps) else f"{eps:g}"
-            policies = _policies(cfg, root / f"policies-{tag}", eps, args.delta)
-            summary = _simulate(args.config, root / f"run-{tag}", policies, args.overrides, list(cfg.regions))
+            policies = dp_policies(cfg, root / f"policies-{tag}", eps, args.delta)
+            summary = simulate_with_policies(
+                args.config, root / f"run-{tag}", policies, args.overrides, list(cfg.regions)
+            )
             overall = summary["overall"]
             served = overall.get("personalized", overall.get("federated", {}))
             spent = {r: b["dp"]["epsilon_spent"] for r, b in summary["regions"].items() if "dp" in b}
