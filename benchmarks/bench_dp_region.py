@@ -47,7 +47,11 @@ LEVERS = ("head-only", "sgd")
 
 def with_levers(levers: tuple[str, ...], private: Any) -> Any:
     """A ``private`` hook for ``train_encoded`` that applies ``levers`` to the model and optimizer it is given
-    (freezing the LoRA factors, replacing AdamW by SGD over the same parameters), then ``private`` if any."""
+    (freezing the LoRA factors, replacing AdamW by SGD over the same parameters), then ``private`` if any.
+
+    The replacement optimizer takes the first parameter group's learning rate (``train_encoded`` makes one group);
+    SGD runs without weight decay (the measured rows did), AdamW keeps the config's. ``train_encoded``'s warm-up
+    schedule stays on the optimizer it made, so ``run_setting`` refuses levers with ``train.warmup_steps`` > 0."""
     import torch
 
     from client.train import freeze
@@ -86,6 +90,10 @@ def run_setting(
     from common.policy import DpRequirement
 
     cfg = load_config(config, ["train.logit_adjust=0", *overrides])
+    if levers and cfg.train.warmup_steps:
+        raise SystemExit(
+            f"levers {', '.join(levers)} replace the optimizer its warm-up is set on: set train.warmup_steps=0"
+        )
     region = next(r for r in cfg.regions if r.name == region_name)
     data = load_region(region.name, region.data, cfg.labels)
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)

@@ -88,6 +88,9 @@ def scenario_problem(args: argparse.Namespace) -> str | None:
     bad = [eps for eps in args.epsilons or () if not eps > 0]
     if bad:
         return f"--epsilons must be > 0 (inf: no DP), got {', '.join(map(str, bad))}"
+    repeated = sorted({eps for eps in args.epsilons or () if list(args.epsilons).count(eps) > 1})
+    if repeated:  # a second run of one epsilon would overwrite the first's run folder
+        return f"--epsilons names {', '.join(map(str, repeated))} more than once"
     if args.delta is not None and not 0 < args.delta < 1:
         return f"--delta must be in (0, 1), got {args.delta}"
     if args.runs_dir is not None and args.runs_dir.exists():
@@ -285,8 +288,9 @@ def scenario_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
     for r in rows:
         eps = eps_tag(math.inf if r["epsilon"] is None else r["epsilon"])
-        low, high = r["auc_ci95"]
-        interval = f"{r['auc']:.3f} [{low:.2f}, {high:.2f}]" if r["auc"] is not None else "n/a"
+        low, high = r["auc_ci95"] or (None, None)
+        bounds = "[n/a]" if low is None or high is None else f"[{low:.2f}, {high:.2f}]"  # a bootstrap NaN
+        interval = f"{r['auc']:.3f} {bounds}" if r["auc"] is not None else "n/a"
         exposure = (
             f"{r['canary_mean_exposure']:.2f}/{r['canary_max_exposure']:.2f} "
             f"({r['canaries_ranked_first']}/{r['canaries']})"

@@ -336,12 +336,21 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
 
 
 def load_adapter_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
-    """Load exchanged tensors; any key that does not match the model is an error, never ignored."""
-    expected = set(get_peft_model_state_dict(model))
+    """Load exchanged tensors; any key or shape that does not match the model is a ValueError, never ignored."""
+    current = get_peft_model_state_dict(model)
+    expected = set(current)
     if set(state) != expected:
         missing = sorted(expected - set(state))[:5]
         extra = sorted(set(state) - expected)[:5]
         raise ValueError(f"adapter state does not match the model: missing {missing}, unexpected {extra}")
+    # the same keys with other shapes (another lora.r) would reach torch's load_state_dict as a RuntimeError
+    resized = [
+        f"{k} {tuple(state[k].shape)} (model: {tuple(current[k].shape)})"
+        for k in sorted(state)
+        if state[k].shape != current[k].shape
+    ]
+    if resized:
+        raise ValueError(f"adapter state does not match the model's shapes: {resized[:5]}")
     set_peft_model_state_dict(model, state)
 
 

@@ -21,6 +21,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "priva
         (["--simulate", "no/such.yaml"], "no/such.yaml: no such file"),
         (["--simulate", str(CONFIG), "--epsilons", "8", "0"], "--epsilons must be > 0"),
         (["--simulate", str(CONFIG), "--epsilons", "nan"], "--epsilons must be > 0"),
+        (["--simulate", str(CONFIG), "--epsilons", "8", "inf", "8"], "--epsilons names 8.0 more than once"),
         (["--simulate", str(CONFIG), "--delta", "1"], "--delta must be in (0, 1)"),
     ],
 )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from assets.tiny import FILLER, NEG_WORDS, POS_WORDS
 from client.membership import (
@@ -202,6 +203,8 @@ def test_swap_state_loads_a_same_shaped_adapter_and_names_one_that_does_not_fit(
     expected = score(Predictor(other, predictor.tokenizer, 32), members[:8], nonmembers[:8], 8)
     assert not np.allclose(score(predictor, members[:8], nonmembers[:8], 8).members, expected.members)
     swap_state(predictor, adapter_state(other), "round-001", _Refused, "this run's")
+    for name, tensor in adapter_state(other).items():  # every tensor, not only the head that moves the scores
+        assert torch.equal(adapter_state(predictor.model)[name], tensor), name
     swapped = score(predictor, members[:8], nonmembers[:8], 8)
     np.testing.assert_allclose(swapped.members, expected.members, rtol=1e-5)
     np.testing.assert_allclose(swapped.nonmembers, expected.nonmembers, rtol=1e-5)
@@ -209,6 +212,10 @@ def test_swap_state_loads_a_same_shaped_adapter_and_names_one_that_does_not_fit(
     elsewhere = adapter_state(build_model(settings, fewer, ("a", "b"), 0).model)
     with pytest.raises(_Refused, match=r"^elsewhere: not an adapter of this run's shape \(adapter state"):
         swap_state(predictor, elsewhere, "elsewhere", _Refused, "this run's")
+    # the same tensors at another rank: torch would fail on the sizes; the caller's error names them instead
+    smaller = adapter_state(build_model(settings, LoraSettings(r=4, alpha=8), ("a", "b"), 0).model)
+    with pytest.raises(_Refused, match=r"^rank-4: not an adapter of this run's shape \(.*shapes: .*lora_A"):
+        swap_state(predictor, smaller, "rank-4", _Refused, "this run's")
 
 
 def test_cli_refuses_what_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,11 +14,11 @@ from common.config import load_config
 from common.data import load_region
 from common.model import build_model
 from fedlocale.cli import main
-from tests.conftest import tiny_config
+from tests.conftest import SIMULATED_TRAIN, tiny_config
 
 pytestmark = pytest.mark.slow
 
-TRAIN = {"lr": 3e-2, "epochs": 5, "batch_size": 8, "threads": 1}
+TRAIN = SIMULATED_TRAIN  # the shared simulated run's training, for the runs this file makes itself
 
 
 @pytest.fixture(scope="module")
