@@ -33,6 +33,18 @@ from deploy.env import apply_env
 DEFAULT_JSON = Path("benchmarks/results/bench_dp.json")
 
 
+def eps_tag(eps: float) -> str:
+    """An epsilon as the run folders and the tables name it (``inf``, ``8``, ``0.5``)."""
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def runs_dir_problem(runs_dir: Path | None) -> str | None:
+    """Why ``--runs-dir`` cannot be used (it exists: the benchmark writes new run folders there), or None."""
+    if runs_dir is not None and runs_dir.exists():
+        return f"--runs-dir {runs_dir} exists; the benchmark writes new run folders there"
+    return None
+
+
 def dp_policies(cfg: Any, folder: Path, eps: float, delta: float) -> Path:
     """A policy per region (its own with require_dp set, else a minimal one) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,14 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     from common.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.runs_dir is not None and args.runs_dir.exists():
-        parser.error(f"--runs-dir {args.runs_dir} exists; the benchmark writes new run folders there")
+    problem = runs_dir_problem(args.runs_dir)
+    if problem:
+        parser.error(problem)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # absolute: the simulation reads a relative `policies` path from the config file's folder
         root = (args.runs_dir or Path(tmp)).resolve()
         for eps in args.epsilons:
-            tag = "inf" if math.isinf(eps) else f"{eps:g}"
+            tag = eps_tag(eps)
             policies = dp_policies(cfg, root / f"policies-{tag}", eps, args.delta)
             summary = simulate_with_policies(
                 args.config, root / f"run-{tag}", policies, args.overrides, list(cfg.regions)

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_dp import dp_policies, eps_tag, runs_dir_problem, simulate_with_policies
 from benchmarks.output import write_result
 from deploy.env import apply_env
 
@@ -93,8 +94,9 @@ def scenario_problem(args: argparse.Namespace) -> str | None:
         return f"--epsilons names {', '.join(map(str, repeated))} more than once"
     if args.delta is not None and not 0 < args.delta < 1:
         return f"--delta must be in (0, 1), got {args.delta}"
-    if args.runs_dir is not None and args.runs_dir.exists():
-        return f"--runs-dir {args.runs_dir} exists; the benchmark writes new run folders there"
+    problem = runs_dir_problem(args.runs_dir)
+    if problem:
+        return problem
     return None
 
 
@@ -134,14 +136,17 @@ def audit_run(args: argparse.Namespace, run_dir: Path) -> int:
     )
 
 
-def eps_tag(eps: float) -> str:
-    """An epsilon as the run folders and the table name it (``inf``, ``8``, ``0.5``)."""
-    return "inf" if math.isinf(eps) else f"{eps:g}"
+def scenario_overrides(overrides: Sequence[str], eps: float, personalize_mode: str) -> list[str]:
+    """The ``--set`` overrides of the run at ``eps``: the user's, plus ``personalize.dp=true`` under DP when the
+    run personalizes. Without it the served model of a DP region is the personalization's, trained again on the
+    region's records without DP (docs/privacy.md): the audit would measure that, not epsilon."""
+    if math.isinf(eps) or personalize_mode == "none":
+        return list(overrides)
+    return [*overrides, "personalize.dp=true"]
 
 
 def run_scenario(args: argparse.Namespace) -> int:
     """One simulation and one audit per epsilon; the table; the JSON."""
-    from benchmarks.bench_dp import dp_policies, simulate_with_policies
     from common.config import load_config
     from common.runfiles import read_summary
     from runfolder.privacy import audit_privacy
@@ -155,11 +160,7 @@ def run_scenario(args: argparse.Namespace) -> int:
         root = (args.runs_dir or Path(tmp)).resolve()
         for eps in epsilons:
             tag = eps_tag(eps)
-            sets = list(args.overrides)
-            # without personalize.dp the served model of a DP region is the personalization's, trained again on
-            # the region's records without DP (docs/privacy.md): it would measure that, not epsilon
-            if not math.isinf(eps) and cfg.personalize.mode != "none":
-                sets.append("personalize.dp=true")
+            sets = scenario_overrides(args.overrides, eps, cfg.personalize.mode)
             policies = dp_policies(cfg, root / f"policies-{tag}", eps, delta)
             run_dir = root / f"run-{tag}"
             started = time.perf_counter()

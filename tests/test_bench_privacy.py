@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench_privacy import main, rate_text, scenario_rows, scenario_table
+from benchmarks.bench_privacy import main, rate_text, scenario_overrides, scenario_rows, scenario_table
 
 CONFIG = Path(__file__).resolve().parents[1] / "benchmarks" / "configs" / "privacy-leak.yaml"
 
@@ -33,9 +33,16 @@ def test_refused_before_anything_runs(argv: list[str], message: str, capsys: pyt
 
 
 def test_existing_runs_dir_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stopped:
         main(["--simulate", str(CONFIG), "--runs-dir", str(tmp_path)])
+    assert stopped.value.code == 2
     assert f"--runs-dir {tmp_path} exists" in capsys.readouterr().err
+
+
+def test_a_dp_run_that_personalizes_covers_its_served_model() -> None:
+    assert scenario_overrides(["seed=1"], float("inf"), "dual") == ["seed=1"]
+    assert scenario_overrides(["seed=1"], 8.0, "dual") == ["seed=1", "personalize.dp=true"]
+    assert scenario_overrides([], 1.0, "none") == []
 
 
 def _result(auc: float, tpr1: float | None, tpr01: float | None) -> dict[str, object]:
