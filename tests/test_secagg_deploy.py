@@ -23,12 +23,13 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
-def _running_clientapp(cluster: Cluster, name: str) -> bool:
+def _clientapps_started(cluster: Cluster, name: str) -> list[float]:
+    """When each ClientApp process the node's SuperNode runs now was started (seconds since the epoch)."""
     try:
         children = psutil.Process(cluster.procs[name].pid).children(recursive=True)
-        return any("flwr-clientapp" in " ".join(c.cmdline()) for c in children)
+        return [c.create_time() for c in children if "flwr-clientapp" in " ".join(c.cmdline())]
     except psutil.Error:
-        return False
+        return []
 
 
 def _shared_keys(ledger: Path, server_round: int) -> bool:
@@ -48,10 +49,20 @@ def test_a_secure_deployment_survives_a_node_killed_after_sharing_its_keys(
     create_credentials(lay, now=datetime.now(UTC))
     north = next(n for n in lay.nodes if n.region == "north")
     killed: list[str] = []
+    shared: dict[str, float] = {}
 
     def kill_north_in_the_mask_stage() -> None:
-        # north's ledger holds its share-stage reply of round 1 and a ClientApp runs again: the masked input
-        if not killed and _shared_keys(north.audit_dir / LEDGER_FILE, 1) and _running_clientapp(cluster, "node-north"):
+        # north's ledger holds its share-stage reply of round 1, and a ClientApp started after that line was
+        # written runs: the masked-input stage. The share stage's own ClientApp writes the line before it replies
+        # and exits; killing that one (slow to exit under load) would make north missing before it shared.
+        ledger = north.audit_dir / LEDGER_FILE
+        if killed:
+            return
+        if "at" not in shared:
+            if not _shared_keys(ledger, 1):
+                return
+            shared["at"] = ledger.stat().st_mtime  # the share line is the newest: north sends nothing else yet
+        if any(started > shared["at"] for started in _clientapps_started(cluster, "node-north")):
             cluster.stop("node-north", grace=0.0)
             killed.append("north")
 
