@@ -10,11 +10,11 @@ region's test split. The noise multiplier is calibrated by ``client.dp.calibrate
 of each setting (logit adjustment is off: DP refuses it). Prints a table and writes JSON (default
 ``benchmarks/results/bench_dp_region.json``). The sampling and noise seeds are fixed (a benchmark, not a node).
 
-Two levers the product does not offer are tried here, to see whether they would be worth offering: training the
-head only (the LoRA factors frozen at their initial values: 770 noised parameters instead of 148,226), and SGD
-with momentum 0.9 in place of AdamW (Adam divides every coordinate by its own noise-dominated second moment, so
-under heavy noise each coordinate random-walks by about ``lr`` per step). Both are applied from the outside,
-through the ``private`` hook ``train_encoded`` offers, so the training loop is the node's own.
+Levers tried here became the product's ``dp`` settings (``dp.train: head``: the LoRA factors frozen, 770 noised
+parameters instead of 148,226; ``dp.optimizer: sgd``: SGD with momentum 0.9 in place of AdamW, which divides every
+coordinate by its own noise-dominated second moment, so that under heavy noise each coordinate random-walks by
+about ``lr`` per step). A setting with such levers but no noise trains through ``DpSgd`` with noise 0 and no
+clipping, so that the same levers apply; its sampling is then Poisson too.
 """
 
 from __future__ import annotations
@@ -29,53 +29,25 @@ from benchmarks.output import write_result
 from deploy.env import apply_env
 
 DEFAULT_JSON = Path("benchmarks/results/bench_dp_region.json")
-# name -> (noise: "plain" | "clip-only" | "dp", config overrides, levers: "head-only" and/or "sgd")
-SETTINGS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "plain": ("plain", (), ()),
-    "clip-only": ("clip-only", (), ()),
-    "dp": ("dp", (), ()),
-    "dp-r1-lr1e-2": ("dp", ("lora.r=1", "train.lr=1e-2"), ()),
-    "dp-r1-lr1e-2-b64": ("dp", ("lora.r=1", "train.lr=1e-2", "train.batch_size=64", "train.local_steps=2"), ()),
-    "head-plain-lr1e-2": ("plain", ("train.lr=1e-2",), ("head-only",)),
-    "head-dp-lr1e-2": ("dp", ("train.lr=1e-2",), ("head-only",)),
+# name -> (noise: "plain" | "clip-only" | "dp", config overrides)
+SETTINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "plain": ("plain", ()),
+    "clip-only": ("clip-only", ()),
+    "dp": ("dp", ()),
+    "dp-r1-lr1e-2": ("dp", ("lora.r=1", "train.lr=1e-2")),
+    "dp-r1-lr1e-2-b64": ("dp", ("lora.r=1", "train.lr=1e-2", "train.batch_size=64", "train.local_steps=2")),
+    "head-plain-lr1e-2": ("plain", ("train.lr=1e-2", "dp.train=head")),
+    "head-dp-lr1e-2": ("dp", ("train.lr=1e-2", "dp.train=head")),
     # the whole split in every batch (q = 1): fewer, less noisy steps; SGD so noise averages out over steps
-    "head-plain-sgd-full": ("plain", ("train.lr=0.9", "train.batch_size=256"), ("head-only", "sgd")),
-    "head-dp-sgd-full": ("dp", ("train.lr=0.9", "train.batch_size=256"), ("head-only", "sgd")),
+    "head-plain-sgd-full": ("plain", ("dp.batch_size=256", "dp.train=head", "dp.optimizer=sgd", "dp.lr=0.9")),
+    "head-dp-sgd-full": ("dp", ("dp.batch_size=256", "dp.train=head", "dp.optimizer=sgd", "dp.lr=0.9")),
 }
-LEVERS = ("head-only", "sgd")
-
-
-def with_levers(levers: tuple[str, ...], private: Any) -> Any:
-    """A ``private`` hook for ``train_encoded`` that applies ``levers`` to the model and optimizer it is given
-    (freezing the LoRA factors, replacing AdamW by SGD over the same parameters), then ``private`` if any.
-
-    The replacement optimizer takes the first parameter group's learning rate (``train_encoded`` makes one group);
-    SGD runs without weight decay (the measured rows did), AdamW keeps the config's. ``train_encoded``'s warm-up
-    schedule stays on the optimizer it made, so ``run_setting`` refuses levers with ``train.warmup_steps`` > 0."""
-    import torch
-
-    from client.train import freeze
-
-    def hook(model: Any, optimizer: Any, order: list[list[int]]) -> Any:
-        if "head-only" in levers:
-            freeze(model, "lora_")
-        if "sgd" in levers:
-            group = optimizer.param_groups[0]
-            params = [p for p in group["params"] if p.requires_grad]
-            optimizer = torch.optim.SGD(params, lr=group["lr"], momentum=0.9)
-        elif "head-only" in levers:
-            optimizer = torch.optim.AdamW(
-                [p for p in model.parameters() if p.requires_grad],
-                lr=optimizer.param_groups[0]["lr"],
-                weight_decay=optimizer.param_groups[0]["weight_decay"],
-            )
-        return private(model, optimizer, order) if private is not None else (model, optimizer, order)
-
-    return hook
+# without noise, clipping at this norm clips nothing
+NO_CLIP = 1e9
 
 
 def run_setting(
-    config: Path, region_name: str, epsilon: float, noise: str, overrides: tuple[str, ...], levers: tuple[str, ...] = ()
+    config: Path, region_name: str, epsilon: float, noise: str, overrides: tuple[str, ...]
 ) -> dict[str, Any]:
     """Train the region's model under one setting; its test macro-F1, loss, noise multiplier and size."""
     import numpy as np
@@ -90,10 +62,7 @@ def run_setting(
     from common.policy import DpRequirement
 
     cfg = load_config(config, ["train.logit_adjust=0", *overrides])
-    if levers and cfg.train.warmup_steps:
-        raise SystemExit(
-            f"levers {', '.join(levers)} replace the optimizer its warm-up is set on: set train.warmup_steps=0"
-        )
+    levers = (cfg.dp.train, cfg.dp.optimizer, cfg.dp.lr) != ("all", "adamw", None)
     region = next(r for r in cfg.regions if r.name == region_name)
     data = load_region(region.name, region.data, cfg.labels)
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
@@ -101,18 +70,21 @@ def run_setting(
     test = encode_examples(loaded.tokenizer, data.test, cfg.model.max_length)
     n = len(train.ids)
     steps = plan_steps(n, cfg.train) * cfg.rounds  # the federation's steps on this region
-    sample_rate = min(1.0, cfg.train.batch_size / n)
+    batch = cfg.dp.sampled_batch(cfg.train.batch_size)  # as a node plans it (client.dp.plan)
+    sample_rate = min(1.0, batch / n)
     sigma = None
     private = None
     if noise != "plain":
         sigma = 0.0 if noise == "clip-only" else calibrate(DpRequirement(epsilon, 1e-5), sample_rate, steps, cfg.dp)
-        private = DpSgd(sigma, cfg.dp.clip, sample_rate, n, sampling_seed=1, noise_seed=2)
+        private = DpSgd(sigma, cfg.dp.clip, sample_rate, n, sampling_seed=1, noise_seed=2, settings=cfg.dp)
+    elif levers:
+        private = DpSgd(0.0, NO_CLIP, sample_rate, n, sampling_seed=1, noise_seed=2, settings=cfg.dp)
     started = time.perf_counter()
     settings = replace(cfg.train, local_steps=steps)
-    hook = with_levers(levers, private) if levers else private
     result = train_encoded(
-        loaded.model, train.ids, train.labels, settings, pad_id=loaded.pad_id, seed=cfg.seed, private=hook
+        loaded.model, train.ids, train.labels, settings, pad_id=loaded.pad_id, seed=cfg.seed, private=private
     )
+    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)  # before close unfreezes
     if private is not None:
         private.close()
     probs = predict_proba_encoded(loaded.model, test.ids, pad_id=loaded.pad_id, batch_size=cfg.train.eval_batch_size)
@@ -121,8 +93,8 @@ def run_setting(
         "train_loss": result.loss,
         "noise_multiplier": sigma,
         "steps": steps,
-        "batch_size": cfg.train.batch_size,
-        "trainable": sum(p.numel() for p in loaded.model.parameters() if p.requires_grad),
+        "batch_size": batch,
+        "trainable": trainable,
         "examples": n,
         "seconds": time.perf_counter() - started,
     }
@@ -140,12 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     for name in args.settings:
-        noise, overrides, levers = SETTINGS[name]
+        noise, overrides = SETTINGS[name]
         row = {
             "setting": name,
             "overrides": list(overrides),
-            "levers": list(levers),
-            **run_setting(args.config, args.region, args.epsilon, noise, overrides, levers),
+            **run_setting(args.config, args.region, args.epsilon, noise, overrides),
         }
         rows.append(row)
         sigma = "-" if row["noise_multiplier"] is None else f"{row['noise_multiplier']:.3f}"

@@ -1,7 +1,8 @@
 """Does the global model reach the joint objective? Federated vs centralized vs local-only, per scenario and option.
 
     python -m benchmarks.bench_quality [--scenarios demo a0.1 a0.5 a1.0] [--options NAME ...] [--seeds 0 1 2]
-        [--regions 10] [--config configs/demo.yaml] [--set KEY=VALUE ...] [--work DIR] [--json FILE]
+        [--regions 10] [--min-train 20] [--min-test 10] [--config configs/demo.yaml] [--set KEY=VALUE ...]
+        [--work DIR] [--json FILE]
 
 A scenario is a set of regions: ``demo`` (the bundled regions) or ``aA`` (the demo's pooled rows split into
 ``--regions`` regions with Dirichlet(A) label skew by ``fedlocale data split``, drawn afresh for every seed, so
@@ -53,8 +54,11 @@ def parse_option(text: str) -> Option:
     return Option(name, tuple(part for part in rest.split(",") if part))
 
 
-def scenario_regions(name: str, seed: int, regions: int, pool: Path, work: Path) -> Path | None:
-    """The regions folder of scenario ``name`` for ``seed`` (None: the config's own regions)."""
+def scenario_regions(
+    name: str, seed: int, regions: int, pool: Path, work: Path, minimums: tuple[int, int] = (20, 10)
+) -> Path | None:
+    """The regions folder of scenario ``name`` for ``seed`` (None: the config's own regions); ``minimums``: the
+    fewest train and test examples of every region (``fedlocale data split --min-train --min-test``)."""
     if name == "demo":
         return None
     if not name.startswith("a"):
@@ -62,9 +66,12 @@ def scenario_regions(name: str, seed: int, regions: int, pool: Path, work: Path)
     from simulations.datasplit import SplitSettings, run_split
 
     alpha = float(name[1:])
-    out = work / f"split-{name}-k{regions}-s{seed}"
+    # a split with other minimums is another split: never reuse one for the other
+    tag = "" if minimums == (20, 10) else f"-m{minimums[0]}-{minimums[1]}"
+    out = work / f"split-{name}-k{regions}-s{seed}{tag}"
     if not (out / "split.json").is_file():
-        run_split(pool, out, SplitSettings(regions=regions, alpha=alpha, seed=seed), say=say)
+        settings = SplitSettings(regions=regions, alpha=alpha, seed=seed, min_train=minimums[0], min_test=minimums[1])
+        run_split(pool, out, settings, say=say)
     return out
 
 
@@ -223,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--regions", type=int, default=10, help="regions of a Dirichlet scenario")
     parser.add_argument("--pool", type=Path, default=Path("data/demo"), help="pooled rows of the Dirichlet splits")
+    parser.add_argument("--min-train", type=int, default=20, help="fewest train examples of a Dirichlet region")
+    parser.add_argument("--min-test", type=int, default=10, help="fewest test examples of a Dirichlet region")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="for every run")
     parser.add_argument("--work", type=Path, default=Path("runs/bench_quality"))
     parser.add_argument("--json", type=Path, default=None, help="default: WORK/bench_quality.json")
@@ -237,11 +246,18 @@ def main(argv: list[str] | None = None) -> int:
     # test predictions (the borrowing runs compare their served models with them)
     baselines: dict[tuple[str, int], dict[str, Any]] = {}
     local_predictions: dict[tuple[str, int], dict[str, Any]] = {}
+    minimums = (args.min_train, args.min_test)
+    # every split before any run: a split the pool cannot give fails in seconds, not after hours of other runs
+    splits = {
+        (scenario, seed): scenario_regions(scenario, seed, args.regions, args.pool, args.work, minimums)
+        for scenario in args.scenarios
+        for seed in args.seeds
+    }
     for scenario in args.scenarios:
         for option in options:
             runs = []
             for seed in args.seeds:
-                regions_dir = scenario_regions(scenario, seed, args.regions, args.pool, args.work)
+                regions_dir = splits[(scenario, seed)]
                 out = args.work / f"{scenario}-{option.name}-s{seed}"
                 shared = None if option.nodes else baselines.get((scenario, seed))
                 say(f"{scenario} · {option.name} · seed {seed}" + (" (baselines of an earlier run)" if shared else ""))

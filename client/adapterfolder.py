@@ -9,6 +9,7 @@ import client and not the reverse.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from common.errors import InputError
-from common.model import classifier_kwargs, head_modules, quiet_loading
+from common.model import LABELS_FILE, POOLING_KEY, classifier_kwargs, head_modules, mean_pooling, quiet_loading
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -62,14 +63,33 @@ def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def saved_pooling(folder: Path) -> object:
+    """The pooling an adapter folder's ``labels.json`` names (``common.model.save_adapter``); "cls" when it
+    names none or the folder has no such file (the architecture's own pooler). A damaged file is the caller's
+    to report: it reads the labels from it too."""
+    try:
+        meta = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "cls"
+    return meta.get(POOLING_KEY, "cls") if isinstance(meta, dict) else "cls"
+
+
 def load_peft_folder(folder: Path, base_path: str, labels: Sequence[str]) -> PeftModel:
     """The base model at ``base_path`` with ``labels`` as its classes, carrying the adapter of ``folder`` (which
-    must hold the trained head: the base's own or a random one would classify instead). Errors of a damaged
+    must hold the trained head: the base's own or a random one would classify instead), pooled as the folder's
+    ``labels.json`` says (``saved_pooling``; ``model.pooling: mean``). Errors of a damaged
     folder propagate as transformers, peft and safetensors raise them (``DAMAGED_MODEL_ERRORS``); the caller names
     the folder."""
     # Whatever head the base checkpoint has (none, another size, the same size) is replaced by the adapter's.
     with quiet_loading():  # the adapter brings the head; the base's "newly initialised" report is noise
         base = AutoModelForSequenceClassification.from_pretrained(base_path, **classifier_kwargs(tuple(labels)))
+    pooling = saved_pooling(folder)
+    if pooling == "mean":  # the head was trained on mean-pooled features: stock peft would feed it the pooler's
+        problem = mean_pooling(base)
+        if problem:
+            raise AdapterFolderError(f"{folder / LABELS_FILE}: {POOLING_KEY} mean: {problem}")
+    elif pooling != "cls":
+        raise AdapterFolderError(f"{folder / LABELS_FILE}: {POOLING_KEY} must be cls or mean, got {pooling!r}")
     saved = adapter_weights(folder)
     head = [name for name in head_modules(str(base.config.model_type)) if hasattr(base, name)]
     for name in head:

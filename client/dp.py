@@ -42,6 +42,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from client.dp_secret import DpSecret, resolve_secret
+from client.train import freeze
 from common.config import ClientTask, DpSettings
 from common.policy import DpRecord, DpRequirement, PolicyError, RegionPolicy
 from common.runfiles import DP_ACCOUNT_FILE, write_json
@@ -241,10 +242,11 @@ class Accountant:
 
 
 def plan(num_examples: int, steps_per_round: int, task: ClientTask, personalize_steps: int = 0) -> tuple[float, int]:
-    """Poisson sampling rate and the run's planned DP-SGD steps: all planned rounds x this round's steps, plus
+    """Poisson sampling rate (``dp.batch_size`` or ``train.batch_size`` over the examples) and the run's
+    planned DP-SGD steps: all planned rounds x this round's steps, plus
     ``personalize_steps``, the personalization's after the rounds (``personalize.dp``; it samples at the same
     rate: the same examples and batch size)."""
-    sample_rate = min(1.0, task.train.batch_size / num_examples)
+    sample_rate = min(1.0, task.dp.sampled_batch(task.train.batch_size) / num_examples)
     return sample_rate, steps_per_round * task.rounds + personalize_steps
 
 
@@ -316,6 +318,8 @@ def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool) -> str | None:
             "the policy requires differential privacy, which holds per training example; augmentation makes "
             "several examples of one record, so it cannot be used with require_dp"
         )
+    if task.dp.train == "head" and task.train.head == "frozen":
+        return "dp.train is head and train.head is frozen: nothing would train under DP-SGD; set one of them otherwise"
     if task.train.prox_mu > 0:
         return (
             f"train.prox_mu is {task.train.prox_mu:g}, which cannot be used with require_dp: DP-SGD's optimizer "
@@ -345,7 +349,13 @@ class DpSgd:
 
     ``sampling_seed`` and ``noise_seed`` seed the Poisson sampling and the Gaussian noise; the guarantee holds
     only against whoever cannot compute them, so they come from the node's secret (``seeds``), never from
-    anything the server knows."""
+    anything the server knows.
+
+    ``settings`` (the run's ``dp`` section) says what the private steps train and with which optimizer:
+    ``train: head`` freezes the LoRA factors (they leave as received), ``optimizer: sgd`` replaces the AdamW
+    ``train_encoded`` made by SGD with momentum 0.9 over the same parameters, ``lr`` replaces its learning rate
+    (``train_encoded`` puts its warm-up on the optimizer returned).
+    Its ``clip`` is not read: ``clip`` is the account's, fixed when the budget was calibrated."""
 
     def __init__(
         self,
@@ -356,15 +366,19 @@ class DpSgd:
         *,
         sampling_seed: int,
         noise_seed: int,
+        settings: DpSettings,
     ):
         self.noise_multiplier = noise_multiplier
         self.clip = clip
         self.sample_rate = sample_rate
         self.num_examples = num_examples
+        self.settings = settings
         # both must be secret to the node (client.dp_secret): whoever knows them can undo the noise
         self.sampling_seed = sampling_seed
         self.noise_seed = noise_seed
         self._wrapped: GradSampleModule | None = None
+        # what ``train: head`` froze, trainable again after ``close``: the model may train on without DP
+        self._frozen: list[nn.Parameter] = []
         # True once the model and optimizer are private: from then on training may have touched the data
         self.applied = False
 
@@ -372,6 +386,7 @@ class DpSgd:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, order: list[list[int]]
     ) -> tuple[nn.Module, torch.optim.Optimizer, list[list[int]]]:
         """The private model, optimizer and batch plan for ``len(order)`` steps."""
+        optimizer = self._steps(model, optimizer)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Full backward hook is firing when ... no inputs require gradients"
             self._wrapped = GradSampleModule(model, loss_reduction="mean")
@@ -388,11 +403,29 @@ class DpSgd:
         self.applied = True
         return self._wrapped, dp_optimizer, batches
 
+    def _steps(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """``optimizer``, or the one ``settings`` asks for over what stays trainable."""
+        dp = self.settings
+        if dp.train == "head":
+            frozen = set(freeze(model, "lora_"))
+            self._frozen = [p for name, p in model.named_parameters() if name in frozen]
+        if dp.train == "all" and dp.optimizer == "adamw" and dp.lr is None:
+            return optimizer
+        group = optimizer.param_groups[0]
+        params = [p for p in model.parameters() if p.requires_grad]
+        lr = group["lr"] if dp.lr is None else dp.lr
+        if dp.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=group["weight_decay"])
+
     def close(self) -> None:
         """Remove the per-example gradient hooks (the model is used plainly afterwards)."""
         if self._wrapped is not None:
             self._wrapped._close()
             self._wrapped = None
+        for param in self._frozen:
+            param.requires_grad_(True)
+        self._frozen = []
 
 
 def seeds(
@@ -471,6 +504,7 @@ def dp_training(
             inputs,
             (account.noise_multiplier, account.clip, account.sample_rate, num_examples, steps),
         ),
+        settings=task.dp,
     )
     try:
         yield private
@@ -538,16 +572,17 @@ def dp_personalizing(
     steps: int,
     batch_size: int,
     *,
+    settings: DpSettings,
     secret: bytes | None = None,
     inputs: bytes = b"",
 ) -> Iterator[DpSgd | None]:
     """The DP-SGD wrapper of the personalization of run ``run_key`` on this node (``personalize.dp``), after
     round ``after_round``: ``steps`` steps on ``num_examples`` examples, Poisson-sampled at ``batch_size`` /
     ``num_examples``, with the account's noise and clip (calibrated before round 1 for the rounds and this
-    personalization). None when the policy requires no DP (there is no budget to spend: the personalization
-    trains plainly). Charged to the run's account once applied, as ``dp_training`` charges a round; a wrapper
-    never applied (mode dual under DP, which trains nothing after the rounds) charges nothing. Seeded from
-    ``secret`` and ``inputs`` as ``dp_training`` is.
+    personalization), training what the run's ``settings`` say (``DpSgd``). None when the policy requires no DP
+    (there is no budget to spend: the personalization trains plainly). Charged to the run's account once
+    applied, as ``dp_training`` charges a round; a wrapper never applied (mode dual under DP, which trains nothing
+    after the rounds) charges nothing. Seeded from ``secret`` and ``inputs`` as ``dp_training`` is.
 
     ``DpRefused`` before any training when the node has no account of the run (it trained no round under
     DP-SGD) or the steps would take the spent epsilon past the policy's budget (a plan calibrated without them,
@@ -578,6 +613,7 @@ def dp_personalizing(
             inputs,
             (account.noise_multiplier, account.clip, sample_rate, num_examples, steps),
         ),
+        settings=settings,
     )
     try:
         yield private

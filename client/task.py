@@ -557,7 +557,8 @@ def personalize_node(
             start.round if start.round is not None else task.server_round,
             n,
             dp_steps(settings, task.train, n),
-            task.train.batch_size,
+            task.dp.sampled_batch(task.train.batch_size),
+            settings=task.dp,
             secret=node.dp_secret,
             inputs=personalization_inputs(start.model, replace(task, run_key="").to_json(), settings, examples.train),
         )

@@ -266,13 +266,14 @@ def train_encoded(
     terms = loss_terms(model, params, settings)
     shift = logit_shift(labels, _num_labels(model) or int(label_tensor.max()) + 1, settings.logit_adjust)
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    warmup = settings.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     model.train()
     total = 0.0
     order = batch_order([len(x) for x in ids], steps, settings.batch_size, settings.length_window, generator)
     if private is not None:
         model, optimizer, order = private(model, optimizer, order)
+    # on the optimizer that steps: ``private`` may have replaced the one made above (client.dp, dp.optimizer)
+    warmup = settings.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     for step, batch_idx in enumerate(order, start=1):
         if not batch_idx:
             optimizer.zero_grad(set_to_none=True)

@@ -55,6 +55,11 @@ class ModelSettings:
 
     base: str = "minilm"  # "minilm" (the offline package), "me5-small" (built here), a Hugging Face id or a folder
     max_length: int = 128
+    # what the classification head reads: "cls", the architecture's own (BERT: its pooler, dense + tanh on the
+    # first token); "mean", the attention-masked mean of the last hidden states, L2-normalised: how sentence
+    # encoders such as multilingual-e5 are trained to be used, and the features a head trained alone under DP
+    # learns from best (docs/privacy.md). BERT bases only; such a run cannot be exported for stock transformers
+    pooling: Literal["cls", "mean"] = "cls"
 
     def __post_init__(self) -> None:
         problems = []
@@ -481,6 +486,20 @@ class DpSettings:
     # a node whose budget needs more noise than this for the planned rounds refuses to train (the model would be
     # noise); Opacus's own limit applies too
     max_noise_multiplier: float = 50.0
+    # what DP-SGD trains: "all" that leaves the node (LoRA factors and head), or "head" alone (the LoRA factors
+    # stay as received): the noise grows with the number of values noised, ~148,000 against ~770 on me5-small
+    train: Literal["all", "head"] = "all"
+    # the optimizer of DP-SGD steps: "adamw" (train.lr, as without DP) or "sgd" with momentum 0.9 and no weight
+    # decay (Adam divides each value by its own noise-dominated second moment: under heavy noise each value
+    # random-walks)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # the learning rate of DP-SGD steps, the personalization's under personalize.dp too; null: train.lr
+    lr: float | None = None
+    # the expected batch of DP-SGD's Poisson sampling (rate q = batch_size / the region's examples, at most 1:
+    # a batch_size of at least the region's size puts the whole split in every step, the least noise per step
+    # for a budget, but each step then holds the whole split in memory); null: train.batch_size. The steps per
+    # round are train's either way
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -488,7 +507,17 @@ class DpSettings:
             problems.append(("clip", f"must be > 0, got {self.clip}"))
         if not self.max_noise_multiplier > 0:
             problems.append(("max_noise_multiplier", f"must be > 0, got {self.max_noise_multiplier}"))
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(("lr", f"must be > 0 (or null: train.lr), got {self.lr}"))
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
+            problems.append(
+                ("batch_size", f"must be a whole number >= 1 (or null: train.batch_size), got {self.batch_size!r}")
+            )
         check(problems)
+
+    def sampled_batch(self, train_batch_size: int) -> int:
+        """The expected batch of DP-SGD's Poisson sampling: ``batch_size``, or the run's ``train.batch_size``."""
+        return self.batch_size if self.batch_size is not None else train_batch_size
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,12 @@ from transformers.utils import logging as hf_logging
 
 from common.basemodels import BUILT_BASES, built_path
 from common.config import LoraSettings, ModelSettings
-from common.errors import FedlocaleError
+from common.errors import ConfigError, FedlocaleError
 
 MINILM = "minilm"
 LABELS_FILE = "labels.json"
+# the key of LABELS_FILE that names the model's pooling when it is not the architecture's own (model.pooling)
+POOLING_KEY = "pooling"
 
 # Per architecture: LoRA targets, and the head modules trained and exchanged with the adapter. DistilBERT's
 # pre_classifier is freshly initialised like the classifier, so it must train too.
@@ -183,9 +185,77 @@ def build_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, 
         base = AutoModelForSequenceClassification.from_pretrained(path, **classifier_kwargs(labels))
     # The head is random: seeding it makes the server's initial head identical on every machine.
     fresh_head(base, seed)
+    apply_pooling(base, settings)
     # LoRA's A matrices are random too; re-seed so they do not depend on what loading the checkpoint drew.
     torch.manual_seed(seed)
     return LoadedModel(model=_with_lora(base, lora), source=path, labels=labels)
+
+
+class MeanPooler(torch.nn.Module):
+    """The pooler under ``model.pooling: mean``: the attention-masked mean of the last hidden states,
+    L2-normalised. A BERT-like encoder calls its pooler with the hidden states alone, so the attention mask of
+    the same call reaches it through the forward pre-hook ``mean_pooling`` puts on the encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        mask, self.mask = self.mask, None  # one call's mask: a later call without the hook must not reuse it
+        weights = torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask
+        weights = weights.unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return torch.nn.functional.normalize(mean, dim=-1)
+
+
+def _pass_mask(encoder: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    # the encoder given, not one captured: a deep copy of the model (personalization) keeps this hook and must
+    # feed its own pooler
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1:
+        mask = args[1]
+    pooler = encoder.pooler
+    if isinstance(pooler, MeanPooler):
+        pooler.mask = mask
+
+
+# the architectures whose encoder hands its pooler the whole sequence of hidden states (BertPooler: dense + tanh
+# on the first token), which mean pooling can replace; ALBERT's and BigBird's poolers are given the first token
+MEAN_POOLING_TYPES = ("bert",)
+
+
+def mean_pooling(classifier: torch.nn.Module) -> str | None:
+    """Make ``classifier``'s head read the masked mean of its encoder's last hidden states (``MeanPooler``) in
+    place of the encoder's own pooler; why it cannot (the architecture's head reads no such pooler), or None.
+    Idempotent: a model that already pools so is left as it is."""
+    model_type = str(getattr(getattr(classifier, "config", None), "model_type", ""))
+    encoder = getattr(classifier, str(getattr(classifier, "base_model_prefix", "")), None)
+    if model_type not in MEAN_POOLING_TYPES or encoder is None or getattr(encoder, "pooler", None) is None:
+        return (
+            f"the {model_type or 'unknown'} head reads no pooler that mean pooling could replace (model types: "
+            f"{', '.join(MEAN_POOLING_TYPES)})"
+        )
+    if not isinstance(encoder.pooler, MeanPooler):
+        encoder.pooler = MeanPooler()
+        encoder.register_forward_pre_hook(_pass_mask, with_kwargs=True)
+    return None
+
+
+def pooling_of(model: torch.nn.Module) -> str:
+    """The ``model.pooling`` a built or loaded model has: "mean" when its head reads a ``MeanPooler``."""
+    return "mean" if any(isinstance(m, MeanPooler) for m in model.modules()) else "cls"
+
+
+def apply_pooling(model: torch.nn.Module, settings: ModelSettings) -> None:
+    """Give ``model`` (a classifier, or a PeftModel around one, e.g. loaded from an adapter folder by stock
+    peft, whose head reads the architecture's own pooler) the run's ``model.pooling``; ConfigError when the
+    architecture cannot have it."""
+    if settings.pooling == "cls":
+        return
+    classifier = model.get_base_model() if isinstance(model, PeftModel) else model
+    problem = mean_pooling(classifier)
+    if problem:
+        raise ConfigError([f"model.pooling: mean: {problem}"])
 
 
 def _with_lora(base: torch.nn.Module, lora: LoraSettings) -> PeftModel:
@@ -257,6 +327,10 @@ def check_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, 
     with torch.device("meta"):
         base = AutoModelForSequenceClassification.from_config(config)
     problems += _target_problems(base, lora)
+    if settings.pooling == "mean":
+        pooling = mean_pooling(base)
+        if pooling:
+            problems.append(("model.pooling", f"is mean: {pooling}"))
     if problems:
         return ModelCheck(problems)
     try:
@@ -371,9 +445,14 @@ def full_model_nbytes(model: PeftModel) -> int:
 
 
 def save_adapter(loaded: LoadedModel, out_dir: Path) -> Path:
-    """Save adapter, tokenizer and label map so that ``PeftModel.from_pretrained`` can load the folder."""
+    """Save adapter, tokenizer and label map so that ``PeftModel.from_pretrained`` can load the folder; the map
+    also names a pooling other than the architecture's own (``POOLING_KEY``), which stock peft cannot know and
+    ``client.adapterfolder.load_peft_folder`` applies."""
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(str(out_dir))
     loaded.tokenizer.save_pretrained(str(out_dir))
-    (out_dir / LABELS_FILE).write_text(json.dumps({"labels": list(loaded.labels)}, indent=2) + "\n")
+    meta: dict[str, Any] = {"labels": list(loaded.labels)}
+    if pooling_of(loaded.model) != "cls":
+        meta[POOLING_KEY] = pooling_of(loaded.model)
+    (out_dir / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir

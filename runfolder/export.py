@@ -320,6 +320,15 @@ def export_run(
     leaves ``out`` as it was.
     """
     run = read_run(run_dir)
+    pooling = _section(run.config, "model").get("pooling", "cls")
+    if pooling != "cls":
+        # the export is read with stock transformers / peft, whose BERT head reads its own pooler: the model
+        # would load without error and predict from other features than it was trained on
+        raise ExportError(
+            f"{run.dir}: model.pooling is {pooling}: a model whose head reads mean-pooled features cannot be "
+            "exported for stock transformers / peft, which would silently use the architecture's own pooler; "
+            "fedlocale predict reads the run's adapter folders directly (adapter/, personalized/REGION/)"
+        )
     choice = choose_adapter(run, region, adapter)
     out = out.absolute()  # its parent holds the staging folder, also for "."
     _check_out(out, force)

@@ -193,7 +193,14 @@ def personalize_run(
             steps = dp_steps(cfg.personalize, cfg.train, n)
             node_dir = out_dir / AUDIT_DIR / NODES_DIR / name
             personalizing_budget(
-                policy.require_dp, node_dir, name, run_key, start.round or 0, n, steps, cfg.train.batch_size
+                policy.require_dp,
+                node_dir,
+                name,
+                run_key,
+                start.round or 0,
+                n,
+                steps,
+                cfg.dp.sampled_batch(cfg.train.batch_size),
             )
     entries = {}
     for name, region in data.items():
@@ -219,7 +226,8 @@ def personalize_run(
                 start.round or 0,
                 n,
                 dp_steps(cfg.personalize, cfg.train, n),
-                cfg.train.batch_size,
+                cfg.dp.sampled_batch(cfg.train.batch_size),
+                settings=cfg.dp,
                 # the simulated node's secret, as in its rounds (client.task.simulated_node): reproducible
                 secret=simulated_secret(cfg.seed, name),
                 inputs=personalization_inputs(start.model, repr(cfg.train), cfg.personalize, region.train),

@@ -111,3 +111,17 @@ def test_a_run_borrowing_baselines_gets_their_local_only_predictions(
     (first, filled), (second, borrowed) = given
     assert "baselines=[]" not in first and "baselines=[]" in second
     assert borrowed is filled and borrowed == {"north": "the local-only predictions"}
+
+
+def test_a_split_the_pool_cannot_give_fails_before_any_run(
+    two_regions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every scenario's split is drawn before the first run, so an impossible one (here: ten regions of at least
+    20 train records from 144) ends the benchmark at once, not after the runs before it."""
+    import benchmarks.bench_quality as bench
+
+    started: list[object] = []
+    monkeypatch.setattr(bench, "run_one", lambda *args: started.append(args))
+    argv = ["--scenarios", "demo", "a1.0", "--options", "s5", "--seeds", "0", "--pool", str(two_regions)]
+    assert bench.run([*argv, "--work", str(tmp_path), "--regions", "10"]) == 2
+    assert "impossible for this pool" in capsys.readouterr().err and started == []

@@ -77,7 +77,13 @@ def test_per_example_gradients_are_clipped_one_by_one(north_task: ClientTask) ->
 
     model.zero_grad()
     private = DpSgd(
-        noise_multiplier=0.0, clip=clip, sample_rate=1.0, num_examples=len(ids), sampling_seed=0, noise_seed=1
+        noise_multiplier=0.0,
+        clip=clip,
+        sample_rate=1.0,
+        num_examples=len(ids),
+        sampling_seed=0,
+        noise_seed=1,
+        settings=DpSettings(),
     )
     sgd = torch.optim.SGD(params, lr=0.0)
     wrapped, optimizer, plan = private(model, sgd, [[0]])
@@ -287,7 +293,15 @@ def test_empty_poisson_batches_take_a_noise_only_step(north_task: ClientTask) ->
     loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
     before = {k: v.clone() for k, v in adapter_state(loaded.model).items()}
     ids, labels = [[2, 5, 7, 3], [2, 6, 3], [2, 8, 9, 10, 3]], [0, 1, 0]
-    private = DpSgd(noise_multiplier=1.0, clip=1.0, sample_rate=0.05, num_examples=3, sampling_seed=4, noise_seed=5)
+    private = DpSgd(
+        noise_multiplier=1.0,
+        clip=1.0,
+        sample_rate=0.05,
+        num_examples=3,
+        sampling_seed=4,
+        noise_seed=5,
+        settings=DpSettings(),
+    )
     plan = poisson_batches(3, 0.05, 6, torch.Generator().manual_seed(4))
     assert [] in plan  # the seeded plan the wrapper draws has empty batches
     settings = dataclasses.replace(north_task.train, max_steps=6, epochs=6.0)
@@ -333,7 +347,15 @@ def test_the_proximal_gradient_is_what_dp_sgd_drops(north_task: ClientTask) -> N
         loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
         settings = dataclasses.replace(north_task.train, prox_mu=mu, lr=5e-2, max_steps=5, epochs=5.0)
         dp = (
-            DpSgd(noise_multiplier=0.0, clip=1e6, sample_rate=0.5, num_examples=16, sampling_seed=1, noise_seed=2)
+            DpSgd(
+                noise_multiplier=0.0,
+                clip=1e6,
+                sample_rate=0.5,
+                num_examples=16,
+                sampling_seed=1,
+                noise_seed=2,
+                settings=DpSettings(),
+            )
             if private
             else None
         )
@@ -390,3 +412,91 @@ def test_a_round_is_charged_only_once_dp_sgd_was_applied(tmp_path: Path, north_t
         p(loaded.model, torch.optim.SGD(params, lr=0.1), [[0]] * 5)
         raise RuntimeError("failed midway")
     assert charges() == [1]
+
+
+def test_dp_train_head_noises_only_the_head_and_leaves_the_lora_factors_as_received(
+    tmp_path: Path, north_task: ClientTask
+) -> None:
+    """dp.train: head with dp.optimizer: sgd and dp.batch_size, on a mean-pooling model: the reply's LoRA factors
+    are bitwise the received ones, its head moved, the round is charged as any DP round at sampling rate 1;
+    afterwards the model trains everything again. With the head frozen too nothing would train: refused."""
+    region = Region("north", write_region(tmp_path / "north", 64, 16, seed=1))
+    levers = DpSettings(train="head", optimizer="sgd", lr=0.5, batch_size=1000)
+    mean = dataclasses.replace(north_task.model, pooling="mean")  # what these levers are meant for
+    task = dataclasses.replace(north_task, rounds=2, run_key="run-h", dp=levers, model=mean)
+    node = _dp_node(tmp_path)
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=0).model)
+    # a received adapter whose LoRA B is not zero, so that a trained LoRA would show
+    state = {k: v + 0.01 if "lora_B" in k else v for k, v in state.items()}
+    new_state, result = train_round(region, task, state, node)
+    lora = [k for k in state if "lora_" in k]
+    head = [k for k in state if "lora_" not in k]
+    assert lora and head
+    assert all(torch.equal(new_state[k], state[k]) for k in lora)
+    assert all(not torch.equal(new_state[k], state[k]) for k in head)
+    account = Accountant.load(node.audit_dir).accounts["run-h"]  # type: ignore[arg-type]
+    assert account.charges[0].steps == result.steps > 0
+    assert account.sample_rate == 1.0  # dp.batch_size beyond the region's 64 examples: the whole split per step
+
+    frozen = dataclasses.replace(task, run_key="run-f", train=dataclasses.replace(task.train, head="frozen"))
+    with pytest.raises(DpRefused, match=r"dp\.train is head and train\.head is frozen: nothing would train"):
+        train_round(region, frozen, state, node)
+
+    # the wrapper itself: SGD over the head alone, and everything trainable again once closed
+    loaded = build_model(task.model, task.lora, task.labels, seed=0)
+    before = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+    adamw = torch.optim.AdamW([p for p in loaded.model.parameters() if p.requires_grad], lr=1e-3)
+    private = DpSgd(1.0, 1.0, 0.5, 8, sampling_seed=0, noise_seed=1, settings=levers)
+    _, optimizer, _ = private(loaded.model, adamw, [[0]])
+    inner = optimizer.original_optimizer  # type: ignore[attr-defined]
+    assert isinstance(inner, torch.optim.SGD) and inner.param_groups[0]["lr"] == 0.5
+    trained = {id(p) for p in inner.param_groups[0]["params"]}
+    named = dict(loaded.model.named_parameters())
+    assert {n for n in before if id(named[n]) in trained} == {n for n in before if "lora_" not in n}
+    private.close()
+    assert {n for n, p in loaded.model.named_parameters() if p.requires_grad} == before
+
+
+def test_a_replaced_dp_optimizer_keeps_the_warm_up(north_task: ClientTask) -> None:
+    """train_encoded puts its warm-up schedule on the optimizer that steps, also when the DP wrapper replaced
+    AdamW by SGD: the learning rate climbs over train.warmup_steps to dp.lr."""
+    from client.train import train_encoded
+
+    loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
+    ids = [loaded.tokenizer(t)["input_ids"] for t in ("good", "bad", "fine film", "awful film")]
+    stepping: list[torch.optim.Optimizer] = []
+
+    class Watching(DpSgd):
+        def __call__(self, model, optimizer, order):  # type: ignore[no-untyped-def]
+            model, optimizer, order = super().__call__(model, optimizer, order)
+            stepping.append(optimizer)
+            return model, optimizer, order
+
+    levers = DpSettings(optimizer="sgd", lr=0.4)
+    private = Watching(0.0, 1.0, 1.0, len(ids), sampling_seed=0, noise_seed=1, settings=levers)
+    settings = dataclasses.replace(north_task.train, warmup_steps=4, local_steps=6, batch_size=4, threads=1)
+    seen: list[float] = []  # the learning rate of the step after each step
+    train_encoded(
+        loaded.model,
+        ids,
+        [1, 0, 1, 0],
+        settings,
+        pad_id=loaded.pad_id,
+        seed=0,
+        private=private,
+        progress=lambda *_: seen.append(stepping[0].param_groups[0]["lr"]),
+    )
+    private.close()
+    assert isinstance(stepping[0].original_optimizer, torch.optim.SGD)  # type: ignore[attr-defined]
+    assert seen == pytest.approx([0.2, 0.3, 0.4, 0.4, 0.4, 0.4])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [("lr", 0.0, "must be > 0"), ("lr", math.nan, "must be > 0"), ("batch_size", 0, "must be a whole number >= 1")],
+)
+def test_dp_levers_are_validated_naming_the_field(field: str, value: float, why: str) -> None:
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"{field}: {why}"):
+        DpSettings(**{field: value})  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ from client.task import (
     train_round,
 )
 from common import keys
-from common.config import ClientTask, PersonalizeSettings, Region, client_task, load_config
+from common.config import ClientTask, DpSettings, PersonalizeSettings, Region, client_task, load_config
 from common.data import load_region
 from common.errors import ConfigError
 from common.model import adapter_state, build_model, save_adapter
@@ -91,7 +91,9 @@ def test_personalization_under_dp_clips_each_examples_gradient(
     settings = PersonalizeSettings(mode=mode, dp=True, lr=5e-2, bootstrap=100)  # type: ignore[arg-type]
     clip = 0.05
     n = len(data.train)
-    private = _Recording(0.0, clip, north_task.train.batch_size / n, n, sampling_seed=1, noise_seed=2)
+    private = _Recording(
+        0.0, clip, north_task.train.batch_size / n, n, sampling_seed=1, noise_seed=2, settings=DpSettings()
+    )
     result = personalize(start, data, settings, north_task.train, max_length=32, seed=0, private=private)
     assert private.applied and result.train.steps == dp_steps(settings, north_task.train, n) == len(private.norms)
     norms = torch.cat(private.norms)
@@ -109,7 +111,7 @@ def test_dual_under_dp_keeps_the_rounds_head_and_spends_nothing(tmp_path: Path, 
     start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=3)
     personal = init_personal(adapter_state(start.model), 4, 0)
     settings = PersonalizeSettings(mode="dual", dp=True, local_r=4, bootstrap=100)
-    private = DpSgd(1.0, 1.0, 0.2, len(data.train), sampling_seed=0, noise_seed=1)
+    private = DpSgd(1.0, 1.0, 0.2, len(data.train), sampling_seed=0, noise_seed=1, settings=DpSettings())
     result = personalize(
         start, data, settings, north_task.train, max_length=32, seed=0, personal=personal, private=private
     )

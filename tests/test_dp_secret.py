@@ -89,6 +89,7 @@ def test_what_the_server_knows_does_not_reproduce_the_update(
             len(encoded.ids),
             sampling_seed=sampling_seed,
             noise_seed=noise_seed,
+            settings=task.dp,
         )
         train_encoded(
             loaded.model,

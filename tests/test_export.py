@@ -354,6 +354,19 @@ def test_unknown_region_exits_2_naming_the_known_ones(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mean_pooling_run_is_not_exported_for_stock_loaders(
+    bert_run: FakeRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Stock transformers would load it without error and read its own pooler: refused, naming the setting."""
+    copy = copy_run(bert_run, tmp_path / "run")
+    config = yaml.safe_load((copy.dir / "config.yaml").read_text())
+    config["model"]["pooling"] = "mean"
+    (copy.dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert export(copy, "north", tmp_path / "out") == 2
+    assert "model.pooling is mean" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_folder_without_summary_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["export", str(tmp_path), "--region", "north", "--out", str(tmp_path / "out")]) == 2
     assert "summary.json: no such file" in capsys.readouterr().err

@@ -311,3 +311,90 @@ def test_batch_order_groups_by_length_and_keeps_each_epoch_a_permutation() -> No
     # the sorted groups are not served short-to-long: the batch order within a window is shuffled
     firsts = [min(lengths[i] for i in b) for b in grouped[:4]]
     assert firsts != sorted(firsts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model.pooling: mean
+
+
+def _head_input(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the classification head reads for ``batch`` (the input of its linear layer, dropout off)."""
+    seen: list[torch.Tensor] = []
+    head = next(m for name, m in model.named_modules() if name.endswith("classifier.modules_to_save.default"))
+    handle = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model.eval()(**batch)
+    handle.remove()
+    return seen[0]
+
+
+def test_mean_pooling_feeds_the_head_the_masked_normalised_mean_whatever_the_padding(tiny_bert: Path) -> None:
+    """The head reads the L2-normalised mean of the last hidden states over real tokens only: a text's logits
+    are the same alone and padded beside a longer one, also in a deep copy of the model (personalization copies
+    it: the mask must reach the copy's own pooler), and differ from the CLS pooler's."""
+    import copy
+
+    from client.train import pad_batch
+
+    mean = build_model(ModelSettings(base=str(tiny_bert), max_length=32, pooling="mean"), LoraSettings(), LABELS, 0)
+    cls = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(), LABELS, 0)
+    short, long = (mean.tokenizer(t)["input_ids"] for t in ("good film", "a long and very bad film indeed"))
+    alone = pad_batch([short], mean.pad_id)
+    padded = pad_batch([short, long], mean.pad_id)
+    assert padded["attention_mask"][0].sum() < padded["attention_mask"].shape[1]  # the short text is padded
+
+    features = _head_input(mean.model, padded)
+    encoder = mean.model.base_model.model.bert
+    with torch.no_grad():
+        hidden = encoder(**padded).last_hidden_state
+    mask = padded["attention_mask"].unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(features, expected)
+    torch.testing.assert_close(features[:1], _head_input(mean.model, alone))
+    torch.testing.assert_close(_head_input(copy.deepcopy(mean.model), padded), expected)
+    assert not torch.allclose(_head_input(cls.model, padded), expected, atol=1e-3)
+
+
+def test_mean_pooling_is_refused_where_the_head_reads_no_pooler(tiny_models: dict[str, Path]) -> None:
+    """DistilBERT's head reads the first token itself: check_model names the field before anything is built,
+    and build_model refuses with the same reason."""
+    from common.errors import ConfigError
+    from common.model import check_model
+
+    settings = ModelSettings(base=str(tiny_models["distilbert"]), max_length=32, pooling="mean")
+    checked = check_model(settings, LoraSettings(), LABELS)
+    assert [field for field, _ in checked.problems] == ["model.pooling"]
+    assert "reads no pooler" in checked.problems[0][1]
+    with pytest.raises(ConfigError, match=r"model\.pooling: mean: the distilbert head reads no pooler"):
+        build_model(settings, LoraSettings(), LABELS, 0)
+    bert = ModelSettings(base=str(tiny_models["bert"]), max_length=32, pooling="mean")
+    assert check_model(bert, LoraSettings(), LABELS).problems == []
+
+
+def test_a_saved_mean_pooling_adapter_loads_with_its_pooling(tiny_bert: Path, tmp_path: Path) -> None:
+    """Stock peft gives a mean-pooling adapter the BERT head's own pooler (other logits, no error); with the
+    pooling applied it is the trained model, and fedlocale's loader applies it from the folder's labels.json."""
+    from client.adapterfolder import load_peft_folder
+    from client.train import pad_batch
+    from common.model import apply_pooling, save_adapter
+
+    settings = ModelSettings(base=str(tiny_bert), max_length=32, pooling="mean")
+    trained = build_model(settings, LoraSettings(), LABELS, 0)
+    with torch.no_grad():
+        for param in trained.model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))  # a head and LoRA that are not the initial ones
+    folder = save_adapter(trained, tmp_path / "adapter")
+    batch = pad_batch([trained.tokenizer(t)["input_ids"] for t in ("good film", "a bad long film")], trained.pad_id)
+    with torch.no_grad():
+        expected = trained.model.eval()(**batch).logits
+        stock = PeftModel.from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained(str(tiny_bert)), str(folder)
+        )
+        assert not torch.allclose(stock.eval()(**batch).logits, expected, atol=1e-4)
+        apply_pooling(stock, settings)
+        torch.testing.assert_close(stock(**batch).logits, expected)
+        # fedlocale's own loader (predict, both audits) reads the pooling from the folder's labels.json
+        torch.testing.assert_close(load_peft_folder(folder, str(tiny_bert), LABELS)(**batch).logits, expected)
+        cls = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(), LABELS, 0)
+        assert "pooling" not in json.loads((save_adapter(cls, tmp_path / "cls") / "labels.json").read_text())
