@@ -94,8 +94,11 @@ def _time_pair(cfg: Any, region_name: str, delta: float, repeats: int, folder: P
             train_round(region, client_task(cfg, 1, run_key=f"bench-{i}"), state, node)
             started = time.perf_counter()
             _, result = train_round(region, client_task(cfg, 2, run_key=f"bench-{i}"), state, node)
-            # per example *seen*: a DP step sees q * N examples on average, as a plain one sees its batch
-            times[dp].append((time.perf_counter() - started) / (result.steps * cfg.train.batch_size))
+            # per example *seen*: a DP step sees q * N examples on average (q from dp.batch_size when set, as
+            # client.dp.plan has it), a plain one its batch
+            batch = cfg.dp.sampled_batch(cfg.train.batch_size) if dp else cfg.train.batch_size
+            seen = result.steps * min(batch, result.num_examples)
+            times[dp].append((time.perf_counter() - started) / seen)
     plain, private = statistics.median(times[False]), statistics.median(times[True])
     return {"plain_s_per_example": plain, "dp_s_per_example": private, "ratio": private / plain}
 
