@@ -36,6 +36,7 @@ from common.config import (
     AggregationSettings,
     DataSettings,
     DpSettings,
+    ModelSettings,
     RunConfig,
     TrainSettings,
     client_task,
@@ -178,6 +179,11 @@ LATER_DEFAULTS: dict[str, Any] = {
     "train.logit_adjust": TrainSettings().logit_adjust,
     "train.head": TrainSettings().head,
     "aggregation.lora": AggregationSettings().lora,
+    "model.pooling": ModelSettings.pooling,  # a class default: ModelSettings() would check that minilm is installed
+    "dp.train": DpSettings().train,
+    "dp.optimizer": DpSettings().optimizer,
+    "dp.lr": DpSettings().lr,
+    "dp.batch_size": DpSettings().batch_size,
 }
 
 

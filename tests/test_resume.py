@@ -674,6 +674,32 @@ def test_the_demo_config_keeps_its_fingerprint_so_its_earlier_runs_resume(tmp_pa
     assert fingerprint(config_settings(cfg)) == "1967280e2ca3b1d0"
 
 
+def test_settings_added_later_are_fingerprinted_only_when_set(tmp_path: Path) -> None:
+    """model.pooling and dp.train / optimizer / lr / batch_size came after runs with DP settings of their own
+    (dp.clip 0.5 here): at their defaults they stay out of the fingerprint, so such runs still resume; set, they
+    are in it."""
+    repo = Path(__file__).resolve().parents[1]
+    configs = tmp_path / "configs"
+    shutil.copytree(repo / "configs" / "policies", configs / "policies")
+    for region in ("cn-books", "cn-electronics", "cn-hotel", "en-critics", "en-movies"):
+        (tmp_path / "data" / "demo" / region).mkdir(parents=True)
+        for split in ("train", "test"):
+            (tmp_path / "data" / "demo" / region / f"{split}.jsonl").write_text("")
+    (configs / "demo.yaml").write_text(DEMO_AT_1772974)
+    later = ("model.pooling", "dp.train", "dp.optimizer", "dp.lr", "dp.batch_size")
+    settings = config_settings(load_config(configs / "demo.yaml", ["dp.clip=0.5"]))
+    assert settings["dp.clip"] == 0.5 and not set(later) & set(settings)
+    changed = [
+        "dp.clip=0.5",
+        "model.pooling=mean",
+        "dp.train=head",
+        "dp.optimizer=sgd",
+        "dp.lr=1.0",
+        "dp.batch_size=64",
+    ]
+    assert set(later) <= set(config_settings(load_config(configs / "demo.yaml", changed)))
+
+
 DEMO_AT_1772974 = """\
 name: demo
 seed: 0
