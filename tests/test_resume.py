@@ -658,10 +658,8 @@ def test_a_test_evaluation_with_half_of_the_last_round_is_refused() -> None:
     assert got is not None and got[0] == 3 and torch.equal(got[1]["w"], torch.zeros(2))
 
 
-def test_the_demo_config_keeps_its_fingerprint_so_its_earlier_runs_resume(tmp_path: Path) -> None:
-    """configs/demo.yaml as it was at 1772974 (below, without its comments) has fingerprinted to this value since:
-    options added later are fingerprinted only when set, so a demo run started then still resumes under today's
-    code. The demo's own settings may change; this old file's fingerprint must not."""
+def _old_demo(tmp_path: Path) -> Path:
+    """configs/demo.yaml as it was at 1772974, with its policies and empty region folders, under ``tmp_path``."""
     repo = Path(__file__).resolve().parents[1]
     configs = tmp_path / "configs"
     shutil.copytree(repo / "configs" / "policies", configs / "policies")
@@ -670,7 +668,14 @@ def test_the_demo_config_keeps_its_fingerprint_so_its_earlier_runs_resume(tmp_pa
         for split in ("train", "test"):
             (tmp_path / "data" / "demo" / region / f"{split}.jsonl").write_text("")
     (configs / "demo.yaml").write_text(DEMO_AT_1772974)
-    cfg = load_config(configs / "demo.yaml")
+    return configs / "demo.yaml"
+
+
+def test_the_demo_config_keeps_its_fingerprint_so_its_earlier_runs_resume(tmp_path: Path) -> None:
+    """configs/demo.yaml as it was at 1772974 (below, without its comments) has fingerprinted to this value since:
+    options added later are fingerprinted only when set, so a demo run started then still resumes under today's
+    code. The demo's own settings may change; this old file's fingerprint must not."""
+    cfg = load_config(_old_demo(tmp_path))
     assert fingerprint(config_settings(cfg)) == "1967280e2ca3b1d0"
 
 
@@ -678,16 +683,9 @@ def test_settings_added_later_are_fingerprinted_only_when_set(tmp_path: Path) ->
     """model.pooling and dp.train / optimizer / lr / batch_size came after runs with DP settings of their own
     (dp.clip 0.5 here): at their defaults they stay out of the fingerprint, so such runs still resume; set, they
     are in it."""
-    repo = Path(__file__).resolve().parents[1]
-    configs = tmp_path / "configs"
-    shutil.copytree(repo / "configs" / "policies", configs / "policies")
-    for region in ("cn-books", "cn-electronics", "cn-hotel", "en-critics", "en-movies"):
-        (tmp_path / "data" / "demo" / region).mkdir(parents=True)
-        for split in ("train", "test"):
-            (tmp_path / "data" / "demo" / region / f"{split}.jsonl").write_text("")
-    (configs / "demo.yaml").write_text(DEMO_AT_1772974)
+    demo = _old_demo(tmp_path)
     later = ("model.pooling", "dp.train", "dp.optimizer", "dp.lr", "dp.batch_size")
-    settings = config_settings(load_config(configs / "demo.yaml", ["dp.clip=0.5"]))
+    settings = config_settings(load_config(demo, ["dp.clip=0.5"]))
     assert settings["dp.clip"] == 0.5 and not set(later) & set(settings)
     changed = [
         "dp.clip=0.5",
@@ -697,7 +695,7 @@ def test_settings_added_later_are_fingerprinted_only_when_set(tmp_path: Path) ->
         "dp.lr=1.0",
         "dp.batch_size=64",
     ]
-    assert set(later) <= set(config_settings(load_config(configs / "demo.yaml", changed)))
+    assert set(later) <= set(config_settings(load_config(demo, changed)))
 
 
 DEMO_AT_1772974 = """\
