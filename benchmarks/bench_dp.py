@@ -2,12 +2,13 @@
 (personalized, else global) model for each per-region budget epsilon, and the time per training example of one
 train message with and without DP-SGD, paired in one run.
 
-    python -m benchmarks.bench_dp [CONFIG] [--epsilons 1 3 8 inf] [--delta 1e-5] [--region NAME]
+    python -m benchmarks.bench_dp [CONFIG] [--epsilons [1 3 8 inf]] [--delta 1e-5] [--region NAME]
                                   [--repeats 2] [--json FILE] [--runs-dir DIR] [--set KEY=VALUE ...]
 
 Each epsilon is a full ``fedlocale simulate`` of CONFIG whose every region's policy (its own, else an empty
-one) gets ``require_dp: {epsilon, delta}`` (``inf``: none). The timing alternates plain and DP train messages
-of ``--region`` (plain, DP, then DP, plain) so that a change in the machine's load cancels out of the ratio.
+one) gets ``require_dp: {epsilon, delta}`` (``inf``: none); ``--epsilons`` with no value runs the timing alone.
+The timing alternates plain and DP train messages of ``--region`` (plain, DP, then DP, plain) so that a change
+in the machine's load cancels out of the ratio; it reports seconds per example seen and per message.
 ``--runs-dir`` keeps the run folders (``run-1``, ..., ``run-inf``), e.g. for ``benchmarks.bench_privacy``.
 Prints a table and writes JSON (default ``benchmarks/results/bench_dp.json``).
 """
@@ -88,6 +89,7 @@ def _time_pair(cfg: Any, region_name: str, delta: float, repeats: int, folder: P
     state = adapter_state(build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed).model)
     dp_policy = RegionPolicy(region_name, require_dp=DpRequirement(8.0, delta))
     times: dict[bool, list[float]] = {False: [], True: []}
+    messages: dict[bool, list[float]] = {False: [], True: []}
     for i in range(repeats):
         for dp in (False, True) if i % 2 == 0 else (True, False):
             node = NodeSettings(policy=dp_policy if dp else None, audit_dir=folder / f"{i}-{dp}" if dp else None)
@@ -98,9 +100,20 @@ def _time_pair(cfg: Any, region_name: str, delta: float, repeats: int, folder: P
             # client.dp.plan has it), a plain one its batch
             batch = cfg.dp.sampled_batch(cfg.train.batch_size) if dp else cfg.train.batch_size
             seen = result.steps * min(batch, result.num_examples)
-            times[dp].append((time.perf_counter() - started) / seen)
+            took = time.perf_counter() - started
+            times[dp].append(took / seen)
+            messages[dp].append(took)
     plain, private = statistics.median(times[False]), statistics.median(times[True])
-    return {"plain_s_per_example": plain, "dp_s_per_example": private, "ratio": private / plain}
+    # per message too: with dp.batch_size beyond the plain batch a DP message sees more examples than a plain one
+    plain_message, dp_message = statistics.median(messages[False]), statistics.median(messages[True])
+    return {
+        "plain_s_per_example": plain,
+        "dp_s_per_example": private,
+        "ratio": private / plain,
+        "plain_s_per_message": plain_message,
+        "dp_s_per_message": dp_message,
+        "message_ratio": dp_message / plain_message,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     apply_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path, nargs="?", default=Path("configs/demo.yaml"))
-    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0, math.inf])
+    parser.add_argument(
+        "--epsilons", nargs="*", type=float, default=[1.0, 3.0, 8.0, math.inf], help="none: the timing alone"
+    )
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--region", default=None, help="region timed (default: the config's first)")
     parser.add_argument("--repeats", type=int, default=2)
@@ -153,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{eps:>8} {row['global_macro_f1']:>10.4f} {row['served_macro_f1']:>10.4f} {used:>14}")
     print(
         f"time per training example: plain {timing['plain_s_per_example'] * 1e3:.2f} ms, "
-        f"DP-SGD {timing['dp_s_per_example'] * 1e3:.2f} ms, ratio {timing['ratio']:.2f}x"
+        f"DP-SGD {timing['dp_s_per_example'] * 1e3:.2f} ms, ratio {timing['ratio']:.2f}x; per train message: "
+        f"plain {timing['plain_s_per_message']:.1f} s, DP-SGD {timing['dp_s_per_message']:.1f} s, "
+        f"ratio {timing['message_ratio']:.2f}x"
     )
     result = {"config": str(args.config), "delta": args.delta, "overrides": args.overrides}
     return write_result(args.json, {**result, "rows": rows, "timing": timing})

@@ -42,6 +42,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from client.dp_secret import DpSecret, resolve_secret
+from client.probe import cached_features
 from client.train import freeze
 from common.config import ClientTask, DpSettings
 from common.policy import DpRecord, DpRequirement, PolicyError, RegionPolicy
@@ -342,6 +343,9 @@ def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool) -> str | None:
     return None
 
 
+FEATURE_BATCH = 64  # texts per forward pass of the frozen model when only the head trains (its memory)
+
+
 class DpSgd:
     """The ``private`` wrapper of ``client.train.train_encoded``: per-example gradients (GradSampleModule),
     clipping to ``clip`` and noise ``noise_multiplier * clip`` per step (DPOptimizer), and the batch plan
@@ -352,9 +356,11 @@ class DpSgd:
     anything the server knows.
 
     ``settings`` (the run's ``dp`` section) says what the private steps train and with which optimizer:
-    ``train: head`` freezes the LoRA factors (they leave as received), ``optimizer: sgd`` replaces the AdamW
-    ``train_encoded`` made by SGD with momentum 0.9 over the same parameters, ``lr`` replaces its learning rate
-    (``train_encoded`` puts its warm-up on the optimizer returned).
+    ``train: head`` freezes the LoRA factors (they leave as received) and, when that leaves the output layer
+    alone to train, trains it on features computed once per text (``client.probe.CachedFeatures``, without
+    the dropout before it); ``optimizer: sgd`` replaces the AdamW ``train_encoded`` made by SGD with momentum
+    0.9 over the same parameters; ``lr`` replaces its learning rate (``train_encoded`` puts its warm-up on the
+    optimizer returned).
     Its ``clip`` is not read: ``clip`` is the account's, fixed when the budget was calibrated."""
 
     def __init__(
@@ -387,6 +393,9 @@ class DpSgd:
     ) -> tuple[nn.Module, torch.optim.Optimizer, list[list[int]]]:
         """The private model, optimizer and batch plan for ``len(order)`` steps."""
         optimizer = self._steps(model, optimizer)
+        # only the head training (dp.train: head): its features are computed once, not at every step, which
+        # makes whole-split batches affordable
+        model = cached_features(model, FEATURE_BATCH)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Full backward hook is firing when ... no inputs require gradients"
             self._wrapped = GradSampleModule(model, loss_reduction="mean")

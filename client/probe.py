@@ -8,13 +8,14 @@ validation split stays free for the choice between the global and the personaliz
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from client.train import pad_batch
 from common.metrics import macro_f1
@@ -50,20 +51,78 @@ def output_layer(model: nn.Module, num_labels: int) -> nn.Linear:
     return found[-1]
 
 
-@torch.no_grad()
 def head_features(
     model: nn.Module, layer: nn.Linear, ids: Sequence[list[int]], *, pad_id: int, batch_size: int
 ) -> torch.Tensor:
     """What ``layer`` receives for each tokenised text, in eval mode (no dropout), in input order."""
+    batches = (pad_batch(ids[start : start + batch_size], pad_id) for start in range(0, len(ids), batch_size))
+    return layer_inputs(model, layer, batches).to(torch.float64)
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, layer: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """What ``layer`` receives when ``model`` runs on each of ``batches`` in eval mode (no dropout), row by row
+    in order; every module of ``model`` is left in the mode it was in."""
     captured: list[torch.Tensor] = []
     hook = layer.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].detach()))
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        for start in range(0, len(ids), batch_size):
-            model(**pad_batch(ids[start : start + batch_size], pad_id))
+        for batch in batches:
+            model(**batch)
     finally:
         hook.remove()
-    return torch.cat(captured).to(torch.float64)
+        for module, training in modes:
+            module.train(training)
+    return torch.cat(captured)
+
+
+class CachedFeatures(nn.Module):
+    """Stands in for ``model`` while ``layer``, its output layer, is all that trains: what ``layer`` receives
+    for each distinct text (``layer_inputs``, eval mode) is computed once by the frozen rest of the model, and
+    every later step runs ``layer`` alone on it.
+
+    Training through it differs from training ``model`` only in the dropout before ``layer`` and inside the
+    frozen encoder, which it leaves out; it costs one forward pass per distinct text instead of one per example
+    and step. Each example's gradient is still a function of that example alone (DP-SGD's per-example gradients
+    are Opacus's hooks on ``layer``, client.dp). ``batch_size``: the rows per forward pass of the frozen model.
+    """
+
+    def __init__(self, model: nn.Module, layer: nn.Linear, batch_size: int) -> None:
+        super().__init__()
+        self.layer = layer
+        # in a tuple, not a submodule: the frozen model's parameters stay out of this module's
+        self._model = (model,)
+        self.batch_size = batch_size
+        self._features: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SequenceClassifierOutput:
+        """The model's logits for the batch, from the cached features (computing those not seen before)."""
+        keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask, strict=True)]
+        first: dict[tuple[int, ...], int] = {}  # each text not seen before, at its first row in the batch
+        for i, key in enumerate(keys):
+            if key not in self._features:
+                first.setdefault(key, i)
+        if first:
+            rows = torch.tensor(list(first.values()))
+            chunks = (
+                {"input_ids": input_ids[part], "attention_mask": attention_mask[part]}
+                for part in rows.split(self.batch_size)
+            )
+            self._features.update(zip(first, layer_inputs(self._model[0], self.layer, chunks), strict=True))
+        return SequenceClassifierOutput(logits=self.layer(torch.stack([self._features[key] for key in keys])))
+
+
+def cached_features(model: nn.Module, batch_size: int) -> nn.Module:
+    """``CachedFeatures`` of ``model`` when its trainable parameters are exactly those of its output layer (a
+    linear layer with as many outputs as the model has labels), else ``model`` itself."""
+    num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+    for layer in layers:
+        if trainable and trainable == {id(p) for p in layer.parameters()}:
+            return CachedFeatures(model, layer, batch_size)
+    return model
 
 
 def fit_logistic(

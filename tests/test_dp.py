@@ -457,6 +457,50 @@ def test_dp_train_head_noises_only_the_head_and_leaves_the_lora_factors_as_recei
     assert {n for n, p in loaded.model.named_parameters() if p.requires_grad} == before
 
 
+def test_head_only_dp_sgd_runs_the_frozen_model_once_per_text(north_task: ClientTask) -> None:
+    """dp.train: head trains the output layer on features the frozen model computes once per distinct text
+    (client.probe.CachedFeatures): over three whole-split steps the encoder sees each of the three texts once,
+    the per-example gradients equal those through the whole model (no dropout: eval mode) and the layer trained
+    is the model's own."""
+    loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
+    model = loaded.model
+    model.eval()
+    ids = [[2, 5, 7, 9, 3], [2, 11, 3], [2, 5, 7, 9, 3], [2, 6, 8, 3]]  # one text twice
+    labels = torch.tensor([0, 1, 0, 1])
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    alone = []
+    for i, row in enumerate(ids):
+        model.zero_grad()
+        F.cross_entropy(model(**pad_batch([row], 0)).logits, labels[i : i + 1]).backward()
+        alone.append(torch.cat([p.grad.flatten() for p in head]).clone())  # type: ignore[union-attr]
+    model.zero_grad()
+
+    seen: list[int] = []  # rows through the encoder, per call
+    encoder = model.get_base_model().bert
+    hook = encoder.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(len(args[0] if args else kwargs["input_ids"])), with_kwargs=True
+    )
+    levers = DpSettings(train="head", optimizer="sgd", lr=0.1)
+    private = DpSgd(0.0, 1e6, 1.0, len(ids), sampling_seed=0, noise_seed=1, settings=levers)
+    adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    wrapped, optimizer, plan = private(model, adamw, [[0]] * 3)
+    wrapped.train()
+    for step, batch in enumerate(plan):
+        assert sorted(batch) == [0, 1, 2, 3]
+        optimizer.zero_grad()
+        F.cross_entropy(wrapped(**pad_batch([ids[i] for i in batch], 0)).logits, labels[batch]).backward()
+        if step == 0:
+            per_example = torch.cat([p.grad_sample.reshape(len(ids), -1) for p in head], dim=1)  # type: ignore[attr-defined]
+            for i in range(len(ids)):
+                assert torch.allclose(per_example[i], alone[i], atol=1e-5)
+        optimizer.step()
+    hook.remove()
+    private.close()
+    assert seen == [3]  # the three distinct texts, once, in the first step
+    layer = wrapped._module.layer  # type: ignore[union-attr]
+    assert any(layer.weight is p for p in head)
+
+
 def test_a_replaced_dp_optimizer_keeps_the_warm_up(north_task: ClientTask) -> None:
     """train_encoded puts its warm-up schedule on the optimizer that steps, also when the DP wrapper replaced
     AdamW by SGD: the learning rate climbs over train.warmup_steps to dp.lr."""
