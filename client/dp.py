@@ -42,9 +42,10 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from client.dp_secret import DpSecret, resolve_secret
+from client.personalize import dp_steps
 from client.probe import cached_features
 from client.train import freeze
-from common.config import ClientTask, DpSettings
+from common.config import ClientTask, DpSettings, PersonalizeSettings, TrainSettings
 from common.policy import DpRecord, DpRequirement, PolicyError, RegionPolicy
 from common.runfiles import DP_ACCOUNT_FILE, write_json
 
@@ -247,8 +248,52 @@ def plan(num_examples: int, steps_per_round: int, task: ClientTask, personalize_
     planned DP-SGD steps: all planned rounds x this round's steps, plus
     ``personalize_steps``, the personalization's after the rounds (``personalize.dp``; it samples at the same
     rate: the same examples and batch size)."""
-    sample_rate = min(1.0, task.dp.sampled_batch(task.train.batch_size) / num_examples)
-    return sample_rate, steps_per_round * task.rounds + personalize_steps
+    return sampling_rate(task.dp, task.train, num_examples), steps_per_round * task.rounds + personalize_steps
+
+
+def sampling_rate(dp: DpSettings, train: TrainSettings, num_examples: int) -> float:
+    """DP-SGD's Poisson sampling rate on ``num_examples`` examples: ``dp.batch_size`` (else ``train.batch_size``)
+    over them, at most 1; the rounds' and the personalization's alike."""
+    return min(1.0, dp.sampled_batch(train.batch_size) / num_examples)
+
+
+@dataclass(frozen=True)
+class Personalizing:
+    """One personalization under ``personalize.dp`` on a node, as its budget check and its DP-SGD wrapper see it
+    (``personalizing_budget``, ``dp_personalizing``): of ``region`` in run ``run_key``, after round
+    ``after_round``, ``steps`` DP-SGD steps on ``num_examples`` examples sampled at ``sample_rate``, training what
+    the run's ``dp`` section says. Made by ``personalizing``."""
+
+    region: str
+    run_key: str
+    after_round: int
+    num_examples: int
+    steps: int
+    sample_rate: float
+    dp: DpSettings
+
+
+def personalizing(
+    region: str,
+    run_key: str,
+    after_round: int,
+    num_examples: int,
+    settings: PersonalizeSettings,
+    train: TrainSettings,
+    dp: DpSettings,
+) -> Personalizing:
+    """The personalization ``settings`` asks for after round ``after_round`` of run ``run_key`` on
+    ``num_examples`` examples of ``region``: its DP-SGD steps (``client.personalize.dp_steps``, as the node's
+    calibration before round 1 planned them) at the rounds' sampling rate."""
+    return Personalizing(
+        region,
+        run_key,
+        after_round,
+        num_examples,
+        dp_steps(settings, train, num_examples),
+        sampling_rate(dp, train, num_examples),
+        dp,
+    )
 
 
 def open_account(
@@ -526,14 +571,7 @@ def dp_training(
 
 
 def personalizing_budget(
-    requirement: DpRequirement,
-    folder: Path,
-    region: str,
-    run_key: str,
-    after_round: int,
-    num_examples: int,
-    steps: int,
-    batch_size: int,
+    requirement: DpRequirement, folder: Path, plan: Personalizing
 ) -> tuple[Accountant, DpAccount, RoundCharge, float]:
     """The node's accountant, the run's account, the personalization's charge and the epsilon after it, or
     ``DpRefused`` when the node has no account of the run (it trained no round under DP-SGD) or the steps would
@@ -541,15 +579,16 @@ def personalizing_budget(
     ``dp_personalizing`` checks this before training; a simulation checks every region before it personalizes
     any, so that a refusal leaves no region personalized and charged."""
     accountant = Accountant.load(folder)
-    account = accountant.accounts.get(run_key)
+    account = accountant.accounts.get(plan.run_key)
+    steps = plan.steps
     if account is None:
         raise DpRefused(
-            f"region {region}: personalize.dp: {accountant.path} has no privacy account of this run ({run_key}): "
-            "its rounds were not trained under DP-SGD here, so there is no calibrated budget to personalize under"
+            f"region {plan.region}: personalize.dp: {accountant.path} has no privacy account of this run "
+            f"({plan.run_key}): its rounds were not trained under DP-SGD here, so there is no calibrated budget to "
+            "personalize under"
         )
     budget = min(requirement.epsilon, account.epsilon_budget)
-    sample_rate = min(1.0, batch_size / num_examples)
-    charge = RoundCharge(after_round, steps, sample_rate, personalize=True)
+    charge = RoundCharge(plan.after_round, steps, plan.sample_rate, personalize=True)
     after = account.epsilon_after(charge) if steps else account.epsilon_spent
     if after > budget or requirement.delta < account.delta:
         if account.personalized():
@@ -562,7 +601,7 @@ def personalizing_budget(
         else:
             why = f"the plan calibrated before round 1 included {account.personalize_steps} personalization step(s)"
         raise DpRefused(
-            f"region {region}: personalize.dp: the privacy budget does not allow personalizing: epsilon "
+            f"region {plan.region}: personalize.dp: the privacy budget does not allow personalizing: epsilon "
             f"{account.epsilon_spent:.4g} of {budget} used after {account.steps} DP-SGD steps; personalizing "
             f"({steps} steps) would reach {after:.4g} (delta {account.delta:g}, policy delta {requirement.delta:g}); "
             f"{why}"
@@ -574,62 +613,51 @@ def personalizing_budget(
 def dp_personalizing(
     policy: RegionPolicy | None,
     folder: Path | None,
-    region: str,
-    run_key: str,
-    after_round: int,
-    num_examples: int,
-    steps: int,
-    batch_size: int,
+    plan: Personalizing,
     *,
-    settings: DpSettings,
     secret: bytes | None = None,
     inputs: bytes = b"",
 ) -> Iterator[DpSgd | None]:
-    """The DP-SGD wrapper of the personalization of run ``run_key`` on this node (``personalize.dp``), after
-    round ``after_round``: ``steps`` steps on ``num_examples`` examples, Poisson-sampled at ``batch_size`` /
-    ``num_examples``, with the account's noise and clip (calibrated before round 1 for the rounds and this
-    personalization), training what the run's ``settings`` say (``DpSgd``). None when the policy requires no DP
-    (there is no budget to spend: the personalization trains plainly). Charged to the run's account once
-    applied, as ``dp_training`` charges a round; a wrapper never applied (mode dual under DP, which trains nothing
-    after the rounds) charges nothing. Seeded from ``secret`` and ``inputs`` as ``dp_training`` is.
+    """The DP-SGD wrapper of the personalization ``plan`` on this node (``personalize.dp``), with the account's
+    noise and clip (calibrated before round 1 for the rounds and this personalization), training what the run's
+    ``dp`` section says (``DpSgd``). None when the policy requires no DP (there is no budget to spend: the
+    personalization trains plainly). Charged to the run's account once applied, as ``dp_training`` charges a
+    round; a wrapper never applied (mode dual under DP, which trains nothing after the rounds) charges nothing.
+    Seeded from ``secret`` and ``inputs`` as ``dp_training`` is.
 
     ``DpRefused`` before any training when the node has no account of the run (it trained no round under
-    DP-SGD) or the steps would take the spent epsilon past the policy's budget (a plan calibrated without them,
-    a personalization repeated)."""
+    DP-SGD) or the steps would take the spent epsilon past the policy's budget (``personalizing_budget``)."""
     if policy is None or policy.require_dp is None:
         yield None
         return
     if folder is None:
         raise DpRefused(
-            f"region {region}: personalize.dp: the policy requires differential privacy and the node has no "
+            f"region {plan.region}: personalize.dp: the policy requires differential privacy and the node has no "
             "audit-dir, where its privacy accountant is kept"
         )
     key = resolve_secret(secret, folder)
-    accountant, account, charge, after = personalizing_budget(
-        policy.require_dp, folder, region, run_key, after_round, num_examples, steps, batch_size
-    )
-    sample_rate = charge.sample_rate
+    accountant, account, charge, after = personalizing_budget(policy.require_dp, folder, plan)
     private = DpSgd(
         account.noise_multiplier,
         account.clip,
-        sample_rate,
-        num_examples,
+        plan.sample_rate,
+        plan.num_examples,
         **seeds(
             key,
-            after_round,
-            region,
+            plan.after_round,
+            plan.region,
             "personalize",
             inputs,
-            (account.noise_multiplier, account.clip, sample_rate, num_examples, steps),
+            (account.noise_multiplier, account.clip, plan.sample_rate, plan.num_examples, plan.steps),
         ),
-        settings=settings,
+        settings=plan.dp,
     )
     try:
         yield private
     finally:
         private.close()
         if private.applied:
-            accountant.accounts[run_key] = account.charged(charge, after)
+            accountant.accounts[plan.run_key] = account.charged(charge, after)
             accountant.save()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from client.dp import dp_personalizing, dp_training, personalization_record
+from client.dp import dp_personalizing, dp_training, personalization_record, personalizing
 from client.dp_secret import inputs_digest, simulated_secret
 from client.local_only import train_local_only
 from client.personal import (
@@ -548,17 +548,12 @@ def personalize_node(
     private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if settings.dp:
         # DP-SGD charged to the node's account of the run, planned for before round 1 (train_round)
-        n = len(examples.train)
+        after = start.round if start.round is not None else task.server_round
+        plan = personalizing(region.name, task.run_key, after, len(examples.train), settings, task.train, task.dp)
         private = dp_personalizing(
             node.policy,
             node.audit_dir,
-            region.name,
-            task.run_key,
-            start.round if start.round is not None else task.server_round,
-            n,
-            dp_steps(settings, task.train, n),
-            task.dp.sampled_batch(task.train.batch_size),
-            settings=task.dp,
+            plan,
             secret=node.dp_secret,
             inputs=personalization_inputs(start.model, replace(task, run_key="").to_json(), settings, examples.train),
         )

@@ -22,7 +22,7 @@ import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from client.dp import dp_personalizing, personalization_record, personalizing_budget
+from client.dp import dp_personalizing, personalization_record, personalizing, personalizing_budget
 from client.dp_secret import simulated_secret
 from client.personal import (
     PersonalStateError,
@@ -31,7 +31,7 @@ from client.personal import (
     personal_folder,
     personal_tag,
 )
-from client.personalize import GLOBAL, Start, bootstrap_seed, dp_steps, paired_bootstrap, personalize_region
+from client.personalize import GLOBAL, Start, bootstrap_seed, paired_bootstrap, personalize_region
 from client.task import personalization_inputs
 from client.tokens import encode_examples
 from client.train import predict_proba
@@ -186,22 +186,15 @@ def personalize_run(
     dp_policies, run_key = _dp_policies(cfg, out_dir)
     shared = [global_model] if start.model is global_model else [global_model, start.model]
     references = [(model, adapter_state(model.model)) for model in shared]
+    plans = {
+        name: personalizing(name, run_key, start.round or 0, len(data[name].train), cfg.personalize, cfg.train, cfg.dp)
+        for name in dp_policies
+        if name in data
+    }
     for name, policy in dp_policies.items():
         # every DP region's budget before any region personalizes: a refusal leaves none personalized and charged
-        if policy.require_dp is not None and name in data:
-            n = len(data[name].train)
-            steps = dp_steps(cfg.personalize, cfg.train, n)
-            node_dir = out_dir / AUDIT_DIR / NODES_DIR / name
-            personalizing_budget(
-                policy.require_dp,
-                node_dir,
-                name,
-                run_key,
-                start.round or 0,
-                n,
-                steps,
-                cfg.dp.sampled_batch(cfg.train.batch_size),
-            )
+        if policy.require_dp is not None and name in plans:
+            personalizing_budget(policy.require_dp, out_dir / AUDIT_DIR / NODES_DIR / name, plans[name])
     entries = {}
     for name, region in data.items():
         mode = cfg.personalize.mode
@@ -216,18 +209,11 @@ def personalize_run(
         )
         node_dir = out_dir / AUDIT_DIR / NODES_DIR / name  # the simulated node's ledger and privacy account
         private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if name in dp_policies:
-            n = len(region.train)
+        if name in plans:
             private = dp_personalizing(
                 dp_policies[name],
                 node_dir,
-                name,
-                run_key,
-                start.round or 0,
-                n,
-                dp_steps(cfg.personalize, cfg.train, n),
-                cfg.dp.sampled_batch(cfg.train.batch_size),
-                settings=cfg.dp,
+                plans[name],
                 # the simulated node's secret, as in its rounds (client.task.simulated_node): reproducible
                 secret=simulated_secret(cfg.seed, name),
                 inputs=personalization_inputs(start.model, repr(cfg.train), cfg.personalize, region.train),
