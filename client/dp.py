@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -254,7 +255,7 @@ def plan(num_examples: int, steps_per_round: int, task: ClientTask, personalize_
 def sampling_rate(dp: DpSettings, train: TrainSettings, num_examples: int) -> float:
     """DP-SGD's Poisson sampling rate on ``num_examples`` examples: ``dp.batch_size`` (else ``train.batch_size``)
     over them, at most 1; the rounds' and the personalization's alike."""
-    return min(1.0, dp.sampled_batch(train.batch_size) / num_examples)
+    return min(1.0, dp.sampled_batch(train.batch_size) / max(num_examples, 1))
 
 
 @dataclass(frozen=True)
@@ -388,6 +389,8 @@ def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool) -> str | None:
     return None
 
 
+log = logging.getLogger("fedlocale.node")
+
 FEATURE_BATCH = 64  # texts per forward pass of the frozen model when only the head trains (its memory)
 
 
@@ -440,7 +443,13 @@ class DpSgd:
         optimizer = self._steps(model, optimizer)
         # only the head training (dp.train: head): its features are computed once, not at every step, which
         # makes whole-split batches affordable
-        model = cached_features(model, FEATURE_BATCH)
+        trained = cached_features(model, FEATURE_BATCH)
+        if self.settings.train == "head" and trained is model:
+            log.info(
+                "dp.train head: the head is not a single linear layer (BERT's is; RoBERTa's and DistilBERT's are "
+                "not), so the frozen model runs at every DP-SGD step"
+            )
+        model = trained
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Full backward hook is firing when ... no inputs require gradients"
             self._wrapped = GradSampleModule(model, loss_reduction="mean")

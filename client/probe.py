@@ -96,6 +96,13 @@ class CachedFeatures(nn.Module):
         self.batch_size = batch_size
         self._features: dict[tuple[int, ...], torch.Tensor] = {}
 
+    def train(self, mode: bool = True) -> CachedFeatures:
+        """Set the mode of ``layer`` and of the frozen model, which is no submodule: ``train_encoded`` leaves the
+        model it trained in eval mode."""
+        super().train(mode)
+        self._model[0].train(mode)
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SequenceClassifierOutput:
         """The model's logits for the batch, from the cached features (computing those not seen before)."""
         keys = [tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids, attention_mask, strict=True)]

@@ -497,8 +497,9 @@ class DpSettings:
     lr: float | None = None
     # the expected batch of DP-SGD's Poisson sampling (rate q = batch_size / the region's examples, at most 1:
     # a batch_size of at least the region's size puts the whole split in every step, the least noise per step
-    # for a budget; with train: all each step then runs the model on the whole split, with train: head only the
-    # head does, on features computed once per round); null: train.batch_size. The steps per round are train's
+    # for a budget; with train: all each step then runs the model on the whole split, with train: head and a
+    # one-layer head (BERT's) only the head does, on features computed once per round); null: train.batch_size.
+    # The steps per round are train's
     batch_size: int | None = None
 
     def __post_init__(self) -> None:

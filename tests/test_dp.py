@@ -483,8 +483,8 @@ def test_head_only_dp_sgd_runs_the_frozen_model_once_per_text(north_task: Client
     levers = DpSettings(train="head", optimizer="sgd", lr=0.1)
     private = DpSgd(0.0, 1e6, 1.0, len(ids), sampling_seed=0, noise_seed=1, settings=levers)
     adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()  # as train_encoded has it; the features are computed in eval mode all the same
     wrapped, optimizer, plan = private(model, adamw, [[0]] * 3)
-    wrapped.train()
     for step, batch in enumerate(plan):
         assert sorted(batch) == [0, 1, 2, 3]
         optimizer.zero_grad()
@@ -495,6 +495,8 @@ def test_head_only_dp_sgd_runs_the_frozen_model_once_per_text(north_task: Client
                 assert torch.allclose(per_example[i], alone[i], atol=1e-5)
         optimizer.step()
     hook.remove()
+    wrapped.eval()  # as train_encoded leaves it: the frozen model too, though it is no submodule of the wrapper
+    assert not any(m.training for m in model.modules())
     private.close()
     assert seen == [3]  # the three distinct texts, once, in the first step
     layer = wrapped._module.layer  # type: ignore[union-attr]

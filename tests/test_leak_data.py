@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from benchmarks.leak_data import deal
+from benchmarks.leak_data import deal, main
 
 
 def _texts(n: int, tag: str) -> set[str]:
@@ -32,3 +34,12 @@ def test_regions_are_balanced_disjoint_and_sized() -> None:
 def test_too_few_texts_is_refused_naming_the_label() -> None:
     with pytest.raises(ValueError, match=r"pos: 18 needed, 3 available"):
         deal({"neg": _texts(40, "bad"), "pos": _texts(3, "good")}, 2, {"train": 10, "val": 1, "test": 9}, 0)
+
+
+def test_a_folder_left_by_an_interrupted_run_is_refused_before_anything_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "large.partial" / "rt-3").mkdir(parents=True)
+    assert main([str(tmp_path / "large"), "--cache-dir", str(tmp_path / "no-archives")]) == 2
+    assert "large.partial exists (left by an interrupted run)" in capsys.readouterr().err
+    assert not (tmp_path / "large").exists() and not (tmp_path / "no-archives").exists()
