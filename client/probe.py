@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from client.train import pad_batch
+from client.train import num_labels_of, pad_batch
 from common.metrics import macro_f1
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)  # penalty on the squared weights of standardised features, per example
@@ -121,15 +121,14 @@ class CachedFeatures(nn.Module):
 
 
 def cached_features(model: nn.Module, batch_size: int) -> nn.Module:
-    """``CachedFeatures`` of ``model`` when its trainable parameters are exactly those of its output layer (a
-    linear layer with as many outputs as the model has labels), else ``model`` itself."""
-    num_labels = int(getattr(getattr(model, "config", None), "num_labels", 0) or 0)
+    """``CachedFeatures`` of ``model`` when its trainable parameters are exactly those of its output layer
+    (``output_layer``), else ``model`` itself."""
+    try:
+        layer = output_layer(model, num_labels_of(model))
+    except ValueError:  # no trainable layer with as many outputs as labels
+        return model
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
-    for layer in layers:
-        if trainable and trainable == {id(p) for p in layer.parameters()}:
-            return CachedFeatures(model, layer, batch_size)
-    return model
+    return CachedFeatures(model, layer, batch_size) if trainable == {id(p) for p in layer.parameters()} else model
 
 
 def fit_logistic(

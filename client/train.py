@@ -264,7 +264,7 @@ def train_encoded(
         freeze(model, HEAD_PARAMETER)
     params = [p for p in model.parameters() if p.requires_grad]
     terms = loss_terms(model, params, settings)
-    shift = logit_shift(labels, _num_labels(model) or int(label_tensor.max()) + 1, settings.logit_adjust)
+    shift = logit_shift(labels, num_labels_of(model) or int(label_tensor.max()) + 1, settings.logit_adjust)
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     model.train()
     total = 0.0
@@ -325,14 +325,14 @@ def predict_proba_encoded(model: nn.Module, ids: Sequence[list[int]], *, pad_id:
         chunk = order[start : start + batch_size]
         logits = model(**pad_batch([ids[i] for i in chunk], pad_id)).logits
         out.append(torch.softmax(logits.float(), dim=-1).numpy())
-    probs = np.concatenate(out) if out else np.zeros((0, _num_labels(model)))
+    probs = np.concatenate(out) if out else np.zeros((0, num_labels_of(model)))
     restored = np.empty_like(probs)
     restored[order] = probs
     return restored
 
 
-def _num_labels(model: nn.Module) -> int:
-    """The model's class count, for the shape of no predictions (0 when the model does not say)."""
+def num_labels_of(model: nn.Module) -> int:
+    """The model's class count (0 when the model does not say)."""
     config = getattr(model, "config", None)
     return int(getattr(config, "num_labels", 0) or 0)
 
