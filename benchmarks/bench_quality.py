@@ -13,9 +13,10 @@ best round (epoch chunk) on validation. Options that leave the nodes' training a
 only) reuse the baselines of the first option run on the same scenario and seed.
 
 Prints one table row per scenario × option (mean over seeds, with the per-seed values) and writes JSON with every
-run's overall and per-region macro-F1 and its validation curve per round. Each row also counts the region runs
-whose served model is below local-only beyond chance (the paired-bootstrap interval of served − local-only
-entirely below 0; ``served<local``, of those compared).
+run's overall and per-region macro-F1, its pooled macro-F1 (all regions' test examples as one set, which unlike
+the mean of the regions' is not degenerate on one-class regions) and its validation curve per round. Each row
+also counts the region runs whose served model is below local-only beyond chance (the paired-bootstrap interval
+of served − local-only entirely below 0; ``served<local``, of those compared).
 """
 
 from __future__ import annotations
@@ -115,13 +116,17 @@ def row_of(summary: dict[str, Any]) -> dict[str, Any]:
     local-only (``served_vs_local_only``), how many regions it compared (``vs_local_only_regions``) and which
     of them have the interval of served − local-only entirely below 0 (``below_local_only``)."""
     from common.keys import SERVED_VS_LOCAL_ONLY
+    from runfolder.summary import POOLED
 
     overall = {m: summary["overall"][m]["macro_f1"] for m in MODES if m in summary["overall"]}
+    # macro-F1 of all regions' test examples pooled: the per-region mean above is degenerate on one-class
+    # regions (common.metrics.macro_f1), which strong label skew makes
+    pooled = {m: summary["overall"][m][POOLED] for m in MODES if POOLED in summary["overall"].get(m, {})}
     regions = {
         name: {m: r[m]["macro_f1"] for m in MODES if isinstance(r.get(m), dict) and "macro_f1" in r[m]}
         for name, r in summary["regions"].items()
     }
-    row = {"overall": overall, "regions": regions, "best_round": summary["run"].get("best_round")}
+    row = {"overall": overall, "pooled": pooled, "regions": regions, "best_round": summary["run"].get("best_round")}
     compared = {
         name: r[SERVED_VS_LOCAL_ONLY]
         for name, r in summary["regions"].items()
@@ -138,11 +143,12 @@ def merge_baselines(row: dict[str, Any], shared: dict[str, Any]) -> dict[str, An
     nodes trained alike)."""
     borrowed = ("centralized", "local_only")
     overall = {**row["overall"], **{m: shared["overall"][m] for m in borrowed if m in shared["overall"]}}
+    pooled = {**row.get("pooled", {}), **{m: shared["pooled"][m] for m in borrowed if m in shared.get("pooled", {})}}
     regions = {
         name: {**scores, **{m: shared["regions"][name][m] for m in borrowed if m in shared["regions"][name]}}
         for name, scores in row["regions"].items()
     }
-    return {**row, "overall": overall, "regions": regions}
+    return {**row, "overall": overall, "pooled": pooled, "regions": regions}
 
 
 def mean(values: Sequence[float]) -> float:
@@ -160,20 +166,29 @@ def below_local_only(runs: Sequence[dict[str, Any]]) -> tuple[int, int] | None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """One line per scenario × option: mean macro-F1 per mode over seeds, federated − centralized, and over the
-    seeds the regions whose served − local-only interval is entirely below 0, of those compared."""
+    """One line per scenario × option: mean macro-F1 per mode over seeds (the test-size weighted mean of the
+    regions'), federated − centralized, over the seeds the regions whose served − local-only interval is
+    entirely below 0, of those compared, then the same means of the pooled macro-F1 (``p·``) and its gap."""
+    short = {"federated": "fed", "centralized": "cen", "local_only": "loc", "personalized": "pers"}
     print(
         f"{'scenario':<9}{'option':<22}{'seeds':>6}"
         + "".join(f"{m:>14}" for m in MODES)
         + f"{'fed−cen':>9}{'served<local':>14}"
+        + "".join(f"{'p·' + short[m]:>8}" for m in MODES)
+        + f"{'p·fed−cen':>11}"
     )
     for row in rows:
-        means = row["mean"]
+        means, pooled = row["mean"], row.get("mean_pooled", {})
         gap = means.get("federated", math.nan) - means.get("centralized", math.nan)
+        pooled_gap = pooled.get("federated", math.nan) - pooled.get("centralized", math.nan)
         cells = "".join(f"{means.get(m, math.nan):>14.3f}" for m in MODES)
+        pooled_cells = "".join(f"{pooled.get(m, math.nan):>8.3f}" for m in MODES)
         below = below_local_only(row["runs"])
         count = "-" if below is None else f"{below[0]}/{below[1]}"
-        print(f"{row['scenario']:<9}{row['option']:<22}{len(row['runs']):>6}{cells}{gap:>+9.3f}{count:>14}")
+        print(
+            f"{row['scenario']:<9}{row['option']:<22}{len(row['runs']):>6}{cells}{gap:>+9.3f}{count:>14}"
+            f"{pooled_cells}{pooled_gap:>+11.3f}"
+        )
 
 
 def say(message: str) -> None:
@@ -273,12 +288,14 @@ def main(argv: list[str] | None = None) -> int:
                     row = merge_baselines(row, shared)
                 runs.append({"seed": seed, **row, "val_curve": curve, "seconds": seconds})
             mean_row = {m: mean([r["overall"][m] for r in runs if m in r["overall"]]) for m in MODES}
+            mean_pooled = {m: mean([r["pooled"][m] for r in runs if m in r.get("pooled", {})]) for m in MODES}
             below = below_local_only(runs)
             rows.append(
                 {
                     "scenario": scenario,
                     "option": option.name,
                     "mean": mean_row,
+                    "mean_pooled": mean_pooled,
                     # region runs (over the seeds) whose served − local-only interval is entirely below 0
                     **({"below_local_only": below[0], "vs_local_only_regions": below[1]} if below else {}),
                     "runs": runs,

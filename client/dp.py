@@ -472,7 +472,8 @@ class DpSgd:
         if dp.train == "head":
             frozen = set(freeze(model, "lora_"))
             self._frozen = [p for name, p in model.named_parameters() if name in frozen]
-        if dp.train == "all" and dp.optimizer == "adamw" and dp.lr is None:
+        # train.optimizer: sgd made an SGD; DP's own optimizer setting decides here
+        if dp.train == "all" and dp.optimizer == "adamw" and dp.lr is None and isinstance(optimizer, torch.optim.AdamW):
             return optimizer
         group = optimizer.param_groups[0]
         params = [p for p in model.parameters() if p.requires_grad]

@@ -525,8 +525,9 @@ class ABRecord:
         }
 
 
-def _accuracy_f1(result: EvalResult) -> dict[str, float]:
-    return {"accuracy": result.accuracy, "macro_f1": result.macro_f1}
+def _accuracy_f1(result: EvalResult) -> dict[str, Any]:
+    # the confusion matrix too: a simulation pools the regions' into one macro-F1 (runfolder.summary)
+    return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "confusion": [list(r) for r in result.confusion]}
 
 
 def bootstrap_seed(seed: int, region: str, baseline: str) -> int:
@@ -551,13 +552,15 @@ def personalize_region(
     baselines: Mapping[str, np.ndarray] | None = None,
     private: Privatize | None = None,
     local_only: LoadedModel | None = None,
+    global_probs: np.ndarray | None = None,
 ) -> tuple[Personalized, ABRecord]:
     """Personalize region ``region``'s final model on its ``data`` (``personalize``, from ``start``, with the
     personal slices for mode dual), then A/B-test the model it serves on its test split against the global
     model (``vs_federated``) and any other ``baselines`` (their test predictions, e.g. local-only).
 
     ``local_only`` (``personalize.consider_local_only``): the region's local-only model, a third candidate of the
-    choice; when it is chosen, it is the served model on test (the caller saves it).
+    choice; when it is chosen, it is the served model on test (the caller saves it). ``global_probs``: the global
+    model's class probabilities on ``test``, when the caller has them already (else computed here).
 
     ``test`` is the test split tokenised by the caller (a node through its token cache); ``seed`` is the run's:
     personalization draws from ``derive_seed(seed, "personalize", region)``, each A/B from ``bootstrap_seed``.
@@ -585,9 +588,15 @@ def personalize_region(
     global_test: EvalResult | None = None
     ab: dict[str, Difference] = {}
     if len(truth):
-        probs_global, probs_personalized = (
-            predict_proba_encoded(m.model, test.ids, pad_id=m.pad_id, batch_size=train.eval_batch_size)
-            for m in (global_model, result.loaded)
+        if global_probs is None:
+            global_probs = predict_proba_encoded(
+                global_model.model, test.ids, pad_id=global_model.pad_id, batch_size=train.eval_batch_size
+            )
+        elif len(global_probs) != len(truth):
+            raise ValueError(f"{region}: {len(global_probs)} global predictions for {len(truth)} test examples")
+        probs_global = global_probs
+        probs_personalized = predict_proba_encoded(
+            result.loaded.model, test.ids, pad_id=result.loaded.pad_id, batch_size=train.eval_batch_size
         )
         probs_served = probs_personalized if result.chosen == PERSONALIZED else probs_global
         if result.chosen == LOCAL_ONLY and result.local_only is not None:

@@ -18,10 +18,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedTokenizerBase
 
-from common.config import TrainSettings
+from common.config import SGD_MOMENTUM, TrainSettings
 from common.data import Example
 from common.errors import InputError
-from common.metrics import accuracy, macro_f1
+from common.metrics import accuracy, confusion, macro_f1_of
 
 # a wrapper that makes training private: (model, optimizer, batch plan) -> the ones to train with
 Privatize = Callable[
@@ -46,6 +46,8 @@ class EvalResult:
     accuracy: float
     macro_f1: float
     num_examples: int
+    # ``common.metrics.confusion`` as nested lists (row = truth): regions' add up to their pooled examples'
+    confusion: tuple[tuple[int, ...], ...] = ()
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
@@ -231,6 +233,15 @@ def rows_kept(model: nn.Module, fragment: str, rows: int) -> Iterator[list[str]]
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
+def local_optimizer(params: list[nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
+    """The optimizer ``settings.optimizer`` names over ``params``: AdamW, or SGD with ``settings.momentum``
+    (``SGD_MOMENTUM`` when null); both with ``settings.lr`` and ``settings.weight_decay``."""
+    if settings.optimizer == "sgd":
+        momentum = SGD_MOMENTUM if settings.momentum is None else settings.momentum
+        return torch.optim.SGD(params, lr=settings.lr, momentum=momentum, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
 def train_encoded(
     model: nn.Module,
     ids: Sequence[list[int]],
@@ -265,7 +276,7 @@ def train_encoded(
     params = [p for p in model.parameters() if p.requires_grad]
     terms = loss_terms(model, params, settings)
     shift = logit_shift(labels, num_labels_of(model) or int(label_tensor.max()) + 1, settings.logit_adjust)
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = local_optimizer(params, settings)
     model.train()
     total = 0.0
     order = batch_order([len(x) for x in ids], steps, settings.batch_size, settings.length_window, generator)
@@ -372,9 +383,11 @@ def scores(probs: np.ndarray, truth: np.ndarray, num_labels: int) -> EvalResult:
         return EvalResult(loss=0.0, accuracy=0.0, macro_f1=0.0, num_examples=0)
     loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(truth)), truth], 1e-12, None))))
     pred = probs.argmax(axis=1)
+    counts = confusion(truth, pred, num_labels)
     return EvalResult(
         loss=loss,
         accuracy=accuracy(truth, pred),
-        macro_f1=macro_f1(truth, pred, num_labels),
+        macro_f1=macro_f1_of(counts),
         num_examples=len(truth),
+        confusion=tuple(tuple(int(c) for c in row) for row in counts),
     )

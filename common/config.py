@@ -33,6 +33,8 @@ T = TypeVar("T")
 AGGREGATIONS = ("weighted", "uniform")
 LORA_AGGREGATIONS = ("fedit", "ffa")  # aggregation.lora
 HEAD_MODES = ("train", "frozen")  # train.head
+LOCAL_OPTIMIZERS = ("adamw", "sgd")  # train.optimizer
+SGD_MOMENTUM = 0.9  # train.momentum when null
 # aggregation.optimizer: the server optimizer each applies to the round's mean update (Reddi et al. 2021,
 # "Adaptive Federated Optimization"), with the hyperparameters it reads and their defaults (a field left null
 # takes these; setting one the chosen optimizer does not read is refused, never silently ignored)
@@ -129,6 +131,13 @@ class TrainSettings:
     # train: the classification head trains with the adapter. frozen: it keeps its seeded initial values (the
     # same on every node and the server) and only the adapter trains, as in FedBABU
     head: Literal["train", "frozen"] = "train"
+    # the local optimizer: "adamw", or "sgd" with `momentum` and weight_decay. Adam scales every step to about
+    # lr whatever the gradient's size, so a region whose loss is already near 0 (one class, under
+    # logit_adjust) still moves the shared model its way at full speed; SGD's step is the gradient's
+    # (docs/benchmarks.md, Dirichlet(0.1)). The same for the baselines; a DP node uses dp.optimizer
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # SGD's (heavy-ball) momentum, null: 0.9; setting it with optimizer: adamw is refused (Adam would ignore it)
+    momentum: float | None = None
     threads: int | None = None  # torch threads; None leaves torch's default
 
     def __post_init__(self) -> None:
@@ -157,6 +166,14 @@ class TrainSettings:
             problems.append(("logit_adjust", f"must be >= 0, got {self.logit_adjust}"))
         if self.head not in HEAD_MODES:
             problems.append(("head", f"must be one of {', '.join(HEAD_MODES)}, got {self.head!r}"))
+        if self.optimizer not in LOCAL_OPTIMIZERS:
+            problems.append(("optimizer", f"must be one of {', '.join(LOCAL_OPTIMIZERS)}, got {self.optimizer!r}"))
+        if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
+            problems.append(("momentum", f"must be in [0, 1) or null, got {self.momentum}"))
+        elif self.momentum is not None and self.optimizer != "sgd":
+            problems.append(
+                ("momentum", f"is read by optimizer sgd only, and optimizer is {self.optimizer}; remove it")
+            )
         for name in ("batch_size", "eval_batch_size", "length_window"):
             if getattr(self, name) < 1:
                 problems.append((name, f"must be >= 1, got {getattr(self, name)}"))

@@ -16,21 +16,28 @@ from common import keys
 from common.config import RunConfig
 from common.data import RegionData
 from common.errors import InputError
-from common.metrics import weighted_mean
+from common.metrics import pooled_macro_f1, weighted_mean
 from common.runfiles import METRICS_FILE, Summary
 
-SCORES = ("accuracy", "macro_f1")  # what the summary keeps of each mode's scores
+SCORES = ("accuracy", "macro_f1")  # what the summary keeps of each mode's scores, beside CONFUSION
+CONFUSION = "confusion"  # a region's test confusion matrix (common.metrics.confusion), where the run knows it
+POOLED = "pooled_macro_f1"  # overall: macro-F1 of all regions' test examples pooled (from their CONFUSION)
 
 
-def _overall(per_region: dict[str, dict[str, float]], sizes: dict[str, float]) -> dict[str, float]:
-    """Test-size weighted means; none when no region scored has a test example (a mean of nothing is no 0)."""
+def _overall(per_region: dict[str, dict[str, Any]], sizes: dict[str, float]) -> dict[str, float]:
+    """Test-size weighted means, and ``POOLED`` when every region scored has its confusion matrix (a
+    simulation's; a deployment's server never sees one); none when no region scored has a test example (a mean
+    of nothing is no 0)."""
     if not sum(sizes.get(r, 0.0) for r in per_region):
         return {}
-    return {metric: weighted_mean({r: v[metric] for r, v in per_region.items()}, sizes) for metric in SCORES}
+    out = {metric: weighted_mean({r: v[metric] for r, v in per_region.items()}, sizes) for metric in SCORES}
+    if all(CONFUSION in v for v in per_region.values()):
+        out[POOLED] = pooled_macro_f1([v[CONFUSION] for v in per_region.values()])
+    return out
 
 
-def _pick(scores: dict[str, float] | None) -> dict[str, float]:
-    return {k: scores[k] for k in SCORES if k in scores} if scores else {}
+def _pick(scores: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: scores[k] for k in (*SCORES, CONFUSION) if k in scores} if scores else {}
 
 
 def dp_by_region(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -61,13 +68,21 @@ def build_summary(
     federated_s: float,
     config_path: str,
     audit: dict[str, Any] | None = None,
+    federated_confusion: dict[str, list[list[int]]] | None = None,
 ) -> Summary:
     """The summary of a run: per region and overall scores of every mode, communication and timing.
 
     ``data`` is None for a deployment, whose server never sees the regions' data: region sizes then come from
-    the replies' ``num-examples`` (train and test), and validation sizes stay unknown.
+    the replies' ``num-examples`` (train and test), and validation sizes stay unknown. A simulation gives
+    each region's ``federated_confusion`` (the global model's test confusion matrix; the baselines' scores carry
+    theirs), and the overall scores then include ``POOLED``.
     """
-    modes = {keys.FEDERATED: federation["test"], **{name: scores for name, (scores, _) in baselines.items()}}
+    confusions = federated_confusion or {}
+    federated = {
+        name: {**scores, **({CONFUSION: confusions[name]} if name in confusions else {})}
+        for name, scores in federation["test"].items()
+    }
+    modes = {keys.FEDERATED: federated, **{name: scores for name, (scores, _) in baselines.items()}}
     counts: dict[str, dict[str, Any]]
     if data is None:
         # a secure round's train lines hold a DP region's privacy spent, never its example count

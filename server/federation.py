@@ -178,6 +178,8 @@ LATER_DEFAULTS: dict[str, Any] = {
     "train.prox_mu": TrainSettings().prox_mu,
     "train.logit_adjust": TrainSettings().logit_adjust,
     "train.head": TrainSettings().head,
+    "train.optimizer": TrainSettings().optimizer,
+    "train.momentum": TrainSettings().momentum,
     "aggregation.lora": AggregationSettings().lora,
     "model.pooling": ModelSettings.pooling,  # a class default: ModelSettings() would check that minilm is installed
     "dp.train": DpSettings().train,

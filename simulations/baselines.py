@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,11 +23,17 @@ from common.metrics import weighted_mean
 from common.model import LoadedModel, adapter_state, build_model
 from common.seeds import derive_seed
 
-Scores = dict[str, dict[str, float]]
+Scores = dict[str, dict[str, Any]]
 
 
-def _scores(result: EvalResult) -> dict[str, float]:
-    return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "loss": result.loss}
+def _scores(result: EvalResult) -> dict[str, Any]:
+    # the confusion matrix lets the summary pool the regions' test examples (runfolder.summary.POOLED)
+    return {
+        "accuracy": result.accuracy,
+        "macro_f1": result.macro_f1,
+        "loss": result.loss,
+        "confusion": [list(row) for row in result.confusion],
+    }
 
 
 def _evaluate(cfg: RunConfig, loaded: LoadedModel, examples: list[Example]) -> EvalResult:

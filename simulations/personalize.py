@@ -173,8 +173,11 @@ def personalize_run(
     local_only: Mapping[str, np.ndarray] | None = None,
     say: Callable[[str], None] = print,
     local_adapters: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    global_probs: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Personalize every region of a finished run in ``out_dir``; return the ``personalized`` entry per region.
+    ``global_probs``: the global model's test predictions per region (``global_test_probs``) when the caller
+    has them (else each region's A/B computes its own).
 
     With ``personalize.consider_local_only`` each region's local-only model (``local_only_model``: the
     baseline's adapter from ``local_adapters`` when it ran) is a third candidate of the choice; it is saved in
@@ -233,6 +236,7 @@ def personalize_run(
                 baselines=None if baseline is None else {keys.LOCAL_ONLY: baseline},
                 private=wrapper,
                 local_only=candidate,
+                global_probs=None if global_probs is None else global_probs.get(name),
             )
         if wrapper is not None:
             record = dataclasses.replace(record, dp=personalization_record(node_dir, run_key))
@@ -249,36 +253,46 @@ def personalize_run(
     return entries
 
 
-def global_vs_local_only(
-    cfg: RunConfig, out_dir: Path, data: Mapping[str, RegionData], local_only: Mapping[str, np.ndarray]
-) -> dict[str, dict[str, Any]]:
-    """Per region with local-only test predictions (and test examples), the ``served_vs_local_only`` entry of a
-    run without personalization, whose regions serve the global model: global − local-only test macro-F1 with
-    the paired bootstrap and seed of personalization's A/B against local-only (``bootstrap_seed``), so that the
-    two agree when personalization keeps the global model.
+def global_test_probs(cfg: RunConfig, out_dir: Path, data: Mapping[str, RegionData]) -> dict[str, np.ndarray]:
+    """The saved global adapter's class probabilities on each region's test split (regions with test examples).
 
-    The global model's per-example test predictions stay on the nodes in the federation, so this is one forward
-    pass of the saved global adapter over each test split (the local-only side is the baseline's own pass)."""
-    from runfolder.summary import served_vs_local_only
-
-    regions = [name for name in data if name in local_only and data[name].test]
-    if not regions:
-        return {}
+    The federation's own test predictions stay on the nodes (only scores leave), so the simulation makes this one
+    forward pass per test split and everything after the rounds reads it: the pooled score of the summary,
+    personalization's A/B and the comparison with local-only."""
     loaded = load_global(cfg, out_dir / ADAPTER_DIR)
-    entries = {}
-    for name in regions:
-        test = data[name].test
-        probs = predict_proba(
+    return {
+        name: predict_proba(
             loaded.model,
             loaded.tokenizer,
-            [ex.text for ex in test],
+            [ex.text for ex in region.test],
             max_length=cfg.model.max_length,
             batch_size=cfg.train.eval_batch_size,
         )
+        for name, region in data.items()
+        if region.test
+    }
+
+
+def global_vs_local_only(
+    cfg: RunConfig,
+    data: Mapping[str, RegionData],
+    local_only: Mapping[str, np.ndarray],
+    global_probs: Mapping[str, np.ndarray],
+) -> dict[str, dict[str, Any]]:
+    """Per region with local-only test predictions (and test examples), the ``served_vs_local_only`` entry of a
+    run without personalization, whose regions serve the global model: global (``global_probs``,
+    ``global_test_probs``) − local-only test macro-F1 with the paired bootstrap and seed of personalization's A/B
+    against local-only (``bootstrap_seed``), so that the two agree when personalization keeps the global model."""
+    from runfolder.summary import served_vs_local_only
+
+    entries = {}
+    for name in data:
+        if name not in local_only or name not in global_probs or not data[name].test:
+            continue
         difference = paired_bootstrap(
-            np.array([ex.label for ex in test], dtype=int),
+            np.array([ex.label for ex in data[name].test], dtype=int),
             local_only[name],
-            probs.argmax(axis=1),
+            global_probs[name].argmax(axis=1),
             len(cfg.labels),
             resamples=cfg.personalize.bootstrap,
             seed=bootstrap_seed(cfg.seed, name, keys.LOCAL_ONLY),

@@ -41,10 +41,12 @@ def test_merge_takes_only_the_baselines() -> None:
     }
     shared = {
         "overall": {"federated": 0.1, "centralized": 0.75, "local_only": 0.6},
+        "pooled": {"federated": 0.2, "centralized": 0.77},
         "regions": {"a": {"federated": 0.1, "centralized": 0.7, "local_only": 0.5}, "b": {"centralized": 0.8}},
     }
-    merged = merge_baselines(run, shared)
+    merged = merge_baselines({**run, "pooled": {"federated": 0.81}}, shared)
     assert merged["overall"] == {"federated": 0.8, "centralized": 0.75, "local_only": 0.6}
+    assert merged["pooled"] == {"federated": 0.81, "centralized": 0.77}
     assert merged["regions"]["a"] == {"federated": 0.7, "centralized": 0.7, "local_only": 0.5}
     assert merged["regions"]["b"] == {"federated": 0.9, "centralized": 0.8}
     assert merged["best_round"] == 3
@@ -52,12 +54,13 @@ def test_merge_takes_only_the_baselines() -> None:
 
 def test_row_of_reads_every_mode() -> None:
     summary = {
-        "overall": {"federated": {"macro_f1": 0.8}, "centralized": {"macro_f1": 0.7}},
+        "overall": {"federated": {"macro_f1": 0.8, "pooled_macro_f1": 0.5}, "centralized": {"macro_f1": 0.7}},
         "regions": {"a": {"federated": {"macro_f1": 0.6}, "num_train": 10}},
         "run": {"best_round": 2},
     }
     assert row_of(summary) == {
         "overall": {"federated": 0.8, "centralized": 0.7},
+        "pooled": {"federated": 0.5},  # a summary written before the pooled score has none for centralized
         "regions": {"a": {"federated": 0.6}},
         "best_round": 2,
     }
@@ -85,9 +88,12 @@ def test_rows_count_the_regions_whose_served_model_is_below_local_only(capsys: p
     runs = [row, {**row, "below_local_only": []}, {"overall": {}, "regions": {}}]
     assert below_local_only(runs) == (1, 4)
     assert below_local_only(runs[2:]) is None
-    print_table([{"scenario": "demo", "option": "s5", "mean": {"federated": 0.8}, "runs": runs}])
+    table = {"scenario": "demo", "option": "s5", "mean": {"federated": 0.8}, "runs": runs}
+    print_table([{**table, "mean_pooled": {"federated": 0.4, "centralized": 0.7}}])
     header, line = capsys.readouterr().out.splitlines()
-    assert header.split()[-1] == "served<local" and line.split()[-1] == "1/4"
+    # after the served<local count: the pooled scores of the four modes and the pooled gap
+    assert header.split()[-6:] == ["served<local", "p·fed", "p·cen", "p·loc", "p·pers", "p·fed−cen"]
+    assert line.split()[-6:] == ["1/4", "0.400", "0.700", "nan", "nan", "-0.300"]
 
 
 def test_a_run_borrowing_baselines_gets_their_local_only_predictions(

@@ -24,6 +24,7 @@ from client.train import (
     classification_loss,
     encode,
     label_prior,
+    local_optimizer,
     logit_shift,
     loss_terms,
     plan_steps,
@@ -372,6 +373,12 @@ def test_client_task_carries_the_lora_aggregation(tiny_bert: Path, regions: tupl
             "ignored), max_steps caps the steps of the epochs; set one of them",
         ),
         ({"aggregation": {"lora": "fedex"}}, "aggregation.lora: must be one of 'fedit', 'ffa', got 'fedex'"),
+        ({"train": {"optimizer": "adam"}}, "train.optimizer: must be one of 'adamw', 'sgd', got 'adam'"),
+        (
+            {"train": {"momentum": 0.5}},
+            "train.momentum: is read by optimizer sgd only, and optimizer is adamw; remove it",
+        ),
+        ({"train": {"optimizer": "sgd", "momentum": 1.0}}, "train.momentum: must be in [0, 1) or null, got 1.0"),
     ],
 )
 def test_config_errors_name_field_and_value(raw: dict[str, object], problem: str) -> None:
@@ -385,6 +392,50 @@ def test_settings_built_in_code_are_checked_too() -> None:
         TrainSettings(head="x")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="lora: must be one of fedit, ffa"):
         AggregationSettings(lora="svd")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The local optimizer
+
+
+def test_local_optimizer_is_the_one_named_with_its_settings() -> None:
+    params = [nn.Parameter(torch.zeros(3))]
+    adamw = local_optimizer(params, TrainSettings(lr=1e-3, weight_decay=0.02))
+    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 0.02
+    sgd = local_optimizer(params, TrainSettings(lr=0.1, optimizer="sgd"))
+    assert type(sgd) is torch.optim.SGD
+    assert sgd.param_groups[0]["momentum"] == 0.9 and sgd.param_groups[0]["lr"] == 0.1
+    assert local_optimizer(params, TrainSettings(optimizer="sgd", momentum=0.0)).param_groups[0]["momentum"] == 0.0
+
+
+def test_an_sgd_round_steps_by_the_gradient(tiny_bert: Path) -> None:
+    """One SGD step of train_encoded moves every trained value by -lr * (its gradient + weight_decay * itself),
+    the gradient computed by hand on the same batch: unlike Adam, a small gradient makes a small step."""
+    task = make_task(tiny_bert)
+    loaded = fresh(task)
+    no_dropout(loaded.model)
+    ids = encode(loaded.tokenizer, ["good nice fine", "bad awful", "good good", "awful bad bad"], 32)
+    labels = [1, 0, 1, 0]
+    settings = TrainSettings(
+        lr=0.3, optimizer="sgd", weight_decay=0.01, batch_size=8, local_steps=1, grad_clip=None, threads=1
+    )
+    by_hand = copy.deepcopy(loaded.model)
+    from client.train import pad_batch
+
+    by_hand.train()
+    loss = classification_loss(by_hand(**pad_batch(ids, loaded.pad_id)).logits, torch.tensor(labels), None)
+    loss.backward()
+    before = {n: p.detach().clone() for n, p in by_hand.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in by_hand.named_parameters() if p.grad is not None}
+    trained = copy.deepcopy(loaded.model)
+    train_encoded(trained, ids, labels, settings, pad_id=loaded.pad_id, seed=0)
+    after = dict(trained.named_parameters())
+    moved = 0
+    for name, value in before.items():
+        expected = value - 0.3 * (grads[name] + 0.01 * value)
+        torch.testing.assert_close(after[name].detach(), expected, rtol=1e-4, atol=1e-6)
+        moved += int(not torch.equal(after[name].detach(), value))
+    assert moved > 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -537,6 +537,19 @@ def test_a_replaced_dp_optimizer_keeps_the_warm_up(north_task: ClientTask) -> No
     assert seen == pytest.approx([0.2, 0.3, 0.4, 0.4, 0.4, 0.4])
 
 
+def test_dp_adamw_is_adamw_also_when_the_run_trains_with_sgd(north_task: ClientTask) -> None:
+    """dp.optimizer decides a DP node's optimizer: train.optimizer sgd does not leak into DP-SGD's adamw."""
+    loaded = build_model(north_task.model, north_task.lora, north_task.labels, seed=0)
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    private = DpSgd(0.0, 1.0, 1.0, 4, sampling_seed=0, noise_seed=1, settings=DpSettings())
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.01)
+    chosen = private._steps(loaded.model, sgd)
+    assert isinstance(chosen, torch.optim.AdamW)
+    assert chosen.param_groups[0]["lr"] == 0.1 and chosen.param_groups[0]["weight_decay"] == 0.01
+    adamw = torch.optim.AdamW(params, lr=0.1)
+    assert private._steps(loaded.model, adamw) is adamw  # nothing to replace
+
+
 @pytest.mark.parametrize(
     ("field", "value", "why"),
     [("lr", 0.0, "must be > 0"), ("lr", math.nan, "must be > 0"), ("batch_size", 0, "must be a whole number >= 1")],

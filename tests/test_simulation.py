@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
@@ -12,6 +13,7 @@ from transformers import AutoModelForSequenceClassification
 from client.train import evaluate
 from common.config import load_config
 from common.data import load_region
+from common.metrics import macro_f1_of
 from common.model import build_model
 from fedlocale.cli import main
 from tests.conftest import SIMULATED_TRAIN, tiny_config
@@ -43,7 +45,13 @@ def test_summary_contract(run: tuple[Path, Path]) -> None:
         assert against["diff"] == pytest.approx(region["federated"]["macro_f1"] - region["local_only"]["macro_f1"])
         assert against["reaches_zero"] == (against["high"] >= 0)
     for mode in ("federated", "local_only", "centralized"):
-        assert set(summary["overall"][mode]) == {"accuracy", "macro_f1"}
+        assert set(summary["overall"][mode]) == {"accuracy", "macro_f1", "pooled_macro_f1"}
+        counts = [np.array(region[mode]["confusion"]) for region in summary["regions"].values()]
+        for region, matrix in zip(summary["regions"].values(), counts, strict=True):
+            # the simulation's pass of the saved global adapter agrees with what the nodes scored
+            assert matrix.sum() == region["num_test"]
+            assert macro_f1_of(matrix) == pytest.approx(region[mode]["macro_f1"])
+        assert summary["overall"][mode]["pooled_macro_f1"] == pytest.approx(macro_f1_of(sum(counts)))
     comm = summary["communication"]
     assert 0 < comm["adapter_bytes"] < comm["full_model_bytes"]
     # two regions up and down each round, plus the evaluation rounds down
