@@ -116,7 +116,7 @@ def row_of(summary: dict[str, Any]) -> dict[str, Any]:
     local-only (``served_vs_local_only``), how many regions it compared (``vs_local_only_regions``) and which
     of them have the interval of served − local-only entirely below 0 (``below_local_only``)."""
     from common.keys import SERVED_VS_LOCAL_ONLY
-    from runfolder.summary import POOLED
+    from common.runfiles import POOLED
 
     overall = {m: summary["overall"][m]["macro_f1"] for m in MODES if m in summary["overall"]}
     # macro-F1 of all regions' test examples pooled: the per-region mean above is degenerate on one-class

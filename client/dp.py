@@ -380,6 +380,11 @@ def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool) -> str | None:
             "every record, not only on its sampled batch, and the per-step sensitivity the privacy accountant "
             "assumes would not hold; set train.logit_adjust: 0 for this run"
         )
+    if task.train.optimizer == "sgd" and task.dp.optimizer == "adamw" and task.dp.lr is None:
+        return (
+            f"train.optimizer is sgd and dp.optimizer adamw without dp.lr: DP-SGD's AdamW would step at train.lr "
+            f"({task.train.lr:g}), an SGD learning rate; set dp.lr (AdamW's), or dp.optimizer: sgd"
+        )
     if dual and task.lora_aggregation == "ffa":
         return (
             "personalize mode dual with aggregation.lora: ffa cannot be used with require_dp: ffa keeps the global "
@@ -406,9 +411,9 @@ class DpSgd:
     ``settings`` (the run's ``dp`` section) says what the private steps train and with which optimizer:
     ``train: head`` freezes the LoRA factors (they leave as received) and, when that leaves the output layer
     alone to train, trains it on features computed once per text (``client.probe.CachedFeatures``, without
-    the dropout before it); ``optimizer: sgd`` replaces the AdamW ``train_encoded`` made by SGD with momentum
-    0.9 over the same parameters; ``lr`` replaces its learning rate (``train_encoded`` puts its warm-up on the
-    optimizer returned).
+    the dropout before it); ``optimizer: sgd`` replaces the optimizer ``train_encoded`` made (``train.optimizer``'s)
+    by SGD with momentum 0.9 over the same parameters, ``adamw`` a non-AdamW one by AdamW; ``lr`` replaces its
+    learning rate (``train_encoded`` puts its warm-up on the optimizer returned).
     Its ``clip`` is not read: ``clip`` is the account's, fixed when the budget was calibrated."""
 
     def __init__(

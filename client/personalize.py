@@ -41,6 +41,7 @@ from common.config import CHOICE_RULES, PROBED_MODES, STACKED_MODES, Personalize
 from common.data import Example, RegionData
 from common.metrics import macro_f1
 from common.model import LoadedModel, adapter_state, load_adapter_state
+from common.runfiles import CONFUSION
 from common.seeds import derive_seed
 
 GLOBAL = "global"
@@ -81,9 +82,12 @@ def local_settings(train: TrainSettings, settings: PersonalizeSettings) -> Train
 
     The federated training's label-skew and drift remedies do not apply: the personalized model serves the
     region whose label mix it trains on (no logit adjustment), may train the head (a head frozen for the
-    federation included), and is pulled toward the global model only by its own ``kl_to_global``."""
+    federation included), and is pulled toward the global model only by its own ``kl_to_global``. It trains
+    with AdamW whatever ``train.optimizer`` is: ``personalize.lr`` is an AdamW learning rate."""
     return dataclasses.replace(
         train,
+        optimizer="adamw",
+        momentum=None,
         lr=settings.lr,
         epochs=settings.epochs,
         max_steps=None,
@@ -527,7 +531,7 @@ class ABRecord:
 
 def _accuracy_f1(result: EvalResult) -> dict[str, Any]:
     # the confusion matrix too: a simulation pools the regions' into one macro-F1 (runfolder.summary)
-    return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, "confusion": [list(r) for r in result.confusion]}
+    return {"accuracy": result.accuracy, "macro_f1": result.macro_f1, CONFUSION: [list(r) for r in result.confusion]}
 
 
 def bootstrap_seed(seed: int, region: str, baseline: str) -> int:
@@ -592,8 +596,8 @@ def personalize_region(
             global_probs = predict_proba_encoded(
                 global_model.model, test.ids, pad_id=global_model.pad_id, batch_size=train.eval_batch_size
             )
-        elif len(global_probs) != len(truth):
-            raise ValueError(f"{region}: {len(global_probs)} global predictions for {len(truth)} test examples")
+        elif global_probs.shape != (len(truth), n):
+            raise ValueError(f"{region}: global predictions of shape {global_probs.shape}, not ({len(truth)}, {n})")
         probs_global = global_probs
         probs_personalized = predict_proba_encoded(
             result.loaded.model, test.ids, pad_id=result.loaded.pad_id, batch_size=train.eval_batch_size

@@ -46,7 +46,7 @@ class EvalResult:
     accuracy: float
     macro_f1: float
     num_examples: int
-    # ``common.metrics.confusion`` as nested lists (row = truth): regions' add up to their pooled examples'
+    # ``common.metrics.confusion`` as nested tuples (row = truth): regions' add up to their pooled examples'
     confusion: tuple[tuple[int, ...], ...] = ()
 
 
@@ -115,8 +115,8 @@ def train_local(
     progress: Callable[[int, int, float], None] | None = None,
     private: Privatize | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``examples`` with AdamW; all randomness comes from ``seed``; ``private``
-    makes the training private (``train_encoded``).
+    """Train ``model`` in place on ``examples`` with ``settings.optimizer``; all randomness comes from ``seed``;
+    ``private`` makes the training private (``train_encoded``).
 
     With ``settings.kl_to_global > 0`` the loss adds KL(start || current) on the predictions, and with
     ``settings.prox_mu > 0`` the proximal term mu/2 · ||w − w_start||², where *start* is the model as it was

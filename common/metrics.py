@@ -17,6 +17,11 @@ def confusion(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.nda
     """Counts of (truth, prediction) pairs: row = true label, column = predicted label, ``num_labels`` square.
     Regions' matrices add up to the matrix of their pooled examples (``pooled_macro_f1``)."""
     t, p = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
+    if t.shape != p.shape:
+        raise ValueError(f"{t.size} labels but {p.size} predictions")
+    outside = np.concatenate([t, p])
+    if outside.size and (outside.min() < 0 or outside.max() >= num_labels):
+        raise ValueError(f"a label or prediction outside 0..{num_labels - 1}")
     return np.bincount(t * num_labels + p, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
 
 
@@ -46,9 +51,13 @@ def pooled_macro_f1(matrices: Sequence[np.ndarray]) -> float:
     """Macro-F1 of every region's examples pooled, from the regions' ``confusion`` matrices (each region
     predicted by its own model of one mode): not degenerate on regions of one class, unlike a mean of the
     regions' macro-F1."""
-    if not matrices:
+    arrays = [np.asarray(m, dtype=np.int64) for m in matrices]
+    if not arrays:
         raise ValueError("pooled_macro_f1 needs at least one confusion matrix")
-    return macro_f1_of(np.sum([np.asarray(m, dtype=np.int64) for m in matrices], axis=0))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1 or len(arrays[0].shape) != 2 or arrays[0].shape[0] != arrays[0].shape[1]:
+        raise ValueError(f"confusion matrices of one square shape needed, got {sorted(shapes)}")
+    return macro_f1_of(np.sum(arrays, axis=0))
 
 
 def weighted_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:

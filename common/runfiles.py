@@ -113,6 +113,8 @@ class SummaryError(InputError):
 
 
 SECTIONS: Final = ("run", "regions", "overall", "communication", "timing", "audit", "privacy")
+CONFUSION: Final = "confusion"  # a region's test confusion matrix in a mode's block (common.metrics.confusion)
+POOLED: Final = "pooled_macro_f1"  # overall per mode: macro-F1 of all regions' test examples pooled
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,9 @@ class Summary:
       num_train and num_test) and ``{accuracy, macro_f1}`` per mode (federated, centralized, local_only), plus
       ``personalized`` (the choice and its A/B) after personalization, and ``served_vs_local_only`` when the
       local-only baseline ran (``runfolder.summary.served_vs_local_only``);
-    - ``overall``: per mode ``{accuracy, macro_f1}``, weighted by test size;
+    - ``overall``: per mode ``{accuracy, macro_f1}``, weighted by test size, and in a simulation ``POOLED``: the
+      macro-F1 of all regions' test examples as one set, summed from each region's ``CONFUSION`` matrix (rows:
+      truth; in the region's mode blocks), when the mode scored every region with test examples;
     - ``communication``: adapter_bytes, full_model_bytes, bytes_up_total, bytes_down_total, per_round;
     - ``timing``: seconds of the federation, each baseline and personalization;
     - ``audit``: the ledger check of the run (``None`` when the run was not audited);

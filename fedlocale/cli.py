@@ -226,6 +226,10 @@ def _print_summary(summary: Summary) -> None:
     for name, row in rows:
         cells = "".join(f"{row[m]['macro_f1']:>14.3f}" if m in row else f"{'-':>14}" for m in modes)
         print(f"{name:<20}{cells}")
+    # all regions' test examples as one set: unlike the mean above, not degenerate on one-class regions
+    pooled = [summary.overall[m].get("pooled_macro_f1") for m in modes]
+    if any(value is not None for value in pooled):
+        print(f"{'pooled':<20}" + "".join(f"{v:>14.3f}" if v is not None else f"{'-':>14}" for v in pooled))
 
 
 def cmd_check(args: argparse.Namespace) -> int:

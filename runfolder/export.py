@@ -43,6 +43,7 @@ from common.model import LABELS_FILE, MINILM, quiet_loading, resolve_base
 from common.runfiles import (
     ADAPTER_DIR,
     CONFIG_FILE,
+    CONFUSION,
     LOCAL_ONLY_DIR,
     PERSONALIZED_DIR,
     SUMMARY_FILE,
@@ -475,7 +476,9 @@ def export_info(
             else None,
         },
         "lora": _lora_settings(lora),
-        "test_metrics": {k: v for k, v in region_summary.items() if isinstance(v, dict) and k != "dropped"},
+        "test_metrics": {
+            k: _without_confusion(v) for k, v in region_summary.items() if isinstance(v, dict) and k != "dropped"
+        },
         "data": _data_provenance(run, region, region_summary),
         "run": {
             "dir": str(run.dir.resolve()),
@@ -494,6 +497,14 @@ def export_info(
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": {name: _version(name) for name in ("fedlocale", "torch", "transformers", "peft")},
     }
+
+
+def _without_confusion(block: Any) -> Any:
+    """``block`` without its test confusion matrices, at any depth: a region's test label counts do not travel
+    with its exported model (its scores do)."""
+    if isinstance(block, dict):
+        return {k: _without_confusion(v) for k, v in block.items() if k != CONFUSION}
+    return block
 
 
 def _lora_settings(config: dict[str, Any]) -> dict[str, Any]:

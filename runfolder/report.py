@@ -33,6 +33,7 @@ from common.runfiles import (
     LABEL_MIX_PLOT,
     LOSS_PLOT,
     MODES_PLOT,
+    POOLED,
     REPORT_FILE,
     VAL_PLOT,
     Summary,
@@ -350,6 +351,15 @@ def _render_results_table(summary: Summary, overall: Mapping[str, Mapping[str, f
         lines.append(_table_row(_md_cell(name), counts, _mode_scores(block), modes))
     lines.append(_table_row("**overall**", _overall_counts(rows), overall, modes))
     note = "The overall row weights each region by its number of test examples."
+    pooled = [(m, v) for m in modes if isinstance(v := summary.overall.get(m, {}).get(POOLED), (int, float))]
+    if pooled:
+        # under strong label skew a region's test split may hold one class, where macro-F1 is degenerate
+        note += (
+            " Macro-F1 of all regions' test examples pooled (each region predicted by its own model of the mode; "
+            "the fair comparison when regions hold few classes): "
+            + ", ".join(f"{MODE_LABELS[m].lower()} {_fmt_score(float(v))}" for m, v in pooled)
+            + "."
+        )
     if len(modes) > 1:
         note = (
             "Bold marks the best mode in each row by macro-F1 (by accuracy when macro-F1 is missing); "

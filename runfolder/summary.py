@@ -17,22 +17,25 @@ from common.config import RunConfig
 from common.data import RegionData
 from common.errors import InputError
 from common.metrics import pooled_macro_f1, weighted_mean
-from common.runfiles import METRICS_FILE, Summary
+from common.runfiles import CONFUSION, METRICS_FILE, POOLED, Summary
 
 SCORES = ("accuracy", "macro_f1")  # what the summary keeps of each mode's scores, beside CONFUSION
-CONFUSION = "confusion"  # a region's test confusion matrix (common.metrics.confusion), where the run knows it
-POOLED = "pooled_macro_f1"  # overall: macro-F1 of all regions' test examples pooled (from their CONFUSION)
 
 
 def _overall(per_region: dict[str, dict[str, Any]], sizes: dict[str, float]) -> dict[str, float]:
-    """Test-size weighted means, and ``POOLED`` when every region scored has its confusion matrix (a
-    simulation's; a deployment's server never sees one); none when no region scored has a test example (a mean
-    of nothing is no 0)."""
-    if not sum(sizes.get(r, 0.0) for r in per_region):
+    """Test-size weighted means over the regions scored; none when none of them has a test example (a mean of
+    nothing is no 0). ``sizes``: every region of the run's test size.
+
+    ``POOLED`` too when the mode scored every region of the run that has test examples, each with its confusion
+    matrix (a simulation's; a deployment's server never sees one): a pooled score over fewer regions than
+    another mode's would not compare with it."""
+    tested = {r: v for r, v in per_region.items() if sizes.get(r)}
+    if not tested:
         return {}
-    out = {metric: weighted_mean({r: v[metric] for r, v in per_region.items()}, sizes) for metric in SCORES}
-    if all(CONFUSION in v for v in per_region.values()):
-        out[POOLED] = pooled_macro_f1([v[CONFUSION] for v in per_region.values()])
+    out = {metric: weighted_mean({r: v[metric] for r, v in tested.items()}, sizes) for metric in SCORES}
+    everywhere = set(tested) == {r for r, n in sizes.items() if n}
+    if everywhere and all(CONFUSION in v for v in tested.values()):
+        out[POOLED] = pooled_macro_f1([v[CONFUSION] for v in tested.values()])
     return out
 
 
@@ -64,7 +67,7 @@ def build_summary(
     cfg: RunConfig,
     data: dict[str, RegionData] | None,
     federation: dict[str, Any],
-    baselines: dict[str, tuple[dict[str, dict[str, float]], float]],
+    baselines: dict[str, tuple[dict[str, dict[str, Any]], float]],
     federated_s: float,
     config_path: str,
     audit: dict[str, Any] | None = None,
@@ -201,8 +204,8 @@ def with_personalized(summary: Summary, entries: dict[str, dict[str, Any]]) -> S
                 dp["epsilon_rounds"] = personal["epsilon_rounds"]
                 dp["epsilon_spent"] = personal["epsilon_spent"]
                 dp["personalize_steps"] = personal["steps"]
-    sizes = {name: float(regions[name]["num_test"]) for name in entries}
-    personalized = _overall({name: e for name, e in entries.items() if sizes[name]}, sizes)
+    sizes = {name: float(region["num_test"]) for name, region in regions.items()}
+    personalized = _overall(dict(entries), sizes)
     overall = {**copy.deepcopy(dict(summary.overall)), **({keys.PERSONALIZED: personalized} if personalized else {})}
     timing = {**summary.timing, "personalize_s": sum(e["seconds"] for e in entries.values())}
     return dataclasses.replace(summary, regions=regions, overall=overall, timing=timing)

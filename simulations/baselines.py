@@ -21,6 +21,7 @@ from common.config import RunConfig
 from common.data import Example, RegionData
 from common.metrics import weighted_mean
 from common.model import LoadedModel, adapter_state, build_model
+from common.runfiles import CONFUSION
 from common.seeds import derive_seed
 
 Scores = dict[str, dict[str, Any]]
@@ -32,7 +33,7 @@ def _scores(result: EvalResult) -> dict[str, Any]:
         "accuracy": result.accuracy,
         "macro_f1": result.macro_f1,
         "loss": result.loss,
-        "confusion": [list(row) for row in result.confusion],
+        CONFUSION: [list(row) for row in result.confusion],
     }
 
 

@@ -34,7 +34,7 @@ from client.personal import (
 from client.personalize import GLOBAL, Start, bootstrap_seed, paired_bootstrap, personalize_region
 from client.task import personalization_inputs
 from client.tokens import encode_examples
-from client.train import predict_proba
+from client.train import predict_proba_encoded
 from common import keys
 from common.config import RunConfig
 from common.data import RegionData
@@ -260,12 +260,12 @@ def global_test_probs(cfg: RunConfig, out_dir: Path, data: Mapping[str, RegionDa
     forward pass per test split and everything after the rounds reads it: the pooled score of the summary,
     personalization's A/B and the comparison with local-only."""
     loaded = load_global(cfg, out_dir / ADAPTER_DIR)
+    # tokenised and padded exactly as personalization's A/B does it (the model's pad id)
     return {
-        name: predict_proba(
+        name: predict_proba_encoded(
             loaded.model,
-            loaded.tokenizer,
-            [ex.text for ex in region.test],
-            max_length=cfg.model.max_length,
+            encode_examples(loaded.tokenizer, region.test, cfg.model.max_length).ids,
+            pad_id=loaded.pad_id,
             batch_size=cfg.train.eval_batch_size,
         )
         for name, region in data.items()

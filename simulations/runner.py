@@ -276,7 +276,7 @@ def simulate(
     if not fed_file.exists():
         raise FederationError(f"the federated run ended without writing {fed_file}; see the log above for its error")
     federation = json.loads(fed_file.read_text())
-    baselines: dict[str, tuple[dict[str, dict[str, float]], float]] = {}
+    baselines: dict[str, tuple[dict[str, dict[str, Any]], float]] = {}
     if keys.CENTRALIZED in cfg.baselines:
         say(f"centralized: training on the union of {sum(len(d.train) for d in data.values())} examples")
         baselines[keys.CENTRALIZED] = run_centralized(cfg, data)

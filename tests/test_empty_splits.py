@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -268,6 +269,74 @@ def test_a_region_without_test_examples_has_no_scores_and_no_weight(tmp_path: Pa
     # the report renders both: a region without scores reads n/a, a run without any score says so
     assert "| south | 1 | 0 | n/a | n/a |" in write_report(tmp_path / "some", summary, []).read_text()
     assert "No test scores were recorded." in write_report(tmp_path / "none", empty, []).read_text()
+
+
+def test_the_pooled_score_covers_every_region_with_test_examples_and_only_those(
+    tmp_path: Path, tiny_bert: Path
+) -> None:
+    """A region without test examples (its baseline scores carry an empty matrix) adds nothing to the pooled
+    macro-F1, and a mode that did not score every region with test examples gets none (it would pool fewer
+    examples than the others)."""
+    regions = tmp_path / "regions"
+    for name, seed in (("north", 3), ("south", 4), ("west", 5)):
+        write_region(regions / name, 40, 16, seed=seed)
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, regions))
+    one = [Example("x", 0)]
+    data = {
+        "north": RegionData("north", train=one, test=one * 4),
+        "south": RegionData("south", train=one, test=[]),
+        "west": RegionData("west", train=one, test=one * 2),
+    }
+    empty = {"accuracy": 0.0, "macro_f1": 0.0, "loss": 0.0, "num_examples": 0}
+    federation = {
+        "test": {
+            "north": {"accuracy": 0.75, "macro_f1": 0.4, "loss": 0.1, "num_examples": 4},
+            "south": empty,
+            "west": {"accuracy": 1.0, "macro_f1": 1.0, "loss": 0.1, "num_examples": 2},
+        },
+        "rounds": [],
+        "best_round": 1,
+        "stopped_early": False,
+        "adapter_bytes": 1,
+        "full_model_bytes": 2,
+        "seconds": 1.0,
+    }
+    # north: 3 of its 4 negatives right; west: both of its positives right
+    north, west = [[3, 1], [0, 0]], [[0, 0], [0, 2]]
+    baselines = {
+        keys.LOCAL_ONLY: (
+            {
+                "north": {"accuracy": 0.75, "macro_f1": 0.4, "confusion": north},
+                "south": {**empty, "confusion": []},
+                "west": {"accuracy": 1.0, "macro_f1": 1.0, "confusion": west},
+            },
+            1.0,
+        ),
+        # a centralized run that scored north only
+        keys.CENTRALIZED: ({"north": {"accuracy": 0.75, "macro_f1": 0.4, "confusion": north}}, 1.0),
+    }
+    summary = build_summary(
+        cfg, data, federation, baselines, 1.0, "run.yaml", federated_confusion={"north": north, "west": west}
+    )
+    # pooled: 3 true neg, 1 neg read as pos, 2 true pos -> F1(neg) = 6/7, F1(pos) = 4/5
+    expected = (6 / 7 + 4 / 5) / 2
+    assert summary.overall[keys.FEDERATED]["pooled_macro_f1"] == pytest.approx(expected)
+    assert summary.overall[keys.LOCAL_ONLY]["pooled_macro_f1"] == pytest.approx(expected)
+    assert "pooled_macro_f1" not in summary.overall[keys.CENTRALIZED]
+    assert summary.regions["north"][keys.FEDERATED]["confusion"] == north
+    # the served models pool the same way; a personalization that skipped west gets no pooled score
+    served: dict[str, dict[str, Any]] = {
+        "north": {"accuracy": 0.75, "macro_f1": 0.4, "confusion": north, "seconds": 1.0}
+    }
+    partial = with_personalized(summary, served)
+    assert "pooled_macro_f1" not in partial.overall[keys.PERSONALIZED]
+    served["west"] = {"accuracy": 1.0, "macro_f1": 1.0, "confusion": west, "seconds": 1.0}
+    served["south"] = {"mode": "probe", "seconds": 1.0}
+    whole = with_personalized(summary, served)
+    assert whole.overall[keys.PERSONALIZED]["pooled_macro_f1"] == pytest.approx(expected)
+    # the report states them under its results table (centralized has none)
+    text = write_report(tmp_path / "report", whole, []).read_text()
+    assert "test examples pooled" in text and "federated 0.829, personalized 0.829, local-only 0.829." in text
 
 
 # ------------------------------------------------------------------ end to end

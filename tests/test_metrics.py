@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.metrics import confusion, macro_f1, macro_f1_of, pooled_macro_f1
+from common.metrics import confusion, macro_f1, pooled_macro_f1
 
 
 def test_confusion_counts_truth_by_prediction() -> None:
@@ -42,9 +42,34 @@ def test_one_class_splits_are_degenerate_and_the_pooled_score_is_not() -> None:
     assert pooled["model"] == pytest.approx(macro_f1(both, np.concatenate([model["neg"], model["pos"]]), 2))
 
 
-def test_macro_f1_of_a_matrix_agrees_with_macro_f1_of_labels() -> None:
+def _reference_macro_f1(truth: np.ndarray, pred: np.ndarray, num_labels: int) -> float:
+    """Per-label counts by comparison, not through a confusion matrix (the definition, written out)."""
+    scores = []
+    for label in range(num_labels):
+        tp = int(((truth == label) & (pred == label)).sum())
+        fp = int(((truth != label) & (pred == label)).sum())
+        fn = int(((truth == label) & (pred != label)).sum())
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores))
+
+
+def test_macro_f1_and_the_pooled_score_agree_with_the_definition() -> None:
     rng = np.random.default_rng(1)
-    truth, pred = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
-    assert macro_f1_of(confusion(truth, pred, 5)) == macro_f1(truth, pred, 5)
+    parts = [(rng.integers(0, 5, n), rng.integers(0, 4, n)) for n in (300, 7, 40)]  # label 4 never predicted
+    for truth, pred in parts:
+        assert macro_f1(truth, pred, 5) == pytest.approx(_reference_macro_f1(truth, pred, 5))
+    pooled = pooled_macro_f1([confusion(t, p, 5) for t, p in parts])
+    every = np.concatenate([t for t, _ in parts]), np.concatenate([p for _, p in parts])
+    assert pooled == pytest.approx(_reference_macro_f1(*every, 5))
+
+
+def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="at least one"):
         pooled_macro_f1([])
+    with pytest.raises(ValueError, match="one square shape"):
+        pooled_macro_f1([np.zeros((2, 2)), np.zeros((3, 3))])
+    with pytest.raises(ValueError, match=r"outside 0\.\.1"):
+        confusion([0, 2], [0, 1], 2)
+    with pytest.raises(ValueError, match="2 labels but 1 predictions"):
+        confusion([0, 1], [0], 2)

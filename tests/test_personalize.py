@@ -17,6 +17,7 @@ from client.personalize import (
     choose,
     keeps_global,
     local_lora,
+    local_settings,
     paired_bootstrap,
     personalize,
     stack_local,
@@ -56,6 +57,13 @@ def test_bootstrap_difference_and_interval() -> None:
 def test_bootstrap_rejects_mismatched_arrays() -> None:
     with pytest.raises(ValueError, match="equal, non-empty"):
         paired_bootstrap(np.zeros(3), np.zeros(3), np.zeros(2), 2, resamples=100, seed=0)
+
+
+def test_personalization_trains_with_adamw_whatever_the_rounds_use() -> None:
+    """personalize.lr is an AdamW learning rate: a run whose rounds train with SGD does not hand it to SGD."""
+    rounds = TrainSettings(lr=0.1, optimizer="sgd", momentum=0.5)
+    own = local_settings(rounds, PersonalizeSettings(mode="continue", lr=2e-3))
+    assert (own.optimizer, own.momentum, own.lr) == ("adamw", None, 2e-3)
 
 
 def test_settings_are_validated_together() -> None:

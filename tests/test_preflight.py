@@ -349,6 +349,10 @@ def test_check_and_simulate_read_each_region_once(
         ({"train": {"lr": 5e-3, "epochs": 2, "batch_size": 8, "prox_mu": 0.01}}, "train.prox_mu is 0.01, which cannot"),
         ({"train": {"lr": 5e-3, "epochs": 2, "batch_size": 8, "logit_adjust": 1.0}}, "train.logit_adjust is 1, which"),
         (
+            {"train": {"lr": 0.1, "epochs": 2, "batch_size": 8, "optimizer": "sgd"}},
+            "train.optimizer is sgd and dp.optimizer adamw without dp.lr: DP-SGD's AdamW would step at train.lr (0.1)",
+        ),
+        (
             {"personalize": {"mode": "dual", "local_r": 4}, "aggregation": {"min_clients": 2, "lora": "ffa"}},
             "personalize mode dual with aggregation.lora: ffa cannot be used with require_dp",
         ),

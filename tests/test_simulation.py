@@ -51,7 +51,7 @@ def test_summary_contract(run: tuple[Path, Path]) -> None:
             # the simulation's pass of the saved global adapter agrees with what the nodes scored
             assert matrix.sum() == region["num_test"]
             assert macro_f1_of(matrix) == pytest.approx(region[mode]["macro_f1"])
-        assert summary["overall"][mode]["pooled_macro_f1"] == pytest.approx(macro_f1_of(sum(counts)))
+        assert summary["overall"][mode]["pooled_macro_f1"] == pytest.approx(macro_f1_of(np.sum(counts, axis=0)))
     comm = summary["communication"]
     assert 0 < comm["adapter_bytes"] < comm["full_model_bytes"]
     # two regions up and down each round, plus the evaluation rounds down
