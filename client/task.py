@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from client.dp import dp_personalizing, dp_training, personalization_record, personalizing
@@ -31,7 +32,16 @@ from client.personal import (
 from client.personalize import PERSONALIZED, Start, dp_steps, personalize_region
 from client.pipeline import NodeData, node_data
 from client.tokens import Encoded, encode_cached
-from client.train import EvalResult, TrainResult, evaluate_encoded, freeze, plan_steps, rows_kept, train_encoded
+from client.train import (
+    EvalResult,
+    TrainResult,
+    freeze,
+    plan_steps,
+    predict_proba_encoded,
+    rows_kept,
+    scores,
+    train_encoded,
+)
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
@@ -424,19 +434,29 @@ def evaluate_round(
 ) -> EvalResult:
     """Evaluate the global adapter ``state`` on one split of the region's data (empty if the region has no such
     split); ``data`` and ``loaded`` (the model carrying ``state``) are loaded here when not given."""
+    return _evaluated(region, task, state, split, node, data, loaded)[0]
+
+
+def _evaluated(
+    region: Region,
+    task: ClientTask,
+    state: Mapping[str, torch.Tensor],
+    split: str,
+    node: NodeSettings | None = None,
+    data: NodeData | None = None,
+    loaded: LoadedModel | None = None,
+) -> tuple[EvalResult, np.ndarray]:
+    """``evaluate_round``'s result and the class probabilities it came from (personalization's A/B reads them
+    on the test split instead of predicting again)."""
     node = node or NodeSettings()
     use_threads(node, task)
     data = data or load_data(region, task, node)
     loaded = loaded or global_model(task, state)
     encoded = encode_split(loaded, data.data.split(split), task, node)
-    return evaluate_encoded(
-        loaded.model,
-        encoded.ids,
-        encoded.labels,
-        len(task.labels),
-        pad_id=loaded.pad_id,
-        batch_size=task.train.eval_batch_size,
+    probs = predict_proba_encoded(
+        loaded.model, encoded.ids, pad_id=loaded.pad_id, batch_size=task.train.eval_batch_size
     )
+    return scores(probs, np.array(encoded.labels, dtype=int), len(task.labels)), probs
 
 
 def evaluate_message(
@@ -455,9 +475,9 @@ def evaluate_message(
     the personalization report."""
     use_threads(node, task)
     loaded = global_model(task, state)
-    result = evaluate_round(region, task, state, split, node, data, loaded)
+    result, probs = _evaluated(region, task, state, split, node, data, loaded)
     if split == keys.TEST and node.personalize is not None:
-        _personalize_locally(region, task, state, node, data, loaded, last, now)
+        _personalize_locally(region, task, state, node, data, loaded, last, now, probs)
     return result
 
 
@@ -470,11 +490,14 @@ def _personalize_locally(
     loaded: LoadedModel,
     last: Callable[[], tuple[int, Mapping[str, torch.Tensor]] | None],
     now: float,
+    global_probs: np.ndarray,
 ) -> None:
     """``personalize_node`` as the test message runs it. The federation does not depend on it, so a failure
     is logged and written next to where the model would be, and the test reply still goes out."""
     try:
-        personalize_node(region, task, state, node, now=now, last=last(), data=data, loaded=loaded)
+        personalize_node(
+            region, task, state, node, now=now, last=last(), data=data, loaded=loaded, global_probs=global_probs
+        )
     except Exception as err:  # any failure here is the node's own business, reported locally
         log.exception("%s: personalization failed", region.name)
         folder = (node.personal_dir or Path(".")) / region.name
@@ -515,6 +538,7 @@ def personalize_node(
     last: tuple[int, Mapping[str, torch.Tensor]] | None = None,
     data: NodeData | None = None,
     loaded: LoadedModel | None = None,
+    global_probs: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Personalize the run's final model on this node's data, as ``node.personalize`` says
     (``client.personalize.personalize_region``, as a simulation does), and keep the result here:
@@ -527,8 +551,8 @@ def personalize_node(
     ``state`` is the global adapter of the run's best round, which the test evaluation carries; ``last`` the
     last round's number and global adapter, which it carries beside it when the two differ. Personalization
     starts from the one ``personalize.start`` names and is compared with the best round's. ``data`` and
-    ``loaded`` (the model carrying ``state``) are what the test evaluation already loaded; they are loaded
-    here when not given.
+    ``loaded`` (the model carrying ``state``) are what the test evaluation already loaded, ``global_probs`` its
+    predictions on the test split; they are loaded or computed here when not given.
     """
     if node.personalize is None or node.personal_dir is None:
         raise NodeConfigError(f"this node has no {keys.NODE_PERSONALIZE} / {keys.NODE_PERSONAL_DIR} settings")
@@ -571,6 +595,7 @@ def personalize_node(
             personal=kept,
             private=wrapper,
             local_only=local_only,
+            global_probs=global_probs,
         )
     if wrapper is not None and node.audit_dir is not None:
         record = replace(record, dp=personalization_record(node.audit_dir, task.run_key))

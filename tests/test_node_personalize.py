@@ -94,6 +94,35 @@ def test_node_keeps_its_personalized_model_and_report(tmp_path: Path, task: Clie
     assert exported.labels == LABELS
 
 
+def test_the_test_message_predicts_the_global_model_once_for_its_reply_and_personalization(
+    tmp_path: Path, task: ClientTask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The test evaluation's predictions of the global model are the ones personalization's A/B reads: one
+    forward pass of it over the test split per message, not two."""
+    import client.personalize
+    import client.task
+    from client.task import evaluate_message, load_data
+
+    region = Region(name="north", data=write_region(tmp_path / "north", 40, 16, seed=3))
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=task.seed).model)
+    node = NodeSettings(threads=1, personalize=PersonalizeSettings(mode="probe"), personal_dir=tmp_path / "own")  # type: ignore[arg-type]
+    data = load_data(region, task, node)
+    passes: list[int] = []
+    for module in (client.task, client.personalize):
+        real = module.predict_proba_encoded
+
+        def counted(model, ids, *, real=real, **kw):  # type: ignore[no-untyped-def]
+            passes.append(len(ids))
+            return real(model, ids, **kw)
+
+        monkeypatch.setattr(module, "predict_proba_encoded", counted)
+    reply = evaluate_message(region, task, state, keys.TEST, node, data, lambda: None, 0.0)
+    report = json.loads((tmp_path / "own" / "north" / PERSONALIZED_REPORT).read_text())
+    tests = len(data.data.test)
+    # one pass for the reply (the global model) and one for the personalized model, both over the test split
+    assert passes.count(tests) == 2 and report["test_macro_f1"]["global"] == pytest.approx(reply.macro_f1)
+
+
 def test_a_node_without_personalization_settings_refuses_to_personalize(tmp_path: Path, task: ClientTask) -> None:
     region = Region(name="north", data=write_region(tmp_path / "north", 40, 16, seed=3))
     with pytest.raises(NodeConfigError, match="no personalize / personal-dir settings"):
