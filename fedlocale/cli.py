@@ -15,7 +15,7 @@ from typing import Any
 
 from common.config import load_config
 from common.errors import ConfigError, FedlocaleError
-from common.runfiles import CONFIG_FILE, SUMMARY_FILE, Summary, read_summary, write_summary
+from common.runfiles import CONFIG_FILE, POOLED, SUMMARY_FILE, Summary, read_summary, write_summary
 from deploy.env import apply_env
 from fedlocale import audit_cmd, deploy_cmd, model_cmd, serve_cmd
 
@@ -227,7 +227,7 @@ def _print_summary(summary: Summary) -> None:
         cells = "".join(f"{row[m]['macro_f1']:>14.3f}" if m in row else f"{'-':>14}" for m in modes)
         print(f"{name:<20}{cells}")
     # all regions' test examples as one set: unlike the mean above, not degenerate on one-class regions
-    pooled = [summary.overall[m].get("pooled_macro_f1") for m in modes]
+    pooled = [summary.overall[m].get(POOLED) for m in modes]
     if any(value is not None for value in pooled):
         print(f"{'pooled':<20}" + "".join(f"{v:>14.3f}" if v is not None else f"{'-':>14}" for v in pooled))
 
