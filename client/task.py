@@ -434,24 +434,17 @@ def evaluate_round(
 ) -> EvalResult:
     """Evaluate the global adapter ``state`` on one split of the region's data (empty if the region has no such
     split); ``data`` and ``loaded`` (the model carrying ``state``) are loaded here when not given."""
-    return _evaluated(region, task, state, split, node, data, loaded)[0]
-
-
-def _evaluated(
-    region: Region,
-    task: ClientTask,
-    state: Mapping[str, torch.Tensor],
-    split: str,
-    node: NodeSettings | None = None,
-    data: NodeData | None = None,
-    loaded: LoadedModel | None = None,
-) -> tuple[EvalResult, np.ndarray]:
-    """``evaluate_round``'s result and the class probabilities it came from (personalization's A/B reads them
-    on the test split instead of predicting again)."""
     node = node or NodeSettings()
     use_threads(node, task)
     data = data or load_data(region, task, node)
-    loaded = loaded or global_model(task, state)
+    return _evaluated(task, split, node, data, loaded or global_model(task, state))[0]
+
+
+def _evaluated(
+    task: ClientTask, split: str, node: NodeSettings, data: NodeData, loaded: LoadedModel
+) -> tuple[EvalResult, np.ndarray]:
+    """``evaluate_round``'s result and the class probabilities it came from (personalization's A/B reads them
+    on the test split instead of predicting again)."""
     encoded = encode_split(loaded, data.data.split(split), task, node)
     probs = predict_proba_encoded(
         loaded.model, encoded.ids, pad_id=loaded.pad_id, batch_size=task.train.eval_batch_size
@@ -475,7 +468,7 @@ def evaluate_message(
     the personalization report."""
     use_threads(node, task)
     loaded = global_model(task, state)
-    result, probs = _evaluated(region, task, state, split, node, data, loaded)
+    result, probs = _evaluated(task, split, node, data, loaded)
     if split == keys.TEST and node.personalize is not None:
         _personalize_locally(region, task, state, node, data, loaded, last, now, probs)
     return result

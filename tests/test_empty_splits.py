@@ -231,6 +231,19 @@ def test_personalization_without_validation_records_why_it_chose(north_task: Cli
 # ------------------------------------------------------------------ the run's summary
 
 
+def _federation(test: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """A federation record of one round whose final test scores are ``test``."""
+    return {
+        "test": test,
+        "rounds": [],
+        "best_round": 1,
+        "stopped_early": False,
+        "adapter_bytes": 1,
+        "full_model_bytes": 2,
+        "seconds": 1.0,
+    }
+
+
 def test_a_region_without_test_examples_has_no_scores_and_no_weight(tmp_path: Path, tiny_bert: Path) -> None:
     regions = tmp_path / "regions"
     write_region(regions / "north", 40, 16, seed=3)
@@ -242,15 +255,8 @@ def test_a_region_without_test_examples_has_no_scores_and_no_weight(tmp_path: Pa
         "south": RegionData("south", train=one, test=[], val=one, val_carved=1),
     }
     zero = {"accuracy": 0.0, "macro_f1": 0.0, "loss": 0.0, "num_examples": 0}
-    federation = {
-        "test": {"north": {"accuracy": 0.75, "macro_f1": 0.5, "loss": 0.1, "num_examples": 4}, "south": zero},
-        "rounds": [],
-        "best_round": 1,
-        "stopped_early": False,
-        "adapter_bytes": 1,
-        "full_model_bytes": 2,
-        "seconds": 1.0,
-    }
+    north = {"accuracy": 0.75, "macro_f1": 0.5, "loss": 0.1, "num_examples": 4}
+    federation = _federation({"north": north, "south": zero})
     summary = build_summary(cfg, data, federation, {}, 1.0, "run.yaml")
     assert keys.FEDERATED not in summary.regions["south"]
     assert summary.regions["south"]["val_carved_from_train"] == 1
@@ -288,19 +294,13 @@ def test_the_pooled_score_covers_every_region_with_test_examples_and_only_those(
         "west": RegionData("west", train=one, test=one * 2),
     }
     empty = {"accuracy": 0.0, "macro_f1": 0.0, "loss": 0.0, "num_examples": 0}
-    federation = {
-        "test": {
+    federation = _federation(
+        {
             "north": {"accuracy": 0.75, "macro_f1": 0.4, "loss": 0.1, "num_examples": 4},
             "south": empty,
             "west": {"accuracy": 1.0, "macro_f1": 1.0, "loss": 0.1, "num_examples": 2},
-        },
-        "rounds": [],
-        "best_round": 1,
-        "stopped_early": False,
-        "adapter_bytes": 1,
-        "full_model_bytes": 2,
-        "seconds": 1.0,
-    }
+        }
+    )
     # north: 3 of its 4 negatives right; west: both of its positives right
     north, west = [[3, 1], [0, 0]], [[0, 0], [0, 2]]
     baselines = {
