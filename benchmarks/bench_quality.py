@@ -304,7 +304,14 @@ def main(argv: list[str] | None = None) -> int:
             print_table(rows[-1:])
     print()
     print_table(rows)
-    result = {"config": str(args.config), "overrides": args.overrides, "seeds": args.seeds, "rows": rows}
+    # the Dirichlet scenarios run on --skew-config, the demo on --config: name both
+    result = {
+        "config": str(args.config),
+        "skew_config": str(args.skew_config),
+        "overrides": args.overrides,
+        "seeds": args.seeds,
+        "rows": rows,
+    }
     return write_result(args.json or args.work / "bench_quality.json", result)
 
 
