@@ -33,7 +33,7 @@ from client.personal import (
 )
 from client.personalize import GLOBAL, Start, bootstrap_seed, paired_bootstrap, personalize_region
 from client.task import personalization_inputs
-from client.tokens import encode_examples
+from client.tokens import Encoded, encode_examples
 from client.train import predict_proba_encoded
 from common import keys
 from common.config import RunConfig
@@ -173,18 +173,19 @@ def personalize_run(
     local_only: Mapping[str, np.ndarray] | None = None,
     say: Callable[[str], None] = print,
     local_adapters: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-    global_probs: Mapping[str, np.ndarray] | None = None,
+    made: GlobalPass | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Personalize every region of a finished run in ``out_dir``; return the ``personalized`` entry per region.
-    ``global_probs``: the global model's test predictions per region (``global_test_probs``) when the caller
-    has them (else each region's A/B computes its own).
+    ``made``: the run's ``global_pass`` when the caller has made it (else it is made here).
 
     With ``personalize.consider_local_only`` each region's local-only model (``local_only_model``: the
     baseline's adapter from ``local_adapters`` when it ran) is a third candidate of the choice; it is saved in
     RUN_DIR/local_only/REGION/, which export serves when it is chosen."""
     from common.model import adapter_state
 
-    global_model = load_global(cfg, out_dir / ADAPTER_DIR)
+    if made is None:
+        made = global_pass(cfg, out_dir, data)
+    global_model = made.model
     start = start_model(cfg, out_dir, global_model)
     dp_policies, run_key = _dp_policies(cfg, out_dir)
     shared = [global_model] if start.model is global_model else [global_model, start.model]
@@ -228,7 +229,7 @@ def personalize_run(
                 global_model,
                 cfg.personalize,
                 cfg.train,
-                encode_examples(global_model.tokenizer, region.test, cfg.model.max_length),
+                made.tests[name],
                 max_length=cfg.model.max_length,
                 seed=cfg.seed,
                 start=start,
@@ -236,7 +237,7 @@ def personalize_run(
                 baselines=None if baseline is None else {keys.LOCAL_ONLY: baseline},
                 private=wrapper,
                 local_only=candidate,
-                global_probs=None if global_probs is None else global_probs.get(name),
+                global_probs=made.probs.get(name),
             )
         if wrapper is not None:
             record = dataclasses.replace(record, dp=personalization_record(node_dir, run_key))
@@ -253,24 +254,35 @@ def personalize_run(
     return entries
 
 
-def global_test_probs(cfg: RunConfig, out_dir: Path, data: Mapping[str, RegionData]) -> dict[str, np.ndarray]:
-    """The saved global adapter's class probabilities on each region's test split (regions with test examples).
+@dataclasses.dataclass(frozen=True)
+class GlobalPass:
+    """The run's saved global model, each region's test split tokenised for it, and its class probabilities on
+    every non-empty one: made once after the rounds and read by everything that follows (the summary's pooled
+    score, personalization's A/B, the comparison with local-only).
 
     The federation's own test predictions stay on the nodes (only scores leave), so the simulation makes this one
-    forward pass per test split and everything after the rounds reads it: the pooled score of the summary,
-    personalization's A/B and the comparison with local-only."""
+    pass itself."""
+
+    model: LoadedModel
+    tests: dict[str, Encoded]
+    probs: dict[str, np.ndarray]
+
+
+def global_pass(cfg: RunConfig, out_dir: Path, data: Mapping[str, RegionData]) -> GlobalPass:
+    """Load the run's global adapter (``out_dir``/adapter) once and predict every region's test split with it."""
     loaded = load_global(cfg, out_dir / ADAPTER_DIR)
-    # tokenised and padded exactly as personalization's A/B does it (the model's pad id)
-    return {
+    # tokenised and padded as personalization's A/B reads them (the model's pad id)
+    tests = {
+        name: encode_examples(loaded.tokenizer, region.test, cfg.model.max_length) for name, region in data.items()
+    }
+    probs = {
         name: predict_proba_encoded(
-            loaded.model,
-            encode_examples(loaded.tokenizer, region.test, cfg.model.max_length).ids,
-            pad_id=loaded.pad_id,
-            batch_size=cfg.train.eval_batch_size,
+            loaded.model, tests[name].ids, pad_id=loaded.pad_id, batch_size=cfg.train.eval_batch_size
         )
         for name, region in data.items()
         if region.test
     }
+    return GlobalPass(loaded, tests, probs)
 
 
 def global_vs_local_only(
@@ -281,7 +293,7 @@ def global_vs_local_only(
 ) -> dict[str, dict[str, Any]]:
     """Per region with local-only test predictions (and test examples), the ``served_vs_local_only`` entry of a
     run without personalization, whose regions serve the global model: global (``global_probs``,
-    ``global_test_probs``) − local-only test macro-F1 with the paired bootstrap and seed of personalization's A/B
+    ``global_pass``) − local-only test macro-F1 with the paired bootstrap and seed of personalization's A/B
     against local-only (``bootstrap_seed``), so that the two agree when personalization keeps the global model."""
     from runfolder.summary import served_vs_local_only
 

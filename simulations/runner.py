@@ -50,7 +50,7 @@ from deploy.env import apply_env
 from runfolder.summary import build_summary, read_metrics, with_personalized, with_served_vs_local_only
 from simulations.baselines import run_centralized, run_local_only
 from simulations.datasplit import run_label_mix
-from simulations.personalize import global_test_probs, global_vs_local_only, personalize_run
+from simulations.personalize import global_pass, global_vs_local_only, personalize_run
 
 if TYPE_CHECKING:
     import torch
@@ -285,17 +285,17 @@ def simulate(
     local_adapters: dict[str, dict[str, torch.Tensor]] | None = {} if cfg.personalize.consider_local_only else None
     if keys.LOCAL_ONLY in cfg.baselines:
         baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds, local_adapters)
-    global_probs = global_test_probs(cfg, out_dir, data)
+    made = global_pass(cfg, out_dir, data)
     federated_confusion = {
         name: confusion(np.array([ex.label for ex in data[name].test]), probs.argmax(axis=1), len(cfg.labels)).tolist()
-        for name, probs in global_probs.items()
+        for name, probs in made.probs.items()
     }
     summary = build_summary(
         cfg, data, federation, baselines, federated_s, config_path, federated_confusion=federated_confusion
     )
     if cfg.personalize.mode != "none":
         try:
-            entries = personalize_run(cfg, out_dir, data, local_preds or None, say, local_adapters, global_probs)
+            entries = personalize_run(cfg, out_dir, data, local_preds or None, say, local_adapters, made)
             summary = with_personalized(summary, entries)
         except DpRefused as err:
             # a region's budget no longer allows its DP personalization (e.g. a round trained twice spent more
@@ -303,7 +303,7 @@ def simulate(
             say(f"warning: personalization not done: {err}; the summary and report have none")
     if local_preds and not summary.overall.get(keys.PERSONALIZED):
         # every region serves the global model: compare it with local-only here (personalization's A/B did not)
-        summary = with_served_vs_local_only(summary, global_vs_local_only(cfg, data, local_preds, global_probs))
+        summary = with_served_vs_local_only(summary, global_vs_local_only(cfg, data, local_preds, made.probs))
     summary = dataclasses.replace(summary, audit=audit_run(out_dir, cfg.region_names, say))
     if cfg.audit.privacy:
         from runfolder.privacy import audit_privacy, with_privacy, write_privacy_report

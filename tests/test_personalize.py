@@ -327,3 +327,49 @@ def test_a_node_and_a_simulation_personalize_a_region_the_same_way(tmp_path: Pat
     assert deployed == simulated
     assert simulated["start_round"] == 2 and set(simulated["ab"]) == {"vs_federated"}
     assert simulated["test_macro_f1"]["served"] == simulated["macro_f1"]
+
+
+def test_personalization_reads_the_runs_one_pass_of_the_global_model(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the rounds the simulation loads the saved global adapter once and tokenises each test split once
+    (``global_pass``); personalization given that pass neither loads nor tokenises them again, and its A/B
+    scores the global model from the pass's predictions."""
+    import dataclasses
+    import json
+
+    import simulations.personalize as module
+    from common.config import load_config
+    from simulations.runner import load_all
+    from tests.conftest import tiny_config
+
+    regions = tmp_path / "regions"
+    write_region(regions / "north", 30, 16, seed=40)
+    write_region(regions / "south", 30, 12, seed=41)
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, regions, aggregation={"min_clients": 1}))
+    cfg = dataclasses.replace(cfg, personalize=PersonalizeSettings(mode="probe", bootstrap=200))
+    run = tmp_path / "run"
+    save_adapter(perturb(build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed), seed=5), run / "adapter")
+    (run / "federation.json").write_text(json.dumps({"best_round": 2, "rounds": [{}, {}]}))
+    data = load_all(cfg, lambda _: None)
+    loads: list[Path] = []
+    encoded: list[int] = []
+    real_load, real_encode = module.load_global, module.encode_examples
+
+    def load(cfg, adapter_dir):  # type: ignore[no-untyped-def]
+        loads.append(adapter_dir)
+        return real_load(cfg, adapter_dir)
+
+    def encode(tokenizer, examples, max_length):  # type: ignore[no-untyped-def]
+        encoded.append(len(examples))
+        return real_encode(tokenizer, examples, max_length)
+
+    monkeypatch.setattr(module, "load_global", load)
+    monkeypatch.setattr(module, "encode_examples", encode)
+    made = module.global_pass(cfg, run, data)
+    entries = module.personalize_run(cfg, run, data, say=lambda _: None, made=made)
+    assert loads == [run / "adapter"] and sorted(encoded) == [12, 16]
+    for name, region in data.items():
+        truth = np.array([ex.label for ex in region.test])
+        expected = macro_f1(truth, made.probs[name].argmax(axis=1), len(cfg.labels))
+        assert entries[name]["test_macro_f1"]["global"] == pytest.approx(expected)

@@ -75,7 +75,7 @@ def test_without_personalization_the_global_model_is_compared_with_the_baselines
     from common.data import load_region
     from common.metrics import macro_f1
     from common.model import build_model, save_adapter
-    from simulations.personalize import global_test_probs, global_vs_local_only
+    from simulations.personalize import global_pass, global_vs_local_only
     from tests.conftest import perturb, tiny_config
 
     cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions), ["personalize.bootstrap=200"])
@@ -91,7 +91,7 @@ def test_without_personalization_the_global_model_is_compared_with_the_baselines
     truth = {name: np.array([ex.label for ex in r.test]) for name, r in data.items()}
     # north's local-only model predicted exactly what the global one does; south's was always right
     local = {"north": served["north"].copy(), "south": truth["south"].copy()}
-    probs = global_test_probs(cfg, tmp_path / "run", data)
+    probs = global_pass(cfg, tmp_path / "run", data).probs
     assert all((probs[name].argmax(axis=1) == served[name]).all() for name in data)  # the saved adapter's
     entries = global_vs_local_only(cfg, data, local, probs)
     north, south = entries["north"], entries["south"]
