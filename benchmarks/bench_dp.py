@@ -98,7 +98,7 @@ def _time_pair(cfg: Any, region_name: str, delta: float, repeats: int, folder: P
             _, result = train_round(region, client_task(cfg, 2, run_key=f"bench-{i}"), state, node)
             # per example *seen*: a DP step sees q * N examples on average (q from dp.batch_size when set, as
             # client.dp.plan has it), a plain one its batch
-            batch = cfg.dp.sampled_batch(cfg.train.batch_size) if dp else cfg.train.batch_size
+            batch = cfg.dp.sampled_batch(cfg.train.batch_size, result.num_examples) if dp else cfg.train.batch_size
             seen = result.steps * min(batch, result.num_examples)
             took = time.perf_counter() - started
             times[dp].append(took / seen)

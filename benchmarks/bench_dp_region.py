@@ -52,7 +52,7 @@ def run_setting(
     """Train the region's model under one setting; its test macro-F1, loss, noise multiplier and size."""
     import numpy as np
 
-    from client.dp import DpSgd, calibrate
+    from client.dp import DpSgd, calibrate, sampling_rate
     from client.tokens import encode_examples
     from client.train import plan_steps, predict_proba_encoded, train_encoded
     from common.config import load_config
@@ -70,8 +70,8 @@ def run_setting(
     test = encode_examples(loaded.tokenizer, data.test, cfg.model.max_length)
     n = len(train.ids)
     steps = plan_steps(n, cfg.train) * cfg.rounds  # the federation's steps on this region
-    batch = cfg.dp.sampled_batch(cfg.train.batch_size)  # as a node plans it (client.dp.plan)
-    sample_rate = min(1.0, batch / n)
+    batch = cfg.dp.sampled_batch(cfg.train.batch_size, n)
+    sample_rate = sampling_rate(cfg.dp, cfg.train, n)  # as a node plans it (client.dp.plan)
     sigma = None
     private = None
     if noise != "plain":

@@ -253,9 +253,9 @@ def plan(num_examples: int, steps_per_round: int, task: ClientTask, personalize_
 
 
 def sampling_rate(dp: DpSettings, train: TrainSettings, num_examples: int) -> float:
-    """DP-SGD's Poisson sampling rate on ``num_examples`` examples: ``dp.batch_size`` (else ``train.batch_size``)
-    over them, at most 1; the rounds' and the personalization's alike."""
-    return min(1.0, dp.sampled_batch(train.batch_size) / max(num_examples, 1))
+    """DP-SGD's Poisson sampling rate on ``num_examples`` examples: ``dp.batch_size`` (else ``train.batch_size``;
+    1 for ``whole``) over them, at most 1; the rounds' and the personalization's alike."""
+    return min(1.0, dp.sampled_batch(train.batch_size, num_examples) / max(num_examples, 1))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ AGGREGATIONS = ("weighted", "uniform")
 LORA_AGGREGATIONS = ("fedit", "ffa")  # aggregation.lora
 HEAD_MODES = ("train", "frozen")  # train.head
 LOCAL_OPTIMIZERS = ("adamw", "sgd")  # train.optimizer
+WHOLE = "whole"  # dp.batch_size: the region's whole split in every DP-SGD step
 SGD_MOMENTUM = 0.9  # train.momentum when null
 # aggregation.optimizer: the server optimizer each applies to the round's mean update (Reddi et al. 2021,
 # "Adaptive Federated Optimization"), with the hyperparameters it reads and their defaults (a field left null
@@ -515,9 +516,9 @@ class DpSettings:
     # the expected batch of DP-SGD's Poisson sampling (rate q = batch_size / the region's examples, at most 1:
     # a batch_size of at least the region's size puts the whole split in every step, the least noise per step
     # for a budget; with train: all each step then runs the model on the whole split, with train: head and a
-    # one-layer head (BERT's) only the head does, on features computed once per round); null: train.batch_size.
-    # The steps per round are train's
-    batch_size: int | None = None
+    # one-layer head (BERT's) only the head does, on features computed once per round); "whole": the region's
+    # size, q = 1, whatever the region holds; null: train.batch_size. The steps per round are train's
+    batch_size: int | Literal["whole"] | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -527,15 +528,26 @@ class DpSettings:
             problems.append(("max_noise_multiplier", f"must be > 0, got {self.max_noise_multiplier}"))
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(("lr", f"must be > 0 (or null: train.lr), got {self.lr}"))
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or self.batch_size < 1):
+        if self.batch_size is not None and self.batch_size != WHOLE and not _positive_int(self.batch_size):
             problems.append(
-                ("batch_size", f"must be a whole number >= 1 (or null: train.batch_size), got {self.batch_size!r}")
+                (
+                    "batch_size",
+                    f"must be a whole number >= 1, {WHOLE!r} (the region's size) or null (train.batch_size), "
+                    f"got {self.batch_size!r}",
+                )
             )
         check(problems)
 
-    def sampled_batch(self, train_batch_size: int) -> int:
-        """The expected batch of DP-SGD's Poisson sampling: ``batch_size``, or the run's ``train.batch_size``."""
-        return self.batch_size if self.batch_size is not None else train_batch_size
+    def sampled_batch(self, train_batch_size: int, num_examples: int) -> int:
+        """The expected batch of DP-SGD's Poisson sampling on a region of ``num_examples``: ``batch_size``, the
+        region's size for ``whole``, or the run's ``train.batch_size``."""
+        if self.batch_size == WHOLE:
+            return max(num_examples, 1)
+        return self.batch_size if isinstance(self.batch_size, int) else train_batch_size
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -740,7 +752,16 @@ def _convert(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [o for o in options if o is not type(None)]
-        return _convert(inner[0], value, path, problems)
+        if len(inner) == 1:
+            return _convert(inner[0], value, path, problems)
+        # several types (dp.batch_size: a number or "whole"): the first that takes the value, else one problem
+        for option in inner:
+            attempt: list[str] = []
+            converted = _convert(option, value, path, attempt)
+            if not attempt:
+                return converted
+        problems.append(f"{path}: must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
     if origin is Literal:
         if value not in get_args(tp):
             problems.append(f"{path}: must be {_type_name(tp)}, got {value!r}")

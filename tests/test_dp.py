@@ -559,3 +559,27 @@ def test_dp_levers_are_validated_naming_the_field(field: str, value: float, why:
 
     with pytest.raises(ConfigError, match=rf"{field}: {why}"):
         DpSettings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_dp_batch_size_whole_samples_every_record_of_any_region(tmp_path: Path) -> None:
+    """``dp.batch_size: whole`` read from YAML is q = 1 on a region of any size, where a number is q = n / N."""
+    from client.dp import sampling_rate
+    from common.config import TrainSettings, build
+
+    whole = build(DpSettings, {"batch_size": "whole"})
+    numbered = build(DpSettings, {"batch_size": 64})
+    train = TrainSettings(batch_size=16)
+    for n in (1, 63, 640, 100_000):
+        assert sampling_rate(whole, train, n) == 1.0
+        assert whole.sampled_batch(train.batch_size, n) == n
+    assert sampling_rate(numbered, train, 640) == pytest.approx(0.1)
+    assert sampling_rate(DpSettings(), train, 640) == pytest.approx(16 / 640)
+
+
+@pytest.mark.parametrize("value", ["all", 0, True, 2.5])
+def test_a_wrong_dp_batch_size_names_the_field_and_what_it_may_be(value: object) -> None:
+    from common.config import build
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"batch_size: must be .*'whole'"):
+        build(DpSettings, {"batch_size": value})
