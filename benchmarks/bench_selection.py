@@ -1,0 +1,145 @@
+"""Which validation score picks the best round of the global model? Every round's saved global adapter of one
+finished simulation, scored on every region's validation and test split.
+
+    python -m benchmarks.bench_selection RUN_DIR [--json FILE]
+
+The federation keeps the round with the best ``early_stopping.metric`` on validation, a mean over regions
+weighted by their validation examples. The weighted mean of the regions' macro-F1 is degenerate under label skew:
+a region whose validation split is one class scores 1.0 for a constant predictor of it. The weighted means of
+accuracy and loss are pooled scores (the same as scoring all regions' validation records as one set), and the
+pooled macro-F1 would be one too but needs each region's confusion matrix at the server. For each criterion the
+table gives the round it picks and the pooled test macro-F1 of that round (the summary's ``pooled_macro_f1``),
+next to the best any round reaches on test (which no criterion can know).
+
+Reads RUN_DIR/config.yaml (the regions as the run read them) and RUN_DIR/checkpoints/round-NNN/; checks that its
+own weighted mean of validation macro-F1 equals the one the run recorded in federation.json for every round.
+Prints a table and writes JSON (default ``RUN_DIR/bench_selection.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.output import write_result
+from deploy.env import apply_env
+
+# criterion -> (score per round, higher is better)
+CRITERIA = ("mean_macro_f1", "pooled_accuracy", "pooled_loss", "pooled_macro_f1")
+
+
+def round_scores(labels: dict[str, np.ndarray], probs: dict[str, np.ndarray], num_labels: int) -> dict[str, float]:
+    """One round's scores on one split over all regions: the example-weighted mean of the regions' macro-F1 (what
+    the federation records) and the pooled accuracy, cross-entropy and macro-F1."""
+    from common.metrics import confusion, macro_f1, pooled_macro_f1
+
+    regions = [name for name in labels if len(labels[name])]
+    counts = np.array([len(labels[name]) for name in regions], dtype=float)
+    per_region = np.array([macro_f1(labels[name], probs[name].argmax(axis=1), num_labels) for name in regions])
+    truth = np.concatenate([labels[name] for name in regions])
+    stacked = np.concatenate([probs[name] for name in regions])
+    return {
+        "mean_macro_f1": float((per_region * counts).sum() / counts.sum()),
+        "pooled_accuracy": float((stacked.argmax(axis=1) == truth).mean()),
+        "pooled_loss": float(-np.log(np.clip(stacked[np.arange(len(truth)), truth], 1e-12, None)).mean()),
+        "pooled_macro_f1": pooled_macro_f1(
+            [confusion(labels[name], probs[name].argmax(axis=1), num_labels) for name in regions]
+        ),
+    }
+
+
+def picked(curve: list[dict[str, float]], criterion: str) -> int:
+    """The 1-based round ``criterion`` picks on validation: the first best (as the federation keeps it)."""
+    values = [row[criterion] for row in curve]
+    best = min(values) if criterion == "pooled_loss" else max(values)
+    return values.index(best) + 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Score every round's checkpoint; print the table and write the JSON."""
+    apply_env()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from client.tokens import encode_examples
+    from client.train import predict_proba_encoded
+    from common.config import load_config
+    from common.runfiles import CONFIG_FILE, FEDERATION_FILE
+    from server.federation import checkpoint_dir
+    from simulations.personalize import load_global
+    from simulations.runner import load_all
+
+    run: Path = args.run_dir
+    if not (run / FEDERATION_FILE).is_file():
+        raise SystemExit(f"{run}: no {FEDERATION_FILE}; give the folder of a finished simulation")
+    federation = json.loads((run / FEDERATION_FILE).read_text())
+    cfg = load_config(run / CONFIG_FILE)
+    data = load_all(cfg, lambda _: None)
+    labels = {
+        split: {name: np.array([ex.label for ex in getattr(region, split)], dtype=int) for name, region in data.items()}
+        for split in ("val", "test")
+    }
+    rounds = len(federation["rounds"])
+    curves: dict[str, list[dict[str, float]]] = {"val": [], "test": []}
+    encoded: dict[str, dict[str, list[list[int]]]] | None = None
+    for server_round in range(1, rounds + 1):
+        loaded = load_global(cfg, checkpoint_dir(run, server_round))
+        if encoded is None:  # one tokenizer for every round: tokenise once
+            encoded = {
+                split: {
+                    name: encode_examples(loaded.tokenizer, getattr(region, split), cfg.model.max_length).ids
+                    for name, region in data.items()
+                }
+                for split in ("val", "test")
+            }
+        for split in ("val", "test"):
+            probs = {
+                name: predict_proba_encoded(
+                    loaded.model, ids, pad_id=loaded.pad_id, batch_size=cfg.train.eval_batch_size
+                )
+                for name, ids in encoded[split].items()
+            }
+            curves[split].append(round_scores(labels[split], probs, len(cfg.labels)))
+        recorded = federation["rounds"][server_round - 1].get("val_overall", {}).get("macro_f1")
+        mine = curves["val"][-1]["mean_macro_f1"]
+        print(
+            f"round {server_round}: val mean macro-F1 {mine:.4f} (recorded {recorded:.4f}), "
+            f"test pooled macro-F1 {curves['test'][-1]['pooled_macro_f1']:.4f}",
+            file=sys.stderr,
+            flush=True,
+        )
+    recorded_curve = [r.get("val_overall", {}).get("macro_f1", float("nan")) for r in federation["rounds"]]
+    mismatch = max(abs(a["mean_macro_f1"] - b) for a, b in zip(curves["val"], recorded_curve, strict=True))
+    test_pooled = [row["pooled_macro_f1"] for row in curves["test"]]
+    choices = {
+        criterion: {"round": (r := picked(curves["val"], criterion)), "test_pooled_macro_f1": test_pooled[r - 1]}
+        for criterion in CRITERIA
+    }
+    best_test = int(np.argmax(test_pooled)) + 1
+    print(f"{'criterion (validation)':24} {'round':>5} {'test pooled macro-F1':>21}")
+    for criterion, choice in choices.items():
+        print(f"{criterion:24} {choice['round']:>5} {choice['test_pooled_macro_f1']:>21.3f}")
+    print(f"{'(best on test)':24} {best_test:>5} {test_pooled[best_test - 1]:>21.3f}")
+    print(f"the run kept round {federation['best_round']}; largest |mine − recorded| val mean macro-F1 {mismatch:.2g}")
+    result: dict[str, Any] = {
+        "command": f"python -m benchmarks.bench_selection {run}",
+        "run_dir": str(run),
+        "kept_round": federation["best_round"],
+        "early_stopping_metric": cfg.early_stopping.metric,
+        "recorded_val_mismatch": mismatch,
+        "choices": choices,
+        "best_test_round": best_test,
+        "curves": curves,
+    }
+    return write_result(args.json or run / "bench_selection.json", result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The round-selection benchmark: its pooled scores are the weighted means they stand for, and on a real finished
+simulation it reproduces the validation scores the federation recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_selection import CRITERIA, main, picked, round_scores
+from common.metrics import accuracy, macro_f1
+
+
+def _probs(rng: np.random.Generator, n: int) -> np.ndarray:
+    raw = rng.random((n, 3)) + 1e-3
+    return raw / raw.sum(axis=1, keepdims=True)
+
+
+def test_pooled_accuracy_and_loss_are_the_example_weighted_means_of_the_regions() -> None:
+    rng = np.random.default_rng(0)
+    labels = {"a": rng.integers(0, 3, 40), "b": np.zeros(7, dtype=int), "empty": np.zeros(0, dtype=int)}
+    probs = {name: _probs(rng, len(y)) for name, y in labels.items()}
+    scores = round_scores(labels, probs, 3)
+    counts = {"a": 40, "b": 7}
+    weighted = {
+        "mean_macro_f1": sum(macro_f1(labels[r], probs[r].argmax(1), 3) * n for r, n in counts.items()) / 47,
+        "pooled_accuracy": sum(accuracy(labels[r], probs[r].argmax(1)) * n for r, n in counts.items()) / 47,
+        "pooled_loss": sum(-np.log(probs[r][np.arange(n), labels[r]]).sum() for r, n in counts.items()) / 47,
+    }
+    for key, value in weighted.items():
+        assert scores[key] == pytest.approx(value)
+    everything = np.concatenate([labels["a"], labels["b"]])
+    predicted = np.concatenate([probs["a"].argmax(1), probs["b"].argmax(1)])
+    assert scores["pooled_macro_f1"] == pytest.approx(macro_f1(everything, predicted, 3))
+
+
+def test_a_constant_predictor_wins_the_mean_of_one_class_regions_but_not_the_pooled_score() -> None:
+    # two one-class regions: predicting class 0 everywhere scores 1.0 and 0.0 (mean 0.5); a model right on 9 of 10
+    # in each scores below 0.5 in each (its one mistake brings in a class with F1 0), yet is far better pooled
+    labels = {"neg": np.zeros(10, dtype=int), "pos": np.ones(10, dtype=int)}
+    constant = {name: np.tile([0.9, 0.1], (10, 1)) for name in labels}
+    good = {name: np.tile(np.eye(2)[int(name == "pos")] * 0.8 + 0.1, (10, 1)) for name in labels}
+    for probs in good.values():
+        probs[0] = probs[0][::-1]  # one mistake per region
+    curve = [round_scores(labels, constant, 2), round_scores(labels, good, 2)]
+    assert curve[0]["pooled_macro_f1"] == pytest.approx(1 / 3)
+    assert curve[1]["pooled_macro_f1"] == pytest.approx(0.9)
+    assert picked(curve, "pooled_macro_f1") == picked(curve, "pooled_accuracy") == picked(curve, "pooled_loss") == 2
+    assert curve[0]["mean_macro_f1"] == pytest.approx(0.5) and curve[1]["mean_macro_f1"] < 0.5
+    assert picked(curve, "mean_macro_f1") == 1
+
+
+def test_ties_pick_the_first_round() -> None:
+    curve = [dict.fromkeys(CRITERIA, 0.5), dict.fromkeys(CRITERIA, 0.5)]
+    assert {picked(curve, c) for c in CRITERIA} == {1}
+
+
+def test_on_a_finished_simulation_it_reproduces_the_recorded_validation(
+    simulated_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, run = simulated_run
+    out = tmp_path / "selection.json"
+    assert main([str(run), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["recorded_val_mismatch"] < 1e-6
+    assert len(result["curves"]["val"]) == len(result["curves"]["test"]) == 2
+    assert result["choices"]["mean_macro_f1"]["round"] == result["kept_round"]
+    summary = json.loads((run / "summary.json").read_text())
+    kept = result["curves"]["test"][result["kept_round"] - 1]["pooled_macro_f1"]
+    assert kept == pytest.approx(summary["overall"]["federated"]["pooled_macro_f1"])
