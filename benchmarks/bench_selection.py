@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.output import write_result
 from deploy.env import apply_env
 
-# criterion -> (score per round, higher is better)
+# the validation scores a round could be kept by; the loss is lower-is-better, the others higher
 CRITERIA = ("mean_macro_f1", "pooled_accuracy", "pooled_loss", "pooled_macro_f1")
 
 
@@ -39,6 +39,8 @@ def round_scores(labels: dict[str, np.ndarray], probs: dict[str, np.ndarray], nu
     from common.metrics import confusion, macro_f1, pooled_macro_f1
 
     regions = [name for name in labels if len(labels[name])]
+    if not regions:
+        raise SystemExit("no region has examples in this split: nothing to score")
     counts = np.array([len(labels[name]) for name in regions], dtype=float)
     per_region = np.array([macro_f1(labels[name], probs[name].argmax(axis=1), num_labels) for name in regions])
     truth = np.concatenate([labels[name] for name in regions])
@@ -53,11 +55,15 @@ def round_scores(labels: dict[str, np.ndarray], probs: dict[str, np.ndarray], nu
     }
 
 
-def picked(curve: list[dict[str, float]], criterion: str) -> int:
-    """The 1-based round ``criterion`` picks on validation: the first best (as the federation keeps it)."""
-    values = [row[criterion] for row in curve]
-    best = min(values) if criterion == "pooled_loss" else max(values)
-    return values.index(best) + 1
+def picked(curve: list[dict[str, float]], criterion: str, min_delta: float = 0.0) -> int:
+    """The 1-based round ``criterion`` keeps on validation, as the federation keeps its best round: a later round
+    replaces the best only when it beats it by more than ``min_delta`` (``common.stopping.EarlyStopper``)."""
+    from common.stopping import EarlyStopper
+
+    stopper = EarlyStopper(None, higher_is_better=criterion != "pooled_loss", min_delta=min_delta)
+    for server_round, row in enumerate(curve, start=1):
+        stopper.update(server_round, row[criterion])
+    return stopper.best_round
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,16 +116,25 @@ def main(argv: list[str] | None = None) -> int:
         recorded = federation["rounds"][server_round - 1].get("val_overall", {}).get("macro_f1")
         mine = curves["val"][-1]["mean_macro_f1"]
         print(
-            f"round {server_round}: val mean macro-F1 {mine:.4f} (recorded {recorded:.4f}), "
+            f"round {server_round}: val mean macro-F1 {mine:.4f} (recorded "
+            f"{'none' if recorded is None else f'{recorded:.4f}'}), "
             f"test pooled macro-F1 {curves['test'][-1]['pooled_macro_f1']:.4f}",
             file=sys.stderr,
             flush=True,
         )
-    recorded_curve = [r.get("val_overall", {}).get("macro_f1", float("nan")) for r in federation["rounds"]]
-    mismatch = max(abs(a["mean_macro_f1"] - b) for a, b in zip(curves["val"], recorded_curve, strict=True))
+    recorded_curve = [r.get("val_overall", {}).get("macro_f1") for r in federation["rounds"]]
+    # a round no region evaluated has no recorded score to compare with
+    mismatch = max(
+        (abs(a["mean_macro_f1"] - b) for a, b in zip(curves["val"], recorded_curve, strict=True) if b is not None),
+        default=0.0,
+    )
     test_pooled = [row["pooled_macro_f1"] for row in curves["test"]]
+    min_delta = cfg.early_stopping.min_delta
     choices = {
-        criterion: {"round": (r := picked(curves["val"], criterion)), "test_pooled_macro_f1": test_pooled[r - 1]}
+        criterion: {
+            "round": (r := picked(curves["val"], criterion, min_delta)),
+            "test_pooled_macro_f1": test_pooled[r - 1],
+        }
         for criterion in CRITERIA
     }
     best_test = int(np.argmax(test_pooled)) + 1

@@ -532,7 +532,7 @@ class DpSettings:
             problems.append(
                 (
                     "batch_size",
-                    f"must be a whole number >= 1, {WHOLE!r} (the region's size) or null (train.batch_size), "
+                    f"must be a number of examples >= 1, {WHOLE!r} (the region's size) or null (train.batch_size), "
                     f"got {self.batch_size!r}",
                 )
             )

@@ -304,6 +304,7 @@ def simulate(
     if local_preds and not summary.overall.get(keys.PERSONALIZED):
         # every region serves the global model: compare it with local-only here (personalization's A/B did not)
         summary = with_served_vs_local_only(summary, global_vs_local_only(cfg, data, local_preds, made.probs))
+    del made  # the model is not needed by the audits below, which load their own
     summary = dataclasses.replace(summary, audit=audit_run(out_dir, cfg.region_names, say))
     if cfg.audit.privacy:
         from runfolder.privacy import audit_privacy, with_privacy, write_privacy_report

@@ -52,9 +52,13 @@ def test_a_constant_predictor_wins_the_mean_of_one_class_regions_but_not_the_poo
     assert picked(curve, "mean_macro_f1") == 1
 
 
-def test_ties_pick_the_first_round() -> None:
+def test_ties_and_gains_within_min_delta_keep_the_earlier_round_as_the_federation_does() -> None:
     curve = [dict.fromkeys(CRITERIA, 0.5), dict.fromkeys(CRITERIA, 0.5)]
     assert {picked(curve, c) for c in CRITERIA} == {1}
+    rising = [{"pooled_accuracy": v, "pooled_loss": 1 - v} for v in (0.80, 0.805, 0.81, 0.85)]
+    assert picked(rising[:3], "pooled_accuracy") == picked(rising[:3], "pooled_loss") == 3
+    assert picked(rising[:3], "pooled_accuracy", 0.01) == picked(rising[:3], "pooled_loss", 0.01) == 1
+    assert picked(rising, "pooled_accuracy", 0.01) == picked(rising, "pooled_loss", 0.01) == 4
 
 
 def test_on_a_finished_simulation_it_reproduces_the_recorded_validation(

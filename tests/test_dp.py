@@ -552,7 +552,11 @@ def test_dp_adamw_is_adamw_also_when_the_run_trains_with_sgd(north_task: ClientT
 
 @pytest.mark.parametrize(
     ("field", "value", "why"),
-    [("lr", 0.0, "must be > 0"), ("lr", math.nan, "must be > 0"), ("batch_size", 0, "must be a whole number >= 1")],
+    [
+        ("lr", 0.0, "must be > 0"),
+        ("lr", math.nan, "must be > 0"),
+        ("batch_size", 0, "must be a number of examples >= 1"),
+    ],
 )
 def test_dp_levers_are_validated_naming_the_field(field: str, value: float, why: str) -> None:
     from common.errors import ConfigError
@@ -562,7 +566,8 @@ def test_dp_levers_are_validated_naming_the_field(field: str, value: float, why:
 
 
 def test_dp_batch_size_whole_samples_every_record_of_any_region(tmp_path: Path) -> None:
-    """``dp.batch_size: whole`` read from YAML is q = 1 on a region of any size, where a number is q = n / N."""
+    """``dp.batch_size: whole`` (as a config file or the server's task gives it) is q = 1 on a region of any size,
+    where a number is q = n / N."""
     from client.dp import sampling_rate
     from common.config import TrainSettings, build
 
