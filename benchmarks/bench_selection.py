@@ -74,37 +74,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
     from client.tokens import encode_examples
     from client.train import predict_proba_encoded
     from common.config import load_config
+    from common.model import build_model, load_adapter_state
     from common.runfiles import CONFIG_FILE, FEDERATION_FILE
     from server.federation import checkpoint_dir
-    from simulations.personalize import load_global
     from simulations.runner import load_all
 
     run: Path = args.run_dir
     if not (run / FEDERATION_FILE).is_file():
         raise SystemExit(f"{run}: no {FEDERATION_FILE}; give the folder of a finished simulation")
     federation = json.loads((run / FEDERATION_FILE).read_text())
+    rounds = len(federation["rounds"])
+    weights = [checkpoint_dir(run, r) / SAFETENSORS_WEIGHTS_NAME for r in range(1, rounds + 1)]
+    missing = [str(path) for path in weights if not path.is_file()]
+    if missing:
+        raise SystemExit(f"{run}: no saved global adapter for {len(missing)} of {rounds} rounds: {', '.join(missing)}")
     cfg = load_config(run / CONFIG_FILE)
     data = load_all(cfg, lambda _: None)
     labels = {
         split: {name: np.array([ex.label for ex in getattr(region, split)], dtype=int) for name, region in data.items()}
         for split in ("val", "test")
     }
-    rounds = len(federation["rounds"])
+    # one base model and one tokenisation for every round; each round only swaps in its adapter (and head)
+    loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
+    encoded = {
+        split: {
+            name: encode_examples(loaded.tokenizer, getattr(region, split), cfg.model.max_length).ids
+            for name, region in data.items()
+        }
+        for split in ("val", "test")
+    }
     curves: dict[str, list[dict[str, float]]] = {"val": [], "test": []}
-    encoded: dict[str, dict[str, list[list[int]]]] | None = None
-    for server_round in range(1, rounds + 1):
-        loaded = load_global(cfg, checkpoint_dir(run, server_round))
-        if encoded is None:  # one tokenizer for every round: tokenise once
-            encoded = {
-                split: {
-                    name: encode_examples(loaded.tokenizer, getattr(region, split), cfg.model.max_length).ids
-                    for name, region in data.items()
-                }
-                for split in ("val", "test")
-            }
+    for server_round, path in enumerate(weights, start=1):
+        load_adapter_state(loaded.model, load_file(str(path)))
         for split in ("val", "test"):
             probs = {
                 name: predict_proba_encoded(

@@ -74,3 +74,16 @@ def test_on_a_finished_simulation_it_reproduces_the_recorded_validation(
     summary = json.loads((run / "summary.json").read_text())
     kept = result["curves"]["test"][result["kept_round"] - 1]["pooled_macro_f1"]
     assert kept == pytest.approx(summary["overall"]["federated"]["pooled_macro_f1"])
+
+
+def test_a_run_missing_a_rounds_adapter_is_refused_naming_it(simulated_run: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    _, run = simulated_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    gone = copy / "checkpoints" / "round-002" / "adapter_model.safetensors"
+    gone.unlink()
+    with pytest.raises(SystemExit, match=rf"1 of 2 rounds: {gone}"):
+        main([str(copy), "--json", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()

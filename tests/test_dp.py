@@ -565,7 +565,7 @@ def test_dp_levers_are_validated_naming_the_field(field: str, value: float, why:
         DpSettings(**{field: value})  # type: ignore[arg-type]
 
 
-def test_dp_batch_size_whole_samples_every_record_of_any_region(tmp_path: Path) -> None:
+def test_dp_batch_size_whole_samples_every_record_of_any_region() -> None:
     """``dp.batch_size: whole`` (as a config file or the server's task gives it) is q = 1 on a region of any size,
     where a number is q = n / N."""
     from client.dp import sampling_rate
