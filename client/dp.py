@@ -352,9 +352,11 @@ class _PoissonDPOptimizer(DPOptimizer):
         return super().pre_step(closure)  # type: ignore[no-any-return]
 
 
-def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool) -> str | None:
+def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool, apart: bool = False) -> str | None:
     """Why DP-SGD cannot train with this run's and this node's settings (None when it can): the node
-    (``dp_training``) and ``fedlocale check`` (``client.preflight``) both refuse with this reason.
+    (``dp_training``, ``client.task.train_dual``) and ``fedlocale check`` (``client.preflight``) both refuse with
+    this reason. ``dual``: the node trains a personal LoRA (personalize mode dual); ``apart``: in a pass of its
+    own (``personalize.dual_train: apart``).
 
     ``train.grad_clip`` is not refused: under DP-SGD each example's gradient is clipped to ``dp.clip`` instead
     (documented in docs/privacy.md)."""
@@ -384,6 +386,12 @@ def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool) -> str | None:
         return (
             f"train.optimizer is sgd and dp.optimizer adamw without dp.lr: DP-SGD's AdamW would step at train.lr "
             f"({task.train.lr:g}), an SGD learning rate; set dp.lr (AdamW's), or dp.optimizer: sgd"
+        )
+    if dual and apart:
+        return (
+            "personalize.dual_train apart cannot be used with require_dp: it trains the personal LoRA in a second "
+            "pass per round, which the node's DP budget (one DP-SGD pass per round) does not cover; use "
+            "dual_train: joint, whose one pass trains both parts under DP-SGD"
         )
     if dual and task.lora_aggregation == "ffa":
         return (

@@ -188,7 +188,8 @@ def _dp_plan(
         return None
     task = client_task(cfg, 1)
     dual = own is not None and own.mode == "dual"
-    conflict = dp_conflict(task, augmented=region.augment is not None, dual=dual)
+    apart = dual and own is not None and own.dual_train == "apart"
+    conflict = dp_conflict(task, augmented=region.augment is not None, dual=dual, apart=apart)
     if conflict is not None:
         return conflict
     steps = plan_steps(num_examples, cfg.train)

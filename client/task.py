@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.dp import dp_personalizing, dp_training, personalization_record, personalizing
+from client.dp import DpRefused, dp_conflict, dp_personalizing, dp_training, personalization_record, personalizing
 from client.dp_secret import inputs_digest, simulated_secret
 from client.local_only import train_local_only
 from client.personal import (
@@ -47,7 +47,7 @@ from common.augment_settings import AugmentSettings
 from common.config import ClientTask, PersonalizeSettings, Region, load_config, load_yaml
 from common.data import Example
 from common.errors import InputError
-from common.model import LORA_A, LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
+from common.model import LORA_A, LORA_B, LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
 from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT, write_json
 from common.seeds import derive_seed
@@ -75,6 +75,8 @@ class NodeSettings:
     # personalize mode dual: rank of the region's own LoRA, trained alongside the global adapter in every round
     # and kept in personal_dir (client.personal); None: the node trains the global adapter only
     personal_rank: int | None = None
+    # personalize.dual_train apart: the global adapter trains alone and the personal LoRA after it (train_dual)
+    personal_apart: bool = False
     # the global adapters the node receives, kept in keep_globals/REGION for its own privacy audit
     # (client.node_audit): the newest keep_globals_count rounds and the one the run delivered; None: none kept
     keep_globals: Path | None = None
@@ -155,8 +157,13 @@ def _personalization(node_config: Mapping[str, object]) -> dict[str, Any]:
         raise NodeConfigError(
             f"{path}: mode: is 'none'; set head, continue, local, probe or dual (or drop {keys.NODE_PERSONALIZE})"
         )
-    rank = settings.local_r if settings.mode == "dual" else None
-    return {"personalize": settings, "personal_dir": folder, "personal_rank": rank}
+    dual = settings.mode == "dual"
+    return {
+        "personalize": settings,
+        "personal_dir": folder,
+        "personal_rank": settings.local_r if dual else None,
+        "personal_apart": dual and settings.dual_train == "apart",
+    }
 
 
 def simulated_node(
@@ -188,6 +195,7 @@ def simulated_node(
         augment=region.augment,
         personal_dir=personal.root if personal else base.personal_dir,
         personal_rank=personal.rank if personal else base.personal_rank,
+        personal_apart=personal.apart if personal else base.personal_apart,
         pipeline=with_canaries(base.pipeline, canaries) if canaries else base.pipeline,
         personalize_plan=personalize_plan,
         dp_secret=simulated_secret(run_seed, region.name) if run_seed is not None else None,
@@ -196,11 +204,12 @@ def simulated_node(
 
 @dataclass(frozen=True)
 class Personal:
-    """Where simulated nodes keep their personal LoRA (``root`` stands in for their personal-dir) and its rank
-    (personalize mode dual)."""
+    """Where simulated nodes keep their personal LoRA (``root`` stands in for their personal-dir), its rank and
+    whether it trains apart from the global adapter (personalize mode dual, ``dual_train``)."""
 
     root: Path
     rank: int
+    apart: bool = False
 
 
 def load_data(region: Region, task: ClientTask, node: NodeSettings, *, training: bool = False) -> NodeData:
@@ -390,6 +399,28 @@ def _continued(folder: Path, task: ClientTask, tag: str, rank: int, state: Mappi
     return kept
 
 
+def _trained_apart(
+    region: Region,
+    wide: ClientTask,
+    joined: Mapping[str, torch.Tensor],
+    rank: int,
+    node: NodeSettings,
+    data: NodeData,
+) -> dict[str, torch.Tensor]:
+    """The stacked adapter ``joined`` (the received global adapter of rank ``rank`` with the personal slices,
+    rank ``wide.lora.r`` in all) after a round's steps on the region's train split that train only the slices:
+    the first ``rank`` rows of every lora_A and columns of every lora_B, and the head, stay as received
+    (``personalize.dual_train: apart``; no DP-SGD, ``train_dual`` refuses it on a DP node). Its seed is not the
+    global training's, so the two parts do not draw the same batches."""
+    settings = replace(wide.train, threads=use_threads(node, wide), head="frozen")
+    loaded = global_model(wide, joined)
+    encoded = encode_split(loaded, data.train, wide, node)
+    seed = derive_seed(wide.seed, wide.server_round, region.name, "personal")
+    with rows_kept(loaded.model, LORA_A, rank), rows_kept(loaded.model, LORA_B, rank, dim=1):
+        train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed)
+    return adapter_state(loaded.model)
+
+
 def train_dual(
     region: Region,
     task: ClientTask,
@@ -403,6 +434,10 @@ def train_dual(
 
     Each round continues the newest slices kept before it (also after a restart, and a round trained again
     after a failure starts from the round before it); round 1 starts them afresh, seeded.
+
+    With ``node.personal_apart`` (``personalize.dual_train: apart``) the global adapter trains alone, exactly as
+    ``train_round`` trains it, and the slices then train on top of the received global adapter, which stays
+    fixed with the head (``train_personal``): the reply is what the node would send without dual.
     """
     folder, tag, rank = personal_state(region, task, node)
     previous = _continued(folder, task, tag, rank, state)
@@ -414,8 +449,17 @@ def train_dual(
         wide = replace(task, lora=widen(task.lora, rank))
     except ValueError as err:
         raise NodeConfigError(f"{keys.NODE_PERSONALIZE} settings of this node: {err}") from err
-    new_state, result = train_round(region, wide, join(state, start), node, data, global_rank=task.lora.r)
-    sent, personal = split(new_state, task.lora.r)
+    if node.personal_apart:
+        if _needs_dp(node):
+            # the node's DP budget plans one DP-SGD pass per round; the slices' own pass would go uncounted
+            augmented = node.augment is not None
+            raise DpRefused(f"region {region.name}: {dp_conflict(task, augmented=augmented, dual=True, apart=True)}")
+        data = data or load_data(region, task, node, training=True)
+        sent, result = train_round(region, task, state, node, data)
+        personal = split(_trained_apart(region, wide, join(state, start), task.lora.r, node, data), task.lora.r)[1]
+    else:
+        new_state, result = train_round(region, wide, join(state, start), node, data, global_rank=task.lora.r)
+        sent, personal = split(new_state, task.lora.r)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if {k: tuple(v.shape) for k, v in sent.items()} != shapes:  # the reply must be exactly a global adapter
         raise RuntimeError(f"{region.name}: the global part of the trained adapter does not match the received one")

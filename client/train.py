@@ -202,30 +202,35 @@ def freeze(model: nn.Module, fragment: str) -> list[str]:
 
 
 class _KeptRows(nn.Module):
-    """A weight parametrization: the first rows are ``kept`` (a constant), the rest the trained tensor's."""
+    """A weight parametrization: the first slices along ``dim`` are ``kept`` (a constant), the rest the trained
+    tensor's."""
 
-    def __init__(self, kept: torch.Tensor) -> None:
+    def __init__(self, kept: torch.Tensor, dim: int) -> None:
         super().__init__()
         self.register_buffer("kept", kept)
+        self.dim = dim
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         kept: torch.Tensor = self.kept  # type: ignore[assignment]
-        return torch.cat([kept, weight[kept.shape[0] :]], dim=0)
+        rest = weight.narrow(self.dim, kept.shape[self.dim], weight.shape[self.dim] - kept.shape[self.dim])
+        return torch.cat([kept, rest], dim=self.dim)
 
 
 @contextlib.contextmanager
-def rows_kept(model: nn.Module, fragment: str, rows: int) -> Iterator[list[str]]:
-    """Within the block, the first ``rows`` rows of every weight of a module whose name contains ``fragment``
-    keep their values; the other rows train. Every forward pass puts the kept rows back (a parametrization, so
-    they get no gradient and neither weight decay nor the optimizer moves what the model uses); on leaving, the
-    weights are plain parameters again holding the kept rows and the trained rest. The names of the modules."""
+def rows_kept(model: nn.Module, fragment: str, rows: int, dim: int = 0) -> Iterator[list[str]]:
+    """Within the block, the first ``rows`` rows (``dim`` 1: columns) of every weight of a module whose name
+    contains ``fragment`` keep their values; the others train. Every forward pass puts the kept ones back (a
+    parametrization, so they get no gradient and neither weight decay nor the optimizer moves what the model
+    uses); on leaving, the weights are plain parameters again holding the kept values and the trained rest. The
+    names of the modules."""
     modules = {
         name: module
         for name, module in model.named_modules()
         if fragment in name and isinstance(module, nn.Linear) and module.weight.requires_grad
     }
     for module in modules.values():
-        parametrize.register_parametrization(module, "weight", _KeptRows(module.weight.detach()[:rows].clone()))
+        kept = module.weight.detach().narrow(dim, 0, rows).clone()
+        parametrize.register_parametrization(module, "weight", _KeptRows(kept, dim))
     try:
         yield sorted(modules)
     finally:

@@ -345,6 +345,7 @@ class EarlyStopping:
 PERSONALIZE_MODES = ("none", "head", "continue", "local", "probe", "dual")
 CHOICE_RULES = ("point", "confident")  # personalize.choice
 START_ROUNDS = ("best", "last")  # personalize.start
+DUAL_TRAINING = ("joint", "apart")  # personalize.dual_train
 PROBED_MODES = ("probe", "dual")  # the head's output layer is refit as a linear probe; no epoch of SGD
 STACKED_MODES = ("local", "dual")  # the result is one adapter of rank lora.r + local_r
 
@@ -386,6 +387,13 @@ class PersonalizeSettings:
     # run's validation did not pick, and confident then takes evidence to go back to it). Either way the choice
     # compares with the best round's global model.
     start: Literal["best", "last"] = "best"
+    # dual: how a round trains the two parts. joint: one pass trains the global adapter and the personal slices
+    # together (the personal part costs no extra pass), but under strong label skew the global part then learns
+    # little: each region's slices fit its own data, so the shared part gets little pressure to discriminate
+    # (docs/personalization.md). apart: the global adapter trains alone, exactly as without dual, and the slices
+    # then train on top of the received global adapter, held fixed with the head: twice the training steps per
+    # round; not on a node whose policy requires DP (its budget plans one pass per round)
+    dual_train: Literal["joint", "apart"] = "joint"
     # on a node whose policy sets require_dp: train the personalization with DP-SGD too (per-example clipping,
     # Poisson sampling, the rounds' noise), charged to the node's own budget, which is then calibrated before
     # round 1 for the rounds' steps plus these; the served model is then covered by the same (epsilon, delta).
@@ -435,6 +443,8 @@ class PersonalizeSettings:
             problems.append(("choice", f"must be one of {', '.join(CHOICE_RULES)}, got {self.choice!r}"))
         if self.start not in START_ROUNDS:
             problems.append(("start", f"must be one of {', '.join(START_ROUNDS)}, got {self.start!r}"))
+        if self.dual_train not in DUAL_TRAINING:
+            problems.append(("dual_train", f"must be one of {', '.join(DUAL_TRAINING)}, got {self.dual_train!r}"))
         if self.mode not in PERSONALIZE_MODES:
             problems.append(("mode", f"must be one of {', '.join(PERSONALIZE_MODES)}, got {self.mode!r}"))
         if not 0.0 < self.epochs <= 10.0:

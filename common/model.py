@@ -107,6 +107,7 @@ def lora_config(model_type: str, lora: LoraSettings) -> LoraConfig:
 
 
 LORA_A = "lora_A"  # in the name of every LoRA A tensor (parameter and exchanged state); aggregation.lora ffa
+LORA_B = "lora_B"  # in the name of every LoRA B tensor; personalize.dual_train apart keeps its global columns
 
 
 def head_modules(model_type: str) -> tuple[str, ...]:

@@ -156,7 +156,8 @@ def run_flower(
     }
     personal = None
     if cfg.personalize.mode == "dual":
-        personal = Personal(out_dir / SIMULATED_PERSONAL_DIR, cfg.personalize.local_r)
+        apart = cfg.personalize.dual_train == "apart"
+        personal = Personal(out_dir / SIMULATED_PERSONAL_DIR, cfg.personalize.local_r, apart)
     started = time.perf_counter()
     banner = RunSimulationBanner()
     flwr_logger.addFilter(banner)

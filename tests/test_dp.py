@@ -383,6 +383,23 @@ def test_dual_with_ffa_under_dp_is_refused_before_anything_is_charged(tmp_path: 
     assert not (tmp_path / "audit" / DP_ACCOUNT_FILE).exists()
 
 
+def test_dual_apart_under_dp_is_refused_before_anything_is_charged(tmp_path: Path, north_task: ClientTask) -> None:
+    """dual_train apart trains the slices in a second pass the DP budget does not plan for: refused before the
+    global part trains, so nothing is charged and no slices are kept."""
+    from client.task import train_dual
+
+    region = Region("north", write_region(tmp_path / "north", 48, 16, seed=3))
+    task = dataclasses.replace(north_task, rounds=1, run_key="run-dual-apart")
+    node = dataclasses.replace(
+        _dp_node(tmp_path), personal_dir=tmp_path / "personal", personal_rank=4, personal_apart=True
+    )
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=0).model)
+    with pytest.raises(DpRefused, match=r"region north: personalize\.dual_train apart cannot be used with require_dp"):
+        train_dual(region, task, state, node)
+    assert not (tmp_path / "audit" / DP_ACCOUNT_FILE).exists()
+    assert not list((tmp_path / "personal").rglob("*.safetensors"))
+
+
 def test_a_round_is_charged_only_once_dp_sgd_was_applied(tmp_path: Path, north_task: ClientTask) -> None:
     """A wrapper Opacus refuses (here: a parametrized weight, which GradSampleModule does not support) ran no
     private step and spends nothing; a training that fails after the wrapper was applied is charged."""

@@ -38,6 +38,11 @@ def test_node_config_reads_the_personalization_settings_and_folder(tmp_path: Pat
     node = node_settings({keys.NODE_PERSONALIZE: str(settings), keys.NODE_PERSONAL_DIR: str(tmp_path / "own")})
     assert node.personalize == PersonalizeSettings(mode="probe") and node.personal_dir == tmp_path / "own"
     assert node_settings({}).personalize is None
+    assert (node.personal_rank, node.personal_apart) == (None, False)
+    for dual_train, apart in (("joint", False), ("apart", True)):
+        own = _settings_file(tmp_path / f"{dual_train}.yaml", mode="dual", local_r=2, dual_train=dual_train)
+        dual = node_settings({keys.NODE_PERSONALIZE: str(own), keys.NODE_PERSONAL_DIR: str(tmp_path / "own")})
+        assert (dual.personal_rank, dual.personal_apart) == (2, apart)
 
 
 @pytest.mark.parametrize(

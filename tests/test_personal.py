@@ -232,6 +232,53 @@ def test_train_dual_sends_the_global_adapter_and_keeps_its_own(
     assert any(not torch.allclose(plain[k], sent[k]) for k in state)
 
 
+def test_dual_apart_sends_what_plain_training_sends_and_trains_only_its_own_slices(
+    tmp_path: Path, north_task: ClientTask
+) -> None:
+    """dual_train apart: the global adapter trains alone (the reply equals train_round's to the bit), and the
+    slices train on top of the received global adapter, which stays as it was with the head."""
+    region = Region(name="north", data=write_region(tmp_path / "north", 32, 8, seed=3))
+    state = adapter_state(build_model(north_task.model, north_task.lora, north_task.labels, seed=0).model)
+    node = NodeSettings(threads=1, personal_dir=tmp_path / "own", personal_rank=RANK, personal_apart=True)
+    folder = personal_folder(tmp_path / "own", "north")
+
+    sent, result = train_dual(region, north_task, state, node)
+    plain, plain_result = train_round(region, north_task, state, NodeSettings(threads=1))
+    assert sent.keys() == plain.keys() and all(torch.equal(sent[k], plain[k]) for k in plain)
+    assert result == plain_result
+
+    fresh = init_personal(state, RANK, seed=0)  # only for its keys and shapes
+    first = _kept(folder, 1)
+    assert first.keys() == fresh.keys() and all(first[k].shape == fresh[k].shape for k in fresh)
+    assert any(v.any() for k, v in first.items() if ".lora_B." in k)  # B starts at 0: the slices trained
+
+    # round 2 continues them on top of round 1's reply; the reply is still plain training's
+    round2 = replace(north_task, server_round=2)
+    again, _ = train_dual(region, round2, sent, node)
+    plain2, _ = train_round(region, round2, sent, NodeSettings(threads=1))
+    assert all(torch.equal(again[k], plain2[k]) for k in plain2)
+    assert read_metadata(round_file(folder, 2))[FROM_ROUND] == "1"
+    assert any(not torch.equal(_kept(folder, 2)[k], first[k]) for k in first)
+
+
+def test_the_slices_trained_apart_move_only_the_personal_part(tmp_path: Path, north_task: ClientTask) -> None:
+    """What ``_trained_apart`` trains: the global rows and columns and the head stay as received to the bit,
+    and both personal matrices move."""
+    from client.pipeline import node_data
+    from client.task import _trained_apart
+
+    region = Region(name="north", data=write_region(tmp_path / "north", 24, 8, seed=5))
+    state = adapter_state(perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), 7).model)
+    wide = replace(north_task, lora=widen(north_task.lora, RANK))
+    start = init_personal(state, RANK, seed=2)
+    data = node_data(region.name, region.data, north_task.labels, None, seed=0, settings=north_task.data)
+    trained = _trained_apart(region, wide, join(state, start), north_task.lora.r, NodeSettings(threads=1), data)
+    kept, personal = split(trained, north_task.lora.r)
+    assert kept.keys() == state.keys() and all(torch.equal(kept[k], state[k]) for k in state)
+    moved = {k for k in personal if not torch.equal(personal[k], start[k])}
+    assert any(".lora_A." in k for k in moved) and any(".lora_B." in k for k in moved)
+
+
 def test_dual_personalization_stacks_the_slices_and_probes_the_head(
     tmp_path: Path, global_model: LoadedModel, north_task: ClientTask
 ) -> None:

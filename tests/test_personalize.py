@@ -75,8 +75,10 @@ def test_settings_are_validated_together() -> None:
             local_r=0,
             choice="vote",  # type: ignore[arg-type]
             start="first",  # type: ignore[arg-type]
+            dual_train="alone",  # type: ignore[arg-type]
         )
     text = str(err.value)
+    assert "dual_train: must be one of joint, apart, got 'alone'" in text
     assert "start: must be one of best, last, got 'first'" in text
     assert "mode: must be one of none, head, continue, local, probe, dual, got 'all'" in text
     assert "local_r: must be in [1, 64], got 0" in text

@@ -356,6 +356,10 @@ def test_check_and_simulate_read_each_region_once(
             {"personalize": {"mode": "dual", "local_r": 4}, "aggregation": {"min_clients": 2, "lora": "ffa"}},
             "personalize mode dual with aggregation.lora: ffa cannot be used with require_dp",
         ),
+        (
+            {"personalize": {"mode": "dual", "local_r": 4, "dual_train": "apart"}},
+            "personalize.dual_train apart cannot be used with require_dp",
+        ),
     ],
 )
 def test_settings_dp_sgd_cannot_train_with_are_refused_before_the_run(
