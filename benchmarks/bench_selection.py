@@ -1,7 +1,7 @@
 """Which validation score picks the best round of the global model? Every round's saved global adapter of one
 finished simulation, scored on every region's validation and test split.
 
-    python -m benchmarks.bench_selection RUN_DIR [--json FILE]
+    python -m benchmarks.bench_selection RUN_DIR [--average K] [--json FILE]
 
 The federation keeps the round with the best ``early_stopping.metric`` on validation, a mean over regions
 weighted by their validation examples. The weighted mean of the regions' macro-F1 is degenerate under label skew:
@@ -11,9 +11,14 @@ pooled macro-F1 would be one too but needs each region's confusion matrix at the
 table gives the round it picks and the pooled test macro-F1 of that round (the summary's ``pooled_macro_f1``),
 next to the best any round reaches on test (which no criterion can know).
 
-Reads RUN_DIR/config.yaml (the regions as the run read them) and RUN_DIR/checkpoints/round-NNN/; checks that its
-own weighted mean of validation macro-F1 equals the one the run recorded in federation.json for every round.
-Prints a table and writes JSON (default ``RUN_DIR/bench_selection.json``).
+``--average K`` scores, in place of each round's adapter, the element-wise mean of the adapters (LoRA factors and
+head) of that round and the K − 1 before it: whether averaging recent rounds would steady a global model that
+swings from round to round. The training is the run's; only what is scored changes.
+
+Reads RUN_DIR/config.yaml (the regions as the run read them) and RUN_DIR/checkpoints/round-NNN/; without
+``--average`` checks that its own weighted mean of validation macro-F1 equals the one the run recorded in
+federation.json for every round. Prints a table and writes JSON (default ``RUN_DIR/bench_selection.json``, with
+``--average K`` ``RUN_DIR/bench_selection-avgK.json``).
 """
 
 from __future__ import annotations
@@ -71,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     apply_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--average", type=int, default=1, metavar="K", help="score the mean of the last K rounds")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.average < 1:
+        parser.error(f"--average must be at least 1, got {args.average}")
 
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import load_file
@@ -110,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         for split in ("val", "test")
     }
     curves: dict[str, list[dict[str, float]]] = {"val": [], "test": []}
+    recent: list[dict[str, Any]] = []
     for server_round, path in enumerate(weights, start=1):
-        load_adapter_state(loaded.model, load_file(str(path)))
+        recent = [*recent, load_file(str(path))][-args.average :]
+        load_adapter_state(loaded.model, {k: sum(s[k] for s in recent) / len(recent) for k in recent[0]})
         for split in ("val", "test"):
             probs = {
                 name: predict_proba_encoded(
@@ -130,11 +140,13 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     recorded_curve = [r.get("val_overall", {}).get("macro_f1") for r in federation["rounds"]]
-    # a round no region evaluated has no recorded score to compare with
-    mismatch = max(
+    # a round no region evaluated has no recorded score to compare with; an averaged model was never recorded
+    mismatch: float | None = max(
         (abs(a["mean_macro_f1"] - b) for a, b in zip(curves["val"], recorded_curve, strict=True) if b is not None),
         default=0.0,
     )
+    if args.average > 1:
+        mismatch = None
     test_pooled = [row["pooled_macro_f1"] for row in curves["test"]]
     min_delta = cfg.early_stopping.min_delta
     choices = {
@@ -149,9 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     for criterion, choice in choices.items():
         print(f"{criterion:24} {choice['round']:>5} {choice['test_pooled_macro_f1']:>21.3f}")
     print(f"{'(best on test)':24} {best_test:>5} {test_pooled[best_test - 1]:>21.3f}")
-    print(f"the run kept round {federation['best_round']}; largest |mine − recorded| val mean macro-F1 {mismatch:.2g}")
+    spread = f"{mismatch:.2g}" if mismatch is not None else "not compared (averaged models)"
+    print(f"the run kept round {federation['best_round']}; largest |mine − recorded| val mean macro-F1 {spread}")
+    average = f" --average {args.average}" if args.average > 1 else ""
     result: dict[str, Any] = {
-        "command": f"python -m benchmarks.bench_selection {run}",
+        "command": f"python -m benchmarks.bench_selection {run}{average}",
+        "average": args.average,
         "run_dir": str(run),
         "kept_round": federation["best_round"],
         "early_stopping_metric": cfg.early_stopping.metric,
@@ -160,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         "best_test_round": best_test,
         "curves": curves,
     }
-    return write_result(args.json or run / "bench_selection.json", result)
+    default = run / ("bench_selection.json" if args.average == 1 else f"bench_selection-avg{args.average}.json")
+    return write_result(args.json or default, result)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 
 The node trains one adapter of rank r + p whose first r components are the global adapter and whose last p are
 its own: A = [A_g; A_p], B = [B_g, B_p] with the global scale alpha/r, so the model computes
-x·(B_g·A_g + B_p·A_p)·alpha/r. Training that adapter is one ordinary ``train_round`` on a wider LoRA; before
-replying, the node cuts the personal slices off and keeps them, so the reply has exactly the global adapter's
-keys and shapes. Both parts see the same passes over the data: the personal part costs no extra epoch.
+x·(B_g·A_g + B_p·A_p)·alpha/r. With ``dual_train: joint`` training that adapter is one ordinary ``train_round``
+on a wider LoRA (both parts see the same passes over the data: the personal part costs no extra epoch); with
+``apart`` the global adapter trains alone and the slices then train with the global part held fixed
+(``client.task.train_dual``). Before replying, the node cuts the personal slices off and keeps them, so the reply
+has exactly the global adapter's keys and shapes.
 
 The node keeps one file per round it trained (``round-NNN.safetensors``, tagged with what it belongs to), so a
 round that is trained again after a failure starts from the round before it, and the model personalized at the

@@ -311,11 +311,12 @@ def train_round(
     node: NodeSettings | None = None,
     data: NodeData | None = None,
     global_rank: int | None = None,
+    encoded: Encoded | None = None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
-    """Train the global adapter on the region's train split (``data``, else loaded with ``load_data``);
-    return the new adapter state. With ``aggregation.lora`` ffa every lora_A keeps the values received: whole,
-    or only its first ``global_rank`` rows (the global adapter's, when ``train_dual`` stacks the region's
-    personal LoRA below them, whose A trains as without ffa)."""
+    """Train the global adapter on the region's train split (``data``, else loaded with ``load_data``;
+    ``encoded``: that split already tokenised); return the new adapter state. With ``aggregation.lora`` ffa
+    every lora_A keeps the values received: whole, or only its first ``global_rank`` rows (the global adapter's,
+    when ``train_dual`` stacks the region's personal LoRA below them, whose A trains as without ffa)."""
     node = node or NodeSettings()
     settings = replace(task.train, threads=use_threads(node, task))
     data = data or load_data(region, task, node, training=True)
@@ -325,7 +326,7 @@ def train_round(
         freeze(loaded.model, LORA_A)
     elif task.lora_aggregation == "ffa" and global_rank is not None:
         keep = rows_kept(loaded.model, LORA_A, global_rank)
-    encoded = encode_split(loaded, data.train, task, node)
+    encoded = encoded or encode_split(loaded, data.train, task, node)
     seed = derive_seed(task.seed, task.server_round, region.name)
     n, steps = len(encoded.ids), plan_steps(len(encoded.ids), settings)
     augmented = node.augment is not None
@@ -400,21 +401,14 @@ def _continued(folder: Path, task: ClientTask, tag: str, rank: int, state: Mappi
 
 
 def _trained_apart(
-    region: Region,
-    wide: ClientTask,
-    joined: Mapping[str, torch.Tensor],
-    rank: int,
-    node: NodeSettings,
-    data: NodeData,
+    region: Region, wide: ClientTask, loaded: LoadedModel, encoded: Encoded, rank: int, node: NodeSettings
 ) -> dict[str, torch.Tensor]:
-    """The stacked adapter ``joined`` (the received global adapter of rank ``rank`` with the personal slices,
-    rank ``wide.lora.r`` in all) after a round's steps on the region's train split that train only the slices:
-    the first ``rank`` rows of every lora_A and columns of every lora_B, and the head, stay as received
-    (``personalize.dual_train: apart``; no DP-SGD, ``train_dual`` refuses it on a DP node). Its seed is not the
-    global training's, so the two parts do not draw the same batches."""
+    """The stacked adapter of ``loaded`` (the received global adapter of rank ``rank`` with the personal
+    slices, rank ``wide.lora.r`` in all) after a round's steps on the region's tokenised train split
+    ``encoded`` that train only the slices: the first ``rank`` rows of every lora_A and columns of every lora_B,
+    and the head, stay as received (``personalize.dual_train: apart``; no DP-SGD, ``train_dual`` refuses it on a
+    DP node). Its seed is not the global training's, so the two parts do not draw the same batches."""
     settings = replace(wide.train, threads=use_threads(node, wide), head="frozen")
-    loaded = global_model(wide, joined)
-    encoded = encode_split(loaded, data.train, wide, node)
     seed = derive_seed(wide.seed, wide.server_round, region.name, "personal")
     with rows_kept(loaded.model, LORA_A, rank), rows_kept(loaded.model, LORA_B, rank, dim=1):
         train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed)
@@ -437,8 +431,14 @@ def train_dual(
 
     With ``node.personal_apart`` (``personalize.dual_train: apart``) the global adapter trains alone, exactly as
     ``train_round`` trains it, and the slices then train on top of the received global adapter, which stays
-    fixed with the head (``train_personal``): the reply is what the node would send without dual.
+    fixed with the head (``_trained_apart``): the reply is what the node would send without dual. The slices
+    of round k are thus fitted to the global adapter of round k - 1 and served with round k's (as in joint
+    training, where both move together); the head refit after the rounds absorbs part of that difference.
     """
+    if node.personal_apart and _needs_dp(node):
+        # the node's DP budget plans one DP-SGD pass per round; the slices' own pass would go uncounted
+        conflict = dp_conflict(task, augmented=node.augment is not None, dual=True, apart=True)
+        raise DpRefused(f"region {region.name}: {conflict}")
     folder, tag, rank = personal_state(region, task, node)
     previous = _continued(folder, task, tag, rank, state)
     if previous is None:
@@ -450,13 +450,11 @@ def train_dual(
     except ValueError as err:
         raise NodeConfigError(f"{keys.NODE_PERSONALIZE} settings of this node: {err}") from err
     if node.personal_apart:
-        if _needs_dp(node):
-            # the node's DP budget plans one DP-SGD pass per round; the slices' own pass would go uncounted
-            augmented = node.augment is not None
-            raise DpRefused(f"region {region.name}: {dp_conflict(task, augmented=augmented, dual=True, apart=True)}")
         data = data or load_data(region, task, node, training=True)
-        sent, result = train_round(region, task, state, node, data)
-        personal = split(_trained_apart(region, wide, join(state, start), task.lora.r, node, data), task.lora.r)[1]
+        stacked = global_model(wide, join(state, start))
+        encoded = encode_split(stacked, data.train, task, node)  # once: both passes read the same tokens
+        sent, result = train_round(region, task, state, node, data, encoded=encoded)
+        personal = split(_trained_apart(region, wide, stacked, encoded, task.lora.r, node), task.lora.r)[1]
     else:
         new_state, result = train_round(region, wide, join(state, start), node, data, global_rank=task.lora.r)
         sent, personal = split(new_state, task.lora.r)

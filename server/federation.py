@@ -206,6 +206,8 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     # then, so that the fingerprints of other runs stay what they were)
     if cfg.personalize.mode == "dual":
         kept["personal_lora_rank"] = cfg.personalize.local_r
+        if cfg.personalize.dual_train != "joint":  # apart: the nodes send other updates (left out at the default)
+            kept["personal_lora_training"] = cfg.personalize.dual_train
     # settings that came later: at their defaults they are left out, so that runs started before them still resume
     for key, default in LATER_DEFAULTS.items():
         if key in kept and kept[key] == default:

@@ -55,6 +55,8 @@ from simulations.personalize import global_pass, global_vs_local_only, personali
 if TYPE_CHECKING:
     import torch
 
+    from client.task import Personal
+
 log = logging.getLogger("fedlocale")
 
 
@@ -120,6 +122,17 @@ def load_all(
     }
 
 
+def personal_lora(cfg: RunConfig, out_dir: Path) -> Personal | None:
+    """Where and how the simulated nodes train their personal LoRA in the rounds (personalize mode dual),
+    or None."""
+    from client.task import Personal  # torch and transformers load with it: only when a run needs them
+
+    if cfg.personalize.mode != "dual":
+        return None
+    apart = cfg.personalize.dual_train == "apart"
+    return Personal(out_dir / SIMULATED_PERSONAL_DIR, cfg.personalize.local_r, apart)
+
+
 def run_flower(
     cfg: RunConfig,
     out_dir: Path,
@@ -136,7 +149,6 @@ def run_flower(
     from flwr.simulation import run_simulation
 
     from client.app import make_app as make_client_app
-    from client.task import Personal
     from server.app import make_app as make_server_app
 
     flwr_logger = logging.getLogger("flwr")
@@ -154,10 +166,7 @@ def run_flower(
             "logging_level": "INFO" if verbose else "ERROR",
         },
     }
-    personal = None
-    if cfg.personalize.mode == "dual":
-        apart = cfg.personalize.dual_train == "apart"
-        personal = Personal(out_dir / SIMULATED_PERSONAL_DIR, cfg.personalize.local_r, apart)
+    personal = personal_lora(cfg, out_dir)
     started = time.perf_counter()
     banner = RunSimulationBanner()
     flwr_logger.addFilter(banner)

@@ -87,3 +87,31 @@ def test_a_run_missing_a_rounds_adapter_is_refused_naming_it(simulated_run: tupl
     with pytest.raises(SystemExit, match=rf"1 of 2 rounds: {gone}"):
         main([str(copy), "--json", str(tmp_path / "out.json")])
     assert not (tmp_path / "out.json").exists()
+
+
+def test_average_scores_the_mean_of_the_recent_rounds_adapters(
+    simulated_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--average 2 scores round 2 as the element-wise mean of rounds 1 and 2: a copy of the run whose round-2
+    adapter is that mean, scored plainly, gives the same curve; round 1 has nothing before it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, run = simulated_run
+    assert main([str(run), "--average", "2", "--json", str(tmp_path / "avg.json")]) == 0
+    assert main([str(run), "--json", str(tmp_path / "plain.json")]) == 0
+    averaged, plain = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("avg", "plain"))
+    assert averaged["average"] == 2 and averaged["recorded_val_mismatch"] is None
+    assert averaged["curves"]["test"][0] == plain["curves"]["test"][0]
+    assert averaged["curves"]["test"][1] != plain["curves"]["test"][1]
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    first, second = (copy / "checkpoints" / f"round-00{r}" / "adapter_model.safetensors" for r in (1, 2))
+    one, two = load_file(str(first)), load_file(str(second))
+    save_file({k: (one[k] + two[k]) / 2 for k in one}, str(second))
+    assert main([str(copy), "--json", str(tmp_path / "mean.json")]) == 0
+    mean = json.loads((tmp_path / "mean.json").read_text())
+    for split in ("val", "test"):
+        assert mean["curves"][split][1] == pytest.approx(averaged["curves"][split][1])

@@ -263,20 +263,28 @@ def test_dual_apart_sends_what_plain_training_sends_and_trains_only_its_own_slic
 
 def test_the_slices_trained_apart_move_only_the_personal_part(tmp_path: Path, north_task: ClientTask) -> None:
     """What ``_trained_apart`` trains: the global rows and columns and the head stay as received to the bit,
-    and both personal matrices move."""
+    and both personal matrices move; ``train_dual`` keeps exactly these slices, trained on the received adapter."""
     from client.pipeline import node_data
-    from client.task import _trained_apart
+    from client.task import _trained_apart, encode_split, global_model
+    from common.seeds import derive_seed
 
     region = Region(name="north", data=write_region(tmp_path / "north", 24, 8, seed=5))
     state = adapter_state(perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), 7).model)
     wide = replace(north_task, lora=widen(north_task.lora, RANK))
-    start = init_personal(state, RANK, seed=2)
+    start = init_personal(state, RANK, seed=derive_seed(north_task.seed, "personal", "north"))
     data = node_data(region.name, region.data, north_task.labels, None, seed=0, settings=north_task.data)
-    trained = _trained_apart(region, wide, join(state, start), north_task.lora.r, NodeSettings(threads=1), data)
-    kept, personal = split(trained, north_task.lora.r)
+    node = NodeSettings(threads=1)
+    stacked = global_model(wide, join(state, start))
+    encoded = encode_split(stacked, data.train, north_task, node)
+    kept, personal = split(_trained_apart(region, wide, stacked, encoded, north_task.lora.r, node), north_task.lora.r)
     assert kept.keys() == state.keys() and all(torch.equal(kept[k], state[k]) for k in state)
     moved = {k for k in personal if not torch.equal(personal[k], start[k])}
     assert any(".lora_A." in k for k in moved) and any(".lora_B." in k for k in moved)
+
+    apart = replace(node, personal_dir=tmp_path / "own", personal_rank=RANK, personal_apart=True)
+    train_dual(region, north_task, state, apart)
+    mine = _kept(personal_folder(tmp_path / "own", "north"), 1)
+    assert mine.keys() == personal.keys() and all(torch.equal(mine[k], personal[k]) for k in personal)
 
 
 def test_dual_personalization_stacks_the_slices_and_probes_the_head(
@@ -431,3 +439,19 @@ def test_simulation_trains_personal_lora_on_the_nodes_and_serves_it(
     capsys.readouterr()
     assert main(["personalize", str(out), "--set", "personalize.mode=dual"]) == 2
     assert "dual trains it during the rounds" in capsys.readouterr().err
+
+
+def test_a_simulation_gives_its_nodes_the_personal_lora_settings(tmp_path: Path, north_task: ClientTask) -> None:
+    """dual_train reaches the simulated nodes: the run's Personal carries it, simulated_node passes it on."""
+    from client.task import simulated_node
+    from simulations.runner import personal_lora
+
+    regions = tuple(Region(name, write_region(tmp_path / name, 8, 4, seed=1)) for name in ("north", "south"))
+    cfg = RunConfig(regions=regions, labels=north_task.labels)
+    assert personal_lora(cfg, tmp_path) is None
+    for dual_train, apart in (("joint", False), ("apart", True)):
+        own = PersonalizeSettings(mode="dual", local_r=3, dual_train=dual_train)  # type: ignore[arg-type]
+        personal = personal_lora(replace(cfg, personalize=own), tmp_path / "run")
+        assert personal is not None and (personal.rank, personal.apart) == (3, apart)
+        node = simulated_node(cfg.regions[0], {}, None, personal)
+        assert (node.personal_dir, node.personal_rank, node.personal_apart) == (personal.root, 3, apart)

@@ -441,6 +441,9 @@ def test_personalization_may_change_except_the_personal_lora_the_rounds_train(
     assert fingerprint(config_settings(with_personalize(mode="probe", local_r=2))) == fingerprint(config_settings(cfg))
     assert fingerprint(config_settings(dual)) != fingerprint(config_settings(cfg))  # trains in the rounds
     assert fingerprint(config_settings(with_personalize(mode="dual", local_r=4))) != fingerprint(config_settings(dual))
+    apart = with_personalize(mode="dual", local_r=2, dual_train="apart")  # the global adapter trains otherwise
+    assert fingerprint(config_settings(apart)) != fingerprint(config_settings(dual))
+    assert config_settings(with_personalize(mode="probe", dual_train="apart")) == config_settings(cfg)
     saved_state(dual, tmp_path)
     with pytest.raises(ResumeError, match="personal_lora_rank: 2 when started, '\\(absent\\)' now"):
         federate(object(), probe, tmp_path, resume=True)  # type: ignore[arg-type]
