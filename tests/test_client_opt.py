@@ -517,8 +517,9 @@ def test_the_prior_leak_check_finds_a_prior_where_it_is() -> None:
     assert prior_leaks(prior, [], [b"npz" + prior.astype(np.float32).tobytes() + b"end"]) == ["blob 0"]
 
 
+@pytest.mark.parametrize("apart", [False, True])
 def test_ffa_on_a_dual_node_sends_a_as_received_and_its_personal_lora_trains_as_before(
-    tiny_bert: Path, regions: tuple[Region, Region], tmp_path: Path
+    tiny_bert: Path, regions: tuple[Region, Region], tmp_path: Path, apart: bool
 ) -> None:
     from safetensors.torch import load_file
 
@@ -530,7 +531,7 @@ def test_ffa_on_a_dual_node_sends_a_as_received_and_its_personal_lora_trains_as_
     task = make_task(tiny_bert, lr=3e-2, kl_to_global=0.1, prox_mu=0.01)
     task = dataclasses.replace(task, lora_aggregation="ffa")
     state = adapter_state(fresh(task).model)
-    node = NodeSettings(threads=1, personal_dir=tmp_path / "own", personal_rank=2)
+    node = NodeSettings(threads=1, personal_dir=tmp_path / "own", personal_rank=2, personal_apart=apart)
     sent, _ = train_dual(regions[1], task, state, node)
     assert set(sent) == set(state)
     problem = frozen_problem({k: v.numpy() for k, v in sent.items()}, {k: v.numpy() for k, v in state.items()}, LORA_A)
