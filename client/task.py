@@ -326,7 +326,7 @@ def train_round(
         freeze(loaded.model, LORA_A)
     elif task.lora_aggregation == "ffa" and global_rank is not None:
         keep = rows_kept(loaded.model, LORA_A, global_rank)
-    encoded = encoded or encode_split(loaded, data.train, task, node)
+    encoded = encode_split(loaded, data.train, task, node) if encoded is None else encoded
     seed = derive_seed(task.seed, task.server_round, region.name)
     n, steps = len(encoded.ids), plan_steps(len(encoded.ids), settings)
     augmented = node.augment is not None

@@ -125,10 +125,10 @@ def load_all(
 def personal_lora(cfg: RunConfig, out_dir: Path) -> Personal | None:
     """Where and how the simulated nodes train their personal LoRA in the rounds (personalize mode dual),
     or None."""
-    from client.task import Personal  # torch and transformers load with it: only when a run needs them
-
     if cfg.personalize.mode != "dual":
         return None
+    from client.task import Personal  # torch and transformers load with it: only when a run needs them
+
     apart = cfg.personalize.dual_train == "apart"
     return Personal(out_dir / SIMULATED_PERSONAL_DIR, cfg.personalize.local_r, apart)
 
