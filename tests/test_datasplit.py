@@ -351,8 +351,8 @@ def test_a_split_pool_simulates(tiny_bert: Path, tmp_path: Path) -> None:
 
 
 def test_the_skew_config_is_the_demo_config_on_split_regions(pool: Path, tmp_path: Path) -> None:
-    """configs/skew.yaml trains as the demo does (only name, regions, policies and how dual trains differ) and
-    loads over a split."""
+    """configs/skew.yaml trains as the demo does (only name, regions, policies, rounds and how dual trains differ)
+    and loads over a split."""
     import yaml
 
     from common.config import load_config
@@ -362,6 +362,7 @@ def test_the_skew_config_is_the_demo_config_on_split_regions(pool: Path, tmp_pat
     assert skew["regions_dir"] == "../data/demo-skew" and "policies" not in skew
     # under strong label skew joint training keeps the global model one class (docs/personalization.md)
     assert (skew["personalize"].pop("dual_train"), demo["personalize"].pop("dual_train")) == ("apart", "joint")
+    assert (skew.pop("rounds"), demo.pop("rounds")) == (30, 12)  # a skewed global model starts learning late
     same = {k: v for k, v in demo.items() if k not in ("name", "regions_dir", "policies")}
     assert {k: v for k, v in skew.items() if k not in ("name", "regions_dir")} == same
     _split(pool, tmp_path / "skew", regions=8, alpha=0.3, min_train=5, min_test=2)
