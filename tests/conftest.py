@@ -15,6 +15,22 @@ if TYPE_CHECKING:
     from common.model import LoadedModel
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the minutes-long tests first, the deployments each followed by another slow test, then the quick ones.
+
+    With two workers (scripts/test.sh: ``-n 2 --maxschedchunk 1``, each worker holds at most two tests) the
+    deployments land on both workers at once and the quick tests fill the gaps; in collection order they would
+    queue up on one worker at the end."""
+    deployments = [item for item in items if item.get_closest_marker("deployment")]
+    slow = [item for item in items if item.get_closest_marker("slow") and item not in deployments]
+    order: list[pytest.Item] = []
+    for i, deployment in enumerate(deployments):
+        order += [deployment, *slow[i : i + 1]]
+    order += slow[len(deployments) :]
+    chosen = set(order)
+    items[:] = order + [item for item in items if item not in chosen]
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny BERT folder that ``from_pretrained`` loads offline."""

@@ -91,6 +91,7 @@ DP = {"epsilon": 8.0, "delta": 1e-5}  # north's policy in the TLS deployment: re
 
 
 @pytest.mark.slow
+@pytest.mark.deployment
 def test_deployment_with_tls_and_node_auth_matches_the_simulation(tmp_path: Path, tiny_bert: Path) -> None:
     """Real SuperLink and SuperNodes with TLS and node authentication end where the simulation ends, to the
     adapter's bits, with every node's own settings: north's policy requires DP-SGD, south has no val split, east

@@ -18,7 +18,7 @@ from deploy.launch import Cluster
 from deploy.plan import create_credentials
 from tests.test_deploy import _deployment, three_regions  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 BIN = Path(sys.executable).parent
 
 

@@ -23,7 +23,7 @@ from deploy.launch import Cluster
 from deploy.plan import create_credentials, layout
 from tests.conftest import tiny_config, write_region
 
-pytestmark = [pytest.mark.slow, pytest.mark.netns]
+pytestmark = [pytest.mark.slow, pytest.mark.deployment, pytest.mark.netns]
 BIN = Path(sys.executable).parent
 LINK_IP, NODE_IP, PORT = "10.77.0.1", "10.77.0.2", 9092
 

@@ -19,7 +19,7 @@ from deploy.plan import create_credentials
 from fedlocale import deploy_cmd
 from tests.test_deploy import _deployment, three_regions  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.deployment]
 BIN = Path(sys.executable).parent
 
 
