@@ -114,9 +114,10 @@ def run_one(
 def row_of(summary: dict[str, Any]) -> dict[str, Any]:
     """Overall and per-region macro-F1 of every mode a run has; when the run compared the served model with
     local-only (``served_vs_local_only``), how many regions it compared (``vs_local_only_regions``) and which
-    of them have the interval of served − local-only entirely below 0 (``below_local_only``)."""
-    from common.keys import SERVED_VS_LOCAL_ONLY
-    from common.runfiles import POOLED
+    of them have the interval of served − local-only entirely below 0 (``below_local_only``); when the
+    centralized baseline ran, which of its validation checkpoints it kept (``centralized_kept``)."""
+    from common.keys import CENTRALIZED, SERVED_VS_LOCAL_ONLY
+    from common.runfiles import KEPT_CHECKPOINT, POOLED
 
     overall = {m: summary["overall"][m]["macro_f1"] for m in MODES if m in summary["overall"]}
     # macro-F1 of all regions' test examples pooled: the per-region mean above is degenerate on one-class
@@ -127,6 +128,14 @@ def row_of(summary: dict[str, Any]) -> dict[str, Any]:
         for name, r in summary["regions"].items()
     }
     row = {"overall": overall, "pooled": pooled, "regions": regions, "best_round": summary["run"].get("best_round")}
+    # one centralized model serves every region: any region's block says which checkpoint it kept
+    kept = [
+        r[CENTRALIZED][KEPT_CHECKPOINT]
+        for r in summary["regions"].values()
+        if KEPT_CHECKPOINT in r.get(CENTRALIZED, {})
+    ]
+    if kept:
+        row["centralized_kept"] = kept[0]
     compared = {
         name: r[SERVED_VS_LOCAL_ONLY]
         for name, r in summary["regions"].items()
@@ -148,7 +157,8 @@ def merge_baselines(row: dict[str, Any], shared: dict[str, Any]) -> dict[str, An
         name: {**scores, **{m: shared["regions"][name][m] for m in borrowed if m in shared["regions"][name]}}
         for name, scores in row["regions"].items()
     }
-    return {**row, "overall": overall, "pooled": pooled, "regions": regions}
+    kept = {"centralized_kept": shared["centralized_kept"]} if "centralized_kept" in shared else {}
+    return {**row, "overall": overall, "pooled": pooled, "regions": regions, **kept}
 
 
 def mean(values: Sequence[float]) -> float:

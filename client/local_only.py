@@ -45,6 +45,21 @@ def checkpoint_steps(total: int, rounds: int) -> list[int]:
     return sorted({max(1, math.ceil(total * k / rounds)) for k in range(1, rounds + 1)})
 
 
+@dataclasses.dataclass(frozen=True)
+class KeptCheckpoint:
+    """Which validation checkpoint a model trained in one go kept: ``number`` of ``of`` (1-based; the last one
+    when there was nothing to validate on; None when there was no step to train), after ``step`` of ``steps``."""
+
+    number: int | None
+    of: int
+    step: int
+    steps: int
+
+    def to_json(self) -> dict[str, int | None]:
+        """The summary's ``kept_checkpoint`` entry of a baseline (runfolder.summary)."""
+        return dataclasses.asdict(self)
+
+
 def train_best_checkpoint(
     loaded: LoadedModel,
     train: Sequence[Example],
@@ -57,10 +72,10 @@ def train_best_checkpoint(
     max_length: int,
     seed: int,
     desc: str,
-) -> None:
+) -> KeptCheckpoint:
     """Train ``loaded`` in place on ``train`` with ``settings``, validate it (``validate``: the criterion, None
     when there is nothing to validate on) after each of ``rounds`` even shares of its steps
-    (``checkpoint_steps``), and leave the best checkpoint loaded, in eval mode.
+    (``checkpoint_steps``), leave the best checkpoint loaded, in eval mode, and say which one it is.
 
     Like the federated run, which keeps its best round on validation, the model keeps its best checkpoint: more
     passes over-fit it as they do the federation."""
@@ -96,6 +111,10 @@ def train_best_checkpoint(
     if best is not None:
         load_adapter_state(loaded.model, best)
     loaded.model.eval()
+    kept = stopper.best_round  # a step number (0 when no step ran)
+    return KeptCheckpoint(
+        number=checkpoints.index(kept) + 1 if kept in checkpoints else None, of=len(checkpoints), step=kept, steps=total
+    )
 
 
 def seed_tag(region: str) -> str:

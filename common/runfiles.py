@@ -114,6 +114,9 @@ class SummaryError(InputError):
 
 SECTIONS: Final = ("run", "regions", "overall", "communication", "timing", "audit", "privacy")
 CONFUSION: Final = "confusion"  # a region's test confusion matrix in a mode's block (common.metrics.confusion)
+# in a baseline's block of a region (simulation): which of its validation checkpoints it kept
+# (client.local_only.KeptCheckpoint.to_json), as the run records its best round
+KEPT_CHECKPOINT: Final = "kept_checkpoint"
 POOLED: Final = "pooled_macro_f1"  # overall per mode: macro-F1 of all regions' test examples pooled
 
 
@@ -126,7 +129,9 @@ class Summary:
     - ``regions``: per region its counts (num_train, num_val, num_test, dropped; a deployment knows only
       num_train and num_test) and ``{accuracy, macro_f1}`` per mode (federated, centralized, local_only), plus
       ``personalized`` (the choice and its A/B) after personalization, and ``served_vs_local_only`` when the
-      local-only baseline ran (``runfolder.summary.served_vs_local_only``);
+      local-only baseline ran (``runfolder.summary.served_vs_local_only``); a baseline's block (simulation) also
+      says which of its validation checkpoints it kept (``KEPT_CHECKPOINT``: ``number``, ``of``, ``step``,
+      ``steps``);
     - ``overall``: per mode ``{accuracy, macro_f1}``, weighted by test size, and in a simulation ``POOLED``: the
       macro-F1 of all regions' test examples as one set, summed from each region's ``CONFUSION`` matrix (rows:
       truth; in the region's mode blocks), when the mode scored every region with test examples;

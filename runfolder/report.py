@@ -29,6 +29,7 @@ from common.runfiles import (
     AB_PLOT,
     BYTES_PLOT,
     DP_PLOT,
+    KEPT_CHECKPOINT,
     LABEL_MIX_FILE,
     LABEL_MIX_PLOT,
     LOSS_PLOT,
@@ -277,6 +278,7 @@ def _render_header(summary: Summary, overall: Mapping[str, Mapping[str, float]])
         )
     ]
     sentences += _describe_rounds(run)
+    sentences += _describe_kept_checkpoints(regions)
     sentences += _describe_setup(run)
     return f"# Federated run report: {name}\n\n" + " ".join(sentences) + "\n\n" + _describe_overall(overall)
 
@@ -300,6 +302,33 @@ def _describe_rounds(run: Mapping[str, Any]) -> list[str]:
             f"The best global model came from **round {int(best)}**; the federated test scores below use that model."
         )
     return sentences
+
+
+def _describe_kept_checkpoints(regions: Mapping[str, Any]) -> list[str]:
+    """Return a sentence on which validation checkpoint each baseline kept (a simulation's summary records it), so
+    that a reader sees best compared with best."""
+    kept: dict[str, list[int]] = {}
+    of: dict[str, int] = {}
+    for block in regions.values():
+        for mode in (CENTRALIZED, LOCAL_ONLY):
+            entry = block.get(mode, {}).get(KEPT_CHECKPOINT) if isinstance(block, dict) else None
+            if isinstance(entry, dict) and isinstance(entry.get("number"), int):
+                kept.setdefault(mode, []).append(entry["number"])
+                of[mode] = max(of.get(mode, 0), int(entry["of"]))
+    parts = []
+    if CENTRALIZED in kept:
+        parts.append(f"the centralized model kept its checkpoint {kept[CENTRALIZED][0]} of {of[CENTRALIZED]}")
+    if LOCAL_ONLY in kept:
+        low, high = min(kept[LOCAL_ONLY]), max(kept[LOCAL_ONLY])
+        which = f"checkpoint {low}" if low == high else f"checkpoints {low} to {high}"
+        parts.append(f"the regions' local-only models kept {which} of {of[LOCAL_ONLY]}")
+    if not parts:
+        return []
+    return [
+        "Each baseline kept its best validation checkpoint as the federation kept its best round: "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def _describe_setup(run: Mapping[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ from common.config import RunConfig
 from common.data import RegionData
 from common.errors import InputError
 from common.metrics import pooled_macro_f1, weighted_mean
-from common.runfiles import CONFUSION, METRICS_FILE, POOLED, Summary
+from common.runfiles import CONFUSION, KEPT_CHECKPOINT, METRICS_FILE, POOLED, Summary
 
 SCORES = ("accuracy", "macro_f1")  # what the summary keeps of each mode's scores, beside CONFUSION
 
@@ -40,7 +40,7 @@ def _overall(per_region: dict[str, dict[str, Any]], sizes: dict[str, float]) -> 
 
 
 def _pick(scores: dict[str, Any] | None) -> dict[str, Any]:
-    return {k: scores[k] for k in (*SCORES, CONFUSION) if k in scores} if scores else {}
+    return {k: scores[k] for k in (*SCORES, CONFUSION, KEPT_CHECKPOINT) if k in scores} if scores else {}
 
 
 def dp_by_region(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ from common.config import RunConfig
 from common.data import Example, RegionData
 from common.metrics import weighted_mean
 from common.model import LoadedModel, adapter_state, build_model
-from common.runfiles import CONFUSION
+from common.runfiles import CONFUSION, KEPT_CHECKPOINT
 from common.seeds import derive_seed
 
 Scores = dict[str, dict[str, Any]]
@@ -79,7 +79,7 @@ def _train_and_test(
     tested. More passes over-fit a baseline as they do the federation: best is compared with best.
     """
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
-    train_best_checkpoint(
+    kept = train_best_checkpoint(
         loaded,
         train,
         matched_settings(cfg.train, cfg.rounds, regions),
@@ -105,6 +105,8 @@ def _train_and_test(
             batch_size=cfg.train.eval_batch_size,
         )
         out[name] = _scores(scores(probs, np.array([ex.label for ex in region.test], dtype=int), len(cfg.labels)))
+        # which of its checkpoints the baseline kept, beside the federation's best round: best against best
+        out[name][KEPT_CHECKPOINT] = kept.to_json()
         if predictions is not None:
             predictions[name] = probs.argmax(axis=1)
     return out

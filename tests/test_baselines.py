@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import simulations.baselines as baselines
-from client.local_only import checkpoint_steps
+from client.local_only import checkpoint_steps, matched_settings
+from client.train import plan_steps
 from common.config import load_config
 from common.data import load_region
 from common.model import adapter_state
+from common.runfiles import KEPT_CHECKPOINT
 from simulations.baselines import run_centralized
 from tests.conftest import tiny_config
 
@@ -45,13 +47,19 @@ def test_the_tested_model_is_the_best_checkpoint_on_validation(
 
     monkeypatch.setattr(baselines, "validation_score", score)
     monkeypatch.setattr(baselines, "predict_proba", predict_proba)
-    run_centralized(cfg, data)
+    scores, _ = run_centralized(cfg, data)
     assert len(states) == 3
     # the three checkpoints differ (training went on), and what was tested is the second one
     assert not torch.equal(next(iter(states[1].values())), next(iter(states[2].values())))
     best = {k.replace(".default", ""): v for k, v in states[1].items() if "lora_" in k}
     for name, value in tested[0].items():
         assert torch.equal(value, best[name.replace(".default", "")]), name
+    # and every region's scores say which: checkpoint 2 of 3, at the second of the checkpoint steps
+    union = sum(len(region.train) for region in data.values())
+    total = plan_steps(union, matched_settings(cfg.train, cfg.rounds, len(data)))
+    steps = checkpoint_steps(total, cfg.rounds)
+    kept = {"number": 2, "of": 3, "step": steps[1], "steps": total}
+    assert len(steps) == 3 and {name: s[KEPT_CHECKPOINT] for name, s in scores.items()} == dict.fromkeys(data, kept)
 
 
 def test_validation_score_is_the_example_weighted_mean_of_the_regions(

@@ -43,6 +43,8 @@ def test_merge_takes_only_the_baselines() -> None:
         "overall": {"federated": 0.1, "centralized": 0.75, "local_only": 0.6},
         "pooled": {"federated": 0.2, "centralized": 0.77},
         "regions": {"a": {"federated": 0.1, "centralized": 0.7, "local_only": 0.5}, "b": {"centralized": 0.8}},
+        "best_round": 9,
+        "centralized_kept": {"number": 4, "of": 5, "step": 40, "steps": 50},
     }
     merged = merge_baselines({**run, "pooled": {"federated": 0.81}}, shared)
     assert merged["overall"] == {"federated": 0.8, "centralized": 0.75, "local_only": 0.6}
@@ -50,6 +52,9 @@ def test_merge_takes_only_the_baselines() -> None:
     assert merged["regions"]["a"] == {"federated": 0.7, "centralized": 0.7, "local_only": 0.5}
     assert merged["regions"]["b"] == {"federated": 0.9, "centralized": 0.8}
     assert merged["best_round"] == 3
+    assert merged["centralized_kept"] == shared["centralized_kept"]  # the checkpoint of the centralized it took
+    older = {k: v for k, v in shared.items() if k != "centralized_kept"}  # a run that did not record it
+    assert "centralized_kept" not in merge_baselines(run, older)
 
 
 def test_row_of_reads_every_mode() -> None:
@@ -64,6 +69,9 @@ def test_row_of_reads_every_mode() -> None:
         "regions": {"a": {"federated": 0.6}},
         "best_round": 2,
     }
+    kept = {"number": 3, "of": 5, "step": 30, "steps": 50}
+    summary["regions"]["a"]["centralized"] = {"macro_f1": 0.7, "kept_checkpoint": kept}
+    assert row_of(summary)["centralized_kept"] == kept
 
 
 def _compared(diff_high: float) -> dict[str, object]:

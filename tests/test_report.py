@@ -171,6 +171,20 @@ def test_the_report_says_which_server_optimizer_was_used(tmp_path: Path) -> None
     assert "server optimizer: `fedadam` (server_lr 0.01, beta_1 0.9, beta_2 0.99, tau 0.001), seed 7." in text
 
 
+def test_the_report_says_which_checkpoint_each_baseline_kept(tmp_path: Path) -> None:
+    summary = make_summary()
+    text = write_report(tmp_path / "old", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    assert "kept its best validation checkpoint" not in text  # a summary from before it was recorded
+    for number, region in zip((1, 3, 2), summary["regions"].values(), strict=True):
+        region["local_only"]["kept_checkpoint"] = {"number": number, "of": 3, "step": 10 * number, "steps": 30}
+        region["centralized"]["kept_checkpoint"] = {"number": 2, "of": 3, "step": 60, "steps": 90}
+    text = write_report(tmp_path / "new", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    assert (
+        "Each baseline kept its best validation checkpoint as the federation kept its best round: the centralized "
+        "model kept its checkpoint 2 of 3; the regions' local-only models kept checkpoints 1 to 3 of 3."
+    ) in text
+
+
 def test_report_without_baselines_or_per_round(tmp_path: Path) -> None:
     summary = make_summary()
     for block in [*summary["regions"].values(), summary["overall"]]:

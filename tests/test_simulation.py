@@ -44,6 +44,16 @@ def test_summary_contract(run: tuple[Path, Path]) -> None:
         assert against["served"] == "global" and against["low"] <= against["diff"] <= against["high"]
         assert against["diff"] == pytest.approx(region["federated"]["macro_f1"] - region["local_only"]["macro_f1"])
         assert against["reaches_zero"] == (against["high"] >= 0)
+        # each baseline says which of its two validation checkpoints (one per round) it kept
+        for mode in ("local_only", "centralized"):
+            kept = region[mode]["kept_checkpoint"]
+            assert kept["of"] == 2 and kept["number"] in (1, 2) and 0 < kept["step"] <= kept["steps"], kept
+        assert "federated" in region and "kept_checkpoint" not in region["federated"]
+    centralized = {json.dumps(r["centralized"]["kept_checkpoint"]) for r in summary["regions"].values()}
+    assert len(centralized) == 1  # one model for every region
+    kept = json.loads(centralized.pop())["number"]
+    report = (out / "report.md").read_text()
+    assert f"the centralized model kept its checkpoint {kept} of 2" in report
     for mode in ("federated", "local_only", "centralized"):
         assert set(summary["overall"][mode]) == {"accuracy", "macro_f1", "pooled_macro_f1"}
         counts = [np.array(region[mode]["confusion"]) for region in summary["regions"].values()]
