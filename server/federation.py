@@ -33,6 +33,7 @@ from common import keys
 from common.audit import SERVER, Ledger
 from common.config import (
     OPTIMIZER_HYPERPARAMETERS,
+    SGD_MOMENTUM,
     AggregationSettings,
     DataSettings,
     DpSettings,
@@ -208,6 +209,7 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
         kept["personal_lora_rank"] = cfg.personalize.local_r
         if cfg.personalize.dual_train != "joint":  # apart: the nodes send other updates (left out at the default)
             kept["personal_lora_training"] = cfg.personalize.dual_train
+    kept = _one_spelling(kept)
     # settings that came later: at their defaults they are left out, so that runs started before them still resume
     for key, default in LATER_DEFAULTS.items():
         if key in kept and kept[key] == default:
@@ -219,6 +221,14 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
     if not cfg.aggregation.secure.enabled:
         kept = {k: v for k, v in kept.items() if not k.startswith("aggregation.secure.")}
     return kept
+
+
+def _one_spelling(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with the spellings of one training made one: SGD's momentum written at its default trains as
+    null does, so both are left out (also applied to a stopped run's recorded settings, which may predate this)."""
+    if settings.get("train.momentum", SGD_MOMENTUM) in (SGD_MOMENTUM, None):
+        return {k: v for k, v in settings.items() if k != "train.momentum"}
+    return settings
 
 
 def _flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -257,11 +267,12 @@ def check_resumable(state: RunState, cfg: RunConfig, out_dir: Path) -> None:
     """Refuse to continue ``state`` under a config that would not have produced its rounds."""
     settings = config_settings(cfg)
     now = fingerprint(settings)
-    if now != state.fingerprint:
+    started = _one_spelling(state.settings)
+    if now != state.fingerprint and now != fingerprint(started):
         changed = [
-            f"{k}: {state.settings.get(k, '(absent)')!r} when started, {settings.get(k, '(absent)')!r} now"
-            for k in sorted(set(settings) | set(state.settings))
-            if settings.get(k) != state.settings.get(k)
+            f"{k}: {started.get(k, '(absent)')!r} when started, {settings.get(k, '(absent)')!r} now"
+            for k in sorted(set(settings) | set(started))
+            if settings.get(k) != started.get(k)
         ]
         raise ResumeError(
             f"cannot resume {out_dir}: the config differs from the one the run started with (fingerprint "

@@ -34,6 +34,7 @@ from server.federation import (
     FederationResult,
     ResumeError,
     RunState,
+    check_resumable,
     config_settings,
     federate,
     fingerprint,
@@ -377,6 +378,26 @@ def test_a_different_config_is_refused_naming_both(tmp_path: Path, tiny_bert: Pa
     assert "seed: 0 when started, 7 now; train.lr: 0.03 when started, 0.01 now." in message
     assert "restore the config, or start afresh without resume" in message
     assert read_state(tmp_path) is not None  # the refused state is left alone
+
+
+def test_sgd_momentum_at_its_default_is_the_same_setting_as_null(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    sgd = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer="sgd"))
+    explicit = dataclasses.replace(sgd, train=dataclasses.replace(sgd.train, momentum=0.9))
+    other = dataclasses.replace(sgd, train=dataclasses.replace(sgd.train, momentum=0.5))
+    assert config_settings(explicit) == config_settings(sgd)
+    assert config_settings(other)["train.momentum"] == 0.5
+    # a run stopped before the two were one setting recorded 0.9 with its own fingerprint: it still resumes
+    older = {**config_settings(sgd), "train.momentum": 0.9}
+    write_state(tmp_path, RunState(1, [{"round": 1}], 1, 0.5, 1.0, fingerprint(older), older))
+    state = read_state(tmp_path)
+    assert state is not None and state.fingerprint != fingerprint(config_settings(sgd))
+    check_resumable(state, sgd, tmp_path)
+    check_resumable(state, explicit, tmp_path)
+    with pytest.raises(ResumeError, match=r"train\.momentum: '\(absent\)' when started, 0\.5 now"):
+        check_resumable(state, other, tmp_path)
 
 
 def test_simulate_refuses_a_different_config_before_starting_anything(
