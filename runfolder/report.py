@@ -311,10 +311,12 @@ def _describe_kept_checkpoints(regions: Mapping[str, Any]) -> list[str]:
     of: dict[str, int] = {}
     for block in regions.values():
         for mode in (CENTRALIZED, LOCAL_ONLY):
-            entry = block.get(mode, {}).get(KEPT_CHECKPOINT) if isinstance(block, dict) else None
-            if isinstance(entry, dict) and isinstance(entry.get("number"), int):
+            scores = block.get(mode) if isinstance(block, dict) else None
+            entry = scores.get(KEPT_CHECKPOINT) if isinstance(scores, dict) else None
+            # a summary.json from before the record, or edited by hand, is read as far as it makes sense
+            if isinstance(entry, dict) and isinstance(entry.get("number"), int) and isinstance(entry.get("of"), int):
                 kept.setdefault(mode, []).append(entry["number"])
-                of[mode] = max(of.get(mode, 0), int(entry["of"]))
+                of[mode] = max(of.get(mode, 0), entry["of"])
     parts = []
     if CENTRALIZED in kept:
         parts.append(f"the centralized model kept its checkpoint {kept[CENTRALIZED][0]} of {of[CENTRALIZED]}")

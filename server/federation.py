@@ -180,7 +180,6 @@ LATER_DEFAULTS: dict[str, Any] = {
     "train.logit_adjust": TrainSettings().logit_adjust,
     "train.head": TrainSettings().head,
     "train.optimizer": TrainSettings().optimizer,
-    "train.momentum": TrainSettings().momentum,
     "aggregation.lora": AggregationSettings().lora,
     "model.pooling": ModelSettings.pooling,  # a class default: ModelSettings() would check that minilm is installed
     "dp.train": DpSettings().train,
@@ -226,6 +225,7 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
 def _one_spelling(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with the spellings of one training made one: SGD's momentum written at its default trains as
     null does, so both are left out (also applied to a stopped run's recorded settings, which may predate this)."""
+    # (null also stands for a run started before train.momentum existed: left out, like LATER_DEFAULTS)
     if settings.get("train.momentum", SGD_MOMENTUM) in (SGD_MOMENTUM, None):
         return {k: v for k, v in settings.items() if k != "train.momentum"}
     return settings

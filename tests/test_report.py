@@ -179,6 +179,13 @@ def test_the_report_says_which_checkpoint_each_baseline_kept(tmp_path: Path) -> 
         region["local_only"]["kept_checkpoint"] = {"number": number, "of": 3, "step": 10 * number, "steps": 30}
         region["centralized"]["kept_checkpoint"] = {"number": 2, "of": 3, "step": 60, "steps": 90}
     text = write_report(tmp_path / "new", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    # a hand-edited record without its total, or not a record, is left out of the sentence, not a traceback
+    broken = {**summary, "regions": {name: dict(region) for name, region in summary["regions"].items()}}
+    first, second = list(broken["regions"].values())[:2]
+    first["local_only"] = {**first["local_only"], "kept_checkpoint": {"number": 1}}
+    second["centralized"] = "n/a"
+    odd = write_report(tmp_path / "odd", Summary.from_json(broken), make_metrics()).read_text(encoding="utf-8")
+    assert "the regions' local-only models kept checkpoints 2 to 3 of 3." in odd
     assert (
         "Each baseline kept its best validation checkpoint as the federation kept its best round: the centralized "
         "model kept its checkpoint 2 of 3; the regions' local-only models kept checkpoints 1 to 3 of 3."
