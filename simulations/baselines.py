@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.local_only import matched_settings, seed_tag, train_best_checkpoint
+from client.local_only import KeptCheckpoint, matched_settings, seed_tag, train_best_checkpoint
 from client.train import EvalResult, evaluate, predict_proba, scores
 from common.config import RunConfig
 from common.data import Example, RegionData
@@ -61,6 +61,28 @@ def validation_score(cfg: RunConfig, loaded: LoadedModel, regions: Mapping[str, 
     )
 
 
+def train_baseline(
+    cfg: RunConfig, train: list[Example], tag: str, regions: int, validate: Callable[[LoadedModel], float | None]
+) -> tuple[LoadedModel, KeptCheckpoint]:
+    """Train one baseline model on ``train`` (the data of ``regions`` regions) with as much training as the
+    federated run (``client.local_only.matched_settings``), validated by ``validate`` after each of ``cfg.rounds``
+    even shares of its steps; the best checkpoint (by ``early_stopping``'s metric) is left loaded."""
+    loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
+    kept = train_best_checkpoint(
+        loaded,
+        train,
+        matched_settings(cfg.train, cfg.rounds, regions),
+        cfg.rounds,
+        lambda: validate(loaded),
+        higher_is_better=cfg.early_stopping.metric != "loss",
+        min_delta=cfg.early_stopping.min_delta,
+        max_length=cfg.model.max_length,
+        seed=derive_seed(cfg.seed, tag),
+        desc=tag,
+    )
+    return loaded, kept
+
+
 def _train_and_test(
     cfg: RunConfig,
     train: list[Example],
@@ -75,22 +97,10 @@ def _train_and_test(
 
     Like the federated run, which keeps its best round on validation, the baseline keeps its best checkpoint:
     it is validated on the val splits of ``tests`` after each of ``cfg.rounds`` even shares of its steps
-    (``client.local_only.train_best_checkpoint``), and the best one (by ``early_stopping``'s metric) is the one
-    tested. More passes over-fit a baseline as they do the federation: best is compared with best.
+    (``train_baseline``), and the best one (by ``early_stopping``'s metric) is the one tested. More passes
+    over-fit a baseline as they do the federation: best is compared with best.
     """
-    loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
-    kept = train_best_checkpoint(
-        loaded,
-        train,
-        matched_settings(cfg.train, cfg.rounds, regions),
-        cfg.rounds,
-        lambda: validation_score(cfg, loaded, tests),
-        higher_is_better=cfg.early_stopping.metric != "loss",
-        min_delta=cfg.early_stopping.min_delta,
-        max_length=cfg.model.max_length,
-        seed=derive_seed(cfg.seed, tag),
-        desc=tag,
-    )
+    loaded, kept = train_baseline(cfg, train, tag, regions, lambda model: validation_score(cfg, model, tests))
     if adapters is not None:
         for name in tests:
             adapters[name] = adapter_state(loaded.model)

@@ -115,3 +115,29 @@ def test_average_scores_the_mean_of_the_recent_rounds_adapters(
     mean = json.loads((tmp_path / "mean.json").read_text())
     for split in ("val", "test"):
         assert mean["curves"][split][1] == pytest.approx(averaged["curves"][split][1])
+
+
+def test_centralized_retrains_the_runs_baseline_and_scores_each_checkpoint(
+    simulated_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """--centralized trains the centralized baseline again with the run's seed, data and steps: under the run's
+    own criterion it keeps the checkpoint the summary recorded, and that checkpoint's pooled test macro-F1 is the
+    summary's; every checkpoint is scored by every criterion."""
+    _, run = simulated_run
+    out = tmp_path / "centralized.json"
+    assert main([str(run), "--centralized", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    recorded = next(iter(summary["regions"].values()))["centralized"]["kept_checkpoint"]
+    assert result["kept"] == result["recorded_kept"] == recorded
+    assert len(result["curves"]["val"]) == len(result["curves"]["test"]) == recorded["of"]
+    assert result["choices"]["mean_macro_f1"]["round"] == recorded["number"]
+    assert result["kept_test_pooled_macro_f1"] == pytest.approx(summary["overall"]["centralized"]["pooled_macro_f1"])
+    assert set(result["choices"]) == set(CRITERIA)
+
+
+def test_centralized_does_not_go_with_average(simulated_run: tuple[Path, Path], tmp_path: Path) -> None:
+    _, run = simulated_run
+    with pytest.raises(SystemExit):
+        main([str(run), "--centralized", "--average", "2", "--json", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()
