@@ -135,10 +135,11 @@ def train_local_only(
     seed: int,
     metric: str = "macro_f1",
     min_delta: float = 0.0,
-) -> LoadedModel:
+) -> tuple[LoadedModel, KeptCheckpoint]:
     """Region ``region``'s local-only model, as the local-only baseline trains it: a fresh adapter on the base
     (``build_model`` with the run's ``seed``), ``matched_settings(train, rounds)`` on the region's train split, its
-    best of ``rounds`` checkpoints on the region's val split by ``metric`` (the run's ``early_stopping.metric``)."""
+    best of ``rounds`` checkpoints on the region's val split by ``metric`` (the run's ``early_stopping.metric``);
+    and which checkpoint that is, as the baseline records it."""
     loaded = build_model(model, lora, labels, seed=seed)
 
     def validate() -> float | None:
@@ -154,7 +155,7 @@ def train_local_only(
         )
         return float(getattr(result, metric))
 
-    train_best_checkpoint(
+    kept = train_best_checkpoint(
         loaded,
         data.train,
         matched_settings(train, rounds),
@@ -166,4 +167,4 @@ def train_local_only(
         seed=derive_seed(seed, seed_tag(region)),
         desc=seed_tag(region),
     )
-    return loaded
+    return loaded, kept

@@ -49,7 +49,7 @@ from common.data import Example
 from common.errors import InputError
 from common.model import LORA_A, LORA_B, LoadedModel, adapter_state, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
-from common.runfiles import PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT, write_json
+from common.runfiles import KEPT_CHECKPOINT, PERSONALIZE_ERROR_FILE, PERSONALIZED_REPORT, write_json
 from common.seeds import derive_seed
 
 log = logging.getLogger("fedlocale.node")
@@ -581,7 +581,8 @@ def personalize_node(
     ``personalize.consider_local_only`` also ``local_only/``, the region's local-only model, trained here by
     ``client.local_only.train_local_only`` with the baseline's budget and validated by macro-F1) and
     ``personalized.json``: the region, ``time`` (``now``, seconds since the epoch) and the ``round`` of the
-    test evaluation, then the ``ABRecord`` (the choice on validation, the A/B on test). Nothing is sent.
+    test evaluation, then the ``ABRecord`` (the choice on validation, the A/B on test; its local-only entry also
+    says which checkpoint the local-only model kept). Nothing is sent.
 
     ``state`` is the global adapter of the run's best round, which the test evaluation carries; ``last`` the
     last round's number and global adapter, which it carries beside it when the two differ. Personalization
@@ -596,12 +597,12 @@ def personalize_node(
     loaded = loaded or global_model(task, state)
     start, kept = _start(region, task, state, loaded, node, last)
     settings = node.personalize
-    local_only = None
+    local_only, local_kept = None, None
     if settings.consider_local_only:
         # the local-only baseline's model, trained here with its budget: the node's own data, nothing sent
         # (personalize.dp refuses consider_local_only: this training is no DP-SGD)
         log.info("%s: training the local-only model (%d examples)", region.name, len(examples.train))
-        local_only = train_local_only(
+        local_only, local_kept = train_local_only(
             region.name, examples, task.model, task.lora, task.labels, task.train, task.rounds, seed=task.seed
         )
     private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -640,6 +641,9 @@ def personalize_node(
     if local_only is not None:
         save_adapter(local_only, folder / keys.LOCAL_ONLY)  # the served model when the choice is local_only
     report = {"region": region.name, "time": now, "round": task.server_round, **record.to_json()}
+    if local_kept is not None:
+        # which validation checkpoint the local-only model kept, as the simulation's baseline records it
+        report[keys.LOCAL_ONLY][KEPT_CHECKPOINT] = local_kept.to_json()
     write_json(folder / PERSONALIZED_REPORT, report)
     log.info("%s: personalized (%s), serves %s", region.name, node.personalize.mode, result.chosen)
     return report

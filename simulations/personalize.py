@@ -152,7 +152,7 @@ def local_only_model(
         loaded.model.eval()
         return loaded
     say(f"personalize: {name}: training its local-only model ({len(region.train)} examples, the baseline's budget)")
-    return train_local_only(
+    trained, _ = train_local_only(  # which checkpoint it kept: the baseline's record says, when the baseline ran
         name,
         region,
         cfg.model,
@@ -164,6 +164,7 @@ def local_only_model(
         metric=cfg.early_stopping.metric,
         min_delta=cfg.early_stopping.min_delta,
     )
+    return trained
 
 
 def personalize_run(

@@ -16,7 +16,7 @@ from common import keys
 from common.config import ClientTask, PersonalizeSettings, Region
 from common.errors import ConfigError
 from common.model import adapter_state, build_model
-from common.runfiles import PERSONALIZED_REPORT
+from common.runfiles import KEPT_CHECKPOINT, PERSONALIZED_REPORT
 from runfolder.export import load_exported
 from tests.conftest import write_region
 
@@ -153,7 +153,12 @@ def test_a_node_weighing_its_local_only_model_trains_it_with_the_baselines_budge
     assert local["served"] == (report["chosen"] == keys.LOCAL_ONLY)
     kept = load_exported(tmp_path / "own" / "north" / keys.LOCAL_ONLY)
     data = load_region("north", region.data, task.labels)
-    again = train_local_only("north", data, task.model, task.lora, task.labels, task.train, task.rounds, seed=task.seed)
+    again, again_kept = train_local_only(
+        "north", data, task.model, task.lora, task.labels, task.train, task.rounds, seed=task.seed
+    )
+    # the report says which validation checkpoint the served candidate kept, as the baseline's record does
+    assert local[KEPT_CHECKPOINT] == again_kept.to_json()
+    assert again_kept.number is not None and 1 <= again_kept.number <= again_kept.of
     mine = adapter_state(again.model)
     saved = adapter_state(kept.model)  # type: ignore[arg-type]  # load_exported gives the PeftModel it loaded
     assert all(np.allclose(saved[k], v.numpy(), atol=1e-6) for k, v in mine.items())

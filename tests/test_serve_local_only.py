@@ -25,6 +25,7 @@ from common.config import LoraSettings, ModelSettings, PersonalizeSettings, Trai
 from common.data import load_region
 from common.errors import ConfigError
 from common.model import LoadedModel, adapter_state, build_model
+from common.runfiles import KEPT_CHECKPOINT
 from tests.conftest import perturb, tiny_config, write_region
 
 LABELS = ("neg", "pos")
@@ -74,7 +75,8 @@ def _local_only(tiny_bert: Path, region: Any) -> LoadedModel:
     from client.local_only import train_local_only
 
     model = ModelSettings(base=str(tiny_bert), max_length=32)
-    return train_local_only("r", region, model, LoraSettings(r=4, alpha=8), LABELS, TRAIN, 2, seed=0)
+    loaded, _ = train_local_only("r", region, model, LoraSettings(r=4, alpha=8), LABELS, TRAIN, 2, seed=0)
+    return loaded
 
 
 @pytest.mark.parametrize("rule", ["point", "confident"])
@@ -153,8 +155,8 @@ def test_a_node_trains_the_same_local_only_model_as_the_simulations_baseline(
     cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=2))
     data = {r.name: load_region(r.name, r.data, cfg.labels) for r in cfg.regions}
     adapters: dict[str, dict[str, torch.Tensor]] = {}
-    run_local_only(cfg, {"south": data["south"]}, lambda _: None, None, adapters)
-    node = train_local_only(
+    scores, _ = run_local_only(cfg, {"south": data["south"]}, lambda _: None, None, adapters)
+    node, kept = train_local_only(
         "south", data["south"], cfg.model, cfg.lora, cfg.labels, cfg.train, cfg.rounds, seed=cfg.seed
     )
     mine = adapter_state(node.model)
@@ -163,6 +165,7 @@ def test_a_node_trains_the_same_local_only_model_as_the_simulations_baseline(
     assert any(not torch.equal(mine[k], initial[k]) for k in mine)  # it trained
     for key, value in adapters["south"].items():
         assert torch.allclose(mine[key], value, atol=1e-6), key
+    assert kept.to_json() == scores["south"][KEPT_CHECKPOINT]  # and it kept the checkpoint the baseline kept
 
 
 def test_a_simulation_reuses_the_baselines_adapter_and_export_serves_the_choice(
