@@ -36,13 +36,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks.output import write_result
 from deploy.env import apply_env
+
+if TYPE_CHECKING:  # the heavy imports wait until after argument parsing (--help stays fast)
+    from common.config import RunConfig
+    from common.data import RegionData
+    from common.model import LoadedModel
 
 # the validation scores a round could be kept by; the loss is lower-is-better, the others higher
 CRITERIA = ("mean_macro_f1", "pooled_accuracy", "pooled_loss", "pooled_macro_f1")
@@ -119,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     from client.tokens import encode_examples
     from client.train import predict_proba_encoded
     from common.config import load_config
-    from common.model import LoadedModel
     from common.runfiles import CONFIG_FILE, FEDERATION_FILE
     from simulations.runner import load_all
 
@@ -139,14 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     def score(loaded: LoadedModel) -> dict[str, float]:
         """Append ``loaded``'s scores on both splits to the curves; its validation scores."""
         for split in ("val", "test"):
-            # tokenised once, on the first call: every round (checkpoint) only swaps the adapter
-            ids = encoded.setdefault(
-                split,
-                {
+            if split not in encoded:  # tokenised once: every round (checkpoint) only swaps the adapter
+                encoded[split] = {
                     name: encode_examples(loaded.tokenizer, getattr(region, split), cfg.model.max_length).ids
                     for name, region in data.items()
-                },
-            )
+                }
+            ids = encoded[split]
             probs = {
                 name: predict_proba_encoded(
                     loaded.model, rows, pad_id=loaded.pad_id, batch_size=cfg.train.eval_batch_size
@@ -164,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _centralized(
     run: Path,
-    cfg: Any,
-    data: Any,
-    score: Any,
+    cfg: RunConfig,
+    data: Mapping[str, RegionData],
+    score: Callable[[LoadedModel], dict[str, float]],
     curves: dict[str, list[dict[str, float]]],
 ) -> dict[str, Any]:
     """Train the centralized baseline as the run did, scoring each validation checkpoint; the result."""
@@ -181,7 +184,7 @@ def _centralized(
         cfg.early_stopping.metric
     ]
 
-    def validate(loaded: Any) -> float:
+    def validate(loaded: LoadedModel) -> float:
         value = float(score(loaded)[metric])
         print(
             f"checkpoint {len(curves['val'])}: val {metric} {value:.4f}, "
@@ -226,10 +229,10 @@ def _recorded_kept(summary: dict[str, Any]) -> dict[str, Any] | None:
 
 def _rounds(
     run: Path,
-    cfg: Any,
+    cfg: RunConfig,
     federation: dict[str, Any],
     average: int,
-    score: Any,
+    score: Callable[[LoadedModel], dict[str, float]],
     curves: dict[str, list[dict[str, float]]],
     json_path: Path | None,
 ) -> int:
