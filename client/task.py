@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -99,8 +100,16 @@ def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
     (``personalize`` needs ``personal-dir``, ``keep-globals-count`` needs ``keep-globals``).
 
     A policy file that does not load stops the node (``ConfigError`` naming file and line): running without the
-    rules the operator meant to apply would be worse than not running.
+    rules the operator meant to apply would be worse than not running. So does a key it does not know
+    (``keys.NODE_KEYS``): a mistyped ``policy`` would otherwise run the node with no policy at all.
     """
+    unknown = sorted(str(k) for k in node_config if k not in keys.NODE_KEYS)
+    if unknown:
+        raise NodeConfigError(
+            "node config: unknown key(s) "
+            + ", ".join(f"{k!r}{_did_you_mean(k, keys.NODE_KEYS)}" for k in unknown)
+            + f"; a node config may hold {', '.join(keys.NODE_KEYS)}"
+        )
     policy = _absolute(node_config.get(keys.NODE_POLICY), keys.NODE_POLICY, "a policy file")
     augment = _absolute(node_config.get(keys.NODE_AUGMENT), keys.NODE_AUGMENT, "an augmentation settings file")
     settings = NodeSettings(
@@ -120,6 +129,11 @@ def node_settings(node_config: Mapping[str, object]) -> NodeSettings:
             "is no privacy budget to personalize under; set require_dp in the policy or drop dp"
         )
     return settings
+
+
+def _did_you_mean(key: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def planned_personalization(node: NodeSettings) -> PersonalizeSettings | None:

@@ -65,6 +65,23 @@ NODE_PERSONAL_DIR: Final = "personal-dir"  # absolute folder where the node keep
 # audit (`fedlocale audit node`); unset: it keeps none
 NODE_KEEP_GLOBALS: Final = "keep-globals"
 NODE_KEEP_GLOBALS_COUNT: Final = "keep-globals-count"  # how many rounds' global adapters it keeps (default 3)
+NODE_NUM_PARTITIONS: Final = "num-partitions"  # Flower's simulation sets it beside partition-id
+# every key a node config may hold: a node refuses any other (a mistyped "policy" must not run without the policy)
+NODE_KEYS: Final = (
+    NODE_REGION,
+    NODE_DATA_DIR,
+    NODE_PARTITION_ID,
+    NODE_NUM_PARTITIONS,
+    NODE_CACHE_DIR,
+    NODE_THREADS,
+    NODE_POLICY,
+    NODE_AUDIT_DIR,
+    NODE_AUGMENT,
+    NODE_PERSONALIZE,
+    NODE_PERSONAL_DIR,
+    NODE_KEEP_GLOBALS,
+    NODE_KEEP_GLOBALS_COUNT,
+)
 
 # Run config keys (``[tool.flwr.app.config]``)
 RUN_CONFIG_PATH: Final = "config"

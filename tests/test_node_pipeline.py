@@ -94,3 +94,16 @@ def test_node_config_errors_name_the_key_or_the_file(tmp_path: Path) -> None:
     bad.write_text("region: north\nmin_train_examples: zero\n")
     with pytest.raises(ConfigError, match=r"bad.yaml:2: min_train_examples: must be int"):
         node_settings({keys.NODE_POLICY: str(bad)})
+
+
+def test_node_config_refuses_a_key_it_does_not_know(tmp_path: Path) -> None:
+    # a mistyped "policy" must stop the node: run on, it would send replies no policy checked
+    policy = tmp_path / "north.yaml"
+    policy.write_text(yaml.safe_dump({"region": "north", "min_train_examples": 5}))
+    typo = {keys.NODE_REGION: "north", keys.NODE_DATA_DIR: str(tmp_path), "polcy": str(policy), "colour": "red"}
+    with pytest.raises(NodeConfigError, match=r"unknown key\(s\) 'colour', 'polcy' \(did you mean 'policy'\?\)"):
+        node_settings(typo)
+    # every key a deployed or simulated node is given is known, Flower's simulation keys included
+    assert node_settings({keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: 2}).policy is None
+    spelled = {keys.NODE_REGION: "north", keys.NODE_DATA_DIR: str(tmp_path), keys.NODE_POLICY: str(policy)}
+    assert node_settings(spelled).policy == RegionPolicy("north", min_train_examples=5)
