@@ -164,13 +164,39 @@ class RunState:
         required = [f.name for f in fields if f.default is dataclasses.MISSING]
         if not isinstance(raw, dict) or raw.get("version") != STATE_VERSION or set(required) - set(raw):
             raise ResumeError(f"cannot resume: {source} is not a version-{STATE_VERSION} state file of this program")
+        wrong = [
+            f"{name}: {raw[name]!r}"
+            for name, types in _STATE_TYPES.items()
+            if name in raw and (not isinstance(raw[name], types) or isinstance(raw[name], bool))
+        ]
+        if wrong:
+            raise ResumeError(f"cannot resume: {source} has values of the wrong type: {'; '.join(wrong)}")
         state = cls(**{f.name: raw[f.name] for f in fields if f.name in raw})
         numbered = [r.get("round") if isinstance(r, dict) else None for r in state.rounds]
         if state.completed_round < 1 or numbered != list(range(1, state.completed_round + 1)):
             raise ResumeError(
                 f"cannot resume: {source} says {state.completed_round} round(s) finished but records rounds {numbered}"
             )
+        if not 1 <= state.best_round <= state.completed_round:
+            raise ResumeError(
+                f"cannot resume: {source} says round {state.best_round} was the best of {state.completed_round} "
+                "finished round(s)"
+            )
         return state
+
+
+# what each field of a state file must hold (a hand-edited or damaged file is refused, not a traceback later)
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "completed_round": int,
+    "rounds": list,
+    "best_round": int,
+    "best_value": (int, float, type(None)),
+    "seconds": (int, float),
+    "fingerprint": str,
+    "settings": dict,
+    "run_key": str,
+    "optimizer_state": (dict, type(None)),
+}
 
 
 LATER_DEFAULTS: dict[str, Any] = {
@@ -253,7 +279,7 @@ def read_state(out_dir: Path) -> RunState | None:
         return None
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ResumeError(f"cannot resume: {path} cannot be read ({err})") from err
     return RunState.from_json(raw, path)
 

@@ -491,6 +491,32 @@ def test_a_broken_state_file_is_refused(tmp_path: Path, tiny_bert: Path, two_reg
         federate(object(), cfg, tmp_path, resume=True)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"completed_round": "1"}, r"wrong type: completed_round: '1'"),
+        ({"best_value": "high", "settings": []}, r"wrong type: best_value: 'high'; settings: \[\]"),
+        ({"best_round": True}, r"wrong type: best_round: True"),
+        ({"best_round": 2}, r"says round 2 was the best of 1 finished round"),
+        ({"best_round": 0}, r"says round 0 was the best of 1 finished round"),
+    ],
+)
+def test_a_state_file_with_values_of_the_wrong_kind_is_refused_naming_them(
+    tmp_path: Path, change: dict[str, Any], message: str
+) -> None:
+    # a hand-edited or damaged state.json: refused naming the file and the field, not a TypeError mid-resume
+    raw = {"version": 1, "completed_round": 1, "rounds": [{"round": 1}], "best_round": 1, "best_value": 0.5}
+    raw.update({"seconds": 1.0, "fingerprint": "f", "settings": {}, **change})
+    with pytest.raises(ResumeError, match=rf"cannot resume: {tmp_path / 'state.json'} .*{message}"):
+        RunState.from_json(raw, tmp_path / "state.json")
+
+
+def test_a_state_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    (tmp_path / STATE_FILE).write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ResumeError, match=f"cannot resume: {tmp_path / STATE_FILE} cannot be read"):
+        read_state(tmp_path)
+
+
 def test_resume_run_config_key_is_declared_and_read_as_a_flag() -> None:
     import tomllib
 
