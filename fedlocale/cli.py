@@ -15,7 +15,7 @@ from typing import Any
 
 from common.config import load_config
 from common.errors import ConfigError, FedlocaleError
-from common.runfiles import CONFIG_FILE, POOLED, SUMMARY_FILE, Summary, read_summary, write_summary
+from common.runfiles import CONFIG_FILE, FEDERATION_FILE, POOLED, SUMMARY_FILE, Summary, read_summary, write_summary
 from deploy.env import apply_env
 from fedlocale import audit_cmd, deploy_cmd, model_cmd, serve_cmd
 
@@ -309,7 +309,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
     """``fedlocale personalize``: personalization after the fact, on a finished simulation run."""
     from runfolder.report import write_report
     from runfolder.summary import read_metrics, with_personalized
-    from simulations.personalize import personalize_run
+    from simulations.personalize import personalize_run, run_rounds
     from simulations.runner import load_all
 
     summary = read_summary(args.run_dir)
@@ -321,6 +321,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
                 "dual trains during the rounds, so it is set before `fedlocale simulate`)"
             ]
         )
+    if (args.run_dir / FEDERATION_FILE).is_file():
+        run_rounds(args.run_dir / FEDERATION_FILE)  # a damaged record refused before the data and model load
     # local-only predictions are not kept by a run, so the A/B here is against the federated model only
     summary = with_personalized(summary, personalize_run(cfg, args.run_dir, load_all(cfg, print), None, print))
     write_summary(args.run_dir, summary)

@@ -38,7 +38,7 @@ from client.train import predict_proba_encoded
 from common import keys
 from common.config import RunConfig
 from common.data import RegionData
-from common.errors import ConfigError
+from common.errors import ConfigError, InputError
 from common.model import LoadedModel, build_model, load_adapter_state, save_adapter
 from common.policy import RegionPolicy, load_policy
 from common.runfiles import (
@@ -59,6 +59,22 @@ def load_global(cfg: RunConfig, adapter_dir: Path) -> LoadedModel:
     return loaded
 
 
+def run_rounds(record: Path) -> tuple[int, int]:
+    """The best and the last round a finished run's ``federation.json`` (``record``) names; a file that cannot
+    say is an InputError naming it (checked before any model is loaded)."""
+    try:
+        federation = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{record}: cannot be read ({err})") from err
+    best = federation.get("best_round") if isinstance(federation, dict) else None
+    rounds = federation.get("rounds") if isinstance(federation, dict) else None
+    if not isinstance(rounds, list) or not isinstance(best, int) or isinstance(best, bool):
+        raise InputError(f"{record}: not a finished run's record (needs best_round and the list of rounds)")
+    if not 1 <= best <= len(rounds):
+        raise InputError(f"{record}: best_round {best} is not one of its {len(rounds)} rounds")
+    return best, len(rounds)
+
+
 def start_model(cfg: RunConfig, out_dir: Path, global_model: LoadedModel) -> Start:
     """The global model personalization starts from, as ``personalize.start`` says: ``global_model`` (the run's
     ``adapter/``, its best round) or the last round's checkpoint."""
@@ -71,8 +87,7 @@ def start_model(cfg: RunConfig, out_dir: Path, global_model: LoadedModel) -> Sta
         if cfg.personalize.mode == "dual":
             raise ConfigError([f"personalize.mode: dual needs {record} (the round whose personal slices to stack)"])
         return Start(global_model, None)
-    federation = json.loads(record.read_text())
-    best, last = int(federation["best_round"]), len(federation["rounds"])
+    best, last = run_rounds(record)
     if cfg.personalize.start == "best" or last == best:
         return Start(global_model, best)
     folder = checkpoint_dir(out_dir, last)

@@ -231,7 +231,9 @@ def test_stacked_adapter_computes_what_the_local_model_learnt(tmp_path: Path, ti
     assert torch.allclose(_logits(stack_local(g, local), g), _logits(local, g), atol=1e-5)
 
 
-def test_personalize_command_updates_a_finished_run(tmp_path: Path, tiny_bert: Path) -> None:
+def test_personalize_command_updates_a_finished_run(
+    tmp_path: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     import yaml
@@ -254,6 +256,13 @@ def test_personalize_command_updates_a_finished_run(tmp_path: Path, tiny_bert: P
     (run / "metrics.jsonl").write_text("")
 
     assert main(["personalize", str(run)]) == 2  # personalize.mode is none in the run's config
+    # a damaged federation.json is refused naming it, before any data or model is loaded, and nothing is written
+    (run / "federation.json").write_text(json.dumps({"rounds": 5}))
+    before = (run / "summary.json").read_bytes()
+    assert main(["personalize", str(run), "--set", "personalize.mode=head"]) == 2
+    assert f"{run / 'federation.json'}: not a finished run's record" in capsys.readouterr().err
+    assert (run / "summary.json").read_bytes() == before and not (run / "personalized").exists()
+    (run / "federation.json").unlink()
     assert main(["personalize", str(run), "--set", "personalize.mode=head", "--set", "personalize.bootstrap=100"]) == 0
     written = json.loads((run / "summary.json").read_text())
     for name in cfg.region_names:
@@ -261,6 +270,27 @@ def test_personalize_command_updates_a_finished_run(tmp_path: Path, tiny_bert: P
         assert entry["mode"] == "head" and entry["bytes_sent"] == 0 and "vs_federated" in entry["ab"]
         assert (run / "personalized" / name / "adapter_model.safetensors").exists()
     assert "personalized" in written["overall"] and "Personalization (A/B)" in (run / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xff\xfe", "cannot be read"),
+        (b"[1, 2]", "not a finished run's record"),
+        (b'{"best_round": "1", "rounds": []}', "not a finished run's record"),
+        (b'{"best_round": 3, "rounds": [{}, {}]}', "best_round 3 is not one of its 2 rounds"),
+    ],
+)
+def test_run_rounds_refuses_a_damaged_record_naming_it(tmp_path: Path, content: bytes, message: str) -> None:
+    from common.errors import InputError
+    from simulations.personalize import run_rounds
+
+    record = tmp_path / "federation.json"
+    record.write_bytes(content)
+    with pytest.raises(InputError, match=f"{record}: {message}"):
+        run_rounds(record)
+    record.write_text('{"best_round": 2, "rounds": [{}, {}, {}]}')
+    assert run_rounds(record) == (2, 3)
 
 
 def test_balanced_training_set_has_equal_classes_and_the_same_size() -> None:
