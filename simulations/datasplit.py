@@ -505,6 +505,30 @@ def check_out_dir(out: Path, pool: Path, overwrite: bool) -> None:
                 f"--out {out}: holds no {MANIFEST_FILE}, so it is not an earlier `fedlocale data split`; "
                 "--overwrite replaces only those (nothing was written)"
             )
+        foreign = _not_written_by_split(out)
+        if foreign:
+            shown = ", ".join(str(path) for path in foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise InputError(
+                f"--out {out}: holds files an earlier split did not write ({shown}); --overwrite would delete "
+                "them with the folder: move them out first (nothing was written)"
+            )
+
+
+def _not_written_by_split(out: Path) -> list[Path]:
+    """What ``out`` holds beyond what ``write_split`` writes (its manifest, plot and region folders of split
+    files): a user's own files, which replacing the folder would delete."""
+    written = {f"{name}.jsonl" for name in (keys.TRAIN, keys.VAL, keys.TEST)}
+    foreign: list[Path] = []
+    for entry in sorted(out.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            foreign += [
+                p for p in sorted(entry.iterdir()) if p.name not in written or not p.is_file() or p.is_symlink()
+            ]
+        elif entry.name not in (MANIFEST_FILE, LABEL_MIX_PLOT) or not entry.is_file():
+            foreign.append(entry)
+    return foreign
 
 
 def write_split(out: Path, pool: Pool, settings: SplitSettings, split: Split, overwrite: bool) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -255,6 +256,25 @@ def test_an_existing_out_is_refused_and_replaced_only_with_overwrite(pool: Path,
     run_split(pool, first, SplitSettings(regions=2, alpha=1.0, seed=1), overwrite=True, say=lambda line: None)
     assert sorted(p.name for p in first.iterdir()) == ["label_mix.png", "region-0", "region-1", MANIFEST_FILE]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary sibling left
+
+
+def test_overwrite_refuses_a_split_that_holds_the_users_own_files(pool: Path, tmp_path: Path) -> None:
+    # replacing the folder would delete them: refused naming them, and nothing is touched
+    out = tmp_path / "split"
+    _split(pool, out, regions=3, alpha=1.0, seed=0, min_train=5, min_test=2)
+    notes, extra = out / "my-notes.txt", out / "region-0" / "extra" / "keep.txt"
+    notes.write_text("mine")
+    extra.parent.mkdir()
+    extra.write_text("mine too")
+    manifest = (out / MANIFEST_FILE).read_bytes()
+    with pytest.raises(InputError, match=rf"files an earlier split did not write \({notes}, {extra.parent}\)"):
+        run_split(pool, out, SplitSettings(regions=2, alpha=1.0, seed=1), overwrite=True, say=lambda line: None)
+    assert notes.read_text() == "mine" and extra.read_text() == "mine too"
+    assert (out / MANIFEST_FILE).read_bytes() == manifest
+    notes.unlink()
+    shutil.rmtree(extra.parent)
+    run_split(pool, out, SplitSettings(regions=2, alpha=1.0, seed=1), overwrite=True, say=lambda line: None)
+    assert sorted(p.name for p in out.iterdir()) == ["label_mix.png", "region-0", "region-1", MANIFEST_FILE]
 
 
 def test_k_too_large_and_an_impossible_alpha_name_the_setting(pool: Path, tmp_path: Path) -> None:
