@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common.config import LoraSettings, keeps_scale
+from common.config import MAX_LORA_RANK, LoraSettings, keeps_scale
 from common.errors import FedlocaleError
 from common.runfiles import PERSONAL_LORA_DIR, PERSONAL_LORA_SUFFIX, ROUND_PREFIX, round_name
 
@@ -71,6 +71,11 @@ def widen(lora: LoraSettings, extra: int) -> LoraSettings:
         raise ValueError(
             f"personalize.local_r={extra}: lora.alpha * (lora.r + local_r) must be a multiple of lora.r to keep "
             f"the scale alpha/r, got alpha={lora.alpha}, r={lora.r}"
+        )
+    if lora.r + extra > MAX_LORA_RANK:
+        raise ValueError(
+            f"personalize.local_r={extra}: the stacked adapter's rank lora.r + local_r = {lora.r + extra} is above "
+            f"{MAX_LORA_RANK}; lower one of them"
         )
     return dataclasses.replace(lora, r=lora.r + extra, alpha=lora.alpha * (lora.r + extra) // lora.r)
 

@@ -48,6 +48,10 @@ OPTIMIZER_HYPERPARAMETERS: dict[str, dict[str, float]] = {
 }
 OPTIMIZERS = tuple(OPTIMIZER_HYPERPARAMETERS)
 STOP_METRICS = ("macro_f1", "accuracy", "loss")
+# lora.r (and r + local_r stacked): two thirds of the supported bases' 384-wide layers; a huge rank makes torch
+# allocate without end
+MAX_LORA_RANK = 256
+MAX_SEED = 2**63 - 1  # the run's seed: what torch.Generator.manual_seed accepts, non-negative
 _log = logging.getLogger(__name__)
 MAX_VAL_FRACTION = 0.5  # data.val_fraction: carving more would leave less to train on than to validate with
 
@@ -88,8 +92,9 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.r < 1:
-            problems.append(("r", f"must be >= 1, got {self.r}"))
+        if not 1 <= self.r <= MAX_LORA_RANK:
+            # a rank beyond the layers' width adds nothing, and a huge one makes torch allocate without end
+            problems.append(("r", f"must be in [1, {MAX_LORA_RANK}], got {self.r}"))
         if self.alpha < 1:
             problems.append(("alpha", f"must be >= 1, got {self.alpha}"))
         if not 0.0 <= self.dropout < 1.0:
@@ -615,6 +620,9 @@ class RunConfig:
         # it follows the same folder-name rule as a region's name
         if (why := region_name_problem(self.name)) is not None:
             problems.append(("name", f"{why} (it names the folder runs/NAME)"))
+        if not 0 <= self.seed <= MAX_SEED:
+            # torch's generators take seeds below 2**64; numpy's and ours any: the narrowest bound, checked here
+            problems.append(("seed", f"must be in [0, 2**63 - 1], got {self.seed}"))
         if self.rounds < 1:
             problems.append(("rounds", f"must be >= 1, got {self.rounds}"))
         if not self.labels:
@@ -636,6 +644,15 @@ class RunConfig:
         for b in self.baselines:
             if b not in keys.BASELINES:
                 problems.append(("baselines", f"unknown baseline {b!r}; known: {', '.join(keys.BASELINES)}"))
+        stacked = self.lora.r + self.personalize.local_r
+        if self.personalize.mode in STACKED_MODES and stacked > MAX_LORA_RANK:
+            problems.append(
+                (
+                    "personalize.local_r",
+                    f"{self.personalize.mode} stacks an adapter of rank lora.r + local_r = {stacked}, above "
+                    f"{MAX_LORA_RANK}; lower one of them",
+                )
+            )
         if self.personalize.mode == "dual" and not keeps_scale(self.lora, self.personalize.local_r):
             problems.append(
                 (
@@ -866,6 +883,8 @@ def _with_line(problem: str, lines: dict[str, int], source: str, overridden: dic
         # a value from --set is not the file's: blaming the file's line would send the user to the wrong place
         if path == key or path.startswith((f"{key}.", f"{key}[")):
             return f"--set {assignment}: {problem}"
+        if key.startswith((f"{path}.", f"{path}[")) and path not in lines:
+            return f"--set {assignment}: {problem}"  # the --set made up the section the problem is about
     while path:
         if path in lines:
             return f"{source}:{lines[path]}: {problem}"
@@ -1033,8 +1052,9 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
     _resolve_augment_paths(raw.get("regions"), base)
     problems: list[str] = list(early)
     cfg = _build_into(RunConfig, raw, "", problems)
-    if discovery_failed:
-        # the folder's own problems say why there is no region; "need at least one region" would only repeat them
+    if discovery_failed or (folder is not None and early):
+        # the folder's own problems say why there is no region, or it was not read because of the problems
+        # before it: "need at least one region" would only repeat them or be false
         problems = [p for p in problems if not p.startswith("regions: need at least one region")]
     if cfg is None or early:
         raise located_error(problems, lines, source, overridden)

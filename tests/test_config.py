@@ -249,6 +249,36 @@ def test_override_bad_syntax(tmp_path: Path, regions_root: Path, assignment: str
     assert problem.startswith(prefix)
 
 
+def test_override_problems_with_a_regions_dir_are_only_the_overrides(tmp_path: Path, regions_root: Path) -> None:
+    # a bad --set keeps the folder from being read: no false "need at least one region" beside it; a --set that
+    # makes up a section is named, not the file
+    path = write(tmp_path / "d.yaml", f"name: d\nregions_dir: {regions_root}\nlabels: [neg, pos]\n")
+    assert problems_of(path, "rounds") == ["--set rounds: expected KEY=VALUE"]
+    (unknown,) = problems_of(path, "nosuch.key=1")
+    assert unknown.startswith("--set nosuch.key=1: nosuch: unknown key")
+
+
+@pytest.mark.parametrize(
+    ("assignment", "problem"),
+    [
+        ("lora.r=257", "--set lora.r=257: lora.r: must be in [1, 256], got 257"),
+        ("lora.r=99999999999999999999999", "--set lora.r=99999999999999999999999: lora.r: must be in [1, 256]"),
+        ("seed=18446744073709551616", "--set seed=18446744073709551616: seed: must be in [0, 2**63 - 1]"),
+        ("seed=-1", "--set seed=-1: seed: must be in [0, 2**63 - 1], got -1"),
+    ],
+)
+def test_a_rank_or_seed_torch_cannot_take_is_refused(
+    tmp_path: Path, regions_root: Path, assignment: str, problem: str
+) -> None:
+    path = write(tmp_path / "o.yaml", good_yaml(regions_root))
+    (found,) = problems_of(path, assignment)
+    assert found.startswith(problem)
+    assert load_config(path, ["lora.r=256", f"seed={2**63 - 1}"]).lora.r == 256
+    # the stacked adapter of local / dual personalization has rank r + local_r: bounded alike, named on local_r
+    (stacked,) = problems_of(path, "lora.r=256", "lora.alpha=256", "personalize.mode=local")
+    assert "personalize.local_r: local stacks an adapter of rank lora.r + local_r = 260, above 256" in stacked
+
+
 def test_apply_override_on_plain_data() -> None:
     raw: dict[str, object] = {"train": {"lr": 0.1}, "regions": [{"name": "a"}]}
     apply_override(raw, "train.lr=2e-5")
