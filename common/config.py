@@ -24,7 +24,7 @@ from common import keys
 from common.augment_settings import AugmentSettings
 from common.basemodels import base_problem
 from common.data import find_split, json_error_text, missing_split
-from common.errors import ConfigError, check
+from common.errors import ConfigError, InputError, check
 from common.secagg import secagg_parameter_problem
 from common.yamlfile import parse_yaml, read_mapping
 
@@ -498,9 +498,16 @@ class Region:
             return [f"no such policy file: {self.policy}"]
         if not self.data.is_dir():
             return [f"no such folder: {self.data}"]
-        return [
-            missing_split(self.data, split) for split in (keys.TRAIN, keys.TEST) if find_split(self.data, split) is None
-        ]
+        problems = []
+        for split in keys.SPLITS:
+            try:
+                path = find_split(self.data, split)
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            if path is None and split != keys.VAL:  # without a val file the node carves one from train
+                problems.append(missing_split(self.data, split))
+        return problems
 
 
 @dataclass(frozen=True)
@@ -977,7 +984,12 @@ def discover_regions(folder: Path) -> list[dict[str, str]]:
     for sub in sorted(folder.iterdir()):
         if sub.name.startswith(".") or not sub.is_dir():
             continue
-        if find_split(sub, keys.TRAIN) is not None:
+        try:
+            train = find_split(sub, keys.TRAIN)
+        except InputError as err:
+            problems.append(f"regions: {err}")
+            continue
+        if train is not None:
             name = unicodedata.normalize("NFC", sub.name)
             found.append({"name": name, "data": str(sub.resolve())})
             continue

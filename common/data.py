@@ -37,12 +37,12 @@ class DataError(InputError):
 
 
 def find_split(folder: Path, split: str) -> Path | None:
-    """The file holding ``split`` in a region folder (``train.jsonl`` or ``train.csv``), if any."""
-    for suffix in DATA_SUFFIXES:
-        path = folder / f"{split}{suffix}"
-        if path.is_file():
-            return path
-    return None
+    """The file holding ``split`` in a region folder (``train.jsonl`` or ``train.csv``), if any; a folder holding
+    both is an InputError (which one was meant would be a guess, and the other silently left out)."""
+    found = [folder / f"{split}{suffix}" for suffix in DATA_SUFFIXES if (folder / f"{split}{suffix}").is_file()]
+    if len(found) > 1:
+        raise InputError(f"{folder}: holds both {' and '.join(p.name for p in found)}; keep one of them")
+    return found[0] if found else None
 
 
 def split_near_misses(folder: Path, split: str) -> list[Path]:

@@ -279,6 +279,26 @@ def test_a_rank_or_seed_torch_cannot_take_is_refused(
     assert "personalize.local_r: local stacks an adapter of rank lora.r + local_r = 260, above 256" in stacked
 
 
+def test_a_region_holding_a_split_twice_is_refused_in_a_list_and_in_a_folder(tmp_path: Path) -> None:
+    # train.jsonl beside train.csv: reading one would silently leave the other out
+    root = tmp_path / "regions"
+    for i, name in enumerate(("a", "b")):
+        write_region(root / name, 8, 8, seed=10 + i)
+    (root / "a" / "train.csv").write_text("text,label\nhello,pos\n")
+    (root / "b" / "test.csv").write_text("text,label\nhello,pos\n")
+    listed = write(
+        tmp_path / "l.yaml",
+        f"name: l\nlabels: [neg, pos]\nregions:\n  - name: a\n    data: {root / 'a'}\n"
+        f"  - name: b\n    data: {root / 'b'}\n",
+    )
+    problems = problems_of(listed)
+    assert f"{listed}:5: regions[0].data: {root / 'a'}: holds both train.jsonl and train.csv; keep one" in problems[0]
+    assert f"regions[1].data: {root / 'b'}: holds both test.jsonl and test.csv" in problems[1]
+    found = write(tmp_path / "d.yaml", f"name: d\nregions_dir: {root}\nlabels: [neg, pos]\n")
+    (problem,) = problems_of(found)
+    assert f"regions_dir: {root / 'a'}: holds both train.jsonl and train.csv" in problem
+
+
 def test_apply_override_on_plain_data() -> None:
     raw: dict[str, object] = {"train": {"lr": 0.1}, "regions": [{"name": "a"}]}
     apply_override(raw, "train.lr=2e-5")
