@@ -161,6 +161,7 @@ def _up(lay: Any, args: argparse.Namespace) -> int:
     # checks first (the run folder, the run config), then the first write
     check_run_dir(out, overwrite=args.overwrite, resume=args.resume)
     run_cfg_rounds = _rounds(lay)
+    _same_ports(lay, args.deploy_file)
     _preflight(lay, lay.nodes)
     if not lay.ca.cert.exists() and _init(lay, force=False):
         return 2
@@ -231,6 +232,22 @@ def _write_summary(
     summary = build_summary(load_config(run_config), None, federation, {}, seconds, str(run_config), audit)
     write_summary(out, summary)
     write_report(out, summary, read_metrics(out))
+
+
+def _same_ports(lay: Any, deploy_file: Path) -> None:
+    """``deploy up`` starts every process on this machine: two of them given one port would fail only once
+    launched (on separate hosts, as ``deploy plan`` prints them, nodes may share a port)."""
+    from common.errors import InputError
+
+    users: dict[int, list[str]] = {lay.deploy.superlink.port: ["the SuperLink (superlink.port)"]}
+    for node in lay.nodes:
+        users.setdefault(node.port, []).append(f"node {node.region}")
+    clashes = [f"port {port}: {', '.join(names)}" for port, names in sorted(users.items()) if len(names) > 1]
+    if clashes:
+        raise InputError(
+            f"{deploy_file}: deploy up runs every process on this machine, so each needs its own port; "
+            f"{'; '.join(clashes)} (set nodes[].port)"
+        )
 
 
 def _preflight(lay: Any, nodes: Sequence[Any]) -> None:

@@ -559,3 +559,21 @@ def test_a_node_whose_policy_would_refuse_every_reply_is_not_started(
             f"{policy}:{line}: min_train_examples: region east: every train and evaluate reply would be refused" in err
         )
     assert execs == [] and not (tmp_path / "work" / "pki").exists() and not lay.logs.exists()
+
+
+def test_deploy_up_refuses_two_processes_on_one_port_before_anything_starts(
+    tmp_path: Path, three_regions: Path, tiny_bert: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # all on this machine: the SuperLink and a node, and two nodes, on one port would fail only once launched
+    deploy_file, lay = _deployment(tmp_path, tiny_bert, three_regions, link=9092, node_extra={"north": {"port": 9092}})
+    clash = {"east": {"port": 9300}, "south": {"port": 9300}}
+    assert main(["deploy", "up", str(deploy_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{deploy_file}: deploy up runs every process on this machine" in err
+    assert "port 9092: the SuperLink (superlink.port), node north" in err
+    assert not (tmp_path / "work" / "pki").exists() and not lay.logs.exists()
+    deploy_file, lay = _deployment(tmp_path, tiny_bert, three_regions, node_extra=clash)
+    assert main(["deploy", "up", str(deploy_file)]) == 2
+    assert "port 9300: node east, node south" in capsys.readouterr().err
+    # deploy plan prints it: on separate hosts two nodes may share a port
+    assert main(["deploy", "plan", str(deploy_file)]) == 0
