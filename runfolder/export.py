@@ -52,7 +52,7 @@ from common.runfiles import (
     write_atomic,
     write_json,
 )
-from common.yamlfile import read_yaml_file
+from common.yamlfile import read_mapping
 
 EXPORT_FILE = "fedlocale.json"
 CARD_FILE = "README.md"
@@ -128,12 +128,16 @@ def read_run(run_dir: Path) -> RunInfo:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    # The resolved config is only provenance and max_length here: a missing or odd one must not block an export.
-    try:
-        data, _ = read_yaml_file(path)
-    except ConfigError:
+    # A run folder without its resolved config (older runs, a copy) exports with defaults, said so in the record;
+    # a damaged one is refused: its max_length decides how the served model truncates, so guessing it would
+    # quietly change every prediction.
+    if not path.exists():
         return {}
-    return data if isinstance(data, dict) else {}
+    try:
+        data, _ = read_mapping(path)
+    except ConfigError as err:
+        raise ExportError(f"the run's config cannot be read: {'; '.join(err.problems)}") from err
+    return data
 
 
 def _section(mapping: Mapping[str, Any], key: str) -> dict[str, Any]:

@@ -293,6 +293,21 @@ def test_unreadable_data_folder_is_noted_not_fatal(bert_run: FakeRun, tmp_path: 
     assert "not readable on this machine" in (tmp_path / "export" / "README.md").read_text()
 
 
+def test_a_damaged_run_config_is_refused_and_a_missing_one_exports_with_defaults(
+    bert_run: FakeRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # its max_length decides how the served model truncates: a guess would change every prediction
+    run = copy_run(bert_run, tmp_path / "run")
+    (run.dir / "config.yaml").write_text("model: [\n")
+    assert export(run, "north", tmp_path / "export") == 2
+    assert f"the run's config cannot be read: {run.dir / 'config.yaml'}:" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+    (run.dir / "config.yaml").unlink()
+    assert export(run, "north", tmp_path / "export") == 0
+    info = json.loads((tmp_path / "export" / "fedlocale.json").read_text())
+    assert info["max_length_source"] == "default (not in the run config)"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Which adapter: personalized when the run chose it, else global; --adapter forces one
 
