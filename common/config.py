@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 from common import keys
 from common.augment_settings import AugmentSettings
 from common.basemodels import base_problem
-from common.data import find_split, json_error_text, missing_split
+from common.data import DATA_SUFFIXES, find_split, json_error_text, missing_split
 from common.errors import ConfigError, InputError, check
 from common.secagg import secagg_parameter_problem
 from common.yamlfile import parse_yaml, read_mapping
@@ -497,7 +497,7 @@ class Region:
         if self.policy is not None and not self.policy.is_file():
             return [f"no such policy file: {self.policy}"]
         if not self.data.is_dir():
-            return [f"no such folder: {self.data}"]
+            return [f"{self.data} is a file, not a folder" if self.data.exists() else f"no such folder: {self.data}"]
         problems = []
         for split in keys.SPLITS:
             try:
@@ -978,7 +978,8 @@ def discover_regions(folder: Path) -> list[dict[str, str]]:
     is skipped with a warning saying so.
     """
     if not folder.is_dir():
-        raise ConfigError([f"regions: no such folder: {folder}"])
+        what = f"{folder} is a file, not a folder" if folder.exists() else f"no such folder: {folder}"
+        raise ConfigError([f"regions: {what}"])
     found: list[dict[str, str]] = []
     problems: list[str] = []
     for sub in sorted(folder.iterdir()):
@@ -998,7 +999,9 @@ def discover_regions(folder: Path) -> list[dict[str, str]]:
         except OSError as err:
             problems.append(f"regions: {sub}: cannot read: {err.strerror or err}")
             continue
-        if near:
+        if any(name in near for name in (f"{keys.TRAIN}{suffix}" for suffix in DATA_SUFFIXES)):
+            problems.append(f"regions: {missing_split(sub, keys.TRAIN)}")  # train.jsonl is there, but no file
+        elif near:
             problems.append(
                 f"regions: {sub}: holds {', '.join(near)} but no train.jsonl or train.csv "
                 "(split files are named train, val, test with .jsonl or .csv, in lower case)"

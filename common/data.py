@@ -58,6 +58,9 @@ def split_near_misses(folder: Path, split: str) -> list[Path]:
 
 def missing_split(folder: Path, split: str) -> str:
     """Why ``folder`` has no ``split``: the names expected and, if any, the files that were probably meant."""
+    odd = [p.name for p in (folder / f"{split}{suffix}" for suffix in DATA_SUFFIXES) if p.exists() and not p.is_file()]
+    if odd:
+        return f"{folder / odd[0]} is not a file (a folder?); {split} rows go in a file named {odd[0]}"
     near = split_near_misses(folder, split)
     found = f" (found {', '.join(p.name for p in near)}: the name must be exactly one of these)" if near else ""
     return f"no {split}.jsonl or {split}.csv in {folder}{found}"

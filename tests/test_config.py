@@ -299,6 +299,27 @@ def test_a_region_holding_a_split_twice_is_refused_in_a_list_and_in_a_folder(tmp
     assert f"regions_dir: {root / 'a'}: holds both train.jsonl and train.csv" in problem
 
 
+def test_a_file_where_a_folder_belongs_and_a_folder_named_like_a_split_are_named(tmp_path: Path) -> None:
+    root = tmp_path / "regions"
+    write_region(root / "a", 8, 8, seed=10)
+    (root / "b" / "train.jsonl").mkdir(parents=True)  # a folder with the split file's name
+    (tmp_path / "file").write_text("not a folder\n")
+    listed = write(
+        tmp_path / "l.yaml",
+        f"name: l\nlabels: [neg, pos]\nregions:\n  - name: a\n    data: {tmp_path / 'file'}\n"
+        f"  - name: b\n    data: {root / 'b'}\n",
+    )
+    problems = problems_of(listed)
+    assert f"regions[0].data: {tmp_path / 'file'} is a file, not a folder" in problems[0]
+    assert f"regions[1].data: {root / 'b' / 'train.jsonl'} is not a file (a folder?)" in problems[1]
+    found = write(tmp_path / "d.yaml", f"name: d\nregions_dir: {root}\nlabels: [neg, pos]\n")
+    (problem,) = problems_of(found)
+    assert f"regions_dir: {root / 'b' / 'train.jsonl'} is not a file (a folder?)" in problem
+    pointed = write(tmp_path / "p.yaml", f"name: p\nregions_dir: {tmp_path / 'file'}\nlabels: [neg, pos]\n")
+    (problem,) = problems_of(pointed)
+    assert f"regions_dir: {tmp_path / 'file'} is a file, not a folder" in problem
+
+
 def test_apply_override_on_plain_data() -> None:
     raw: dict[str, object] = {"train": {"lr": 0.1}, "regions": [{"name": "a"}]}
     apply_override(raw, "train.lr=2e-5")
