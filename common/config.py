@@ -1055,6 +1055,10 @@ def load_config(path: Path, overrides: typing.Sequence[str] = (), regions_dir: P
     if policies is not None and not isinstance(policies, str):
         early.append(f"policies: must be a folder, got {type(policies).__name__} {policies!r}")
         policies = None
+    elif policies is not None and (base / policies).exists() and not (base / policies).is_dir():
+        # else every region would report a missing DIR/<region>.yaml under a file
+        early.append(f"policies: {base / policies} is a file, not a folder of <region>.yaml policy files")
+        policies = None
     if isinstance(raw.get("regions"), list):
         for region in raw["regions"]:
             if not isinstance(region, dict):

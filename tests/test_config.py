@@ -320,6 +320,13 @@ def test_a_file_where_a_folder_belongs_and_a_folder_named_like_a_split_are_named
     assert f"regions_dir: {tmp_path / 'file'} is a file, not a folder" in problem
 
 
+def test_policies_naming_a_file_is_one_problem_on_the_override(tmp_path: Path, regions_root: Path) -> None:
+    path = write(tmp_path / "o.yaml", good_yaml(regions_root))
+    (tmp_path / "afile.txt").write_text("x\n")
+    (problem,) = problems_of(path, f"policies={tmp_path / 'afile.txt'}")
+    assert problem.startswith(f"--set policies={tmp_path / 'afile.txt'}: policies: {tmp_path / 'afile.txt'} is a file")
+
+
 def test_apply_override_on_plain_data() -> None:
     raw: dict[str, object] = {"train": {"lr": 0.1}, "regions": [{"name": "a"}]}
     apply_override(raw, "train.lr=2e-5")
