@@ -136,7 +136,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data, _ = read_mapping(path)
     except ConfigError as err:
-        raise ExportError(f"the run's config cannot be read: {'; '.join(err.problems)}") from err
+        raise ExportError(
+            f"the run's config cannot be read: {'; '.join(err.problems)} (it says how the run truncated texts: "
+            f"restore it, or remove it to go on with the defaults, max_length {DEFAULT_MAX_LENGTH})"
+        ) from err
     return data
 
 

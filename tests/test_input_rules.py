@@ -138,7 +138,7 @@ def test_set_problems_name_the_override_not_a_line_of_the_file(root: Path, capsy
     path.write_text(config_text(root, "rounds: 0\n"), encoding="utf-8")
     err = check(root, capsys, str(path), "--set", "train.lr=abc", "--set", "lora={r: 0}", "--set", "x.y=[1")
     assert "  - --set train.lr=abc: train.lr: must be float, got str 'abc'" in err
-    assert "  - --set lora={r: 0}: lora.r: must be >= 1, got 0" in err
+    assert "  - --set lora={r: 0}: lora.r: must be in [1, 256], got 0" in err
     assert "  - --set x.y=[1: value '[1' is not valid YAML" in err
     assert f"  - {path}:10: rounds: must be >= 1, got 0" in err  # the file's own problems keep their lines
     assert f"{path}:9: train.lr" not in err
