@@ -279,6 +279,12 @@ def test_a_rank_or_seed_torch_cannot_take_is_refused(
     assert "personalize.local_r: local stacks an adapter of rank lora.r + local_r = 260, above 256" in stacked
 
 
+def _two_regions_listed(path: Path, a: Path, b: Path) -> Path:
+    """A run config listing regions ``a`` (its data on line 5) and ``b``."""
+    regions = f"regions:\n  - name: a\n    data: {a}\n  - name: b\n    data: {b}\n"
+    return write(path, f"name: l\nlabels: [neg, pos]\n{regions}")
+
+
 def test_a_region_holding_a_split_twice_is_refused_in_a_list_and_in_a_folder(tmp_path: Path) -> None:
     # train.jsonl beside train.csv: reading one would silently leave the other out
     root = tmp_path / "regions"
@@ -286,11 +292,7 @@ def test_a_region_holding_a_split_twice_is_refused_in_a_list_and_in_a_folder(tmp
         write_region(root / name, 8, 8, seed=10 + i)
     (root / "a" / "train.csv").write_text("text,label\nhello,pos\n")
     (root / "b" / "test.csv").write_text("text,label\nhello,pos\n")
-    listed = write(
-        tmp_path / "l.yaml",
-        f"name: l\nlabels: [neg, pos]\nregions:\n  - name: a\n    data: {root / 'a'}\n"
-        f"  - name: b\n    data: {root / 'b'}\n",
-    )
+    listed = _two_regions_listed(tmp_path / "l.yaml", root / "a", root / "b")
     problems = problems_of(listed)
     assert f"{listed}:5: regions[0].data: {root / 'a'}: holds both train.jsonl and train.csv; keep one" in problems[0]
     assert f"regions[1].data: {root / 'b'}: holds both test.jsonl and test.csv" in problems[1]
@@ -304,12 +306,7 @@ def test_a_file_where_a_folder_belongs_and_a_folder_named_like_a_split_are_named
     write_region(root / "a", 8, 8, seed=10)
     (root / "b" / "train.jsonl").mkdir(parents=True)  # a folder with the split file's name
     (tmp_path / "file").write_text("not a folder\n")
-    listed = write(
-        tmp_path / "l.yaml",
-        f"name: l\nlabels: [neg, pos]\nregions:\n  - name: a\n    data: {tmp_path / 'file'}\n"
-        f"  - name: b\n    data: {root / 'b'}\n",
-    )
-    problems = problems_of(listed)
+    problems = problems_of(_two_regions_listed(tmp_path / "l.yaml", tmp_path / "file", root / "b"))
     assert f"regions[0].data: {tmp_path / 'file'} is a file, not a folder" in problems[0]
     assert f"regions[1].data: {root / 'b' / 'train.jsonl'} is not a file (a folder?)" in problems[1]
     found = write(tmp_path / "d.yaml", f"name: d\nregions_dir: {root}\nlabels: [neg, pos]\n")
