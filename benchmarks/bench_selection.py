@@ -160,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         return curves["val"][-1]
 
     if args.centralized:
-        result = _centralized(run, cfg, data, score, curves)
-        return write_result(args.json or run / "bench_selection-centralized.json", result)
-    return _rounds(run, cfg, federation, args.average, score, curves, args.json)
+        result, name = _centralized(run, cfg, data, score, curves), "bench_selection-centralized.json"
+    else:
+        result = _rounds(run, cfg, federation, args.average, score, curves)
+        name = "bench_selection.json" if args.average == 1 else f"bench_selection-avg{args.average}.json"
+    return write_result(args.json or run / name, result)
 
 
 def _centralized(
@@ -234,9 +236,8 @@ def _rounds(
     average: int,
     score: Callable[[LoadedModel], dict[str, float]],
     curves: dict[str, list[dict[str, float]]],
-    json_path: Path | None,
-) -> int:
-    """Score every round's saved global adapter (or the mean of the last ``average``); write the result."""
+) -> dict[str, Any]:
+    """Score every round's saved global adapter (or the mean of the last ``average``); the result."""
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import load_file
 
@@ -276,7 +277,7 @@ def _rounds(
     spread = f"{mismatch:.2g}" if mismatch is not None else "not compared (averaged models)"
     print(f"the run kept round {federation['best_round']}; largest |mine − recorded| val mean macro-F1 {spread}")
     suffix = f" --average {average}" if average > 1 else ""
-    result: dict[str, Any] = {
+    return {
         "command": f"python -m benchmarks.bench_selection {run}{suffix}",
         "average": average,
         "run_dir": str(run),
@@ -287,8 +288,6 @@ def _rounds(
         "best_test_round": best_test,
         "curves": curves,
     }
-    default = run / ("bench_selection.json" if average == 1 else f"bench_selection-avg{average}.json")
-    return write_result(json_path or default, result)
 
 
 if __name__ == "__main__":

@@ -519,7 +519,7 @@ def check_out_dir(out: Path, pool: Path, overwrite: bool) -> None:
 def _not_written_by_split(out: Path) -> list[Path]:
     """What ``out`` holds beyond what ``write_split`` writes (its manifest, plot and region folders of split
     files): a user's own files, which replacing the folder would delete."""
-    written = {f"{name}.jsonl" for name in (keys.TRAIN, keys.VAL, keys.TEST)}
+    written = {f"{name}.jsonl" for name in keys.SPLITS}
     foreign: list[Path] = []
     for entry in sorted(out.iterdir()):
         if entry.is_dir() and not entry.is_symlink():
