@@ -134,6 +134,9 @@ def add_parsers(sub: Any) -> None:
         metavar="DIR",
         help="folder for the report (new or existing; only audit-report.md and audit-bytes-*.png are written there)",
     )
+    report.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier audit report (and its plots) in --out"
+    )
 
 
 def trusted_keys(pairs: Sequence[str], keys_file: Path | None) -> dict[str, Any]:
@@ -216,9 +219,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return cmd_privacy(args.run_dir, args.regions, args.bootstrap, args.references)
     if args.audit_command == "node":
         return cmd_node_audit(args.node_config, args.out, args.overwrite, args.bootstrap)
-    if args.audit_command == "report" and args.out.exists() and not args.out.is_dir():
-        # checked before the ledgers are read: a report never takes the place of the user's file
-        raise InputError(f"--out {args.out} is a file; audit report writes a folder (audit-report.md and plots)")
+    if args.audit_command == "report":
+        check_report_out(args.out, args.overwrite)
     result = run_checks(args)
     _print(result)
     if args.audit_command == "report":
@@ -227,6 +229,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
         path = write_audit_report(list(result.checks), args.out, list(result.findings), list(result.not_checked))
         print(f"report: {path}")
     return 0 if result.ok else EXIT_BROKEN
+
+
+def check_report_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``audit report --out`` that is a file, or a folder holding an earlier report (which the user
+    may have annotated), unless ``overwrite``; checked before the ledgers are read."""
+    from common.runfiles import AUDIT_PLOT, AUDIT_REPORT_FILE
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; audit report writes a folder ({AUDIT_REPORT_FILE} and plots)")
+    earlier = sorted(out.glob(AUDIT_REPORT_FILE)) + sorted(out.glob(AUDIT_PLOT.format("*")))
+    if earlier and not overwrite:
+        names = ", ".join(p.name for p in earlier[:3]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        raise InputError(f"--out {out} holds an earlier audit report ({names}); pass --overwrite to replace it")
 
 
 def cmd_privacy(run_dir: Path, regions: Sequence[str], bootstrap: int, references: int | None = None) -> int:

@@ -296,3 +296,14 @@ def test_cli_report_out_never_replaces_the_users_files(
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
     assert {name: after[name] for name in before} == before
     assert set(after) - set(before) == {AUDIT_REPORT_FILE, "audit-bytes-north.png", "audit-bytes-east.png"}
+    # an earlier report (perhaps annotated by its reader) is replaced only with --overwrite
+    report = folder / AUDIT_REPORT_FILE
+    report.write_text(report.read_text(encoding="utf-8") + "\nauditor's note\n", encoding="utf-8")
+    annotated = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    assert main(["audit", "report", *sources, *keys, "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {folder} holds an earlier audit report ({AUDIT_REPORT_FILE}, audit-bytes-east.png" in err
+    assert "pass --overwrite" in err
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == annotated
+    assert main(["audit", "report", *sources, *keys, "--out", str(folder), "--overwrite"]) == 0
+    assert "auditor's note" not in report.read_text(encoding="utf-8")
