@@ -98,15 +98,35 @@ def load_peft_folder(folder: Path, base_path: str, labels: Sequence[str]) -> Pef
                 f"{folder}: the adapter holds no trained weights for the head module {name!r}; "
                 "the base model's own (or a random) head would classify instead"
             )
+    _check_head_size(folder, saved, base, head, labels)
     with warnings.catch_warnings():
         # peft calls a transformers API that transformers 5 renamed; the warning is theirs, not the user's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # peft opens the base path the adapter recorded (often another machine's) only to see whether the
+        # vocabulary was resized; fedlocale never resizes it, and the base actually used is ``base_path``
+        warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
         model = PeftModel.from_pretrained(base, str(folder))
-    # and the head that classifies is the adapter's, tensor for tensor
-    state = get_peft_model_state_dict(model)
+        # and the head that classifies is the adapter's, tensor for tensor
+        state = get_peft_model_state_dict(model)
     mine = [k for k in state if k.split(".")[2:3] and k.split(".")[2] in head]
     differ = [k for k in mine if k not in saved or not torch.equal(state[k].cpu(), saved[k].to(state[k].dtype))]
     if differ:
         raise AdapterFolderError(f"{folder}: the head weights {differ[:3]} did not load from the adapter")
     model.eval()
     return model
+
+
+def _check_head_size(
+    folder: Path, saved: dict[str, torch.Tensor], base: torch.nn.Module, head: Sequence[str], labels: Sequence[str]
+) -> None:
+    """Refuse, naming ``labels.json``, a label list whose size does not fit the adapter's trained head (peft would
+    report a size mismatch deep in its state dict, naming neither file)."""
+    shapes = {name: tuple(param.shape) for name, param in base.state_dict().items()}
+    prefix = "base_model.model."
+    for key, tensor in saved.items():
+        name = key.removeprefix(prefix)
+        if name.split(".")[0] in head and name in shapes and tuple(tensor.shape) != shapes[name]:
+            raise AdapterFolderError(
+                f"{folder / LABELS_FILE}: {len(labels)} label(s) {list(labels)}, but the adapter's trained head "
+                f"{name} has shape {list(tensor.shape)}: the labels do not belong to this adapter"
+            )

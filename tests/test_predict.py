@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,41 @@ def test_a_damaged_model_folder_exits_2_naming_it(
     assert code == 2, err
     assert err.startswith(f"fedlocale: {folder}") and message in err and "Traceback" not in err
     assert out == [] and not out_file.exists()
+
+
+@pytest.mark.parametrize("labels", [["neg"], ["neg", "pos", "mixed"]])
+def test_labels_that_do_not_fit_the_adapters_head_name_labels_json(
+    served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str], labels: list[str]
+) -> None:
+    import shutil
+
+    folder = tmp_path / "unmerged"
+    shutil.copytree(served["unmerged"], folder)
+    (folder / "labels.json").write_text(json.dumps({"labels": labels}))
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    code, out, err = run_predict(capsys, str(folder), str(path))
+    assert code == 2, err
+    assert err.startswith(f"fedlocale: {folder / 'labels.json'}: {len(labels)} label(s)"), err
+    assert "the labels do not belong to this adapter" in err and "Traceback" not in err and out == []
+
+
+def test_a_recorded_base_path_of_another_machine_predicts_quietly(
+    served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    folder = tmp_path / "unmerged"
+    shutil.copytree(served["unmerged"], folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "elsewhere" / "base")  # no such folder here
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    with warnings.catch_warnings(record=True) as caught:  # what a user's terminal would show
+        warnings.simplefilter("always")
+        code, out, err = run_predict(capsys, str(folder), str(path))
+    assert code == 0, err
+    assert len(out) == 1 and "warn" not in err.lower()
+    assert [str(w.message) for w in caught if "Could not find a config file" in str(w.message)] == []
 
 
 def test_max_length_beyond_the_model_is_refused_before_predicting(
