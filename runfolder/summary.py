@@ -211,9 +211,38 @@ def with_personalized(summary: Summary, entries: dict[str, dict[str, Any]]) -> S
     return dataclasses.replace(summary, regions=regions, overall=overall, timing=timing)
 
 
+# A metrics.jsonl line's values that have a fixed range: the share-valued scores, the DP record's delta
+_UNIT_INTERVAL = ("accuracy", "macro_f1", "dp_delta")
+_LINE_KEYS = {"round": int, "region": str, "split": str}
+
+
+def metric_line_problems(record: dict[str, Any]) -> list[str]:
+    """What is wrong with one metrics.jsonl line (server.federation.MetricsWriter's shape): ``round`` a whole
+    number >= 0, ``region`` and ``split`` names, every other value a number (a loss may be NaN: a diverged run
+    writes it), shares in [0, 1], ``num_examples`` a whole number >= 0."""
+    problems = []
+    for key, kind in _LINE_KEYS.items():
+        value = record.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or value == "":
+            problems.append(f"{key}: expected {'a whole number' if kind is int else 'a name'}, got {value!r}")
+    if isinstance(record.get("round"), int) and record["round"] < 0:
+        problems.append(f"round: must be >= 0, got {record['round']}")
+    for key, value in record.items():
+        if key in _LINE_KEYS:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            problems.append(f"{key}: expected a number, got {value!r}")
+        elif key in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+            problems.append(f"{key}: must be in [0, 1], got {value!r}")
+        elif key == "num_examples" and (not isinstance(value, int) or value < 0):
+            problems.append(f"num_examples: expected a whole number >= 0, got {value!r}")
+    return problems
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The lines of RUN_DIR/metrics.jsonl (none when the file is absent); an ``InputError`` listing every line
-    that is not a JSON object (``file:line: reason``) when it is damaged."""
+    that is not a JSON object of the writer's shape (``metric_line_problems``; ``file:line: reason``) when it is
+    damaged."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
@@ -231,10 +260,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             problems.append(f"{path}:{number}: not JSON ({err.msg})")
             continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
+        if not isinstance(record, dict):
             problems.append(f"{path}:{number}: expected a JSON object")
+            continue
+        wrong = metric_line_problems(record)
+        problems.extend(f"{path}:{number}: {problem}" for problem in wrong)
+        if not wrong:
+            records.append(record)
     if problems:
         raise InputError(f"{path}: {len(problems)} damaged line(s):\n" + "\n".join(f"  - {p}" for p in problems))
     return records

@@ -314,6 +314,10 @@ RUN_DAMAGE: dict[str, tuple[str, bytes]] = {
     "metrics binary": ("metrics.jsonl", BINARY),
     "metrics truncated": ("metrics.jsonl", b'{"round": 1, "train": {"nor'),
     "metrics wrong types": ("metrics.jsonl", b'[1, 2]\n"round"\n'),
+    "metrics nonsense values": (
+        "metrics.jsonl",
+        b'{"round": "two", "region": "north", "split": "val", "macro_f1": 7, "loss": "low", "num_examples": 4}\n',
+    ),
     "summary wrong types": ("summary.json", b'{"regions": 3, "overall": []}'),
     "summary truncated": ("summary.json", b'{"regions": {"north": {"federated": '),
     "adapter config truncated": ("adapter/adapter_config.json", b'{"peft_type": '),
@@ -360,7 +364,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("finished")
     run = make_run(root, str(make_tiny_model(root / "base", "bert")))
-    (run.dir / "metrics.jsonl").write_text(json.dumps({"round": 1, "train": {}, "val": {}}) + "\n")
+    line = {"round": 1, "region": "north", "split": "train", "loss": 0.5, "num_examples": 4}
+    (run.dir / "metrics.jsonl").write_text(json.dumps(line) + "\n")
     return run.dir
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,36 @@ def test_label_mix_section_from_a_simulation_record(tmp_path: Path) -> None:
     text = write_report(run, Summary.from_json(make_summary()), make_metrics()).read_text(encoding="utf-8")
     assert "_Not recorded: only a simulation records it" in text
     assert not (run / LABEL_MIX_PLOT).exists()
+
+
+def test_metrics_lines_of_the_wrong_shape_are_each_named_with_their_line(tmp_path: Path) -> None:
+    from common.errors import InputError
+    from runfolder.summary import read_metrics
+
+    good = {"round": 1, "region": "north", "split": "val", "accuracy": 0.5, "macro_f1": 0.4, "num_examples": 3}
+    bad = [
+        {**good, "round": "two"},
+        {**good, "macro_f1": 7},
+        {**good, "loss": "low"},
+        {k: v for k, v in good.items() if k != "region"},
+        {**good, "num_examples": 2.5},
+        {**good, "round": True},
+    ]
+    lines = [good, *bad, {**good, "loss": float("nan")}]  # a diverged run writes NaN losses: kept
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with pytest.raises(InputError) as exc:
+        read_metrics(tmp_path)
+    text = str(exc.value)
+    path = tmp_path / "metrics.jsonl"
+    assert "6 damaged line(s)" in text
+    for number, expected in [
+        (2, "round: expected a whole number, got 'two'"),
+        (3, "macro_f1: must be in [0, 1], got 7"),
+        (4, "loss: expected a number, got 'low'"),
+        (5, "region: expected a name, got None"),
+        (6, "num_examples: expected a whole number >= 0, got 2.5"),
+        (7, "round: expected a whole number, got True"),
+    ]:
+        assert f"{path}:{number}: {expected}" in text
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(lines[-1]) + "\n")
+    assert [x["round"] for x in read_metrics(tmp_path)] == [1, 1]
