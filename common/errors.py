@@ -29,6 +29,10 @@ class ConfigError(InputError):
         self.problems = problems
         self.source = source
         where = f" in {source}" if source else ""
+        # a problem of an option (--set, --regions) names the option itself: the file is not to blame for it
+        from_options = sum(p.startswith("--") for p in problems)
+        if source and from_options:
+            where = " in the command line's options" if from_options == len(problems) else f"{where} and the options"
         body = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{len(problems)} problem(s){where}:\n{body}")
 

@@ -565,3 +565,14 @@ def test_node_timeout_defaults_and_must_be_positive(tmp_path: Path, regions_root
     assert problems_of(path) == [f"{path}:12: aggregation.node_timeout: must be > 0, got -5.0"]
     ok = write(tmp_path / "ok.yaml", good_yaml(regions_root) + "aggregation:\n  node_timeout: 1e2\n")
     assert load_config(ok).aggregation.node_timeout == 100.0
+
+
+def test_the_header_blames_the_file_only_for_the_files_problems(tmp_path: Path) -> None:
+    source = str(tmp_path / "run.yaml")
+    in_file = ConfigError([f"{source}:1: rounds: must be >= 1, got 0"], source)
+    assert str(in_file).startswith(f"1 problem(s) in {source}:")
+    only_options = ConfigError(["--regions: no such folder: /gone", "--set rounds=x: rounds: must be int"], source)
+    assert str(only_options).startswith("2 problem(s) in the command line's options:")
+    both = ConfigError([f"{source}:1: rounds: must be >= 1, got 0", "--regions: no such folder: /gone"], source)
+    assert str(both).startswith(f"2 problem(s) in {source} and the options:")
+    assert str(ConfigError(["rounds: must be >= 1, got 0"])).startswith("1 problem(s):")
