@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from common.data import not_utf8
 from common.errors import ConfigError, FedlocaleError, InputError
 from common.runfiles import KEY_FILE, LEDGER_FILE, PUBLIC_KEY_FILE
 
@@ -263,10 +264,13 @@ def read_entries(path: Path) -> tuple[list[dict[str, Any]], str | None]:
     """The entries of a ledger file and the first line that is not an entry (``path:line: reason``)."""
     entries: list[dict[str, Any]] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
+        lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()  # bad bytes: by line below
+    except OSError as err:
         return entries, f"{path}: cannot read ({err})"
     for number, line in enumerate(lines, start=1):
+        undecodable = not_utf8(line, number)
+        if undecodable:
+            return entries, f"{path}:{number}: {undecodable}"
         if not line.strip():
             continue
         try:

@@ -129,8 +129,9 @@ def json_lines(lines: Iterable[str], plain_text: bool = False) -> Rows:
     return _guard_decoding(_json_lines(lines, plain_text))
 
 
-def _not_utf8(line: str, line_no: int) -> str | None:
-    """Why a line read with ``surrogateescape`` is not UTF-8 text (its first bad byte and column), or None."""
+def not_utf8(line: str, line_no: int) -> str | None:
+    """Why a line read with ``surrogateescape`` is not UTF-8 text (its first bad byte and column), or None; every
+    line-based reader names a bad line with it (``file:line: why``)."""
     for column, ch in enumerate(line, start=1):
         if "\udc80" <= ch <= "\udcff":
             if line_no == 1 and line[:2] in ("\udcff\udcfe", "\udcfe\udcff"):
@@ -141,7 +142,7 @@ def _not_utf8(line: str, line_no: int) -> str | None:
 
 def _json_lines(lines: Iterable[str], plain_text: bool) -> Rows:
     for line_no, line in enumerate(lines, start=1):
-        undecodable = _not_utf8(line, line_no)
+        undecodable = not_utf8(line, line_no)
         if undecodable:
             yield line_no, undecodable
             if undecodable.startswith("UTF-16"):
@@ -178,7 +179,7 @@ def _csv_rows(fh: TextIO, required: Sequence[str]) -> Rows:
 
     def lines() -> Iterator[str]:
         for line_no, line in enumerate(fh, start=1):
-            problem = _not_utf8(line, line_no)
+            problem = not_utf8(line, line_no)
             if problem:
                 undecodable[line_no] = problem
             yield line

@@ -14,7 +14,7 @@ from typing import Any
 
 from common import keys
 from common.config import RunConfig
-from common.data import RegionData
+from common.data import RegionData, not_utf8
 from common.errors import InputError
 from common.metrics import pooled_macro_f1, weighted_mean
 from common.runfiles import CONFUSION, KEPT_CHECKPOINT, METRICS_FILE, POOLED, Summary
@@ -247,12 +247,16 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")  # bad bytes are named by line below
+    except OSError as err:
         raise InputError(f"{path}: cannot read ({err})") from err
     records: list[dict[str, Any]] = []
     problems: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
+        undecodable = not_utf8(line, number)
+        if undecodable:
+            problems.append(f"{path}:{number}: {undecodable}")
+            continue
         if not line.strip():
             continue
         try:

@@ -137,6 +137,14 @@ def test_a_ledger_signed_by_someone_without_a_trusted_key_is_refused(tmp_path: P
     assert check.problem == f"{path}:1: no trusted public key for signer 'north'"
 
 
+def test_bytes_that_are_not_utf8_are_named_by_their_line(tmp_path: Path) -> None:
+    path, trusted = make_ledger(tmp_path)
+    with path.open("ab") as out:
+        out.write(b'{"seq": 4, "note": "\xff"}\n')
+    check = verify_ledger(path, trusted)
+    assert check.problem == f"{path}:5: not UTF-8: byte 0xFF at column 21 (save the file as UTF-8)"
+
+
 def test_a_broken_line_is_named_and_the_ledger_is_not_extended(tmp_path: Path) -> None:
     path, trusted = make_ledger(tmp_path)
     with path.open("a") as out:

@@ -336,3 +336,15 @@ def test_metrics_lines_of_the_wrong_shape_are_each_named_with_their_line(tmp_pat
         assert f"{path}:{number}: {expected}" in text
     (tmp_path / "metrics.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(lines[-1]) + "\n")
     assert [x["round"] for x in read_metrics(tmp_path)] == [1, 1]
+
+
+def test_metrics_bytes_that_are_not_utf8_are_named_by_line(tmp_path: Path) -> None:
+    from common.errors import InputError
+    from runfolder.summary import read_metrics
+
+    good = json.dumps({"round": 1, "region": "north", "split": "train", "loss": 0.5, "num_examples": 3})
+    (tmp_path / "metrics.jsonl").write_bytes(f"{good}\n".encode() + b'{"region": "caf\xe9"}\n' + f"{good}\n".encode())
+    with pytest.raises(InputError) as exc:
+        read_metrics(tmp_path)
+    assert f"{tmp_path / 'metrics.jsonl'}:2: not UTF-8: byte 0xE9 at column 16" in str(exc.value)
+    assert "1 damaged line(s)" in str(exc.value)
