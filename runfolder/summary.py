@@ -239,6 +239,25 @@ def metric_line_problems(record: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _metric_line(line: str, number: int, records: list[dict[str, Any]]) -> list[str]:
+    """Append one metrics.jsonl line's record to ``records``, or return what is wrong with the line."""
+    undecodable = not_utf8(line, number)
+    if undecodable:
+        return [undecodable]
+    if not line.strip():
+        return []
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return [f"not JSON ({err.msg})"]
+    if not isinstance(record, dict):
+        return ["expected a JSON object"]
+    wrong = metric_line_problems(record)
+    if not wrong:
+        records.append(record)
+    return wrong
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The lines of RUN_DIR/metrics.jsonl (none when the file is absent); an ``InputError`` listing every line
     that is not a JSON object of the writer's shape (``metric_line_problems``; ``file:line: reason``) when it is
@@ -251,26 +270,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     except OSError as err:
         raise InputError(f"{path}: cannot read ({err})") from err
     records: list[dict[str, Any]] = []
-    problems: list[str] = []
+    problems: dict[int, list[str]] = {}  # line number -> what is wrong with it (a line may have several problems)
     for number, line in enumerate(text.splitlines(), start=1):
-        undecodable = not_utf8(line, number)
-        if undecodable:
-            problems.append(f"{path}:{number}: {undecodable}")
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"{path}:{number}: not JSON ({err.msg})")
-            continue
-        if not isinstance(record, dict):
-            problems.append(f"{path}:{number}: expected a JSON object")
-            continue
-        wrong = metric_line_problems(record)
-        problems.extend(f"{path}:{number}: {problem}" for problem in wrong)
-        if not wrong:
-            records.append(record)
+        wrong = _metric_line(line, number, records)
+        if wrong:
+            problems[number] = wrong
     if problems:
-        raise InputError(f"{path}: {len(problems)} damaged line(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        listed = "\n".join(f"  - {path}:{n}: {p}" for n, wrong in problems.items() for p in wrong)
+        raise InputError(f"{path}: {len(problems)} damaged line(s):\n{listed}")
     return records

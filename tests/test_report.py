@@ -317,6 +317,7 @@ def test_metrics_lines_of_the_wrong_shape_are_each_named_with_their_line(tmp_pat
         {k: v for k, v in good.items() if k != "region"},
         {**good, "num_examples": 2.5},
         {**good, "round": True},
+        {**good, "split": "", "accuracy": -1},  # two problems, one damaged line
     ]
     lines = [good, *bad, {**good, "loss": float("nan")}]  # a diverged run writes NaN losses: kept
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -324,7 +325,7 @@ def test_metrics_lines_of_the_wrong_shape_are_each_named_with_their_line(tmp_pat
         read_metrics(tmp_path)
     text = str(exc.value)
     path = tmp_path / "metrics.jsonl"
-    assert "6 damaged line(s)" in text
+    assert "7 damaged line(s)" in text
     for number, expected in [
         (2, "round: expected a whole number, got 'two'"),
         (3, "macro_f1: must be in [0, 1], got 7"),
@@ -332,6 +333,8 @@ def test_metrics_lines_of_the_wrong_shape_are_each_named_with_their_line(tmp_pat
         (5, "region: expected a name, got None"),
         (6, "num_examples: expected a whole number >= 0, got 2.5"),
         (7, "round: expected a whole number, got True"),
+        (8, "split: expected a name, got ''"),
+        (8, "accuracy: must be in [0, 1], got -1"),
     ]:
         assert f"{path}:{number}: {expected}" in text
     (tmp_path / "metrics.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(lines[-1]) + "\n")
