@@ -81,8 +81,14 @@ def load_peft_folder(folder: Path, base_path: str, labels: Sequence[str]) -> Pef
     folder propagate as transformers, peft and safetensors raise them (``DAMAGED_MODEL_ERRORS``); the caller names
     the folder."""
     # Whatever head the base checkpoint has (none, another size, the same size) is replaced by the adapter's.
-    with quiet_loading():  # the adapter brings the head; the base's "newly initialised" report is noise
-        base = AutoModelForSequenceClassification.from_pretrained(base_path, **classifier_kwargs(tuple(labels)))
+    try:
+        with quiet_loading():  # the adapter brings the head; the base's "newly initialised" report is noise
+            base = AutoModelForSequenceClassification.from_pretrained(base_path, **classifier_kwargs(tuple(labels)))
+    except DAMAGED_MODEL_ERRORS as err:  # not the folder's fault: its base is missing or unreadable here
+        raise AdapterFolderError(
+            f"{folder}: its base model {base_path!r} does not load on this machine ({reason(err)}); the base is the "
+            f"run's model.base when the folder or its run names one, else {ADAPTER_CONFIG}'s base_model_name_or_path"
+        ) from err
     pooling = saved_pooling(folder)
     if pooling == "mean":  # the head was trained on mean-pooled features: stock peft would feed it the pooler's
         problem = mean_pooling(base)

@@ -300,6 +300,24 @@ def test_a_recorded_base_path_of_another_machine_predicts_quietly(
     assert [str(w.message) for w in caught if "Could not find a config file" in str(w.message)] == []
 
 
+def test_a_base_model_missing_here_is_named_as_the_base(
+    served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    folder = tmp_path / "copied-alone"  # no run around it, no fedlocale.json: only the adapter names its base
+    shutil.copytree(served["unmerged"], folder)
+    (folder / "fedlocale.json").unlink(missing_ok=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "elsewhere" / "base")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    path = write_jsonl(tmp_path / "in.jsonl", [{"text": "good"}])
+    code, out, err = run_predict(capsys, str(folder), str(path))
+    assert code == 2 and out == [], err
+    assert err.startswith(f"fedlocale: {folder}: its base model '{tmp_path / 'elsewhere' / 'base'}' does not load")
+    assert "adapter_config.json's base_model_name_or_path" in err and "Traceback" not in err
+
+
 def test_max_length_beyond_the_model_is_refused_before_predicting(
     served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
