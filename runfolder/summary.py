@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from common import keys
 from common.config import RunConfig
-from common.data import RegionData, not_utf8
+from common.data import RegionData, json_lines
 from common.errors import InputError
 from common.metrics import pooled_macro_f1, weighted_mean
 from common.runfiles import CONFUSION, KEPT_CHECKPOINT, METRICS_FILE, POOLED, Summary
@@ -239,25 +238,6 @@ def metric_line_problems(record: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _metric_line(line: str, number: int, records: list[dict[str, Any]]) -> list[str]:
-    """Append one metrics.jsonl line's record to ``records``, or return what is wrong with the line."""
-    undecodable = not_utf8(line, number)
-    if undecodable:
-        return [undecodable]
-    if not line.strip():
-        return []
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        return [f"not JSON ({err.msg})"]
-    if not isinstance(record, dict):
-        return ["expected a JSON object"]
-    wrong = metric_line_problems(record)
-    if not wrong:
-        records.append(record)
-    return wrong
-
-
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The lines of RUN_DIR/metrics.jsonl (none when the file is absent); an ``InputError`` listing every line
     that is not a JSON object of the writer's shape (``metric_line_problems``; ``file:line: reason``) when it is
@@ -271,10 +251,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         raise InputError(f"{path}: cannot read ({err})") from err
     records: list[dict[str, Any]] = []
     problems: dict[int, list[str]] = {}  # line number -> what is wrong with it (a line may have several problems)
-    for number, line in enumerate(text.splitlines(), start=1):
-        wrong = _metric_line(line, number, records)
-        if wrong:
+    # json_lines names a line that is not UTF-8, not JSON or not an object as every data reader does
+    for number, row in json_lines(text.splitlines()):
+        if isinstance(row, str):
+            problems[number] = [row]
+        elif wrong := metric_line_problems(row):
             problems[number] = wrong
+        else:
+            records.append(row)
     if problems:
         listed = "\n".join(f"  - {path}:{n}: {p}" for n, wrong in problems.items() for p in wrong)
         raise InputError(f"{path}: {len(problems)} damaged line(s):\n{listed}")
