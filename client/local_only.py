@@ -72,10 +72,14 @@ def train_best_checkpoint(
     max_length: int,
     seed: int,
     desc: str,
+    on_step: Callable[[], None] | None = None,
 ) -> KeptCheckpoint:
     """Train ``loaded`` in place on ``train`` with ``settings``, validate it (``validate``: the criterion, None
     when there is nothing to validate on) after each of ``rounds`` even shares of its steps
     (``checkpoint_steps``), leave the best checkpoint loaded, in eval mode, and say which one it is.
+
+    Progress shows as a bar named ``desc``, or, when ``on_step`` is given, is reported to it after every step
+    instead (a caller showing one bar for trainings in other processes).
 
     Like the federated run, which keeps its best round on validation, the model keeps its best checkpoint: more
     passes over-fit it as they do the federation."""
@@ -86,12 +90,14 @@ def train_best_checkpoint(
     stopper = EarlyStopper(None, higher_is_better, min_delta)
     best: dict[str, torch.Tensor] | None = None
     # disable=None: a bar on a terminal, nothing in CI logs
-    with tqdm(total=total, desc=desc, unit="step", disable=None, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit="step", disable=True if on_step else None, leave=False) as bar:
 
         def progress(step: int, steps: int, loss: float) -> None:
             nonlocal best
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if on_step:
+                on_step()
             if step not in checkpoints:
                 return
             stopper.update(step, validate())

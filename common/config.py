@@ -467,13 +467,22 @@ class PersonalizeSettings:
 
 @dataclass(frozen=True)
 class SimulationSettings:
-    """Resources of the in-process Flower simulation."""
+    """Resources of the in-process Flower simulation and of its baselines."""
 
     cpus_per_client: int = 2
+    # Processes that train the baselines' models (the centralized one, each region's local-only one) side by side,
+    # each with an even share of the cores as torch threads; 1 trains them one after another in this process.
+    # On 2 cores two 1-thread processes train 1.28x as many steps per second as one process with 2 threads
+    # (docs/benchmarks.md, "Baselines side by side").
+    baseline_processes: int = 2
 
     def __post_init__(self) -> None:
+        problems = []
         if self.cpus_per_client < 1:
-            check([("cpus_per_client", f"must be >= 1, got {self.cpus_per_client}")])
+            problems.append(("cpus_per_client", f"must be >= 1, got {self.cpus_per_client}"))
+        if self.baseline_processes < 1:
+            problems.append(("baseline_processes", f"must be >= 1, got {self.baseline_processes}"))
+        check(problems)
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,12 @@ MODE_LABELS: dict[str, str] = {
     LOCAL_ONLY: "Local-only",
     CENTRALIZED: "Centralized",
 }
+# the timing keys that are not a mode's training (``{mode}_s``)
+TIMING_LABELS: dict[str, str] = {
+    "federation_loop_s": "Federation rounds (without start-up)",
+    "baselines_s": "Both baselines, as the phase passed (side by side: less than their sum)",
+    "personalize_s": "Personalization",
+}
 MODE_COLORS: dict[str, str] = {
     FEDERATED: "#1f77b4",
     PERSONALIZED: "#9467bd",
@@ -602,7 +608,7 @@ def _render_timing(summary: Summary) -> str:
     lines = ["| What | Wall-clock time | Seconds |", "|---|---:|---:|"]
     for key, seconds in rows:
         mode = key.removesuffix("_s")
-        label = f"{MODE_LABELS[mode]} training" if mode in MODE_LABELS else _md_cell(key)
+        label = f"{MODE_LABELS[mode]} training" if mode in MODE_LABELS else TIMING_LABELS.get(key, _md_cell(key))
         lines.append(f"| {label} | {_fmt_duration(seconds)} | {seconds:,.1f} |")
     return "## Timing\n\n" + "\n".join(lines)
 

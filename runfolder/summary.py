@@ -71,6 +71,7 @@ def build_summary(
     config_path: str,
     audit: dict[str, Any] | None = None,
     federated_confusion: dict[str, list[list[int]]] | None = None,
+    baselines_s: float | None = None,
 ) -> Summary:
     """The summary of a run: per region and overall scores of every mode, communication and timing.
 
@@ -153,6 +154,8 @@ def build_summary(
             "federated_s": federated_s,
             "federation_loop_s": federation["seconds"],
             **{f"{name}_s": seconds for name, (_, seconds) in baselines.items()},
+            # the baselines' phase as it passed: less than their sum when they trained side by side
+            **({"baselines_s": baselines_s} if baselines_s is not None else {}),
         },
         audit=audit,
     )

@@ -48,7 +48,7 @@ from common.runfiles import (
 )
 from deploy.env import apply_env
 from runfolder.summary import build_summary, read_metrics, with_personalized, with_served_vs_local_only
-from simulations.baselines import run_centralized, run_local_only
+from simulations.baselines import run_baselines
 from simulations.datasplit import run_label_mix
 from simulations.personalize import global_pass, global_vs_local_only, personalize_run
 
@@ -286,22 +286,26 @@ def simulate(
     if not fed_file.exists():
         raise FederationError(f"the federated run ended without writing {fed_file}; see the log above for its error")
     federation = json.loads(fed_file.read_text())
-    baselines: dict[str, tuple[dict[str, dict[str, Any]], float]] = {}
-    if keys.CENTRALIZED in cfg.baselines:
-        say(f"centralized: training on the union of {sum(len(d.train) for d in data.values())} examples")
-        baselines[keys.CENTRALIZED] = run_centralized(cfg, data)
     local_preds: dict[str, np.ndarray] = {} if local_predictions is None else local_predictions
     # the baseline's adapters, kept only when personalization may serve them (consider_local_only)
     local_adapters: dict[str, dict[str, torch.Tensor]] | None = {} if cfg.personalize.consider_local_only else None
-    if keys.LOCAL_ONLY in cfg.baselines:
-        baselines[keys.LOCAL_ONLY] = run_local_only(cfg, data, say, local_preds, local_adapters)
+    started = time.perf_counter()
+    baselines = run_baselines(cfg, data, say, local_preds, local_adapters)
+    baselines_s = time.perf_counter() - started if baselines else None
     made = global_pass(cfg, out_dir, data)
     federated_confusion = {
         name: confusion(np.array([ex.label for ex in data[name].test]), probs.argmax(axis=1), len(cfg.labels)).tolist()
         for name, probs in made.probs.items()
     }
     summary = build_summary(
-        cfg, data, federation, baselines, federated_s, config_path, federated_confusion=federated_confusion
+        cfg,
+        data,
+        federation,
+        baselines,
+        federated_s,
+        config_path,
+        federated_confusion=federated_confusion,
+        baselines_s=baselines_s,
     )
     if cfg.personalize.mode != "none":
         try:

@@ -58,7 +58,12 @@ def simulated_run(tiny_bert: Path, two_regions: Path, tmp_path_factory: pytest.T
 
     root = tmp_path_factory.mktemp("sim")
     cfg = tiny_config(
-        root / "run.yaml", tiny_bert, two_regions, train=SIMULATED_TRAIN, baselines=["centralized", "local_only"]
+        root / "run.yaml",
+        tiny_bert,
+        two_regions,
+        train=SIMULATED_TRAIN,
+        baselines=["centralized", "local_only"],
+        simulation={"cpus_per_client": 1, "baseline_processes": 2},  # the default: the baselines side by side
     )
     assert main(["simulate", str(cfg), "--out", str(root / "out")]) == 0
     return cfg, root / "out"
@@ -78,7 +83,8 @@ def tiny_config(path: Path, model_dir: Path, regions_dir: Path, **extra: object)
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"lr": 5e-3, "epochs": 2, "batch_size": 8, "threads": 1},
         "aggregation": {"min_clients": 2},
-        "simulation": {"cpus_per_client": 1},
+        # the baselines one after another in the test's process; simulated_run and test_baselines run them apart
+        "simulation": {"cpus_per_client": 1, "baseline_processes": 1},
     }
     cfg.update(extra)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

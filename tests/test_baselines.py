@@ -115,3 +115,66 @@ def test_local_only_tests_each_region_once_and_its_predictions_are_what_it_score
         truth = np.array([ex.label for ex in region.test])
         assert len(predictions[name]) == len(truth)
         assert scores[name]["macro_f1"] == pytest.approx(macro_f1(truth, predictions[name], 2))
+
+
+def test_share_out_gives_the_largest_jobs_to_the_least_loaded_process() -> None:
+    # largest first to the least loaded: 9 → 0, 5 → 1, 4 → 1 (loads 9, 9), 3 → 0 (a tie goes to the first), 2 → 1
+    assert baselines.share_out([4, 9, 2, 5, 3], 2) == [[1, 4], [3, 0, 2]]
+    assert baselines.share_out([7], 3) == [[0]]  # no process is left without work and nothing is lost
+    shares = baselines.share_out(list(range(1, 12)), 3)
+    assert sorted(i for share in shares for i in share) == list(range(11))
+
+
+def _run(cfg_path: Path, processes: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    cfg = load_config(cfg_path, overrides=[f"simulation.baseline_processes={processes}"])
+    data = {r.name: load_region(r.name, r.data, cfg.labels) for r in cfg.regions}
+    predictions: dict[str, Any] = {}
+    adapters: dict[str, Any] = {}
+    said: list[str] = []
+    out = baselines.run_baselines(cfg, data, said.append, predictions, adapters)
+    scores = {name: scores for name, (scores, _) in out.items()}
+    return scores, predictions, {"adapters": adapters, "said": said}
+
+
+def test_baselines_side_by_side_equal_the_baselines_in_process(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    # train.threads is 1 in the tiny config, so both ways sum in the same order: the results must agree exactly
+    path = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, baselines=["centralized", "local_only"])
+    alone, alone_preds, alone_rest = _run(path, 1)
+    apart, apart_preds, apart_rest = _run(path, 2)
+    assert set(apart) == {"centralized", "local_only"}
+    assert apart == alone
+    assert list(apart["local_only"]) == ["north", "south"]  # in the regions' order, whatever finished first
+    assert apart_preds.keys() == alone_preds.keys() == {"north", "south"}
+    for name in alone_preds:
+        assert (apart_preds[name] == alone_preds[name]).all()
+    assert apart_rest["adapters"].keys() == alone_rest["adapters"].keys() == {"north", "south"}
+    for name, state in alone_rest["adapters"].items():
+        assert state.keys() == apart_rest["adapters"][name].keys()
+        assert all(torch.equal(value, apart_rest["adapters"][name][key]) for key, value in state.items())
+    said = "\n".join(apart_rest["said"])
+    assert "3 models (centralized, local_only) in 2 processes side by side" in said
+    assert "local-only north: done in" in said and "centralized: training on the union of 144 examples" in said
+    # the same start lines as one after another, where each region's training is its own line too
+    assert "local-only: training south (48 examples)" in said and said.count("local-only: training") == 2
+    assert set(alone_rest["said"]) <= set(apart_rest["said"])
+
+
+def test_a_baseline_failing_in_its_process_is_reported_naming_the_job(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from common.errors import EXIT_FAILED
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    path = tiny_config(tmp_path / "run.yaml", model, two_regions, baselines=["centralized", "local_only"])
+    cfg = load_config(path, overrides=["simulation.baseline_processes=2"])
+    data = {r.name: load_region(r.name, r.data, cfg.labels) for r in cfg.regions}
+    shutil.rmtree(model)  # gone after the checks: each process fails to load the base
+    failed = r"the (centralized|local-only north|local-only south) baseline failed: OSError: .*test_a_baseline_failing"
+    with pytest.raises(baselines.BaselineFailed, match=failed) as err:
+        baselines.run_baselines(cfg, data, lambda line: None)
+    assert err.value.exit_code == EXIT_FAILED  # not bad input: the base was there when the run was checked

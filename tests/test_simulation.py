@@ -67,7 +67,9 @@ def test_summary_contract(run: tuple[Path, Path]) -> None:
     # two regions up and down each round, plus the evaluation rounds down
     assert comm["bytes_up_total"] >= 2 * 2 * comm["adapter_bytes"]
     assert all(r["participants"] == ["north", "south"] for r in comm["per_round"])
-    assert all(summary["timing"][k] > 0 for k in ("federated_s", "centralized_s", "local_only_s"))
+    timing = summary["timing"]
+    assert all(timing[k] > 0 for k in ("federated_s", "centralized_s", "local_only_s", "baselines_s"))
+    assert "| Both baselines, as the phase passed" in report
     assert summary["run"]["rounds_done"] == 2
     # the simulated nodes and the server each kept a signed ledger; together they verify
     audit = summary["audit"]
