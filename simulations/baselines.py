@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import os
 import queue
+import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -363,11 +364,16 @@ def _run_side_by_side(
             worker.start()
         # disable=None: a bar on a terminal, nothing in CI logs
         with tqdm(total=sum(sizes), desc="baselines", unit="step", disable=None, leave=False) as bar:
+            checked = time.monotonic()
             while len(results) < len(jobs):
+                # checked every second, not only when the queue is quiet: the other process's steps may never let
+                # it be
+                if time.monotonic() - checked >= 1.0:
+                    _check_alive(workers, shares, jobs, results)
+                    checked = time.monotonic()
                 try:
                     event = events.get(timeout=1.0)
                 except queue.Empty:
-                    _check_alive(workers, shares, jobs, results)
                     continue
                 if event[0] == "step":
                     bar.update(1)
@@ -398,7 +404,9 @@ def _check_alive(
 ) -> None:
     for worker, share in zip(workers, shares, strict=True):
         left = [jobs[i].label for i in share if jobs[i] not in results]
-        if left and not worker.is_alive():
+        # a process ends by itself only after its last job, or after reporting a failure (read as an event);
+        # an exit code other than 0 means it was killed or crashed
+        if left and worker.exitcode not in (None, 0):
             raise BaselineFailed(
                 f"the process training {', '.join(left)} ended with exit code {worker.exitcode} before finishing "
                 "(out of memory? the system log may say)"
@@ -414,6 +422,8 @@ def _work(
     events: Any,
 ) -> None:
     """A side-by-side process: run ``jobs`` one after another, reporting through ``events``."""
+    # Ctrl-C reaches the whole process group: the parent stops this process, which need not print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     for job in jobs:
         events.put(("start", job.start_line(data)))

@@ -178,3 +178,28 @@ def test_a_baseline_failing_in_its_process_is_reported_naming_the_job(
     with pytest.raises(baselines.BaselineFailed, match=failed) as err:
         baselines.run_baselines(cfg, data, lambda line: None)
     assert err.value.exit_code == EXIT_FAILED  # not bad input: the base was there when the run was checked
+
+
+def test_a_baseline_process_that_dies_stops_the_run_naming_its_models(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    import multiprocessing
+    import os
+    import signal
+
+    path = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, baselines=["centralized", "local_only"])
+    cfg = load_config(path, overrides=["simulation.baseline_processes=2"])
+    data = {r.name: load_region(r.name, r.data, cfg.labels) for r in cfg.regions}
+    killed: list[int] = []
+
+    def say(line: str) -> None:
+        # as if the system killed a process (out of memory): at the first model's start, one of the two gets SIGKILL
+        if not killed and "training" in line:
+            children = multiprocessing.active_children()
+            assert len(children) == 2
+            killed.append(children[0].pid or 0)
+            os.kill(killed[0], signal.SIGKILL)
+
+    with pytest.raises(baselines.BaselineFailed, match=r"the process training .+ ended with exit code -9 before"):
+        baselines.run_baselines(cfg, data, say)
+    assert killed and not multiprocessing.active_children()  # the other process was stopped too
