@@ -472,8 +472,8 @@ class SimulationSettings:
     cpus_per_client: int = 2
     # Processes that train the baselines' models (the centralized one, each region's local-only one) side by side,
     # each with an even share of the cores as torch threads; 1 trains them one after another in this process.
-    # On 2 cores two 1-thread processes train 1.28x as many steps per second as one process with 2 threads
-    # (docs/benchmarks.md, "Baselines side by side").
+    # On 2 cores two 1-thread processes take the demo's baselines in x0.83 of the time one 2-thread process takes
+    # (benchmarks/bench_processes.py; docs/benchmarks.md, "Baselines side by side").
     baseline_processes: int = 2
 
     def __post_init__(self) -> None:
