@@ -33,6 +33,8 @@ from common.runfiles import CONFUSION, KEPT_CHECKPOINT
 from common.seeds import derive_seed
 
 Scores = dict[str, dict[str, Any]]
+# the side-by-side processes' name (multiprocessing's), numbered from 1
+WORKER_NAME = "fedlocale-baselines"
 
 
 def _scores(result: EvalResult) -> dict[str, Any]:
@@ -349,14 +351,19 @@ def _run_side_by_side(
     # spawn, not fork: this process has run Ray and holds torch's thread pools, which a fork would copy half-made
     context = multiprocessing.get_context("spawn")
     events = context.Queue()
-    workers = []
+    workers: list[Any] = []
     for share in shares:
         mine = [jobs[i] for i in share]
         needed = (
             data if any(job.region is None for job in mine) else {j.region: data[j.region] for j in mine if j.region}
         )
         workers.append(
-            context.Process(target=_work, args=(cfg, needed, mine, keep_adapters, threads, events), daemon=True)
+            context.Process(
+                target=_work,
+                args=(cfg, needed, mine, keep_adapters, threads, events),
+                name=f"{WORKER_NAME}-{len(workers) + 1}",
+                daemon=True,
+            )
         )
     results: dict[BaselineJob, JobResult] = {}
     try:
