@@ -173,10 +173,13 @@ class BaselineJob:
         """The regions it is validated and tested on."""
         return data if self.region is None else {self.region: data[self.region]}
 
+    def regions(self, data: Mapping[str, RegionData]) -> int:
+        """How many regions' data it trains on (its training is matched to theirs in the run)."""
+        return len(data) if self.region is None else 1
+
     def steps(self, cfg: RunConfig, data: Mapping[str, RegionData]) -> int:
         """How many optimizer steps it trains (its share of the baselines' work)."""
-        regions = len(data) if self.region is None else 1
-        return plan_steps(len(self.train(data)), matched_settings(cfg.train, cfg.rounds, regions))
+        return plan_steps(len(self.train(data)), matched_settings(cfg.train, cfg.rounds, self.regions(data)))
 
 
 @dataclass(frozen=True)
@@ -210,9 +213,8 @@ def run_job(
     started = time.perf_counter()
     predictions: dict[str, np.ndarray] = {}
     adapters: dict[str, dict[str, torch.Tensor]] | None = {} if keep_adapter else None
-    regions = len(data) if job.region is None else 1
     scores = _train_and_test(
-        cfg, job.train(data), job.tests(data), job.tag, predictions, regions, adapters, on_step=on_step
+        cfg, job.train(data), job.tests(data), job.tag, predictions, job.regions(data), adapters, on_step=on_step
     )
     adapter = adapters[job.region] if adapters is not None and job.region is not None else None
     return JobResult(scores, time.perf_counter() - started, predictions, adapter)
