@@ -22,7 +22,6 @@ the whole command's, as ratios to the first setting's, and whether each region's
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.output import write_result
+from common.runfiles import read_summary
 from deploy.env import apply_env
 
 DEFAULT_JSON = Path("benchmarks/results/bench_processes-baselines.json")
@@ -107,14 +107,14 @@ def federation(config: Path, overrides: list[str], cpus: list[int], repeats: int
                 started = time.perf_counter()
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
                 wall = time.perf_counter() - started
-                summary = json.loads((out / "summary.json").read_text())
+                summary = read_summary(out)
                 runs.append(
                     {
                         "cpus_per_client": count,
                         "repeat": repeat,
                         "command_s": wall,
-                        "federated_s": summary["timing"]["federated_s"],
-                        "macro_f1": {name: r["federated"]["macro_f1"] for name, r in summary["regions"].items()},
+                        "federated_s": summary.timing["federated_s"],
+                        "macro_f1": {name: r["federated"]["macro_f1"] for name, r in summary.regions.items()},
                     }
                 )
                 print(
