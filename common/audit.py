@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,11 +33,12 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.data import not_utf8
+from common.data import json_lines
 from common.errors import ConfigError, FedlocaleError, InputError
 from common.runfiles import KEY_FILE, LEDGER_FILE, PUBLIC_KEY_FILE
 
 GENESIS = "0" * 64
+_ENTRY_FIELDS = frozenset({"seq", "time", "signer", "prev", "body", "hash", "sig"})  # what every entry carries
 SERVER = "server"  # the server's signer name; nodes sign with their region's name
 
 # body kinds
@@ -182,7 +184,8 @@ def _locked(path: Path) -> Iterator[Any]:
     # Deployment starts a process per message, so two of one node's messages may append at once; the lock keeps
     # the chain a chain.
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as handle:
+    # surrogateescape: a byte that is not UTF-8 is named by its line (``_last_entry``) instead of ending the read
+    with open(path, "a+", encoding="utf-8", errors="surrogateescape") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield handle
@@ -192,18 +195,13 @@ def _locked(path: Path) -> Iterator[Any]:
 
 def _last_entry(handle: Any, path: Path) -> dict[str, Any] | None:
     handle.seek(0)
-    last = None
-    for number, line in enumerate(handle, start=1):
-        if line.strip():
-            last = (number, line)
-    if last is None:
+    # the last non-blank line decides; a bad byte is a problem named by its line, not a crash
+    last = deque(json_lines(handle), maxlen=1)
+    if not last:
         return None
-    try:
-        entry = json.loads(last[1])
-    except json.JSONDecodeError as err:
-        raise LedgerError(f"{path}:{last[0]}: not JSON ({err.msg}); refusing to extend a damaged ledger") from err
-    if not isinstance(entry, dict):
-        raise LedgerError(f"{path}:{last[0]}: not a ledger entry; refusing to extend a damaged ledger")
+    number, entry = last[0]
+    if isinstance(entry, str):
+        raise LedgerError(f"{path}:{number}: {entry}; refusing to extend a damaged ledger")
     return entry
 
 
@@ -267,17 +265,10 @@ def read_entries(path: Path) -> tuple[list[dict[str, Any]], str | None]:
         lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()  # bad bytes: by line below
     except OSError as err:
         return entries, f"{path}: cannot read ({err})"
-    for number, line in enumerate(lines, start=1):
-        undecodable = not_utf8(line, number)
-        if undecodable:
-            return entries, f"{path}:{number}: {undecodable}"
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            return entries, f"{path}:{number}: not JSON ({err.msg})"
-        if not isinstance(entry, dict) or not {"seq", "time", "signer", "prev", "body", "hash", "sig"} <= set(entry):
+    for number, entry in json_lines(lines):
+        if isinstance(entry, str):
+            return entries, f"{path}:{number}: {entry}"
+        if not set(entry) >= _ENTRY_FIELDS:
             return entries, f"{path}:{number}: not a ledger entry"
         entry["_line"] = number
         entries.append(entry)

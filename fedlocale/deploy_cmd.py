@@ -284,12 +284,11 @@ def _rounds_done(out: Path) -> int:
     path = out / METRICS_FILE
     if not path.exists():
         return 0
+    from common.data import json_lines
+
     rounds = set()
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the line being written right now
-        if row.get("split") == "val":
-            rounds.add(row["round"])
+    # a line that is not a row (the one being written right now) counts no round; the report checks the file
+    for _, row in json_lines(path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()):
+        if isinstance(row, dict) and row.get("split") == "val":
+            rounds.add(str(row.get("round")))
     return len(rounds)

@@ -145,15 +145,29 @@ def test_bytes_that_are_not_utf8_are_named_by_their_line(tmp_path: Path) -> None
     assert check.problem == f"{path}:5: not UTF-8: byte 0xFF at column 21 (save the file as UTF-8)"
 
 
+def test_a_ledger_with_bytes_that_are_not_utf8_is_not_extended(tmp_path: Path) -> None:
+    """Appending reads the last entry; a bad byte there is named by line and column (it raised
+    UnicodeDecodeError before), and the file is left as it was."""
+    from common.audit import LedgerError
+
+    path, _ = make_ledger(tmp_path)
+    with path.open("ab") as out:
+        out.write(b'{"seq": 4, "note": "\xff"}\n')
+    before = path.read_bytes()
+    with pytest.raises(LedgerError, match=r":5: not UTF-8: byte 0xFF at column 21 .*refusing to extend"):
+        Ledger.in_folder(tmp_path / "north", "north").append({"kind": "egress"}, T0)
+    assert path.read_bytes() == before
+
+
 def test_a_broken_line_is_named_and_the_ledger_is_not_extended(tmp_path: Path) -> None:
     path, trusted = make_ledger(tmp_path)
     with path.open("a") as out:
         out.write('{"seq": 4, "ti\n')
     check = verify_ledger(path, trusted)
-    assert check.problem is not None and check.problem.startswith(f"{path}:5: not JSON")
+    assert check.problem is not None and check.problem.startswith(f"{path}:5: bad JSON: ")
     from common.audit import LedgerError
 
-    with pytest.raises(LedgerError, match=":5: not JSON"):
+    with pytest.raises(LedgerError, match=r":5: bad JSON: .*refusing to extend a damaged ledger"):
         Ledger.in_folder(tmp_path / "north", "north").append({"kind": "egress"}, T0)
 
 

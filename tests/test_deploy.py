@@ -577,3 +577,12 @@ def test_deploy_up_refuses_two_processes_on_one_port_before_anything_starts(
     assert "port 9300: node east, node south" in capsys.readouterr().err
     # deploy plan prints it: on separate hosts two nodes may share a port
     assert main(["deploy", "plan", str(deploy_file)]) == 0
+
+
+def test_the_progress_count_of_rounds_skips_what_is_not_a_row(tmp_path: Path) -> None:
+    """`deploy up` polls metrics.jsonl while the server writes it: a half-written line, a bad byte or a line
+    that is not an object counts no round and stops nothing (a bad byte raised UnicodeDecodeError before)."""
+    rows = [{"round": r, "region": "north", "split": s, "loss": 0.5} for r in (1, 2) for s in ("train", "val")]
+    text = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    (tmp_path / "metrics.jsonl").write_bytes(text + b'[1, 2]\n{"round": 3, "note": "\xff"}\n{"round": 3, "spl')
+    assert deploy_cmd._rounds_done(tmp_path) == 2
