@@ -391,7 +391,8 @@ def _run_side_by_side(
                 if event[0] == "start":
                     say(event[1])
                 elif event[0] == "done":
-                    job, result = event[1], _unportable(event[2])
+                    _, job, result, adapter = event
+                    result = dataclasses.replace(result, adapter=_tensors(adapter))
                     results[job] = result
                     say(f"{job.label}: done in {result.seconds:.0f} s")
                 else:  # "failed"
@@ -442,15 +443,11 @@ def _work(
             code = err.exit_code if isinstance(err, FedlocaleError) else EXIT_FAILED
             events.put(("failed", job, f"{type(err).__name__}: {err}", code))
             return
-        events.put(("done", job, _portable(result)))
+        # tensors sent through a queue travel as shared-memory handles that must outlive the sender; numpy copies
+        # do not: the adapter crosses as numpy, beside the result
+        adapter = {k: v.numpy() for k, v in result.adapter.items()} if result.adapter is not None else None
+        events.put(("done", job, dataclasses.replace(result, adapter=None), adapter))
 
 
-def _portable(result: JobResult) -> JobResult:
-    # tensors sent through a queue travel as shared-memory handles that must outlive the sender; numpy copies do not
-    adapter = {k: v.numpy() for k, v in result.adapter.items()} if result.adapter is not None else None
-    return dataclasses.replace(result, adapter=adapter)  # type: ignore[arg-type]
-
-
-def _unportable(result: JobResult) -> JobResult:
-    adapter = {k: torch.from_numpy(v) for k, v in result.adapter.items()} if result.adapter is not None else None  # type: ignore[arg-type]
-    return dataclasses.replace(result, adapter=adapter)
+def _tensors(adapter: Mapping[str, np.ndarray] | None) -> dict[str, torch.Tensor] | None:
+    return {k: torch.from_numpy(v) for k, v in adapter.items()} if adapter is not None else None
