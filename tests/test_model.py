@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,14 @@ from assets.tiny import FILLER, NEG_WORDS, POS_WORDS, make_tiny_model
 from client.train import evaluate, plan_steps, train_local
 from common.config import LoraSettings, ModelSettings, TrainSettings
 from common.data import load_region
+from common.errors import ConfigError
 from common.model import (
     ARCHITECTURES,
     LABELS_FILE,
     LoadedModel,
     adapter_state,
     build_model,
+    check_model,
     full_model_nbytes,
     load_adapter_state,
     lora_config,
@@ -398,3 +402,52 @@ def test_a_saved_mean_pooling_adapter_loads_with_its_pooling(tiny_bert: Path, tm
         torch.testing.assert_close(load_peft_folder(folder, str(tiny_bert), LABELS)(**batch).logits, expected)
         cls = build_model(ModelSettings(base=str(tiny_bert), max_length=32), LoraSettings(), LABELS, 0)
         assert "pooling" not in json.loads((save_adapter(cls, tmp_path / "cls") / "labels.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lora.layers: LoRA in the last layers only
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+def test_lora_in_the_last_layer_only_leaves_the_layers_below_without_autograd(
+    tiny_models: dict[str, Path], tmp_path: Path, kind: str
+) -> None:
+    """`lora.layers: 1` on a 2-layer model: LoRA tensors only in layer 1, and in training layer 0's output
+    carries no autograd graph (what makes a step cheaper); the saved adapter loads with stock peft."""
+    top = build(tiny_models[kind], lora=dataclasses.replace(LORA, layers=1))
+    every = build(tiny_models[kind])
+    lora_names = [n for n in adapter_state(top.model) if "lora_" in n]
+    assert lora_names and all(".layer.1." in n for n in lora_names)
+    assert {n for n in adapter_state(every.model) if "lora_" in n} > set(lora_names)
+    seen: dict[int, bool] = {}
+    layers = top.model.get_base_model().base_model.encoder.layer if kind == "bert" else None
+    layers = layers if layers is not None else top.model.get_base_model().distilbert.transformer.layer
+
+    def record(index: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: object, out: object) -> None:
+            first = out[0] if isinstance(out, tuple) else out
+            seen[index] = bool(getattr(first, "requires_grad", None))
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(record(i))
+    top.model.train()
+    batch = top.tokenizer(PROBE, return_tensors="pt", padding=True)
+    top.model(**batch).logits.sum().backward()
+    assert seen == {0: False, 1: True}
+    load_adapter_state(top.model, randomised(adapter_state(top.model), seed=3))
+    out = save_adapter(top, tmp_path / "adapter")
+    torch.manual_seed(99)
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_models[kind]), num_labels=2)
+    assert torch.equal(logits(top.model, top), logits(PeftModel.from_pretrained(base, str(out)), top))
+
+
+def test_lora_layers_beyond_the_model_are_refused_before_training(tiny_bert: Path) -> None:
+    settings = ModelSettings(base=str(tiny_bert), max_length=32)
+    assert check_model(settings, LoraSettings(layers=2), LABELS).problems == []
+    assert check_model(settings, LoraSettings(layers=3), LABELS).problems == [
+        ("lora.layers", "is 3, this model has 2 layers")
+    ]
+    with pytest.raises(ConfigError, match="layers: must be >= 1"):
+        LoraSettings(layers=0)
