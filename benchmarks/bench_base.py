@@ -4,6 +4,7 @@
                                      [--out DIR] [--json FILE]
     python -m benchmarks.bench_base --speed [--repeats N] [--json FILE]
     python -m benchmarks.bench_base --grouping [REGION ...] [--seeds 0 1 2] [--json FILE]
+    python -m benchmarks.bench_base --layers 6 4 [--repeats N] [--examples N] [--threads N] [--json FILE]
 
 Per base and seed: one simulation with both baselines and ``dual`` personalization (``benchmarks.bench_personalize``
 does the runs; its per-base results go next to ``--json``). Printed and written: per region and overall, the mean
@@ -17,6 +18,11 @@ named) trained with ``train.length_window`` 1 and 8 on the same data, their test
 what the speed-ups changed, as ratios within one run: one training pass with ``train.length_window`` 1 (plain
 shuffled batches) and 8 (the default), interleaved over ``--repeats``; and the model + tokenizer build that every
 message pays.
+
+``--layers N ...`` runs no simulation: the paired cost of ``lora.layers`` (LoRA in the last N layers only) against
+LoRA in every layer, on the demo's pooled data and the multilingual base: a training pass over the first
+``--examples`` training examples and a validation pass over every validation text, per setting, the order rotated
+per repeat, at ``--threads`` torch threads (1: as the demo's nodes and baselines train).
 """
 
 from __future__ import annotations
@@ -174,6 +180,61 @@ def grouping(config: Path, seeds: list[int], overrides: list[str], regions: list
     return {"seeds": seeds, "overrides": overrides, "runs": rows, "grouped_minus_plain": diffs}
 
 
+def layers_speed(counts: list[int], repeats: int, limit: int, threads: int) -> dict[str, Any]:
+    """Paired seconds of a training pass and a validation pass with LoRA in every layer and in the last N."""
+    import dataclasses
+
+    import torch
+
+    from client.tokens import encode_examples
+    from client.train import predict_proba_encoded, train_encoded
+    from common.config import ModelSettings, TrainSettings, load_config
+    from common.model import build_model
+    from simulations.runner import load_all
+
+    torch.set_num_threads(threads)
+    cfg = load_config(Path("configs/demo.yaml"), ["model.base=me5-small"])
+    data = load_all(cfg, lambda _: None)
+    examples = [ex for region in data.values() for ex in region.train][:limit]
+    val = [ex for region in data.values() for ex in region.val]
+    settings = ModelSettings(base="me5-small", max_length=cfg.model.max_length)
+    train = TrainSettings(lr=cfg.train.lr, batch_size=cfg.train.batch_size)
+    names: list[int | None] = [None, *counts]
+    label = {n: "every layer" if n is None else f"last {n}" for n in names}
+    seconds: dict[int | None, dict[str, list[float]]] = {n: {"train": [], "val": []} for n in names}
+    for repeat in range(repeats):
+        order = names[repeat % len(names) :] + names[: repeat % len(names)]  # rotate: drift in load cancels
+        for n in order:
+            loaded = build_model(settings, dataclasses.replace(cfg.lora, layers=n), cfg.labels, seed=0)
+            pad_id = loaded.pad_id
+            encoded = encode_examples(loaded.tokenizer, examples, cfg.model.max_length)
+            started = time.perf_counter()
+            train_encoded(loaded.model, encoded.ids, encoded.labels, train, pad_id=pad_id, seed=0)
+            seconds[n]["train"].append(time.perf_counter() - started)
+            ids = encode_examples(loaded.tokenizer, val, cfg.model.max_length).ids
+            started = time.perf_counter()
+            predict_proba_encoded(loaded.model, ids, pad_id=pad_id, batch_size=train.eval_batch_size)
+            seconds[n]["val"].append(time.perf_counter() - started)
+            took = {phase: f"{values[-1]:.1f} s" for phase, values in seconds[n].items()}
+            print(f"repeat {repeat}: {label[n]}: train {took['train']}, val {took['val']}", file=sys.stderr)
+    rows = []
+    for n in names:
+        row: dict[str, Any] = {"layers": n}
+        for phase in ("train", "val"):
+            ratios = [a / b for a, b in zip(seconds[n][phase], seconds[None][phase], strict=True)]
+            row[f"{phase}_s"] = statistics.median(seconds[n][phase])
+            row[f"{phase}_over_every_layer"] = statistics.median(ratios)
+        rows.append(row)
+    print(f"{len(examples)} training and {len(val)} validation examples, {threads} thread(s), median of {repeats}:")
+    print(f"  {'LoRA in':<14}{'train s':>9}{'× every':>9}{'val s':>8}{'× every':>9}")
+    for row in rows:
+        print(
+            f"  {label[row['layers']]:<14}{row['train_s']:>9.1f}{row['train_over_every_layer']:>9.2f}"
+            f"{row['val_s']:>8.1f}{row['val_over_every_layer']:>9.2f}"
+        )
+    return {"examples": len(examples), "val_examples": len(val), "threads": threads, "repeats": repeats, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print tables and write the JSON."""
     apply_env()
@@ -192,8 +253,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REGION",
         help="no simulation: centralized and local-only (in REGION ...) with plain and length-grouped batches",
     )
+    parser.add_argument(
+        "--layers", type=int, nargs="+", metavar="N", help="no simulation: the cost of LoRA in the last N layers only"
+    )
+    parser.add_argument("--examples", type=int, default=480, help="--layers: training examples per pass")
+    parser.add_argument("--threads", type=int, default=1, help="--layers: torch threads")
     args = parser.parse_args(argv)
-    if args.speed:
+    if args.layers:
+        result = layers_speed(args.layers, args.repeats, args.examples, args.threads)
+    elif args.speed:
         result = speed(args.repeats)
     elif args.grouping is not None:
         result = grouping(args.config, args.seeds, args.overrides, args.grouping)

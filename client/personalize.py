@@ -118,7 +118,8 @@ def _global_lora(model: PeftModel) -> LoraConfig:
 
 
 def _lora_like(config: LoraConfig, r: int, *, head: bool) -> LoraConfig:
-    """A LoRA config with the targets, dropout and scale alpha/r of ``config`` but rank ``r``."""
+    """A LoRA config with the targets (modules and layers), dropout and scale alpha/r of ``config`` but rank
+    ``r``."""
     alpha = config.lora_alpha * r / config.r
     return LoraConfig(
         task_type=config.task_type,
@@ -126,6 +127,7 @@ def _lora_like(config: LoraConfig, r: int, *, head: bool) -> LoraConfig:
         lora_alpha=int(alpha) if alpha.is_integer() else alpha,  # type: ignore[arg-type]  # peft takes any number
         lora_dropout=config.lora_dropout,
         target_modules=copy.copy(config.target_modules),
+        layers_to_transform=copy.copy(config.layers_to_transform),  # lora.layers: the same layers as the global
         modules_to_save=list(dict.fromkeys(config.modules_to_save or [])) if head else None,
     )
 

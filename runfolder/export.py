@@ -522,6 +522,7 @@ def _lora_settings(config: dict[str, Any]) -> dict[str, Any]:
         "alpha": config.get("lora_alpha"),
         "dropout": config.get("lora_dropout"),
         "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+        "layers_to_transform": config.get("layers_to_transform"),  # null: every layer (lora.layers)
         "modules_to_save": head,
         "use_rslora": config.get("use_rslora", False),
         "peft_version": config.get("peft_version"),
@@ -658,12 +659,15 @@ def _card_base(info: dict[str, Any]) -> list[str]:
 def _card_lora(info: dict[str, Any]) -> list[str]:
     lora = info["lora"]
     targets = ", ".join(lora["target_modules"]) if isinstance(lora["target_modules"], list) else lora["target_modules"]
+    chosen = lora.get("layers_to_transform")  # absent in a model exported before lora.layers existed
+    layers = ", ".join(str(i) for i in chosen) if isinstance(chosen, list) else "every layer"
     return [
         "## LoRA",
         "",
-        "| r | alpha | dropout | target modules | trained head (modules_to_save) |",
-        "|---|---|---|---|---|",
-        f"| {lora['r']} | {lora['alpha']} | {lora['dropout']} | {targets} | {', '.join(lora['modules_to_save'])} |",
+        "| r | alpha | dropout | target modules | in layers | trained head (modules_to_save) |",
+        "|---|---|---|---|---|---|",
+        f"| {lora['r']} | {lora['alpha']} | {lora['dropout']} | {targets} | {layers} | "
+        f"{', '.join(lora['modules_to_save'])} |",
         "",
     ]
 

@@ -256,6 +256,7 @@ def test_card_and_metadata_describe_adapter_metrics_and_data(bert_run: FakeRun, 
     assert info["base_model"] == {"name": bert_run.base, "path": bert_run.base, "resolve": None}
     assert info["lora"]["r"] == 4 and info["lora"]["alpha"] == 8 and info["lora"]["modules_to_save"] == ["classifier"]
     assert sorted(info["lora"]["target_modules"]) == ["query", "value"]
+    assert info["lora"]["layers_to_transform"] is None  # every layer (lora.layers null)
     summary = json.loads((bert_run.dir / "summary.json").read_text())
     region = summary["regions"]["north"]
     assert set(info["test_metrics"]) == {"federated", "local_only", "centralized", "personalized"}
@@ -277,7 +278,7 @@ def test_card_and_metadata_describe_adapter_metrics_and_data(bert_run: FakeRun, 
     assert f"{region['federated']['macro_f1']:.4f}" in card and "| local_only | 0.5000 | 0.4000 |" in card
     assert "| personalized / global |" in card and "chose `global`" in card
     assert info["data"]["files"]["train"]["sha256"] in card
-    assert "| 4 | 8 | 0.0 | query, value | classifier |" in card
+    assert "| 4 | 8 | 0.0 | query, value | every layer | classifier |" in card
     assert "Seed 0; rounds 2 of 2 planned" in card and str(data_dir) in card
     assert "PeftModel.from_pretrained(base, " in card and "max_length=32" in card
 

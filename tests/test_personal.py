@@ -455,3 +455,20 @@ def test_a_simulation_gives_its_nodes_the_personal_lora_settings(tmp_path: Path,
         assert personal is not None and (personal.rank, personal.apart) == (3, apart)
         node = simulated_node(cfg.regions[0], {}, None, personal)
         assert (node.personal_dir, node.personal_rank, node.personal_apart) == (personal.root, 3, apart)
+
+
+def test_a_stacked_adapter_keeps_lora_in_the_last_layers_only(north_task: ClientTask) -> None:
+    """Under `lora.layers` the stacked (global + personal) adapter has LoRA in the same layers as the global one
+    and computes the wide model that trained it (the demo's personalization failed on this before)."""
+    lora = replace(north_task.lora, layers=1)
+    top = perturb(build_model(north_task.model, lora, north_task.labels, seed=0), seed=7)
+    personal = {
+        k: 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2))
+        for k, v in init_personal(adapter_state(top.model), RANK, seed=0).items()
+    }
+    stacked = stack(top, personal)
+    assert stacked.peft_config["default"].layers_to_transform == [1]
+    assert adapter_state(stacked).keys() == adapter_state(top.model).keys()
+    wide = build_model(north_task.model, widen(lora, RANK), north_task.labels, seed=0)
+    load_adapter_state(wide.model, join(adapter_state(top.model), personal))
+    assert torch.allclose(_logits(top, stacked), _logits(wide), atol=1e-5)
