@@ -90,8 +90,9 @@ class LoraSettings:
     dropout: float = 0.1
     target_modules: tuple[str, ...] | None = None
     # LoRA in the model's last `layers` transformer layers only (null: in every layer). The layers below then hold
-    # nothing trainable, so training runs them without autograd: a step on me5-small (12 layers, 1 thread) costs
-    # x0.73 with 6 and x0.62 with 4 (docs/benchmarks.md); what it costs in quality is measured there too
+    # nothing trainable, so training runs them without autograd: a training pass on me5-small (12 layers, 1
+    # thread) costs x0.71 with 6 and x0.57 with 4, and the global model lost 0.8-1.5 points on the demo with 4
+    # (docs/benchmarks.md, "LoRA in the last layers only")
     layers: int | None = None
 
     def __post_init__(self) -> None:
