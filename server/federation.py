@@ -200,6 +200,7 @@ _STATE_TYPES: dict[str, type | tuple[type, ...]] = {
 
 
 LATER_DEFAULTS: dict[str, Any] = {
+    "lora.layers": None,  # LoRA in every layer, as before the setting existed
     "data.val_fraction": DataSettings().val_fraction,
     "train.local_steps": TrainSettings().local_steps,
     "train.prox_mu": TrainSettings().prox_mu,
