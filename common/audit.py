@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import os
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -195,11 +194,16 @@ def _locked(path: Path) -> Iterator[Any]:
 
 def _last_entry(handle: Any, path: Path) -> dict[str, Any] | None:
     handle.seek(0)
-    # the last non-blank line decides; a bad byte is a problem named by its line, not a crash
-    last = deque(json_lines(handle), maxlen=1)
-    if not last:
+    last = None
+    for number, line in enumerate(handle, start=1):
+        if line.strip():
+            last = (number, line)
+    if last is None:
         return None
-    number, entry = last[0]
+    # only the last line is parsed (each append pays for one line, not the whole ledger); a bad byte in it is a
+    # problem named by its column, as json_lines names every line-based reader's
+    number, line = last
+    entry = next(json_lines([line]))[1]
     if isinstance(entry, str):
         raise LedgerError(f"{path}:{number}: {entry}; refusing to extend a damaged ledger")
     return entry
