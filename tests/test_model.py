@@ -420,8 +420,8 @@ def test_lora_in_the_last_layer_only_leaves_the_layers_below_without_autograd(
     assert lora_names and all(".layer.1." in n for n in lora_names)
     assert {n for n in adapter_state(every.model) if "lora_" in n} > set(lora_names)
     seen: dict[int, bool] = {}
-    layers = top.model.get_base_model().base_model.encoder.layer if kind == "bert" else None
-    layers = layers if layers is not None else top.model.get_base_model().distilbert.transformer.layer
+    base = top.model.get_base_model()
+    layers = base.bert.encoder.layer if kind == "bert" else base.distilbert.transformer.layer
 
     def record(index: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: object, out: object) -> None:
