@@ -20,7 +20,7 @@ from common.config import LoraSettings, ModelSettings, TrainSettings
 from common.data import Example, RegionData
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
 from common.seeds import derive_seed
-from common.stopping import EarlyStopper
+from common.stopping import EarlyStopper, validated_rounds
 
 
 def matched_settings(train: TrainSettings, rounds: int, regions: int = 1) -> TrainSettings:
@@ -39,10 +39,11 @@ def matched_settings(train: TrainSettings, rounds: int, regions: int = 1) -> Tra
     return dataclasses.replace(t, epochs=t.epochs * rounds, max_steps=t.max_steps * rounds if t.max_steps else None)
 
 
-def checkpoint_steps(total: int, rounds: int) -> list[int]:
-    """The steps after which a model of ``total`` steps is validated: as many checkpoints as the federated run
-    has rounds (fewer when there are fewer steps), evenly spread, the last one at the end."""
-    return sorted({max(1, math.ceil(total * k / rounds)) for k in range(1, rounds + 1)})
+def checkpoint_steps(total: int, rounds: int, every: int = 1) -> list[int]:
+    """The steps after which a model of ``total`` steps is validated: one checkpoint where each round the federated
+    run validates ends (every ``every``-th of ``rounds`` and the last: ``common.stopping.validated_rounds``), at
+    the same share of the training (fewer when there are fewer steps), the last one at the end."""
+    return sorted({max(1, math.ceil(total * k / rounds)) for k in validated_rounds(rounds, every)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +74,12 @@ def train_best_checkpoint(
     seed: int,
     desc: str,
     on_step: Callable[[], None] | None = None,
+    every: int = 1,
 ) -> KeptCheckpoint:
     """Train ``loaded`` in place on ``train`` with ``settings``, validate it (``validate``: the criterion, None
-    when there is nothing to validate on) after each of ``rounds`` even shares of its steps
-    (``checkpoint_steps``), leave the best checkpoint loaded, in eval mode, and say which one it is.
+    when there is nothing to validate on) after each of ``rounds`` even shares of its steps, or only after every
+    ``every``-th share and the last (``checkpoint_steps``), leave the best checkpoint loaded, in eval mode, and say
+    which one it is.
 
     Progress shows as a bar named ``desc``, or, when ``on_step`` is given, is reported to it after every step
     instead (a caller showing one bar for trainings in other processes).
@@ -86,7 +89,7 @@ def train_best_checkpoint(
     from tqdm import tqdm
 
     total = plan_steps(len(train), settings)
-    checkpoints = checkpoint_steps(total, rounds)
+    checkpoints = checkpoint_steps(total, rounds, every)
     stopper = EarlyStopper(None, higher_is_better, min_delta)
     best: dict[str, torch.Tensor] | None = None
     # disable=None: a bar on a terminal, nothing in CI logs
@@ -141,11 +144,12 @@ def train_local_only(
     seed: int,
     metric: str = "macro_f1",
     min_delta: float = 0.0,
+    every: int = 1,
 ) -> tuple[LoadedModel, KeptCheckpoint]:
     """Region ``region``'s local-only model, as the local-only baseline trains it: a fresh adapter on the base
     (``build_model`` with the run's ``seed``), ``matched_settings(train, rounds)`` on the region's train split, its
-    best of ``rounds`` checkpoints on the region's val split by ``metric`` (the run's ``early_stopping.metric``);
-    and which checkpoint that is, as the baseline records it."""
+    best of ``rounds`` checkpoints (every ``every``-th and the last) on the region's val split by ``metric`` (the
+    run's ``early_stopping``); and which checkpoint that is, as the baseline records it."""
     loaded = build_model(model, lora, labels, seed=seed)
 
     def validate() -> float | None:
@@ -172,5 +176,6 @@ def train_local_only(
         max_length=model.max_length,
         seed=derive_seed(seed, seed_tag(region)),
         desc=seed_tag(region),
+        every=every,
     )
     return loaded, kept

@@ -613,7 +613,8 @@ def personalize_node(
     settings = node.personalize
     local_only, local_kept = None, None
     if settings.consider_local_only:
-        # the local-only baseline's model, trained here with its budget: the node's own data, nothing sent
+        # the local-only baseline's model, trained here with its budget: the node's own data, nothing sent.
+        # The task carries no early_stopping settings: it validates after every round's share, by macro-F1
         # (personalize.dp refuses consider_local_only: this training is no DP-SGD)
         log.info("%s: training the local-only model (%d examples)", region.name, len(examples.train))
         local_only, local_kept = train_local_only(

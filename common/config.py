@@ -342,11 +342,18 @@ class EarlyStopping:
     patience: int | None = None  # None: run every round
     metric: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
     min_delta: float = 0.0
+    # validate the global model after every `every`-th round and after the last one only (1: after every round);
+    # the best round is the best of those, and `patience` still counts rounds. The baselines validate at as many
+    # checkpoints, at the same points of their training. Each validation is a forward pass over every region's
+    # val split: fewer of them make a run cheaper, at the price of a coarser choice of the round kept.
+    every: int = 1
 
     def __post_init__(self) -> None:
         problems = []
         if self.patience is not None and self.patience < 1:
             problems.append(("patience", f"must be >= 1 or null, got {self.patience}"))
+        if self.every < 1:
+            problems.append(("every", f"must be >= 1, got {self.every}"))
         if self.metric not in STOP_METRICS:
             problems.append(("metric", f"must be one of {', '.join(STOP_METRICS)}, got {self.metric!r}"))
         if self.min_delta < 0:

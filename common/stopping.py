@@ -31,5 +31,11 @@ class EarlyStopper:
         return self.exhausted(server_round)
 
     def exhausted(self, server_round: int) -> bool:
-        """True when ``patience`` rounds up to ``server_round`` brought nothing better."""
-        return self.patience is not None and server_round - self.best_round >= self.patience
+        """True when ``patience`` rounds up to ``server_round`` brought nothing better; never before the first
+        round was recorded (with early_stopping.every the first rounds are not validated)."""
+        return self.patience is not None and self.best_round > 0 and server_round - self.best_round >= self.patience
+
+
+def validated_rounds(rounds: int, every: int) -> list[int]:
+    """The rounds (1-based, of ``rounds``) after which the model is validated: every ``every``-th and the last."""
+    return [r for r in range(1, rounds + 1) if r % every == 0 or r == rounds]

@@ -183,7 +183,8 @@ def _progress(total: int) -> Any:
         if record["missing"]:
             bar.write(f"round {record['round']:>3}  missing: {', '.join(record['missing'])}")
         overall = record.get("val_overall", {})
-        bar.set_postfix(val_f1=f"{overall.get('macro_f1', float('nan')):.3f}")
+        if "macro_f1" in overall:  # a round not validated (early_stopping.every) leaves the last score shown
+            bar.set_postfix(val_f1=f"{overall['macro_f1']:.3f}")
         bar.update(1)
 
     return bar, on_round

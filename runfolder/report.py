@@ -303,6 +303,14 @@ def _describe_rounds(run: Mapping[str, Any]) -> list[str]:
             if stopped
             else "Training did not stop early."
         )
+    validated = run.get("validated_rounds")
+    if isinstance(validated, list) and validated and done is not None and len(validated) < int(done):
+        head = ", ".join(str(r) for r in validated[:-1])
+        listed = f"{head} and {validated[-1]}" if head else str(validated[-1])
+        sentences.append(
+            f"The global model was validated after rounds {listed} only (`early_stopping.every`), the baselines "
+            "at as many checkpoints."
+        )
     if best is not None:
         sentences.append(
             f"The best global model came from **round {int(best)}**; the federated test scores below use that model."

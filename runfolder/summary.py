@@ -136,6 +136,8 @@ def build_summary(
             "rounds_done": len(federation["rounds"]),
             "best_round": federation["best_round"],
             "stopped_early": federation["stopped_early"],
+            # the rounds whose global model was validated (all of them unless early_stopping.every > 1)
+            "validated_rounds": [r["round"] for r in federation["rounds"] if r.get("validated", True)],
         },
         regions=regions,
         overall={

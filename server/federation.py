@@ -67,6 +67,7 @@ from common.runfiles import (
     write_json,
 )
 from common.stopping import EarlyStopper as EarlyStopper  # re-exported: the federation's early stopping
+from common.stopping import validated_rounds
 from server.aggregate import OptimizerState, ServerOptimizer
 from server.audit import LedgerStrategy
 from server.secagg import SecureRoundError, secure_train_round
@@ -92,6 +93,9 @@ RESUMABLE_CHANGES = (
     "aggregation.node_timeout",
     "aggregation.min_clients",
     "audit",  # what the server keeps for auditors, not what it computes
+    # which rounds are validated: the training never reads the scores, and the best round so far stays the best
+    # (a run may go on validating more or less often than it began)
+    "early_stopping.every",
 )
 
 
@@ -177,7 +181,9 @@ class RunState:
             raise ResumeError(
                 f"cannot resume: {source} says {state.completed_round} round(s) finished but records rounds {numbered}"
             )
-        if not 1 <= state.best_round <= state.completed_round:
+        # 0 only when no round was validated yet (early_stopping.every above the rounds finished): no best value
+        lowest = 0 if state.best_value is None else 1
+        if not lowest <= state.best_round <= state.completed_round:
             raise ResumeError(
                 f"cannot resume: {source} says round {state.best_round} was the best of {state.completed_round} "
                 "finished round(s)"
@@ -435,14 +441,23 @@ def _evaluate(
 
 
 def _run_round(
-    grid: Grid, strategy: RoundStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord, run_key: str
+    grid: Grid,
+    strategy: RoundStrategy,
+    cfg: RunConfig,
+    server_round: int,
+    arrays: ArrayRecord,
+    run_key: str,
+    validate: bool = True,
 ) -> tuple[ArrayRecord, dict[str, Any], OptimizerState]:
     started = time.perf_counter()
     arrays, record, optimizer_state = _train_round(grid, strategy, cfg, server_round, arrays, run_key)
-    record["val"], record["val_overall"], bytes_down = _evaluate(
-        grid, strategy, cfg, server_round, arrays, keys.VAL, run_key
-    )
-    record["bytes_down"] += bytes_down
+    # a round not validated (early_stopping.every) has no scores
+    record["val"], record["val_overall"], record["validated"] = {}, {}, validate
+    if validate:
+        record["val"], record["val_overall"], bytes_down = _evaluate(
+            grid, strategy, cfg, server_round, arrays, keys.VAL, run_key
+        )
+        record["bytes_down"] += bytes_down
     record["seconds"] = time.perf_counter() - started  # wall time of train + validation, for the benchmarks
     return arrays, record, optimizer_state
 
@@ -518,8 +533,8 @@ def run_rounds(
         seconds_before = resume_from.seconds
         for record in rounds:
             writer.write_round(record)
-        best = _load_checkpoint(loaded, out_dir, resume_from.best_round)
         arrays = _load_checkpoint(loaded, out_dir, resume_from.completed_round)
+        best = _load_checkpoint(loaded, out_dir, resume_from.best_round) if resume_from.best_round else arrays
         optimizer_state = load_optimizer_state(resume_from, optimizer, out_dir, to_numpy(arrays))
         optimizer_ref = resume_from.optimizer_state
     strategy = _make_strategy(cfg, out_dir, optimizer_state)
@@ -527,12 +542,15 @@ def run_rounds(
     should_stop = bool(rounds) and stopper.exhausted(server_round)
     if rounds and (should_stop or server_round == cfg.rounds):
         log.info("the run had finished after round %d; only its final test evaluation runs again", server_round)
+    validated = validated_rounds(cfg.rounds, stop.every)
     while not should_stop and server_round < cfg.rounds:
         server_round += 1
+        validate = server_round in validated
         with _naming_checkpoint(f"round {server_round}", out_dir, server_round - 1):
-            arrays, record, optimizer_state = _run_round(grid, strategy, cfg, server_round, arrays, run_key)
+            arrays, record, optimizer_state = _run_round(grid, strategy, cfg, server_round, arrays, run_key, validate)
         writer.write_round(record)
-        should_stop = stopper.update(server_round, record["val_overall"].get(stop.metric))
+        if validate:  # a round not validated is never the best one, nor a round that brought nothing
+            should_stop = stopper.update(server_round, record["val_overall"].get(stop.metric))
         if stopper.best_round == server_round:
             best = arrays
         # the checkpoint first: a crash before the state is written redoes this round, never skips it
@@ -553,6 +571,11 @@ def run_rounds(
         write_state(out_dir, state)
         if on_round is not None:
             on_round(record)
+    if stopper.best_round == 0:
+        # no round was validated: a resumed run whose rounds were cut to those it had finished. The newest model
+        # is the best known, as EarlyStopper keeps it when there is nothing to compare
+        stopper.update(server_round, None)
+        best = arrays
     stopped_early = should_stop and server_round < cfg.rounds
     if stopped_early:
         log.info(

@@ -80,8 +80,9 @@ def train_baseline(
     on_step: Callable[[], None] | None = None,
 ) -> tuple[LoadedModel, KeptCheckpoint]:
     """Train one baseline model on ``train`` (the data of ``regions`` regions) with as much training as the
-    federated run (``client.local_only.matched_settings``), validated by ``validate`` after each of ``cfg.rounds``
-    even shares of its steps; the best checkpoint (by ``early_stopping``'s metric) is left loaded."""
+    federated run (``client.local_only.matched_settings``), validated by ``validate`` where the run validates (after
+    each of ``cfg.rounds`` even shares of its steps, or every ``early_stopping.every``-th and the last); the best
+    checkpoint (by ``early_stopping``'s metric) is left loaded."""
     loaded = build_model(cfg.model, cfg.lora, cfg.labels, seed=cfg.seed)
     kept = train_best_checkpoint(
         loaded,
@@ -95,6 +96,7 @@ def train_baseline(
         seed=derive_seed(cfg.seed, tag),
         desc=tag,
         on_step=on_step,
+        every=cfg.early_stopping.every,
     )
     return loaded, kept
 
@@ -113,7 +115,7 @@ def _train_and_test(
     predictions in ``predictions`` and its adapter state (best checkpoint) in ``adapters``.
 
     Like the federated run, which keeps its best round on validation, the baseline keeps its best checkpoint:
-    it is validated on the val splits of ``tests`` after each of ``cfg.rounds`` even shares of its steps
+    it is validated on the val splits of ``tests`` where the federation validates, at the same shares of its steps
     (``train_baseline``), and the best one (by ``early_stopping``'s metric) is the one tested. More passes
     over-fit a baseline as they do the federation: best is compared with best.
     """

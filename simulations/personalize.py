@@ -178,6 +178,7 @@ def local_only_model(
         seed=cfg.seed,
         metric=cfg.early_stopping.metric,
         min_delta=cfg.early_stopping.min_delta,
+        every=cfg.early_stopping.every,
     )
     return trained
 

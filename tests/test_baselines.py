@@ -26,6 +26,30 @@ def test_checkpoints_spread_the_steps_and_end_at_the_last() -> None:
     assert checkpoint_steps(7, 1) == [7]
 
 
+def test_validating_every_kth_round_puts_checkpoints_where_the_federation_validates() -> None:
+    # the federation validates after rounds 3, 6, 9, 12 (every 3rd) and 3, 6, 9, 10 (every 3rd and the last)
+    assert checkpoint_steps(120, 12, every=3) == [30, 60, 90, 120]
+    assert checkpoint_steps(100, 10, every=3) == [30, 60, 90, 100]
+    assert checkpoint_steps(12, 3, every=5) == [12]  # none but the last
+    assert checkpoint_steps(12, 3, every=1) == checkpoint_steps(12, 3)
+
+
+def test_a_baseline_validates_only_at_the_every_kth_checkpoints(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions, rounds=5), ["early_stopping.every=2"])
+    data = {r.name: load_region(r.name, r.data, cfg.labels) for r in cfg.regions}
+    scripted = iter([0.9, 0.5, 0.7])  # validated after rounds 2, 4 and 5: the first is the best
+    monkeypatch.setattr(baselines, "validation_score", lambda *args: next(scripted))
+    scores, _ = run_centralized(cfg, data)
+    union = sum(len(region.train) for region in data.values())
+    total = plan_steps(union, matched_settings(cfg.train, cfg.rounds, len(data)))
+    steps = checkpoint_steps(total, cfg.rounds, 2)
+    assert len(steps) == 3 and next(scripted, None) is None  # exactly three validations
+    kept = {"number": 1, "of": 3, "step": steps[0], "steps": total}
+    assert {name: s[KEPT_CHECKPOINT] for name, s in scores.items()} == dict.fromkeys(data, kept)
+
+
 def test_the_tested_model_is_the_best_checkpoint_on_validation(
     tiny_bert: Path, two_regions: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -463,7 +463,10 @@ def test_task_that_is_not_json_raises_config_error() -> None:
             ),
             ["round_timeout", "method", "server_lr", "fraction_train", "min_clients"],
         ),
-        (lambda p: EarlyStopping(patience=0, metric="f2", min_delta=-1), ["patience", "metric", "min_delta"]),
+        (
+            lambda p: EarlyStopping(patience=0, metric="f2", min_delta=-1, every=0),
+            ["patience", "every", "metric", "min_delta"],
+        ),
         (lambda p: SimulationSettings(cpus_per_client=0), ["cpus_per_client"]),
         (lambda p: Region(name="no spaces", data=p / "absent"), ["name"]),
         (lambda p: RunConfig(rounds=0, labels=("x",)), ["rounds", "labels", "regions"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common.stopping import validated_rounds
 from server.federation import EarlyStopper
 
 
@@ -31,3 +32,18 @@ def test_without_validation_data_the_newest_round_is_best() -> None:
     for r in (1, 2, 3):
         assert not stopper.update(r, None)
     assert stopper.best_round == 3
+
+
+def test_patience_is_not_exhausted_before_the_first_round_is_recorded() -> None:
+    # with early_stopping.every the first rounds are not validated; a resumed run must not stop on them
+    stopper = EarlyStopper(patience=1)
+    assert not stopper.exhausted(3)
+    assert not stopper.update(4, 0.5)
+    assert stopper.exhausted(5)
+
+
+def test_the_validated_rounds_are_every_kth_and_the_last() -> None:
+    assert validated_rounds(12, 3) == [3, 6, 9, 12]
+    assert validated_rounds(10, 3) == [3, 6, 9, 10]
+    assert validated_rounds(2, 5) == [2]
+    assert validated_rounds(4, 1) == [1, 2, 3, 4]

@@ -172,6 +172,16 @@ def test_the_report_says_which_server_optimizer_was_used(tmp_path: Path) -> None
     assert "server optimizer: `fedadam` (server_lr 0.01, beta_1 0.9, beta_2 0.99, tau 0.001), seed 7." in text
 
 
+def test_the_report_says_which_rounds_were_validated_when_not_all_were(tmp_path: Path) -> None:
+    summary = make_summary()
+    summary["run"]["validated_rounds"] = [1, 2, 3]
+    text = write_report(tmp_path / "all", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    assert "was validated after rounds" not in text
+    summary["run"]["validated_rounds"] = [2, 3]
+    text = write_report(tmp_path / "some", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")
+    assert "The global model was validated after rounds 2 and 3 only (`early_stopping.every`)" in text
+
+
 def test_the_report_says_which_checkpoint_each_baseline_kept(tmp_path: Path) -> None:
     summary = make_summary()
     text = write_report(tmp_path / "old", Summary.from_json(summary), make_metrics()).read_text(encoding="utf-8")

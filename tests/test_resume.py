@@ -425,6 +425,7 @@ def test_operational_settings_may_change(tmp_path: Path, tiny_bert: Path, two_re
         regions=(dataclasses.replace(cfg.regions[0], data=moved), cfg.regions[1]),
         aggregation=dataclasses.replace(cfg.aggregation, round_timeout=5.0, node_timeout=9.0, min_clients=1),
         simulation=dataclasses.replace(cfg.simulation, cpus_per_client=3),
+        early_stopping=dataclasses.replace(cfg.early_stopping, every=4),
     )
     assert fingerprint(config_settings(operated)) == fingerprint(config_settings(cfg))
     assert {"aggregation.round_timeout", "aggregation.min_clients", "rounds"} <= set(RESUMABLE_CHANGES)
@@ -643,6 +644,76 @@ def test_simulation_stopped_after_round_two_and_resumed_equals_an_uninterrupted_
     whole = json.loads((tmp_path / "whole" / SUMMARY_FILE).read_text())
     assert summary.communication["per_round"] == whole["communication"]["per_round"]
     assert summary.overall == whole["overall"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation after every K-th round only (early_stopping.every)
+
+
+def every_config(tmp_path: Path, tiny_bert: Path, two_regions: Path, patience: int | None = None) -> RunConfig:
+    """Three rounds validated after rounds 2 and 3 (every 2nd and the last)."""
+    return config(tmp_path, tiny_bert, two_regions, rounds=3, early_stopping=EarlyStopping(patience=patience, every=2))
+
+
+def test_every_second_round_and_the_last_are_validated_and_only_they_can_be_kept(
+    reference: tuple[RunConfig, Path], tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    _, every_round = reference
+    out = tmp_path / "out"
+    result, grid = run(every_config(tmp_path, tiny_bert, two_regions), out)
+    validated = sorted({rnd for kind, rnd, split in grid.sent if kind == MessageType.EVALUATE and split == keys.VAL})
+    assert validated == [2, 3] and grid.trained_rounds() == [1, 2, 3]
+    assert result.best_round in (2, 3)
+    first = federation(out)["rounds"][0]
+    assert (first["val"], first["val_overall"]) == ({}, {})
+    assert [r["validated"] for r in federation(out)["rounds"]] == [False, True, True]
+    # the training is the same as the every-round run's, and so are the scores of the rounds validated
+    lines = [json.loads(x) for x in metrics_lines(out)]
+    reference_lines = [json.loads(x) for x in metrics_lines(every_round)]
+    assert [x for x in lines if x["split"] == keys.TRAIN] == [x for x in reference_lines if x["split"] == keys.TRAIN]
+    assert [x for x in lines if x["split"] == keys.VAL] == [
+        x for x in reference_lines if x["split"] == keys.VAL and x["round"] in (2, 3)
+    ]
+
+
+def test_a_run_stopped_before_its_first_validation_resumes_as_if_never_stopped(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    # patience 1: a resumed run that counted the unvalidated round 1 as one without progress would stop at once
+    cfg = every_config(tmp_path, tiny_bert, two_regions, patience=1)
+    run(cfg, tmp_path / "whole")
+
+    def stop_at_one(record: dict[str, Any]) -> None:
+        if record["round"] == 1:
+            raise Crash("killed after round 1")
+
+    out = tmp_path / "out"
+    with pytest.raises(Crash):
+        run(cfg, out, on_round=stop_at_one)
+    state = read_state(out)
+    assert state is not None and (state.completed_round, state.best_round) == (1, 0)
+    _, grid = run(cfg, out, resume=True)
+    assert grid.trained_rounds() == [2, 3]
+    assert_same_run(out, tmp_path / "whole")
+
+
+def test_a_run_cut_to_rounds_none_of_which_was_validated_keeps_its_last_one(
+    tiny_bert: Path, two_regions: Path, tmp_path: Path
+) -> None:
+    cfg = every_config(tmp_path, tiny_bert, two_regions)
+    out = tmp_path / "out"
+
+    def stop_at_one(record: dict[str, Any]) -> None:
+        if record["round"] == 1:
+            raise Crash("killed after round 1")
+
+    with pytest.raises(Crash):
+        run(cfg, out, on_round=stop_at_one)
+    result, grid = run(dataclasses.replace(cfg, rounds=1), out, resume=True)
+    assert result.best_round == 1
+    assert {(kind, rnd, split) for kind, rnd, split in grid.sent} == {(MessageType.EVALUATE, 1, keys.TEST)}
+    saved = load_file(str(out / "checkpoints" / "round-001" / "adapter_model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in adapter(out).items())
 
 
 # ---------------------------------------------------------------------------------------------------------
