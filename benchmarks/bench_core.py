@@ -120,8 +120,9 @@ def say(message: str) -> None:
 
 def report_round(record: dict[str, Any]) -> None:
     """One progress line per finished round."""
-    overall = record.get("val_overall", {}).get("macro_f1", float("nan"))
-    say(f"round {record['round']}: {len(record['participants'])} regions, val macro-F1 {overall:.3f}")
+    overall = record.get("val_overall", {}).get("macro_f1")
+    val = "not validated" if overall is None else f"val macro-F1 {overall:.3f}"  # early_stopping.every
+    say(f"round {record['round']}: {len(record['participants'])} regions, {val}")
 
 
 def main(argv: list[str] | None = None) -> int:

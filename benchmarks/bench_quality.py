@@ -208,8 +208,9 @@ def say(message: str) -> None:
 
 def report_round(record: dict[str, Any]) -> None:
     """One progress line per finished round."""
-    overall = record.get("val_overall", {}).get("macro_f1", float("nan"))
-    say(f"  round {record['round']}: val macro-F1 {overall:.3f} ({record.get('seconds', 0):.0f} s)")
+    overall = record.get("val_overall", {}).get("macro_f1")
+    val = "not validated" if overall is None else f"val macro-F1 {overall:.3f}"  # early_stopping.every
+    say(f"  round {record['round']}: {val} ({record.get('seconds', 0):.0f} s)")
 
 
 # The candidates the defaults were chosen from (docs/benchmarks.md says how). Each is a complete set of the

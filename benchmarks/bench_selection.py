@@ -52,6 +52,8 @@ if TYPE_CHECKING:  # the heavy imports wait until after argument parsing (--help
 
 # the validation scores a round could be kept by; the loss is lower-is-better, the others higher
 CRITERIA = ("mean_macro_f1", "pooled_accuracy", "pooled_loss", "pooled_macro_f1")
+# validating every K-th round (and the last) only: the choices the table adds for the federation's criterion
+EVERY = (1, 2, 3, 4, 6)
 
 
 def round_scores(labels: dict[str, np.ndarray], probs: dict[str, np.ndarray], num_labels: int) -> dict[str, float]:
@@ -76,14 +78,16 @@ def round_scores(labels: dict[str, np.ndarray], probs: dict[str, np.ndarray], nu
     }
 
 
-def picked(curve: list[dict[str, float]], criterion: str, min_delta: float = 0.0) -> int:
+def picked(curve: list[dict[str, float]], criterion: str, min_delta: float = 0.0, every: int = 1) -> int:
     """The 1-based round ``criterion`` keeps on validation, as the federation keeps its best round: a later round
-    replaces the best only when it beats it by more than ``min_delta`` (``common.stopping.EarlyStopper``)."""
+    replaces the best only when it beats it by more than ``min_delta`` (``common.stopping.EarlyStopper``). With
+    ``every`` K only every K-th round and the last are looked at, as if only they had been validated."""
     from common.stopping import EarlyStopper
 
     stopper = EarlyStopper(None, higher_is_better=criterion != "pooled_loss", min_delta=min_delta)
     for server_round, row in enumerate(curve, start=1):
-        stopper.update(server_round, row[criterion])
+        if server_round % every == 0 or server_round == len(curve):
+            stopper.update(server_round, row[criterion])
     return stopper.best_round
 
 
@@ -91,7 +95,7 @@ def _table(curves: dict[str, list[dict[str, float]]], min_delta: float, what: st
     """Print and return, for each criterion, the round (or checkpoint) it keeps and that one's pooled test
     macro-F1, with the best any reaches on test."""
     test_pooled = [row["pooled_macro_f1"] for row in curves["test"]]
-    choices = {
+    choices: dict[str, dict[str, Any]] = {
         criterion: {
             "round": (r := picked(curves["val"], criterion, min_delta)),
             "test_pooled_macro_f1": test_pooled[r - 1],
@@ -103,6 +107,14 @@ def _table(curves: dict[str, list[dict[str, float]]], min_delta: float, what: st
     for criterion, choice in choices.items():
         print(f"{criterion:24} {choice['round']:>10} {choice['test_pooled_macro_f1']:>21.3f}")
     print(f"{'(best on test)':24} {best_test:>10} {test_pooled[best_test - 1]:>21.3f}")
+    # fewer validations (early_stopping.every): the same training, a coarser choice among its rounds
+    criterion = "mean_macro_f1"
+    print(f"\nvalidated only every K-th {what} and the last, by {criterion}:")
+    print(f"{'K':>3} {what:>10} {'test pooled macro-F1':>21}")
+    for every in EVERY:
+        r = picked(curves["val"], criterion, min_delta, every)
+        choices[criterion][f"every_{every}"] = {"round": r, "test_pooled_macro_f1": test_pooled[r - 1]}
+        print(f"{every:>3} {r:>10} {test_pooled[r - 1]:>21.3f}")
     return choices, best_test
 
 

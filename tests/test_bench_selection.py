@@ -61,6 +61,13 @@ def test_ties_and_gains_within_min_delta_keep_the_earlier_round_as_the_federatio
     assert picked(rising, "pooled_accuracy", 0.01) == picked(rising, "pooled_loss", 0.01) == 4
 
 
+def test_validating_every_kth_round_looks_only_at_those_and_the_last() -> None:
+    curve = [{"mean_macro_f1": v} for v in (0.5, 0.9, 0.6, 0.7)]
+    assert picked(curve, "mean_macro_f1", every=1) == 2
+    assert picked(curve, "mean_macro_f1", every=2) == 2  # rounds 2 and 4
+    assert picked(curve, "mean_macro_f1", every=3) == 4  # rounds 3 and 4: the best round 2 is never looked at
+
+
 def test_on_a_finished_simulation_it_reproduces_the_recorded_validation(
     simulated_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -71,6 +78,8 @@ def test_on_a_finished_simulation_it_reproduces_the_recorded_validation(
     assert result["recorded_val_mismatch"] < 1e-6
     assert len(result["curves"]["val"]) == len(result["curves"]["test"]) == 2
     assert result["choices"]["mean_macro_f1"]["round"] == result["kept_round"]
+    # validated every round, the coarser choices' first is the run's own
+    assert result["choices"]["mean_macro_f1"]["every_1"]["round"] == result["kept_round"]
     summary = json.loads((run / "summary.json").read_text())
     kept = result["curves"]["test"][result["kept_round"] - 1]["pooled_macro_f1"]
     assert kept == pytest.approx(summary["overall"]["federated"]["pooled_macro_f1"])
