@@ -207,10 +207,14 @@ class RunSimulationBanner(logging.Filter):
 
 
 def stop_ray(ray: Any) -> None:
-    """Shut Ray down and kill any of its processes that outlive that (after Ctrl-C some daemons do)."""
+    """Shut Ray down and kill any of its processes that outlive that (after Ctrl-C some daemons do).
+
+    Python's own multiprocessing helpers (the resource tracker the baselines' queues registered with) are this
+    process's children too but not Ray's: killed, the next run in this process (a benchmark runs several) finds
+    its tracker dead and prints tracebacks as the tracker is started again without what it knew."""
     import psutil  # comes with ray
 
-    started_here = psutil.Process().children(recursive=True)
+    started_here = [proc for proc in psutil.Process().children(recursive=True) if not _multiprocessing_helper(proc)]
     if ray.is_initialized():
         ray.shutdown()
     _, alive = psutil.wait_procs(started_here, timeout=5)
@@ -219,6 +223,17 @@ def stop_ray(ray: Any) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             continue
+
+
+def _multiprocessing_helper(proc: Any) -> bool:
+    """Whether ``proc`` (a psutil.Process) is multiprocessing's resource tracker or forkserver."""
+    import psutil
+
+    try:
+        command = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return "multiprocessing.resource_tracker" in command or "multiprocessing.forkserver" in command
 
 
 def simulate(
