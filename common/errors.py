@@ -8,6 +8,7 @@ from __future__ import annotations
 
 EXIT_FAILED = 1  # the work could not be done (a launch, a build, a broken ledger)
 EXIT_BAD_INPUT = 2  # the input is unusable (config, data, model folder, key)
+EXIT_INTERNAL = 70  # a bug in fedlocale (BSD sysexits' EX_SOFTWARE): no error of ours describes what happened
 
 
 class FedlocaleError(Exception):

@@ -8,13 +8,15 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from common.config import load_config
-from common.errors import ConfigError, FedlocaleError
+from common.errors import EXIT_FAILED, EXIT_INTERNAL, ConfigError, FedlocaleError
 from common.runfiles import CONFIG_FILE, FEDERATION_FILE, POOLED, SUMMARY_FILE, Summary, read_summary, write_summary
 from deploy.env import apply_env
 from fedlocale import audit_cmd, deploy_cmd, model_cmd, serve_cmd
@@ -371,10 +373,31 @@ def _run(handler: Any, args: argparse.Namespace, interrupted: threading.Event) -
         # in place of the KeyboardInterrupt; the user pressed Ctrl-C, so that is what we report.
         if interrupted.is_set() or isinstance(err, KeyboardInterrupt):
             _exit_interrupted()
+        if not isinstance(err, Exception):  # SystemExit (argparse's usage errors, a command's exit code)
+            raise
         if isinstance(err, RuntimeError):
             print(f"fedlocale: {err}", file=sys.stderr)
-            return 1
-        raise
+            return EXIT_FAILED
+        if isinstance(err, OSError):
+            # the machine refused (a full disk, a permission, a file gone): its own words name the path
+            print(f"fedlocale: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        return _internal_error(err)
+
+
+def _internal_error(err: Exception) -> int:
+    """Report an error none of ours describes — a bug — in one line, with its traceback in a file of its own for
+    the bug report (the user's folders are not the place for it)."""
+    detail = "".join(traceback.format_exception(err))
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="fedlocale-error-", suffix=".txt", delete=False) as out:
+            out.write(detail)
+        where = f"the traceback is in {out.name}"
+    except OSError as unwritable:
+        where = f"its traceback could not be saved ({unwritable})"
+    print(f"fedlocale: internal error (a bug in fedlocale): {type(err).__name__}: {err}", file=sys.stderr)
+    print(f"fedlocale: {where}; please attach it to a bug report", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 @contextlib.contextmanager

@@ -387,3 +387,56 @@ def test_no_traceback_from_a_damaged_run(
     assert str(run / file.rstrip("/")) in err or file.split("/")[-1] in err, err  # the damaged file is named
     assert not out.exists()
     assert before == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}  # nothing in the run changed
+
+
+# ------------------------------------------------------------------------------------ errors none of ours name
+
+
+def _failing(error: BaseException) -> Callable[[Any], int]:
+    def handler(args: Any) -> int:
+        raise error
+
+    return handler
+
+
+def test_a_bug_is_one_line_and_a_saved_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error no fedlocale type describes (a bug) exits 70 with one line naming it and the file that holds the
+    traceback; the traceback itself never reaches the terminal."""
+    import fedlocale.cli as cli
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "report", _failing(ValueError("a shape of (3, 2), not (2, 3)")))
+    code, out, err = run_cli(["report", str(tmp_path)], capsys)
+    assert code == 70 and "Traceback" not in out + err, err
+    first, second = err.splitlines()
+    assert first == "fedlocale: internal error (a bug in fedlocale): ValueError: a shape of (3, 2), not (2, 3)"
+    saved = next(tmp_path.glob("fedlocale-error-*.txt"))
+    assert second == f"fedlocale: the traceback is in {saved}; please attach it to a bug report"
+    text = saved.read_text()
+    assert text.startswith("Traceback") and "in handler" in text and "ValueError: a shape" in text
+
+
+def test_an_error_of_the_system_is_printed_in_its_own_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import fedlocale.cli as cli
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "summary.json"))
+    monkeypatch.setitem(cli.COMMANDS, "report", _failing(full))
+    code, _, err = run_cli(["report", str(tmp_path)], capsys)
+    assert code == 1
+    assert err == f"fedlocale: [Errno 28] No space left on device: '{tmp_path / 'run' / 'summary.json'}'\n"
+
+
+def test_an_exit_of_a_command_passes_through(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedlocale.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "report", _failing(SystemExit(4)))
+    code, _, err = run_cli(["report", "somewhere"], capsys)
+    assert code == 4 and err == ""
