@@ -83,8 +83,9 @@ def run_one(
     seed: int,
     out: Path,
     local_predictions: dict[str, Any] | None = None,
-) -> tuple[dict[str, Any], list[float], float]:
-    """One ``fedlocale simulate``; its summary, the validation macro-F1 per round, and its wall time.
+) -> tuple[dict[str, Any], list[float | None], float]:
+    """One ``fedlocale simulate``; its summary, the validation macro-F1 per round (None where the round was not
+    validated), and its wall time.
 
     ``local_predictions``: the local-only baseline's test predictions per region, filled by a run with that
     baseline, or given to a run without it (the same data and seed) for its served − local-only intervals."""
@@ -107,7 +108,8 @@ def run_one(
     )
     seconds = time.perf_counter() - started
     federation = json.loads((out / FEDERATION_FILE).read_text())
-    curve = [float(r.get("val_overall", {}).get("macro_f1", math.nan)) for r in federation["rounds"]]
+    # null (not NaN, which is not JSON) for a round not validated (early_stopping.every) or without val data
+    curve = [r.get("val_overall", {}).get("macro_f1") for r in federation["rounds"]]
     return summary.to_json(), curve, seconds
 
 
