@@ -60,6 +60,8 @@ class Personalized:
     chosen: str  # GLOBAL, PERSONALIZED or (with a local-only candidate) LOCAL_ONLY, under personalize.choice
     val_difference: Difference | None  # personalized minus global on validation; None without a validation split
     local_only: LocalOnlyCandidate | None = None  # personalize.consider_local_only: what its choice read
+    # dual under DP with nothing personal trained (``unchanged_start``): the global model is served, unchosen
+    nothing_personal: bool = False
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,11 @@ def personalize(
         resamples=settings.bootstrap,
         seed=derive_seed(seed, "choice"),
     )
+    nothing_personal = settings.mode == "dual" and private is not None and unchanged_start(personal)
+    if nothing_personal:
+        # the candidate is ``base`` itself (another round's global adapter with its head, under start: last), not
+        # a personal model: the region serves the federation's chosen global model, whatever validation says
+        chosen = GLOBAL
     candidate = None
     if local_only is not None:
         probs_l = (
@@ -309,8 +316,22 @@ def personalize(
         candidate = LocalOnlyCandidate(local_only, scores(probs_l, truth, n), chosen, against)
         chosen = LOCAL_ONLY if switch else chosen
     return Personalized(
-        local, result, scores(probs_g, truth, n), scores(probs_p, truth, n), chosen, difference, candidate
+        local,
+        result,
+        scores(probs_g, truth, n),
+        scores(probs_p, truth, n),
+        chosen,
+        difference,
+        candidate,
+        nothing_personal,
     )
+
+
+def unchanged_start(personal: Mapping[str, torch.Tensor] | None) -> bool:
+    """Whether dual's personal slices ``personal`` are still as ``client.personal.init_personal`` made them in
+    what they compute: every B slice zero, so the stacked model computes exactly what its start does. Under DP
+    with ``dp.train: head`` the rounds never train them; mode dual refits no head under DP either."""
+    return personal is not None and not any(bool(t.any()) for k, t in personal.items() if is_lora_b(k))
 
 
 def choose(
@@ -381,8 +402,17 @@ def _check_rule(rule: str) -> None:
 def choice_record(result: Personalized, rule: str) -> dict[str, Any]:
     """What a region's personalization report says about its choice: the served model, the rule, both models'
     validation macro-F1 and the evidence the rule read (``val_ab``). Without validation examples there is no
-    evidence and no score: ``val_examples`` 0 and ``choice_skipped`` say why the personalized model is served."""
-    extra = {} if result.local_only is None else {LOCAL_ONLY: local_only_record(result.local_only, rule)}
+    evidence and no score: ``val_examples`` 0 and ``choice_skipped`` say why the personalized model is served;
+    dual under DP with nothing personal trained (``Personalized.nothing_personal``): ``choice_skipped`` says why
+    the global model is served."""
+    extra: dict[str, Any] = (
+        {} if result.local_only is None else {LOCAL_ONLY: local_only_record(result.local_only, rule)}
+    )
+    if result.nothing_personal:
+        extra["choice_skipped"] = (
+            "nothing personal trained (the personal LoRA's B slices are still zero and no head was refit under DP):"
+            " the global model is served"
+        )
     if result.val_difference is None:
         return {
             "chosen": result.chosen,

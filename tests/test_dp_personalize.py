@@ -87,7 +87,7 @@ def test_personalization_under_dp_clips_each_examples_gradient(
     head alone for head; adapter and head for continue) gets per-example gradients, each example's is clipped
     to C before summing (some were above C), and the model moves."""
     data = load_region("north", write_region(tmp_path / "north", 40, 8, seed=2), north_task.labels)
-    start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=3)
+    start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=4)
     settings = PersonalizeSettings(mode=mode, dp=True, lr=5e-2, bootstrap=100)  # type: ignore[arg-type]
     clip = 0.05
     n = len(data.train)
@@ -108,7 +108,7 @@ def test_dual_under_dp_keeps_the_rounds_head_and_spends_nothing(tmp_path: Path, 
     """Mode dual under DP: the personal slices come from the rounds' DP-SGD pass; the head is not refit (its
     probe fit is no DP-SGD), so the wrapper is never applied and nothing is charged."""
     data = load_region("north", write_region(tmp_path / "north", 40, 8, seed=2), north_task.labels)
-    start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=3)
+    start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=4)
     personal = init_personal(adapter_state(start.model), 4, 0)
     settings = PersonalizeSettings(mode="dual", dp=True, local_r=4, bootstrap=100)
     private = DpSgd(1.0, 1.0, 0.2, len(data.train), sampling_seed=0, noise_seed=1, settings=DpSettings())
@@ -124,6 +124,47 @@ def test_dual_under_dp_keeps_the_rounds_head_and_spends_nothing(tmp_path: Path, 
         start, data, dataclasses.replace(settings, dp=False), north_task.train, max_length=32, seed=0, personal=personal
     )
     assert any(not torch.equal(v, adapter_state(plain.loaded.model)[k]) for k, v in heads.items())
+
+
+def test_dual_under_dp_with_nothing_personal_trained_serves_the_global_model(
+    tmp_path: Path, north_task: ClientTask
+) -> None:
+    """Under ``dp.train: head`` the personal slices never train (B stays zero) and dual refits no head under DP:
+    the candidate is its start — under ``start: last`` another round's global adapter — not a personal model, so
+    the region serves the global model whatever validation says, and the record says why. Slices that did train
+    are a candidate as before."""
+    from client.personalize import GLOBAL, choice_record, keeps_global
+
+    data = load_region("north", write_region(tmp_path / "north", 40, 30, seed=2), north_task.labels)
+    global_model = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=4)
+    # personalize.start: last — another round's global adapter, not the global (best-round) model
+    last_round = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=4)
+    untrained = init_personal(adapter_state(global_model.model), 4, 0)
+    settings = PersonalizeSettings(mode="dual", dp=True, local_r=4, bootstrap=100, choice="confident")
+
+    def run(personal: dict[str, torch.Tensor]) -> Any:
+        private = DpSgd(1.0, 1.0, 0.2, len(data.train), sampling_seed=0, noise_seed=1, settings=DpSettings())
+        return personalize(
+            global_model,
+            data,
+            settings,
+            north_task.train,
+            max_length=32,
+            seed=0,
+            personal=personal,
+            start=last_round,
+            private=private,
+        )
+
+    frozen = run(untrained)
+    assert frozen.nothing_personal and frozen.chosen == GLOBAL
+    # the rule alone would have served the last round on this evidence
+    assert frozen.val_difference is not None and not keeps_global(frozen.val_difference, "confident")
+    record = choice_record(frozen, "confident")
+    assert record["chosen"] == GLOBAL and record["choice_skipped"].startswith("nothing personal trained")
+    trained = {k: v + 0.05 if is_lora_b(k) else v for k, v in untrained.items()}
+    moved = run(trained)
+    assert not moved.nothing_personal and "choice_skipped" not in choice_record(moved, "confident")
 
 
 def test_a_deployed_node_plans_charges_and_reports_its_dp_personalization(
