@@ -285,6 +285,36 @@ def test_dual_mode_trains_global_and_personal_lora_in_one_dp_pass(tmp_path: Path
     assert 0 < account.epsilon_spent <= 8.0
 
 
+def test_dual_under_dp_train_head_keeps_personal_slices_that_compute_nothing(
+    tmp_path: Path, north_task: ClientTask
+) -> None:
+    """dp.train: head on a dual node: the personal slices stay as they started (B zero), so personalization
+    serves the global model (``client.personalize.unchanged_start``); with everything under DP they train."""
+    from safetensors.torch import load_file
+
+    from client.personal import personal_folder
+    from client.personalize import unchanged_start
+    from client.task import train_dual
+
+    region = Region("north", write_region(tmp_path / "north", 48, 16, seed=3))
+    levers = DpSettings(train="head", optimizer="sgd", lr=0.5, batch_size=1000)
+    mean = dataclasses.replace(north_task.model, pooling="mean")
+    for dp, untrained in ((levers, True), (DpSettings(), False)):
+        task = dataclasses.replace(north_task, rounds=1, run_key=f"run-{dp.train}", dp=dp, model=mean)
+        root = tmp_path / dp.train
+        node = NodeSettings(
+            policy=_dp_node(root).policy,
+            audit_dir=root / "audit",
+            threads=1,
+            personal_dir=root / "personal",
+            personal_rank=4,
+        )
+        state = adapter_state(build_model(task.model, task.lora, task.labels, seed=0).model)
+        train_dual(region, task, state, node)
+        (kept,) = personal_folder(root / "personal", "north").iterdir()
+        assert unchanged_start(load_file(str(kept))) is untrained, dp.train
+
+
 def test_empty_poisson_batches_take_a_noise_only_step(north_task: ClientTask) -> None:
     """Poisson sampling at a low rate draws empty batches: training goes through them (no forward pass), and
     each still takes a noisy optimizer step, as the accountant assumes every step does."""
