@@ -87,7 +87,7 @@ def test_personalization_under_dp_clips_each_examples_gradient(
     head alone for head; adapter and head for continue) gets per-example gradients, each example's is clipped
     to C before summing (some were above C), and the model moves."""
     data = load_region("north", write_region(tmp_path / "north", 40, 8, seed=2), north_task.labels)
-    start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=4)
+    start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=3)
     settings = PersonalizeSettings(mode=mode, dp=True, lr=5e-2, bootstrap=100)  # type: ignore[arg-type]
     clip = 0.05
     n = len(data.train)
@@ -108,7 +108,7 @@ def test_dual_under_dp_keeps_the_rounds_head_and_spends_nothing(tmp_path: Path, 
     """Mode dual under DP: the personal slices come from the rounds' DP-SGD pass; the head is not refit (its
     probe fit is no DP-SGD), so the wrapper is never applied and nothing is charged."""
     data = load_region("north", write_region(tmp_path / "north", 40, 8, seed=2), north_task.labels)
-    start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=4)
+    start = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=3)
     personal = init_personal(adapter_state(start.model), 4, 0)
     settings = PersonalizeSettings(mode="dual", dp=True, local_r=4, bootstrap=100)
     private = DpSgd(1.0, 1.0, 0.2, len(data.train), sampling_seed=0, noise_seed=1, settings=DpSettings())
@@ -136,7 +136,7 @@ def test_dual_under_dp_with_nothing_personal_trained_serves_the_global_model(
     from client.personalize import GLOBAL, choice_record, keeps_global
 
     data = load_region("north", write_region(tmp_path / "north", 40, 30, seed=2), north_task.labels)
-    global_model = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=4)
+    global_model = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=3)
     # personalize.start: last — another round's global adapter, not the global (best-round) model
     last_round = perturb(build_model(north_task.model, north_task.lora, north_task.labels, seed=0), seed=4)
     untrained = init_personal(adapter_state(global_model.model), 4, 0)

@@ -399,10 +399,10 @@ def _failing(error: BaseException) -> Callable[[Any], int]:
     return handler
 
 
-def test_a_bug_is_one_line_and_a_saved_traceback(
+def test_a_bug_is_two_lines_and_a_saved_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An error no fedlocale type describes (a bug) exits 70 with one line naming it and the file that holds the
+    """An error no fedlocale type describes (a bug) exits 70 with two lines naming it and the file that holds the
     traceback; the traceback itself never reaches the terminal."""
     import fedlocale.cli as cli
 
