@@ -375,19 +375,17 @@ def _run(handler: Any, args: argparse.Namespace, interrupted: threading.Event) -
             _exit_interrupted()
         if not isinstance(err, Exception):  # SystemExit (argparse's usage errors, a command's exit code)
             raise
-        if isinstance(err, RuntimeError):
-            print(f"fedlocale: {err}", file=sys.stderr)
-            return EXIT_FAILED
-        if isinstance(err, OSError):
-            # the machine refused (a full disk, a permission, a file gone): its own words name the path
+        # RuntimeError: Flower's and Ray's runtime; OSError: the machine refused (a full disk, a permission, a file
+        # gone) — in both, their own words name what failed
+        if isinstance(err, RuntimeError | OSError):
             print(f"fedlocale: {err}", file=sys.stderr)
             return EXIT_FAILED
         return _internal_error(err)
 
 
 def _internal_error(err: Exception) -> int:
-    """Report an error none of ours describes — a bug — in one line, with its traceback in a file of its own for
-    the bug report (the user's folders are not the place for it)."""
+    """Report an error none of ours describes — a bug — in two lines: what it is, and the file of its own that
+    holds its traceback for the bug report (the user's folders are not the place for it)."""
     detail = "".join(traceback.format_exception(err))
     try:
         with tempfile.NamedTemporaryFile("w", prefix="fedlocale-error-", suffix=".txt", delete=False) as out:
