@@ -593,7 +593,8 @@ def personalize_node(
     (``client.personalize.personalize_region``, as a simulation does), and keep the result here:
     ``personal_dir/REGION/`` gets ``global/`` and ``personalized/`` (peft folders like a run's ``adapter/``; with
     ``personalize.consider_local_only`` also ``local_only/``, the region's local-only model, trained here by
-    ``client.local_only.train_local_only`` with the baseline's budget and validated by macro-F1) and
+    ``client.local_only.train_local_only`` with the baseline's budget and checkpoints, by the run's
+    ``early_stopping``) and
     ``personalized.json``: the region, ``time`` (``now``, seconds since the epoch) and the ``round`` of the
     test evaluation, then the ``ABRecord`` (the choice on validation, the A/B on test; its local-only entry also
     says which checkpoint the local-only model kept). Nothing is sent.
@@ -613,12 +614,23 @@ def personalize_node(
     settings = node.personalize
     local_only, local_kept = None, None
     if settings.consider_local_only:
-        # the local-only baseline's model, trained here with its budget: the node's own data, nothing sent.
-        # The task carries no early_stopping settings: it validates after every round's share, by macro-F1
-        # (personalize.dp refuses consider_local_only: this training is no DP-SGD)
+        # the local-only baseline's model, trained here with its budget and kept at its checkpoint by the run's
+        # early_stopping: the node's own data, nothing sent (personalize.dp refuses consider_local_only: this
+        # training is no DP-SGD)
         log.info("%s: training the local-only model (%d examples)", region.name, len(examples.train))
+        stopping = task.early_stopping
         local_only, local_kept = train_local_only(
-            region.name, examples, task.model, task.lora, task.labels, task.train, task.rounds, seed=task.seed
+            region.name,
+            examples,
+            task.model,
+            task.lora,
+            task.labels,
+            task.train,
+            task.rounds,
+            seed=task.seed,
+            metric=stopping.metric,
+            min_delta=stopping.min_delta,
+            every=stopping.every,
         )
     private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if settings.dp:

@@ -769,6 +769,9 @@ class ClientTask:
     dp: DpSettings = field(default_factory=DpSettings)
     # aggregation.lora: with ffa the node keeps every lora_A as received and trains the rest
     lora_aggregation: Literal["fedit", "ffa"] = "fedit"
+    # how the run keeps its best round: a node training its local-only model (personalize.consider_local_only)
+    # keeps that model's checkpoint the same way, as the simulation's local-only baseline does
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
 
     def to_json(self) -> str:
         """Serialise for a ConfigRecord."""
@@ -1162,4 +1165,5 @@ def client_task(cfg: RunConfig, server_round: int, run_key: str = "") -> ClientT
         rounds=cfg.rounds,
         dp=cfg.dp,
         lora_aggregation=cfg.aggregation.lora,
+        early_stopping=cfg.early_stopping,
     )

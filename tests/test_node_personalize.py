@@ -162,3 +162,30 @@ def test_a_node_weighing_its_local_only_model_trains_it_with_the_baselines_budge
     mine = adapter_state(again.model)
     saved = adapter_state(kept.model)  # type: ignore[arg-type]  # load_exported gives the PeftModel it loaded
     assert all(np.allclose(saved[k], v.numpy(), atol=1e-6) for k, v in mine.items())
+
+
+def test_a_node_keeps_its_local_only_checkpoint_by_the_runs_early_stopping(tmp_path: Path, task: ClientTask) -> None:
+    # a run validating every second round: the node's local-only model is validated where the baseline's is
+    # (after rounds 2 and 4 of 4, by the run's metric), not after every round's share
+    from client.local_only import train_local_only
+    from common.config import EarlyStopping
+    from common.data import load_region
+
+    task = replace(task, rounds=4, early_stopping=EarlyStopping(metric="loss", every=2))
+    region = Region(name="north", data=write_region(tmp_path / "north", 40, 16, seed=3))
+    state = adapter_state(build_model(task.model, task.lora, task.labels, seed=task.seed).model)
+    settings = PersonalizeSettings(mode="probe", consider_local_only=True)
+    node = NodeSettings(threads=1, personalize=settings, personal_dir=tmp_path / "own")
+    report = personalize_node(region, task, state, node, now=0.0)
+
+    data = load_region("north", region.data, task.labels)
+    _, baseline = train_local_only(
+        "north", data, task.model, task.lora, task.labels, task.train, 4, seed=task.seed, metric="loss", every=2
+    )
+    assert baseline.of == 2
+    assert report[keys.LOCAL_ONLY][KEPT_CHECKPOINT] == baseline.to_json()
+    # the task carries the setting to the node and back (a server without it: every round, as before)
+    assert ClientTask.from_json(task.to_json()).early_stopping == EarlyStopping(metric="loss", every=2)
+    raw = json.loads(task.to_json())
+    del raw["early_stopping"]
+    assert ClientTask.from_json(json.dumps(raw)).early_stopping == EarlyStopping()
