@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from client.train import evaluate, plan_steps, train_local
+from client.train import evaluate, lr_scale_over, plan_steps, train_local
 from common.config import LoraSettings, ModelSettings, TrainSettings
 from common.data import Example, RegionData
 from common.model import LoadedModel, adapter_state, build_model, load_adapter_state
@@ -116,6 +116,7 @@ def train_best_checkpoint(
             max_length=max_length,
             seed=seed,
             progress=progress,
+            lr_scale=lr_scale_over(settings.lr_schedule, total, rounds),
         )
     if best is not None:
         load_adapter_state(loaded.model, best)

@@ -39,6 +39,7 @@ from client.train import (
     freeze,
     plan_steps,
     predict_proba_encoded,
+    round_lr_scale,
     rows_kept,
     scores,
     train_encoded,
@@ -363,10 +364,23 @@ def train_round(
     )
     with keep, dp as private:
         result = train_encoded(
-            loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed, private=private
+            loaded.model,
+            encoded.ids,
+            encoded.labels,
+            settings,
+            pad_id=loaded.pad_id,
+            seed=seed,
+            private=private,
+            lr_scale=_round_scale(task),
         )
     # augmented copies are not new examples: the FedAvg weight stays the region's real training-set size
     return adapter_state(loaded.model), replace(result, num_examples=len(data.data.train))
+
+
+def _round_scale(task: ClientTask) -> Callable[[int], float]:
+    """The factor on every step's learning rate in this round (``train.lr_schedule``)."""
+    factor = round_lr_scale(task.train.lr_schedule, task.server_round, task.rounds)
+    return lambda _step: factor
 
 
 def _round_inputs(state: Mapping[str, torch.Tensor], task: ClientTask, encoded: Encoded) -> bytes:
@@ -425,7 +439,15 @@ def _trained_apart(
     settings = replace(wide.train, threads=use_threads(node, wide), head="frozen")
     seed = derive_seed(wide.seed, wide.server_round, region.name, "personal")
     with rows_kept(loaded.model, LORA_A, rank), rows_kept(loaded.model, LORA_B, rank, dim=1):
-        train_encoded(loaded.model, encoded.ids, encoded.labels, settings, pad_id=loaded.pad_id, seed=seed)
+        train_encoded(
+            loaded.model,
+            encoded.ids,
+            encoded.labels,
+            settings,
+            pad_id=loaded.pad_id,
+            seed=seed,
+            lr_scale=_round_scale(wide),
+        )
     return adapter_state(loaded.model)
 
 

@@ -114,9 +114,10 @@ def train_local(
     seed: int,
     progress: Callable[[int, int, float], None] | None = None,
     private: Privatize | None = None,
+    lr_scale: Callable[[int], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``examples`` with ``settings.optimizer``; all randomness comes from ``seed``;
-    ``private`` makes the training private (``train_encoded``).
+    ``private`` makes the training private and ``lr_scale`` scales the learning rate per step (``train_encoded``).
 
     With ``settings.kl_to_global > 0`` the loss adds KL(start || current) on the predictions, and with
     ``settings.prox_mu > 0`` the proximal term mu/2 · ||w − w_start||², where *start* is the model as it was
@@ -125,7 +126,24 @@ def train_local(
     ids = encode(tokenizer, [ex.text for ex in examples], max_length)
     labels = [ex.label for ex in examples]
     pad_id = tokenizer.pad_token_id or 0
-    return train_encoded(model, ids, labels, settings, pad_id=pad_id, seed=seed, progress=progress, private=private)
+    return train_encoded(
+        model, ids, labels, settings, pad_id=pad_id, seed=seed, progress=progress, private=private, lr_scale=lr_scale
+    )
+
+
+def round_lr_scale(schedule: str, server_round: int, rounds: int) -> float:
+    """The factor on the learning rate in round ``server_round`` of ``rounds`` under ``train.lr_schedule``:
+    1 when constant; cosine: ½(1 + cos(π (server_round − 1) / rounds)), 1 in round 1 and above 0 in the last."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / rounds))
+
+
+def lr_scale_over(schedule: str, steps: int, rounds: int) -> Callable[[int], float]:
+    """Step (1-based) → ``round_lr_scale`` of the round whose share of ``steps`` the step falls in, for a model
+    trained in one go (a baseline): round k's share ends at step ⌈steps · k / rounds⌉, where the baseline's k-th
+    validation checkpoint is (``client.local_only.checkpoint_steps``)."""
+    return lambda step: round_lr_scale(schedule, (step - 1) * rounds // steps + 1, rounds)
 
 
 LossTerm = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
@@ -257,6 +275,7 @@ def train_encoded(
     seed: int,
     progress: Callable[[int, int, float], None] | None = None,
     private: Privatize | None = None,
+    lr_scale: Callable[[int], float] | None = None,
 ) -> TrainResult:
     """``train_local`` on examples already tokenised (``encode``): token ids and label indices per example.
     No examples is an InputError (the batch sampler would wait forever for a first batch).
@@ -267,6 +286,9 @@ def train_encoded(
     ``private`` (e.g. ``client.dp.DpSgd``) receives the model, optimizer and batch plan before the first step
     and returns the versions to train with, as Opacus's ``make_private`` does; an empty batch in its plan
     (Poisson sampling draws them) takes an optimizer step without a forward pass.
+
+    ``lr_scale`` (step, 1-based → factor) scales the learning rate of the optimizer that steps, on top of the
+    warm-up: ``train.lr_schedule`` over a run's rounds (``round_lr_scale``, ``lr_scale_over``).
     """
     if not ids:
         raise InputError("no training examples to train on")
@@ -289,7 +311,11 @@ def train_encoded(
         model, optimizer, order = private(model, optimizer, order)
     # on the optimizer that steps: ``private`` may have replaced the one made above (client.dp, dp.optimizer)
     warmup = settings.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scale = lr_scale or (lambda _step: 1.0)
+    # LambdaLR counts the steps already taken (s): step s + 1 comes next
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (min(1.0, (s + 1) / warmup) if warmup else 1.0) * scale(s + 1)
+    )
     for step, batch_idx in enumerate(order, start=1):
         if not batch_idx:
             optimizer.zero_grad(set_to_none=True)

@@ -34,6 +34,7 @@ AGGREGATIONS = ("weighted", "uniform")
 LORA_AGGREGATIONS = ("fedit", "ffa")  # aggregation.lora
 HEAD_MODES = ("train", "frozen")  # train.head
 LOCAL_OPTIMIZERS = ("adamw", "sgd")  # train.optimizer
+LR_SCHEDULES = ("constant", "cosine")  # train.lr_schedule
 WHOLE = "whole"  # dp.batch_size: the region's whole split in every DP-SGD step
 SGD_MOMENTUM = 0.9  # train.momentum when null
 # aggregation.optimizer: the server optimizer each applies to the round's mean update (Reddi et al. 2021,
@@ -131,6 +132,11 @@ class TrainSettings:
     # instead, and this has no effect there
     grad_clip: float | None = 1.0
     warmup_steps: int = 0
+    # the learning rate over the run's rounds: constant, or cosine (lr · ½(1 + cos(π (round − 1) / rounds)): the
+    # full lr in round 1, about 2 % of it in the last of 12), so that the regions' late updates, which Adam sizes
+    # by lr whatever their gradients, stop swinging the global model. The baselines follow it at the same shares
+    # of their steps; personalization keeps its own lr
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     kl_to_global: float = 0.0  # weight of KL(global || local) on the predictions, keeps regions consistent
     # FedProx: weight mu of mu/2 * ||w - w_global||^2 over the trained adapter (and head) tensors, w_global as
     # received at the start of the round; pulls each region's update toward the global model (0: off). Refused
@@ -179,6 +185,8 @@ class TrainSettings:
             problems.append(("logit_adjust", f"must be >= 0, got {self.logit_adjust}"))
         if self.head not in HEAD_MODES:
             problems.append(("head", f"must be one of {', '.join(HEAD_MODES)}, got {self.head!r}"))
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"))
         if self.optimizer not in LOCAL_OPTIMIZERS:
             problems.append(("optimizer", f"must be one of {', '.join(LOCAL_OPTIMIZERS)}, got {self.optimizer!r}"))
         if self.momentum is not None and not 0.0 <= self.momentum < 1.0:
