@@ -133,10 +133,12 @@ def train_local(
 
 def round_lr_scale(schedule: str, server_round: int, rounds: int) -> float:
     """The factor on the learning rate in round ``server_round`` of ``rounds`` under ``train.lr_schedule``:
-    1 when constant; cosine: ½(1 + cos(π (server_round − 1) / rounds)), 1 in round 1 and above 0 in the last."""
+    1 when constant; cosine: ½(1 + cos(π (server_round − 1) / rounds)), 1 in round 1 and above 0 in the last.
+    A round past ``rounds`` (a task that planned fewer) takes the last round's factor, never 0."""
     if schedule == "constant":
         return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * (server_round - 1) / rounds))
+    done = min(max(server_round, 1), rounds) - 1
+    return 0.5 * (1.0 + math.cos(math.pi * done / rounds))
 
 
 def lr_scale_over(schedule: str, steps: int, rounds: int) -> Callable[[int], float]:

@@ -43,6 +43,7 @@ def test_the_cosine_factor_per_round_is_the_half_cosine_of_the_rounds_done() -> 
     np.testing.assert_allclose(got, expected, rtol=1e-12)
     assert got[0] == 1.0 and np.all(np.diff(got) < 0) and got[-1] > 0  # never 0: TrainSettings refuses lr 0
     assert {round_lr_scale("constant", r, rounds) for r in range(1, rounds + 1)} == {1.0}
+    assert round_lr_scale("cosine", rounds + 1, rounds) == got[-1]  # past the plan: never 0 (no training at all)
 
 
 @pytest.mark.parametrize(("steps", "rounds"), [(60, 12), (300, 12), (10, 3), (7, 3), (5, 12)])
