@@ -118,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     args = parser.parse_args(argv)
     apply_env()
+    from common.runfiles import ADAPTER_DIR, SUMMARY_FILE
+
     for run in args.runs:
-        if not (run / "summary.json").is_file() or not (run / "adapter").is_dir():
-            print(f"bench_gap: {run}: not a finished simulation (no summary.json or adapter/)", file=sys.stderr)
+        if not (run / SUMMARY_FILE).is_file() or not (run / ADAPTER_DIR).is_dir():
+            print(f"bench_gap: {run}: not a finished simulation (no {SUMMARY_FILE} or {ADAPTER_DIR}/)", file=sys.stderr)
             return 2
 
     every: list[RegionPredictions] = []

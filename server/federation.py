@@ -213,6 +213,7 @@ LATER_DEFAULTS: dict[str, Any] = {
     "train.logit_adjust": TrainSettings().logit_adjust,
     "train.head": TrainSettings().head,
     "train.optimizer": TrainSettings().optimizer,
+    "train.lr_schedule": TrainSettings().lr_schedule,
     "aggregation.lora": AggregationSettings().lora,
     "model.pooling": ModelSettings.pooling,  # a class default: ModelSettings() would check that minilm is installed
     "dp.train": DpSettings().train,

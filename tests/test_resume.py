@@ -801,11 +801,11 @@ def test_the_demo_config_keeps_its_fingerprint_so_its_earlier_runs_resume(tmp_pa
 
 
 def test_settings_added_later_are_fingerprinted_only_when_set(tmp_path: Path) -> None:
-    """model.pooling and dp.train / optimizer / lr / batch_size came after runs with DP settings of their own
-    (dp.clip 0.5 here): at their defaults they stay out of the fingerprint, so such runs still resume; set, they
-    are in it."""
+    """model.pooling, dp.train / optimizer / lr / batch_size and train.lr_schedule came after runs with DP settings
+    of their own (dp.clip 0.5 here): at their defaults they stay out of the fingerprint, so such runs still resume;
+    set, they are in it."""
     demo = _old_demo(tmp_path)
-    later = ("model.pooling", "dp.train", "dp.optimizer", "dp.lr", "dp.batch_size")
+    later = ("model.pooling", "dp.train", "dp.optimizer", "dp.lr", "dp.batch_size", "train.lr_schedule")
     settings = config_settings(load_config(demo, ["dp.clip=0.5"]))
     assert settings["dp.clip"] == 0.5 and not set(later) & set(settings)
     changed = [
@@ -815,6 +815,7 @@ def test_settings_added_later_are_fingerprinted_only_when_set(tmp_path: Path) ->
         "dp.optimizer=sgd",
         "dp.lr=1.0",
         "dp.batch_size=64",
+        "train.lr_schedule=cosine",
     ]
     assert set(later) <= set(config_settings(load_config(demo, changed)))
 
