@@ -117,13 +117,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (default 0)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     args = parser.parse_args(argv)
+    if args.resamples < 1:
+        parser.error(f"--resamples must be at least 1, got {args.resamples}")
     apply_env()
-    from common.runfiles import ADAPTER_DIR, SUMMARY_FILE
+    from common.config import load_config
+    from common.errors import FedlocaleError
+    from common.runfiles import ADAPTER_DIR, CONFIG_FILE, SUMMARY_FILE
 
+    # every run checked before the first one trains: a bad third folder must not cost the first two's half hour
     for run in args.runs:
-        if not (run / SUMMARY_FILE).is_file() or not (run / ADAPTER_DIR).is_dir():
-            print(f"bench_gap: {run}: not a finished simulation (no {SUMMARY_FILE} or {ADAPTER_DIR}/)", file=sys.stderr)
+        missing = [f for f in (CONFIG_FILE, SUMMARY_FILE) if not (run / f).is_file()]
+        if not (run / ADAPTER_DIR).is_dir():
+            missing.append(f"{ADAPTER_DIR}/")
+        if missing:
+            print(f"bench_gap: {run}: not a finished simulation (no {', '.join(missing)})", file=sys.stderr)
             return 2
+        try:
+            load_config(run / CONFIG_FILE)
+        except FedlocaleError as exc:
+            print(f"bench_gap: {exc}", file=sys.stderr)
+            return exc.exit_code
 
     every: list[RegionPredictions] = []
     result: dict[str, Any] = {"runs": {}, "resamples": args.resamples, "seed": args.seed}

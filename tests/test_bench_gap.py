@@ -34,3 +34,30 @@ def test_equal_models_have_no_gap_and_a_clear_difference_excludes_zero() -> None
     better = overall_gap([_region("a", 400, 0.95, 0.6, 4)], 2, resamples=500, seed=0)
     worse = overall_gap([_region("a", 400, 0.6, 0.95, 4)], 2, resamples=500, seed=0)
     assert better["low"] > 0 and worse["high"] < 0
+
+
+def test_bad_arguments_are_refused_before_anything_trains(tmp_path, tiny_bert, two_regions, capsys) -> None:  # type: ignore[no-untyped-def]
+    from benchmarks.bench_gap import main
+    from common.runfiles import ADAPTER_DIR, CONFIG_FILE, SUMMARY_FILE
+    from tests.conftest import tiny_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), "--resamples", "0", "--json", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and "--resamples must be at least 1, got 0" in capsys.readouterr().err
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for run in (good, bad):
+        (run / ADAPTER_DIR).mkdir(parents=True)
+        (run / SUMMARY_FILE).write_text("{}")
+        tiny_config(run / CONFIG_FILE, tiny_bert, two_regions)
+    text = (bad / CONFIG_FILE).read_text()
+    (bad / CONFIG_FILE).write_text(text.replace("rounds: 2", "rounds: many"))
+    (good / SUMMARY_FILE).unlink()
+    assert main([str(good), str(bad), "--json", str(tmp_path / "r.json")]) == 2
+    assert f"no {SUMMARY_FILE}" in capsys.readouterr().err
+    (good / SUMMARY_FILE).write_text("{}")
+    # the second run's config is broken: refused with its file and line before the first run trains
+    assert main([str(good), str(bad), "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad / CONFIG_FILE}:" in err and "rounds" in err and "training" not in err
+    assert not (tmp_path / "r.json").exists()
