@@ -33,13 +33,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from opacus import GradSampleModule
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from client.dp_secret import DpSecret, resolve_secret
@@ -49,6 +45,12 @@ from client.train import freeze
 from common.config import ClientTask, DpSettings, PersonalizeSettings, TrainSettings
 from common.policy import DpRecord, DpRequirement, PolicyError, RegionPolicy
 from common.runfiles import DP_ACCOUNT_FILE, write_json
+
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
+
+# Opacus is imported where DP-SGD is planned or trained, not here: a deployed node runs every message in a new
+# process that imports this module, and Opacus's import (≈1.5 s on 2 cores) would be paid by nodes without DP too.
 
 # Opacus's hooks on a model whose inputs need no gradient (the frozen embeddings) make torch warn on every
 # backward pass; the per-example gradients are right (tests/test_dp.py), the warning only noise in node logs
@@ -69,6 +71,8 @@ def epsilon(history: Sequence[tuple[float, float, int]], delta: float, accountan
     steps = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
     if not steps:
         return 0.0
+    from opacus.accountants import create_accountant
+
     acct = create_accountant(mechanism=accountant)
     acct.history = steps
     kwargs = {"eps_error": _PRV_EPS_ERROR} if accountant == "prv" else {}
@@ -84,6 +88,8 @@ def calibrate(
     ``sample_rate`` spend at most ``budget``; ``DpRefused`` when none up to ``settings.max_noise_multiplier``
     (or Opacus's own limit) does. ``personalize_steps``: how many of ``steps`` are the personalization's
     (``personalize.dp``), named in the refusal."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     most = settings.max_noise_multiplier
     if personalize_steps:
         rounds = steps - personalize_steps
@@ -341,17 +347,6 @@ def open_account(
     return replace(account, sample_rate=sample_rate), charge, after
 
 
-class _PoissonDPOptimizer(DPOptimizer):
-    """Opacus's DPOptimizer taking a step on an empty batch too, which Poisson sampling draws now and then:
-    the step adds noise only, as the accountant assumes every step does."""
-
-    def pre_step(self, closure: Any = None) -> bool | None:
-        for p in self.params:
-            if getattr(p, "grad_sample", None) is None:
-                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-        return super().pre_step(closure)  # type: ignore[no-any-return]
-
-
 def dp_conflict(task: ClientTask, *, augmented: bool, dual: bool, apart: bool = False) -> str | None:
     """Why DP-SGD cannot train with this run's and this node's settings (None when it can): the node
     (``dp_training``, ``client.task.train_dual``) and ``fedlocale check`` (``client.preflight``) both refuse with
@@ -453,6 +448,10 @@ class DpSgd:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, order: list[list[int]]
     ) -> tuple[nn.Module, torch.optim.Optimizer, list[list[int]]]:
         """The private model, optimizer and batch plan for ``len(order)`` steps."""
+        from opacus import GradSampleModule
+
+        from client.dp_optimizer import PoissonDPOptimizer
+
         optimizer = self._steps(model, optimizer)
         # only the head training (dp.train: head): its features are computed once, not at every step, which
         # makes whole-split batches affordable
@@ -467,7 +466,7 @@ class DpSgd:
             warnings.simplefilter("ignore")  # "Full backward hook is firing when ... no inputs require gradients"
             self._wrapped = GradSampleModule(model, loss_reduction="mean")
         generator = torch.Generator().manual_seed(self.sampling_seed)
-        dp_optimizer = _PoissonDPOptimizer(
+        dp_optimizer = PoissonDPOptimizer(
             optimizer,
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.clip,

@@ -214,3 +214,15 @@ def test_the_run_folder_name_check_can_fail(tmp_path: Path) -> None:
         "wrong.py:8: f'round-…'",
         "wrong.py:9: 'round-*.safetensors'",
     ]
+
+
+def test_a_node_without_dp_does_not_import_opacus() -> None:
+    """A deployed node imports the ClientApp afresh for every message (Flower starts a process per message):
+    Opacus, ≈1.5 s of that import, is imported only where DP-SGD is planned or trained (client.dp)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, client.app, client.task, client.preflight; print('opacus' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
