@@ -242,6 +242,11 @@ def config_settings(cfg: RunConfig) -> dict[str, Any]:
         kept["personal_lora_rank"] = cfg.personalize.local_r
         if cfg.personalize.dual_train != "joint":  # apart: the nodes send other updates (left out at the default)
             kept["personal_lora_training"] = cfg.personalize.dual_train
+    # a learning-rate schedule over the rounds (train.lr_schedule) gives each round a rate that depends on how
+    # many rounds there are: a resume with more or fewer rounds would go on at another plan's rates, which is
+    # the uninterrupted run of neither plan. Then rounds is fingerprinted too (at constant it is not read)
+    if cfg.train.lr_schedule != "constant":
+        kept["rounds"] = cfg.rounds
     kept = _one_spelling(kept)
     # settings that came later: at their defaults they are left out, so that runs started before them still resume
     for key, default in LATER_DEFAULTS.items():
@@ -311,7 +316,8 @@ def check_resumable(state: RunState, cfg: RunConfig, out_dir: Path) -> None:
         raise ResumeError(
             f"cannot resume {out_dir}: the config differs from the one the run started with (fingerprint "
             f"{state.fingerprint} then, {now} now): {'; '.join(changed) or 'unknown change'}. Only "
-            f"{', '.join(RESUMABLE_CHANGES)} may change; restore the config, or start afresh without resume."
+            f"{', '.join(RESUMABLE_CHANGES)} may change (rounds not under a train.lr_schedule other than "
+            "constant); restore the config, or start afresh without resume."
         )
     if state.completed_round > cfg.rounds:
         raise ResumeError(

@@ -434,6 +434,23 @@ def test_operational_settings_may_change(tmp_path: Path, tiny_bert: Path, two_re
     assert fingerprint(config_settings(swapped)) != fingerprint(config_settings(cfg))
 
 
+def test_rounds_may_change_only_under_the_constant_learning_rate(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    """Under train.lr_schedule: cosine round r trains at a rate set by r and the number of rounds; a resume with
+    another number would go on at the other plan's rates, so it is refused naming rounds."""
+    cfg = config(tmp_path, tiny_bert, two_regions, rounds=3)
+    more = dataclasses.replace(cfg, rounds=6)
+    assert fingerprint(config_settings(more)) == fingerprint(config_settings(cfg))
+    cosine = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr_schedule="cosine"))
+    assert fingerprint(config_settings(dataclasses.replace(cosine, rounds=6))) != fingerprint(config_settings(cosine))
+    settings = config_settings(cosine)
+    state = RunState(2, [{"round": 1}, {"round": 2}], 1, 0.5, 1.0, fingerprint(settings), settings)
+    with pytest.raises(ResumeError, match=r"rounds: 3 when started, 6 now.*not under a train\.lr_schedule"):
+        check_resumable(state, dataclasses.replace(cosine, rounds=6), tmp_path)
+    check_resumable(state, cosine, tmp_path)  # the same plan resumes
+
+
 def test_later_training_settings_at_their_defaults_keep_old_fingerprints(
     tmp_path: Path, tiny_bert: Path, two_regions: Path
 ) -> None:
