@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from opacus import GradSampleModule
 
 # Opacus is imported where DP-SGD is planned or trained, not here: a deployed node runs every message in a new
-# process that imports this module, and Opacus's import (≈1.5 s on 2 cores) would be paid by nodes without DP too.
+# process that imports this module, and Opacus's import (≈1.3 s on 2 cores) would be paid by nodes without DP too.
 
 # Opacus's hooks on a model whose inputs need no gradient (the frozen embeddings) make torch warn on every
 # backward pass; the per-example gradients are right (tests/test_dp.py), the warning only noise in node logs

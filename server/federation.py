@@ -305,8 +305,12 @@ def write_state(out_dir: Path, state: RunState) -> None:
 def check_resumable(state: RunState, cfg: RunConfig, out_dir: Path) -> None:
     """Refuse to continue ``state`` under a config that would not have produced its rounds."""
     settings = config_settings(cfg)
-    now = fingerprint(settings)
     started = _one_spelling(state.settings)
+    if "rounds" in settings and "rounds" not in started:
+        # started under a schedule before rounds was fingerprinted with it: its plan was not recorded, so it
+        # resumes as it did then (the rounds it runs from now on record it)
+        del settings["rounds"]
+    now = fingerprint(settings)
     if now != state.fingerprint and now != fingerprint(started):
         changed = [
             f"{k}: {started.get(k, '(absent)')!r} when started, {settings.get(k, '(absent)')!r} now"

@@ -218,7 +218,7 @@ def test_the_run_folder_name_check_can_fail(tmp_path: Path) -> None:
 
 def test_a_node_without_dp_does_not_import_opacus() -> None:
     """A deployed node imports the ClientApp afresh for every message (Flower starts a process per message):
-    Opacus, ≈1.5 s of that import, is imported only where DP-SGD is planned or trained (client.dp)."""
+    Opacus, ≈1.3 s of that import, is imported only where DP-SGD is planned or trained (client.dp)."""
     import subprocess
     import sys
 

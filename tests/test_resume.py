@@ -449,6 +449,9 @@ def test_rounds_may_change_only_under_the_constant_learning_rate(
     with pytest.raises(ResumeError, match=r"rounds: 3 when started, 6 now.*not under a train\.lr_schedule"):
         check_resumable(state, dataclasses.replace(cosine, rounds=6), tmp_path)
     check_resumable(state, cosine, tmp_path)  # the same plan resumes
+    # a cosine run started before rounds was fingerprinted recorded no plan: it resumes as it did then
+    older = {k: v for k, v in settings.items() if k != "rounds"}
+    check_resumable(RunState(2, [{"round": 1}, {"round": 2}], 1, 0.5, 1.0, fingerprint(older), older), cosine, tmp_path)
 
 
 def test_later_training_settings_at_their_defaults_keep_old_fingerprints(
