@@ -50,13 +50,36 @@ SIMULATED_TRAIN = {"lr": 3e-2, "epochs": 5, "batch_size": 8, "threads": 1}
 
 
 @pytest.fixture(scope="session")
-def simulated_run(tiny_bert: Path, two_regions: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def simulated_run(
+    tiny_bert: Path, two_regions: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> tuple[Path, Path]:
     """(config, run folder) of one `fedlocale simulate` of ``two_regions`` (2 rounds, both baselines), through the
-    CLI in this process. Shared by the tests that read a finished simulation (test_simulation) and the one that
-    compares stock `flwr run` with it (test_flwr_run), so the run is paid once."""
+    CLI in this process. Shared by the tests that read a finished simulation (test_simulation, test_bench_selection)
+    and the one that compares stock `flwr run` with it (test_flwr_run), so the run is paid once: with pytest-xdist
+    once for all workers (a session fixture is otherwise made by each worker; the first makes it under a lock in
+    the session's common folder, the others wait and read it). The tests only read the run folder."""
+    if worker_id == "master":  # one process: this session's own folder
+        return _simulate_once(tmp_path_factory.mktemp("sim"), tiny_bert, two_regions)
+    import fcntl
+
+    # the workers' base folders are siblings in this session's folder (pytest-xdist); never shared across sessions
+    shared = tmp_path_factory.getbasetemp().parent / "simulated-run"
+    shared.mkdir(exist_ok=True)
+    with (shared / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = shared / "done"
+        if done.exists():
+            cfg, out = done.read_text(encoding="utf-8").splitlines()
+            return Path(cfg), Path(out)
+        cfg_path, out_path = _simulate_once(shared, tiny_bert, two_regions)
+        done.write_text(f"{cfg_path}\n{out_path}\n", encoding="utf-8")
+        return cfg_path, out_path
+
+
+def _simulate_once(root: Path, tiny_bert: Path, two_regions: Path) -> tuple[Path, Path]:
+    """``simulated_run``'s simulation, in ``root``."""
     from fedlocale.cli import main
 
-    root = tmp_path_factory.mktemp("sim")
     cfg = tiny_config(
         root / "run.yaml",
         tiny_bert,
