@@ -27,12 +27,15 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from benchmarks.output import write_result
 from deploy.env import apply_env
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 DEFAULT_JSON = Path("benchmarks/results/bench_gap.json")
 
@@ -73,17 +76,17 @@ def overall_gap(regions: list[RegionPredictions], num_labels: int, resamples: in
     }
 
 
-def run_predictions(run: Path, say: Callable[[str], None]) -> tuple[list[RegionPredictions], dict[str, Any], int]:
-    """One run's regions with both models' test predictions, the reproduction check against its summary, and
-    its number of labels."""
-    from common.config import load_config
+def run_predictions(
+    run: Path, cfg: RunConfig, say: Callable[[str], None]
+) -> tuple[list[RegionPredictions], dict[str, Any], int]:
+    """One run's regions (``cfg``: its config) with both models' test predictions, the reproduction check against
+    its summary, and its number of labels."""
     from common.metrics import macro_f1
-    from common.runfiles import CONFIG_FILE, SUMMARY_FILE
+    from common.runfiles import SUMMARY_FILE
     from simulations.baselines import run_baselines
     from simulations.personalize import global_pass
     from simulations.runner import load_all
 
-    cfg = load_config(run / CONFIG_FILE)
     summary = json.loads((run / SUMMARY_FILE).read_text())
     data = load_all(cfg, lambda _: None)
     made = global_pass(cfg, run, data)
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.runfiles import ADAPTER_DIR, CONFIG_FILE, SUMMARY_FILE
 
     # every run checked before the first one trains: a bad third folder must not cost the first two's half hour
+    configs: dict[Path, RunConfig] = {}
     for run in args.runs:
         missing = [f for f in (CONFIG_FILE, SUMMARY_FILE) if not (run / f).is_file()]
         if not (run / ADAPTER_DIR).is_dir():
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench_gap: {run}: not a finished simulation (no {', '.join(missing)})", file=sys.stderr)
             return 2
         try:
-            load_config(run / CONFIG_FILE)
+            configs[run] = load_config(run / CONFIG_FILE)
         except FedlocaleError as exc:
             print(f"bench_gap: {exc}", file=sys.stderr)
             return exc.exit_code
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"runs": {}, "resamples": args.resamples, "seed": args.seed}
     labels = 0
     for run in args.runs:
-        regions, check, labels = run_predictions(run, print)
+        regions, check, labels = run_predictions(run, configs[run], print)
         every += regions
         result["runs"][str(run)] = {
             "gap": overall_gap(regions, labels, args.resamples, args.seed),
