@@ -72,6 +72,7 @@ class LocalOnlyCandidate:
     val: EvalResult
     compared_with: str  # GLOBAL or PERSONALIZED: the choice between those two, which it had to beat
     difference: Difference | None  # local-only minus ``compared_with`` on validation; None without validation
+    rule: str  # the rule it was weighed by (``PersonalizeSettings.local_only_rule``)
 
 
 def _freeze_all_but_head(loaded: LoadedModel) -> None:
@@ -238,8 +239,8 @@ def personalize(
     refitting it, whose fit is no DP-SGD, and mode probe cannot run.
 
     ``local_only`` (the region's own model trained from the base on its data alone;
-    ``personalize.consider_local_only``) is then weighed against that choice by the same rule
-    (``choose_local_only``) and served if it wins.
+    ``personalize.consider_local_only``) is then weighed against that choice by
+    ``settings.local_only_rule()`` (``choose_local_only``) and served if it wins.
     """
     if settings.mode not in ("head", "continue", "local", "probe", "dual"):
         raise ValueError(f"personalize.mode {settings.mode!r} cannot run (head, continue, local, probe or dual)")
@@ -309,11 +310,13 @@ def personalize(
             current.argmax(axis=1),
             probs_l.argmax(axis=1),
             n,
-            rule=settings.choice,
+            rule=settings.local_only_rule(),
             resamples=settings.bootstrap,
             seed=derive_seed(seed, "choice", LOCAL_ONLY),
         )
-        candidate = LocalOnlyCandidate(local_only, scores(probs_l, truth, n), chosen, against)
+        candidate = LocalOnlyCandidate(
+            local_only, scores(probs_l, truth, n), chosen, against, settings.local_only_rule()
+        )
         chosen = LOCAL_ONLY if switch else chosen
     return Personalized(
         local,
@@ -405,9 +408,7 @@ def choice_record(result: Personalized, rule: str) -> dict[str, Any]:
     evidence and no score: ``val_examples`` 0 and ``choice_skipped`` say why the personalized model is served;
     dual under DP with nothing personal trained (``Personalized.nothing_personal``): ``choice_skipped`` says why
     the global model is served."""
-    extra: dict[str, Any] = (
-        {} if result.local_only is None else {LOCAL_ONLY: local_only_record(result.local_only, rule)}
-    )
+    extra: dict[str, Any] = {} if result.local_only is None else {LOCAL_ONLY: local_only_record(result.local_only)}
     if result.nothing_personal:
         extra["choice_skipped"] = (
             "nothing personal trained (the personal LoRA's B slices are still zero and no head was refit under DP):"
@@ -430,13 +431,14 @@ def choice_record(result: Personalized, rule: str) -> dict[str, Any]:
     }
 
 
-def local_only_record(candidate: LocalOnlyCandidate, rule: str) -> dict[str, Any]:
-    """The ``local_only`` part of a choice record: the model it was weighed against, its validation macro-F1, the
-    evidence (``val_ab``: local-only minus that model) and, in words, why it is or is not served."""
-    d = candidate.difference
+def local_only_record(candidate: LocalOnlyCandidate) -> dict[str, Any]:
+    """The ``local_only`` part of a choice record: the model it was weighed against, the rule, its validation
+    macro-F1, the evidence (``val_ab``: local-only minus that model) and, in words, why it is or is not served."""
+    d, rule = candidate.difference, candidate.rule
     if d is None:
         return {
             "compared_with": candidate.compared_with,
+            "choice": rule,
             "served": False,
             "why": "no validation examples to compare on: the local-only model needs evidence to be served",
         }
@@ -445,6 +447,7 @@ def local_only_record(candidate: LocalOnlyCandidate, rule: str) -> dict[str, Any
     interval = f"local-only − {candidate.compared_with} on validation {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
     return {
         "compared_with": candidate.compared_with,
+        "choice": rule,
         "val_macro_f1": candidate.val.macro_f1,
         "val_ab": d.to_json(),
         "served": served,

@@ -70,7 +70,14 @@ def preflight(
     if found:
         problems += locate(found, config_path, overrides) if config_path is not None else found
     warnings: list[str] = []
-    if regions is None and cfg.personalize.consider_local_only and keys.LOCAL_ONLY not in cfg.baselines:
+    if regions is None:
+        warnings += cfg.personalize.unused()
+    if (
+        regions is None
+        and cfg.personalize.consider_local_only
+        and cfg.personalize.mode != "none"
+        and keys.LOCAL_ONLY not in cfg.baselines
+    ):
         # a simulation reuses the baseline's adapters; without the baseline personalization trains them
         warnings.append(
             "personalize.consider_local_only without the local_only baseline: personalization trains each "
@@ -103,6 +110,8 @@ def preflight(
         warnings += _data_warnings(data, cfg.labels)
         policy = policies.get(region.name)
         own = cfg.personalize if regions is None else (personalize or {}).get(region.name)
+        if regions is not None and own is not None:
+            warnings += [f"region {region.name}: its node's {w}" for w in own.unused()]
         if regions is not None and own is not None and own.dp and (policy is None or policy.require_dp is None):
             problems.append(
                 f"region {region.name}: its node's personalization sets dp: true, but its policy sets no "

@@ -435,6 +435,32 @@ class PersonalizeSettings:
     # local_only baseline reuses the baseline's adapter; otherwise the node trains it (client.local_only). Off by
     # default: the federation's model is what a region serves unless its own data clearly says otherwise.
     consider_local_only: bool = False
+    # the rule consider_local_only weighs the local-only model by; null: choice's. point serves it when its
+    # validation macro-F1 is higher: where it wins the region serves exactly its own model, so the served model is
+    # never below local-only there, and a wrong switch costs only what the two models differ by. confident serves
+    # it only on 95 % evidence, which a 100-example validation split rarely gives (docs/personalization.md)
+    local_only_choice: Literal["point", "confident"] | None = None
+
+    def local_only_rule(self) -> str:
+        """The rule the local-only candidate is weighed by: ``local_only_choice``, else ``choice``."""
+        return self.local_only_choice if self.local_only_choice is not None else self.choice
+
+    def unused(self) -> list[str]:
+        """Settings given that change nothing here, each in words: a config that weighs the local-only model (as
+        the demo's does) stays usable with ``--set personalize.mode=none`` or ``consider_local_only=false``, and
+        the check says what is left out rather than refusing the run."""
+        found = []
+        if self.consider_local_only and self.mode == "none":
+            found.append(
+                "personalize.consider_local_only has no effect with personalize.mode none: no region personalizes, "
+                "so every region serves the global model and no local-only model is weighed"
+            )
+        elif self.local_only_choice is not None and not self.consider_local_only:
+            found.append(
+                "personalize.local_only_choice has no effect without personalize.consider_local_only: true (it is "
+                "the rule that weighs the local-only model)"
+            )
+        return found
 
     def __post_init__(self) -> None:
         problems = []
@@ -459,15 +485,18 @@ class PersonalizeSettings:
                 (
                     "consider_local_only",
                     "cannot be used with dp: the local-only model trains outside DP-SGD, so serving it would leave "
-                    "the served model uncovered",
+                    "the served model uncovered (set it to false; configs/demo.yaml sets it true)",
                 )
-            )
-        if self.consider_local_only and self.mode == "none":
-            problems.append(
-                ("consider_local_only", "needs a personalization mode (the choice runs after personalizing)")
             )
         if self.choice not in CHOICE_RULES:
             problems.append(("choice", f"must be one of {', '.join(CHOICE_RULES)}, got {self.choice!r}"))
+        if self.local_only_choice is not None and self.local_only_choice not in CHOICE_RULES:
+            problems.append(
+                (
+                    "local_only_choice",
+                    f"must be one of {', '.join(CHOICE_RULES)} or null, got {self.local_only_choice!r}",
+                )
+            )
         if self.start not in START_ROUNDS:
             problems.append(("start", f"must be one of {', '.join(START_ROUNDS)}, got {self.start!r}"))
         if self.dual_train not in DUAL_TRAINING:

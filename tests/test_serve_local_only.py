@@ -1,6 +1,6 @@
 """personalize.consider_local_only: a region's local-only model as a third serving candidate, chosen on
-validation by the same rule as the personalized one, reused from the simulation's baseline, and exported when
-chosen."""
+validation by the personalized one's rule or its own (personalize.local_only_choice), reused from the
+simulation's baseline, and exported when chosen."""
 
 from __future__ import annotations
 
@@ -39,11 +39,30 @@ def _correct_on(truth: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.where(right, truth, 1 - truth)
 
 
-def test_the_setting_needs_a_personalization_mode() -> None:
-    with pytest.raises(ConfigError, match="consider_local_only: needs a personalization mode"):
-        PersonalizeSettings(consider_local_only=True)
+def test_without_a_personalization_mode_the_setting_is_named_as_unused(
+    tmp_path: Path, tiny_bert: Path, two_regions: Path
+) -> None:
+    from client.preflight import preflight
+
     assert PersonalizeSettings().consider_local_only is False  # off unless asked for
-    assert PersonalizeSettings(mode="probe", consider_local_only=True).consider_local_only
+    assert PersonalizeSettings(mode="probe", consider_local_only=True).unused() == []
+    # a config that weighs the local-only model (the demo's) still runs without personalization: the check says so
+    path = tiny_config(tmp_path / "run.yaml", tiny_bert, two_regions)
+    sets = ["personalize.consider_local_only=true", "personalize.local_only_choice=point"]
+    warnings = preflight(load_config(path, sets), {}).warnings
+    assert any("consider_local_only has no effect with personalize.mode none" in w for w in warnings), warnings
+    assert not any("without the local_only baseline" in w for w in warnings)  # nothing will be trained for it
+    warnings = preflight(load_config(path, ["personalize.mode=probe", "personalize.local_only_choice=point"]), {})
+    assert any("local_only_choice has no effect without" in w for w in warnings.warnings), warnings.warnings
+
+
+def test_the_local_only_candidate_has_its_own_rule_which_defaults_to_choice() -> None:
+    assert PersonalizeSettings(mode="dual", consider_local_only=True).local_only_rule() == "confident"
+    assert PersonalizeSettings(mode="dual", choice="point", consider_local_only=True).local_only_rule() == "point"
+    mixed = PersonalizeSettings(mode="dual", consider_local_only=True, local_only_choice="point")
+    assert (mixed.choice, mixed.local_only_rule()) == ("confident", "point")
+    with pytest.raises(ConfigError, match="local_only_choice: must be one of point, confident or null, got 'best'"):
+        PersonalizeSettings(mode="dual", consider_local_only=True, local_only_choice="best")  # type: ignore[arg-type]
 
 
 def test_switching_to_local_only_needs_evidence_under_the_confident_rule() -> None:
@@ -102,6 +121,32 @@ def test_a_clearly_better_local_only_model_is_served_and_an_equal_one_is_not(
     # without the setting's candidate the choice is the old one
     plain = personalize(untrained, region, settings, TRAIN, max_length=32, seed=0)
     assert plain.chosen == candidate.compared_with and plain.local_only is None
+
+
+def test_the_local_only_candidate_is_weighed_by_its_own_rule_and_the_record_names_it(
+    tmp_path: Path, tiny_bert: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.personalize as personalize_module
+    from client.personalize import choice_record
+
+    region = _region(tmp_path)
+    model = ModelSettings(base=str(tiny_bert), max_length=32)
+    untrained = perturb(build_model(model, LoraSettings(r=4, alpha=8), LABELS, 0), seed=5)
+    local = _local_only(tiny_bert, region)
+    rules: list[str] = []
+    real = personalize_module.choose_local_only
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        rules.append(kwargs["rule"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(personalize_module, "choose_local_only", recording)
+    settings = PersonalizeSettings(**NUDGE, consider_local_only=True, local_only_choice="point")  # type: ignore[arg-type]
+    result = personalize(untrained, region, settings, TRAIN, max_length=32, seed=0, local_only=local)
+    assert rules == ["point"] and settings.choice == "confident"  # the two choices read different rules
+    record = choice_record(result, settings.choice)
+    assert record["choice"] == "confident" and record[LOCAL_ONLY]["choice"] == "point"
+    assert "(point: served only if its macro-F1 is higher)" in record[LOCAL_ONLY]["why"]
 
 
 def test_the_region_serves_the_local_only_model_on_test_and_records_why(tmp_path: Path, tiny_bert: Path) -> None:
