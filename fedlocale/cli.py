@@ -326,7 +326,8 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         )
     if (args.run_dir / FEDERATION_FILE).is_file():
         run_rounds(args.run_dir / FEDERATION_FILE)  # a damaged record refused before the data and model load
-    # local-only predictions are not kept by a run, so the A/B here is against the federated model only
+    # local-only predictions are not kept by a run: the A/B here is against the federated model only, and against
+    # local-only too when personalize.consider_local_only trains that model here (simulations.personalize)
     summary = with_personalized(summary, personalize_run(cfg, args.run_dir, load_all(cfg, print), None, print))
     write_summary(args.run_dir, summary)
     write_report(args.run_dir, summary, read_metrics(args.run_dir))

@@ -228,6 +228,12 @@ def personalize_run(
         candidate = (
             local_only_model(cfg, name, region, local_adapters, say) if cfg.personalize.consider_local_only else None
         )
+        if baseline is None and candidate is not None and region.test:
+            # the candidate is the local-only baseline's model (the same function, seed and budget), so its test
+            # predictions give the A/B against local-only that a finished run does not keep (fedlocale personalize)
+            baseline = predict_proba_encoded(
+                candidate.model, made.tests[name].ids, pad_id=candidate.pad_id, batch_size=cfg.train.eval_batch_size
+            ).argmax(axis=1)
         node_dir = out_dir / AUDIT_DIR / NODES_DIR / name  # the simulated node's ledger and privacy account
         private: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if name in plans:

@@ -341,6 +341,11 @@ def test_personalizing_a_finished_run_trains_the_local_only_candidate_it_lacks(
         entry = written["regions"][name]["personalized"]
         assert entry[LOCAL_ONLY]["served"] == (entry["chosen"] == LOCAL_ONLY)
         assert (run / "local_only" / name / "adapter_model.safetensors").is_file()
+        # the trained candidate is the local-only model: the served model is A/B'd against it on test
+        against = written["regions"][name]["served_vs_local_only"]
+        assert against["served"] == entry["chosen"] and against["diff"] == entry["ab"]["vs_local_only"]["diff"]
+        if entry["chosen"] == LOCAL_ONLY:
+            assert against["diff"] == against["low"] == against["high"] == 0.0
 
 
 def test_the_check_warns_when_the_candidate_must_be_trained_again(
