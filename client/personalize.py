@@ -305,18 +305,17 @@ def personalize(
             else np.zeros((0, n))
         )
         current = probs_p if chosen == PERSONALIZED else probs_g
+        rule = settings.local_only_rule()
         switch, against = choose_local_only(
             truth,
             current.argmax(axis=1),
             probs_l.argmax(axis=1),
             n,
-            rule=settings.local_only_rule(),
+            rule=rule,
             resamples=settings.bootstrap,
             seed=derive_seed(seed, "choice", LOCAL_ONLY),
         )
-        candidate = LocalOnlyCandidate(
-            local_only, scores(probs_l, truth, n), chosen, against, settings.local_only_rule()
-        )
+        candidate = LocalOnlyCandidate(local_only, scores(probs_l, truth, n), chosen, against, rule)
         chosen = LOCAL_ONLY if switch else chosen
     return Personalized(
         local,
