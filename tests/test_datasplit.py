@@ -371,8 +371,9 @@ def test_a_split_pool_simulates(tiny_bert: Path, tmp_path: Path) -> None:
 
 
 def test_the_skew_config_is_the_demo_config_on_split_regions(pool: Path, tmp_path: Path) -> None:
-    """configs/skew.yaml trains as the demo does (only name, regions, policies, rounds, how dual trains and how
-    often the global model is validated differ) and loads over a split."""
+    """configs/skew.yaml trains as the demo does (only name, regions, policies, rounds, how dual trains, how
+    often the global model is validated and whether the local-only model is weighed differ) and loads over a
+    split."""
     import yaml
 
     from common.config import load_config
@@ -385,6 +386,10 @@ def test_the_skew_config_is_the_demo_config_on_split_regions(pool: Path, tmp_pat
     assert (skew.pop("rounds"), demo.pop("rounds")) == (30, 12)  # a skewed global model starts learning late
     # every: 3 was measured on the demo's draws only (docs/benchmarks.md)
     assert (skew["early_stopping"].pop("every"), demo["early_stopping"].pop("every")) == (1, 3)
+    # the local-only candidate by the point rule was measured on the demo's draws only (docs/benchmarks.md)
+    weighs = {k: demo["personalize"].pop(k) for k in ("consider_local_only", "local_only_choice")}
+    assert weighs == {"consider_local_only": True, "local_only_choice": "point"}
+    assert not {"consider_local_only", "local_only_choice"} & set(skew["personalize"])
     same = {k: v for k, v in demo.items() if k not in ("name", "regions_dir", "policies")}
     assert {k: v for k, v in skew.items() if k not in ("name", "regions_dir")} == same
     _split(pool, tmp_path / "skew", regions=8, alpha=0.3, min_train=5, min_test=2)
