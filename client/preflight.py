@@ -72,12 +72,7 @@ def preflight(
     warnings: list[str] = []
     if regions is None:
         warnings += cfg.personalize.unused()
-    if (
-        regions is None
-        and cfg.personalize.consider_local_only
-        and cfg.personalize.mode != "none"
-        and keys.LOCAL_ONLY not in cfg.baselines
-    ):
+    if regions is None and cfg.personalize.weighs_local_only() and keys.LOCAL_ONLY not in cfg.baselines:
         # a simulation reuses the baseline's adapters; without the baseline personalization trains them
         warnings.append(
             "personalize.consider_local_only without the local_only baseline: personalization trains each "

@@ -441,6 +441,10 @@ class PersonalizeSettings:
     # it only on 95 % evidence, which a 100-example validation split rarely gives (docs/personalization.md)
     local_only_choice: Literal["point", "confident"] | None = None
 
+    def weighs_local_only(self) -> bool:
+        """Whether a region's local-only model is a serving candidate: asked for, and a personalization runs."""
+        return self.consider_local_only and self.mode != "none"
+
     def local_only_rule(self) -> str:
         """The rule the local-only candidate is weighed by: ``local_only_choice``, else ``choice``."""
         return self.local_only_choice if self.local_only_choice is not None else self.choice

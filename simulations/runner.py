@@ -303,8 +303,7 @@ def simulate(
     federation = json.loads(fed_file.read_text())
     local_preds: dict[str, np.ndarray] = {} if local_predictions is None else local_predictions
     # the baseline's adapters, kept only when personalization may serve them (consider_local_only)
-    weighs = cfg.personalize.consider_local_only and cfg.personalize.mode != "none"
-    local_adapters: dict[str, dict[str, torch.Tensor]] | None = {} if weighs else None
+    local_adapters: dict[str, dict[str, torch.Tensor]] | None = {} if cfg.personalize.weighs_local_only() else None
     started = time.perf_counter()
     baselines = run_baselines(cfg, data, say, local_preds, local_adapters)
     baselines_s = time.perf_counter() - started if baselines else None
